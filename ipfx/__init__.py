@@ -1,0 +1,30 @@
+"""ipfx: interspace pruning for PyTorch, as a torch.fx pass.
+
+    model = ipfx.transform(model, space="ip")    # conv weights -> coeff x mask x basis
+    ... train, prune (masks live in coefficient space) ...
+    deployable = ipfx.lower(model, target="dense")   # or "fused"
+
+See DESIGN.md in the project for the math.
+"""
+
+from .api import WeightInfo, lower, rewritten_weights, sparsity, transform
+from .config import TransformConfig
+from .errors import IPFXError, NotTransformedError, SingularBasisError, TraceError
+from .reparam import BasisWeight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform",
+    "lower",
+    "sparsity",
+    "rewritten_weights",
+    "TransformConfig",
+    "BasisWeight",
+    "WeightInfo",
+    "IPFXError",
+    "NotTransformedError",
+    "SingularBasisError",
+    "TraceError",
+    "__version__",
+]

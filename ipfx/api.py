@@ -1,0 +1,235 @@
+"""The public entry points: :func:`transform`, :func:`lower` and the helpers that inspect their result.
+
+Each is a short pipeline of named passes (``ipfx.passes``): trace -> find kernels -> rewrite -> lint
+for :func:`transform`; fold (and fuse) -> restore modules -> lint for :func:`lower`. Inputs are copied
+first, so the caller's model is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .bases import BasisSpec
+from .config import TransformConfig
+from .errors import IPFXTypeError, IPFXValueError, NotTransformedError
+from .passes.lower_dense import LowerDense
+from .passes.rewrite_weights import RewriteWeights
+from .reparam import BasisWeight
+from .tracing import trace
+
+TARGETS = ("dense", "fused")
+
+
+def transform(
+    model: nn.Module,
+    *,
+    space: str = "ip",
+    basis: BasisSpec | None = None,
+    train_basis: bool | None = None,
+    share_basis: bool = False,
+    config: TransformConfig | None = None,
+    leaf_modules: Sequence[str | type] = (),
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Rewrite every conv (and linear) weight of ``model`` into coefficients x mask x basis.
+
+    Each kernel parameter ``P`` becomes ``reshape((mask * coeff) @ basis, P.shape)`` in the traced
+    graph (``mask * coeff`` for linear weights and 1x1-type kernels), with ``coeff = P @ inv(basis)``
+    and ``mask = 1``, so the result computes what ``model`` computes, in train and eval mode.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace (see ``leaf_modules`` otherwise).
+        space: ``"ip"`` (interspace: an adaptive basis trained with the coefficients) or ``"sp"``
+            (the spatial identity basis, frozen: standard pruning through the same code path).
+        basis: initial IP basis: ``"dct"`` (default), ``"spatial"``, ``"random"``, a ``(K, K)``
+            tensor or a callable ``kernel_size -> (K, K) tensor``.
+        train_basis: train the IP basis (default) or keep it fixed.
+        share_basis: one basis per kernel shape shared by all layers instead of one per layer.
+        config: a :class:`TransformConfig` for finer control (filters, per-name overrides); it
+            replaces ``space``/``basis``/``train_basis``/``share_basis``, which must then be left
+            at their defaults.
+        leaf_modules: module names or types torch.fx must not trace into (their own weights stay
+            dense); use this for submodules with data-dependent control flow.
+        inplace: share the model's tensors instead of copying them (saves memory; the original model
+            must then not be used for training any more).
+
+    Returns:
+        a ``torch.fx.GraphModule``; ``ipfx.rewritten_weights(result)`` lists what was rewritten.
+        State dict: ``<prefix>.coeff``, ``<prefix>.mask`` and (``K > 1``) ``<prefix>.basis`` per
+        rewritten parameter, where ``<prefix>`` is its name without ``.weight``.
+    """
+    _check_module(model, "transform")
+    if any(isinstance(m, BasisWeight) for m in model.modules()):
+        raise IPFXValueError(
+            f"this {type(model).__name__} was already transformed by ipfx (it holds coefficient "
+            "weights); use it as it is, or call ipfx.lower(model) first to get a plain model back"
+        )
+    if config is None:
+        config = TransformConfig(space=space, basis=basis, train_basis=train_basis, share_basis=share_basis)
+    elif (space, basis, train_basis, share_basis) != ("ip", None, None, False):
+        raise IPFXValueError(
+            "pass either config=TransformConfig(...) or space/basis/train_basis/share_basis, not both; "
+            "put those options into the config"
+        )
+    work = model if inplace else _copy(model)
+    owners = dict(work.named_modules())
+    gm, inlined = trace(work, config, leaf_modules)
+    rewrite = RewriteWeights(config, owners, inlined)
+    rewrite(gm)
+    _warn_unreached(work, config, rewrite)
+    return gm
+
+
+def lower(model: nn.Module, target: str = "dense") -> nn.Module:
+    """Fold the coefficient subgraphs of a transformed model back for deployment.
+
+    ``target="dense"``: every weight is folded once, ``W = reshape((mask * coeff) @ basis)``, and
+    standard conv/linear modules are restored; the result holds no ipfx module or function and runs
+    without ipfx. ``target="fused"``: each convolution whose weight feeds nothing but convolutions
+    becomes a sparse IP convolution storing only the kept coefficients and the basis
+    (``torch.ops.ipfx.ip_conv``), linear layers a sparse linear; the others are folded as for
+    ``"dense"``. Outputs equal the transformed model's up to float rounding. ``model`` is not changed.
+    """
+    _check_module(model, "lower")
+    if target not in TARGETS:
+        raise IPFXValueError(f"unknown lowering target {target!r}; use one of {', '.join(map(repr, TARGETS))}")
+    _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
+    out = _copy(model)
+    graphs = _graphs_holding_weights(out)
+    for gm in graphs:
+        if target == "fused":
+            from .passes.lower_fused import LowerFused  # imports the custom ops on first use
+
+            LowerFused()(gm)
+        LowerDense()(gm)
+    left = [name for name, m in out.named_modules() if isinstance(m, BasisWeight)]
+    if left:  # every BasisWeight sits in a traced graph, so this means a bug, not a user error
+        raise RuntimeError(f"ipfx.lower left coefficient weights behind: {left}")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    """One rewritten weight, as listed by :func:`rewritten_weights`."""
+
+    name: str  # the original parameter's qualified name
+    prefix: str  # where its coeff/mask/basis live
+    shape: tuple[int, ...]
+    kind: str  # "conv", "conv_transpose" or "linear"
+    space: str  # "ip" or "sp"
+    basis: str  # "dct", "spatial", "random", "custom" or "none" (SP form)
+    trains_basis: bool
+    kept: int
+    total: int
+
+    def __str__(self) -> str:
+        basis = self.basis + ("" if self.trains_basis or self.basis == "none" else " (fixed)")
+        return (f"{self.name:40s} {str(self.shape):22s} {self.kind:14s} {self.space:3s} {basis:16s} "
+                f"{self.kept}/{self.total}")
+
+
+def rewritten_weights(model: nn.Module) -> list[WeightInfo]:
+    """Every weight ``model`` holds in coefficient form, with its shape, space and kept count."""
+    _check_module(model, "rewritten_weights")
+    return [
+        WeightInfo(m.weight_name, prefix, m.weight_shape, m.kind, m.space, m.basis_init, m.trains_basis,
+                   m.kept(), m.mask.numel())
+        for prefix, m in _basis_weights(model)
+    ]
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of masked coefficients over every prunable tensor of a transformed model."""
+    _check_module(model, "sparsity")
+    weights = [m for _, m in _basis_weights(model)]
+    if not weights:
+        raise NotTransformedError(_not_transformed(model, "sparsity"))
+    total = sum(m.mask.numel() for m in weights)
+    kept = sum(int(torch.count_nonzero(m.mask)) for m in weights)
+    return 1.0 - kept / total
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _basis_weights(model: nn.Module) -> Iterator[tuple[str, BasisWeight]]:
+    for name, m in model.named_modules():
+        if isinstance(m, BasisWeight):
+            yield name, m
+
+
+def _graphs_holding_weights(model: nn.Module) -> list[fx.GraphModule]:
+    """The GraphModules that directly hold the model's BasisWeights (the model itself, usually)."""
+    holders: dict[int, fx.GraphModule] = {}
+    found = False
+
+    def visit(module: nn.Module, graph: fx.GraphModule | None) -> None:
+        nonlocal found
+        if isinstance(module, fx.GraphModule):
+            graph = module
+        for child in module.children():
+            if isinstance(child, BasisWeight):
+                found = True
+                if graph is None:
+                    raise NotTransformedError(
+                        f"{type(child).__name__} {child.weight_name!r} is not inside a traced graph; "
+                        "only models returned by ipfx.transform (or modules containing them) can be lowered"
+                    )
+                holders[id(graph)] = graph
+            else:
+                visit(child, graph)
+
+    visit(model, None)
+    if not found:
+        raise NotTransformedError(_not_transformed(model, "lower"))
+    return list(holders.values())
+
+
+def _not_transformed(model: nn.Module, what: str) -> str:
+    return (f"ipfx.{what} needs a model returned by ipfx.transform, but this {type(model).__name__} holds "
+            "no coefficient weights: it was never transformed, or it was already lowered. "
+            "Call ipfx.transform(model) first.")
+
+
+def _check_module(model, what: str) -> None:
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise IPFXTypeError(f"ipfx.{what} takes a model instance, got the class {model.__name__}; "
+                            f"call ipfx.{what}({model.__name__}(...))")
+    if not isinstance(model, nn.Module):
+        raise IPFXTypeError(f"ipfx.{what} takes a torch.nn.Module, got {type(model).__name__}")
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise IPFXTypeError(
+            f"could not copy {type(model).__name__} ({type(exc).__name__}: {exc}); ipfx copies the model "
+            "so the original stays untouched. Make it deep-copyable, or pass inplace=True to transform"
+        ) from exc
+
+
+def _warn_unreached(model: nn.Module, config: TransformConfig, rewrite: RewriteWeights) -> None:
+    done = {id(p) for p in rewrite.rewritten_params}
+    missed = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(m, config.module_types) or not isinstance(w, nn.Parameter) or id(w) in done:
+            continue
+        is_linear = isinstance(m, nn.Linear)
+        kernel = () if is_linear else tuple(w.shape[2:])
+        if config.settings_for(f"{name}.weight", type(m), kernel, is_linear) is not None:
+            missed.append(f"{name}.weight")
+    missed += [f"{s.name} ({s.reason})" for s in rewrite.skipped]
+    if missed:
+        shown = ", ".join(missed[:8]) + (f" and {len(missed) - 8} more" if len(missed) > 8 else "")
+        warnings.warn(
+            f"ipfx.transform left {len(missed)} conv/linear weight(s) dense because the trace does not "
+            f"reach them (they sit inside leaf modules or are not used as kernels): {shown}",
+            stacklevel=3,
+        )

@@ -1,0 +1,32 @@
+"""Exceptions raised by ipfx.
+
+Every error says what is wrong and what to do about it. They subclass the builtin
+exception a user would catch anyway (``TypeError``/``ValueError``/``RuntimeError``), so
+``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class IPFXError(Exception):
+    """Base class of every ipfx error."""
+
+
+class IPFXTypeError(IPFXError, TypeError):
+    """An argument has the wrong type (e.g. not an ``nn.Module``)."""
+
+
+class IPFXValueError(IPFXError, ValueError):
+    """An argument has a wrong value (unknown space, basis, sparsity out of range, ...)."""
+
+
+class TraceError(IPFXError, RuntimeError):
+    """torch.fx could not trace (a part of) the model."""
+
+
+class NotTransformedError(IPFXError, ValueError):
+    """An operation needs a model produced by :func:`ipfx.transform`."""
+
+
+class SingularBasisError(IPFXValueError):
+    """A filter basis is not invertible, so weights cannot be expressed in it."""

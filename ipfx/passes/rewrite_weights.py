@@ -1,0 +1,168 @@
+"""Pass: rewrite every kernel parameter into a coefficient x mask x basis subgraph.
+
+For a kernel parameter ``P`` of shape ``(w0, w1, k_1, ..., k_d)`` with ``K = prod(k) > 1``::
+
+    get_attr P                      coeff = get_attr <prefix>.coeff          (w0, w1, K)
+        |               ==>         mask  = get_attr <prefix>.mask           (w0, w1, K)
+        v                           masked = mul(coeff, mask)
+      conv(x, P, ...)               basis = get_attr <prefix>.basis          (K, K)
+                                    flat  = matmul(masked, basis)            (w0, w1, K)
+                                    weight = reshape(flat, P.shape)
+                                    conv(x, weight, ...)
+
+and in SP form (``K = 1`` kernels, linear weights) ``weight = mul(coeff, mask)`` with ``coeff`` of
+``P``'s own shape. The new ``weight`` node replaces every use of ``P``, so whatever consumed ``P``
+(the conv itself, or weight standardisation before it) consumes the same tensor.
+
+Invariant (function preservation): at transform time ``mask = 1`` and ``coeff = P_flat @ inv(basis)``,
+so ``weight == P`` up to float rounding and the graph computes what it computed before. The state
+lives in a :class:`~ipfx.reparam.BasisWeight` placed at ``<prefix>``, which adopts the other
+attributes of the module that owned ``P``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..bases import coefficients_in_basis, make_basis
+from ..config import TransformConfig, WeightSettings
+from ..errors import IPFXValueError
+from ..reparam import BasisWeight, ModuleSpec, adopt_attributes
+from .find_weights import KernelSite, find_kernel_sites
+
+
+def state_prefix(param_name: str) -> str:
+    """``"layer1.0.conv1.weight" -> "layer1.0.conv1"``; any other name is its own prefix."""
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+
+
+@dataclasses.dataclass
+class SkippedWeight:
+    name: str
+    reason: str
+
+
+class RewriteWeights(PassBase):
+    """Rewrite the kernel parameters selected by ``config`` (see module docstring).
+
+    ``owners`` maps module paths to the original modules (for the config's type filter) and
+    ``inlined`` the standard modules the tracer traced through (recorded so lowering can rebuild them).
+    After :meth:`call`, ``self.rewritten`` lists the new :class:`BasisWeight` modules by prefix and
+    ``self.skipped`` the kernels left alone, with the reason.
+    """
+
+    def __init__(self, config: TransformConfig, owners: dict[str, nn.Module], inlined: dict[str, nn.Module]):
+        self.config = config
+        self.owners = owners
+        self.inlined = inlined
+        self.rewritten: dict[str, BasisWeight] = {}
+        self.skipped: list[SkippedWeight] = []
+        self.rewritten_params: list[nn.Parameter] = []  # the original parameters, by identity
+        self._shared: dict[tuple, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for site in find_kernel_sites(gm):
+            self._rewrite(gm, site)
+        if self.rewritten:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, bool(self.rewritten))
+
+    # -- one site ----------------------------------------------------------------------------
+    def _rewrite(self, gm: fx.GraphModule, site: KernelSite) -> None:
+        owner_path, _, attr = site.name.rpartition(".")
+        owner = self.owners.get(owner_path)
+        is_linear = site.kind == "linear"
+        kernel = () if is_linear else tuple(site.param.shape[2:])
+        settings = self.config.settings_for(site.name, type(owner) if owner is not None else None,
+                                            kernel, is_linear)
+        if settings is None:
+            return  # excluded by the config: leave it exactly as it was
+        prefix = state_prefix(site.name)
+        if _called_as_module(gm, prefix):
+            self.skipped.append(SkippedWeight(site.name, f"module {prefix!r} is called as a leaf"))
+            return
+        module = self._basis_weight(site, settings, kernel, owner_path)
+        self._install(gm, site, prefix, owner_path, attr, module)
+        self._insert_subgraph(gm, site, prefix, module)
+        self.rewritten[prefix] = module
+        self.rewritten_params.append(site.param)
+
+    def _basis_weight(self, site: KernelSite, settings: WeightSettings, kernel, owner_path) -> BasisWeight:
+        w = site.param.detach()
+        shape = tuple(w.shape)
+        K = math.prod(kernel) if kernel else 1
+        source = ModuleSpec.of(self.inlined[owner_path]) if owner_path in self.inlined and site.name.endswith(".weight") else None
+        common = dict(weight_shape=shape, weight_name=site.name, kind=site.kind, source=source,
+                      requires_grad=site.param.requires_grad)
+        if K == 1:  # SP form: nothing to gain from a basis
+            return BasisWeight(w.clone(), None, space="sp", basis_init="none", train_basis=False, **common)
+        basis = self._basis(settings, kernel, w, site.name)
+        coeff = coefficients_in_basis(w.reshape(shape[0], shape[1], K), basis)
+        if isinstance(basis, nn.Parameter) and not site.param.requires_grad and not settings.share_basis:
+            basis.requires_grad_(False)  # a frozen layer keeps its basis frozen too
+        name = settings.basis if isinstance(settings.basis, str) else "custom"
+        return BasisWeight(coeff, basis, space=settings.space, basis_init=name,
+                           train_basis=settings.train_basis, **common)
+
+    def _basis(self, settings: WeightSettings, kernel, w: torch.Tensor, where: str) -> torch.Tensor:
+        key = (kernel, settings.space, _basis_key(settings.basis), settings.train_basis, w.dtype, w.device)
+        if settings.share_basis and key in self._shared:
+            return self._shared[key]
+        basis = make_basis(settings.basis, kernel, dtype=w.dtype, device=w.device,
+                           generator=self._generator, where=where)
+        if settings.train_basis:
+            basis = nn.Parameter(basis)
+        if settings.share_basis:
+            self._shared[key] = basis
+        return basis
+
+    # -- the module hierarchy ----------------------------------------------------------------
+    def _install(self, gm, site, prefix, owner_path, attr, module: BasisWeight) -> None:
+        parent_path, _, leaf = prefix.rpartition(".")
+        if prefix == owner_path:  # "<owner>.weight": the BasisWeight takes the owner's place
+            old = gm.get_submodule(prefix)
+            if any(n in ("coeff", "mask", "basis") for n in (*old._parameters, *old._buffers, *old._modules)):
+                raise IPFXValueError(
+                    f"module {prefix!r} already has an attribute named coeff, mask or basis; "
+                    "exclude its weight with TransformConfig(exclude=[...])"
+                )
+            adopt_attributes(module, old, skip=attr)
+            module.train(old.training)
+        else:  # "<owner>.w": the BasisWeight becomes a child named like the parameter
+            parent = gm.get_submodule(owner_path)
+            delattr(parent, attr)
+            module.train(parent.training)
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+        setattr(parent, leaf, module)
+
+    # -- the graph ---------------------------------------------------------------------------
+    def _insert_subgraph(self, gm, site: KernelSite, prefix: str, module: BasisWeight) -> None:
+        graph = gm.graph
+        first = site.getattrs[0]
+        with graph.inserting_before(first):
+            coeff = graph.get_attr(f"{prefix}.coeff")
+            mask = graph.get_attr(f"{prefix}.mask")
+            weight = graph.call_function(torch.mul, (coeff, mask))
+            if module.has_basis:
+                basis = graph.get_attr(f"{prefix}.basis")
+                flat = graph.call_function(torch.matmul, (weight, basis))
+                weight = graph.call_function(torch.reshape, (flat, module.weight_shape))
+        for node in site.getattrs:
+            node.replace_all_uses_with(weight)
+            graph.erase_node(node)
+
+
+def _called_as_module(gm: fx.GraphModule, path: str) -> bool:
+    return any(n.op == "call_module" and n.target == path for n in gm.graph.nodes)
+
+
+def _basis_key(spec) -> object:
+    return spec if isinstance(spec, str) else id(spec)

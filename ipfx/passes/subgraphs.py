@@ -1,0 +1,77 @@
+"""Analysis shared by the lowering passes: locate each weight's compose subgraph in a graph.
+
+The subgraph of a :class:`~ipfx.reparam.BasisWeight` at ``prefix`` is matched from the graph alone (no
+node metadata, which does not survive pickling) as the exact chain the rewrite pass emits::
+
+    mul(get_attr prefix.coeff, get_attr prefix.mask) [-> matmul(., get_attr prefix.basis) -> reshape]
+
+Its *output* is the last node of the chain: the composed weight. Anything the model's own forward does
+with the weight afterwards (weight standardisation, ...) is not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ..errors import IPFXValueError
+from ..reparam import BasisWeight
+
+
+@dataclasses.dataclass
+class ComposeSubgraph:
+    prefix: str
+    module: BasisWeight
+    nodes: list[fx.Node]  # in graph order
+    output: fx.Node | None  # None when the weight is never used
+
+
+def basis_weights(gm) -> dict[str, BasisWeight]:
+    return {name: m for name, m in gm.named_modules() if isinstance(m, BasisWeight)}
+
+
+def compose_subgraphs(gm: fx.GraphModule) -> list[ComposeSubgraph]:
+    getattrs: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            getattrs.setdefault(node.target, []).append(node)
+    return [_match(prefix, module, getattrs) for prefix, module in basis_weights(gm).items()]
+
+
+def _match(prefix: str, module: BasisWeight, getattrs) -> ComposeSubgraph:
+    coeffs = getattrs.get(f"{prefix}.coeff", [])
+    masks = getattrs.get(f"{prefix}.mask", [])
+    bases = getattrs.get(f"{prefix}.basis", [])
+    if not coeffs and not masks:
+        return ComposeSubgraph(prefix, module, [], None)
+    nodes = [*coeffs, *masks, *bases]
+    chain = _only_user(coeffs, lambda n: n.target is torch.mul and n.args[1] in masks)
+    if chain is not None:
+        nodes.append(chain)
+        if module.has_basis:
+            chain = _only_user([chain], lambda n: n.target is torch.matmul and n.args[1] in bases)
+            nodes.append(chain)
+            chain = _only_user([chain], lambda n: n.target is torch.reshape) if chain is not None else None
+            nodes.append(chain)
+    if chain is None or len(coeffs) != 1 or len(masks) != 1 or len(bases) != int(module.has_basis):
+        raise IPFXValueError(
+            f"the compose subgraph of {prefix!r} (mul(coeff, mask) -> matmul(basis) -> reshape) was "
+            "changed after ipfx.transform, so it cannot be lowered; transform the original model again"
+        )
+    return ComposeSubgraph(prefix, module, nodes, chain if chain.users else None)
+
+
+def _only_user(nodes: list[fx.Node], accept) -> fx.Node | None:
+    if len(nodes) != 1 or len(nodes[0].users) != 1:
+        return None
+    user = next(iter(nodes[0].users))
+    return user if user.op == "call_function" and accept(user) else None
+
+
+def erase_nodes(graph: fx.Graph, ordered_nodes) -> None:
+    """Erase ``ordered_nodes`` (given in graph order), users before producers, where unused."""
+    for node in reversed(list(ordered_nodes)):
+        if not node.users:
+            graph.erase_node(node)

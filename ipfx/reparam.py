@@ -1,0 +1,173 @@
+"""The module that holds one weight in coefficient form.
+
+:class:`BasisWeight` owns, for one original weight parameter ``W`` of shape ``weight_shape``:
+
+* ``coeff`` (``nn.Parameter``): the coefficients, shape ``(w0, w1, K)`` for a kernel with ``K > 1``
+  (``w0, w1`` are the first two weight dims), or the weight's own shape in SP form (``K = 1`` kernels
+  and linear weights, which have nothing to gain from a basis);
+* ``mask`` (persistent buffer, same shape and dtype as ``coeff``, entries 0/1);
+* ``basis``: ``(K, K)``, an ``nn.Parameter`` when trained, a buffer when fixed (SP, or IP with
+  ``train_basis=False``), ``None`` in SP form.
+
+so that ``W = reshape((mask * coeff) @ basis, weight_shape)`` (``W = mask * coeff`` in SP form).
+
+It sits at the module path of the original weight's owner (``layer1.0.conv1``), so the state_dict
+reads ``layer1.0.conv1.coeff``/``.mask``/``.basis`` next to the untouched ``layer1.0.conv1.bias``: the
+owner's other attributes (bias, buffers, child modules) are adopted unchanged. The transformed graph
+reads ``coeff``, ``mask`` and ``basis`` through ``get_attr`` nodes and composes the weight with
+explicit ``mul``/``matmul``/``reshape`` nodes; :meth:`compose` is the same computation in eager form,
+used by lowering and by pruning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+    """How to rebuild a standard ``nn.ConvNd``/``nn.Linear`` that the transform traced through.
+
+    Lowering uses it to put back an ordinary module where the original model had one.
+    """
+
+    cls: type
+    kwargs: tuple[tuple[str, Any], ...]
+    training: bool
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "ModuleSpec":
+        if isinstance(module, nn.Linear):
+            kw = dict(in_features=module.in_features, out_features=module.out_features,
+                      bias=module.bias is not None)
+        else:  # nn.modules.conv._ConvNd
+            kw = dict(in_channels=module.in_channels, out_channels=module.out_channels,
+                      kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                      dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
+                      padding_mode=module.padding_mode)
+            if module.transposed:
+                kw["output_padding"] = module.output_padding
+        return cls(type(module), tuple(kw.items()), module.training)
+
+    def build(self, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+        """A fresh module of the original type holding ``weight`` and ``bias`` (no re-initialisation)."""
+        module = self.cls(**dict(self.kwargs), device="meta", dtype=weight.dtype)
+        module.weight = weight
+        module.bias = bias
+        module.train(self.training)
+        return module
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.kwargs).get(key, default)
+
+
+class BasisWeight(nn.Module):
+    """One weight expressed as ``reshape((mask * coeff) @ basis, weight_shape)``.
+
+    Attributes besides the tensors: ``weight_shape``, ``space`` (``"ip"``/``"sp"``), ``basis_init``
+    (how the basis was initialised), ``weight_name`` (the original parameter's qualified name),
+    ``kind`` (``"conv"``, ``"conv_transpose"`` or ``"linear"``) and ``source`` (a :class:`ModuleSpec`
+    when the original owner was a standard torch module, else ``None``).
+    """
+
+    def __init__(
+        self,
+        coeff: torch.Tensor,
+        basis: torch.Tensor | None,
+        *,
+        weight_shape: tuple[int, ...],
+        space: str,
+        basis_init: str,
+        train_basis: bool,
+        weight_name: str,
+        kind: str,
+        source: ModuleSpec | None = None,
+        requires_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        self.coeff = nn.Parameter(coeff, requires_grad=requires_grad)
+        self.register_buffer("mask", torch.ones_like(coeff), persistent=True)
+        if basis is None:
+            self.basis = None
+        elif isinstance(basis, nn.Parameter) or train_basis:
+            self.basis = basis if isinstance(basis, nn.Parameter) else nn.Parameter(basis)
+        else:
+            self.register_buffer("basis", basis, persistent=True)
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.space = space
+        self.basis_init = basis_init
+        self.weight_name = weight_name
+        self.kind = kind
+        self.source = source
+
+    # -- the algebra ------------------------------------------------------------------------
+    def compose(self) -> torch.Tensor:
+        """``W = reshape((mask * coeff) @ basis, weight_shape)``; ``mask * coeff`` in SP form."""
+        masked = self.coeff * self.mask
+        if self.basis is None:
+            return masked
+        return torch.reshape(torch.matmul(masked, self.basis), self.weight_shape)
+
+    def forward(self) -> torch.Tensor:
+        return self.compose()
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.weight_shape[2:]
+
+    @property
+    def has_basis(self) -> bool:
+        return self.basis is not None
+
+    @property
+    def trains_basis(self) -> bool:
+        return isinstance(self.basis, nn.Parameter) and self.basis.requires_grad
+
+    def kept(self) -> int:
+        """Number of unmasked coefficients."""
+        return int(torch.count_nonzero(self.mask))
+
+    def extra_repr(self) -> str:
+        form = f"space={self.space}"
+        if self.has_basis:
+            form += f", basis={self.basis_init}{'' if self.trains_basis else ' (fixed)'}"
+        else:
+            form += ", no basis"
+        return (f"{self.weight_name!r}, weight_shape={self.weight_shape}, {form}, "
+                f"kept={self.kept()}/{self.mask.numel()}")
+
+    @torch.no_grad()
+    def normalize_basis_(self) -> "BasisWeight":
+        """Rescale basis rows to unit norm and their coefficients inversely (``W`` is unchanged).
+
+        ``(c_j s_j) (F_j / s_j) = c_j F_j`` for every row ``j`` with norm ``s_j``, so the composed
+        weight is the same while magnitude-type scores become comparable across layers.
+        """
+        if self.basis is None:
+            return self
+        norms = self.basis.norm(dim=1)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        self.basis.div_(norms[:, None])
+        self.coeff.mul_(norms.to(self.coeff.dtype))
+        return self
+
+
+def adopt_attributes(new: nn.Module, old: nn.Module, *, skip: str | None) -> None:
+    """Move ``old``'s parameters, buffers and child modules (all but ``skip``) onto ``new``.
+
+    Keeps persistence of buffers, so the state_dict entries of the adopted attributes do not change.
+    """
+    for name, p in old._parameters.items():
+        if name != skip and name not in new._parameters:
+            new.register_parameter(name, p)
+    for name, b in old._buffers.items():
+        if name != skip and name not in new._buffers:
+            new.register_buffer(name, b, persistent=name not in old._non_persistent_buffers_set)
+    for name, m in old._modules.items():
+        if name != skip:
+            new.add_module(name, m)

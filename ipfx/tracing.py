@@ -1,0 +1,96 @@
+"""Symbolic tracing that exposes convolution and linear weights as graph nodes.
+
+The default ``torch.fx`` tracer keeps ``nn.Conv2d`` & co. as opaque ``call_module`` leaves, so their
+weight never appears in the graph. :class:`WeightTracer` traces *into* the standard conv and linear
+modules whose weight the config wants rewritten: their ``forward`` becomes ``get_attr(weight)`` ->
+``conv2d``/``linear`` (with the ``pad`` node of a non-zero ``padding_mode``), and the weight can be
+rewritten like any other parameter. Everything else keeps the default leaf rules, plus the leaves the
+user names. The modules traced through are recorded, so lowering can put them back.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .config import DEFAULT_MODULE_TYPES, TransformConfig
+from .errors import TraceError
+
+_STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
+
+
+class WeightTracer(fx.Tracer):
+    """``fx.Tracer`` that inlines standard conv/linear modules selected by a :class:`TransformConfig`."""
+
+    def __init__(self, config: TransformConfig, leaf_modules: Iterable[str | type] = ()) -> None:
+        super().__init__()
+        self.config = config
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.inlined: dict[str, nn.Module] = {}
+        self.failed_module: tuple[str, type] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if type(m) in _STANDARD_TYPES and self._wanted(m, module_qualified_name):
+            self.inlined[module_qualified_name] = m
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def _wanted(self, m: nn.Module, name: str) -> bool:
+        weight = m._parameters.get("weight")  # not getattr: the tracer turns that into a graph node
+        if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
+            return False
+        weight_name = f"{name}.weight" if name else "weight"
+        is_linear = isinstance(m, nn.Linear)
+        kernel = () if is_linear else tuple(weight.shape[2:])
+        return self.config.settings_for(weight_name, type(m), kernel, is_linear) is not None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # innermost module that failed
+                self.failed_module = (self.path_of_module(m), type(m))
+            raise
+
+
+def trace(
+    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = ()
+) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
+    """Trace ``model`` with :class:`WeightTracer`.
+
+    Returns the ``GraphModule`` (named after the model's class, every module keeping the training
+    flag of the module it stands for) and the standard modules that were traced through, by path.
+    Raises :class:`TraceError` naming the module that failed and how to get past it.
+    """
+    tracer = WeightTracer(config, leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # torch.fx raises many types; re-raise one, with the cause attached
+        raise TraceError(_trace_failure_message(model, tracer, exc)) from exc
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    originals = dict(model.named_modules())
+    for name, module in gm.named_modules():
+        if name in originals:
+            module.train(originals[name].training)
+    return gm, tracer.inlined
+
+
+def _trace_failure_message(model: nn.Module, tracer: WeightTracer, exc: Exception) -> str:
+    reason = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    reason = reason[0] if reason else type(exc).__name__
+    if tracer.failed_module is not None and tracer.failed_module[0]:
+        name, cls = tracer.failed_module
+        where = f"module {name!r} ({cls.__name__})"
+        hint = (f"mark it as a leaf with ipfx.transform(model, leaf_modules=[{name!r}]) (its own "
+                "weights are then left dense), or make its forward traceable by torch.fx")
+    else:
+        where = f"the forward of {type(model).__name__} itself"
+        hint = ("make the forward traceable by torch.fx (no control flow on tensor values), or move "
+                "the untraceable part into a submodule and pass it as leaf_modules=[...]")
+    return f"torch.fx could not trace {where}: {reason}. To transform this model, {hint}."
