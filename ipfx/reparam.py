@@ -157,17 +157,23 @@ class BasisWeight(nn.Module):
         return self
 
 
-def adopt_attributes(new: nn.Module, old: nn.Module, *, skip: str | None) -> None:
-    """Move ``old``'s parameters, buffers and child modules (all but ``skip``) onto ``new``.
+def adopt_attributes(new: nn.Module, old: nn.Module, *, skip=()) -> None:
+    """Move ``old``'s parameters, buffers and child modules (but those named in ``skip``) onto ``new``.
 
     Keeps persistence of buffers, so the state_dict entries of the adopted attributes do not change.
+    Names ``new`` already holds are left as they are.
     """
+    skip = {skip} if isinstance(skip, str) else set(skip)
     for name, p in old._parameters.items():
-        if name != skip and name not in new._parameters:
+        if name not in skip and name not in new._parameters:
             new.register_parameter(name, p)
     for name, b in old._buffers.items():
-        if name != skip and name not in new._buffers:
+        if name not in skip and name not in new._buffers:
             new.register_buffer(name, b, persistent=name not in old._non_persistent_buffers_set)
     for name, m in old._modules.items():
-        if name != skip:
+        if name not in skip:
             new.add_module(name, m)
+
+
+#: The attributes a BasisWeight adds; lowering drops them.
+STATE_NAMES = ("coeff", "mask", "basis")

@@ -25,9 +25,9 @@ _STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
 class WeightTracer(fx.Tracer):
     """``fx.Tracer`` that inlines standard conv/linear modules selected by a :class:`TransformConfig`."""
 
-    def __init__(self, config: TransformConfig, leaf_modules: Iterable[str | type] = ()) -> None:
+    def __init__(self, config: TransformConfig | None = None, leaf_modules: Iterable[str | type] = ()) -> None:
         super().__init__()
-        self.config = config
+        self.config = config if config is not None else TransformConfig()
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.inlined: dict[str, nn.Module] = {}
@@ -69,11 +69,18 @@ def trace(
     Raises :class:`TraceError` naming the module that failed and how to get past it.
     """
     tracer = WeightTracer(config, leaf_modules)
+    concrete = None
+    if isinstance(model, nn.modules.conv._ConvTransposeNd):
+        # forward(input, output_size=None): a placeholder for output_size would reach control flow
+        concrete = {"output_size": None}
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete)
     except Exception as exc:  # torch.fx raises many types; re-raise one, with the cause attached
         raise TraceError(_trace_failure_message(model, tracer, exc)) from exc
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
+    # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
+    gm._tracer_cls = None
     originals = dict(model.named_modules())
     for name, module in gm.named_modules():
         if name in originals:

@@ -76,6 +76,29 @@ def weight_argument(node: fx.Node):
     return node.kwargs.get("weight")
 
 
+_PARAMETERS = {
+    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv_transpose": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    "linear": ("input", "weight", "bias"),
+}
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+
+
+def kernel_call_arguments(node: fx.Node) -> dict | None:
+    """The arguments of a conv/linear call by name, defaults filled in; None if they do not fit."""
+    kind, _ = kernel_call_info(node)
+    names = _PARAMETERS[kind]
+    if len(node.args) > len(names) or set(node.kwargs) - set(names):
+        return None
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    if "input" not in args or "weight" not in args:
+        return None
+    for name in names[2:]:
+        args.setdefault(name, _DEFAULTS[name])
+    return args
+
+
 def is_kernel_call(node: fx.Node) -> bool:
     return node.op == "call_function" and _target_in(node.target)
 

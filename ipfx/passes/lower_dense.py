@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..reparam import BasisWeight, adopt_attributes
-from .find_weights import is_kernel_call, kernel_call_info, weight_argument
+from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
+from .find_weights import is_kernel_call, kernel_call_arguments, kernel_call_info, weight_argument
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
@@ -69,24 +69,15 @@ def _replace_module(gm, prefix: str, param_name: str, module: BasisWeight, weigh
     if param_name == f"{prefix}.weight":
         if module.source is not None:
             new = module.source.build(weight, module._parameters.get("bias"))
-            adopt_attributes(new, module, skip=None)
-            new.train(module.training)
         else:
             new = nn.Module()
             new.weight = weight
-            adopt_attributes(new, module, skip=None)
-            new.train(module.training)
-        _drop_state(new)
+        adopt_attributes(new, module, skip=STATE_NAMES)
+        new.train(module.training)
         setattr(parent, leaf, new)
     else:  # the parameter had its own name: put it back on the parent
         delattr(parent, leaf)
         parent.register_parameter(leaf, weight)
-
-
-def _drop_state(module: nn.Module) -> None:
-    for name in ("coeff", "mask", "basis"):
-        module._parameters.pop(name, None)
-        module._buffers.pop(name, None)
 
 
 def _restore_module_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix: str, module: BasisWeight) -> None:
@@ -95,18 +86,18 @@ def _restore_module_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix
         return
     kind, _ = kernel_call_info(call)
     spec = module.source
-    args = _normalised_args(call, kind)
+    args = kernel_call_arguments(call)
     if args is None:
         return
-    bias = args[2]
+    bias = args["bias"]
     has_bias = spec.get("bias")
     if has_bias and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{prefix}.bias"):
         return
     if not has_bias and bias is not None:
         return
-    if kind != "linear" and list(args[3:]) != _expected_geometry(spec, kind):
+    if kind != "linear" and _geometry(args, kind) != _expected_geometry(spec, kind):
         return
-    x = args[0]
+    x = args["input"]
     pad = None
     if kind == "conv" and spec.get("padding_mode") != "zeros":
         if not (isinstance(x, fx.Node) and x.target is F.pad and len(x.users) == 1):
@@ -122,24 +113,9 @@ def _restore_module_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix
         graph.erase_node(bias)
 
 
-_PARAM_ORDER = {
-    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    "conv_transpose": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
-    "linear": ("input", "weight", "bias"),
-}
-
-
-def _normalised_args(call: fx.Node, kind: str):
-    names = _PARAM_ORDER[kind]
-    if len(call.args) > len(names) or set(call.kwargs) - set(names):
-        return None
-    values = list(call.args) + [call.kwargs.get(n, _MISSING) for n in names[len(call.args):]]
-    if _MISSING in values[:2]:
-        return None
-    return [None if v is _MISSING and i == 2 else v for i, v in enumerate(values)]
-
-
-_MISSING = object()
+def _geometry(args: dict, kind: str) -> list:
+    names = ["stride", "padding", "dilation", "groups"]
+    return [args[n] for n in (names if kind == "conv" else names + ["output_padding"])]
 
 
 def _expected_geometry(spec, kind: str) -> list:
@@ -148,5 +124,5 @@ def _expected_geometry(spec, kind: str) -> list:
         if spec.get("padding_mode") != "zeros":
             padding = tuple(0 for _ in spec.get("kernel_size"))
         return [spec.get("stride"), padding, spec.get("dilation"), spec.get("groups")]
-    return [spec.get("stride"), spec.get("padding"), spec.get("output_padding"), spec.get("groups"),
-            spec.get("dilation")]
+    return [spec.get("stride"), spec.get("padding"), spec.get("dilation"), spec.get("groups"),
+            spec.get("output_padding")]

@@ -1,0 +1,527 @@
+"""Tests of the fused IP ops ``ipfx::ip_conv`` / ``ipfx::sparse_linear`` and their modules.
+
+The reference is always the dense computation: ``W = reshape(C @ B, weight_shape)`` followed by
+``F.conv{d}d`` / ``F.conv_transpose{d}d`` / ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipfx.ops.ip_conv import (
+    ORDER_BASIS_FIRST,
+    ORDER_COEFF_FIRST,
+    SparseIPConv,
+    SparseLinear,
+    choose_order,
+    sparse_coefficients,
+)
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+EXAMPLES = 60
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configurations
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvCase:
+    d: int
+    transposed: bool
+    c_in: int
+    c_out: int
+    groups: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    output_padding: tuple
+    spatial: tuple
+    batch: int
+    sparsity: float
+    basis_kind: str  # "none" | "orthogonal" | "random"
+    bias: bool
+    seed: int
+
+    @property
+    def weight_shape(self) -> tuple:
+        if self.transposed:
+            return (self.c_in, self.c_out // self.groups, *self.kernel)
+        return (self.c_out, self.c_in // self.groups, *self.kernel)
+
+    @property
+    def K(self) -> int:
+        return math.prod(self.kernel)
+
+
+def _min_input(transposed: bool, k: int, s: int, p: int, dl: int, op: int) -> int:
+    """Smallest input length giving a non-empty output."""
+    if transposed:  # (L-1)*s - 2p + dl*(k-1) + op + 1 >= 1
+        need = 2 * p - dl * (k - 1) - op
+        return 1 + max(0, -(-need // s))
+    return max(1, dl * (k - 1) + 1 - 2 * p)  # L + 2p >= dl*(k-1) + 1
+
+
+@st.composite
+def conv_cases(draw) -> ConvCase:
+    d = draw(st.sampled_from([1, 2, 3]))
+    transposed = draw(st.booleans())
+    mode = draw(st.sampled_from(["plain", "grouped", "depthwise"]))
+    if mode == "plain":
+        groups, cin_g, cout_g = 1, draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    elif mode == "grouped":
+        groups, cin_g, cout_g = draw(st.integers(2, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    else:  # depthwise: groups == c_in, channel multiplier 1 or 2
+        groups, cin_g, cout_g = draw(st.integers(1, 4)), 1, draw(st.integers(1, 2))
+    kmax = 4 if d < 3 else 3
+    kernel = tuple(draw(st.integers(1, kmax)) for _ in range(d))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(d))
+    if transposed:
+        output_padding = tuple(draw(st.integers(0, max(s, dl) - 1)) for s, dl in zip(stride, dilation))
+    else:
+        output_padding = (0,) * d
+    extra = 3 if d < 3 else 2
+    spatial = tuple(
+        draw(st.integers(m, m + extra))
+        for m in (
+            _min_input(transposed, k, s, p, dl, op)
+            for k, s, p, dl, op in zip(kernel, stride, padding, dilation, output_padding)
+        )
+    )
+    return ConvCase(
+        d=d,
+        transposed=transposed,
+        c_in=groups * cin_g,
+        c_out=groups * cout_g,
+        groups=groups,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        output_padding=output_padding,
+        spatial=spatial,
+        batch=draw(st.integers(1, 2)),
+        sparsity=draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))),
+        basis_kind=draw(st.sampled_from(["none", "orthogonal", "random"])),
+        bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@dataclass
+class ConvTensors:
+    x: torch.Tensor
+    coeff: torch.Tensor  # (w0, w1, K), masked
+    basis: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+def make_tensors(case: ConvCase, dtype=torch.float64) -> ConvTensors:
+    gen = torch.Generator().manual_seed(case.seed)
+    ws = case.weight_shape
+    K = case.K
+    coeff = torch.randn(ws[0], ws[1], K, generator=gen, dtype=torch.float64)
+    keep = torch.rand(coeff.shape, generator=gen, dtype=torch.float64) >= case.sparsity
+    coeff = coeff * keep
+    if case.basis_kind == "none":
+        basis = None
+    elif case.basis_kind == "orthogonal":
+        basis, _ = torch.linalg.qr(torch.randn(K, K, generator=gen, dtype=torch.float64))
+    else:
+        basis = torch.randn(K, K, generator=gen, dtype=torch.float64) + 2.0 * torch.eye(K, dtype=torch.float64)
+    x = torch.randn(case.batch, case.c_in, *case.spatial, generator=gen, dtype=torch.float64)
+    bias = torch.randn(case.c_out, generator=gen, dtype=torch.float64) if case.bias else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return ConvTensors(cast(x), cast(coeff), cast(basis), cast(bias))
+
+
+def dense_weight(case: ConvCase, t: ConvTensors) -> torch.Tensor:
+    c = t.coeff if t.basis is None else t.coeff @ t.basis
+    return c.reshape(case.weight_shape)
+
+
+def dense_conv(case: ConvCase, x, w, bias) -> torch.Tensor:
+    if case.transposed:
+        return CONV_T[case.d](
+            x, w, bias, case.stride, case.padding, case.output_padding, case.groups, case.dilation
+        )
+    return CONV[case.d](x, w, bias, case.stride, case.padding, case.dilation, case.groups)
+
+
+def error_scale(case: ConvCase, t: ConvTensors) -> float:
+    """max of conv(|x|, |W|) + |bias|: bounds every partial sum, so it is the natural absolute scale."""
+    w = dense_weight(case, ConvTensors(t.x.double(), t.coeff.double(), _d(t.basis), _d(t.bias)))
+    s = dense_conv(case, t.x.double().abs(), w.abs(), None if t.bias is None else t.bias.double().abs())
+    return float(s.max()) if s.numel() else 0.0
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+def op_call(case: ConvCase, t: ConvTensors, order: int) -> torch.Tensor:
+    values, indices = sparse_coefficients(t.coeff)
+    return torch.ops.ipfx.ip_conv(
+        t.x,
+        values,
+        indices,
+        t.basis,
+        t.bias,
+        list(case.weight_shape),
+        list(case.stride),
+        list(case.padding),
+        list(case.dilation),
+        case.groups,
+        case.transposed,
+        list(case.output_padding),
+        order,
+    )
+
+
+def module_for(case: ConvCase, t: ConvTensors) -> SparseIPConv:
+    return SparseIPConv.from_coefficients(
+        t.coeff,
+        t.basis,
+        t.bias,
+        weight_shape=case.weight_shape,
+        stride=case.stride,
+        padding=case.padding,
+        dilation=case.dilation,
+        groups=case.groups,
+        transposed=case.transposed,
+        output_padding=case.output_padding,
+    )
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, rtol: float, scale: float) -> None:
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    assert y.dtype == ref.dtype
+    err = float((y.double() - ref.double()).abs().max()) if y.numel() else 0.0
+    assert err <= rtol * scale + 1e-30, f"max abs error {err:.3e} > {rtol:.0e} * scale {scale:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# property tests: every order equals the dense conv
+# ----------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=conv_cases())
+def test_ip_conv_all_orders_match_dense_float64(case: ConvCase):
+    t = make_tensors(case, torch.float64)
+    ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
+    scale = error_scale(case, t)
+    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST):
+        assert_close(op_call(case, t, order), ref, 1e-10, scale)
+    # the module path (order 0) and its dense weight
+    m = module_for(case, t)
+    with torch.no_grad():
+        assert_close(m(t.x), ref, 1e-10, scale)
+    assert torch.allclose(m.to_dense_weight(), dense_weight(case, t), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None)
+@given(case=conv_cases())
+def test_ip_conv_all_orders_match_dense_float32(case: ConvCase):
+    t = make_tensors(case, torch.float32)
+    ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
+    scale = error_scale(case, t)
+    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST):
+        assert_close(op_call(case, t, order), ref, 1e-5, scale)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    out_f=st.integers(1, 8),
+    in_f=st.integers(1, 8),
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    sparsity=st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sparse_linear_matches_dense(out_f, in_f, lead, sparsity, bias, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    w = (w * (torch.rand(w.shape, generator=gen, dtype=torch.float64) >= sparsity)).to(dtype)
+    b = torch.randn(out_f, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    x = torch.randn(*lead, in_f, generator=gen, dtype=torch.float64).to(dtype)
+    ref = F.linear(x, w, b)
+    m = SparseLinear.from_weight(w, b)
+    y = m(x)
+    scale = float((x.abs().double() @ w.abs().double().T).max()) + (float(b.abs().max()) if bias else 0.0)
+    assert_close(y, ref, 1e-12 if dtype == torch.float64 else 1e-5, scale)
+    assert torch.equal(m.to_dense_weight(), w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# targeted cases
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _case(**kw) -> ConvCase:
+    base = dict(
+        d=2,
+        transposed=False,
+        c_in=4,
+        c_out=6,
+        groups=1,
+        kernel=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        output_padding=(0, 0),
+        spatial=(6, 5),
+        batch=2,
+        sparsity=0.5,
+        basis_kind="orthogonal",
+        bias=True,
+        seed=0,
+    )
+    base.update(kw)
+    return ConvCase(**base)
+
+
+TARGETED = [
+    _case(),
+    _case(c_in=4, c_out=4, groups=4),  # depthwise
+    _case(c_in=4, c_out=8, groups=4, transposed=True, stride=(2, 2), output_padding=(1, 0)),
+    _case(kernel=(1, 1), basis_kind="none", padding=(0, 0), stride=(2, 1)),  # 1x1, K = 1
+    _case(kernel=(2, 4), basis_kind="random", dilation=(2, 1), padding=(0, 2)),  # even, non-square
+    _case(d=1, kernel=(5,), stride=(2,), padding=(2,), dilation=(1,), output_padding=(0,), spatial=(9,), basis_kind="none"),
+    _case(d=3, kernel=(3, 1, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2), output_padding=(0, 0, 0),
+          spatial=(4, 5, 3), groups=2, basis_kind="none"),
+    _case(sparsity=1.0, bias=False),  # fully masked: exact zeros
+    _case(sparsity=0.0, transposed=True, groups=2),
+]
+
+
+@pytest.mark.parametrize("case", TARGETED, ids=range(len(TARGETED)))
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_targeted_cases(case, order):
+    t = make_tensors(case)
+    ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
+    assert_close(op_call(case, t, order), ref, 1e-10, error_scale(case, t))
+
+
+def test_fully_masked_without_bias_is_exactly_zero():
+    case = _case(sparsity=1.0, bias=False)
+    t = make_tensors(case)
+    for order in (1, 2):
+        y = op_call(case, t, order)
+        assert torch.count_nonzero(y) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("basis_kind", ["none", "orthogonal"])
+def test_half_dtypes(dtype, order, transposed, basis_kind):
+    case = _case(transposed=transposed, basis_kind=basis_kind, groups=2)
+    t = make_tensors(case, dtype)
+    t32 = ConvTensors(*(None if v is None else v.float() for v in (t.x, t.coeff, t.basis, t.bias)))
+    ref = dense_conv(case, t32.x, dense_weight(case, t32), t32.bias)
+    y = op_call(case, t, order)
+    assert y.dtype == dtype
+    assert_close(y.float(), ref, 5e-2, error_scale(case, t32))
+
+
+def test_unbatched_input():
+    case = _case(batch=1, transposed=True, stride=(2, 1), output_padding=(1, 0))
+    t = make_tensors(case)
+    m = module_for(case, t)
+    with torch.no_grad():
+        assert torch.allclose(m(t.x[0]), m(t.x)[0], rtol=0, atol=1e-12)
+
+
+def test_int64_indices_and_repeated_indices_are_summed():
+    case = _case(basis_kind="none", bias=False)
+    t = make_tensors(case)
+    values, indices = sparse_coefficients(t.coeff)
+    # split every value in two halves stored at the same index, int64
+    values2 = torch.cat([values / 2, values / 2])
+    indices2 = torch.cat([indices, indices]).long()
+    m = SparseIPConv(values2, indices2, None, None, weight_shape=case.weight_shape, padding=1)
+    ref = dense_conv(case, t.x, dense_weight(case, t), None)
+    for order in (1, 2):
+        assert_close(m(t.x, order), ref, 1e-10, error_scale(case, t))
+
+
+def test_inference_only_no_grad_and_plain_forward():
+    case = _case()
+    t = make_tensors(case)
+    m = module_for(case, t).eval()
+    with torch.no_grad():
+        a = m(t.x)
+    b = m(t.x)  # plain eval without no_grad also works
+    assert torch.equal(a, b)
+    x = t.x.clone().requires_grad_(True)
+    y = m(x)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        y.sum().backward()
+
+
+def test_choose_order_formula():
+    # wide input, few output channels: coefficients first is cheaper (nnz*P + c_out*K*K*P vs c_in*K*K*P)
+    kw = dict(K=9, p_in=100, p_out=100, transposed=False)
+    assert choose_order(c_in=256, c_out=8, nnz=256 * 8 * 9 // 10, **kw) == ORDER_COEFF_FIRST
+    assert choose_order(c_in=8, c_out=256, nnz=256 * 8 * 9 // 10, **kw) == ORDER_BASIS_FIRST
+    # strided conv: (b) pays nnz at the (larger) input resolution
+    assert choose_order(c_in=64, c_out=64, K=9, nnz=64 * 64 * 9, p_in=400, p_out=100, transposed=False) == 1
+    # the formula, explicitly
+    c_in, c_out, K, nnz, p_in, p_out = 5, 7, 4, 30, 50, 20
+    a = c_in * K * K * p_out + nnz * p_out
+    b = nnz * p_in + c_out * K * K * p_out
+    assert choose_order(c_in=c_in, c_out=c_out, K=K, nnz=nnz, p_in=p_in, p_out=p_out, transposed=False) == (
+        1 if a <= b else 2
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda kw: kw.update(indices=kw["indices"][:-1]), "same length"),
+        (lambda kw: kw.update(indices=kw["indices"].clone().fill_(10**6)), "out of range"),
+        (lambda kw: kw.update(indices=kw["indices"].float()), "int32 or int64"),
+        (lambda kw: kw.update(basis=torch.eye(4, dtype=torch.float64)), r"\(K, K\)"),
+        (lambda kw: kw.update(order=3), "order"),
+        (lambda kw: kw.update(groups=3), "groups"),
+        (lambda kw: kw.update(stride=[1, 1, 1]), "stride"),
+        (lambda kw: kw.update(x=kw["x"][:, :3]), "input channels"),
+        (lambda kw: kw.update(bias=torch.zeros(2, dtype=torch.float64)), "bias"),
+        (lambda kw: kw.update(output_padding=[1, 0]), "output_padding"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(mutate, match):
+    case = _case()
+    t = make_tensors(case)
+    values, indices = sparse_coefficients(t.coeff)
+    kw = dict(
+        x=t.x,
+        values=values,
+        indices=indices,
+        basis=t.basis,
+        bias=t.bias,
+        weight_shape=list(case.weight_shape),
+        stride=[1, 1],
+        padding=[1, 1],
+        dilation=[1, 1],
+        groups=1,
+        transposed=False,
+        output_padding=[0, 0],
+        order=0,
+    )
+    mutate(kw)
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.ipfx.ip_conv(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export, serialisation, storage
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, conv: SparseIPConv, convt: SparseIPConv, lin: SparseLinear):
+        super().__init__()
+        self.conv, self.convt, self.lin = conv, convt, lin
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = self.convt(h)
+        return self.lin(h.mean(dim=(2, 3)))
+
+
+def _tiny_model() -> tuple[_Tiny, torch.Tensor]:
+    case = _case(c_in=3, c_out=4, stride=(2, 2))
+    t = make_tensors(case, torch.float32)
+    conv = module_for(case, t)
+    case_t = _case(c_in=4, c_out=4, groups=2, transposed=True, stride=(2, 2), output_padding=(1, 1), seed=1)
+    tt = make_tensors(case_t, torch.float32)
+    convt = module_for(case_t, tt)
+    w = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    lin = SparseLinear.from_weight(w * (w.abs() > 0.5), torch.randn(5))
+    return _Tiny(conv, convt, lin).eval(), torch.randn(2, 3, 8, 7, generator=torch.Generator().manual_seed(3))
+
+
+def test_torch_export_captures_ops():
+    model, x = _tiny_model()
+    with torch.no_grad():
+        eager = model(x)
+        ep = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum("ipfx.ip_conv" in s for s in targets) == 2, targets
+    assert any("ipfx.sparse_linear" in s for s in targets), targets
+    with torch.no_grad():
+        out = ep.module()(x)
+    assert torch.allclose(out, eager, rtol=0, atol=1e-6)
+
+
+def test_torch_export_dynamic_batch():
+    model, x = _tiny_model()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+        x5 = torch.randn(5, 3, 8, 7)
+        assert torch.allclose(ep.module()(x5), model(x5), rtol=0, atol=1e-6)
+
+
+def test_deepcopy_state_dict_and_pickle_round_trips():
+    case = _case(transposed=True, groups=2, stride=(2, 1), output_padding=(1, 0))
+    t = make_tensors(case, torch.float32)
+    m = module_for(case, t).eval()
+    with torch.no_grad():
+        ref = m(t.x)
+        # deepcopy
+        assert torch.equal(copy.deepcopy(m)(t.x), ref)
+        # state_dict into a fresh instance of the same shape but different nnz, strict
+        other = make_tensors(_case(**{**case.__dict__, "seed": 7, "sparsity": 0.1}), torch.float32)
+        fresh = module_for(case, other)
+        assert fresh.nnz != m.nnz
+        fresh.load_state_dict(m.state_dict(), strict=True)
+        assert fresh.nnz == m.nnz and fresh.indices.dtype == m.indices.dtype
+        assert torch.equal(fresh(t.x), ref)
+        # whole-module torch.save / torch.load
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(t.x), ref)
+        assert loaded.weight_shape == m.weight_shape and loaded.transposed
+    # SparseLinear too
+    lin = SparseLinear.from_weight(torch.randn(3, 4) * (torch.rand(3, 4) > 0.5), torch.randn(3))
+    x = torch.randn(2, 4)
+    fresh_lin = SparseLinear.from_weight(torch.randn(3, 4), None)
+    fresh_lin.bias = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    fresh_lin.load_state_dict(lin.state_dict(), strict=True)
+    assert torch.equal(fresh_lin(x), lin(x))
+    assert torch.equal(copy.deepcopy(lin)(x), lin(x))
+
+
+def test_storage_is_compact_at_95_percent_sparsity():
+    ws = (64, 64, 3, 3)
+    gen = torch.Generator().manual_seed(0)
+    coeff = torch.randn(64, 64, 9, generator=gen)
+    coeff = coeff * (torch.rand(coeff.shape, generator=gen) >= 0.95)
+    basis, _ = torch.linalg.qr(torch.randn(9, 9, generator=gen))
+    m = SparseIPConv.from_coefficients(coeff, basis, torch.zeros(64), weight_shape=ws, padding=1)
+    assert m.indices.dtype == torch.int32
+    stored = sum(b.numel() * b.element_size() for b in m.buffers())
+    dense = math.prod(ws) * 4
+    assert stored < dense / 8, (stored, dense)
+    assert "nnz=" in repr(m) and "transposed=False" in repr(m)
