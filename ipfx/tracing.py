@@ -80,7 +80,7 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
-    gm._tracer_cls = None
+    gm._tracer_cls = gm.graph._tracer_cls = None
     originals = dict(model.named_modules())
     for name, module in gm.named_modules():
         if name in originals:

@@ -31,4 +31,4 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "ipfx equivalence ledger")
         for kind, (count, worst) in sorted(ledger.by_kind.items()):
             terminalreporter.write_line(f"{kind:40s} {count:6d} comparisons, worst relative error {worst:.3g}")
-        terminalreporter.write_line(f"{"all":40s} {ledger.count:6d} comparisons, worst relative error {ledger.worst:.3g}")
+        terminalreporter.write_line(f"{'all':40s} {ledger.count:6d} comparisons, worst relative error {ledger.worst:.3g}")
