@@ -22,7 +22,7 @@ settings.register_profile(
     "thorough", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny tensors: threading costs more than it gains
 
 
 def pytest_terminal_summary(terminalreporter):

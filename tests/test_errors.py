@@ -1,0 +1,153 @@
+"""Bad input gets a clear error that names the problem and the fix, and leaves the input untouched."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ipfx
+from ipfx.errors import IPFXTypeError, IPFXValueError, NotTransformedError, SingularBasisError, TraceError
+from strategies import TinyResNet
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace this
+            return x * 2
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = DataDependent()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.gate(self.conv(x)))
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model, before) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("bad", [None, 3, "resnet18", torch.zeros(3)])
+def test_not_a_module(bad):
+    with pytest.raises(IPFXTypeError, match="takes a torch.nn.Module"):
+        ipfx.transform(bad)
+    with pytest.raises(TypeError):
+        ipfx.lower(bad)
+
+
+def test_a_class_instead_of_an_instance():
+    with pytest.raises(IPFXTypeError, match=r"model instance.*ipfx.transform\(TinyResNet\(...\)\)"):
+        ipfx.transform(TinyResNet)
+
+
+def test_untraceable_module_is_named_with_the_fix():
+    model = Net()
+    before = snapshot(model)
+    with pytest.raises(TraceError) as info:
+        ipfx.transform(model)
+    message = str(info.value)
+    assert "'gate'" in message and "DataDependent" in message
+    assert "leaf_modules=['gate']" in message
+    assert unchanged(model, before)
+    # and the suggested fix works
+    t = ipfx.transform(model, leaf_modules=["gate"])
+    x = torch.randn(1, 3, 6, 6)
+    assert torch.allclose(t(x), model(x), atol=1e-6)
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"conv.weight", "head.weight"}
+
+
+def test_leaf_modules_hide_their_weights_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
+    with pytest.warns(UserWarning, match=r"left 1 conv/linear weight.*1\.0\.weight"):
+        t = ipfx.transform(model, leaf_modules=[nn.Sequential])
+    assert [w.name for w in ipfx.rewritten_weights(t)] == ["0.weight"]
+
+
+def test_untraceable_root_forward():
+    with pytest.raises(TraceError, match="forward of DataDependent itself"):
+        ipfx.transform(DataDependent())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(space="ipx"), "unknown space 'ipx'.*'ip'.*'sp'"),
+        (dict(basis="haar"), "unknown basis 'haar'.*'dct'"),
+        (dict(space="sp", basis="dct"), "space='sp' always uses the spatial"),
+        (dict(space="sp", train_basis=True), "use space='ip' to train a basis"),
+        (dict(basis=torch.zeros(9, 9)), "singular"),
+        (dict(basis=torch.eye(4)), r"\(K, K\) = \(9, 9\)"),
+        (dict(config=ipfx.TransformConfig(), space="sp"), "either config"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    model = TinyResNet(seed=0)
+    before = snapshot(model)
+    with pytest.raises(IPFXValueError, match=match):
+        ipfx.transform(model, **kwargs)
+    assert unchanged(model, before)
+
+
+def test_singular_basis_error_names_the_layer():
+    with pytest.raises(SingularBasisError, match="conv1.weight"):
+        ipfx.transform(TinyResNet(seed=0), basis=lambda ks: torch.ones(9, 9))
+
+
+def test_bad_config_values():
+    with pytest.raises(IPFXValueError, match="unknown option"):
+        ipfx.TransformConfig(overrides={"a*": {"spaec": "sp"}})
+    with pytest.raises(TypeError, match="nn.Module subclasses"):
+        ipfx.TransformConfig(module_types=(int,))
+
+
+def test_lowering_a_model_that_was_never_transformed():
+    model = TinyResNet(seed=0)
+    for call in (lambda: ipfx.lower(model), lambda: ipfx.sparsity(model)):
+        with pytest.raises(NotTransformedError, match=r"never transformed.*ipfx.transform\(model\)"):
+            call()
+
+
+def test_unknown_lowering_target():
+    t = ipfx.transform(TinyResNet(seed=0))
+    with pytest.raises(IPFXValueError, match="unknown lowering target 'onnx'.*'dense'.*'fused'"):
+        ipfx.lower(t, "onnx")
+
+
+def test_edited_compose_subgraph_is_refused():
+    t = ipfx.transform(nn.Sequential(nn.Conv2d(3, 3, 3)))
+    mul = next(n for n in t.graph.nodes if n.target is torch.mul)
+    with t.graph.inserting_after(mul):
+        doubled = t.graph.call_function(torch.add, (mul, mul))
+    mul.replace_all_uses_with(doubled, delete_user_cb=lambda u: u is not doubled)
+    t.recompile()
+    with pytest.raises(IPFXValueError, match="was changed after ipfx.transform"):
+        ipfx.lower(t)
+
+
+def test_uncopyable_model_says_how_to_proceed():
+    class Uncopyable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)
+
+        def __deepcopy__(self, memo):
+            raise RuntimeError("holds a file handle")
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(IPFXTypeError, match="inplace=True"):
+        ipfx.transform(Uncopyable())
+    t = ipfx.transform(Uncopyable(), inplace=True)
+    assert len(ipfx.rewritten_weights(t)) == 1
