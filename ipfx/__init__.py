@@ -11,6 +11,8 @@ from .api import WeightInfo, lower, rewritten_weights, sparsity, transform
 from .config import TransformConfig
 from .errors import IPFXError, NotTransformedError, SingularBasisError, TraceError
 from .reparam import BasisWeight
+from .pruning import PruneReport, prune
+from . import pruning
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,9 @@ __all__ = [
     "transform",
     "lower",
     "sparsity",
+    "prune",
+    "pruning",
+    "PruneReport",
     "rewritten_weights",
     "TransformConfig",
     "BasisWeight",

@@ -1,0 +1,70 @@
+"""The prunable tensors of a transformed model: one :class:`Target` per coefficient tensor.
+
+Pruning never looks at weights: it reads ``coeff`` and writes ``mask`` of each
+:class:`~ipfx.reparam.BasisWeight`, so SP and IP are pruned by the same code, differing only in the
+basis that turns coefficients into weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from ..errors import NotTransformedError
+from ..reparam import BasisWeight
+
+
+@dataclasses.dataclass
+class Target:
+    """One prunable coefficient tensor."""
+
+    name: str  # the original weight's name, e.g. "layer1.0.conv1.weight"
+    module: BasisWeight
+
+    @property
+    def coeff(self) -> nn.Parameter:
+        return self.module.coeff
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.module.mask
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+    def kept(self) -> int:
+        return int(torch.count_nonzero(self.mask))
+
+    @torch.no_grad()
+    def set_mask(self, keep: torch.Tensor) -> None:
+        """Install a boolean keep-mask and zero the coefficients it removes.
+
+        Zeroing is not needed for correctness (masked entries never reach the weight) but keeps the
+        stored model honest: a plain SGD/Adam step leaves a zero coefficient with zero gradient at zero.
+        """
+        self.mask.copy_(keep.to(self.mask.dtype))
+        self.coeff.mul_(self.mask.to(self.coeff.dtype))
+
+
+def targets(model: nn.Module, what: str = "prune") -> list[Target]:
+    """Every BasisWeight of ``model`` in module order; raises if there is none."""
+    found = [Target(m.weight_name, m) for m in _unique_basis_weights(model)]
+    if not found:
+        raise NotTransformedError(
+            f"ipfx.{what} needs a model returned by ipfx.transform, but this {type(model).__name__} holds no "
+            "coefficient weights: it was never transformed, or it was already lowered. "
+            "Call ipfx.transform(model) first."
+        )
+    return found
+
+
+def _unique_basis_weights(model: nn.Module) -> Iterator[BasisWeight]:
+    seen: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, BasisWeight) and id(m) not in seen:
+            seen.add(id(m))
+            yield m
