@@ -90,10 +90,15 @@ def select(
         )
     free = [i for i in range(len(scores)) if not dense[i]]
     k_free = k - sum(available[i] for i in range(len(scores)) if dense[i])
-    if k_free < 0 or (not allow_empty and k_free < len(free)):
+    if k_free < 0:
         raise IPFXValueError(
             f"sparsity {sparsity} cannot be reached while keeping {sum(dense)} layer(s) dense; "
             "lower the sparsity or prune every layer"
+        )
+    if not allow_empty and k_free < len(free):
+        raise IPFXValueError(
+            f"sparsity {sparsity} keeps {k_free} coefficient(s) for {len(free)} tensors, but every tensor keeps at "
+            "least one; lower the sparsity, or pass allow_empty=True to let tensors be pruned away"
         )
     keep = [torch.isfinite(s) if dense[i] else torch.zeros_like(s, dtype=torch.bool) for i, s in enumerate(scores)]
     if not free:
