@@ -7,5 +7,6 @@ SP and IP go through the same code: every score is computed on ``coeff`` and eve
 from .oneshot import METHODS, prune
 from .report import PruneReport
 from .allocation import SCOPES
+from .schedules import GMP, IMP, SET, RigL, Schedule
 
-__all__ = ["prune", "PruneReport", "METHODS", "SCOPES"]
+__all__ = ["prune", "PruneReport", "METHODS", "SCOPES", "Schedule", "GMP", "IMP", "RigL", "SET"]

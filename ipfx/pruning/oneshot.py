@@ -70,9 +70,7 @@ def prune(
     if method == "synflow":
         keep = _synflow(ctx, sparsity, iterations, kwargs)
     else:
-        values = scores.SCORES[method](ctx)
-        if method in scores.DATA_DRIVEN:
-            distributed.all_reduce_mean_(values)
+        values = scores.SCORES[method](ctx)  # data-driven scores average their gradients over ranks
         keep = allocation.select(_exclude_masked(values, found), sparsity, **kwargs)
     apply_masks(found, keep)
     return report(method, found)

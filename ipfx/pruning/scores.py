@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import IPFXValueError
+from . import distributed
 from .targets import Target, targets as find_targets
 
 
@@ -42,6 +43,8 @@ class ScoreContext:
     example_inputs: Any = None
     generator: torch.Generator | None = None
     temperature: float = 200.0
+    # averages gradient-type tensors over ranks (torch.distributed), so every rank scores with all the data
+    reduce: Callable[[Sequence[torch.Tensor]], None] = distributed.all_reduce_mean_
 
 
 def random_scores(ctx: ScoreContext) -> list[torch.Tensor]:
@@ -61,6 +64,7 @@ def snip_scores(ctx: ScoreContext) -> list[torch.Tensor]:
             for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                 if d is not None:
                     g.add_(d)
+    ctx.reduce(grads)
     return [(p.detach() * g).abs().float() for p, g in zip(params, grads)]
 
 
@@ -74,6 +78,7 @@ def grasp_scores(ctx: ScoreContext) -> list[torch.Tensor]:
             for acc, d in zip(g, torch.autograd.grad(loss, params, allow_unused=True)):
                 if d is not None:
                     acc.add_(d)
+        ctx.reduce(g)
         hg = [torch.zeros_like(p) for p in params]
         for inputs, labels in batches:
             loss = ctx.loss_fn(_forward(ctx.model, inputs) / ctx.temperature, labels)
@@ -82,6 +87,7 @@ def grasp_scores(ctx: ScoreContext) -> list[torch.Tensor]:
             for acc, d in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
                 if d is not None:
                     acc.add_(d)
+        ctx.reduce(hg)
     return [(p.detach() * h).float() for p, h in zip(params, hg)]
 
 
@@ -107,8 +113,9 @@ def linearised_copy(model: nn.Module) -> nn.Module:
         t.module.normalize_basis_()
     for p in work.parameters():
         p.abs_()
-    for name, b in work.named_buffers():
-        if b.is_floating_point() and not name.endswith("mask"):
+    masks = {id(t.mask) for t in find_targets(work)}
+    for b in work.buffers():
+        if b.is_floating_point() and id(b) not in masks:
             b.abs_()
     return work
 
@@ -178,16 +185,16 @@ def _tensors(out):
 def _preserved(model: nn.Module):
     """Restore gradients and buffers (batch-norm statistics) changed by scoring passes."""
     grads = {id(p): p.grad for p in model.parameters()}
-    buffers = {name: b.clone() for name, b in model.named_buffers() if not name.endswith("mask")}
+    masks = {id(t.mask) for t in find_targets(model)}
+    buffers = [(b, b.clone()) for b in model.buffers() if id(b) not in masks]
     try:
         yield
     finally:
         for p in model.parameters():
             p.grad = grads.get(id(p))
         with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 SCORES: dict[str, Callable[[ScoreContext], list[torch.Tensor]]] = {

@@ -43,8 +43,10 @@ class Target:
     def set_mask(self, keep: torch.Tensor) -> None:
         """Install a boolean keep-mask and zero the coefficients it removes.
 
-        Zeroing is not needed for correctness (masked entries never reach the weight) but keeps the
-        stored model honest: a plain SGD/Adam step leaves a zero coefficient with zero gradient at zero.
+        Zeroing is not needed for correctness (masked entries never reach the weight: their gradient is
+        zero and the mask multiplies them out), but it keeps the stored coefficients meaningful at the
+        moment of pruning. An optimizer's leftover momentum can still move a masked coefficient later;
+        schedules that regrow coefficients zero them again when they come back.
         """
         self.mask.copy_(keep.to(self.mask.dtype))
         self.coeff.mul_(self.mask.to(self.coeff.dtype))

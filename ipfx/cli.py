@@ -1,0 +1,186 @@
+"""The ``ipfx`` command: ``demo``, ``compare`` and ``inspect``, a thin layer over :mod:`ipfx.experiments`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import IPFXError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"sparsities must be in [0, 1), got {bad}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _choices(valid):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in valid]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(valid)}")
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import DATASETS, METHODS
+
+    parser = argparse.ArgumentParser(prog="ipfx", description="Interspace pruning for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"ipfx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,inspect}")
+
+    demo = sub.add_parser("demo", help="IP vs SP on scikit-learn's digits in a few minutes, no network",
+                          description="Train a small CNN pruned to high sparsity in SP and in IP (same seeds and "
+                                      "budget) on the digits data that ships with scikit-learn; print a table, "
+                                      "write a plot and the lowered model.")
+    demo.add_argument("--out", default="ipfx-demo", help="output folder (default: ./ipfx-demo)")
+    demo.add_argument("--quick", action="store_true", help="a smaller sweep (about 1 minute)")
+    demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+    cmp_ = sub.add_parser("compare", help="SP vs IP sweep over methods, sparsities and seeds (resumable)",
+                          description="Run every (method, sparsity, space, seed) combination, append one record per "
+                                      "finished run to OUT/results.jsonl (a rerun resumes), then write "
+                                      "OUT/results.md and OUT/accuracy.png.")
+    cmp_.add_argument("--model", default="resnet20",
+                      help="resnet20, resnet32, resnet56, vgg16, cnn, or a torchvision model name")
+    cmp_.add_argument("--width", type=int, default=None, help="base width of the built-in models")
+    cmp_.add_argument("--data", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    cmp_.add_argument("--data-root", default=None, help="where the data is (not needed for digits)")
+    cmp_.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
+    cmp_.add_argument("--methods", type=_choices(METHODS), default=["random", "snip", "synflow"],
+                      help=f"comma-separated, from {', '.join(METHODS)}")
+    cmp_.add_argument("--sparsities", type=_floats, default=[0.9, 0.95, 0.98, 0.99])
+    cmp_.add_argument("--spaces", type=_choices(("sp", "ip")), default=["sp", "ip"])
+    cmp_.add_argument("--seeds", type=_ints, default=[0])
+    cmp_.add_argument("--epochs", type=int, default=10)
+    cmp_.add_argument("--batch-size", type=int, default=128)
+    cmp_.add_argument("--lr", type=float, default=0.1)
+    cmp_.add_argument("--momentum", type=float, default=0.9)
+    cmp_.add_argument("--weight-decay", type=float, default=5e-4)
+    cmp_.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine")
+    cmp_.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    cmp_.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    cmp_.add_argument("--out", default="ipfx-compare", help="output folder (default: ./ipfx-compare)")
+    cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ins = sub.add_parser("inspect", help="what transform rewrites, per-layer sparsity and parameter counts",
+                         description="MODEL is a file saved with torch.save (a whole module) or a model name "
+                                     "(built-in or torchvision).")
+    ins.add_argument("model", help="a saved model (.pt) or a model name")
+    ins.add_argument("--space", choices=("ip", "sp"), default="ip")
+    ins.add_argument("--num-classes", type=int, default=1000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command_line = "ipfx " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "demo":
+            from .demo import demo
+
+            demo(Path(args.out), quick=args.quick, command=command_line)
+        elif args.command == "compare":
+            compare(args, command_line)
+        else:
+            inspect_model(args)
+    except IPFXError as exc:
+        print(f"ipfx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def compare(args, command_line: str) -> None:
+    from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, sweep
+    from .experiments.models import build_model
+    from .experiments.sweep import grid
+
+    started = time.time()
+    dataset = load_dataset(args.data, args.data_root)
+    build_model(args.model, dataset.num_classes, dataset.in_channels, args.width)  # fail fast on a bad name
+    base = RunSpec(model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+                   train_subset=args.train_subset, width=args.width)
+    specs = grid(base, args.methods, args.sparsities, args.spaces, args.seeds)
+    out = Path(args.out)
+    store = ResultStore(out / "results.jsonl")
+    print(f"{len(specs)} runs of {args.model} on {dataset.name} ({len(dataset.train_y)} training images, "
+          f"{len(dataset.test_y)} test); results in {store.path}")
+    records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line)
+    table = markdown_table(records)
+    (out / "results.md").write_text(f"Command: `{command_line}`\n\n{table}\n")
+    plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
+    print(table)
+    print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'} ({time.time() - started:.0f} s)")
+
+
+def inspect_model(args) -> None:
+    import torch
+
+    from .api import rewritten_weights, sparsity, transform
+    from .reparam import BasisWeight
+
+    path = Path(args.model)
+    if path.exists():
+        model = torch.load(path, weights_only=False, map_location="cpu")
+        if isinstance(model, dict):
+            raise _error(f"{path} holds a state_dict, not a module; save the whole module with torch.save(model, path)")
+    else:
+        from .experiments.models import build_model
+
+        in_channels = 3
+        model = build_model(args.model, args.num_classes, in_channels)
+    transformed = any(isinstance(m, BasisWeight) for m in model.modules())
+    view = model if transformed else transform(model, space=args.space)
+    infos = rewritten_weights(view)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__}: {total:,} parameters; "
+          f"{'transformed' if transformed else 'transform would rewrite'} {len(infos)} weights:")
+    width = max(len(i.name) for i in infos)
+    print(f"{'weight':<{width}}  {'shape':<20} {'kind':<14} {'space':<5} {'basis':<16} {'kept':>10} {'total':>10} "
+          f"{'sparsity':>8}")
+    for i in infos:
+        basis = i.basis + ("" if i.trains_basis or i.basis == "none" else " (fixed)")
+        print(f"{i.name:<{width}}  {str(i.shape):<20} {i.kind:<14} {i.space:<5} {basis:<16} {i.kept:>10,} "
+              f"{i.total:>10,} {1 - i.kept / i.total:>8.4f}")
+    coeffs = sum(i.total for i in infos)
+    print(f"prunable coefficients: {coeffs:,} ({100 * coeffs / total:.1f}% of parameters); "
+          f"sparsity {sparsity(view):.4f}")
+
+
+def _error(message: str) -> IPFXError:
+    from .errors import IPFXValueError
+
+    return IPFXValueError(message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
