@@ -132,7 +132,8 @@ def compare(args, command_line: str) -> None:
     specs = grid(base, args.methods, args.sparsities, args.spaces, args.seeds)
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
-    print(f"{len(specs)} runs of {args.model} on {dataset.name} ({len(dataset.train_y)} training images, "
+    used = min(len(dataset.train_y), args.train_subset or len(dataset.train_y))
+    print(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
           f"{len(dataset.test_y)} test); results in {store.path}")
     records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line)
     table = markdown_table(records)

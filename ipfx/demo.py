@@ -24,13 +24,15 @@ SPARSITIES = (0.9, 0.95, 0.98, 0.99)
 QUICK_SPARSITIES = (0.95, 0.99)
 
 
-def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=print) -> dict:
+def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=print, epochs: int = 12,
+         methods=METHODS, progress: bool = True) -> dict:
+    """Run the demo into folder ``out``; ``quick`` runs one seed and two sparsities."""
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset("digits")
-    base = RunSpec(model="cnn", data="digits", epochs=12, batch_size=64, lr=0.05, weight_decay=1e-4, width=16)
+    base = RunSpec(model="cnn", data="digits", epochs=epochs, batch_size=64, lr=0.05, weight_decay=1e-4, width=16)
     seeds = (0,) if quick else (0, 1)
-    specs = grid(base, METHODS, QUICK_SPARSITIES if quick else SPARSITIES, ("sp", "ip"), seeds)
+    specs = grid(base, methods, QUICK_SPARSITIES if quick else SPARSITIES, ("sp", "ip"), seeds)
     log(f"ipfx demo: a small CNN on scikit-learn's digits ({len(dataset.train_y)} train / {len(dataset.test_y)} "
         f"test images), pruned at initialisation with {', '.join(METHODS)}; {len(specs)} runs (SP and IP, "
         f"seeds {', '.join(map(str, seeds))}, {base.epochs} epochs each)")
@@ -38,7 +40,7 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
     store.path.unlink(missing_ok=True)
     records = []
     for i, spec in enumerate(specs, 1):
-        record = run(spec, dataset, progress=True, command=command)
+        record = run(spec, dataset, progress=progress, command=command)
         store.append(record)
         records.append(record)
         log(f"  [{i:2d}/{len(specs)}] {spec.method:8s} {spec.space} sparsity {spec.sparsity:<5g} seed {spec.seed}: "
@@ -49,7 +51,7 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
     log("\n" + table + "\n")
 
     # deploy the sparsest IP model: retrain it once more, keep it, lower it and check the outputs
-    spec = dataclasses.replace(specs[-1], space="ip", method="synflow")
+    spec = dataclasses.replace(specs[-1], space="ip")
     record = run(spec, dataset, progress=False, command=command, keep_model=True)
     model = record.pop("_model").eval()
     x = next(dataset.test_batches(64))[0]
@@ -63,7 +65,7 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
     torch.save(dense, out / "lowered_dense.pt")
     torch.save(fused, out / "lowered_fused.pt")
     sizes = {name: _state_bytes(m) for name, m in (("dense", dense), ("fused", fused))}
-    log(f"lowered the IP synflow model at sparsity {spec.sparsity:g} (accuracy {100 * record['accuracy']:.2f}%): "
+    log(f"lowered the IP {spec.method} model at sparsity {spec.sparsity:g} (accuracy {100 * record['accuracy']:.2f}%): "
         f"dense state {sizes['dense'] / 1024:.1f} KiB, fused (kept coefficients + bases) {sizes['fused'] / 1024:.1f} "
         f"KiB; outputs match")
     log(f"wrote {out / 'results.md'}, {png}, {out / 'lowered_dense.pt'} and {out / 'lowered_fused.pt'} "

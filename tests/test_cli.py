@@ -1,0 +1,145 @@
+"""The command line and the experiment engine behind it, on tiny budgets."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ipfx
+from ipfx.cli import main
+from ipfx.errors import IPFXValueError
+from ipfx.experiments import ResultStore, RunSpec, load_dataset, markdown_table, run
+
+TINY = ["--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "1", "--batch-size", "256",
+        "--sparsities", "0.9", "--seeds", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["compare", "--help"], ["inspect", "--help"]])
+def test_every_subcommand_has_help(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 0
+    assert "usage: ipfx" in capsys.readouterr().out
+
+
+def test_python_dash_m_ipfx():
+    out = subprocess.run([sys.executable, "-m", "ipfx", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"ipfx {ipfx.__version__}"
+
+
+def test_compare_writes_records_table_and_plot_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["compare", *TINY, "--methods", "random,snip", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {(r["method"], r["space"]) for r in records} == {
+        ("random", "sp"), ("random", "ip"), ("snip", "sp"), ("snip", "ip")}
+    for r in records:
+        assert r["versions"]["ipfx"] == ipfx.__version__ and r["versions"]["torch"] == torch.__version__
+        assert r["command"].startswith("ipfx compare") and r["seed"] == 0
+        assert abs(r["achieved_sparsity"] - 0.9) < 1e-3 and 0 <= r["accuracy"] <= 1
+    assert "| cnn | digits | snip | 0.9 |" in (out / "results.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 1000
+    capsys.readouterr()
+    # rerun with one more method: the four finished runs are skipped
+    assert main(["compare", *TINY, "--methods", "random,snip,magnitude", "--out", str(out)]) == 0
+    assert "resuming: 4 of 6 runs already" in capsys.readouterr().out
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_killed_run_leaves_a_cut_line_that_is_redone(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append({"method": "random"})
+    with store.path.open("a") as f:
+        f.write('{"method": "sni')  # the process died while writing
+    assert len(store.records()) == 1
+
+
+def test_runs_are_reproducible_and_sp_ip_share_their_start(digits):
+    spec = RunSpec(model="cnn", width=4, data="digits", method="snip", sparsity=0.9, epochs=1, batch_size=256)
+    a, b = run(spec, digits, progress=False), run(spec, digits, progress=False)
+    assert a["accuracy"] == b["accuracy"] and a["final_train_loss"] == b["final_train_loss"]
+    import dataclasses
+
+    sp = run(dataclasses.replace(spec, space="sp", sparsity=0.0, epochs=0), digits, progress=False, keep_model=True)
+    ip = run(dataclasses.replace(spec, space="ip", sparsity=0.0, epochs=0), digits, progress=False, keep_model=True)
+    x = next(digits.test_batches(16))[0]
+    with torch.no_grad():  # same seed: the same initial function in both spaces
+        assert torch.allclose(sp["_model"].eval()(x), ip["_model"].eval()(x), atol=1e-5)
+
+
+def test_gradual_methods_run_through_the_engine(digits):
+    for method in ("gmp", "rigl", "set"):
+        spec = RunSpec(model="cnn", width=4, data="digits", method=method, sparsity=0.8, epochs=2, batch_size=128)
+        record = run(spec, digits, progress=False)
+        assert record["achieved_sparsity"] == pytest.approx(0.8, abs=2e-3), method
+
+
+def test_markdown_table_reports_mean_spread_and_gap():
+    rows = [dict(model="m", dataset_name="d", method="snip", sparsity=0.9, space=s, accuracy=a)
+            for s, a in (("sp", 0.5), ("sp", 0.7), ("ip", 0.8), ("ip", 0.8))]
+    table = markdown_table(rows)
+    assert "| m | d | snip | 0.9 | 60.00 ± 14.14 | 80.00 ± 0.00 | +20.00 | 2 |" in table
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from ipfx.demo import demo
+
+    lines = []
+    result = demo(tmp_path, quick=True, epochs=1, methods=("random",), progress=False, log=lines.append)
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "results.md").exists()
+    dense = torch.load(tmp_path / "lowered_dense.pt", weights_only=False)
+    assert not any(isinstance(m, ipfx.BasisWeight) for m in dense.modules())
+    assert "gap IP-SP" in result["table"] and any("outputs match" in line for line in lines)
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+def run_cli(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_unknown_model_lists_the_valid_ones(tmp_path, capsys):
+    code, err = run_cli(["compare", "--model", "resnet21", "--data", "digits", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "unknown model 'resnet21'" in err and "resnet20" in err and "vgg16" in err
+
+
+def test_unknown_method_and_dataset(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--methods", "snipp"])
+    assert "unknown snipp; choose from random" in capsys.readouterr().err
+    code, err = run_cli(["compare", "--data", "imagenet", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "unknown dataset 'imagenet'" in err and "cifar10" in err
+
+
+def test_missing_data_says_where_to_put_it(tmp_path, capsys):
+    code, err = run_cli(["compare", "--data", "cifar10", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--data-root" in err and "never downloads" in err
+    code, err = run_cli(["compare", "--data", "cifar10", "--data-root", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "does not exist" in err and "download=True" in err
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(["compare", "--data", "mnist", "--data-root", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "mnist not found" in err and "Traceback" not in err
+
+
+def test_inspect_a_name_and_a_saved_model(tmp_path, capsys):
+    assert main(["inspect", "resnet20", "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "transform would rewrite 20 weights" in out and "layer1.0.conv1.weight" in out
+    model = ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 4))
+    ipfx.prune(model, "random", 0.5)
+    torch.save(model, tmp_path / "m.pt")
+    assert main(["inspect", str(tmp_path / "m.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "transformed 4 weights" in out and "sparsity 0.5" in out
+
+
+def test_engine_validates_specs(digits):
+    with pytest.raises(IPFXValueError, match="unknown method 'l0'"):
+        run(RunSpec(method="l0"), digits)
