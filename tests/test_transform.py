@@ -333,3 +333,35 @@ def test_optimizer_steps_never_let_masked_coefficients_act(seed, space):
                 m.coeff[m.mask == 0] = torch.randn(int((m.mask == 0).sum())) * 100
     assert_close(t(x), y, kind="masks: optimizer steps", rtol=0)
     assert_close(ipfx.lower(t)(x), y, kind="masks: optimizer steps, lowered")
+
+
+def pad_same(x, kernel_size, stride):
+    """TensorFlow-style 'same' padding computed from the input size at run time (as in timm)."""
+    ih, iw = x.shape[-2:]
+    (kh, kw), (sh, sw) = kernel_size, stride
+    ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+    pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+torch.fx.wrap("pad_same")  # a leaf function for torch.fx, the way timm registers its own
+
+
+class RuntimeSamePadConv(nn.Conv2d):
+    def forward(self, x):
+        x = pad_same(x, self.weight.shape[-2:], self.stride)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_padding_computed_at_run_time_keeps_its_semantics():
+    torch.manual_seed(0)
+    model = nn.Sequential(RuntimeSamePadConv(3, 4, (3, 4), stride=2), nn.ReLU(), RuntimeSamePadConv(4, 2, 3))
+    t = ipfx.transform(model)
+    assert len(ipfx.rewritten_weights(t)) == 2
+    for size in ((9, 9), (10, 7)):  # the padding follows the input size
+        x = torch.randn(1, 3, *size)
+        assert_close(t(x), model(x), kind="transform: run-time padding")
+    randomize_masks(t, 0.5)
+    x = torch.randn(2, 3, 11, 8)
+    with torch.no_grad():
+        assert_close(ipfx.lower(t, "fused")(x), t(x), kind="lower: fused, run-time padding")
