@@ -20,9 +20,8 @@ from .bases import BasisSpec
 from .config import TransformConfig
 from .errors import IPFXTypeError, IPFXValueError, NotTransformedError
 from .passes.lower_dense import LowerDense
-from .passes.rewrite_weights import RewriteWeights
-from .reparam import BasisWeight
-from .tracing import trace
+from .partial import TraceReport, transform_tree
+from .reparam import BasisWeight, qualified_weight_name
 
 TARGETS = ("dense", "fused")
 
@@ -37,7 +36,8 @@ def transform(
     config: TransformConfig | None = None,
     leaf_modules: Sequence[str | type] = (),
     inplace: bool = False,
-) -> fx.GraphModule:
+    partial: bool = True,
+) -> nn.Module:
     """Rewrite every conv (and linear) weight of ``model`` into coefficients x mask x basis.
 
     Each kernel parameter ``P`` becomes ``reshape((mask * coeff) @ basis, P.shape)`` in the traced
@@ -55,13 +55,17 @@ def transform(
         config: a :class:`TransformConfig` for finer control (filters, per-name overrides); it
             replaces ``space``/``basis``/``train_basis``/``share_basis``, which must then be left
             at their defaults.
-        leaf_modules: module names or types torch.fx must not trace into (their own weights stay
-            dense); use this for submodules with data-dependent control flow.
+        leaf_modules: module names or types torch.fx must not trace into; with ``partial`` they are
+            transformed on their own, without it their weights stay dense.
         inplace: share the model's tensors instead of copying them (saves memory; the original model
             must then not be used for training any more).
+        partial: when torch.fx cannot trace the whole model, trace its largest traceable parts and keep
+            the rest as Python code (:mod:`ipfx.partial`; a warning says what was not traced). With
+            ``partial=False`` an untraceable model raises :class:`TraceError` naming the module.
 
     Returns:
-        a ``torch.fx.GraphModule``; ``ipfx.rewritten_weights(result)`` lists what was rewritten.
+        a ``torch.fx.GraphModule`` when the model traces as a whole, else a copy of the model whose
+        traceable parts are GraphModules; ``ipfx.rewritten_weights(result)`` lists what was rewritten.
         State dict: ``<prefix>.coeff``, ``<prefix>.mask`` and (``K > 1``) ``<prefix>.basis`` per
         rewritten parameter, where ``<prefix>`` is its name without ``.weight``.
     """
@@ -79,12 +83,13 @@ def transform(
             "put those options into the config"
         )
     work = model if inplace else _copy(model)
-    owners = dict(work.named_modules())
-    gm, inlined = trace(work, config, leaf_modules)
-    rewrite = RewriteWeights(config, owners, inlined)
-    rewrite(gm)
-    _warn_unreached(work, config, rewrite)
-    return gm
+    original = dict(work.named_modules())
+    result, report = transform_tree(work, config, leaf_modules, partial=partial)
+    if not report.whole:
+        warnings.warn(f"torch.fx could not trace {type(model).__name__} as a whole; ipfx.transform "
+                      f"{report}", stacklevel=2)
+    _warn_unreached(original, config, report)
+    return result
 
 
 def lower(model: nn.Module, target: str = "dense") -> nn.Module:
@@ -139,7 +144,7 @@ def rewritten_weights(model: nn.Module) -> list[WeightInfo]:
     """Every weight ``model`` holds in coefficient form, with its shape, space and kept count."""
     _check_module(model, "rewritten_weights")
     return [
-        WeightInfo(m.weight_name, prefix, m.weight_shape, m.kind, m.space, m.basis_init, m.trains_basis,
+        WeightInfo(qualified_weight_name(prefix, m), prefix, m.weight_shape, m.kind, m.space, m.basis_init, m.trains_basis,
                    m.kept(), m.mask.numel())
         for prefix, m in _basis_weights(model)
     ]
@@ -214,22 +219,23 @@ def _copy(model: nn.Module) -> nn.Module:
         ) from exc
 
 
-def _warn_unreached(model: nn.Module, config: TransformConfig, rewrite: RewriteWeights) -> None:
-    done = {id(p) for p in rewrite.rewritten_params}
+def _warn_unreached(original: dict[str, nn.Module], config: TransformConfig, report: TraceReport) -> None:
+    done = {id(p) for rewrite in report.rewrites for p in rewrite.rewritten_params}
     missed = []
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
+    for name, m in original.items():
+        w = m._parameters.get("weight")
         if not isinstance(m, config.module_types) or not isinstance(w, nn.Parameter) or id(w) in done:
             continue
         is_linear = isinstance(m, nn.Linear)
         kernel = () if is_linear else tuple(w.shape[2:])
         if config.settings_for(f"{name}.weight", type(m), kernel, is_linear) is not None:
             missed.append(f"{name}.weight")
-    missed += [f"{s.name} ({s.reason})" for s in rewrite.skipped]
+    missed += [f"{s.name} ({s.reason})" for rewrite in report.rewrites for s in rewrite.skipped]
     if missed:
         shown = ", ".join(missed[:8]) + (f" and {len(missed) - 8} more" if len(missed) > 8 else "")
         warnings.warn(
-            f"ipfx.transform left {len(missed)} conv/linear weight(s) dense because the trace does not "
-            f"reach them (they sit inside leaf modules or are not used as kernels): {shown}",
+            f"ipfx.transform left {len(missed)} conv/linear weight(s) dense because no trace reaches them as "
+            f"kernels (they are read directly by untraceable code or by a torch.nn module that torch.fx keeps "
+            f"as a leaf, such as nn.MultiheadAttention): {shown}",
             stacklevel=3,
         )

@@ -157,6 +157,15 @@ class BasisWeight(nn.Module):
         return self
 
 
+def qualified_weight_name(path: str, module: BasisWeight) -> str:
+    """The original parameter's name in the whole model, from where its BasisWeight sits (``path``).
+
+    ``weight_name`` is relative to the traced graph holding the module, which is a submodule of the
+    model when the model was traced in parts; the module sits at the parameter's prefix.
+    """
+    return f"{path}.weight" if module.weight_name.endswith(".weight") else path
+
+
 def adopt_attributes(new: nn.Module, old: nn.Module, *, skip=()) -> None:
     """Move ``old``'s parameters, buffers and child modules (but those named in ``skip``) onto ``new``.
 

@@ -25,9 +25,11 @@ _STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
 class WeightTracer(fx.Tracer):
     """``fx.Tracer`` that inlines standard conv/linear modules selected by a :class:`TransformConfig`."""
 
-    def __init__(self, config: TransformConfig | None = None, leaf_modules: Iterable[str | type] = ()) -> None:
+    def __init__(self, config: TransformConfig | None = None, leaf_modules: Iterable[str | type] = (),
+                 name_prefix: str = "") -> None:
         super().__init__()
         self.config = config if config is not None else TransformConfig()
+        self.name_prefix = name_prefix  # where the traced module sits in the user's model (config patterns)
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.inlined: dict[str, nn.Module] = {}
@@ -45,7 +47,7 @@ class WeightTracer(fx.Tracer):
         weight = m._parameters.get("weight")  # not getattr: the tracer turns that into a graph node
         if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
             return False
-        weight_name = f"{name}.weight" if name else "weight"
+        weight_name = self.name_prefix + (f"{name}.weight" if name else "weight")
         is_linear = isinstance(m, nn.Linear)
         kernel = () if is_linear else tuple(weight.shape[2:])
         return self.config.settings_for(weight_name, type(m), kernel, is_linear) is not None
@@ -60,15 +62,16 @@ class WeightTracer(fx.Tracer):
 
 
 def trace(
-    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = ()
+    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = ""
 ) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
     """Trace ``model`` with :class:`WeightTracer`.
 
     Returns the ``GraphModule`` (named after the model's class, every module keeping the training
     flag of the module it stands for) and the standard modules that were traced through, by path.
-    Raises :class:`TraceError` naming the module that failed and how to get past it.
+    Raises :class:`TraceError` naming the module that failed and how to get past it; its ``module_path``
+    is the failing submodule's path ("" when the model's own forward failed).
     """
-    tracer = WeightTracer(config, leaf_modules)
+    tracer = WeightTracer(config, leaf_modules, name_prefix)
     concrete = None
     if isinstance(model, nn.modules.conv._ConvTransposeNd):
         # forward(input, output_size=None): a placeholder for output_size would reach control flow
@@ -76,7 +79,9 @@ def trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete)
     except Exception as exc:  # torch.fx raises many types; re-raise one, with the cause attached
-        raise TraceError(_trace_failure_message(model, tracer, exc)) from exc
+        error = TraceError(_trace_failure_message(model, tracer, exc))
+        error.module_path = tracer.failed_module[0] if tracer.failed_module else ""
+        raise error from exc
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.

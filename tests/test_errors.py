@@ -55,28 +55,33 @@ def test_untraceable_module_is_named_with_the_fix():
     model = Net()
     before = snapshot(model)
     with pytest.raises(TraceError) as info:
-        ipfx.transform(model)
+        ipfx.transform(model, partial=False)
     message = str(info.value)
     assert "'gate'" in message and "DataDependent" in message
     assert "leaf_modules=['gate']" in message
     assert unchanged(model, before)
     # and the suggested fix works
-    t = ipfx.transform(model, leaf_modules=["gate"])
+    t = ipfx.transform(model, leaf_modules=["gate"], partial=False)
     x = torch.randn(1, 3, 6, 6)
     assert torch.allclose(t(x), model(x), atol=1e-6)
     assert {w.name for w in ipfx.rewritten_weights(t)} == {"conv.weight", "head.weight"}
 
 
-def test_leaf_modules_hide_their_weights_with_a_warning():
+def test_leaf_modules_are_transformed_on_their_own():
     model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
-    with pytest.warns(UserWarning, match=r"left 1 conv/linear weight.*1\.0\.weight"):
-        t = ipfx.transform(model, leaf_modules=[nn.Sequential])
-    assert [w.name for w in ipfx.rewritten_weights(t)] == ["0.weight"]
+    t = ipfx.transform(model, leaf_modules=[nn.Sequential])
+    assert [n.target for n in t.graph.nodes if n.op == "call_module"] == ["1"]
+    assert sorted(w.name for w in ipfx.rewritten_weights(t)) == ["0.weight", "1.0.weight"]
+    x = torch.randn(1, 3, 7, 7)
+    assert torch.allclose(t(x), model(x), atol=1e-6)
 
 
 def test_untraceable_root_forward():
     with pytest.raises(TraceError, match="forward of DataDependent itself"):
-        ipfx.transform(DataDependent())
+        ipfx.transform(DataDependent(), partial=False)
+    with pytest.warns(UserWarning, match="could not trace DataDependent as a whole"):
+        same = ipfx.transform(DataDependent())  # nothing to rewrite, and it still works
+    assert torch.equal(same(torch.ones(2)), torch.full((2,), 2.0))
 
 
 @pytest.mark.parametrize(

@@ -57,8 +57,10 @@ class RewriteWeights(PassBase):
     ``self.skipped`` the kernels left alone, with the reason.
     """
 
-    def __init__(self, config: TransformConfig, owners: dict[str, nn.Module], inlined: dict[str, nn.Module]):
+    def __init__(self, config: TransformConfig, owners: dict[str, nn.Module], inlined: dict[str, nn.Module],
+                 name_prefix: str = ""):
         self.config = config
+        self.name_prefix = name_prefix  # the traced module's path in the user's model, for config patterns
         self.owners = owners
         self.inlined = inlined
         self.rewritten: dict[str, BasisWeight] = {}
@@ -81,13 +83,13 @@ class RewriteWeights(PassBase):
         owner = self.owners.get(owner_path)
         is_linear = site.kind == "linear"
         kernel = () if is_linear else tuple(site.param.shape[2:])
-        settings = self.config.settings_for(site.name, type(owner) if owner is not None else None,
-                                            kernel, is_linear)
+        settings = self.config.settings_for(self.name_prefix + site.name,
+                                            type(owner) if owner is not None else None, kernel, is_linear)
         if settings is None:
             return  # excluded by the config: leave it exactly as it was
         prefix = state_prefix(site.name)
         if _called_as_module(gm, prefix):
-            self.skipped.append(SkippedWeight(site.name, f"module {prefix!r} is called as a leaf"))
+            self.skipped.append(SkippedWeight(self.name_prefix + site.name, f"module {prefix!r} is called as a leaf"))
             return
         module = self._basis_weight(site, settings, kernel, owner_path)
         self._install(gm, site, prefix, owner_path, attr, module)

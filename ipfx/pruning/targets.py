@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import NotTransformedError
-from ..reparam import BasisWeight
+from ..reparam import BasisWeight, qualified_weight_name
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class Target:
 
 def targets(model: nn.Module, what: str = "prune") -> list[Target]:
     """Every BasisWeight of ``model`` in module order; raises if there is none."""
-    found = [Target(m.weight_name, m) for m in _unique_basis_weights(model)]
+    found = [Target(qualified_weight_name(path, m), m) for path, m in _unique_basis_weights(model)]
     if not found:
         raise NotTransformedError(
             f"ipfx.{what} needs a model returned by ipfx.transform, but this {type(model).__name__} holds no "
@@ -64,9 +64,7 @@ def targets(model: nn.Module, what: str = "prune") -> list[Target]:
     return found
 
 
-def _unique_basis_weights(model: nn.Module) -> Iterator[BasisWeight]:
-    seen: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, BasisWeight) and id(m) not in seen:
-            seen.add(id(m))
-            yield m
+def _unique_basis_weights(model: nn.Module) -> Iterator[tuple[str, BasisWeight]]:
+    for path, m in model.named_modules():  # named_modules visits each module once
+        if isinstance(m, BasisWeight):
+            yield path, m

@@ -1,0 +1,122 @@
+"""Transform a model that torch.fx cannot trace as a whole: trace the largest traceable parts.
+
+Strategy, per module (starting at the root):
+
+1. trace it; when a submodule's forward fails (data-dependent control flow, iteration over a proxy,
+   ...), mark that submodule as a leaf and trace again, so everything around it stays in the graph;
+2. once the trace succeeds, rewrite its weights and recurse into every submodule that had to become a
+   leaf, replacing it inside the graph module by its own transformed version;
+3. when the module's *own* forward cannot be traced, keep it as Python code and recurse into its
+   children instead.
+
+Every weight reached by some trace is rewritten; only weights read directly by untraceable Python code
+stay dense (reported). The result computes what the model computed: untraced code calls the same
+children, now transformed, and each traced part preserves its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn as nn
+
+from .config import TransformConfig
+from .errors import TraceError
+from .passes.rewrite_weights import RewriteWeights
+from .tracing import trace
+
+
+@dataclasses.dataclass
+class TraceReport:
+    """What was traced as a whole and what was kept as Python code."""
+
+    traced: list[str] = dataclasses.field(default_factory=list)  # module paths ("" = the root)
+    untraced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (path, type, reason)
+    rewrites: list[RewriteWeights] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def whole(self) -> bool:
+        return self.traced == [""]
+
+    def __str__(self) -> str:
+        if self.whole:
+            return "traced as a whole"
+        lines = [f"traced {len(self.traced)} part(s): " + ", ".join(p or "<root>" for p in self.traced)]
+        lines += [f"kept as Python code: {p or '<root>'} ({t}): {r}" for p, t, r in self.untraced]
+        return "\n".join(lines)
+
+
+def transform_tree(
+    module: nn.Module,
+    config: TransformConfig,
+    leaf_modules=(),
+    *,
+    partial: bool = True,
+    path: str = "",
+    report: TraceReport | None = None,
+) -> tuple[nn.Module, TraceReport]:
+    """Transform ``module`` (already a private copy) as described in the module docstring."""
+    report = report if report is not None else TraceReport()
+    user_leaves = [m for m in leaf_modules if not isinstance(m, str)] + [
+        m[len(path) + 1 :] if path and m.startswith(path + ".") else m
+        for m in leaf_modules if isinstance(m, str) and (not path or m.startswith(path + "."))
+    ]
+    auto_leaves: list[str] = []
+    while True:
+        try:
+            gm, inlined = trace(module, config, user_leaves + auto_leaves, name_prefix=_prefix(path))
+            break
+        except TraceError as exc:
+            failed = getattr(exc, "module_path", "")
+            if not partial:
+                raise
+            if not failed or failed in auto_leaves:
+                reason = str(exc.__cause__ or exc).splitlines()[0][:200]
+                report.untraced.append((path, type(module).__name__, reason))
+                for name, child in list(module.named_children()):
+                    new, _ = transform_tree(child, config, leaf_modules, partial=partial,
+                                            path=_join(path, name), report=report)
+                    _keep_plain_attributes(new, child)
+                    setattr(module, name, new)
+                return module, report
+            auto_leaves.append(failed)
+    rewrite = RewriteWeights(config, dict(module.named_modules()), inlined, name_prefix=_prefix(path))
+    rewrite(gm)
+    report.traced.append(path)
+    report.rewrites.append(rewrite)
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        leaf = node.target
+        child = gm.get_submodule(leaf)
+        user_leaf = leaf in user_leaves or bool(leaf_types and isinstance(child, leaf_types))
+        if leaf not in auto_leaves and not (user_leaf and partial):
+            continue  # an ordinary torch.nn leaf (batch norm, pooling, ...), or partial tracing is off
+        parent_path, _, name = leaf.rpartition(".")
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+        if getattr(parent, name) is not child:
+            continue  # already replaced (the module is called more than once)
+        new, _ = transform_tree(child, config, leaf_modules, partial=partial, path=_join(path, leaf), report=report)
+        _keep_plain_attributes(new, child)
+        setattr(parent, name, new)
+    return gm, report
+
+
+def _keep_plain_attributes(new: nn.Module, old: nn.Module) -> None:
+    """Keep ints, strings and tuples (``out_channels``, ``stride``, ...) that untraced code may read."""
+    if new is old:
+        return
+    for key, value in vars(old).items():
+        if key.startswith("_") or key == "training" or hasattr(new, key):
+            continue
+        if isinstance(value, (int, float, str, bool, tuple, type(None))):
+            setattr(new, key, value)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _prefix(path: str) -> str:
+    return f"{path}." if path else ""
