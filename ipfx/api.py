@@ -89,6 +89,7 @@ def transform(
         warnings.warn(f"torch.fx could not trace {type(model).__name__} as a whole; ipfx.transform "
                       f"{report}", stacklevel=2)
     _warn_unreached(original, config, report)
+    _warn_lost_hooks(original, result)
     return result
 
 
@@ -217,6 +218,23 @@ def _copy(model: nn.Module) -> nn.Module:
             f"could not copy {type(model).__name__} ({type(exc).__name__}: {exc}); ipfx copies the model "
             "so the original stays untouched. Make it deep-copyable, or pass inplace=True to transform"
         ) from exc
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _warn_lost_hooks(original: dict[str, nn.Module], result: nn.Module) -> None:
+    """Hooks live on module objects; a module that is traced through is no longer called as one."""
+    kept = {id(m) for m in result.modules()}
+    lost = [f"{name or '<root>'} ({type(m).__name__})" for name, m in original.items()
+            if id(m) not in kept and any(getattr(m, h, None) for h in _HOOKS)]
+    if lost:
+        warnings.warn(
+            f"hooks registered on {', '.join(lost)} will not run in the transformed model: ipfx traces "
+            "through these modules (their weights become coefficient subgraphs); register the hooks on the "
+            "transformed model's modules instead, or exclude the modules' weights with TransformConfig(exclude=...)",
+            stacklevel=3,
+        )
 
 
 def _warn_unreached(original: dict[str, nn.Module], config: TransformConfig, report: TraceReport) -> None:

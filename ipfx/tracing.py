@@ -90,6 +90,10 @@ def trace(
     for name, module in gm.named_modules():
         if name in originals:
             module.train(originals[name].training)
+            # GraphModule re-registers every buffer it copies as persistent; keep the original's choice
+            for buffer in originals[name]._non_persistent_buffers_set:
+                if buffer in module._buffers:
+                    module._non_persistent_buffers_set.add(buffer)
     return gm, tracer.inlined
 
 
