@@ -1,0 +1,314 @@
+"""ipfx benchmarks: every figure is a ratio against a baseline measured in the same process.
+
+    python benchmarks/run.py [--quick] [--out benchmarks/report.md] [--threads N]
+
+Sections: training step time (IP vs SP vs torch.nn.utils.prune vs dense), transform/lower time,
+inference (lowered dense vs original; fused IP vs dense vs fused SP, per layer and end to end),
+deployed size, and peak memory of a training step (IP vs SP, in fresh subprocesses). Timings are
+medians over interleaved repetitions (variants take turns, so drift hits all of them alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
+import torchvision
+
+import ipfx
+from ipfx.experiments.models import build_model
+
+KERNELS = (nn.Conv2d, nn.Linear)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Median seconds per call of each function, calls interleaved round-robin."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def torch_pruned(model: nn.Module, sparsity: float) -> nn.Module:
+    """SP the torch way: torch.nn.utils.prune (forward pre-hooks computing weight = weight_orig * mask)."""
+    model = copy.deepcopy(model)
+    params = [(m, "weight") for m in model.modules() if isinstance(m, KERNELS)]
+    torch_prune.global_unstructured(params, pruning_method=torch_prune.RandomUnstructured, amount=sparsity)
+    return model
+
+
+def ipfx_pruned(model: nn.Module, space: str, sparsity: float) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = ipfx.transform(model, space=space)
+    if sparsity:
+        ipfx.prune(t, "random", sparsity, seed=0)
+    return t
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def state_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def resnet50():
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None)
+
+
+def resnet20():
+    torch.manual_seed(0)
+    return build_model("resnet20", 10, 3)
+
+
+# -- sections -------------------------------------------------------------------------------------------
+def bench_train(quick: bool) -> list[dict]:
+    rows = []
+    cases = [("CIFAR ResNet-20", resnet20, 128, 32, 3 if quick else 10),
+             ("torchvision resnet50", resnet50, 4 if quick else 16, 224, 2 if quick else 5)]
+    for name, build, batch, size, reps in cases:
+        model = build().train()
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+        variants = {
+            "dense": model,
+            "torch.nn.utils.prune (SP)": torch_pruned(model, 0.9),
+            "ipfx SP": ipfx_pruned(model, "sp", 0.9),
+            "ipfx IP": ipfx_pruned(model, "ip", 0.9),
+        }
+        t = interleaved({k: train_step_fn(m, x, y) for k, m in variants.items()}, reps)
+        rows.append(dict(model=name, batch=batch, **t))
+        print(f"train step {name}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items()), flush=True)
+    return rows
+
+
+def bench_transform_lower(quick: bool) -> list[dict]:
+    rows = []
+    for name in ("resnet50", "efficientnet_b0"):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        reps = 2 if quick else 3
+        tt, td, tf = [], [], []
+        for _ in range(reps):
+            start = time.perf_counter()
+            t = ipfx_pruned(model, "ip", 0.0)
+            tt.append(time.perf_counter() - start)
+            ipfx.prune(t, "random", 0.95, seed=0)
+            start = time.perf_counter()
+            ipfx.lower(t, "dense")
+            td.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ipfx.lower(t, "fused")
+            tf.append(time.perf_counter() - start)
+        x = torch.randn(1, 3, 224, 224)
+        fwd = interleaved({"forward": lambda: model(x)}, 3)["forward"]
+        rows.append(dict(model=name, transform=min(tt), lower_dense=min(td), lower_fused=min(tf), forward_b1=fwd))
+        print(f"{name}: transform {min(tt):.2f} s, lower dense {min(td):.2f} s, fused {min(tf):.2f} s", flush=True)
+    return rows
+
+
+LAYERS = [  # (name, c_in, c_out, k, stride, spatial) typical of ResNet-50 at 224x224
+    ("3x3 64->64 @56", 64, 64, 3, 1, 56),
+    ("3x3 128->128 @28", 128, 128, 3, 1, 28),
+    ("3x3 256->256 @14", 256, 256, 3, 1, 14),
+    ("3x3 512->512 @7", 512, 512, 3, 1, 7),
+    ("1x1 256->64 @56", 256, 64, 1, 1, 56),
+    ("1x1 1024->256 @14", 1024, 256, 1, 1, 14),
+]
+SPARSITIES = (0.9, 0.95, 0.98, 0.99)
+
+
+@torch.no_grad()
+def bench_layers(quick: bool) -> list[dict]:
+    rows = []
+    for name, cin, cout, k, stride, size in LAYERS[:3] if quick else LAYERS:
+        conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False).eval()
+        x = torch.randn(1, cin, size, size)
+        for s in SPARSITIES[1:2] if quick else SPARSITIES:
+            ip, sp = ipfx_pruned(conv, "ip", s), ipfx_pruned(conv, "sp", s)
+            fused_ip, fused_sp, dense = ipfx.lower(ip, "fused"), ipfx.lower(sp, "fused"), ipfx.lower(ip, "dense")
+            t = interleaved({"dense": lambda: dense(x), "fused IP": lambda: fused_ip(x),
+                             "fused SP": lambda: fused_sp(x)}, 3 if quick else 7)
+            P = (size // stride) ** 2
+            nnz = int(ip.get_submodule("weight").mask.sum()) if hasattr(ip, "weight") else None
+            K = k * k
+            limit = (nnz * P + min(cin, cout) * K * K * P) if K > 1 else nnz * P
+            rows.append(dict(layer=name, sparsity=s, dense_macs=cout * cin * K * P, ip_mac_limit=limit, **t))
+            print(f"layer {name} s={s}: " + ", ".join(f"{a} {b * 1000:.2f} ms" for a, b in t.items()), flush=True)
+    return rows
+
+
+@torch.no_grad()
+def bench_end_to_end(quick: bool) -> list[dict]:
+    rows = []
+    model = resnet50().eval()
+    for batch in (1,) if quick else (1, 32):
+        x = torch.randn(batch, 3, 224, 224)
+        for s in SPARSITIES[1:2] if quick else SPARSITIES:
+            ip, sp = ipfx_pruned(model, "ip", s), ipfx_pruned(model, "sp", s)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fused_ip, fused_sp = ipfx.lower(ip, "fused"), ipfx.lower(sp, "fused")
+            dense = ipfx.lower(ip, "dense")
+            same = torch.allclose(dense(x), ip(x), rtol=1e-3, atol=1e-4)
+            t = interleaved({"original": lambda: model(x), "dense": lambda: dense(x), "fused IP": lambda: fused_ip(x),
+                             "fused SP": lambda: fused_sp(x)}, 2 if quick or batch > 1 else 5)
+            rows.append(dict(batch=batch, sparsity=s, dense_equals_transformed=same, dense_bytes=state_bytes(dense),
+                             fused_ip_bytes=state_bytes(fused_ip), fused_sp_bytes=state_bytes(fused_sp), **t))
+            print(f"resnet50 b={batch} s={s}: " + ", ".join(f"{a} {b * 1000:.0f} ms" for a, b in t.items())
+                  + f"; fused {state_bytes(dense) / state_bytes(fused_ip):.1f}x smaller", flush=True)
+    return rows
+
+
+def bench_memory(quick: bool) -> list[dict]:
+    """Peak RSS growth of one training step, each variant in a fresh subprocess."""
+    rows = []
+    for name, batch in (("resnet20", 128), ("resnet50", 4 if quick else 16)):
+        peaks = {}
+        for variant in ("dense", "ipfx SP", "ipfx IP"):
+            out = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(batch), variant],
+                                 capture_output=True, text=True, check=True)
+            peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mb"]
+        rows.append(dict(model=name, batch=batch, **peaks))
+        print(f"peak memory {name}: {peaks}", flush=True)
+    return rows
+
+
+def memory_probe(name: str, batch: int, variant: str) -> None:
+    import resource
+
+    model = resnet20() if name == "resnet20" else resnet50()
+    size = 32 if name == "resnet20" else 224
+    if variant != "dense":
+        model = ipfx_pruned(model, "sp" if "SP" in variant else "ip", 0.9)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    step = train_step_fn(model.train(), x, y)
+    step()  # optimizer state exists from here on
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # a fresh high-water mark is only visible if the step goes above the previous one: measure the growth
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_growth_mb": round((after - before) / 1024, 1), "peak_mb": round(after / 1024, 1)}))
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x"
+
+
+def write_report(path: str, results: dict, args, seconds: float) -> None:
+    lines = ["# ipfx benchmarks", "",
+             f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''}` "
+             f"(threads: {torch.get_num_threads()}), {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min.",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+             "CPU only. Times are medians of interleaved repetitions; compare ratios, not absolute times.", ""]
+    train = results.get("train", [])
+    if train:
+        lines += ["## Training step (90% sparsity, SGD with momentum)", "",
+                  "| model | batch | dense | torch prune (SP) | ipfx SP | ipfx IP | IP / SP | ipfx SP / torch prune | IP / dense |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in train:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['dense'] * 1e3:.0f} ms | {r['torch.nn.utils.prune (SP)'] * 1e3:.0f} ms "
+                         f"| {r['ipfx SP'] * 1e3:.0f} ms | {r['ipfx IP'] * 1e3:.0f} ms | {ratio(r['ipfx IP'], r['ipfx SP'])} "
+                         f"| {ratio(r['ipfx SP'], r['torch.nn.utils.prune (SP)'])} | {ratio(r['ipfx IP'], r['dense'])} |")
+        lines.append("")
+    tl = results.get("transform", [])
+    if tl:
+        lines += ["## Transform and lower (95% random masks for lowering)", "",
+                  "| model | transform | lower dense | lower fused | one batch-1 forward |", "|---|---:|---:|---:|---:|"]
+        for r in tl:
+            lines.append(f"| {r['model']} | {r['transform']:.2f} s | {r['lower_dense']:.2f} s | {r['lower_fused']:.2f} s "
+                         f"| {r['forward_b1']:.2f} s |")
+        lines.append("")
+    layers = results.get("layers", [])
+    if layers:
+        lines += ["## Inference per layer (batch 1): fused IP and fused SP against the dense conv", "",
+                  "| layer | sparsity | dense | fused IP | fused SP | fused IP / dense | IP MAC limit / dense MACs |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in layers:
+            lines.append(f"| {r['layer']} | {r['sparsity']:g} | {r['dense'] * 1e3:.2f} ms | {r['fused IP'] * 1e3:.2f} ms "
+                         f"| {r['fused SP'] * 1e3:.2f} ms | {ratio(r['fused IP'], r['dense'])} "
+                         f"| {r['ip_mac_limit'] / r['dense_macs']:.3f} |")
+        lines.append("")
+    e2e = results.get("end_to_end", [])
+    if e2e:
+        lines += ["## resnet50 end to end, and deployed size", "",
+                  "| batch | sparsity | original | lowered dense | fused IP | fused SP | fused IP / dense | dense == transformed | dense size / fused IP size | dense size / fused SP size |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for r in e2e:
+            lines.append(f"| {r['batch']} | {r['sparsity']:g} | {r['original'] * 1e3:.0f} ms | {r['dense'] * 1e3:.0f} ms "
+                         f"| {r['fused IP'] * 1e3:.0f} ms | {r['fused SP'] * 1e3:.0f} ms | {ratio(r['fused IP'], r['dense'])} "
+                         f"| {r['dense_equals_transformed']} | {r['dense_bytes'] / r['fused_ip_bytes']:.1f}x "
+                         f"| {r['dense_bytes'] / r['fused_sp_bytes']:.1f}x |")
+        lines.append("")
+    mem = results.get("memory", [])
+    if mem:
+        lines += ["## Peak memory growth of one training step (fresh process each)", "",
+                  "| model | batch | dense | ipfx SP | ipfx IP | IP / SP |", "|---|---:|---:|---:|---:|---:|"]
+        for r in mem:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['dense']} MB | {r['ipfx SP']} MB | {r['ipfx IP']} MB "
+                         f"| {ratio(r['ipfx IP'], max(r['ipfx SP'], 1e-9))} |")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-probe":
+        memory_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases (a smoke run)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "report.md"))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sections", default="train,transform,layers,end_to_end,memory")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    results = {}
+    sections = {"train": bench_train, "transform": bench_transform_lower, "layers": bench_layers,
+                "end_to_end": bench_end_to_end, "memory": bench_memory}
+    for name in args.sections.split(","):
+        results[name] = sections[name](args.quick)
+        write_report(args.out, results, args, time.time() - started)
+    print(f"wrote {args.out} ({(time.time() - started) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
