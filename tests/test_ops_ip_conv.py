@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from ipfx.ops.ip_conv import (
     ORDER_BASIS_FIRST,
     ORDER_COEFF_FIRST,
+    ORDER_DENSE,
     SparseIPConv,
     SparseLinear,
     choose_order,
@@ -226,7 +227,7 @@ def test_ip_conv_all_orders_match_dense_float64(case: ConvCase):
     t = make_tensors(case, torch.float64)
     ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
     scale = error_scale(case, t)
-    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST):
+    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE):
         assert_close(op_call(case, t, order), ref, 1e-10, scale)
     # the module path (order 0) and its dense weight
     m = module_for(case, t)
@@ -241,7 +242,7 @@ def test_ip_conv_all_orders_match_dense_float32(case: ConvCase):
     t = make_tensors(case, torch.float32)
     ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
     scale = error_scale(case, t)
-    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST):
+    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE):
         assert_close(op_call(case, t, order), ref, 1e-5, scale)
 
 
@@ -312,7 +313,7 @@ TARGETED = [
 
 
 @pytest.mark.parametrize("case", TARGETED, ids=range(len(TARGETED)))
-@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
 def test_targeted_cases(case, order):
     t = make_tensors(case)
     ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
@@ -399,7 +400,7 @@ def test_choose_order_formula():
         (lambda kw: kw.update(indices=kw["indices"].clone().fill_(10**6)), "out of range"),
         (lambda kw: kw.update(indices=kw["indices"].float()), "int32 or int64"),
         (lambda kw: kw.update(basis=torch.eye(4, dtype=torch.float64)), r"\(K, K\)"),
-        (lambda kw: kw.update(order=3), "order"),
+        (lambda kw: kw.update(order=4), "order"),
         (lambda kw: kw.update(groups=3), "groups"),
         (lambda kw: kw.update(stride=[1, 1, 1]), "stride"),
         (lambda kw: kw.update(x=kw["x"][:, :3]), "input channels"),
@@ -525,3 +526,26 @@ def test_storage_is_compact_at_95_percent_sparsity():
     dense = math.prod(ws) * 4
     assert stored < dense / 8, (stored, dense)
     assert "nnz=" in repr(m) and "transposed=False" in repr(m)
+
+
+def test_auto_order_is_measured_once_per_storage_and_shape_and_rebuilt_after_changes():
+    import importlib
+
+    module = importlib.import_module("ipfx.ops.ip_conv")
+
+    conv = SparseIPConv.from_coefficients(
+        torch.randn(8, 4, 9, dtype=torch.float64) * (torch.rand(8, 4, 9) < 0.3), torch.eye(9, dtype=torch.float64),
+        weight_shape=(8, 4, 3, 3), padding=1)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    ref = F.conv2d(x, conv.to_dense_weight(), padding=1)
+    with torch.no_grad():
+        assert torch.allclose(conv(x), ref)
+        entry = module._storage_entry(conv.indices)
+        first = entry["order"]
+        assert first[1] in (1, 2, 3)
+        conv(x)
+        assert entry["order"] is first  # measured once, then reused
+        conv.values.mul_(2)  # in place: the cached matrices and the dense weight are stale now
+        assert torch.allclose(conv(x), 2 * ref)
+        for order in (1, 2, 3):
+            assert torch.allclose(conv(x, order), 2 * ref)
