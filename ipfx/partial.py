@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch.fx as fx
 import torch.nn as nn
 
 from .config import TransformConfig
@@ -104,14 +105,21 @@ def transform_tree(
 
 
 def _keep_plain_attributes(new: nn.Module, old: nn.Module) -> None:
-    """Keep ints, strings and tuples (``out_channels``, ``stride``, ...) that untraced code may read."""
+    """Keep ints, strings and tuples (``out_channels``, ``hidden_state_size``, ...) that untraced code reads.
+
+    A GraphModule keeps only what its graph references; torch.fx's "user preserved attributes" make
+    these survive ``copy.deepcopy`` too (pickling keeps instance attributes anyway).
+    """
     if new is old:
         return
+    preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
     for key, value in vars(old).items():
         if key.startswith("_") or key == "training" or hasattr(new, key):
             continue
         if isinstance(value, (int, float, str, bool, tuple, type(None))):
             setattr(new, key, value)
+            if preserved is not None and isinstance(new, fx.GraphModule):
+                new.meta.setdefault(preserved, {})[key] = value
 
 
 def _join(path: str, name: str) -> str:
