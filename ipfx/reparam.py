@@ -58,7 +58,7 @@ class ModuleSpec:
         module = self.cls(**dict(self.kwargs), device="meta", dtype=weight.dtype)
         module.weight = weight
         module.bias = bias
-        module.train(self.training)
+        module.training = self.training
         return module
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -103,6 +103,16 @@ class BasisWeight(nn.Module):
         self.weight_name = weight_name
         self.kind = kind
         self.source = source
+        self.memory_format: str | None = None  # "channels_last"/"channels_last_3d" when the weight was so
+        self.aliases: dict[str, ModuleSpec] = {}  # other standard modules tied to this weight, by path
+
+    def fold(self) -> torch.Tensor:
+        """The composed weight as a plain tensor, in the original weight's memory format."""
+        with torch.no_grad():
+            weight = self.compose().detach().clone()
+        if self.memory_format is not None:
+            weight = weight.contiguous(memory_format=getattr(torch, self.memory_format))
+        return weight
 
     # -- the algebra ------------------------------------------------------------------------
     def compose(self) -> torch.Tensor:

@@ -87,9 +87,10 @@ def trace(
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
     gm._tracer_cls = gm.graph._tracer_cls = None
     originals = dict(model.named_modules())
+    flags = {name: m.training for name, m in originals.items()}  # read all before setting any
     for name, module in gm.named_modules():
         if name in originals:
-            module.train(originals[name].training)
+            module.training = flags[name]  # not .train(): that would recurse into shared children
             # GraphModule re-registers every buffer it copies as persistent; keep the original's choice
             for buffer in originals[name]._non_persistent_buffers_set:
                 if buffer in module._buffers:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
-from .find_weights import is_kernel_call, kernel_call_arguments, kernel_call_info, weight_argument
+from .restore_modules import restore_module_calls, set_submodule
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
@@ -46,8 +46,7 @@ class LowerDense(PassBase):
 def fold_subgraph(gm: fx.GraphModule, sub: ComposeSubgraph) -> None:
     """Replace one compose subgraph by ``get_attr`` of the folded weight (module docstring)."""
     module = sub.module
-    with torch.no_grad():
-        weight = nn.Parameter(module.compose().detach().clone(), requires_grad=module.coeff.requires_grad)
+    weight = nn.Parameter(module.fold(), requires_grad=module.coeff.requires_grad)
     param_name = module.weight_name
     graph = gm.graph
     _replace_module(gm, sub.prefix, param_name, module, weight)
@@ -56,11 +55,22 @@ def fold_subgraph(gm: fx.GraphModule, sub: ComposeSubgraph) -> None:
             folded = graph.get_attr(param_name)
         sub.output.replace_all_uses_with(folded)
     erase_nodes(graph, sub.nodes)
-    if sub.output is not None and module.source is not None:
-        for user in list(folded.users):
-            _restore_module_call(graph, user, folded, sub.prefix, module)
+    if sub.output is not None:
+        if module.source is not None:
+            restore_module_calls(gm, sub.prefix, module.source, folded)
+        for path, spec in getattr(module, "aliases", {}).items():  # other modules tied to the same weight
+            bias = _shell_bias(gm, path)
+            set_submodule(gm, path, spec.build(weight, bias))
+            restore_module_calls(gm, path, spec, folded)
         if not folded.users:
             graph.erase_node(folded)
+
+
+def _shell_bias(gm: fx.GraphModule, path: str):
+    try:
+        return gm.get_submodule(path)._parameters.get("bias")
+    except AttributeError:
+        return None
 
 
 def _replace_module(gm, prefix: str, param_name: str, module: BasisWeight, weight: nn.Parameter) -> None:
@@ -73,56 +83,10 @@ def _replace_module(gm, prefix: str, param_name: str, module: BasisWeight, weigh
             new = nn.Module()
             new.weight = weight
         adopt_attributes(new, module, skip=STATE_NAMES)
-        new.train(module.training)
+        new.training = module.training  # adopted children keep their own flags
         setattr(parent, leaf, new)
     else:  # the parameter had its own name: put it back on the parent
         delattr(parent, leaf)
         parent.register_parameter(leaf, weight)
 
 
-def _restore_module_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix: str, module: BasisWeight) -> None:
-    """``[pad(x) ->] conv(x, weight, bias, geometry)`` -> ``call_module(prefix, x)`` when it matches."""
-    if not is_kernel_call(call) or weight_argument(call) is not weight:
-        return
-    kind, _ = kernel_call_info(call)
-    spec = module.source
-    args = kernel_call_arguments(call)
-    if args is None:
-        return
-    bias = args["bias"]
-    has_bias = spec.get("bias")
-    if has_bias and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{prefix}.bias"):
-        return
-    if not has_bias and bias is not None:
-        return
-    if kind != "linear" and _geometry(args, kind) != _expected_geometry(spec, kind):
-        return
-    x = args["input"]
-    pad = None
-    if kind == "conv" and spec.get("padding_mode") != "zeros":
-        if not (isinstance(x, fx.Node) and x.target is F.pad and len(x.users) == 1):
-            return
-        pad, x = x, x.args[0]
-    with graph.inserting_before(call):
-        new = graph.call_module(prefix, (x,))
-    call.replace_all_uses_with(new)
-    graph.erase_node(call)
-    if pad is not None:
-        graph.erase_node(pad)
-    if isinstance(bias, fx.Node) and not bias.users:
-        graph.erase_node(bias)
-
-
-def _geometry(args: dict, kind: str) -> list:
-    names = ["stride", "padding", "dilation", "groups"]
-    return [args[n] for n in (names if kind == "conv" else names + ["output_padding"])]
-
-
-def _expected_geometry(spec, kind: str) -> list:
-    if kind == "conv":
-        padding = spec.get("padding")
-        if spec.get("padding_mode") != "zeros":
-            padding = tuple(0 for _ in spec.get("kernel_size"))
-        return [spec.get("stride"), padding, spec.get("dilation"), spec.get("groups")]
-    return [spec.get("stride"), spec.get("padding"), spec.get("dilation"), spec.get("groups"),
-            spec.get("output_padding")]

@@ -85,7 +85,7 @@ class LowerFused(PassBase):
         kind, dims = kernel_call_info(calls[0])
         fused, pad = _fused_module(module, kind, dims, geometry, bias)
         adopt_attributes(fused, module, skip=(*STATE_NAMES, "bias"))
-        fused.train(module.training)
+        fused.training = module.training
         _set_module(gm, sub.prefix, fused)
         graph = gm.graph
         for call, args in zip(calls, arguments):

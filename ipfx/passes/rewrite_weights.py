@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -35,6 +36,7 @@ from ..config import TransformConfig, WeightSettings
 from ..errors import IPFXValueError
 from ..reparam import BasisWeight, ModuleSpec, adopt_attributes
 from .find_weights import KernelSite, find_kernel_sites
+from .restore_modules import restore_module_calls, set_submodule
 
 
 def state_prefix(param_name: str) -> str:
@@ -72,10 +74,38 @@ class RewriteWeights(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         for site in find_kernel_sites(gm):
             self._rewrite(gm, site)
-        if self.rewritten:
+        restored = self._restore_untouched(gm)
+        if self.rewritten or restored:
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, bool(self.rewritten))
+
+    def _restore_untouched(self, gm: fx.GraphModule) -> bool:
+        """Standard modules traced through whose weight was left alone go back to being modules.
+
+        (A weight shared with a leaf module such as an embedding is left dense; its linear layer must then
+        stay an ``nn.Linear`` with its tied weight, as in a plain trace.)
+        """
+        done = {id(p) for p in self.rewritten_params}
+        getattrs = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                try:
+                    getattrs.setdefault(id(operator.attrgetter(node.target)(gm)), []).append(node)
+                except AttributeError:
+                    pass
+        restored = False
+        for path, module in self.inlined.items():
+            weight = module._parameters.get("weight")
+            if weight is None or id(weight) in done or id(weight) not in getattrs:
+                continue
+            set_submodule(gm, path, module)
+            for node in getattrs[id(weight)]:
+                restore_module_calls(gm, path, ModuleSpec.of(module), node)
+                if not node.users:
+                    gm.graph.erase_node(node)
+            restored = True
+        return restored
 
     # -- one site ----------------------------------------------------------------------------
     def _rewrite(self, gm: fx.GraphModule, site: KernelSite) -> None:
@@ -92,6 +122,9 @@ class RewriteWeights(PassBase):
             self.skipped.append(SkippedWeight(self.name_prefix + site.name, f"module {prefix!r} is called as a leaf"))
             return
         module = self._basis_weight(site, settings, kernel, owner_path)
+        module.memory_format = _memory_format(site.param)
+        module.aliases = {path: ModuleSpec.of(m) for path, m in self.inlined.items()
+                          if path != owner_path and m._parameters.get("weight") is site.param}
         self._install(gm, site, prefix, owner_path, attr, module)
         self._insert_subgraph(gm, site, prefix, module)
         self.rewritten[prefix] = module
@@ -137,11 +170,11 @@ class RewriteWeights(PassBase):
                     "exclude its weight with TransformConfig(exclude=[...])"
                 )
             adopt_attributes(module, old, skip=attr)
-            module.train(old.training)
+            module.training = old.training
         else:  # "<owner>.w": the BasisWeight becomes a child named like the parameter
             parent = gm.get_submodule(owner_path)
             delattr(parent, attr)
-            module.train(parent.training)
+            module.training = parent.training
         parent = gm.get_submodule(parent_path) if parent_path else gm
         setattr(parent, leaf, module)
 
@@ -160,6 +193,15 @@ class RewriteWeights(PassBase):
         for node in site.getattrs:
             node.replace_all_uses_with(weight)
             graph.erase_node(node)
+
+
+def _memory_format(weight: torch.Tensor) -> str | None:
+    if weight.is_contiguous():
+        return None
+    for name, dims in (("channels_last", 4), ("channels_last_3d", 5)):
+        if weight.dim() == dims and weight.is_contiguous(memory_format=getattr(torch, name)):
+            return name
+    return None
 
 
 def _called_as_module(gm: fx.GraphModule, path: str) -> bool:

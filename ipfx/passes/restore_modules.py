@@ -1,0 +1,82 @@
+"""Pass helpers: put standard modules back where the transform traced through them.
+
+Where :class:`~ipfx.tracing.WeightTracer` traced *through* an ``nn.ConvNd``/``nn.Linear``, its forward
+became ``[pad(x) ->] conv(x, weight, bias, <the module's own geometry>)``. Replacing such a call by
+``call_module(path, x)`` of a module of the original type holding the same weight and bias computes
+the same thing (it is that module's forward), and gives back the graph a plain torch.fx trace of the
+original model has. Calls that do not match the module's geometry or bias are left functional, which
+is still correct.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..reparam import ModuleSpec
+from .find_weights import is_kernel_call, kernel_call_arguments, kernel_call_info, weight_argument
+
+
+def restore_module_calls(gm: fx.GraphModule, path: str, spec: ModuleSpec, weight: fx.Node) -> None:
+    """Every ``[pad(x) ->] conv(x, weight, <path>.bias, <spec's geometry>)`` -> ``call_module(path, x)``."""
+    for call in list(weight.users):
+        _restore_call(gm.graph, call, weight, path, spec)
+
+
+def set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, creating empty parent modules where the graph module has none."""
+    parent = gm
+    *parents, leaf = path.split(".")
+    for name in parents:
+        if not hasattr(parent, name):
+            parent.add_module(name, nn.Module())
+        parent = getattr(parent, name)
+    setattr(parent, leaf, module)
+
+
+def _restore_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix: str, spec: ModuleSpec) -> None:
+    """``[pad(x) ->] conv(x, weight, bias, geometry)`` -> ``call_module(prefix, x)`` when it matches."""
+    if not is_kernel_call(call) or weight_argument(call) is not weight:
+        return
+    kind, _ = kernel_call_info(call)
+    args = kernel_call_arguments(call)
+    if args is None:
+        return
+    bias = args["bias"]
+    has_bias = spec.get("bias")
+    if has_bias and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{prefix}.bias"):
+        return
+    if not has_bias and bias is not None:
+        return
+    if kind != "linear" and _geometry(args, kind) != _expected_geometry(spec, kind):
+        return
+    x = args["input"]
+    pad = None
+    if kind == "conv" and spec.get("padding_mode") != "zeros":
+        if not (isinstance(x, fx.Node) and x.target is F.pad and len(x.users) == 1):
+            return
+        pad, x = x, x.args[0]
+    with graph.inserting_before(call):
+        new = graph.call_module(prefix, (x,))
+    call.replace_all_uses_with(new)
+    graph.erase_node(call)
+    if pad is not None:
+        graph.erase_node(pad)
+    if isinstance(bias, fx.Node) and not bias.users:
+        graph.erase_node(bias)
+
+
+def _geometry(args: dict, kind: str) -> list:
+    names = ["stride", "padding", "dilation", "groups"]
+    return [args[n] for n in (names if kind == "conv" else names + ["output_padding"])]
+
+
+def _expected_geometry(spec, kind: str) -> list:
+    if kind == "conv":
+        padding = spec.get("padding")
+        if spec.get("padding_mode") != "zeros":
+            padding = tuple(0 for _ in spec.get("kernel_size"))
+        return [spec.get("stride"), padding, spec.get("dilation"), spec.get("groups")]
+    return [spec.get("stride"), spec.get("padding"), spec.get("dilation"), spec.get("groups"),
+            spec.get("output_padding")]
