@@ -171,18 +171,12 @@ _MHA = Gap(("rewritten",),
            "nn.MultiheadAttention is a torch.fx leaf whose forward reads in_proj_weight and out_proj.weight "
            "directly, so its out_proj Linear weight stays dense (ipfx warns)",
            r".*\.self_attention\.out_proj\.weight")
-_SWIN = Gap(("rewritten",),
-            "the attention's qkv and proj Linear weights are passed to shifted_window_attention(_3d), a function "
-            "torchvision registers with torch.fx.wrap, so they reach no conv/linear call in the graph and stay "
-            "dense (ipfx warns)", r".*\.attn\.(qkv|proj)\.weight")
 #: Models that fail some property, and why. The tests assert that each still fails exactly there (and that
 #: every other property holds), so the list cannot go stale.
 KNOWN_GAPS: dict[str, Gap] = {
     "googlenet": _EVAL_ONLY,
     "inception_v3": _EVAL_ONLY,
     **{name: _MHA for name in ("vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32")},
-    **{name: _SWIN for name in ("swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s", "swin_v2_t",
-                                "swin3d_b", "swin3d_s", "swin3d_t")},
 }
 
 

@@ -41,6 +41,27 @@ KERNEL_FUNCTIONS: dict[object, tuple[str, int]] = {
 }
 
 
+def _wrapped_linear_kernels() -> dict[object, tuple[int, ...]]:
+    """Leaf functions (``torch.fx.wrap``) that take linear weights as arguments: target -> positions.
+
+    torchvision's shifted-window attention (Swin, Swin3D) is one call in the graph receiving the ``qkv``
+    and ``proj`` weights; each is an ``(out, in)`` matrix used by ``F.linear`` inside, so it is a linear
+    kernel like any other.
+    """
+    table: dict[object, tuple[int, ...]] = {}
+    try:
+        from torchvision.models import swin_transformer
+        from torchvision.models.video import swin_transformer as swin3d
+    except ImportError:  # torchvision is optional for this table
+        return table
+    table[swin_transformer.shifted_window_attention] = (1, 2)
+    table[swin3d.shifted_window_attention_3d] = (1, 2)
+    return table
+
+
+WRAPPED_LINEAR_KERNELS = _wrapped_linear_kernels()
+
+
 @dataclasses.dataclass
 class KernelUse:
     """One call that uses a parameter as its kernel."""
@@ -112,27 +133,40 @@ def find_kernel_sites(gm: fx.GraphModule) -> list[KernelSite]:
     sites: dict[str, KernelSite] = {}
     getattrs = _parameter_getattrs(gm)
     for node in gm.graph.nodes:
-        if not is_kernel_call(node):
-            continue
-        kind, dims = kernel_call_info(node)
-        weight = weight_argument(node)
-        if not isinstance(weight, fx.Node):
-            continue
-        rank = 2 if kind == "linear" else dims + 2
-        if weight.op == "get_attr" and weight.target in getattrs:
-            candidates, direct = [weight.target], True
-        else:
-            candidates, direct = _processed_kernel(weight, getattrs, rank), False
-        for name in candidates:
-            param = getattrs[name][0]
-            if param.dim() != rank:
-                continue
-            site = sites.get(name)
-            if site is None:
-                site = sites[name] = KernelSite(name, param, list(getattrs[name][1]), [])
-            site.uses.append(KernelUse(node, kind, dims, direct))
+        for kind, dims, weight in _kernel_arguments(node):
+            _collect(sites, getattrs, node, kind, dims, weight)
     # A parameter used as kernels of calls of different kinds/ranks has no single kernel layout.
     return [s for s in sites.values() if len({(u.kind, u.dims) for u in s.uses}) == 1]
+
+
+def _kernel_arguments(node: fx.Node):
+    """(kind, dims, weight argument) for each kernel a call node takes."""
+    if is_kernel_call(node):
+        kind, dims = kernel_call_info(node)
+        yield kind, dims, weight_argument(node)
+    elif node.op == "call_function" and _hashable_in(node.target, WRAPPED_LINEAR_KERNELS):
+        for position in WRAPPED_LINEAR_KERNELS[node.target]:
+            if position < len(node.args):
+                yield "linear", 0, node.args[position]
+
+
+def _collect(sites, getattrs, node, kind, dims, weight) -> None:
+    """Record ``node`` as a use of the parameter(s) its ``weight`` argument is made from."""
+    if not isinstance(weight, fx.Node):
+        return
+    rank = 2 if kind == "linear" else dims + 2
+    if weight.op == "get_attr" and weight.target in getattrs:
+        candidates, direct = [weight.target], True
+    else:
+        candidates, direct = _processed_kernel(weight, getattrs, rank), False
+    for name in candidates:
+        param = getattrs[name][0]
+        if param.dim() != rank:
+            continue
+        site = sites.get(name)
+        if site is None:
+            site = sites[name] = KernelSite(name, param, list(getattrs[name][1]), [])
+        site.uses.append(KernelUse(node, kind, dims, direct))
 
 
 def _parameter_getattrs(gm: fx.GraphModule) -> dict[str, tuple[nn.Parameter, list[fx.Node]]]:
@@ -170,7 +204,11 @@ def _processed_kernel(weight: fx.Node, getattrs, rank: int) -> list[str]:
 
 
 def _target_in(target) -> bool:
+    return _hashable_in(target, KERNEL_FUNCTIONS)
+
+
+def _hashable_in(target, table) -> bool:
     try:
-        return target in KERNEL_FUNCTIONS
+        return target in table
     except TypeError:  # unhashable target
         return False
