@@ -113,6 +113,25 @@ def bench_train(quick: bool) -> list[dict]:
     return rows
 
 
+def bench_prune(quick: bool) -> list[dict]:
+    """Wall time of each one-shot method at 90% on CIFAR ResNet-20, relative to one training step (batch 128)."""
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    model = ipfx_pruned(resnet20().train(), "ip", 0.0)
+    step = train_step_fn(copy.deepcopy(model), x, y)
+    step_time = interleaved({"step": step}, 3 if quick else 5)["step"]
+    rows = []
+    for method in ("random", "magnitude", "snip", "grasp", "synflow"):
+        times = []
+        for _ in range(1 if quick else 2):
+            fresh = copy.deepcopy(model)
+            start = time.perf_counter()
+            ipfx.prune(fresh, method, 0.9, data=[(x, y)], loss_fn=F.cross_entropy, example_inputs=x, seed=0)
+            times.append(time.perf_counter() - start)
+        rows.append(dict(method=method, seconds=min(times), train_step=step_time))
+        print(f"prune {method}: {min(times):.2f} s = {min(times) / step_time:.1f} training steps", flush=True)
+    return rows
+
+
 def bench_transform_lower(quick: bool) -> list[dict]:
     rows = []
     for name in ("resnet50", "efficientnet_b0"):
@@ -245,6 +264,13 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
                          f"| {r['ipfx SP'] * 1e3:.0f} ms | {r['ipfx IP'] * 1e3:.0f} ms | {ratio(r['ipfx IP'], r['ipfx SP'])} "
                          f"| {ratio(r['ipfx SP'], r['torch.nn.utils.prune (SP)'])} | {ratio(r['ipfx IP'], r['dense'])} |")
         lines.append("")
+    pr = results.get("prune", [])
+    if pr:
+        lines += ["## One-shot pruning at 90% (CIFAR ResNet-20, IP, one batch of 128 for SNIP/GraSP, SynFlow 100 rounds)", "",
+                  "| method | wall time | in training steps (batch 128) |", "|---|---:|---:|"]
+        for r in pr:
+            lines.append(f"| {r['method']} | {r['seconds']:.2f} s | {r['seconds'] / r['train_step']:.1f} |")
+        lines.append("")
     tl = results.get("transform", [])
     if tl:
         lines += ["## Transform and lower (95% random masks for lowering)", "",
@@ -296,13 +322,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases (a smoke run)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "report.md"))
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--sections", default="train,transform,layers,end_to_end,memory")
+    parser.add_argument("--sections", default="train,prune,transform,layers,end_to_end,memory")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
     results = {}
-    sections = {"train": bench_train, "transform": bench_transform_lower, "layers": bench_layers,
+    sections = {"train": bench_train, "prune": bench_prune, "transform": bench_transform_lower, "layers": bench_layers,
                 "end_to_end": bench_end_to_end, "memory": bench_memory}
     for name in args.sections.split(","):
         results[name] = sections[name](args.quick)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
 
 settings.register_profile(
-    "default", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    "default", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.register_profile(
     "thorough", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow], print_blob=True
