@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -1,6 +1,5 @@
 """Bad input gets a clear error that names the problem and the fix, and leaves the input untouched."""
 
-import copy
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ import copy
 import io
 import warnings
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +12,6 @@ from hypothesis import given, settings, strategies as st
 import ipfx
 from helpers import assert_close, perturb_bases, randomize_masks
 from strategies import (
-    FunctionalConvNet,
     TinyResNet,
     TwiceUsedConv,
     WSConv2d,

@@ -14,10 +14,8 @@ own geometry (the weight was used elsewhere by hand) stays functional, which is 
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
