@@ -114,13 +114,14 @@ def select(
         counts = [min(c, available[i]) for c, i in zip(counts, free)]
         if not allow_empty:
             counts = [max(c, 1) if available[i] else 0 for c, i in zip(counts, free)]
-        chosen = [_topk_mask(scores[i], c) for c, i in zip(counts, free)]
+        chosen = [topk_mask(scores[i], c) for c, i in zip(counts, free)]
     for i, mask in zip(free, chosen):
         keep[i] = mask
     return keep
 
 
-def _topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` highest entries of ``score`` (an exact count, ties broken by topk)."""
     flat = score.reshape(-1)
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:

@@ -71,7 +71,7 @@ def prune(
         keep = _synflow(ctx, sparsity, iterations, kwargs)
     else:
         values = scores.SCORES[method](ctx)  # data-driven scores average their gradients over ranks
-        keep = allocation.select(_exclude_masked(values, found), sparsity, **kwargs)
+        keep = allocation.select(exclude_masked(values, found), sparsity, **kwargs)
     apply_masks(found, keep)
     return report(method, found)
 
@@ -99,14 +99,15 @@ def _synflow(ctx: scores.ScoreContext, sparsity: float, iterations: int, kwargs:
     keep = [t.mask.bool() for t in work_targets]
     for k in range(1, iterations + 1):
         values = scores.synflow_scores_of(work, ones)
-        keep = allocation.select(_exclude_masked(values, work_targets), 1.0 - density ** (k / iterations), **kwargs)
+        keep = allocation.select(exclude_masked(values, work_targets), 1.0 - density ** (k / iterations), **kwargs)
         for t, m in zip(work_targets, keep):
             t.set_mask(m)
     # the last round lands exactly on `sparsity`; map the masks back to the real model
     return [m.to(t.mask.device) for m, t in zip(keep, ctx.targets)]
 
 
-def _exclude_masked(values: Sequence[torch.Tensor], found: Sequence[Target]) -> list[torch.Tensor]:
+def exclude_masked(values: Sequence[torch.Tensor], found: Sequence[Target]) -> list[torch.Tensor]:
+    """Scores with NaN as 0 and every currently masked coefficient at ``-inf`` (never kept again)."""
     out = []
     for v, t in zip(values, found):
         v = torch.nan_to_num(v.float(), nan=0.0)

@@ -34,7 +34,8 @@ import torch.nn as nn
 
 from ..errors import IPFXValueError
 from . import allocation, distributed, scores
-from .oneshot import apply_masks
+from .allocation import topk_mask
+from .oneshot import apply_masks, exclude_masked
 from .targets import Target, targets as find_targets
 
 __all__ = ["Schedule", "GMP", "IMP", "RigL", "SET"]
@@ -111,7 +112,7 @@ class Schedule:
     def _masked_magnitudes(self) -> list[torch.Tensor]:
         """``|coeff| * ||basis row||``, ``-inf`` where already masked."""
         values = scores.magnitude_scores(scores.ScoreContext(self.model, self.targets))
-        return _exclude_masked(values, self.targets)
+        return exclude_masked(values, self.targets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ class _DropGrow(Schedule):
             return  # already this sparse (or sparser): keep the masks as they are
         ctx = scores.ScoreContext(self.model, self.targets, generator=self.generator)
         values = scores.random_scores(ctx) if self.init == "random" else scores.magnitude_scores(ctx)
-        keep = allocation.select(_exclude_masked(values, self.targets), self.requested_sparsity, scope=self.scope,
+        keep = allocation.select(exclude_masked(values, self.targets), self.requested_sparsity, scope=self.scope,
                                  shapes=self._shapes())
         apply_masks(self.targets, keep)
 
@@ -408,9 +409,9 @@ class _DropGrow(Schedule):
             if k == 0:
                 keep.append(mask)
                 continue
-            remaining = _top(drop, n - k)
+            remaining = topk_mask(drop, n - k)
             grow = torch.where(remaining, torch.full_like(grow, -math.inf), grow.float())
-            keep.append(remaining | _top(grow, k))
+            keep.append(remaining | topk_mask(grow, k))
         apply_masks(self.targets, keep)
         changed = False
         with torch.no_grad():
@@ -609,23 +610,6 @@ def dense_gradients(
     by_id = {id(p): g for p, g in zip(wanted, got)}
     return [by_id[id(p)].detach().clone() if by_id.get(id(p)) is not None else torch.zeros_like(p.detach())
             for p in params]
-
-
-def _top(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` highest entries of ``score``."""
-    flat = score.reshape(-1)
-    out = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        out[torch.topk(flat, k, sorted=False).indices] = True
-    return out.reshape(score.shape)
-
-
-def _exclude_masked(values: Sequence[torch.Tensor], found: Sequence[Target]) -> list[torch.Tensor]:
-    out = []
-    for v, t in zip(values, found):
-        v = torch.nan_to_num(v.float(), nan=0.0)
-        out.append(torch.where(t.mask.bool(), v, torch.full_like(v, -math.inf)))
-    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
