@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import torch.fx as fx
 import torch.nn as nn
 
+from .attention import attention_call, install_attention_kernels
 from .config import DEFAULT_MODULE_TYPES, TransformConfig
 from .errors import TraceError
 
@@ -32,6 +33,7 @@ class WeightTracer(fx.Tracer):
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.inlined: dict[str, nn.Module] = {}
+        self.attention: list[str] = []  # nn.MultiheadAttention modules recorded with their weights as inputs
         self.failed_module: tuple[str, type] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -51,7 +53,20 @@ class WeightTracer(fx.Tracer):
         kernel = () if is_linear else tuple(weight.shape[2:])
         return self.config.settings_for(weight_name, type(m), kernel, is_linear) is not None
 
+    def _attention_wanted(self, m: nn.MultiheadAttention) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return False
+        name = self.path_of_module(m)
+        out = m.out_proj._parameters.get("weight")
+        return name not in self.leaf_names and isinstance(out, nn.Parameter) and self.config.settings_for(
+            f"{self.name_prefix}{name}.out_proj.weight", type(m.out_proj), (), True) is not None
+
     def call_module(self, m, forward, args, kwargs):
+        if type(m) is nn.MultiheadAttention and self._attention_wanted(m):
+            path = self.path_of_module(m)
+            if path not in self.leaf_names and path not in self.attention:
+                self.attention.append(path)
+            return attention_call(self, path, m, args, kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -85,6 +100,7 @@ def trace(
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
     gm._tracer_cls = gm.graph._tracer_cls = None
+    install_attention_kernels(gm, tracer.attention)
     originals = dict(model.named_modules())
     flags = {name: m.training for name, m in originals.items()}  # read all before setting any
     for name, module in gm.named_modules():

@@ -167,24 +167,25 @@ _EVAL_ONLY = Gap(("rewritten",),
                  "classifiers (run only in training) are not in the graph; their weights stay dense (ipfx warns), "
                  "the transformed and lowered models have no aux modules and never return aux logits, even "
                  "after .train()", r"(aux[12]|AuxLogits)\..*")
-_MHA = Gap(("rewritten",),
-           "nn.MultiheadAttention is a torch.fx leaf whose forward reads in_proj_weight and out_proj.weight "
-           "directly, so its out_proj Linear weight stays dense (ipfx warns)",
-           r".*\.self_attention\.out_proj\.weight")
 #: Models that fail some property, and why. The tests assert that each still fails exactly there (and that
 #: every other property holds), so the list cannot go stale.
 KNOWN_GAPS: dict[str, Gap] = {
     "googlenet": _EVAL_ONLY,
     "inception_v3": _EVAL_ONLY,
-    **{name: _MHA for name in ("vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32")},
 }
 
 
 # -- measuring one model ----------------------------------------------------------------------------------
 def kernel_weights(model: nn.Module) -> set[str]:
-    """``<module>.weight`` of every conv/transposed conv/linear module (subclasses included)."""
-    return {f"{name}.weight" for name, m in model.named_modules()
-            if isinstance(m, KERNEL_TYPES) and isinstance(m._parameters.get("weight"), nn.Parameter)}
+    """``<module>.weight`` of every conv/transposed conv/linear module (subclasses included), plus the
+    input projections ``nn.MultiheadAttention`` holds as raw parameters (``in_proj_weight`` or q/k/v)."""
+    names = {f"{name}.weight" for name, m in model.named_modules()
+             if isinstance(m, KERNEL_TYPES) and isinstance(m._parameters.get("weight"), nn.Parameter)}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            names |= {f"{name}.{p}" for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                      if m._parameters.get(p) is not None}
+    return names
 
 
 def flatten(out: Any, path: str = "out") -> list[tuple[str, torch.Tensor]]:

@@ -22,6 +22,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention import KERNEL_POSITIONS, is_attention_call
+
 # target -> (kind, spatial dims); the weight is args[1] or kwargs["weight"] for all of them.
 KERNEL_FUNCTIONS: dict[object, tuple[str, int]] = {
     torch.conv1d: ("conv", 1),
@@ -133,17 +135,21 @@ def find_kernel_sites(gm: fx.GraphModule) -> list[KernelSite]:
     sites: dict[str, KernelSite] = {}
     getattrs = _parameter_getattrs(gm)
     for node in gm.graph.nodes:
-        for kind, dims, weight in _kernel_arguments(node):
+        for kind, dims, weight in _kernel_arguments(gm, node):
             _collect(sites, getattrs, node, kind, dims, weight)
     # A parameter used as kernels of calls of different kinds/ranks has no single kernel layout.
     return [s for s in sites.values() if len({(u.kind, u.dims) for u in s.uses}) == 1]
 
 
-def _kernel_arguments(node: fx.Node):
+def _kernel_arguments(gm: fx.GraphModule, node: fx.Node):
     """(kind, dims, weight argument) for each kernel a call node takes."""
     if is_kernel_call(node):
         kind, dims = kernel_call_info(node)
         yield kind, dims, weight_argument(node)
+    elif is_attention_call(gm, node):  # nn.MultiheadAttention's projections (see ipfx.attention)
+        for position in KERNEL_POSITIONS:
+            if position < len(node.args):
+                yield "linear", 0, node.args[position]
     elif node.op == "call_function" and _hashable_in(node.target, WRAPPED_LINEAR_KERNELS):
         for position in WRAPPED_LINEAR_KERNELS[node.target]:
             if position < len(node.args):

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..attention import restore_attention
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
 from .restore_modules import restore_module_calls, set_submodule
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
@@ -35,7 +36,7 @@ class LowerDense(PassBase):
             if self.only is None or sub.prefix in self.only:
                 fold_subgraph(gm, sub)
                 self.lowered.append(sub.prefix)
-        if self.lowered:
+        if restore_attention(gm) or self.lowered:
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, bool(self.lowered))
