@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import io
 import json
 import os
@@ -109,6 +110,8 @@ def bench_train(quick: bool) -> list[dict]:
         }
         t = interleaved({k: train_step_fn(m, x, y) for k, m in variants.items()}, reps)
         rows.append(dict(model=name, batch=batch, **t))
+        del variants
+        gc.collect()
         print(f"train step {name}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items()), flush=True)
     return rows
 
@@ -186,6 +189,8 @@ def bench_layers(quick: bool) -> list[dict]:
             K = k * k
             limit = (nnz * P + min(cin, cout) * K * K * P) if K > 1 else nnz * P
             rows.append(dict(layer=name, sparsity=s, dense_macs=cout * cin * K * P, ip_mac_limit=limit, **t))
+            del ip, sp, fused_ip, fused_sp, dense
+            gc.collect()
             print(f"layer {name} s={s}: " + ", ".join(f"{a} {b * 1000:.2f} ms" for a, b in t.items()), flush=True)
     return rows
 
@@ -207,6 +212,8 @@ def bench_end_to_end(quick: bool) -> list[dict]:
                              "fused SP": lambda: fused_sp(x)}, 2 if quick or batch > 1 else 5)
             rows.append(dict(batch=batch, sparsity=s, dense_equals_transformed=same, dense_bytes=state_bytes(dense),
                              fused_ip_bytes=state_bytes(fused_ip), fused_sp_bytes=state_bytes(fused_sp), **t))
+            del ip, sp, fused_ip, fused_sp, dense
+            gc.collect()
             print(f"resnet50 b={batch} s={s}: " + ", ".join(f"{a} {b * 1000:.0f} ms" for a, b in t.items())
                   + f"; fused {state_bytes(dense) / state_bytes(fused_ip):.1f}x smaller", flush=True)
     return rows
