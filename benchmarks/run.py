@@ -210,12 +210,13 @@ def bench_end_to_end(quick: bool) -> list[dict]:
             same = torch.allclose(dense(x), ip(x), rtol=1e-3, atol=1e-4)
             t = interleaved({"original": lambda: model(x), "dense": lambda: dense(x), "fused IP": lambda: fused_ip(x),
                              "fused SP": lambda: fused_sp(x)}, 2 if quick or batch > 1 else 5)
-            rows.append(dict(batch=batch, sparsity=s, dense_equals_transformed=same, dense_bytes=state_bytes(dense),
-                             fused_ip_bytes=state_bytes(fused_ip), fused_sp_bytes=state_bytes(fused_sp), **t))
+            row = dict(batch=batch, sparsity=s, dense_equals_transformed=same, dense_bytes=state_bytes(dense),
+                       fused_ip_bytes=state_bytes(fused_ip), fused_sp_bytes=state_bytes(fused_sp), **t)
+            rows.append(row)
+            print(f"resnet50 b={batch} s={s}: " + ", ".join(f"{a} {b * 1000:.0f} ms" for a, b in t.items())
+                  + f"; fused {row['dense_bytes'] / row['fused_ip_bytes']:.1f}x smaller", flush=True)
             del ip, sp, fused_ip, fused_sp, dense
             gc.collect()
-            print(f"resnet50 b={batch} s={s}: " + ", ".join(f"{a} {b * 1000:.0f} ms" for a, b in t.items())
-                  + f"; fused {state_bytes(dense) / state_bytes(fused_ip):.1f}x smaller", flush=True)
     return rows
 
 
@@ -335,6 +336,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.time()
     results = {}
+    previous = os.path.splitext(args.out)[0] + ".json"
+    if args.sections != parser.get_default("sections") and os.path.exists(previous):
+        with open(previous) as f:  # a partial rerun keeps the other sections' figures
+            results = json.load(f)
     sections = {"train": bench_train, "prune": bench_prune, "transform": bench_transform_lower, "layers": bench_layers,
                 "end_to_end": bench_end_to_end, "memory": bench_memory}
     for name in args.sections.split(","):

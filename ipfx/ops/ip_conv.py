@@ -464,11 +464,32 @@ def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basi
 _RUNNERS = {ORDER_BASIS_FIRST: _order_a, ORDER_COEFF_FIRST: _order_b, ORDER_DENSE: _order_dense}
 
 
+def _candidates(g: dict, x: Tensor, values: Tensor, basis, out_spatial) -> dict:
+    """The orders worth timing: a sparse order is skipped when its multiply-accumulates exceed 4x the dense
+    conv's or its intermediate maps exceed 16x the input plus output (a 7x7 stride-2 stem in order (b)
+    would need c_out*49 maps at input resolution: gigabytes at batch 32)."""
+    p_in, p_out = math.prod(x.shape[2:]), math.prod(out_spatial)
+    c_in, c_out, K, nnz = g["c_in"], g["c_out"], g["K"], values.numel()
+    positions = p_in if g["transposed"] else p_out
+    dense_macs = c_out * (c_in // g["groups"]) * K * (p_in if g["transposed"] else p_out)
+    identity = _identity_unfold_applies(g, basis is None)
+    macs = {ORDER_BASIS_FIRST: c_in * K * (1 if identity else K) * positions + nnz * p_out,
+            ORDER_COEFF_FIRST: nnz * p_in + c_out * K * K * positions}
+    maps = {ORDER_BASIS_FIRST: c_in * K * positions, ORDER_COEFF_FIRST: c_out * K * p_in}
+    budget = 16 * (c_in * p_in + c_out * p_out)
+    chosen = {ORDER_DENSE: _RUNNERS[ORDER_DENSE]}
+    for order in (ORDER_BASIS_FIRST, ORDER_COEFF_FIRST):
+        if macs[order] <= 4 * dense_macs and maps[order] <= budget:
+            chosen[order] = _RUNNERS[order]
+    return chosen
+
+
 def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatial) -> int:
     """The fastest of the three evaluation orders for this storage and input shape, timed once.
 
-    The first call with a new input shape runs every order twice (a warm-up that builds its sparse matrix
-    or dense weight, then a timed run) and remembers the winner; later calls go straight to it.
+    The first call with a new input shape runs every candidate order twice (a warm-up that builds its
+    sparse matrix or dense weight, then a timed run; see :func:`_candidates`) and remembers the winner;
+    later calls go straight to it.
     Without a cache (storage that cannot be weakly referenced) the MAC-count rule of :func:`choose_order`
     decides between the two sparse orders.
     """
@@ -483,7 +504,7 @@ def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatia
                             p_in=math.prod(x.shape[2:]), p_out=math.prod(out_spatial), transposed=g["transposed"],
                             cheap_identity=_identity_unfold_applies(g, basis is None))
     timings = {}
-    for order, run in _RUNNERS.items():
+    for order, run in _candidates(g, x, values, basis, out_spatial).items():
         run(g, x, values, indices, flat, basis, out_spatial)
         start = time.perf_counter()
         run(g, x, values, indices, flat, basis, out_spatial)
