@@ -189,7 +189,7 @@ def bench_layers(quick: bool) -> list[dict]:
             K = k * k
             limit = (nnz * P + min(cin, cout) * K * K * P) if K > 1 else nnz * P
             rows.append(dict(layer=name, sparsity=s, dense_macs=cout * cin * K * P, ip_mac_limit=limit, **t))
-            del ip, sp, fused_ip, fused_sp, dense
+            ip = sp = fused_ip = fused_sp = dense = None  # free before the next case (closures hold the names)
             gc.collect()
             print(f"layer {name} s={s}: " + ", ".join(f"{a} {b * 1000:.2f} ms" for a, b in t.items()), flush=True)
     return rows
@@ -215,40 +215,47 @@ def bench_end_to_end(quick: bool) -> list[dict]:
             rows.append(row)
             print(f"resnet50 b={batch} s={s}: " + ", ".join(f"{a} {b * 1000:.0f} ms" for a, b in t.items())
                   + f"; fused {row['dense_bytes'] / row['fused_ip_bytes']:.1f}x smaller", flush=True)
-            del ip, sp, fused_ip, fused_sp, dense
+            ip = sp = fused_ip = fused_sp = dense = None  # free before the next case (closures hold the names)
             gc.collect()
     return rows
 
 
 def bench_memory(quick: bool) -> list[dict]:
-    """Peak RSS growth of one training step, each variant in a fresh subprocess."""
+    """Peak resident memory added by one training step (the first: activations, gradients and optimizer
+    state), each variant in a fresh process that loads the prepared model, so nothing else inflates it."""
+    import tempfile
+
     rows = []
-    for name, batch in (("resnet20", 128), ("resnet50", 4 if quick else 16)):
+    for name, build, batch in (("resnet20", resnet20, 128), ("resnet50", resnet50, 4 if quick else 16)):
+        model = build().train()
         peaks = {}
-        for variant in ("dense", "ipfx SP", "ipfx IP"):
-            out = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(batch), variant],
-                                 capture_output=True, text=True, check=True)
-            peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mb"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for variant in ("dense", "ipfx SP", "ipfx IP"):
+                m = model if variant == "dense" else ipfx_pruned(model, "sp" if "SP" in variant else "ip", 0.9)
+                path = os.path.join(tmp, "model.pt")
+                torch.save(m, path)
+                size = 32 if name == "resnet20" else 224
+                out = subprocess.run([sys.executable, __file__, "--memory-probe", path, str(batch), str(size)],
+                                     capture_output=True, text=True, check=True)
+                peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["step_mb"]
+                m = None
+                gc.collect()
         rows.append(dict(model=name, batch=batch, **peaks))
         print(f"peak memory {name}: {peaks}", flush=True)
     return rows
 
 
-def memory_probe(name: str, batch: int, variant: str) -> None:
+def memory_probe(path: str, batch: int, size: int) -> None:
     import resource
 
-    model = resnet20() if name == "resnet20" else resnet50()
-    size = 32 if name == "resnet20" else 224
-    if variant != "dense":
-        model = ipfx_pruned(model, "sp" if "SP" in variant else "ip", 0.9)
+    torch.set_num_threads(1)
+    model = torch.load(path, weights_only=False).train()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    step = train_step_fn(model.train(), x, y)
-    step()  # optimizer state exists from here on
+    step = train_step_fn(model, x, y)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # a fresh high-water mark is only visible if the step goes above the previous one: measure the growth
     step()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_mb": round((after - before) / 1024, 1), "peak_mb": round(after / 1024, 1)}))
+    print(json.dumps({"step_mb": round((after - before) / 1024, 1)}))
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -310,7 +317,7 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
         lines.append("")
     mem = results.get("memory", [])
     if mem:
-        lines += ["## Peak memory growth of one training step (fresh process each)", "",
+        lines += ["## Peak memory added by one training step (fresh process per variant, resident set growth)", "",
                   "| model | batch | dense | ipfx SP | ipfx IP | IP / SP |", "|---|---:|---:|---:|---:|---:|"]
         for r in mem:
             lines.append(f"| {r['model']} | {r['batch']} | {r['dense']} MB | {r['ipfx SP']} MB | {r['ipfx IP']} MB "
@@ -324,7 +331,7 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-probe":
-        memory_probe(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        memory_probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases (a smoke run)")
