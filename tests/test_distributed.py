@@ -15,20 +15,16 @@ files in the parent, and recompute the expected decisions single-process:
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import ipfx
 from ipfx.pruning import allocation, schedules, scores
 from ipfx.pruning.targets import targets
+from gloo import run_on_ranks
 from strategies import TinyResNet
 
 WORLD = 2
@@ -125,54 +121,9 @@ def _run_scenarios(rank: int) -> dict:
     return result
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    path = os.path.join(out_dir, f"rank{rank}.pt")
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-        try:
-            torch.save(_run_scenarios(rank), path)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(path + ".error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    out_dir = str(tmp_path_factory.mktemp("distributed"))
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, out_dir), daemon=True) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = []
-    for rank in range(WORLD):
-        err = os.path.join(out_dir, f"rank{rank}.pt.error")
-        if os.path.exists(err):
-            errors.append(f"rank {rank}:\n" + open(err).read())
-    assert not errors, "\n".join(errors)
-    assert not hung, f"distributed workers did not finish within {TIMEOUT_S} s"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(WORLD)]
+    return run_on_ranks(_run_scenarios, str(tmp_path_factory.mktemp("distributed")), WORLD, TIMEOUT_S)
 
 
 # -- the checks --------------------------------------------------------------------------------------------

@@ -19,23 +19,19 @@
 from __future__ import annotations
 
 import copy
-import datetime
 import io
-import os
-import socket
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ipfx
 from helpers import RTOL, assert_close, perturb_bases, randomize_masks
+from gloo import run_on_ranks
 from strategies import TinyResNet
 
 
@@ -432,44 +428,8 @@ def _ddp_train(rank: int) -> dict:
     }
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    path = os.path.join(out_dir, f"rank{rank}.pt")
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-        try:
-            torch.save(_ddp_train(rank), path)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(path + ".error", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 def test_ddp_training_with_two_gloo_processes(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, str(tmp_path)), daemon=True) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    logs = [tmp_path / f"rank{r}.pt.error" for r in range(WORLD)]
-    errors = [log.read_text() for log in logs if log.exists()]
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_on_ranks(_ddp_train, str(tmp_path), WORLD)
     for r in results:
         assert r["params_same"] and r["masks_same"] and r["masked_kept"] and r["trained"], r
         assert len(r["steps"]) == DDP_STEPS
