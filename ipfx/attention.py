@@ -91,13 +91,13 @@ def restore_attention(gm: fx.GraphModule) -> bool:
     ``nn.MultiheadAttention`` called with ``(query, key, value)`` (the graph of a plain trace)."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), AttentionKernels):
+        if not is_attention_call(gm, node):
             continue
         kernels = gm.get_submodule(node.target)
         weights = node.args[3:8]
         if not all(w is None or (isinstance(w, fx.Node) and w.op == "get_attr") for w in weights):
             continue  # still in coefficient form
-        mha = _rebuild(gm, node.target, kernels)
+        mha = _rebuild(kernels)
         parent_path, _, name = node.target.rpartition(".")
         setattr(gm.get_submodule(parent_path) if parent_path else gm, name, mha)
         node.args = tuple(node.args[:3])
@@ -108,7 +108,7 @@ def restore_attention(gm: fx.GraphModule) -> bool:
     return changed
 
 
-def _rebuild(gm: fx.GraphModule, path: str, kernels: AttentionKernels) -> nn.MultiheadAttention:
+def _rebuild(kernels: AttentionKernels) -> nn.MultiheadAttention:
     params = kernels._parameters
     reference = params.get("in_proj_weight", params.get("q_proj_weight"))
     mha = nn.MultiheadAttention(kernels.embed_dim, kernels.num_heads, dropout=kernels.dropout,

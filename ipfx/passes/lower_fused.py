@@ -26,13 +26,13 @@ import warnings
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..ops import SparseIPConv, SparseLinear
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
 from .find_weights import is_kernel_call, kernel_call_arguments, kernel_call_info, weight_argument
+from .restore_modules import set_submodule
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
@@ -86,7 +86,7 @@ class LowerFused(PassBase):
         fused, pad = _fused_module(module, kind, dims, geometry, bias)
         adopt_attributes(fused, module, skip=(*STATE_NAMES, "bias"))
         fused.training = module.training
-        _set_module(gm, sub.prefix, fused)
+        set_submodule(gm, sub.prefix, fused)
         graph = gm.graph
         for call, args in zip(calls, arguments):
             with graph.inserting_before(call):
@@ -153,8 +153,3 @@ def _constant_tensor(gm: fx.GraphModule, node):
         return value if isinstance(value, torch.Tensor) else False
     return False
 
-
-def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    setattr(parent, leaf, module)

@@ -72,8 +72,9 @@ class RewriteWeights(PassBase):
         self._generator = torch.Generator().manual_seed(config.seed)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # the rewrite adds none
         for site in find_kernel_sites(gm):
-            self._rewrite(gm, site)
+            self._rewrite(gm, site, called)
         restored = self._restore_untouched(gm)
         if self.rewritten or restored:
             gm.graph.lint()
@@ -108,7 +109,7 @@ class RewriteWeights(PassBase):
         return restored
 
     # -- one site ----------------------------------------------------------------------------
-    def _rewrite(self, gm: fx.GraphModule, site: KernelSite) -> None:
+    def _rewrite(self, gm: fx.GraphModule, site: KernelSite, called: set[str]) -> None:
         owner_path, _, attr = site.name.rpartition(".")
         owner = self.owners.get(owner_path)
         is_linear = site.kind == "linear"
@@ -118,7 +119,7 @@ class RewriteWeights(PassBase):
         if settings is None:
             return  # excluded by the config: leave it exactly as it was
         prefix = state_prefix(site.name)
-        if _called_as_module(gm, prefix):
+        if prefix in called:
             self.skipped.append(SkippedWeight(self.name_prefix + site.name, f"module {prefix!r} is called as a leaf"))
             return
         module = self._basis_weight(site, settings, kernel, owner_path)
@@ -202,10 +203,6 @@ def _memory_format(weight: torch.Tensor) -> str | None:
         if weight.dim() == dims and weight.is_contiguous(memory_format=getattr(torch, name)):
             return name
     return None
-
-
-def _called_as_module(gm: fx.GraphModule, path: str) -> bool:
-    return any(n.op == "call_module" and n.target == path for n in gm.graph.nodes)
 
 
 def _basis_key(spec) -> object:
