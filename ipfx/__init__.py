@@ -10,6 +10,7 @@ See DESIGN.md in the project for the math.
 from .api import WeightInfo, lower, rewritten_weights, sparsity, transform
 from .config import TransformConfig
 from .errors import IPFXError, NotTransformedError, SingularBasisError, TraceError
+from .modes import ModeSwitch
 from .reparam import BasisWeight
 from .pruning import PruneReport, prune
 from . import pruning
@@ -26,6 +27,7 @@ __all__ = [
     "rewritten_weights",
     "TransformConfig",
     "BasisWeight",
+    "ModeSwitch",
     "WeightInfo",
     "IPFXError",
     "NotTransformedError",

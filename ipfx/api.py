@@ -19,6 +19,7 @@ import torch.nn as nn
 from .bases import BasisSpec
 from .config import TransformConfig
 from .errors import IPFXTypeError, IPFXValueError, NotTransformedError
+from .modes import ModeSwitch
 from .passes.lower_dense import LowerDense
 from .partial import TraceReport, transform_tree
 from .reparam import BasisWeight, qualified_weight_name
@@ -88,6 +89,11 @@ def transform(
     if not report.whole:
         warnings.warn(f"torch.fx could not trace {type(model).__name__} as a whole; ipfx.transform "
                       f"{report}", stacklevel=2)
+    for path, kind, mode, reason in report.one_mode:
+        warnings.warn(
+            f"torch.fx traced {path or '<root>'} ({kind}) in {mode} mode only: in the other mode its forward "
+            f"failed ({reason}). The transformed model computes the {mode}-mode graph in both modes; make that "
+            "forward traceable in both modes, or transform it as a leaf (leaf_modules=[...])", stacklevel=2)
     _warn_unreached(original, config, report)
     _warn_lost_hooks(original, result)
     return result
@@ -109,16 +115,23 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
     _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
     out = _copy(model)
     graphs = _graphs_holding_weights(out)
-    for gm in graphs:
-        if target == "fused":
-            from .passes.lower_fused import LowerFused  # imports the custom ops on first use
-
-            LowerFused()(gm)
-        LowerDense()(gm)
+    for holder in graphs:
+        if isinstance(holder, ModeSwitch):
+            holder.apply(lambda gm: _lower_graph(gm, target))  # both modes' graphs at once
+        else:
+            _lower_graph(holder, target)
     left = [name for name, m in out.named_modules() if isinstance(m, BasisWeight)]
     if left:  # every BasisWeight sits in a traced graph, so this means a bug, not a user error
         raise RuntimeError(f"ipfx.lower left coefficient weights behind: {left}")
     return out
+
+
+def _lower_graph(gm: fx.GraphModule, target: str) -> None:
+    if target == "fused":
+        from .passes.lower_fused import LowerFused  # imports the custom ops on first use
+
+        LowerFused()(gm)
+    LowerDense()(gm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +182,14 @@ def _basis_weights(model: nn.Module) -> Iterator[tuple[str, BasisWeight]]:
             yield name, m
 
 
-def _graphs_holding_weights(model: nn.Module) -> list[fx.GraphModule]:
-    """The GraphModules that directly hold the model's BasisWeights (the model itself, usually)."""
-    holders: dict[int, fx.GraphModule] = {}
+def _graphs_holding_weights(model: nn.Module) -> list[fx.GraphModule | ModeSwitch]:
+    """The GraphModules (or ModeSwitches) that directly hold the model's BasisWeights (usually the model)."""
+    holders: dict[int, fx.GraphModule | ModeSwitch] = {}
     found = False
 
-    def visit(module: nn.Module, graph: fx.GraphModule | None) -> None:
+    def visit(module: nn.Module, graph: fx.GraphModule | ModeSwitch | None) -> None:
         nonlocal found
-        if isinstance(module, fx.GraphModule):
+        if isinstance(module, (fx.GraphModule, ModeSwitch)):
             graph = module
         for child in module.children():
             if isinstance(child, BasisWeight):

@@ -89,19 +89,20 @@ def install_attention_kernels(gm: fx.GraphModule, paths) -> None:
 def restore_attention(gm: fx.GraphModule) -> bool:
     """Dense lowering: every AttentionKernels whose weights are plain tensors again becomes an
     ``nn.MultiheadAttention`` called with ``(query, key, value)`` (the graph of a plain trace)."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if is_attention_call(gm, node):
+            calls.setdefault(node.target, []).append(node)
     changed = False
-    for node in list(gm.graph.nodes):
-        if not is_attention_call(gm, node):
-            continue
-        kernels = gm.get_submodule(node.target)
-        weights = node.args[3:8]
+    for path, nodes in calls.items():  # a module called more than once is rebuilt once
+        weights = [w for node in nodes for w in node.args[3:8]]
         if not all(w is None or (isinstance(w, fx.Node) and w.op == "get_attr") for w in weights):
             continue  # still in coefficient form
-        mha = _rebuild(kernels)
-        parent_path, _, name = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent_path) if parent_path else gm, name, mha)
-        node.args = tuple(node.args[:3])
-        for w in weights:
+        parent_path, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent_path) if parent_path else gm, name, _rebuild(gm.get_submodule(path)))
+        for node in nodes:
+            node.args = tuple(node.args[:3])
+        for w in dict.fromkeys(weights):  # a weight node read by several calls is erased once
             if isinstance(w, fx.Node) and not w.users:
                 gm.graph.erase_node(w)
         changed = True

@@ -24,7 +24,8 @@ import torch.nn as nn
 from .config import TransformConfig
 from .errors import TraceError
 from .passes.rewrite_weights import RewriteWeights
-from .tracing import trace
+from .modes import ModeSwitch
+from .tracing import trace_modes
 
 
 @dataclasses.dataclass
@@ -34,6 +35,8 @@ class TraceReport:
     traced: list[str] = dataclasses.field(default_factory=list)  # module paths ("" = the root)
     untraced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (path, type, reason)
     rewrites: list[RewriteWeights] = dataclasses.field(default_factory=list, repr=False)
+    # (path, type, mode, reason): traced in its own mode only, the other mode's forward failed to trace
+    one_mode: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def whole(self) -> bool:
@@ -65,7 +68,8 @@ def transform_tree(
     auto_leaves: list[str] = []
     while True:
         try:
-            gm, inlined = trace(module, config, user_leaves + auto_leaves, name_prefix=_prefix(path))
+            traced, inlined, one_mode = trace_modes(module, config, user_leaves + auto_leaves,
+                                                    name_prefix=_prefix(path))
             break
         except TraceError as exc:
             failed = getattr(exc, "module_path", "")
@@ -81,6 +85,11 @@ def transform_tree(
                     setattr(module, name, new)
                 return module, report
             auto_leaves.append(failed)
+    if one_mode is not None:
+        mode = "train" if module.training else "eval"
+        report.one_mode.append((path, type(module).__name__, mode, one_mode))
+    # A ModeSwitch's passes run on its combined graph, which holds both modes and shares its modules.
+    gm = traced.combine() if isinstance(traced, ModeSwitch) else traced
     rewrite = RewriteWeights(config, dict(module.named_modules()), inlined, name_prefix=_prefix(path))
     rewrite(gm)
     report.traced.append(path)
@@ -101,7 +110,9 @@ def transform_tree(
         new, _ = transform_tree(child, config, leaf_modules, partial=partial, path=_join(path, leaf), report=report)
         _keep_plain_attributes(new, child)
         setattr(parent, name, new)
-    return gm, report
+    if isinstance(traced, ModeSwitch):
+        traced.split(gm)
+    return traced, report
 
 
 def _keep_plain_attributes(new: nn.Module, old: nn.Module) -> None:

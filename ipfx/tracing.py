@@ -18,6 +18,7 @@ import torch.nn as nn
 from .attention import attention_call, install_attention_kernels
 from .config import DEFAULT_MODULE_TYPES, TransformConfig
 from .errors import TraceError
+from .modes import ModeSwitch
 
 _STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
 
@@ -101,6 +102,51 @@ def trace(
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
     gm._tracer_cls = gm.graph._tracer_cls = None
     install_attention_kernels(gm, tracer.attention)
+    copy_module_state(gm, model)
+    return gm, tracer.inlined
+
+
+def trace_modes(
+    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = ""
+) -> tuple[fx.GraphModule | ModeSwitch, dict[str, nn.Module], str | None]:
+    """:func:`trace` in the model's own mode and in the other one (:mod:`ipfx.modes`).
+
+    Returns the ``GraphModule`` when both graphs are the same (most models), else a :class:`ModeSwitch`
+    holding both; the inlined modules of both traces; and, when only the model's own mode can be
+    traced, why the other could not (the result then has the own mode's graph only). A submodule that
+    fails in either mode raises :class:`TraceError` as :func:`trace` does.
+    """
+    # A forward may cache things on its module (torchvision's MultiScaleRoIAlign stores its scales on
+    # the first call): a trace would leave proxies there, and the second trace would read them.
+    saved = {m: dict(vars(m)) for m in model.modules()}
+    try:
+        gm, inlined = trace(model, config, leaf_modules, name_prefix)
+        _restore(saved)
+        model.train(not model.training)  # what a user's .train()/.eval() does, overrides included
+        other, other_inlined = trace(model, config, leaf_modules, name_prefix)
+    except TraceError as exc:
+        if getattr(exc, "module_path", "") or "gm" not in locals():
+            raise
+        return gm, inlined, str(exc.__cause__ or exc).splitlines()[0][:200]
+    finally:
+        _restore(saved)
+    if other.code == gm.code:
+        return gm, inlined, None
+    copy_module_state(other, model)
+    train, eval = (gm, other) if model.training else (other, gm)
+    return ModeSwitch(train, eval, training=model.training), {**other_inlined, **inlined}, None
+
+
+def _restore(saved: dict[nn.Module, dict]) -> None:
+    for module, attributes in saved.items():
+        current = vars(module)
+        if current.keys() != attributes.keys() or any(current[k] is not v for k, v in attributes.items()):
+            vars(module).clear()
+            vars(module).update(attributes)
+
+
+def copy_module_state(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give every module of ``gm`` the training flag and non-persistent buffers of its original."""
     originals = dict(model.named_modules())
     flags = {name: m.training for name, m in originals.items()}  # read all before setting any
     for name, module in gm.named_modules():
@@ -110,7 +156,6 @@ def trace(
             for buffer in originals[name]._non_persistent_buffers_set:
                 if buffer in module._buffers:
                     module._non_persistent_buffers_set.add(buffer)
-    return gm, tracer.inlined
 
 
 def _trace_failure_message(model: nn.Module, tracer: WeightTracer, exc: Exception) -> str:

@@ -754,6 +754,8 @@ class GraphRecipe:
                 return "res[" + seq(op[1]) + "]"
             if tag == "cat":
                 return "cat[" + seq(op[1]) + " | " + seq(op[2]) + "]"
+            if tag == "mode":
+                return "train[" + seq(op[1]) + "] / eval[" + seq(op[2]) + "]"
             return tag
 
         def seq(ops) -> str:
@@ -804,6 +806,8 @@ class RecipeNet(nn.Module):
                 x = x + self._run(op[1], x)
             elif tag == "cat":
                 x = torch.cat([self._run(op[1], x), self._run(op[2], x)], 1)
+            elif tag == "mode":  # a different branch in train and in eval mode, like auxiliary heads
+                x = self._run(op[1] if self.training else op[2], x)
             elif tag == "gap":
                 x = F.adaptive_avg_pool2d(x, 1)
             elif tag == "flatten":
@@ -902,7 +906,7 @@ def _graph_recipes(draw, max_blocks: int) -> GraphRecipe:
     in_shape = (batch, c, h, w)
     ops: list = []
     for i in range(draw(st.integers(1, max_blocks))):
-        blocks = ["chain", "res", "cat", "twice"]  # each holds a conv, so the first block always does
+        blocks = ["chain", "res", "cat", "twice", "mode"]  # each holds a conv, so the first block always does
         if i > 0 and min(h, w) >= 4:
             blocks.append("down")
         if i > 0 and max(h, w) <= 8:
@@ -928,6 +932,12 @@ def _graph_recipes(draw, max_blocks: int) -> GraphRecipe:
             bb, _ = b.layer(c, c_out=cb)
             ops.append(("cat", tuple(a), tuple(bb)))
             c = ca + cb
+        elif block == "mode":
+            c2 = draw(st.integers(1, MAX_CHANNELS))
+            in_train, _ = b.layer(c, c_out=c2)
+            in_eval, _ = b.layer(c, c_out=c2)
+            ops.append(("mode", tuple(in_train), tuple(in_eval)))
+            c = c2
         elif block == "twice":
             conv = b.conv(in_channels=c, out_channels=c, kernel_size=3, padding=1)
             middle = [("relu",)] + ([b.bn(c)] if draw(st.booleans()) else [])
@@ -972,6 +982,7 @@ def graph_recipes(max_blocks: int = 5) -> st.SearchStrategy[GraphRecipe]:
     """Strategy for :class:`GraphRecipe`: 1..max_blocks blocks, then a flatten + ``nn.Linear`` head.
 
     Blocks: conv chain (optional BN/ReLU), residual add, channel concat of two branches, one conv used twice,
+    a layer that differs between train and eval mode (``if self.training``, like auxiliary heads),
     downsampling (max/avg pool, strided conv, strided depthwise conv), upsampling ConvTranspose2d(k=2, s=2).
     Layers: 3x3 conv, non-square kernels, padding='same' with even kernels, :class:`WSConv2d`, reflect padding,
     1x1, raw-parameter ``F.conv2d``, ConvTranspose2d(k=3, p=1), grouped, depthwise. Input (1-2, 3, 8-12, 8-12),

@@ -39,13 +39,30 @@ def prepared(model, space, keep, seed=0):
     return t
 
 
+def graph_modules(model: nn.Module) -> dict[bool, fx.GraphModule]:
+    """The graph module run in each training mode: two for a ModeSwitch, else the model itself."""
+    if isinstance(model, ipfx.ModeSwitch):
+        return {mode: model.graph_module(mode) for mode in (True, False)}
+    return {True: model, False: model}
+
+
 def assert_plain(model: nn.Module) -> None:
-    """No ipfx module and no ipfx function anywhere in a dense-lowered model."""
-    for name, m in model.named_modules():
-        assert not type(m).__module__.startswith("ipfx"), name
-    for node in model.graph.nodes:
-        assert not str(getattr(node.target, "__module__", "")).startswith("ipfx"), node.format_node()
-        assert "ipfx" not in str(node.target), node.format_node()
+    """No ipfx module and no ipfx function anywhere in the graphs of a dense-lowered model (a model whose
+    graph depends on the training flag keeps its ModeSwitch, which runs one of two plain graph modules)."""
+    for gm in graph_modules(model).values():
+        for name, m in gm.named_modules():
+            assert not type(m).__module__.startswith("ipfx"), name
+        for node in gm.graph.nodes:
+            assert not str(getattr(node.target, "__module__", "")).startswith("ipfx"), node.format_node()
+            assert "ipfx" not in str(node.target), node.format_node()
+
+
+def assert_isomorphic_to_plain_traces(lowered: nn.Module, model: nn.Module) -> None:
+    """Each mode's lowered graph is the graph of a plain torch.fx trace of the model in that mode."""
+    flag = model.training
+    for mode, gm in graph_modules(lowered).items():
+        assert isomorphic(gm, fresh_trace(model.train(mode))), f"training={mode}"
+    model.train(flag)
 
 
 @given(conv_configs(), st.sampled_from(["ip", "sp"]), keeps)
@@ -73,10 +90,15 @@ def test_lowerings_equal_the_transformed_graph(case, space, keep, seed):
     dense = ipfx.lower(t, "dense")
     assert_close(quiet(dense, x), y, kind="lower: dense, random graph")
     assert_plain(dense)
-    assert isomorphic(dense, fresh_trace(model))
+    assert_isomorphic_to_plain_traces(dense, model)
     fused = quiet(ipfx.lower, t, "fused")
     with torch.no_grad():
         assert_close(quiet(fused, x), y.detach(), kind="lower: fused, random graph")
+    if isinstance(t, ipfx.ModeSwitch):  # both graphs were lowered: train mode too (batch norm alike in all)
+        y = quiet(t.train(), x)
+        assert_close(quiet(dense.train(), x), y, kind="lower: dense, random graph (train)")
+        with torch.no_grad():
+            assert_close(quiet(fused.train(), x), y.detach(), kind="lower: fused, random graph (train)")
 
 
 @given(functional_conv_models(), keeps)

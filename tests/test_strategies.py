@@ -225,7 +225,7 @@ def test_random_graph_models_pairs(case):
 
 
 GRAPH_FEATURES = [
-    "chain", "res", "cat", "twice", "bn", "relu", "fconv", "ws", "reflect", "dw", "pw", "convT",
+    "chain", "res", "cat", "twice", "mode", "bn", "relu", "fconv", "ws", "reflect", "dw", "pw", "convT",
     "grouped", "same_even", "nonsquare", "pool", "strided", "strided_dw", "up", "gap", "flatten", "linear",
 ]
 
@@ -241,6 +241,9 @@ def test_graph_recipes_reach_every_feature(feature):
         gm = torch.fx.symbolic_trace(model)
         calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
         assert any(calls.count(t) >= 2 for t in calls)
+    if feature == "mode":  # the two modes run different layers: plain traces differ
+        codes = {torch.fx.symbolic_trace(model.train(mode)).code for mode in (True, False)}
+        assert len(codes) == 2
     if feature == "ws":
         assert any(isinstance(m, WSConv2d) for m in model.modules())
     if feature == "fconv":

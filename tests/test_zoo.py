@@ -56,6 +56,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 import ipfx
+from ipfx import ModeSwitch
 from helpers import LEDGER, perturb_bases, randomize_masks, relative_error
 
 KERNEL_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -162,17 +163,9 @@ class Gap(NamedTuple):
     missing: str = ""  # for "rewritten": a regex that every weight left dense must match (fullmatch)
 
 
-_EVAL_ONLY = Gap(("rewritten",),
-                 "traced in eval mode: torch.fx fixes `if self.training` branches at trace time, so the auxiliary "
-                 "classifiers (run only in training) are not in the graph; their weights stay dense (ipfx warns), "
-                 "the transformed and lowered models have no aux modules and never return aux logits, even "
-                 "after .train()", r"(aux[12]|AuxLogits)\..*")
-#: Models that fail some property, and why. The tests assert that each still fails exactly there (and that
-#: every other property holds), so the list cannot go stale.
-KNOWN_GAPS: dict[str, Gap] = {
-    "googlenet": _EVAL_ONLY,
-    "inception_v3": _EVAL_ONLY,
-}
+#: Models that fail some property, and why (none at present). The tests assert that each still fails exactly
+#: there (and that every other property holds), so the list cannot go stale.
+KNOWN_GAPS: dict[str, Gap] = {}
 
 
 # -- measuring one model ----------------------------------------------------------------------------------
@@ -293,6 +286,18 @@ def calibrate_batch_norm(model: nn.Module, inputs: tuple, call_kwargs: dict) -> 
             h.remove()
 
 
+def _runtime_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that run: a ModeSwitch (a model whose graph depends on the training flag) runs one of
+    its two graph modules, which share its children."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, ModeSwitch):
+            out += [(f"{name}<{mode}>", m.graph_module(mode)) for mode in (True, False)]
+        else:
+            out.append((name, m))
+    return out
+
+
 def _all_eval(model: nn.Module) -> list[str]:
     return [name or "<root>" for name, m in model.named_modules() if m.training]
 
@@ -305,18 +310,25 @@ def _fx_constant(key: str) -> bool:
 def _plain_trace_keys(model: nn.Module) -> set[str] | None:
     """The state_dict keys of a plain torch.fx trace of ``model``; ``None`` if it does not trace.
 
-    A plain trace already drops what the graph never reads (e.g. auxiliary heads that run only in
-    training) and buffers it reads as constants; lowering is asked to give back exactly that. The
-    constants the tracer attaches to ``model`` are removed again.
+    A plain trace drops what its graph never reads and buffers it reads as constants. ipfx traces in
+    both modes (auxiliary heads run only in training), so the reference is the union of a plain trace
+    in train mode and one in eval mode. The constants the tracer attaches to ``model`` are removed again.
     """
     before = set(vars(model))
+    flags = {m: m.training for m in model.modules()}
     try:
-        return set(fx.GraphModule(model, fx.Tracer().trace(model)).state_dict())
+        keys = set()
+        for mode in (True, False):
+            model.train(mode)
+            keys |= set(fx.GraphModule(model, fx.Tracer().trace(model)).state_dict())
+        return keys
     except Exception:  # noqa: BLE001 - untraceable as a whole
         return None
     finally:
         for key in set(vars(model)) - before:
             del model.__dict__[key]
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def memory_check(s: Spec) -> str:
@@ -402,7 +414,7 @@ def _measure(s: Spec, r: Result) -> None:
             gc.collect()
             r.err_lower, bad = compare(dense(*inputs, **s.call_kwargs), y, "zoo: lower dense")
         r.add("lower", bad)
-        r.add("lower", [f"ipfx module left: {n}" for n, m in dense.named_modules()
+        r.add("lower", [f"ipfx module left: {n}" for n, m in _runtime_modules(dense)
                         if type(m).__module__.startswith("ipfx")])
         keys = {k for k in dense.state_dict() if not _fx_constant(k)}
         reference = own_keys if r.partial or plain_keys is None else plain_keys

@@ -1,0 +1,199 @@
+"""Modules whose forward depends on ``self.training``: one traced graph per mode, sharing every module.
+
+torch.fx runs ``forward`` as Python, so everything a forward decides from ``self.training`` is fixed at
+trace time: auxiliary classifiers (``if self.training: aux = self.aux1(x)``), ``F.dropout(x,
+training=self.training)``, stochastic depth. A single trace would compute what the model computes in
+one mode only, and weights used only in the other mode (auxiliary heads) would vanish from the graph.
+
+:func:`ipfx.transform` therefore traces each module in both modes. Where the two graphs differ, the
+result is a :class:`ModeSwitch`: the train-mode graph and the eval-mode graph, run according to the
+switch's own ``training`` flag (``.train()``/``.eval()`` as usual). Modules whose inlined code reads the
+flag follow the root's flag; ``call_module`` leaves (batch norm, dropout modules) keep their own.
+
+Sharing: the switch and both ``GraphModule`` s hold *the same* ``_modules``/``_parameters``/``_buffers``
+dicts, so every weight, coefficient and mask exists once, a module path means the same object in both
+graphs, and the state dict (taken from the switch) has the original names. Copies that rebuild a
+``GraphModule`` (``copy.deepcopy``, unpickling) give its graphs fresh containers around the same leaf
+objects; the switch ties them back before it runs them.
+
+Passes that must treat a weight once for both graphs (rewrite, fold, fuse) run on :meth:`ModeSwitch.combine`:
+one graph holding both, whose nodes are tagged with their mode and whose output is ``(train, eval)``.
+Since both halves read weights through the same ``get_attr`` paths, a pass that rewrites every use of a
+weight rewrites it in both modes at once. :meth:`ModeSwitch.split` cuts the result back: each half is
+every node of its mode plus everything those nodes read (shared weight subgraphs go to both).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+import torch.nn as nn
+
+_TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+_MODE = "ipfx_mode"  # node.meta key: True (train graph) / False (eval graph)
+_PLACEHOLDER = "ipfx_placeholder"  # node.meta key: (target, args) of a placeholder renamed in the combined graph
+
+
+class ModeSwitch(nn.Module):
+    """A traced module with one graph per training mode, run by ``self.training`` (module docstring).
+
+    ``ipfx.transform`` returns one (or holds one inside a partially traced model) when torch.fx gives
+    different graphs for the model in train and in eval mode; ``ipfx.lower`` lowers both graphs.
+    """
+
+    def __init__(self, train: fx.GraphModule, eval: fx.GraphModule, training: bool = True) -> None:
+        super().__init__()
+        merge_tree(train, eval)
+        for holder in (eval, self):
+            share_tree(holder, train)
+        self.__dict__["_graphs"] = {True: train, False: eval}  # plain attribute: not a child module
+        self.training = training
+
+    def graph_module(self, training: bool) -> fx.GraphModule:
+        """The ``GraphModule`` run in train (``True``) or eval (``False``) mode."""
+        gm = self.__dict__["_graphs"][bool(training)]
+        if gm.__dict__["_modules"] is not self._modules:
+            share_tree(gm, self)  # a deep copy or unpickling rebuilt the graph module's containers
+        return gm
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(self.training)(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return "one traced graph for train mode and one for eval mode, sharing these modules"
+
+    # -- passes over both graphs at once ------------------------------------------------------------
+    def combine(self) -> fx.GraphModule:
+        """One ``GraphModule`` (sharing this module's tree) whose graph holds both modes' graphs."""
+        graph = fx.Graph()
+        outputs = []
+        constants: dict[tuple, fx.Node] = {}  # computations on weights alone, shared by the two modes
+        for mode in (True, False):
+            env: dict[fx.Node, fx.Node] = {}
+            for node in self.graph_module(mode).graph.nodes:
+                if node.op == "output":
+                    outputs.append(fx.map_arg(node.args[0], env.__getitem__))
+                    continue
+                key = _constant_key(node, env, constants)
+                if key is not None and key in constants:
+                    env[node] = constants[key]
+                    continue
+                new = graph.node_copy(node, env.__getitem__)
+                if key is not None:
+                    constants[key] = new
+                new.meta[_MODE] = mode
+                if node.op == "placeholder":  # unique names, no defaults: a valid combined signature
+                    new.meta[_PLACEHOLDER] = (node.target, node.args)
+                    new.target, new.args = new.name, ()
+                env[node] = new
+        graph.output(tuple(outputs))
+        combined = fx.GraphModule(self, graph, class_name=type(self.graph_module(True)).__name__)
+        share_tree(combined, self)
+        return combined
+
+    def split(self, combined: fx.GraphModule) -> None:
+        """Take the two graphs back from ``combined`` (made by :meth:`combine`, then transformed)."""
+        for index, mode in enumerate((True, False)):
+            gm = self.graph_module(mode)
+            gm.graph = _half(combined.graph, mode, index, gm.graph)
+
+    def apply(self, transform: Callable[[fx.GraphModule], object]) -> None:
+        """Run ``transform`` (a pass) on the combined graph and split the result back."""
+        combined = self.combine()
+        transform(combined)
+        self.split(combined)
+
+
+def _constant_key(node: fx.Node, env: dict, constants: dict) -> tuple | None:
+    """A key equal for equal computations from weights only (``get_attr`` and what is computed from them).
+
+    Both modes then read one compose subgraph per weight, as the passes expect. Sharing such a node in
+    the combined graph changes nothing either mode computes: :func:`_half` gives each mode its own copy.
+    """
+    if node.op == "get_attr":
+        return ("get_attr", node.target)
+    if node.op not in ("call_function", "call_method"):
+        return None
+    shared = set(constants.values())
+    if not node.all_input_nodes or any(env[n] not in shared for n in node.all_input_nodes):
+        return None
+    try:
+        key = (node.op, node.target, _freeze(fx.map_arg(node.args, env.__getitem__)),
+               _freeze(fx.map_arg(node.kwargs, env.__getitem__)))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _freeze(value):
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_freeze, value))
+    if isinstance(value, dict):
+        return ("dict", *((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+    return value
+
+
+def _half(combined: fx.Graph, mode: bool, index: int, old: fx.Graph) -> fx.Graph:
+    """Every node tagged ``mode`` and all it reads, in the combined graph's order."""
+    output = next(n for n in reversed(combined.nodes) if n.op == "output")
+    value = output.args[0][index]
+    keep: set[fx.Node] = set()
+    stack = [n for n in combined.nodes if n.meta.get(_MODE) is mode]
+    fx.map_arg(value, stack.append)
+    while stack:
+        node = stack.pop()
+        if node not in keep:
+            keep.add(node)
+            stack.extend(node.all_input_nodes)
+    graph = fx.Graph()
+    graph._codegen = old._codegen  # the traced signature and output structure (pytree codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in combined.nodes:
+        if node not in keep or node.op == "output":
+            continue
+        if node.op == "placeholder":
+            target, args = node.meta[_PLACEHOLDER]
+            new = graph.create_node("placeholder", target, args, name=target.lstrip("*"), type_expr=node.type)
+            new.meta = {k: v for k, v in node.meta.items() if k not in (_MODE, _PLACEHOLDER)}
+        else:
+            new = graph.node_copy(node, env.__getitem__)
+            new.meta.pop(_MODE, None)
+        env[node] = new
+    old_output = next(n for n in reversed(old.nodes) if n.op == "output")
+    graph.output(fx.map_arg(value, env.__getitem__), type_expr=old_output.type)
+    graph.lint()
+    return graph
+
+
+def share_tree(holder: nn.Module, source: nn.Module) -> None:
+    """Make ``holder`` hold exactly ``source``'s children, parameters and buffers (the same dicts)."""
+    for key in _TREE:
+        holder.__dict__[key] = source.__dict__[key]
+
+
+def merge_tree(into: nn.Module, other: nn.Module) -> None:
+    """Add to ``into``'s module tree what only ``other``'s has, and make ``other`` use ``into``'s.
+
+    Both trees come from traces of one model, so a path names the same leaf object in both; only the
+    intermediate containers ``fx.GraphModule`` creates (plain ``nn.Module`` s) differ.
+    """
+    for name, tensor in other._parameters.items():
+        into._parameters.setdefault(name, tensor)
+    for name, tensor in other._buffers.items():
+        if name not in into._buffers:
+            into._buffers[name] = tensor
+            if name in other._non_persistent_buffers_set:
+                into._non_persistent_buffers_set.add(name)
+    for name, child in other._modules.items():
+        mine = into._modules.get(name)
+        if mine is None:
+            into._modules[name] = child
+        elif mine is not child:
+            if type(mine) is nn.Module and type(child) is not nn.Module:
+                mine, child = child, mine  # keep the real module, not fx's stand-in container
+            merge_tree(mine, child)
+            into._modules[name] = mine
