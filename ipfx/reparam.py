@@ -116,10 +116,15 @@ class BasisWeight(nn.Module):
 
     # -- the algebra ------------------------------------------------------------------------
     def compose(self) -> torch.Tensor:
-        """``W = reshape((mask * coeff) @ basis, weight_shape)``; ``mask * coeff`` in SP form."""
+        """``W = reshape((mask * coeff) @ basis, weight_shape)``; ``mask * coeff`` in SP form.
+
+        ``space="sp"`` fixes ``basis = I`` (DESIGN.md), and ``C @ I = C`` exactly, so SP skips the
+        product: ``W = reshape(mask * coeff)``, one elementwise op as in ``torch.nn.utils.prune``. The
+        identity is still stored (the state dict has a basis for every ``K > 1`` weight) but not read.
+        """
         masked = self.coeff * self.mask
-        if self.basis is None:
-            return masked
+        if not self.multiplies_basis:
+            return masked if self.basis is None else torch.reshape(masked, self.weight_shape)
         return torch.reshape(torch.matmul(masked, self.basis), self.weight_shape)
 
     def forward(self) -> torch.Tensor:
@@ -133,6 +138,11 @@ class BasisWeight(nn.Module):
     @property
     def has_basis(self) -> bool:
         return self.basis is not None
+
+    @property
+    def multiplies_basis(self) -> bool:
+        """Whether the composed weight is a product with the basis (not in SP, whose basis is ``I``)."""
+        return self.basis is not None and self.space != "sp"
 
     @property
     def trains_basis(self) -> bool:

@@ -363,3 +363,21 @@ def test_padding_computed_at_run_time_keeps_its_semantics():
     x = torch.randn(2, 3, 11, 8)
     with torch.no_grad():
         assert_close(ipfx.lower(t, "fused")(x), t(x), kind="lower: fused, run-time padding")
+
+
+def test_sp_composes_each_weight_with_one_elementwise_op_and_ip_with_one_product():
+    """SP's basis is the identity: its graph skips the product (as cheap as torch.nn.utils.prune)."""
+    model = TinyResNet(seed=0).eval()
+    x = model.example_input(batch=2)
+    for space in ("sp", "ip"):
+        t = ipfx.transform(model, space=space)
+        calls = [n.target for n in t.graph.nodes if n.op == "call_function"]
+        weights = ipfx.rewritten_weights(t)
+        with_basis = sum(1 for w in weights if w.basis != "none")
+        assert calls.count(torch.mul) == len(weights)
+        assert calls.count(torch.matmul) == (with_basis if space == "ip" else 0)
+        assert all(f"{w.prefix}.basis" in t.state_dict() for w in weights if w.basis != "none")
+        randomize_masks(t, 0.5)
+        module = t.get_submodule(weights[0].prefix)
+        assert torch.equal(module.compose(), module.fold()), "the eager compose is the graph's"
+        assert_close(ipfx.lower(t)(x), t(x), kind=f"transform: {space} compose")

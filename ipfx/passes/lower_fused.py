@@ -110,7 +110,7 @@ def _fused_module(module: BasisWeight, kind: str, dims: int, geometry: dict, bia
             return SparseLinear.from_weight(masked, bias), None
         kernel = module.weight_shape[2:]
         padding, pad = _explicit_padding(geometry["padding"], kernel, _per_dim(geometry["dilation"], dims))
-        basis = module.basis.detach() if module.basis is not None else None
+        basis = module.basis.detach() if module.multiplies_basis else None  # None: the identity
         fused = SparseIPConv.from_coefficients(
             masked, basis, bias, weight_shape=module.weight_shape, stride=_per_dim(geometry["stride"], dims),
             padding=padding, dilation=_per_dim(geometry["dilation"], dims), groups=int(geometry["groups"]),

@@ -11,7 +11,12 @@ For a kernel parameter ``P`` of shape ``(w0, w1, k_1, ..., k_d)`` with ``K = pro
                                     conv(x, weight, ...)
 
 and in SP form (``K = 1`` kernels, linear weights) ``weight = mul(coeff, mask)`` with ``coeff`` of
-``P``'s own shape. The new ``weight`` node replaces every use of ``P``, so whatever consumed ``P``
+``P``'s own shape. ``space="sp"`` has ``basis = I`` and skips the product (``C @ I = C`` exactly):
+``weight = reshape(mul(coeff, mask), P.shape)``, so SP costs one elementwise op per weight and step,
+like ``torch.nn.utils.prune``; IP costs that plus one ``(w0 w1, K) x (K, K)`` product. ``mul`` and
+``matmul`` each make one weight-sized tensor, ``reshape`` is a view: both are needed in backward
+(``mask`` for the coefficient gradient, ``mask * coeff`` for the basis gradient), so the composed
+weight is built once per step with no copy to spare. The new ``weight`` node replaces every use of ``P``, so whatever consumed ``P``
 (the conv itself, or weight standardisation before it) consumes the same tensor.
 
 Invariant (function preservation): at transform time ``mask = 1`` and ``coeff = P_flat @ inv(basis)``,
@@ -187,10 +192,11 @@ class RewriteWeights(PassBase):
             coeff = graph.get_attr(f"{prefix}.coeff")
             mask = graph.get_attr(f"{prefix}.mask")
             weight = graph.call_function(torch.mul, (coeff, mask))
-            if module.has_basis:
+            if module.multiplies_basis:
                 basis = graph.get_attr(f"{prefix}.basis")
-                flat = graph.call_function(torch.matmul, (weight, basis))
-                weight = graph.call_function(torch.reshape, (flat, module.weight_shape))
+                weight = graph.call_function(torch.matmul, (weight, basis))
+            if module.has_basis:
+                weight = graph.call_function(torch.reshape, (weight, module.weight_shape))
         for node in site.getattrs:
             node.replace_all_uses_with(weight)
             graph.erase_node(node)

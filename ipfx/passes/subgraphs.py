@@ -3,7 +3,9 @@
 The subgraph of a :class:`~ipfx.reparam.BasisWeight` at ``prefix`` is matched from the graph alone (no
 node metadata, which does not survive pickling) as the exact chain the rewrite pass emits::
 
-    mul(get_attr prefix.coeff, get_attr prefix.mask) [-> matmul(., get_attr prefix.basis) -> reshape]
+    mul(get_attr prefix.coeff, get_attr prefix.mask) [-> matmul(., get_attr prefix.basis)] [-> reshape]
+
+(``matmul`` where the module multiplies by its basis, ``reshape`` where it has one: SP skips its identity.)
 
 Its *output* is the last node of the chain: the composed weight. Anything the model's own forward does
 with the weight afterwards (weight standardisation, ...) is not part of it.
@@ -50,12 +52,13 @@ def _match(prefix: str, module: BasisWeight, getattrs) -> ComposeSubgraph:
     chain = _only_user(coeffs, lambda n: n.target is torch.mul and n.args[1] in masks)
     if chain is not None:
         nodes.append(chain)
-        if module.has_basis:
+        if module.multiplies_basis:
             chain = _only_user([chain], lambda n: n.target is torch.matmul and n.args[1] in bases)
             nodes.append(chain)
-            chain = _only_user([chain], lambda n: n.target is torch.reshape) if chain is not None else None
+        if module.has_basis and chain is not None:
+            chain = _only_user([chain], lambda n: n.target is torch.reshape)
             nodes.append(chain)
-    if chain is None or len(coeffs) != 1 or len(masks) != 1 or len(bases) != int(module.has_basis):
+    if chain is None or len(coeffs) != 1 or len(masks) != 1 or len(bases) != int(module.multiplies_basis):
         raise IPFXValueError(
             f"the compose subgraph of {prefix!r} (mul(coeff, mask) -> matmul(basis) -> reshape) was "
             "changed after ipfx.transform, so it cannot be lowered; transform the original model again"

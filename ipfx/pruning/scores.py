@@ -142,7 +142,7 @@ def example_ones(ctx: ScoreContext) -> torch.Tensor:
 # -- helpers ---------------------------------------------------------------------------------------
 def _row_norms(t: Target) -> torch.Tensor:
     basis = t.module.basis
-    if basis is None:
+    if not t.module.multiplies_basis:
         return torch.ones((), device=t.coeff.device)
     return basis.detach().norm(dim=1)
 
