@@ -36,8 +36,12 @@ KERNELS = (nn.Conv2d, nn.Linear)
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each function, calls interleaved round-robin."""
+def interleaved(fns: dict, reps: int, warmup: int = 1, pairs: dict | None = None) -> dict:
+    """Median seconds per call of each function, calls interleaved round-robin.
+
+    ``pairs``: ``{"a / b": ("a", "b")}``; each gets the median of the per-turn ratios ``a_i / b_i``
+    (calls made back to back), which drift on a shared machine disturbs less than a ratio of medians.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -47,7 +51,10 @@ def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    out = {name: statistics.median(t) for name, t in times.items()}
+    for label, (a, b) in (pairs or {}).items():
+        out[label] = statistics.median(x / y for x, y in zip(times[a], times[b]))
+    return out
 
 
 def torch_pruned(model: nn.Module, sparsity: float) -> nn.Module:
@@ -95,10 +102,14 @@ def resnet20():
 
 
 # -- sections -------------------------------------------------------------------------------------------
+TRAIN_PAIRS = {"IP / SP": ("ipfx IP", "ipfx SP"), "SP / torch prune": ("ipfx SP", "torch.nn.utils.prune (SP)"),
+               "IP / dense": ("ipfx IP", "dense")}
+
+
 def bench_train(quick: bool) -> list[dict]:
     rows = []
-    cases = [("CIFAR ResNet-20", resnet20, 128, 32, 3 if quick else 10),
-             ("torchvision resnet50", resnet50, 4 if quick else 16, 224, 2 if quick else 5)]
+    cases = [("CIFAR ResNet-20", resnet20, 128, 32, 3 if quick else 30),  # a 2% effect needs ~30 turns
+             ("torchvision resnet50", resnet50, 4 if quick else 16, 224, 2 if quick else 12)]
     for name, build, batch, size, reps in cases:
         model = build().train()
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
@@ -108,11 +119,12 @@ def bench_train(quick: bool) -> list[dict]:
             "ipfx SP": ipfx_pruned(model, "sp", 0.9),
             "ipfx IP": ipfx_pruned(model, "ip", 0.9),
         }
-        t = interleaved({k: train_step_fn(m, x, y) for k, m in variants.items()}, reps)
+        t = interleaved({k: train_step_fn(m, x, y) for k, m in variants.items()}, reps, warmup=3, pairs=TRAIN_PAIRS)
         rows.append(dict(model=name, batch=batch, **t))
         del variants
         gc.collect()
-        print(f"train step {name}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items()), flush=True)
+        print(f"train step {name}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items() if k not in TRAIN_PAIRS)
+              + "; " + ", ".join(f"{k} {t[k]:.3f}" for k in TRAIN_PAIRS), flush=True)
     return rows
 
 
@@ -195,7 +207,7 @@ def bench_layers(quick: bool) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
+@torch.no_grad()  # inference, as deployed: no autograd graph for any variant
 def bench_end_to_end(quick: bool) -> list[dict]:
     rows = []
     model = resnet50().eval()
@@ -209,7 +221,7 @@ def bench_end_to_end(quick: bool) -> list[dict]:
             dense = ipfx.lower(ip, "dense")
             same = torch.allclose(dense(x), ip(x), rtol=1e-3, atol=1e-4)
             t = interleaved({"original": lambda: model(x), "dense": lambda: dense(x), "fused IP": lambda: fused_ip(x),
-                             "fused SP": lambda: fused_sp(x)}, 2 if quick or batch > 1 else 5)
+                             "fused SP": lambda: fused_sp(x)}, 2 if quick else 3 if batch > 1 else 15)
             row = dict(batch=batch, sparsity=s, dense_equals_transformed=same, dense_bytes=state_bytes(dense),
                        fused_ip_bytes=state_bytes(fused_ip), fused_sp_bytes=state_bytes(fused_sp), **t)
             rows.append(row)
@@ -220,9 +232,15 @@ def bench_end_to_end(quick: bool) -> list[dict]:
     return rows
 
 
+# A fixed mmap threshold: glibc then returns every freed block above 64 KiB to the system at once (its
+# default threshold grows as blocks are freed, and freed heap memory, e.g. left over from loading the
+# model, would be reused by the step unseen). Resident memory then follows the live tensors.
+PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def bench_memory(quick: bool) -> list[dict]:
     """Peak resident memory added by one training step (the first: activations, gradients and optimizer
-    state), each variant in a fresh process that loads the prepared model, so nothing else inflates it."""
+    state), each variant in a fresh process that loads the prepared model (:func:`memory_probe`)."""
     import tempfile
 
     rows = []
@@ -236,7 +254,7 @@ def bench_memory(quick: bool) -> list[dict]:
                 torch.save(m, path)
                 size = 32 if name == "resnet20" else 224
                 out = subprocess.run([sys.executable, __file__, "--memory-probe", path, str(batch), str(size)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True, check=True, env=PROBE_ENV)
                 peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["step_mb"]
                 m = None
                 gc.collect()
@@ -246,21 +264,66 @@ def bench_memory(quick: bool) -> list[dict]:
 
 
 def memory_probe(path: str, batch: int, size: int) -> None:
-    import resource
+    """Run in a child with ``MALLOC_MMAP_THRESHOLD_`` set (see :func:`bench_memory`): peak resident memory
+    of the step (``VmHWM``, reset just before it) minus the resident memory just before it."""
+    import ctypes
 
     torch.set_num_threads(1)
     model = torch.load(path, weights_only=False).train()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     step = train_step_fn(model, x, y)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (the peak) to the current resident size
     step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"step_mb": round((after - before) / 1024, 1)}))
+    print(json.dumps({"step_mb": round((_status_kb("VmHWM") - before) / 1024, 1)}))
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 # -- report ---------------------------------------------------------------------------------------------
 def ratio(a, b) -> str:
     return f"{a / b:.2f}x"
+
+
+def _train_ratio(r: dict, label: str, text: bool = True):
+    a, b = TRAIN_PAIRS[label]
+    value = r.get(label, r[a] / r[b])  # older results have medians only
+    return f"{value:.2f}x" if text else value
+
+
+def targets(results: dict) -> list[str]:
+    """The performance targets of the project (issue 6), each against what this run measured."""
+    rows = []
+
+    def add(target: str, measured: list[tuple[str, float]], limit: float, above: bool = False):
+        if measured:
+            ok = all((v >= limit) if above else (v <= limit) for _, v in measured)
+            rows.append(f"| {target} | {'; '.join(f'{v:.2f}x ({w})' for w, v in measured)} | {'yes' if ok else 'no'} |")
+
+    train = results.get("train", [])
+    add("IP train step <= 1.10x SP", [(r["model"], _train_ratio(r, "IP / SP", False)) for r in train], 1.10)
+    add("ipfx SP train step <= 1.05x torch.nn.utils.prune",
+        [(r["model"], _train_ratio(r, "SP / torch prune", False)) for r in train], 1.05)
+    for r in results.get("transform", []):
+        if r["model"] == "resnet50":
+            rows.append(f"| transform of resnet50 <= 1 s | {r['transform']:.2f} s | {'yes' if r['transform'] <= 1 else 'no'} |")
+    e2e = [r for r in results.get("end_to_end", []) if r["sparsity"] == 0.95]
+    add("fused resnet50 at 95% saved >= 8x smaller than dense",
+        [(f"batch {r['batch']}", r["dense_bytes"] / r["fused_ip_bytes"]) for r in e2e if r["batch"] == 1], 8.0, above=True)
+    add("fused resnet50 at 95%, batch-1 latency <= dense",
+        [("batch 1", r["fused IP"] / r["dense"]) for r in e2e if r["batch"] == 1], 1.0)
+    if not rows:
+        return []
+    return ["## Targets", "", "| target | measured | met |", "|---|---|---|", *rows, ""]
 
 
 def write_report(path: str, results: dict, args, seconds: float) -> None:
@@ -269,6 +332,7 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
              f"(threads: {torch.get_num_threads()}), {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min.",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
              "CPU only. Times are medians of interleaved repetitions; compare ratios, not absolute times.", ""]
+    lines += targets(results)
     train = results.get("train", [])
     if train:
         lines += ["## Training step (90% sparsity, SGD with momentum)", "",
@@ -276,8 +340,9 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in train:
             lines.append(f"| {r['model']} | {r['batch']} | {r['dense'] * 1e3:.0f} ms | {r['torch.nn.utils.prune (SP)'] * 1e3:.0f} ms "
-                         f"| {r['ipfx SP'] * 1e3:.0f} ms | {r['ipfx IP'] * 1e3:.0f} ms | {ratio(r['ipfx IP'], r['ipfx SP'])} "
-                         f"| {ratio(r['ipfx SP'], r['torch.nn.utils.prune (SP)'])} | {ratio(r['ipfx IP'], r['dense'])} |")
+                         f"| {r['ipfx SP'] * 1e3:.0f} ms | {r['ipfx IP'] * 1e3:.0f} ms | {_train_ratio(r, 'IP / SP')} "
+                         f"| {_train_ratio(r, 'SP / torch prune')} | {_train_ratio(r, 'IP / dense')} |")
+        lines += ["", "Ratios are medians of per-turn ratios (the two steps run back to back).", ""]
         lines.append("")
     pr = results.get("prune", [])
     if pr:

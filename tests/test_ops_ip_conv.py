@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipfx.errors import IPFXValueError
 from ipfx.ops.ip_conv import (
     ORDER_BASIS_FIRST,
     ORDER_COEFF_FIRST,
@@ -551,3 +552,23 @@ def test_auto_order_is_measured_once_per_storage_and_shape_and_rebuilt_after_cha
         assert torch.allclose(conv(x), 2 * ref)
         for order in (1, 2, 3):
             assert torch.allclose(conv(x, order), 2 * ref)
+
+
+def test_the_modules_eager_inference_path_is_the_registered_op():
+    """Under no_grad in eager mode the module skips the dispatcher; results and errors are the op's."""
+    case = _case()
+    t = make_tensors(case)
+    m = module_for(case, t).eval()
+    for order in (1, 2, 3):
+        with torch.no_grad():
+            direct = m(t.x, order)
+            via_op = torch.ops.ipfx.ip_conv(t.x, m.values, m.indices, m.basis, m.bias, list(m.weight_shape),
+                                            list(m.stride), list(m.padding), list(m.dilation), m.groups,
+                                            m.transposed, list(m.output_padding), order)
+        assert torch.equal(direct, via_op), order
+    wrong = t.x[:, :1]  # one input channel: the geometry is checked for every new input shape
+    if t.x.shape[1] != 1:
+        with torch.no_grad(), pytest.raises(IPFXValueError, match="channels"):
+            m(wrong)
+    graph = torch.fx.symbolic_trace(m)  # tracing sees the op, not its implementation
+    assert any(n.target in (torch.ops.ipfx.ip_conv, torch.ops.ipfx.ip_conv.default) for n in graph.graph.nodes)
