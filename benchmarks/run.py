@@ -326,10 +326,15 @@ def targets(results: dict) -> list[str]:
     return ["## Targets", "", "| target | measured | met |", "|---|---|---|", *rows, ""]
 
 
+ALL_SECTIONS = "train,prune,transform,layers,end_to_end,memory"
+
+
 def write_report(path: str, results: dict, args, seconds: float) -> None:
     lines = ["# ipfx benchmarks", "",
-             f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''}` "
-             f"(threads: {torch.get_num_threads()}), {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min.",
+             f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''}"
+             f"{'' if args.sections == ALL_SECTIONS else ' --sections ' + args.sections}` "
+             f"(threads: {torch.get_num_threads()}), {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min"
+             + ("." if args.sections == ALL_SECTIONS else "; the other sections are kept from earlier runs (report.json)."),
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
              "CPU only. Times are medians of interleaved repetitions; compare ratios, not absolute times.", ""]
     lines += targets(results)
@@ -402,7 +407,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases (a smoke run)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "report.md"))
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--sections", default="train,prune,transform,layers,end_to_end,memory")
+    parser.add_argument("--sections", default=ALL_SECTIONS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -44,6 +44,7 @@ class ModeSwitch(nn.Module):
 
     def __init__(self, train: fx.GraphModule, eval: fx.GraphModule, training: bool = True) -> None:
         super().__init__()
+        _rename_clashing_constants(eval, train)
         merge_tree(train, eval)
         for holder in (eval, self):
             share_tree(holder, train)
@@ -167,6 +168,36 @@ def _half(combined: fx.Graph, mode: bool, index: int, old: fx.Graph) -> fx.Graph
     graph.output(fx.map_arg(value, env.__getitem__), type_expr=old_output.type)
     graph.lint()
     return graph
+
+
+def _rename_clashing_constants(gm: fx.GraphModule, other: fx.GraphModule) -> None:
+    """Give ``gm``'s root tensors that share a name with a different tensor of ``other`` a fresh name.
+
+    Each trace numbers the constants it creates (``_tensor_constant0``, ...) on its own, so the same name
+    can stand for different tensors in the two modes' graphs. Everything below the root is the model's
+    own and the same object in both.
+    """
+    renames = {}
+    for store in ("_parameters", "_buffers"):
+        for name, tensor in list(getattr(gm, store).items()):
+            theirs = other._parameters.get(name, other._buffers.get(name))
+            if theirs is None or theirs is tensor:
+                continue
+            new = f"{name}_eval"
+            while hasattr(gm, new) or hasattr(other, new):
+                new += "_"
+            if store == "_buffers":
+                gm.register_buffer(new, tensor, persistent=name not in gm._non_persistent_buffers_set)
+            else:
+                gm.register_parameter(new, tensor)
+            delattr(gm, name)
+            renames[name] = new
+    if renames:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target.split(".")[0] in renames:
+                head, _, rest = node.target.partition(".")
+                node.target = renames[head] + ("." + rest if rest else "")
+        gm.recompile()
 
 
 def share_tree(holder: nn.Module, source: nn.Module) -> None:

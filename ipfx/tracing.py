@@ -6,6 +6,9 @@ modules whose weight the config wants rewritten: their ``forward`` becomes ``get
 ``conv2d``/``linear`` (with the ``pad`` node of a non-zero ``padding_mode``), and the weight can be
 rewritten like any other parameter. Everything else keeps the default leaf rules, plus the leaves the
 user names. The modules traced through are recorded, so lowering can put them back.
+
+:func:`trace_modes` traces in train and in eval mode, because a forward that reads ``self.training``
+gives a different graph in each (:mod:`ipfx.modes`).
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ def trace_modes(
 
 
 def _restore(saved: dict[nn.Module, dict]) -> None:
+    """Put back every module's attributes as they were before tracing (training flags included)."""
     for module, attributes in saved.items():
         current = vars(module)
         if current.keys() != attributes.keys() or any(current[k] is not v for k, v in attributes.items()):

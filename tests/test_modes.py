@@ -265,3 +265,47 @@ def test_torch_compile_and_export_of_a_switch(net):
     assert head.coeff.grad is not None and not head.coeff.grad[head.mask == 0].any()
     exported = torch.export.export(reference.eval(), (x,))
     assert_close(exported.module()(x), reference(x), kind="modes: torch.export")
+
+
+def test_constants_created_in_forward_keep_their_values_in_each_mode():
+    """Each trace numbers its constants (``_tensor_constant0``, ...) on its own: the same name may stand
+    for different tensors in the two graphs."""
+
+    class Constants(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            if self.training:
+                x = x * torch.tensor(2.0)
+            return self.conv(x) + torch.tensor(3.0)
+
+    model = Constants().eval()
+    x = torch.randn(1, 2, 5, 5)
+    t = ipfx.transform(model)
+    assert isinstance(t, ipfx.ModeSwitch)
+    assert_same_in_both_modes(model, t, x, "modes: constants")
+    for target in ("dense", "fused"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            assert_same_in_both_modes(model, ipfx.lower(t, target), x, f"modes: constants, {target}")
+
+
+def test_a_forward_traceable_in_one_mode_only_keeps_that_graph_and_says_so():
+    class TrainOnlyControlFlow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            if self.training and x.sum() > 0:  # data-dependent, but only reached in train mode
+                x = -x
+            return self.conv(x)
+
+    model = TrainOnlyControlFlow().eval()
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.warns(UserWarning, match="in eval mode only"):
+        t = ipfx.transform(model)
+    assert isinstance(t, fx.GraphModule)
+    assert_close(t(x), model(x), kind="modes: one mode")
