@@ -12,12 +12,14 @@ For a kernel parameter ``P`` of shape ``(w0, w1, k_1, ..., k_d)`` with ``K = pro
 
 and in SP form (``K = 1`` kernels, linear weights) ``weight = mul(coeff, mask)`` with ``coeff`` of
 ``P``'s own shape. ``space="sp"`` has ``basis = I`` and skips the product (``C @ I = C`` exactly):
-``weight = reshape(mul(coeff, mask), P.shape)``, so SP costs one elementwise op per weight and step,
-like ``torch.nn.utils.prune``; IP costs that plus one ``(w0 w1, K) x (K, K)`` product. ``mul`` and
-``matmul`` each make one weight-sized tensor, ``reshape`` is a view: both are needed in backward
-(``mask`` for the coefficient gradient, ``mask * coeff`` for the basis gradient), so the composed
-weight is built once per step with no copy to spare. The new ``weight`` node replaces every use of ``P``, so whatever consumed ``P``
-(the conv itself, or weight standardisation before it) consumes the same tensor.
+``weight = reshape(mul(coeff, mask), P.shape)``.
+
+Cost: SP composes with one elementwise op per weight and step, like ``torch.nn.utils.prune``; IP adds
+one ``(w0 w1, K) x (K, K)`` product. ``mul`` and ``matmul`` each make one weight-sized tensor and
+``reshape`` is a view; backward needs ``mask`` (for the coefficient gradient) and ``mask * coeff``
+(for the basis gradient), so there is no copy to spare. The weight is composed once per step however
+often it is used: the new ``weight`` node replaces every use of ``P``, so whatever consumed ``P`` (the
+conv itself, a second call of the same module, weight standardisation) consumes the same tensor.
 
 Invariant (function preservation): at transform time ``mask = 1`` and ``coeff = P_flat @ inv(basis)``,
 so ``weight == P`` up to float rounding and the graph computes what it computed before. The state
