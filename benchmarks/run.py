@@ -337,6 +337,8 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
              + ("." if args.sections == ALL_SECTIONS else "; the other sections are kept from earlier runs (report.json)."),
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
              "CPU only. Times are medians of interleaved repetitions; compare ratios, not absolute times.", ""]
+    if args.quick:
+        lines += ["**A `--quick` smoke run: 2-3 repetitions per case, so the ratios below are noise, not measurements.**", ""]
     lines += targets(results)
     train = results.get("train", [])
     if train:
