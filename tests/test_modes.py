@@ -309,3 +309,26 @@ def test_a_forward_traceable_in_one_mode_only_keeps_that_graph_and_says_so():
         t = ipfx.transform(model)
     assert isinstance(t, fx.GraphModule)
     assert_close(t(x), model(x), kind="modes: one mode")
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_of_a_lowered_switch_in_eval_mode(net, dynamo):
+    """Exporters trace one mode: the eval graph of the dense lowering, with plain Conv nodes."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    model, x = net
+    t = ipfx.transform(model)
+    randomize_masks(t, 0.5)
+    dense = ipfx.lower(t, "dense").eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated
+        torch.onnx.export(dense, (x,), buffer, dynamo=dynamo, verbose=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    assert [n.op_type for n in proto.graph.node].count("Conv") == 2  # the aux head runs in training only
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(y), dense(x), kind="modes: onnx")
