@@ -6,6 +6,12 @@ Sections: training step time (IP vs SP vs torch.nn.utils.prune vs dense), transf
 inference (lowered dense vs original; fused IP vs dense vs fused SP, per layer and end to end),
 deployed size, and peak memory of a training step (IP vs SP, in fresh subprocesses). Timings are
 medians over interleaved repetitions (variants take turns, so drift hits all of them alike).
+
+Allocator: glibc returns large freed blocks to the system unless its (adaptive) mmap threshold has grown
+past them, so a large temporary costs its page faults on some calls and not on others, depending on the
+process's allocation history: a grouped conv with a 7 MB output took 0.5 ms or 4.1 ms in otherwise equal
+processes. ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=268435456`` (or jemalloc/tcmalloc)
+makes such timings steady; the report names the threshold when it is set.
 """
 
 from __future__ import annotations
@@ -336,7 +342,9 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
              f"(threads: {torch.get_num_threads()}), {time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min"
              + ("." if args.sections == ALL_SECTIONS else "; the other sections are kept from earlier runs (report.json)."),
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-             "CPU only. Times are medians of interleaved repetitions; compare ratios, not absolute times.", ""]
+             "CPU only. Times are medians of interleaved repetitions; compare ratios, not absolute times."
+             + (f" Allocator: MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}."
+                if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""), ""]
     if args.quick:
         lines += ["**A `--quick` smoke run: 2-3 repetitions per case, so the ratios below are noise, not measurements.**", ""]
     lines += targets(results)
