@@ -70,19 +70,21 @@ class ModeSwitch(nn.Module):
         graph = fx.Graph()
         outputs = []
         constants: dict[tuple, fx.Node] = {}  # computations on weights alone, shared by the two modes
+        shared: set[fx.Node] = set()  # their nodes
         for mode in (True, False):
             env: dict[fx.Node, fx.Node] = {}
             for node in self.graph_module(mode).graph.nodes:
                 if node.op == "output":
                     outputs.append(fx.map_arg(node.args[0], env.__getitem__))
                     continue
-                key = _constant_key(node, env, constants)
+                key = _constant_key(node, env, shared)
                 if key is not None and key in constants:
                     env[node] = constants[key]
                     continue
                 new = graph.node_copy(node, env.__getitem__)
                 if key is not None:
                     constants[key] = new
+                    shared.add(new)
                 new.meta[_MODE] = mode
                 if node.op == "placeholder":  # unique names, no defaults: a valid combined signature
                     new.meta[_PLACEHOLDER] = (node.target, node.args)
@@ -106,7 +108,7 @@ class ModeSwitch(nn.Module):
         self.split(combined)
 
 
-def _constant_key(node: fx.Node, env: dict, constants: dict) -> tuple | None:
+def _constant_key(node: fx.Node, env: dict, shared: set) -> tuple | None:
     """A key equal for equal computations from weights only (``get_attr`` and what is computed from them).
 
     Both modes then read one compose subgraph per weight, as the passes expect. Sharing such a node in
@@ -116,7 +118,6 @@ def _constant_key(node: fx.Node, env: dict, constants: dict) -> tuple | None:
         return ("get_attr", node.target)
     if node.op not in ("call_function", "call_method"):
         return None
-    shared = set(constants.values())
     if not node.all_input_nodes or any(env[n] not in shared for n in node.all_input_nodes):
         return None
     try:
