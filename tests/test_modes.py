@@ -85,14 +85,14 @@ def test_the_switch_has_the_original_names_and_one_copy_of_each_tensor(net):
     model, _ = net
     t = ipfx.transform(model)
     expected = set()
-    for name in model.state_dict():
+    for name, tensor in model.state_dict().items():
         prefix, _, leaf = name.rpartition(".")
-        if leaf == "weight" and getattr(model.get_submodule(prefix), "weight").dim() >= 2:
-            expected |= {f"{prefix}.coeff", f"{prefix}.mask"} | (
-                {f"{prefix}.basis"} if model.get_submodule(prefix).weight.dim() > 2 and
-                model.get_submodule(prefix).weight[0, 0].numel() > 1 else set())
-        else:
+        if leaf != "weight" or tensor.dim() < 2:  # batch norm, biases, buffers: unchanged
             expected.add(name)
+            continue
+        expected |= {f"{prefix}.coeff", f"{prefix}.mask"}
+        if tensor[0, 0].numel() > 1:  # a kernel with K > 1 has a basis
+            expected.add(f"{prefix}.basis")
     assert set(t.state_dict()) == expected
     train, eval_ = t.graph_module(True), t.graph_module(False)
     assert train.graph is not eval_.graph
