@@ -300,10 +300,9 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x"
 
 
-def _train_ratio(r: dict, label: str, text: bool = True):
+def _train_ratio(r: dict, label: str) -> float:
     a, b = TRAIN_PAIRS[label]
-    value = r.get(label, r[a] / r[b])  # older results have medians only
-    return f"{value:.2f}x" if text else value
+    return r.get(label, r[a] / r[b])  # older results have medians only
 
 
 def targets(results: dict) -> list[str]:
@@ -316,9 +315,9 @@ def targets(results: dict) -> list[str]:
             rows.append(f"| {target} | {'; '.join(f'{v:.2f}x ({w})' for w, v in measured)} | {'yes' if ok else 'no'} |")
 
     train = results.get("train", [])
-    add("IP train step <= 1.10x SP", [(r["model"], _train_ratio(r, "IP / SP", False)) for r in train], 1.10)
+    add("IP train step <= 1.10x SP", [(r["model"], _train_ratio(r, "IP / SP")) for r in train], 1.10)
     add("ipfx SP train step <= 1.05x torch.nn.utils.prune",
-        [(r["model"], _train_ratio(r, "SP / torch prune", False)) for r in train], 1.05)
+        [(r["model"], _train_ratio(r, "SP / torch prune")) for r in train], 1.05)
     for r in results.get("transform", []):
         if r["model"] == "resnet50":
             rows.append(f"| transform of resnet50 <= 1 s | {r['transform']:.2f} s | {'yes' if r['transform'] <= 1 else 'no'} |")
@@ -355,8 +354,8 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in train:
             lines.append(f"| {r['model']} | {r['batch']} | {r['dense'] * 1e3:.0f} ms | {r['torch.nn.utils.prune (SP)'] * 1e3:.0f} ms "
-                         f"| {r['ipfx SP'] * 1e3:.0f} ms | {r['ipfx IP'] * 1e3:.0f} ms | {_train_ratio(r, 'IP / SP')} "
-                         f"| {_train_ratio(r, 'SP / torch prune')} | {_train_ratio(r, 'IP / dense')} |")
+                         f"| {r['ipfx SP'] * 1e3:.0f} ms | {r['ipfx IP'] * 1e3:.0f} ms | {_train_ratio(r, 'IP / SP'):.2f}x "
+                         f"| {_train_ratio(r, 'SP / torch prune'):.2f}x | {_train_ratio(r, 'IP / dense'):.2f}x |")
         lines += ["", "Ratios are medians of per-turn ratios (the two steps run back to back).", ""]
         lines.append("")
     pr = results.get("prune", [])

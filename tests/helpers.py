@@ -90,3 +90,30 @@ def perturb_bases(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> 
             if isinstance(m, ipfx.BasisWeight) and m.basis is not None:
                 noise = torch.randn(m.basis.shape, generator=g, dtype=torch.float64).to(m.basis.dtype)
                 m.basis.add_(scale * noise / m.basis.shape[0] ** 0.5)
+
+
+def brute_force_dense_grads(model: torch.nn.Module, batch) -> list[torch.Tensor]:
+    """dL/dcoeff of every prunable tensor (in ``targets`` order) through a lowered plain copy:
+    dL/dC = dL/dW_flat @ B^T, or dL/dW in SP form."""
+    import torch.nn.functional as F
+
+    import ipfx
+    from ipfx.pruning.targets import targets
+
+    plain = ipfx.lower(model, "dense")
+    plain.train(model.training)
+    params = dict(plain.named_parameters())
+    found = targets(model)
+    loss = F.cross_entropy(plain(batch[0]), batch[1])
+    grads = torch.autograd.grad(loss, [params[t.name] for t in found])
+    return [g if t.module.basis is None else g.reshape(t.coeff.shape) @ t.module.basis.detach().T
+            for t, g in zip(found, grads)]
+
+
+def graph_modules(model: torch.nn.Module) -> dict[bool, fx.GraphModule]:
+    """The graph module run in each training mode: two for an ipfx.ModeSwitch, else the model itself."""
+    import ipfx
+
+    if isinstance(model, ipfx.ModeSwitch):
+        return {mode: model.graph_module(mode) for mode in (True, False)}
+    return {True: model, False: model}

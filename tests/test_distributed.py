@@ -25,6 +25,7 @@ import ipfx
 from ipfx.pruning import allocation, schedules, scores
 from ipfx.pruning.targets import targets
 from gloo import run_on_ranks
+from helpers import brute_force_dense_grads
 from strategies import TinyResNet
 
 WORLD = 2
@@ -44,18 +45,6 @@ def rank_batches(rank: int, purpose: int, n: int = 1, dtype=torch.float32):
 
 def flat_masks(model) -> torch.Tensor:
     return torch.cat([t.mask.reshape(-1) for t in targets(model)])
-
-
-def brute_force_dense_grads(model, batch):
-    """dL/dcoeff through a lowered plain copy (dL/dC = dL/dW_flat @ B^T)."""
-    plain = ipfx.lower(model, "dense")
-    plain.train(model.training)
-    params = dict(plain.named_parameters())
-    found = targets(model)
-    loss = F.cross_entropy(plain(batch[0]), batch[1])
-    grads = torch.autograd.grad(loss, [params[t.name] for t in found])
-    return [g if t.module.basis is None else g.reshape(t.coeff.shape) @ t.module.basis.detach().T
-            for t, g in zip(found, grads)]
 
 
 # -- the workers -----------------------------------------------------------------------------------------

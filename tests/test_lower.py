@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 import ipfx
 from ipfx.ops import SparseIPConv, SparseLinear
-from helpers import assert_close, isomorphic, perturb_bases, randomize_masks
+from helpers import assert_close, graph_modules, isomorphic, perturb_bases, randomize_masks
 from strategies import SameEvenConv, TinyResNet, WSConv2d, conv_configs, functional_conv_models, random_graph_models
 
 keeps = st.sampled_from([0.0, 0.1, 0.5, 1.0])
@@ -37,13 +37,6 @@ def prepared(model, space, keep, seed=0):
     if space == "ip":
         perturb_bases(t, seed=seed)
     return t
-
-
-def graph_modules(model: nn.Module) -> dict[bool, fx.GraphModule]:
-    """The graph module run in each training mode: two for a ModeSwitch, else the model itself."""
-    if isinstance(model, ipfx.ModeSwitch):
-        return {mode: model.graph_module(mode) for mode in (True, False)}
-    return {True: model, False: model}
 
 
 def assert_plain(model: nn.Module) -> None:

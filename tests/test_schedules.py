@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import ipfx
 from ipfx.errors import IPFXValueError, NotTransformedError
 from ipfx.pruning import schedules
+from helpers import brute_force_dense_grads
 from strategies import TinyResNet
 
 SPACES = ("ip", "sp")
@@ -73,23 +74,6 @@ def top(score: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.zeros(flat.shape, dtype=torch.bool)
     out[torch.argsort(flat, descending=True, stable=True)[:k]] = True
     return out.reshape(score.shape)
-
-
-def brute_force_dense_grads(model, batch) -> list[torch.Tensor]:
-    """dL/dcoeff through a lowered (plain) copy: dL/dC = dL/dW_flat @ B^T, or dL/dW in SP form."""
-    plain = ipfx.lower(model, "dense")
-    plain.train(model.training)
-    params = dict(plain.named_parameters())
-    ws = weights(model)
-    loss = F.cross_entropy(plain(batch[0]), batch[1])
-    grads = torch.autograd.grad(loss, [params[m.weight_name] for m in ws])
-    out = []
-    for m, g in zip(ws, grads):
-        if m.basis is None:
-            out.append(g)
-        else:
-            out.append(g.reshape(m.coeff.shape) @ m.basis.detach().T)
-    return out
 
 
 # -- GMP --------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ import torchvision.models as tvm
 
 import ipfx
 from ipfx import ModeSwitch
-from helpers import LEDGER, perturb_bases, randomize_masks, relative_error
+from helpers import LEDGER, graph_modules, perturb_bases, randomize_masks, relative_error
 
 KERNEL_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                 nn.Linear)
@@ -292,7 +292,7 @@ def _runtime_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
     for name, m in model.named_modules():
         if isinstance(m, ModeSwitch):
-            out += [(f"{name}<{mode}>", m.graph_module(mode)) for mode in (True, False)]
+            out += [(f"{name}<{mode}>", gm) for mode, gm in graph_modules(m).items()]
         else:
             out.append((name, m))
     return out
