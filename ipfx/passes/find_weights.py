@@ -17,51 +17,10 @@ from __future__ import annotations
 import dataclasses
 import operator
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..attention import KERNEL_POSITIONS, is_attention_call
-
-# target -> (kind, spatial dims); the weight is args[1] or kwargs["weight"] for all of them.
-KERNEL_FUNCTIONS: dict[object, tuple[str, int]] = {
-    torch.conv1d: ("conv", 1),
-    torch.conv2d: ("conv", 2),
-    torch.conv3d: ("conv", 3),
-    torch.conv_transpose1d: ("conv_transpose", 1),
-    torch.conv_transpose2d: ("conv_transpose", 2),
-    torch.conv_transpose3d: ("conv_transpose", 3),
-    F.conv1d: ("conv", 1),
-    F.conv2d: ("conv", 2),
-    F.conv3d: ("conv", 3),
-    F.conv_transpose1d: ("conv_transpose", 1),
-    F.conv_transpose2d: ("conv_transpose", 2),
-    F.conv_transpose3d: ("conv_transpose", 3),
-    F.linear: ("linear", 0),
-    torch._C._nn.linear: ("linear", 0),
-}
-
-
-def _wrapped_linear_kernels() -> dict[object, tuple[int, ...]]:
-    """Leaf functions (``torch.fx.wrap``) that take linear weights as arguments: target -> positions.
-
-    torchvision's shifted-window attention (Swin, Swin3D) is one call in the graph receiving the ``qkv``
-    and ``proj`` weights; each is an ``(out, in)`` matrix used by ``F.linear`` inside, so it is a linear
-    kernel like any other.
-    """
-    table: dict[object, tuple[int, ...]] = {}
-    try:
-        from torchvision.models import swin_transformer
-        from torchvision.models.video import swin_transformer as swin3d
-    except ImportError:  # torchvision is optional for this table
-        return table
-    table[swin_transformer.shifted_window_attention] = (1, 2)
-    table[swin3d.shifted_window_attention_3d] = (1, 2)
-    return table
-
-
-WRAPPED_LINEAR_KERNELS = _wrapped_linear_kernels()
+from ..kernels import kernel_inputs
 
 
 @dataclasses.dataclass
@@ -92,68 +51,15 @@ class KernelSite:
         return all(u.direct for u in self.uses)
 
 
-def weight_argument(node: fx.Node):
-    """The ``weight`` argument of a conv/linear call node (a Node, a constant or None)."""
-    if len(node.args) > 1:
-        return node.args[1]
-    return node.kwargs.get("weight")
-
-
-_PARAMETERS = {
-    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    "conv_transpose": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
-    "linear": ("input", "weight", "bias"),
-}
-_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
-
-
-def kernel_call_arguments(node: fx.Node) -> dict | None:
-    """The arguments of a conv/linear call by name, defaults filled in; None if they do not fit."""
-    kind, _ = kernel_call_info(node)
-    names = _PARAMETERS[kind]
-    if len(node.args) > len(names) or set(node.kwargs) - set(names):
-        return None
-    args = dict(zip(names, node.args))
-    args.update(node.kwargs)
-    if "input" not in args or "weight" not in args:
-        return None
-    for name in names[2:]:
-        args.setdefault(name, _DEFAULTS[name])
-    return args
-
-
-def is_kernel_call(node: fx.Node) -> bool:
-    return node.op == "call_function" and _target_in(node.target)
-
-
-def kernel_call_info(node: fx.Node) -> tuple[str, int]:
-    return KERNEL_FUNCTIONS[node.target]
-
-
 def find_kernel_sites(gm: fx.GraphModule) -> list[KernelSite]:
     """Every parameter of ``gm`` used as a conv/linear kernel, in graph order of first use."""
     sites: dict[str, KernelSite] = {}
     getattrs = _parameter_getattrs(gm)
     for node in gm.graph.nodes:
-        for kind, dims, weight in _kernel_arguments(gm, node):
+        for kind, dims, weight in kernel_inputs(gm, node):
             _collect(sites, getattrs, node, kind, dims, weight)
     # A parameter used as kernels of calls of different kinds/ranks has no single kernel layout.
     return [s for s in sites.values() if len({(u.kind, u.dims) for u in s.uses}) == 1]
-
-
-def _kernel_arguments(gm: fx.GraphModule, node: fx.Node):
-    """(kind, dims, weight argument) for each kernel a call node takes."""
-    if is_kernel_call(node):
-        kind, dims = kernel_call_info(node)
-        yield kind, dims, weight_argument(node)
-    elif is_attention_call(gm, node):  # nn.MultiheadAttention's projections (see ipfx.attention)
-        for position in KERNEL_POSITIONS:
-            if position < len(node.args):
-                yield "linear", 0, node.args[position]
-    elif node.op == "call_function" and _hashable_in(node.target, WRAPPED_LINEAR_KERNELS):
-        for position in WRAPPED_LINEAR_KERNELS[node.target]:
-            if position < len(node.args):
-                yield "linear", 0, node.args[position]
 
 
 def _collect(sites, getattrs, node, kind, dims, weight) -> None:
@@ -207,14 +113,3 @@ def _processed_kernel(weight: fx.Node, getattrs, rank: int) -> list[str]:
         return []
     largest = max(getattrs[n][0].numel() for n in found)
     return [n for n in found if getattrs[n][0].numel() == largest]
-
-
-def _target_in(target) -> bool:
-    return _hashable_in(target, KERNEL_FUNCTIONS)
-
-
-def _hashable_in(target, table) -> bool:
-    try:
-        return target in table
-    except TypeError:  # unhashable target
-        return False

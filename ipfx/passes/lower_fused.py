@@ -31,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..ops import SparseIPConv, SparseLinear
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
-from .find_weights import is_kernel_call, kernel_call_arguments, kernel_call_info, weight_argument
+from ..kernels import kernel_call
 from .restore_modules import set_submodule
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
@@ -63,13 +63,10 @@ class LowerFused(PassBase):
     def _fuse(self, gm: fx.GraphModule, sub: ComposeSubgraph) -> str | None:
         if sub.output is None:
             return "weight unused"
-        calls = list(sub.output.users)
-        if not all(is_kernel_call(c) and weight_argument(c) is sub.output for c in calls):
+        calls = [kernel_call(c) for c in sub.output.users]
+        if not all(c is not None and c.weight is sub.output and not c.weight_transposed for c in calls):
             return "the weight is processed in forward before the convolution"
-        arguments = [kernel_call_arguments(c) for c in calls]
-        if any(a is None for a in arguments):
-            return "unrecognised call arguments"
-        geometry = [{k: v for k, v in a.items() if k not in ("input", "weight")} for a in arguments]
+        geometry = [c.geometry for c in calls]
         if any(g != geometry[0] for g in geometry[1:]):
             return "the weight is used by convolutions of different geometry"
         geometry = geometry[0]
@@ -82,20 +79,20 @@ class LowerFused(PassBase):
         passenger_bias = module._parameters.get("bias", module._buffers.get("bias"))
         if passenger_bias is not None and bias is not passenger_bias:
             return "the module holds a 'bias' that the convolution does not use"
-        kind, dims = kernel_call_info(calls[0])
+        kind, dims = calls[0].kind, calls[0].dims
         fused, pad = _fused_module(module, kind, dims, geometry, bias)
         adopt_attributes(fused, module, skip=(*STATE_NAMES, "bias"))
         fused.training = module.training
         set_submodule(gm, sub.prefix, fused)
         graph = gm.graph
-        for call, args in zip(calls, arguments):
-            with graph.inserting_before(call):
-                x = args["input"]
+        for call in calls:
+            with graph.inserting_before(call.node):
+                x = call.input
                 if pad is not None:
                     x = graph.call_function(F.pad, (x, pad))
                 new = graph.call_module(sub.prefix, (x,))
-            call.replace_all_uses_with(new)
-            graph.erase_node(call)
+            call.node.replace_all_uses_with(new)
+            graph.erase_node(call.node)
         erase_nodes(graph, sub.nodes)
         bias_node = geometry["bias"]
         if isinstance(bias_node, fx.Node) and not bias_node.users:

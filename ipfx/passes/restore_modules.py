@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..reparam import ModuleSpec
-from .find_weights import is_kernel_call, kernel_call_arguments, kernel_call_info, weight_argument
+from ..kernels import kernel_call
 
 
 def restore_module_calls(gm: fx.GraphModule, path: str, spec: ModuleSpec, weight: fx.Node) -> None:
@@ -37,12 +37,10 @@ def set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
 
 def _restore_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix: str, spec: ModuleSpec) -> None:
     """``[pad(x) ->] conv(x, weight, bias, geometry)`` -> ``call_module(prefix, x)`` when it matches."""
-    if not is_kernel_call(call) or weight_argument(call) is not weight:
+    normalised = kernel_call(call)
+    if normalised is None or normalised.weight is not weight:
         return
-    kind, _ = kernel_call_info(call)
-    args = kernel_call_arguments(call)
-    if args is None:
-        return
+    kind, args = normalised.kind, normalised.arguments
     bias = args["bias"]
     has_bias = spec.get("bias")
     if has_bias and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{prefix}.bias"):
