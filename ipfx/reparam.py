@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .compose import compose_weight
+
 
 @dataclasses.dataclass(frozen=True)
 class ModuleSpec:
@@ -116,16 +118,16 @@ class BasisWeight(nn.Module):
 
     # -- the algebra ------------------------------------------------------------------------
     def compose(self) -> torch.Tensor:
-        """``W = reshape((mask * coeff) @ basis, weight_shape)``; ``mask * coeff`` in SP form.
+        """``W = reshape((mask * coeff) @ basis, weight_shape)``; ``mask * coeff`` in SP form
+        (:func:`ipfx.compose.compose_weight`, the one definition)."""
+        return compose_weight(self.coeff, self.mask, self.basis, self.weight_shape if self.has_basis else None,
+                              self.multiplies_basis)
 
-        ``space="sp"`` fixes ``basis = I`` (DESIGN.md), and ``C @ I = C`` exactly, so SP skips the
-        product: ``W = reshape(mask * coeff)``, one elementwise op as in ``torch.nn.utils.prune``. The
-        identity is still stored (the state dict has a basis for every ``K > 1`` weight) but not read.
-        """
-        masked = self.coeff * self.mask
-        if not self.multiplies_basis:
-            return masked if self.basis is None else torch.reshape(masked, self.weight_shape)
-        return torch.reshape(torch.matmul(masked, self.basis), self.weight_shape)
+    @property
+    def weight(self) -> torch.Tensor:
+        """The composed weight, computed on every read (``torch.nn.utils.parametrize`` semantics), so
+        untraced code that reads ``owner.weight`` (its value, ``.dtype``, ``.shape``) gets it."""
+        return self.compose()
 
     def forward(self) -> torch.Tensor:
         return self.compose()

@@ -39,6 +39,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..bases import coefficients_in_basis, make_basis
+from ..compose import emit_compose
 from ..config import TransformConfig, WeightSettings
 from ..errors import IPFXValueError
 from ..reparam import BasisWeight, ModuleSpec, adopt_attributes
@@ -189,16 +190,8 @@ class RewriteWeights(PassBase):
     # -- the graph ---------------------------------------------------------------------------
     def _insert_subgraph(self, gm, site: KernelSite, prefix: str, module: BasisWeight) -> None:
         graph = gm.graph
-        first = site.getattrs[0]
-        with graph.inserting_before(first):
-            coeff = graph.get_attr(f"{prefix}.coeff")
-            mask = graph.get_attr(f"{prefix}.mask")
-            weight = graph.call_function(torch.mul, (coeff, mask))
-            if module.multiplies_basis:
-                basis = graph.get_attr(f"{prefix}.basis")
-                weight = graph.call_function(torch.matmul, (weight, basis))
-            if module.has_basis:
-                weight = graph.call_function(torch.reshape, (weight, module.weight_shape))
+        with graph.inserting_before(site.getattrs[0]):
+            weight = emit_compose(graph, prefix, module.multiplies_basis, module.has_basis, module.weight_shape)
         for node in site.getattrs:
             node.replace_all_uses_with(weight)
             graph.erase_node(node)
