@@ -1,8 +1,13 @@
 """The public entry points: :func:`transform`, :func:`lower` and the helpers that inspect their result.
 
-Each is a short pipeline of named passes (``ipfx.passes``): trace -> find kernels -> rewrite -> lint
-for :func:`transform`; fold (and fuse) -> restore modules -> lint for :func:`lower`. Inputs are copied
-first, so the caller's model is never changed.
+:func:`transform` is a short pipeline of named passes run by :class:`~ipfx.passes.manager.PassManager`:
+
+    capture (torch.export or symbolic tracing; checked against the model on example inputs)
+      -> rewrite weights (each captured part's kernels -> coeff x mask x basis subgraphs)
+      -> parametrize unreached weights (the selected weights no graph reads)
+
+:func:`lower` folds (and fuses) each graph's subgraphs, then folds the parametrized weights. Inputs are
+copied first, so the caller's model is never changed.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -19,34 +24,46 @@ import torch.nn as nn
 from .bases import BasisSpec
 from .config import TransformConfig
 from .errors import IPFXTypeError, IPFXValueError, NotTransformedError
+from .export import graph_module_of
+from .inputs import as_args, as_kwargs
 from .modes import ModeSwitch
+from .parametrize import is_parametrized, unparametrize
+from .passes.capture import FRONT_ENDS, Capture
 from .passes.lower_dense import LowerDense
-from .partial import TraceReport, transform_tree
+from .passes.manager import PassManager
+from .passes.parametrize_unreached import ParametrizeUnreached
+from .passes.rewrite_weights import CoefficientFactory, RewriteParts
 from .reparam import BasisWeight, qualified_weight_name
 
 TARGETS = ("dense", "fused")
 
 
 def transform(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     *,
     space: str = "ip",
     basis: BasisSpec | None = None,
     train_basis: bool | None = None,
     share_basis: bool = False,
     config: TransformConfig | None = None,
+    example_inputs: Any = None,
+    example_kwargs: dict | None = None,
+    capture: str = "auto",
     leaf_modules: Sequence[str | type] = (),
     inplace: bool = False,
     partial: bool = True,
 ) -> nn.Module:
     """Rewrite every conv (and linear) weight of ``model`` into coefficients x mask x basis.
 
-    Each kernel parameter ``P`` becomes ``reshape((mask * coeff) @ basis, P.shape)`` in the traced
+    Each kernel parameter ``P`` becomes ``reshape((mask * coeff) @ basis, P.shape)`` in the captured
     graph (``mask * coeff`` for linear weights and 1x1-type kernels), with ``coeff = P @ inv(basis)``
-    and ``mask = 1``, so the result computes what ``model`` computes, in train and eval mode.
+    and ``mask = 1``, so the result computes what ``model`` computes, in train and eval mode. A selected
+    weight that no graph reads (untraced code) is held the same way, composed on every read of
+    ``module.weight``.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace (see ``leaf_modules`` otherwise).
+        model: any ``nn.Module``, or a ``torch.export.ExportedProgram`` (captured in one mode: the
+            result computes that mode in both).
         space: ``"ip"`` (interspace: an adaptive basis trained with the coefficients) or ``"sp"``
             (the spatial identity basis, frozen: standard pruning through the same code path).
         basis: initial IP basis: ``"dct"`` (default), ``"spatial"``, ``"random"``, a ``(K, K)``
@@ -56,8 +73,14 @@ def transform(
         config: a :class:`TransformConfig` for finer control (filters, per-name overrides); it
             replaces ``space``/``basis``/``train_basis``/``share_basis``, which must then be left
             at their defaults.
-        leaf_modules: module names or types torch.fx must not trace into; with ``partial`` they are
-            transformed on their own, without it their weights stay dense.
+        example_inputs: a tuple of positional arguments (a bare tensor is accepted), as for
+            ``torch.export``; with them the model is captured by torch.export in both training modes
+            and the capture is checked against the model on them.
+        example_kwargs: keyword arguments of the example call.
+        capture: ``"auto"`` (torch.export with example inputs, falling back to symbolic tracing;
+            symbolic tracing without), ``"export"`` or ``"symbolic"``.
+        leaf_modules: module names or types torch.fx must not trace into (symbolic front end); with
+            ``partial`` they are captured on their own.
         inplace: share the model's tensors instead of copying them (saves memory; the original model
             must then not be used for training any more).
         partial: when torch.fx cannot trace the whole model, trace its largest traceable parts and keep
@@ -65,11 +88,21 @@ def transform(
             ``partial=False`` an untraceable model raises :class:`TraceError` naming the module.
 
     Returns:
-        a ``torch.fx.GraphModule`` when the model traces as a whole, else a copy of the model whose
-        traceable parts are GraphModules; ``ipfx.rewritten_weights(result)`` lists what was rewritten.
-        State dict: ``<prefix>.coeff``, ``<prefix>.mask`` and (``K > 1``) ``<prefix>.basis`` per
-        rewritten parameter, where ``<prefix>`` is its name without ``.weight``.
+        a ``torch.fx.GraphModule`` (or :class:`ModeSwitch`) when the model is captured as a whole, else
+        a copy of the model whose captured parts are GraphModules; ``ipfx.rewritten_weights(result)``
+        lists what was rewritten and which front end captured it. State dict: ``<prefix>.coeff``,
+        ``<prefix>.mask`` and (``K > 1``) ``<prefix>.basis`` per rewritten parameter, where
+        ``<prefix>`` is its name without ``.weight``.
     """
+    args, kwargs = as_args(example_inputs), as_kwargs(example_kwargs)
+    if capture not in FRONT_ENDS:
+        raise IPFXValueError(f"unknown capture={capture!r}; use one of {', '.join(map(repr, FRONT_ENDS))}")
+    if capture == "export" and args is None and not isinstance(model, torch.export.ExportedProgram):
+        raise IPFXValueError("capture='export' needs example inputs: pass example_inputs=(x,) (a tuple of the "
+                             "forward's positional arguments) and, if any, example_kwargs={...}")
+    exported_program = isinstance(model, torch.export.ExportedProgram)
+    if exported_program:
+        model, capture, args, inplace = graph_module_of(model, "ExportedProgram"), "export", None, False
     _check_module(model, "transform")
     if any(isinstance(m, BasisWeight) for m in model.modules()):
         raise IPFXValueError(
@@ -85,7 +118,18 @@ def transform(
         )
     work = model if inplace else _copy(model)
     original = dict(work.named_modules())
-    result, report = transform_tree(work, config, leaf_modules, partial=partial)
+    factory = CoefficientFactory(config)
+    pipeline = PassManager([
+        Capture(capture, config, args, kwargs, leaf_modules, partial, reference=None if inplace else model,
+                given_graph=exported_program),
+        RewriteParts(config, factory),
+        ParametrizeUnreached(config, factory),
+    ])
+    captured = pipeline(work)
+    result, report = captured.model, captured.report
+    if captured.fallback:
+        warnings.warn(f"torch.export could not capture {type(model).__name__} ({captured.fallback}); "
+                      "ipfx.transform captured it by symbolic tracing instead", stacklevel=2)
     if not report.whole:
         warnings.warn(f"torch.fx could not trace {type(model).__name__} as a whole; ipfx.transform "
                       f"{report}", stacklevel=2)
@@ -94,7 +138,10 @@ def transform(
             f"torch.fx traced {path or '<root>'} ({kind}) in {mode} mode only: in the other mode its forward "
             f"failed ({reason}). The transformed model computes the {mode}-mode graph in both modes; make that "
             "forward traceable in both modes, or transform it as a leaf (leaf_modules=[...])", stacklevel=2)
-    _warn_unreached(original, config, report)
+    if exported_program:
+        warnings.warn("an ExportedProgram holds the graph of one training mode; the transformed model computes "
+                      "that mode in train and in eval mode. Pass the nn.Module with example_inputs=... to "
+                      "capture both", stacklevel=2)
     _warn_lost_hooks(original, result)
     return result
 
@@ -115,6 +162,8 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
     _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
     out = _copy(model)
     graphs = _graphs_holding_weights(out)
+    for module in [m for m in out.modules() if is_parametrized(m)]:
+        unparametrize(module)  # read by untraced code: folded whatever the target
     for holder in graphs:
         if isinstance(holder, ModeSwitch):
             holder.apply(lambda gm: _lower_graph(gm, target))  # both modes' graphs at once
@@ -147,6 +196,7 @@ class WeightInfo:
     trains_basis: bool
     kept: int
     total: int
+    capture: str = "symbolic"  # "export", "symbolic" or "parametrized" (no graph reads it)
 
     def __str__(self) -> str:
         basis = self.basis + ("" if self.trains_basis or self.basis == "none" else " (fixed)")
@@ -159,7 +209,7 @@ def rewritten_weights(model: nn.Module) -> list[WeightInfo]:
     _check_module(model, "rewritten_weights")
     return [
         WeightInfo(qualified_weight_name(prefix, m), prefix, m.weight_shape, m.kind, m.space, m.basis_init, m.trains_basis,
-                   m.kept(), m.mask.numel())
+                   m.kept(), m.mask.numel(), m.capture or "symbolic")
         for prefix, m in _basis_weights(model)
     ]
 
@@ -192,7 +242,10 @@ def _graphs_holding_weights(model: nn.Module) -> list[fx.GraphModule | ModeSwitc
         if isinstance(module, (fx.GraphModule, ModeSwitch)):
             graph = module
         for child in module.children():
-            if isinstance(child, BasisWeight):
+            if is_parametrized(child):
+                found = True
+                visit(child, graph)
+            elif isinstance(child, BasisWeight):
                 found = True
                 if graph is None:
                     raise NotTransformedError(
@@ -203,6 +256,8 @@ def _graphs_holding_weights(model: nn.Module) -> list[fx.GraphModule | ModeSwitc
             else:
                 visit(child, graph)
 
+    if is_parametrized(model):
+        found = True
     visit(model, None)
     if not found:
         raise NotTransformedError(_not_transformed(model, "lower"))
@@ -246,27 +301,5 @@ def _warn_lost_hooks(original: dict[str, nn.Module], result: nn.Module) -> None:
             f"hooks registered on {', '.join(lost)} will not run in the transformed model: ipfx traces "
             "through these modules (their weights become coefficient subgraphs); register the hooks on the "
             "transformed model's modules instead, or exclude the modules' weights with TransformConfig(exclude=...)",
-            stacklevel=3,
-        )
-
-
-def _warn_unreached(original: dict[str, nn.Module], config: TransformConfig, report: TraceReport) -> None:
-    done = {id(p) for rewrite in report.rewrites for p in rewrite.rewritten_params}
-    missed = []
-    for name, m in original.items():
-        w = m._parameters.get("weight")
-        if not isinstance(m, config.module_types) or not isinstance(w, nn.Parameter) or id(w) in done:
-            continue
-        is_linear = isinstance(m, nn.Linear)
-        kernel = () if is_linear else tuple(w.shape[2:])
-        if config.settings_for(f"{name}.weight", type(m), kernel, is_linear) is not None:
-            missed.append(f"{name}.weight")
-    missed += [f"{s.name} ({s.reason})" for rewrite in report.rewrites for s in rewrite.skipped]
-    if missed:
-        shown = ", ".join(missed[:8]) + (f" and {len(missed) - 8} more" if len(missed) > 8 else "")
-        warnings.warn(
-            f"ipfx.transform left {len(missed)} conv/linear weight(s) dense because no trace reaches them as "
-            f"kernels (they are read directly by untraceable code or by a torch.nn module that torch.fx keeps "
-            f"as a leaf, such as nn.MultiheadAttention): {shown}",
             stacklevel=3,
         )

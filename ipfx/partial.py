@@ -4,14 +4,15 @@ Strategy, per module (starting at the root):
 
 1. trace it; when a submodule's forward fails (data-dependent control flow, iteration over a proxy,
    ...), mark that submodule as a leaf and trace again, so everything around it stays in the graph;
-2. once the trace succeeds, rewrite its weights and recurse into every submodule that had to become a
-   leaf, replacing it inside the graph module by its own transformed version;
+2. once the trace succeeds, record it as a part (its weights are rewritten afterwards, by the rewrite
+   pass) and recurse into every submodule that had to become a leaf, replacing it inside the graph
+   module by its own captured version;
 3. when the module's *own* forward cannot be traced, keep it as Python code and recurse into its
    children instead.
 
-Every weight reached by some trace is rewritten; only weights read directly by untraceable Python code
-stay dense (reported). The result computes what the model computed: untraced code calls the same
-children, now transformed, and each traced part preserves its outputs.
+Every weight reached by some trace is rewritten there; weights read directly by untraceable Python code
+get the parametrized coefficient form (:mod:`ipfx.parametrize`). The result computes what the model
+computed: untraced code calls the same children, now captured, and each traced part preserves its outputs.
 """
 
 from __future__ import annotations
@@ -23,9 +24,18 @@ import torch.nn as nn
 
 from .config import TransformConfig
 from .errors import TraceError
-from .passes.rewrite_weights import RewriteWeights
 from .modes import ModeSwitch
 from .tracing import trace_modes
+
+
+@dataclasses.dataclass
+class Part:
+    """One captured graph: where it sits in the model, and the standard modules traced through."""
+
+    path: str
+    holder: fx.GraphModule | ModeSwitch
+    inlined: dict[str, nn.Module]
+    front_end: str = "symbolic"
 
 
 @dataclasses.dataclass
@@ -34,7 +44,7 @@ class TraceReport:
 
     traced: list[str] = dataclasses.field(default_factory=list)  # module paths ("" = the root)
     untraced: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (path, type, reason)
-    rewrites: list[RewriteWeights] = dataclasses.field(default_factory=list, repr=False)
+    parts: list[Part] = dataclasses.field(default_factory=list, repr=False)
     # (path, type, mode, reason): traced in its own mode only, the other mode's forward failed to trace
     one_mode: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
 
@@ -50,7 +60,7 @@ class TraceReport:
         return "\n".join(lines)
 
 
-def transform_tree(
+def capture_tree(
     module: nn.Module,
     config: TransformConfig,
     leaf_modules=(),
@@ -59,7 +69,7 @@ def transform_tree(
     path: str = "",
     report: TraceReport | None = None,
 ) -> tuple[nn.Module, TraceReport]:
-    """Transform ``module`` (already a private copy) as described in the module docstring."""
+    """Capture ``module`` (already a private copy) as described in the module docstring."""
     report = report if report is not None else TraceReport()
     user_leaves = [m for m in leaf_modules if not isinstance(m, str)] + [
         m[len(path) + 1 :] if path and m.startswith(path + ".") else m
@@ -79,7 +89,7 @@ def transform_tree(
                 reason = str(exc.__cause__ or exc).splitlines()[0][:200]
                 report.untraced.append((path, type(module).__name__, reason))
                 for name, child in list(module.named_children()):
-                    new, _ = transform_tree(child, config, leaf_modules, partial=partial,
+                    new, _ = capture_tree(child, config, leaf_modules, partial=partial,
                                             path=_join(path, name), report=report)
                     _keep_plain_attributes(new, child)
                     setattr(module, name, new)
@@ -88,14 +98,12 @@ def transform_tree(
     if one_mode is not None:
         mode = "train" if module.training else "eval"
         report.one_mode.append((path, type(module).__name__, mode, one_mode))
-    # A ModeSwitch's passes run on its combined graph, which holds both modes and shares its modules.
-    gm = traced.combine() if isinstance(traced, ModeSwitch) else traced
-    rewrite = RewriteWeights(config, dict(module.named_modules()), inlined, name_prefix=_prefix(path))
-    rewrite(gm)
     report.traced.append(path)
-    report.rewrites.append(rewrite)
+    report.parts.append(Part(path, traced, inlined))
+    gm = traced.graph_module(module.training) if isinstance(traced, ModeSwitch) else traced
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-    for node in list(gm.graph.nodes):
+    graphs = [traced.graph_module(m) for m in (True, False)] if isinstance(traced, ModeSwitch) else [gm]
+    for node in [n for g in graphs for n in g.graph.nodes]:
         if node.op != "call_module":
             continue
         leaf = node.target
@@ -107,11 +115,9 @@ def transform_tree(
         parent = gm.get_submodule(parent_path) if parent_path else gm
         if getattr(parent, name) is not child:
             continue  # already replaced (the module is called more than once)
-        new, _ = transform_tree(child, config, leaf_modules, partial=partial, path=_join(path, leaf), report=report)
+        new, _ = capture_tree(child, config, leaf_modules, partial=partial, path=_join(path, leaf), report=report)
         _keep_plain_attributes(new, child)
         setattr(parent, name, new)
-    if isinstance(traced, ModeSwitch):
-        traced.split(gm)
     return traced, report
 
 

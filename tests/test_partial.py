@@ -74,11 +74,11 @@ def test_untraceable_model_gets_every_weight_rewritten():
 
 def test_the_report_says_what_was_traced():
     from ipfx.config import TransformConfig
-    from ipfx.partial import transform_tree
+    from ipfx.partial import capture_tree
 
     import copy
 
-    _, report = transform_tree(copy.deepcopy(Detector()), TransformConfig())
+    _, report = capture_tree(copy.deepcopy(Detector()), TransformConfig())
     assert set(report.traced) == {"stem", "gate.conv", "head.conv", "head.cls", "fc"}
     assert {path for path, _, _ in report.untraced} == {"", "gate", "head"}  # control flow, list iteration
     assert "kept as Python code: <root> (Detector)" in str(report)

@@ -44,6 +44,8 @@ from ..config import TransformConfig, WeightSettings
 from ..errors import IPFXValueError
 from ..reparam import BasisWeight, ModuleSpec, adopt_attributes
 from .find_weights import KernelSite, find_kernel_sites
+from ..modes import ModeSwitch
+from .manager import Pass, PassOutcome
 from .restore_modules import restore_module_calls, set_submodule
 
 
@@ -68,16 +70,15 @@ class RewriteWeights(PassBase):
     """
 
     def __init__(self, config: TransformConfig, owners: dict[str, nn.Module], inlined: dict[str, nn.Module],
-                 name_prefix: str = ""):
+                 name_prefix: str = "", factory: "CoefficientFactory | None" = None):
         self.config = config
+        self.factory = factory if factory is not None else CoefficientFactory(config)
         self.name_prefix = name_prefix  # the traced module's path in the user's model, for config patterns
         self.owners = owners
         self.inlined = inlined
         self.rewritten: dict[str, BasisWeight] = {}
         self.skipped: list[SkippedWeight] = []
         self.rewritten_params: list[nn.Parameter] = []  # the original parameters, by identity
-        self._shared: dict[tuple, torch.Tensor] = {}
-        self._generator = torch.Generator().manual_seed(config.seed)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # the rewrite adds none
@@ -130,43 +131,15 @@ class RewriteWeights(PassBase):
         if prefix in called:
             self.skipped.append(SkippedWeight(self.name_prefix + site.name, f"module {prefix!r} is called as a leaf"))
             return
-        module = self._basis_weight(site, settings, kernel, owner_path)
-        module.memory_format = _memory_format(site.param)
+        source = (ModuleSpec.of(self.inlined[owner_path])
+                  if owner_path in self.inlined and site.name.endswith(".weight") else None)
+        module = self.factory.make(site.param, site.name, site.kind, settings, source)
         module.aliases = {path: ModuleSpec.of(m) for path, m in self.inlined.items()
                           if path != owner_path and m._parameters.get("weight") is site.param}
         self._install(gm, site, prefix, owner_path, attr, module)
         self._insert_subgraph(gm, site, prefix, module)
         self.rewritten[prefix] = module
         self.rewritten_params.append(site.param)
-
-    def _basis_weight(self, site: KernelSite, settings: WeightSettings, kernel, owner_path) -> BasisWeight:
-        w = site.param.detach()
-        shape = tuple(w.shape)
-        K = math.prod(kernel) if kernel else 1
-        source = ModuleSpec.of(self.inlined[owner_path]) if owner_path in self.inlined and site.name.endswith(".weight") else None
-        common = dict(weight_shape=shape, weight_name=site.name, kind=site.kind, source=source,
-                      requires_grad=site.param.requires_grad)
-        if K == 1:  # SP form: nothing to gain from a basis
-            return BasisWeight(w.clone(), None, space="sp", basis_init="none", train_basis=False, **common)
-        basis = self._basis(settings, kernel, w, site.name)
-        coeff = coefficients_in_basis(w.reshape(shape[0], shape[1], K), basis)
-        if isinstance(basis, nn.Parameter) and not site.param.requires_grad and not settings.share_basis:
-            basis.requires_grad_(False)  # a frozen layer keeps its basis frozen too
-        name = settings.basis if isinstance(settings.basis, str) else "custom"
-        return BasisWeight(coeff, basis, space=settings.space, basis_init=name,
-                           train_basis=settings.train_basis, **common)
-
-    def _basis(self, settings: WeightSettings, kernel, w: torch.Tensor, where: str) -> torch.Tensor:
-        key = (kernel, settings.space, _basis_key(settings.basis), settings.train_basis, w.dtype, w.device)
-        if settings.share_basis and key in self._shared:
-            return self._shared[key]
-        basis = make_basis(settings.basis, kernel, dtype=w.dtype, device=w.device,
-                           generator=self._generator, where=where)
-        if settings.train_basis:
-            basis = nn.Parameter(basis)
-        if settings.share_basis:
-            self._shared[key] = basis
-        return basis
 
     # -- the module hierarchy ----------------------------------------------------------------
     def _install(self, gm, site, prefix, owner_path, attr, module: BasisWeight) -> None:
@@ -195,6 +168,78 @@ class RewriteWeights(PassBase):
         for node in site.getattrs:
             node.replace_all_uses_with(weight)
             graph.erase_node(node)
+
+
+class RewriteParts(Pass):
+    """Run :class:`RewriteWeights` on every captured part (a ModeSwitch's on its combined graph, so a
+    weight is rewritten once for both modes), sharing one :class:`CoefficientFactory`."""
+
+    name = "rewrite weights"
+
+    def __init__(self, config: TransformConfig, factory: "CoefficientFactory") -> None:
+        self.config = config
+        self.factory = factory
+
+    def call(self, captured) -> PassOutcome:
+        rewrites = []
+        for part in captured.parts:
+            holder = part.holder
+            gm = holder.combine() if isinstance(holder, ModeSwitch) else holder
+            rewrite = RewriteWeights(self.config, captured.owners(part.path), part.inlined,
+                                     name_prefix=f"{part.path}." if part.path else "", factory=self.factory)
+            rewrite(gm)
+            for module in rewrite.rewritten.values():
+                module.capture = part.front_end
+            if isinstance(holder, ModeSwitch):
+                holder.split(gm)
+            rewrites.append(rewrite)
+        return PassOutcome(captured, any(r.rewritten for r in rewrites), rewrites)
+
+
+class CoefficientFactory:
+    """Makes the :class:`BasisWeight` of one weight: ``coeff = W @ inv(basis)``, ``mask = 1``.
+
+    One factory serves a whole transform (every part's rewrite and the parametrized weights), so
+    ``share_basis`` shares one basis object across all of them and ``basis="random"`` draws from one
+    seeded generator.
+    """
+
+    def __init__(self, config: TransformConfig) -> None:
+        self._shared: dict[tuple, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    def make(self, param: torch.Tensor, name: str, kind: str, settings: WeightSettings,
+             source: ModuleSpec | None = None) -> BasisWeight:
+        w = param.detach()
+        shape = tuple(w.shape)
+        kernel = () if kind == "linear" else shape[2:]
+        K = math.prod(kernel) if kernel else 1
+        common = dict(weight_shape=shape, weight_name=name, kind=kind, source=source,
+                      requires_grad=param.requires_grad)
+        if K == 1:  # SP form: nothing to gain from a basis
+            module = BasisWeight(w.clone(), None, space="sp", basis_init="none", train_basis=False, **common)
+        else:
+            basis = self._basis(settings, kernel, w, name)
+            coeff = coefficients_in_basis(w.reshape(shape[0], shape[1], K), basis)
+            if isinstance(basis, nn.Parameter) and not param.requires_grad and not settings.share_basis:
+                basis.requires_grad_(False)  # a frozen layer keeps its basis frozen too
+            basis_name = settings.basis if isinstance(settings.basis, str) else "custom"
+            module = BasisWeight(coeff, basis, space=settings.space, basis_init=basis_name,
+                                 train_basis=settings.train_basis, **common)
+        module.memory_format = _memory_format(param)
+        return module
+
+    def _basis(self, settings: WeightSettings, kernel, w: torch.Tensor, where: str) -> torch.Tensor:
+        key = (kernel, settings.space, _basis_key(settings.basis), settings.train_basis, w.dtype, w.device)
+        if settings.share_basis and key in self._shared:
+            return self._shared[key]
+        basis = make_basis(settings.basis, kernel, dtype=w.dtype, device=w.device,
+                           generator=self._generator, where=where)
+        if settings.train_basis:
+            basis = nn.Parameter(basis)
+        if settings.share_basis:
+            self._shared[key] = basis
+        return basis
 
 
 def _memory_format(weight: torch.Tensor) -> str | None:

@@ -48,7 +48,8 @@ def prune(
         data: iterable of ``(inputs, targets)`` batches (a DataLoader works) for snip/grasp; synflow
             only takes the input shape from it.
         loss_fn: ``loss_fn(outputs, targets)`` for snip/grasp.
-        example_inputs: an input tensor or shape, for synflow's all-ones input.
+        example_inputs: a tuple of positional arguments as for :func:`ipfx.transform` (``(x,)``), a tensor,
+            or a shape: synflow takes the shape of its all-ones input from it.
         scope: ``"global"`` (one ranking), ``"layerwise"`` (uniform density) or ``"erk"``.
         batches: how many batches of ``data`` to score on.
         keep_dense: weight names (globs) kept dense, plus ``"first"``/``"last"`` for the first/last

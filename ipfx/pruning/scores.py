@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from ..inputs import is_shape
 from ..errors import IPFXValueError
 from . import distributed
 from .targets import Target, targets as find_targets
@@ -130,12 +131,16 @@ def example_ones(ctx: ScoreContext) -> torch.Tensor:
             "synflow is data-free but needs the input shape: pass example_inputs=<a tensor or its shape>, "
             "or data=..."
         )
-    if isinstance(ex, (tuple, list)) and ex and all(isinstance(v, int) for v in ex):
+    if is_shape(ex):
         shape = tuple(ex)
+    elif isinstance(ex, (tuple, list)) and len(ex) == 1 and isinstance(ex[0], torch.Tensor):
+        shape = tuple(ex[0].shape)  # example_inputs=(x,): a tuple of positional arguments, as in transform
     elif isinstance(ex, torch.Tensor):
         shape = tuple(ex.shape)
     else:
-        raise IPFXValueError(f"example_inputs must be a tensor or a shape tuple, got {type(ex).__name__}")
+        raise IPFXValueError(
+            "example_inputs must be a tuple with one input tensor (example_inputs=(x,)), a tensor or a shape "
+            f"tuple, got {type(ex).__name__}" + (f" of {len(ex)} items" if isinstance(ex, (tuple, list)) else ""))
     return torch.ones((1, *shape[1:]), dtype=torch.float64, device=_device(ctx.model))
 
 

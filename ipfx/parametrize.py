@@ -1,0 +1,109 @@
+"""Coefficient form for weights that no traced graph reaches, with ``torch.nn.utils.parametrize`` semantics.
+
+A conv/linear weight can be read by code that no capture turned into a graph: a module kept as Python
+by partial tracing (its forward does ``F.conv2d(x, self.weight)``), a leaf module, a weight read by
+untraced outer code. Such a weight must still be held as ``coeff x mask x basis``, or pruning would
+silently skip it. :func:`parametrize_weight` converts the module that owns it in place:
+
+* its ``weight`` parameter is replaced by ``coeff`` (a parameter), ``mask`` (a persistent buffer) and,
+  for ``K > 1``, ``basis``, registered on the module itself, so the state dict reads
+  ``<prefix>.coeff``/``.mask``/``.basis`` as for a rewritten weight;
+* the module's class becomes a subclass of :class:`ParametrizedWeight` (itself a
+  :class:`~ipfx.reparam.BasisWeight`) and of its own class, keeping the own ``forward``: reading
+  ``module.weight`` computes ``compose(coeff, mask, basis)`` on every read
+  (:func:`ipfx.compose.compose_weight`), as a registered parametrization would, so the module's own
+  code and any other reader run unchanged and gradients reach the coefficients.
+
+Since the module *is* a ``BasisWeight``, pruning, ``ipfx.sparsity`` and ``ipfx.rewritten_weights`` see
+it like every other coefficient weight. :func:`unparametrize` folds it back (dense lowering).
+Function preservation: at conversion ``coeff = W @ inv(basis)`` and ``mask = 1``, so the composed weight
+equals ``W`` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .reparam import STATE_NAMES, BasisWeight
+
+_CLASSES: dict[type, type] = {}
+
+
+class ParametrizedWeight(BasisWeight):
+    """Mixin base of the converted classes (module docstring); never instantiated directly."""
+
+    def forward(self, *args, **kwargs):  # replaced by the owner's own forward in every subclass
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        own = self.original_class.extra_repr(self)
+        return f"{own}, coefficient weight: {BasisWeight.extra_repr(self)}"
+
+    def __reduce_ex__(self, protocol):
+        # the generated class cannot be found by name: rebuild it from the owner's class
+        return (_rebuild, (self.original_class, self.__getstate__()))
+
+
+def parametrized_class(cls: type) -> type:
+    """The class of a converted ``cls`` module (made once per class)."""
+    if issubclass(cls, ParametrizedWeight):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Coefficient{cls.__name__}", (ParametrizedWeight, cls),
+                             {"forward": cls.forward, "original_class": cls, "__module__": __name__})
+    return _CLASSES[cls]
+
+
+def _rebuild(cls: type, state: dict) -> nn.Module:
+    module = parametrized_class(cls).__new__(parametrized_class(cls))
+    module.__setstate__(state)
+    return module
+
+
+def parametrize_weight(owner: nn.Module, form: BasisWeight) -> nn.Module:
+    """Convert ``owner`` (holding parameter ``weight``) to hold ``form``'s coefficients (module docstring).
+
+    ``form`` is the :class:`BasisWeight` the rewrite pass would have installed for this weight; its
+    state moves onto ``owner``. Returns ``owner``, converted.
+    """
+    clash = [n for n in STATE_NAMES if n in owner._parameters or n in owner._buffers or n in owner._modules]
+    if clash:
+        raise ValueError(f"{type(owner).__name__} already has attribute(s) {clash}")
+    del owner._parameters["weight"]
+    owner.__class__ = parametrized_class(type(owner))
+    for name, value in vars(form).items():
+        if name.startswith("_") or name == "training":
+            continue
+        owner.__dict__[name] = value
+    owner.register_parameter("coeff", form.coeff)
+    owner.register_buffer("mask", form.mask, persistent=True)
+    if isinstance(form.basis, nn.Parameter):
+        owner.register_parameter("basis", form.basis)
+    elif form.basis is not None:
+        owner.register_buffer("basis", form.basis, persistent=True)
+    else:
+        owner.__dict__["basis"] = None
+    return owner
+
+
+def unparametrize(module: ParametrizedWeight) -> nn.Module:
+    """Fold ``module`` back into its own class holding a plain ``weight`` parameter (dense lowering)."""
+    weight = nn.Parameter(module.fold(), requires_grad=module.coeff.requires_grad)
+    for name in STATE_NAMES:
+        module._parameters.pop(name, None)
+        module._buffers.pop(name, None)
+        module.__dict__.pop(name, None)
+    for name in ("weight_shape", "space", "basis_init", "weight_name", "kind", "source", "memory_format",
+                 "aliases", "capture"):
+        module.__dict__.pop(name, None)
+    module.__class__ = module.original_class
+    module.register_parameter("weight", weight)
+    return module
+
+
+def is_parametrized(module: nn.Module) -> bool:
+    return isinstance(module, ParametrizedWeight)
+
+
+__all__ = ["ParametrizedWeight", "parametrize_weight", "unparametrize", "is_parametrized"]

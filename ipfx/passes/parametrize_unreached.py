@@ -1,0 +1,70 @@
+"""Pass: give every selected weight that no captured graph reads the parametrized coefficient form.
+
+After the rewrite, a conv/linear ``weight`` parameter still in the model's module tree is one that no
+graph reads as a kernel: its module is kept as Python code (partial tracing), is called as a leaf, or
+the weight is not used in forward at all. Each one the config selects is converted in place by
+:func:`ipfx.parametrize.parametrize_weight` (reading ``module.weight`` composes it), so that a weight is
+left dense only because the config says so. Postcondition: no selected weight is left.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import TransformConfig
+from ..parametrize import parametrize_weight
+from ..reparam import BasisWeight
+from .manager import Pass, PassOutcome
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "conv_transpose"
+    return "conv"
+
+
+class ParametrizeUnreached(Pass):
+    name = "parametrize unreached weights"
+
+    def __init__(self, config: TransformConfig, factory) -> None:
+        self.config = config
+        self.factory = factory
+
+    def selected(self, captured) -> list[tuple[str, nn.Module, nn.Module]]:
+        """(path, module in the result, original module) of every selected weight still a parameter."""
+        found = []
+        for path, module in captured.model.named_modules(remove_duplicate=True):
+            if isinstance(module, BasisWeight):
+                continue
+            weight = module._parameters.get("weight")
+            original = captured.original.get(path)
+            if (not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter)
+                    or original is None or not isinstance(original, self.config.module_types)
+                    or original._parameters.get("weight") is not weight):
+                continue
+            kind = _kind(original)
+            kernel = () if kind == "linear" else tuple(weight.shape[2:])
+            name = f"{path}.weight" if path else "weight"
+            if self.config.settings_for(name, type(original), kernel, kind == "linear") is not None:
+                found.append((path, module, original))
+        return found
+
+    def call(self, captured) -> PassOutcome:
+        converted = []
+        for path, module, original in self.selected(captured):
+            kind = _kind(original)
+            kernel = () if kind == "linear" else tuple(module.weight.shape[2:])
+            name = f"{path}.weight" if path else "weight"
+            settings = self.config.settings_for(name, type(original), kernel, kind == "linear")
+            form = self.factory.make(module._parameters["weight"], name, kind, settings)
+            form.capture = "parametrized"
+            parametrize_weight(module, form)
+            converted.append(name)
+        return PassOutcome(captured, bool(converted), converted)
+
+    def ensures(self, captured) -> None:
+        left = [p for p, _, _ in self.selected(captured)]
+        if left:  # every selected weight is a parameter of some module, so this means a bug
+            raise RuntimeError(f"ipfx.transform left selected weights dense: {left}")

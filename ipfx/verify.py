@@ -1,0 +1,143 @@
+"""Does a captured model compute what the model computes? Compared on example inputs, in both modes.
+
+Each side runs from the same state: buffers that a train-mode forward updates (batch-norm running
+statistics) are put back after every run, and the random generator is reseeded before each, so dropout
+draws the same masks on both sides. Outputs are compared leaf by leaf (``torch.utils._pytree`` flattens
+tuples, dicts and Hugging Face ``ModelOutput`` s): each floating tensor relative to its largest
+magnitude, everything else for equality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def run(module: nn.Module, args: tuple, kwargs: dict, training: bool, state_of: nn.Module | None = None) -> Any:
+    """``module(*args, **kwargs)`` in the given mode, leaving every buffer of ``module`` (and of
+    ``state_of``, when the module runs another's graph) as it was."""
+    buffers = {id(b): b for m in (module, state_of) if m is not None for b in m.buffers()}
+    saved = {key: b.detach().clone() for key, b in buffers.items()}
+    flags = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        with torch.random.fork_rng(devices=[]), _no_grad_unless(training):
+            torch.manual_seed(0)
+            return module(*args, **kwargs)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+        with torch.no_grad():
+            for key, b in buffers.items():
+                if b.shape == saved[key].shape:
+                    b.copy_(saved[key])
+
+
+def _no_grad_unless(training: bool):
+    return contextlib.nullcontext() if training else torch.no_grad()
+
+
+def difference(actual: Any, expected: Any) -> str | None:
+    """None when ``actual`` matches ``expected`` (module docstring), else what differs."""
+    got, got_spec = pytree.tree_flatten(actual)
+    want, want_spec = pytree.tree_flatten(expected)
+    if len(got) != len(want):
+        return f"{len(got)} output values instead of {len(want)}"
+    for i, (a, e) in enumerate(zip(got, want)):
+        where = f"output {i}" if len(want) > 1 else "the output"
+        if isinstance(e, torch.Tensor):
+            if not isinstance(a, torch.Tensor) or a.shape != e.shape:
+                return f"{where}: shape {tuple(getattr(a, 'shape', ()))} instead of {tuple(e.shape)}"
+            if e.is_floating_point() or e.is_complex():
+                err = relative_error(a, e)
+                if err > TOLERANCE.get(e.dtype, 1e-4):
+                    return f"{where}: relative error {err:.3g}"
+            elif not torch.equal(a, e):
+                return f"{where}: values differ"
+        elif a != e and not (isinstance(a, float) and isinstance(e, float) and abs(a - e) <= 1e-6 * abs(e)):
+            return f"{where}: {a!r} instead of {e!r}"
+    return None
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max |expected|`` (0 for empty tensors; NaNs in the same places agree)."""
+    if expected.numel() == 0:
+        return 0.0
+    a, e = actual.detach().double(), expected.detach().double()
+    both_nan = torch.isnan(a) & torch.isnan(e)
+    diff = torch.where(both_nan, torch.zeros_like(a), (a - e).abs())
+    scale = torch.where(torch.isnan(e), torch.zeros_like(e), e.abs()).max().item()
+    return float(diff.max().item()) / max(scale, 1e-12)
+
+
+def localise(model: nn.Module, captured: nn.Module, args: tuple, kwargs: dict, training: bool) -> str | None:
+    """The innermost module whose own output differs between ``model`` and an exported ``captured``.
+
+    The model's module outputs are recorded with forward hooks; the graph's with an interpreter, each
+    module's output being the last node of that module (``nn_module_stack`` metadata of torch.export).
+    """
+    import torch.fx as fx
+
+    graph_module = captured.graph_module(training) if hasattr(captured, "graph_module") else captured
+    if not isinstance(graph_module, fx.GraphModule):
+        return None
+    last: dict[str, fx.Node] = {}
+    for node in graph_module.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            last[path] = node
+    expected: dict[str, Any] = {}
+    order: list[str] = []
+    hooks = []
+    for path, m in model.named_modules():
+        if path and path in last:
+            def hook(_, __, out, path=path):
+                if path not in expected:
+                    expected[path] = out
+                    order.append(path)
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        run(model, args, kwargs, training)
+    finally:
+        for h in hooks:
+            h.remove()
+    values: dict[fx.Node, Any] = {}
+    wanted = {last[p] for p in order}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted:
+                values[n] = value
+            return value
+
+    with contextlib.suppress(Exception):
+        run(_Callable(lambda *a, **k: Recorder(graph_module).run(*pytree.tree_leaves((a, k)))), args, kwargs,
+            training, state_of=graph_module)
+    differing = [p for p in order if last[p] in values and _tensor(expected[p]) is not None
+                 and _tensor(values[last[p]]) is not None
+                 and difference(_tensor(values[last[p]]), _tensor(expected[p])) is not None]
+    innermost = [p for p in differing if not any(q.startswith(p + ".") for q in differing)]
+    if not innermost:
+        return None
+    path = innermost[0]
+    return f"{path} ({type(model.get_submodule(path)).__name__})"
+
+
+class _Callable(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _tensor(value):
+    leaves = [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+    return leaves[0] if len(leaves) == 1 else None
