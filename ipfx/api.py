@@ -162,8 +162,10 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
     _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
     out = _copy(model)
     graphs = _graphs_holding_weights(out)
-    for module in [m for m in out.modules() if is_parametrized(m)]:
-        unparametrize(module)  # read by untraced code: folded whatever the target
+    folded: dict = {}
+    for module in [m for m in out.modules(remove_duplicate=False) if is_parametrized(m)]:
+        if is_parametrized(module):  # (a module listed twice is converted once)
+            unparametrize(module, folded)  # read by untraced code: folded whatever the target
     for holder in graphs:
         if isinstance(holder, ModeSwitch):
             holder.apply(lambda gm: _lower_graph(gm, target))  # both modes' graphs at once
@@ -217,7 +219,7 @@ def rewritten_weights(model: nn.Module) -> list[WeightInfo]:
 def sparsity(model: nn.Module) -> float:
     """Fraction of masked coefficients over every prunable tensor of a transformed model."""
     _check_module(model, "sparsity")
-    weights = [m for _, m in _basis_weights(model)]
+    weights = list({id(m.coeff): m for _, m in _basis_weights(model)}.values())  # tied aliases once
     if not weights:
         raise NotTransformedError(_not_transformed(model, "sparsity"))
     total = sum(m.mask.numel() for m in weights)

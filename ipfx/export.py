@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .modes import ModeSwitch
+from .source_attributes import CapturedGraphModule
 
 _GUARDS = "_guards_fn"
 
@@ -84,7 +85,7 @@ def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "Gr
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == _GUARDS:
             graph.erase_node(node)
-    gm = fx.GraphModule(exported, graph, class_name=class_name)
+    gm = CapturedGraphModule(exported, graph, class_name=class_name)
     gm._tracer_cls = gm.graph._tracer_cls = None
     gm.meta["ipfx_capture"] = "export"
     return gm

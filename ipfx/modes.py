@@ -30,12 +30,14 @@ from typing import Callable
 import torch.fx as fx
 import torch.nn as nn
 
+from .source_attributes import SourceAttributes
+
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 _MODE = "ipfx_mode"  # node.meta key: True (train graph) / False (eval graph)
 _PLACEHOLDER = "ipfx_placeholder"  # node.meta key: (target, args) of a placeholder renamed in the combined graph
 
 
-class ModeSwitch(nn.Module):
+class ModeSwitch(SourceAttributes, nn.Module):
     """A traced module with one graph per training mode, run by ``self.training`` (module docstring).
 
     ``ipfx.transform`` returns one (or holds one inside a partially traced model) when torch.fx gives

@@ -87,9 +87,16 @@ def parametrize_weight(owner: nn.Module, form: BasisWeight) -> nn.Module:
     return owner
 
 
-def unparametrize(module: ParametrizedWeight) -> nn.Module:
-    """Fold ``module`` back into its own class holding a plain ``weight`` parameter (dense lowering)."""
-    weight = nn.Parameter(module.fold(), requires_grad=module.coeff.requires_grad)
+def unparametrize(module: ParametrizedWeight, folded: dict | None = None) -> nn.Module:
+    """Fold ``module`` back into its own class holding a plain ``weight`` parameter (dense lowering).
+
+    ``folded`` (by ``id(coeff)``) makes modules that share coefficients (a tie) share the folded weight.
+    """
+    folded = {} if folded is None else folded
+    key = id(module.coeff)
+    if key not in folded:
+        folded[key] = nn.Parameter(module.fold(), requires_grad=module.coeff.requires_grad)
+    weight = folded[key]
     for name in STATE_NAMES:
         module._parameters.pop(name, None)
         module._buffers.pop(name, None)

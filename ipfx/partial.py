@@ -25,7 +25,8 @@ import torch.nn as nn
 from .config import TransformConfig
 from .errors import TraceError
 from .modes import ModeSwitch
-from .tracing import trace_modes
+from .source_attributes import keep_source
+from .tracing import STANDARD_TYPES, trace_modes
 
 
 @dataclasses.dataclass
@@ -71,6 +72,11 @@ def capture_tree(
 ) -> tuple[nn.Module, TraceReport]:
     """Capture ``module`` (already a private copy) as described in the module docstring."""
     report = report if report is not None else TraceReport()
+    if path and type(module) in STANDARD_TYPES:
+        # A lone conv/linear reached from Python code: a graph of it would hold its coefficients as a child
+        # named "weight" where callers read a tensor. It stays a module; its weight gets the parametrized
+        # coefficient form (ipfx.parametrize), read as a tensor like before.
+        return module, report
     user_leaves = [m for m in leaf_modules if not isinstance(m, str)] + [
         m[len(path) + 1 :] if path and m.startswith(path + ".") else m
         for m in leaf_modules if isinstance(m, str) and (not path or m.startswith(path + "."))
@@ -91,7 +97,7 @@ def capture_tree(
                 for name, child in list(module.named_children()):
                     new, _ = capture_tree(child, config, leaf_modules, partial=partial,
                                             path=_join(path, name), report=report)
-                    _keep_plain_attributes(new, child)
+                    keep_source(new, child)
                     setattr(module, name, new)
                 return module, report
             auto_leaves.append(failed)
@@ -116,27 +122,9 @@ def capture_tree(
         if getattr(parent, name) is not child:
             continue  # already replaced (the module is called more than once)
         new, _ = capture_tree(child, config, leaf_modules, partial=partial, path=_join(path, leaf), report=report)
-        _keep_plain_attributes(new, child)
+        keep_source(new, child)
         setattr(parent, name, new)
     return traced, report
-
-
-def _keep_plain_attributes(new: nn.Module, old: nn.Module) -> None:
-    """Keep ints, strings and tuples (``out_channels``, ``hidden_state_size``, ...) that untraced code reads.
-
-    A GraphModule keeps only what its graph references; torch.fx's "user preserved attributes" make
-    these survive ``copy.deepcopy`` too (pickling keeps instance attributes anyway).
-    """
-    if new is old:
-        return
-    preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
-    for key, value in vars(old).items():
-        if key.startswith("_") or key == "training" or hasattr(new, key):
-            continue
-        if isinstance(value, (int, float, str, bool, tuple, type(None))):
-            setattr(new, key, value)
-            if preserved is not None and isinstance(new, fx.GraphModule):
-                new.meta.setdefault(preserved, {})[key] = value
 
 
 def _join(path: str, name: str) -> str:

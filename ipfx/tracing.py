@@ -22,8 +22,9 @@ from .attention import attention_call, install_attention_kernels
 from .config import DEFAULT_MODULE_TYPES, TransformConfig
 from .errors import TraceError
 from .modes import ModeSwitch
+from .source_attributes import CapturedGraphModule
 
-_STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
+STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
 
 
 class WeightTracer(fx.Tracer):
@@ -43,7 +44,7 @@ class WeightTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if type(m) in _STANDARD_TYPES and self._wanted(m, module_qualified_name):
+        if type(m) in STANDARD_TYPES and self._wanted(m, module_qualified_name):
             self.inlined[module_qualified_name] = m
             return False
         return super().is_leaf_module(m, module_qualified_name)
@@ -100,7 +101,7 @@ def trace(
         error = TraceError(_trace_failure_message(model, tracer, exc))
         error.module_path = tracer.failed_module[0] if tracer.failed_module else ""
         raise error from exc
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm = CapturedGraphModule(tracer.root, graph, class_name=type(model).__name__)
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
     gm._tracer_cls = gm.graph._tracer_cls = None

@@ -565,17 +565,25 @@ class TiedEmbedding(nn.Module):
         return self.head(self.conv(x).mean((2, 3)) + self.emb(idx))
 
 
-def test_a_weight_shared_with_a_leaf_module_stays_dense_and_its_module_stays():
+def test_a_weight_shared_with_a_leaf_module_is_coefficient_form_in_both_and_stays_tied():
     model = TiedEmbedding().eval()
     x, idx = torch.randn(2, 3, 6, 6), torch.tensor([1, 7])
-    with pytest.warns(UserWarning, match="head.weight"):
-        t = ipfx.transform(model)
-    assert {w.name for w in ipfx.rewritten_weights(t)} == {"conv.weight"}
+    t = ipfx.transform(model)
+    infos = {w.name: w for w in ipfx.rewritten_weights(t)}
+    assert {"conv.weight", "head.weight"} <= set(infos) and infos["head.weight"].capture == "parametrized"
+    assert t.head.coeff is t.emb.coeff and t.head.mask is t.emb.mask  # one tensor, read by both modules
     with torch.no_grad():
         assert_close(t(x, idx), model(x, idx), kind="tied embedding: transform")
+        randomize_masks(t, 0.5)
+        assert torch.equal(t.head.weight, t.emb.weight)
+        assert (t.emb.weight == 0).any()  # the embedding reads the pruned matrix too
+        expected = t(x, idx)
     plain = set(fx.symbolic_trace(model).state_dict())
-    assert "head.weight" in t.state_dict() and t.head.weight is t.emb.weight
-    assert set(ipfx.lower(t).state_dict()) == plain
+    lowered = ipfx.lower(t)
+    assert set(lowered.state_dict()) == plain
+    assert lowered.head.weight is lowered.emb.weight  # the tie survives lowering
+    with torch.no_grad():
+        assert_close(lowered(x, idx), expected, kind="tied embedding: lower")
 
 
 # -- forward hooks ---------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ After the rewrite, a conv/linear ``weight`` parameter still in the model's modul
 graph reads as a kernel: its module is kept as Python code (partial tracing), is called as a leaf, or
 the weight is not used in forward at all. Each one the config selects is converted in place by
 :func:`ipfx.parametrize.parametrize_weight` (reading ``module.weight`` composes it), so that a weight is
-left dense only because the config says so. Postcondition: no selected weight is left.
+left dense only because the config says so. A weight tied to other modules (an embedding sharing its
+matrix with the output layer) is converted in every module holding it, all with the same
+coefficients, so the tie holds. Postcondition: no selected weight is left.
 """
 
 from __future__ import annotations
@@ -53,14 +55,23 @@ class ParametrizeUnreached(Pass):
 
     def call(self, captured) -> PassOutcome:
         converted = []
+        holders: dict[int, list[nn.Module]] = {}
+        for module in captured.model.modules():
+            weight = module._parameters.get("weight")
+            if isinstance(weight, nn.Parameter):
+                holders.setdefault(id(weight), []).append(module)
         for path, module, original in self.selected(captured):
+            if "weight" not in module._parameters:
+                continue  # converted already, as a tied alias of an earlier one
             kind = _kind(original)
-            kernel = () if kind == "linear" else tuple(module.weight.shape[2:])
+            weight = module._parameters["weight"]
+            kernel = () if kind == "linear" else tuple(weight.shape[2:])
             name = f"{path}.weight" if path else "weight"
             settings = self.config.settings_for(name, type(original), kernel, kind == "linear")
-            form = self.factory.make(module._parameters["weight"], name, kind, settings)
+            form = self.factory.make(weight, name, kind, settings)
             form.capture = "parametrized"
-            parametrize_weight(module, form)
+            for holder in holders[id(weight)]:
+                parametrize_weight(holder, form)
             converted.append(name)
         return PassOutcome(captured, bool(converted), converted)
 

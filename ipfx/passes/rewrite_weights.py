@@ -43,6 +43,7 @@ from ..compose import emit_compose
 from ..config import TransformConfig, WeightSettings
 from ..errors import IPFXValueError
 from ..reparam import BasisWeight, ModuleSpec, adopt_attributes
+from ..source_attributes import plain_attributes
 from .find_weights import KernelSite, find_kernel_sites
 from ..modes import ModeSwitch
 from .manager import Pass, PassOutcome
@@ -152,6 +153,8 @@ class RewriteWeights(PassBase):
                     "exclude its weight with TransformConfig(exclude=[...])"
                 )
             adopt_attributes(module, old, skip=attr)
+            original = self.owners.get(owner_path)  # what outer code may read: out_channels, padding, ...
+            module.__dict__.update(plain_attributes(original if original is not None else old, module))
             module.training = old.training
         else:  # "<owner>.w": the BasisWeight becomes a child named like the parameter
             parent = gm.get_submodule(owner_path)

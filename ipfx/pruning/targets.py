@@ -65,6 +65,10 @@ def targets(model: nn.Module, what: str = "prune") -> list[Target]:
 
 
 def _unique_basis_weights(model: nn.Module) -> Iterator[tuple[str, BasisWeight]]:
-    for path, m in model.named_modules():  # named_modules visits each module once
-        if isinstance(m, BasisWeight):
+    """Each coefficient tensor once: named_modules visits each module once, and modules tied to one
+    weight (parametrized aliases) share their ``coeff``."""
+    seen = set()
+    for path, m in model.named_modules():
+        if isinstance(m, BasisWeight) and id(m.coeff) not in seen:
+            seen.add(id(m.coeff))
             yield path, m

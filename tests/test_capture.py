@@ -1,0 +1,407 @@
+"""The two capture front ends (torch.export and symbolic tracing) and what every result must hold.
+
+Properties run through both front ends: whole convolution configurations, random graphs in train and
+eval mode, functional kernels and both lowerings; and the two front ends give the same state dict and
+the same outputs. Then the model code that broke symbolic capture (issue 10), each in a few lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import ipfx
+from helpers import assert_close, graph_modules, perturb_bases, randomize_masks
+from strategies import conv_configs, functional_conv_models, random_graph_models
+
+FRONT_ENDS = ("export", "symbolic")
+EXPORT_EXAMPLES = 12  # torch.export takes ~0.1-1 s per model and mode: fewer examples than the profile's
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def capture_both(model, x, **kwargs):
+    return {front: quiet(ipfx.transform, model, example_inputs=(x,), capture=front, **kwargs) for front in FRONT_ENDS}
+
+
+def fronts_of(t) -> set[str]:
+    return {w.capture for w in ipfx.rewritten_weights(t)}
+
+
+# -- properties through both front ends ---------------------------------------------------------------------
+@settings(max_examples=EXPORT_EXAMPLES)
+@given(conv_configs(), st.sampled_from(["ip", "sp"]), st.booleans())
+def test_both_front_ends_preserve_any_convolution_and_agree(cfg, space, train):
+    model = cfg.build().train(train)
+    x = cfg.example_input()
+    expected = quiet(model, x)
+    results = capture_both(model, x, space=space)
+    assert fronts_of(results["export"]) == {"export"} and fronts_of(results["symbolic"]) == {"symbolic"}
+    for front, t in results.items():
+        assert_close(quiet(t, x), expected, kind=f"capture {front}: single conv")
+    sd_e, sd_s = results["export"].state_dict(), results["symbolic"].state_dict()
+    assert set(sd_e) == set(sd_s)
+    for key in sd_e:
+        assert torch.equal(sd_e[key], sd_s[key]), key
+    for target in ("dense", "fused"):
+        lowered = {front: quiet(ipfx.lower, t, target) for front, t in results.items()}
+        assert_close(quiet(lowered["export"], x), quiet(lowered["symbolic"], x), kind=f"capture: lower {target} agree")
+
+
+@settings(max_examples=EXPORT_EXAMPLES)
+@given(random_graph_models(train=True), st.sampled_from(["ip", "sp"]))
+def test_export_preserves_random_graphs_in_train_and_eval(case, space):
+    model, x = case
+    reference = copy.deepcopy(model)
+    t = quiet(ipfx.transform, model, example_inputs=(x,), capture="export", space=space)
+    assert fronts_of(t) == {"export"}
+    for key, value in reference.state_dict().items():  # the input model is not touched
+        assert torch.equal(model.state_dict()[key], value), key
+    assert_close(quiet(t, x), quiet(model, x), kind="export: random graph (train)")  # batch norm updates alike
+    model.eval()
+    t.eval()
+    assert_close(quiet(t, x), quiet(model, x), kind="export: random graph (eval)")
+    n_kernels = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)))
+    n_raw = sum(1 for n, _ in model.named_parameters() if not n.endswith(("weight", "bias")))
+    assert len(ipfx.rewritten_weights(t)) == n_kernels + n_raw
+    randomize_masks(t, 0.5)
+    perturb_bases(t)
+    expected = quiet(t, x)
+    for target in ("dense", "fused"):
+        assert_close(quiet(quiet(ipfx.lower, t, target), x), expected, kind=f"export: lower {target}")
+
+
+@settings(max_examples=EXPORT_EXAMPLES)
+@given(functional_conv_models())
+def test_export_rewrites_functional_kernels_like_symbolic_tracing(case):
+    model, x = case
+    results = capture_both(model, x)
+    kernels = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    for front, t in results.items():
+        assert {w.name for w in ipfx.rewritten_weights(t)} == kernels
+        assert_close(quiet(t, x), quiet(model, x), kind=f"capture {front}: functional kernel")
+    assert set(results["export"].state_dict()) == set(results["symbolic"].state_dict())
+
+
+# -- the export result: modes, state dict, lowering, export again ---------------------------------------------
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+def test_export_result_follows_train_and_eval_and_trains():
+    model, x = Net(), torch.randn(4, 3, 8, 8)
+    t = ipfx.transform(model, example_inputs=(x,))
+    assert isinstance(t, ipfx.ModeSwitch)  # batch norm and dropout differ between the modes
+    t.eval()
+    model.eval()
+    assert_close(t(x), model(x), kind="export: eval")
+    assert_close(t(x), t(x), kind="export: eval is deterministic")
+    t.train()
+    first, second = t(x), t(x)
+    assert not torch.allclose(first, second)  # dropout is live in train mode
+    optimizer = torch.optim.SGD(t.parameters(), lr=0.1)
+    before = t.conv.coeff.detach().clone()
+    t(x).sum().backward()
+    optimizer.step()
+    assert not torch.equal(t.conv.coeff, before)
+    assert t.conv.basis.grad is not None  # the IP basis trains too
+    assert t(torch.randn(2, 3, 12, 12)).shape == (2, 4)  # batch and image size stay dynamic
+
+
+def test_export_result_lowers_to_a_state_dict_of_the_original_class_and_exports_again():
+    model, x = Net().eval(), torch.randn(4, 3, 8, 8)
+    t = ipfx.transform(model, example_inputs=(x,)).eval()
+    randomize_masks(t, 0.5)
+    perturb_bases(t)
+    expected = t(x)
+    dense = ipfx.lower(t, "dense").eval()
+    assert not any(isinstance(m, ipfx.BasisWeight) for m in dense.modules())
+    fresh = Net()
+    fresh.load_state_dict(dense.state_dict(), strict=True)
+    assert_close(fresh.eval()(x), expected, kind="export: lowered state dict in the original class")
+    again = torch.export.export(dense, (x,), strict=False)
+    assert_close(again.module()(x), expected, kind="export: lowered dense exports again")
+    fused = quiet(ipfx.lower, t, "fused").eval()
+    assert_close(fused(x), expected, kind="export: lower fused")
+    fused_again = torch.export.export(fused, (x,), strict=False)
+    assert any("ipfx" in str(n.target) for n in fused_again.graph.nodes)  # one op, seen through its fake kernel
+    assert_close(fused_again.module()(x), expected, kind="export: lowered fused exports again")
+
+
+def test_an_exported_program_is_accepted():
+    model, x = Net().eval(), torch.randn(4, 3, 8, 8)
+    program = torch.export.export(model, (x,), strict=False)
+    with pytest.warns(UserWarning, match="one training mode"):
+        t = ipfx.transform(program)
+    assert fronts_of(t) == {"export"}
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"conv.weight", "fc.weight"}
+    assert_close(t(x), model(x), kind="export: from an ExportedProgram")
+    randomize_masks(t, 0.5)
+    assert torch.equal(program.state_dict["conv.weight"], model.conv.weight)  # the program is not touched
+    assert_close(ipfx.lower(t)(x), t(x), kind="export: ExportedProgram lowered")
+
+
+def test_capture_options_are_checked():
+    model = Net()
+    with pytest.raises(ValueError, match="needs example inputs"):
+        ipfx.transform(model, capture="export")
+    with pytest.raises(ValueError, match="unknown capture"):
+        ipfx.transform(model, capture="dynamo")
+    with pytest.raises(TypeError, match="tuple of positional arguments"):
+        ipfx.transform(model, example_inputs={"x": 1})
+    t = ipfx.transform(model, example_inputs=torch.randn(2, 3, 8, 8))  # a bare tensor is one argument
+    assert fronts_of(t) == {"export"}
+
+
+def test_auto_falls_back_to_symbolic_tracing_and_says_why():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            n = int(x.sum() > 0)  # a value torch.export cannot know, but eager Python can
+            return self.conv(x) * (n + 1)
+
+    model, x = DataDependent(), torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="symbolic tracing instead"):
+        t = ipfx.transform(model, example_inputs=(x,))
+    assert fronts_of(t) <= {"symbolic", "parametrized"} and len(ipfx.rewritten_weights(t)) == 1
+    assert_close(t(x), model(x), kind="auto: fallback")
+    with pytest.raises(ipfx.TraceError, match="torch.export could not capture"):
+        ipfx.transform(model, example_inputs=(x,), capture="export")
+
+
+# -- model code that broke symbolic capture ------------------------------------------------------------------
+class Conv2dSame(nn.Conv2d):
+    """'same' padding computed in Python from the input size (as timm's Conv2dSame)."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        pads = [max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+                for i, k, s, d in zip((ih, iw), self.kernel_size, self.stride, self.dilation)]
+        x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = Conv2dSame(3, 6, 3, stride=2)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+def test_dynamic_same_padding_weights_are_rewritten_by_either_front_end(front):
+    model, x = SameNet(), torch.randn(2, 3, 9, 9)
+    t = quiet(ipfx.transform, model, example_inputs=(x,), capture=front)
+    infos = {w.name: w for w in ipfx.rewritten_weights(t)}
+    assert set(infos) == {"stem.weight", "head.weight"}
+    expected_front = "export" if front == "export" else "parametrized"  # symbolic: the conv stays Python code
+    assert infos["stem.weight"].capture == expected_front
+    assert_close(t(x), model(x), kind=f"{front}: dynamic same padding")
+    randomize_masks(t, 0.3)
+    assert ipfx.sparsity(t) > 0.5
+    y = t(x)
+    assert_close(ipfx.lower(t)(x), y, kind=f"{front}: dynamic same padding lowered")
+    fresh = SameNet()
+    fresh.load_state_dict(ipfx.lower(t).state_dict(), strict=True)
+
+
+class WeightNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 5, padding=2, groups=2), dim=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_weight_norm_convs_are_rewritten_through_their_parametrization():
+    model, x = WeightNormNet(), torch.randn(2, 4, 11)
+    t = quiet(ipfx.transform, model, example_inputs=(x,))
+    names = {w.name for w in ipfx.rewritten_weights(t)}
+    assert "conv.parametrizations.weight.original1.weight" in {f"{n}" for n in names} or any(
+        "original1" in n for n in names)  # the direction v is the kernel; the magnitude g scales it
+    assert_close(t(x), model(x), kind="export: weight norm")
+    randomize_masks(t, 0.5)
+    assert_close(ipfx.lower(t)(x), t(x), kind="export: weight norm lowered")
+
+
+class ReadsWeightDtype(nn.Module):
+    """Untraced outer code reads a rewritten weight's dtype (as Hugging Face ViT embeddings do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.projection = nn.Conv2d(3, 4, 2, stride=2)
+        self.gate = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = x.to(self.projection.weight.dtype)
+        y = self.projection(x).flatten(2).transpose(1, 2)
+        if y.sum() > -1e9:  # data-dependent: symbolic tracing keeps this forward as Python
+            y = self.gate(y)
+        return y
+
+
+def test_untraced_code_reading_weight_attributes_runs_and_prunes():
+    model, x = ReadsWeightDtype(), torch.randn(2, 3, 4, 4)
+    t = quiet(ipfx.transform, model, capture="symbolic")
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"projection.weight", "gate.weight"}
+    assert t.projection.weight.dtype == torch.float32 and t.projection.weight.shape == (4, 3, 2, 2)
+    assert_close(t(x), model(x), kind="symbolic: weight dtype read by Python")
+    randomize_masks(t, 0.0)  # every coefficient masked: the untraced linear reads a zero weight
+    out = t(x)
+    assert torch.equal(out, t.gate.bias.expand_as(out))
+
+
+def test_a_leaf_linear_traced_on_its_own_lowers():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.sum() > -1e9:  # untraceable: fc is traced on its own
+                return self.fc(x)
+            return x
+
+    model, x = Outer(), torch.randn(2, 4)
+    t = quiet(ipfx.transform, model)
+    assert [w.name for w in ipfx.rewritten_weights(t)] == ["fc.weight"]
+    randomize_masks(t, 0.5)
+    lowered = ipfx.lower(t)
+    assert_close(lowered(x), t(x), kind="partial: single leaf lowered")
+    assert not any(isinstance(m, ipfx.BasisWeight) for m in lowered.modules())
+
+
+class DecoderBlock(nn.Module):
+    """A skip input that is None or a tensor (MONAI-style decoder block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, x_e=None):
+        if x_e is not None and torch.jit.isinstance(x_e, torch.Tensor):
+            x = x + x_e
+        return self.conv(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = DecoderBlock()
+
+    def forward(self, x):
+        return self.block(x, None)
+
+
+def test_export_takes_the_branch_the_real_call_takes_and_the_check_catches_a_wrong_graph():
+    model, x = Decoder(), torch.randn(2, 4, 5, 5)
+    t = ipfx.transform(model, example_inputs=(x,))
+    assert fronts_of(t) == {"export"}
+    assert_close(t(x), model(x), kind="export: optional skip input")
+
+    class Wrong(nn.Module):  # a "capture" that took the other branch
+        def forward(self, x):
+            return model.block.conv(x + 1)
+
+    from ipfx.passes.capture import CheckCapture
+
+    with pytest.raises(ipfx.TraceError, match="does not reproduce the model"):
+        CheckCapture(model, (x,), {}).check(Wrong())
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self._output_stride = 32
+        self._depth = 3
+
+    @property
+    def output_stride(self):
+        return min(self._output_stride, 2 ** self._depth)
+
+    def out_channels_for(self, i):
+        return self.conv.out_channels * i
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Segmenter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = Encoder()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # untraceable root: the encoder is replaced by its graph
+            x = self.encoder(x)
+        return x * self.encoder.output_stride
+
+
+def test_replaced_modules_keep_attributes_properties_and_methods():
+    model, x = Segmenter(), torch.randn(2, 3, 4, 4)
+    t = quiet(ipfx.transform, model, capture="symbolic")
+    assert isinstance(t.encoder, fx.GraphModule)
+    assert t.encoder.output_stride == 8 and t.encoder.out_channels_for(2) == 8
+    assert_close(t(x), model(x), kind="symbolic: attributes of replaced modules")
+    copied = copy.deepcopy(t)
+    assert copied.encoder.output_stride == 8
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        t.encoder.missing
+
+
+def test_prune_takes_example_inputs_as_a_tuple_a_tensor_or_a_shape():
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    masks = []
+    for example in ((x,), x, (2, 3, 8, 8)):
+        t = ipfx.transform(model)
+        ipfx.prune(t, "synflow", 0.8, example_inputs=example)
+        masks.append(torch.cat([m.mask.flatten() for m in t.modules() if isinstance(m, ipfx.BasisWeight)]))
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+    assert abs(1 - masks[0].mean().item() - 0.8) < 0.02
+
+
+def test_graph_modules_helper_sees_both_export_graphs():
+    model, x = Net(), torch.randn(4, 3, 8, 8)
+    t = ipfx.transform(model, example_inputs=(x,))
+    graphs = graph_modules(t)
+    assert graphs[True] is not graphs[False]
+    def dropout_flags(gm):  # aten.dropout(x, p, train)
+        return [n.args[2] for n in gm.graph.nodes if "dropout" in str(n.target)]
+
+    assert dropout_flags(graphs[True]) == [True] and dropout_flags(graphs[False]) in ([], [False])
