@@ -56,7 +56,7 @@ class PassManager:
         self.log = []
         for p in self.passes:
             outcome = p(obj)
-            self.log.append((repr(p), outcome))
+            self.log.append((p.name or type(p).__name__, outcome))
             obj = outcome.result
         return obj
 

@@ -1,0 +1,226 @@
+"""Each pass on its own, on hand-built graphs: it fires, it must not fire, it is idempotent."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import ipfx
+from helpers import assert_close, randomize_masks
+from ipfx.compose import compose_weight, emit_compose
+from ipfx.config import TransformConfig
+from ipfx.kernels import kernel_call
+from ipfx.partial import Part, TraceReport
+from ipfx.passes.capture import Captured
+from ipfx.passes.lower_dense import LowerDense
+from ipfx.passes.manager import Pass, PassManager, PassOutcome
+from ipfx.passes.parametrize_unreached import ParametrizeUnreached
+from ipfx.passes.rewrite_weights import CoefficientFactory, RewriteWeights
+from ipfx.passes.subgraphs import compose_subgraphs
+
+aten = torch.ops.aten
+
+
+def aten_conv_graph(op=aten.conv2d.default, extra=(), weight_from_input=False) -> fx.GraphModule:
+    """x -> op(x, W, b, *extra) with W, b parameters of a container module ``conv`` (as export gives)."""
+    root = nn.Module()
+    root.conv = nn.Module()
+    torch.manual_seed(0)
+    root.conv.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+    root.conv.bias = nn.Parameter(torch.randn(4))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    w = graph.call_function(aten.mul.Tensor, (graph.placeholder("k"), 1.0)) if weight_from_input \
+        else graph.get_attr("conv.weight")
+    b = graph.get_attr("conv.bias")
+    graph.output(graph.call_function(op, (x, w, b, *extra)))
+    return fx.GraphModule(root, graph)
+
+
+# -- the kernel-call normaliser ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("op, extra, kind, dims", [
+    (aten.conv2d.default, ([2, 2], [1, 1], [1, 1], 1), "conv", 2),
+    (aten.convolution.default, ([1, 1], [0, 0], [1, 1], False, [0, 0], 1), "conv", 2),
+    (aten.convolution.default, ([2, 2], [0, 0], [1, 1], True, [1, 1], 1), "conv_transpose", 2),
+    (aten.conv_transpose2d.input, ([1, 1], [0, 0], [0, 0], 1, [1, 1]), "conv_transpose", 2),
+    (torch.conv2d, (1, 0, 1, 1), "conv", 2),
+])
+def test_kernel_calls_of_every_dialect_normalise_alike(op, extra, kind, dims):
+    gm = aten_conv_graph(op, extra)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    call = kernel_call(node)
+    assert (call.kind, call.dims) == (kind, dims)
+    assert call.weight.target == "conv.weight" and call.bias.target == "conv.bias"
+    assert set(call.arguments) >= {"stride", "padding", "dilation", "groups"}
+    if kind == "conv_transpose":
+        assert "output_padding" in call.arguments and "transposed" not in call.arguments
+
+
+def test_addmm_over_a_transposed_weight_is_a_linear_call_that_is_not_fusable():
+    graph = fx.Graph()
+    x, w, b = graph.placeholder("x"), graph.placeholder("w"), graph.placeholder("b")
+    node = graph.call_function(aten.addmm.default, (b, x, graph.call_function(aten.t.default, (w,))))
+    call = kernel_call(node)
+    assert call.kind == "linear" and call.weight_transposed and call.input is x
+    assert kernel_call(graph.call_function(aten.relu.default, (x,))) is None
+
+
+# -- the rewrite ---------------------------------------------------------------------------------------------
+def rewrite(gm, config=TransformConfig()):
+    owners = {"conv": nn.Conv2d(3, 4, 3)}  # the type the config filters by
+    return RewriteWeights(config, owners, {}, factory=CoefficientFactory(config))(gm)
+
+
+def test_rewrite_fires_on_an_aten_graph_and_preserves_it():
+    gm = aten_conv_graph()
+    x = torch.randn(2, 3, 6, 6)
+    expected = gm(x)
+    result = rewrite(gm)
+    assert result.modified and isinstance(gm.conv, ipfx.BasisWeight)
+    assert not any(n.op == "get_attr" and n.target == "conv.weight" for n in gm.graph.nodes)
+    assert_close(gm(x), expected, kind="pass: rewrite aten graph")
+    (sub,) = compose_subgraphs(gm)
+    assert [n.target for n in sub.nodes if n.op == "call_function"] == [torch.mul, torch.matmul, torch.reshape]
+
+
+def test_rewrite_does_not_fire_where_it_must_not():
+    gm = aten_conv_graph(weight_from_input=True)  # the kernel is computed from an input
+    assert not rewrite(gm).modified
+    gm = aten_conv_graph()
+    assert not rewrite(gm, TransformConfig(exclude=["conv.*"])).modified  # excluded by the config
+    assert isinstance(gm.conv.weight, nn.Parameter)
+
+
+def test_rewrite_is_idempotent():
+    gm = aten_conv_graph()
+    assert rewrite(gm).modified
+    code = gm.code
+    assert not rewrite(gm).modified  # nothing left to rewrite
+    assert gm.code == code
+
+
+def test_one_compose_definition_in_graph_and_eager_form():
+    torch.manual_seed(0)
+    coeff, mask, basis = torch.randn(4, 3, 9), (torch.rand(4, 3, 9) > 0.5).float(), torch.randn(9, 9)
+    root = nn.Module()
+    root.w = nn.Module()
+    root.w.coeff, root.w.basis = nn.Parameter(coeff), nn.Parameter(basis)
+    root.w.register_buffer("mask", mask)
+    for multiplies in (True, False):
+        graph = fx.Graph()
+        graph.output(emit_compose(graph, "w", multiplies, True, (4, 3, 3, 3)))
+        eager = compose_weight(coeff, mask, basis, (4, 3, 3, 3), multiplies)
+        assert torch.equal(fx.GraphModule(root, graph)(), eager)
+    assert torch.equal(compose_weight(coeff, mask, basis, None, False), coeff * mask)
+
+
+# -- parametrize unreached weights ---------------------------------------------------------------------------------
+class Untraced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def captured_as_python(model, config=TransformConfig()):
+    report = TraceReport()
+    return Captured(model, [], report, dict(model.named_modules()), "symbolic"), ParametrizeUnreached(
+        config, CoefficientFactory(config))
+
+
+def test_parametrize_fires_on_untraced_weights_and_preserves_outputs():
+    model, x = Untraced(), torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    captured, p = captured_as_python(model)
+    outcome = p(captured)
+    assert outcome.changed and outcome.details == ["conv.weight", "fc.weight"]
+    assert isinstance(model.conv, ipfx.BasisWeight) and isinstance(model.conv, nn.Conv2d)
+    assert "weight" not in model.conv._parameters and {"conv.coeff", "conv.mask", "conv.basis"} <= set(model.state_dict())
+    assert_close(model(x), expected, kind="pass: parametrize")
+    randomize_masks(model, 0.5)
+    assert torch.equal(model.conv.weight, model.conv.compose())
+
+
+def test_parametrize_does_not_fire_on_excluded_weights_and_is_idempotent():
+    model = Untraced()
+    captured, p = captured_as_python(model, TransformConfig(exclude=["fc.*"]))
+    assert p(captured).details == ["conv.weight"]
+    assert isinstance(model.fc.weight, nn.Parameter)  # the config said so
+    assert not p(captured).changed  # idempotent
+
+
+def test_parametrized_modules_copy_pickle_and_lower():
+    import io
+
+    model, x = Untraced(), torch.randn(2, 3, 5, 5)
+    captured, p = captured_as_python(model)
+    p(captured)
+    randomize_masks(model, 0.5)
+    y = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert_close(loaded(x), y, kind="pass: parametrized pickle")
+    assert_close(copy.deepcopy(model)(x), y, kind="pass: parametrized deepcopy")
+    lowered = ipfx.lower(model)
+    assert type(lowered.conv) is nn.Conv2d and isinstance(lowered.conv.weight, nn.Parameter)
+    Untraced().load_state_dict(lowered.state_dict(), strict=True)
+    assert_close(lowered(x), y, kind="pass: parametrized lowered")
+
+
+# -- lowering and the manager ----------------------------------------------------------------------------------
+def test_lower_dense_fires_once_and_is_idempotent():
+    gm = aten_conv_graph()
+    rewrite(gm)
+    x = torch.randn(2, 3, 6, 6)
+    randomize_masks(gm, 0.5)
+    expected = gm(x)
+    assert LowerDense()(gm).modified
+    assert_close(gm(x), expected, kind="pass: lower dense aten graph")
+    assert isinstance(gm.conv.weight, nn.Parameter)
+    assert not LowerDense()(gm).modified
+
+
+def test_pass_manager_runs_in_order_and_checks_conditions():
+    class Add(Pass):
+        def __init__(self, k):
+            self.k, self.name = k, f"add {k}"
+
+        def requires(self, obj):
+            if obj < 0:
+                raise ValueError("negative")
+
+        def call(self, obj):
+            return PassOutcome(obj + self.k, self.k != 0, self.k)
+
+    manager = PassManager([Add(1), Add(0), Add(2)])
+    assert manager(1) == 4
+    assert [(n, o.changed) for n, o in manager.log] == [("add 1", True), ("add 0", False), ("add 2", True)]
+    assert manager.outcome("add 2").details == 2
+    with pytest.raises(ValueError, match="negative"):
+        manager(-5)
+
+
+def test_transform_runs_the_named_pipeline():
+    from ipfx.passes.capture import Capture
+
+    model, x = Untraced(), torch.randn(2, 3, 5, 5)
+    config = TransformConfig()
+    factory = CoefficientFactory(config)
+    from ipfx.passes.rewrite_weights import RewriteParts
+
+    manager = PassManager([Capture("symbolic", config), RewriteParts(config, factory), ParametrizeUnreached(config, factory)])
+    captured = manager(copy.deepcopy(model))
+    assert [n for n, _ in manager.log] == ["capture", "rewrite weights", "parametrize unreached weights"]
+    assert manager.outcome("rewrite weights").changed and not manager.outcome("parametrize unreached weights").changed
+    assert isinstance(captured.parts[0], Part)
+    assert_close(captured.model(x), model(x), kind="pass: pipeline")
