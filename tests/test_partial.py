@@ -79,7 +79,12 @@ def test_the_report_says_what_was_traced():
     import copy
 
     _, report = capture_tree(copy.deepcopy(Detector()), TransformConfig())
-    assert set(report.traced) == {"stem", "gate.conv", "head.conv", "head.cls", "fc"}
+    assert set(report.traced) == {"stem"}  # lone conv/linear children stay modules, parametrized
+    t = ipfx.transform(Detector())
+    captures = {w.name: w.capture for w in ipfx.rewritten_weights(t)}
+    assert captures == {"stem.0.weight": "symbolic", "gate.conv.weight": "parametrized",
+                        "head.conv.weight": "parametrized", "head.cls.weight": "parametrized",
+                        "fc.weight": "parametrized"}
     assert {path for path, _, _ in report.untraced} == {"", "gate", "head"}  # control flow, list iteration
     assert "kept as Python code: <root> (Detector)" in str(report)
 
