@@ -105,17 +105,75 @@ def run_cli(args, capsys):
     return code, capsys.readouterr().err
 
 
-def test_unknown_model_lists_the_valid_ones(tmp_path, capsys):
-    code, err = run_cli(["compare", "--model", "resnet21", "--data", "digits", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "unknown model 'resnet21'" in err and "resnet20" in err and "vgg16" in err
+def parse_error(args, capsys) -> tuple[int, str]:
+    """Exit status and last stderr line of a command that argparse refuses."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return info.value.code, err.strip().splitlines()[-1]
 
 
-def test_unknown_method_and_dataset(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["compare", "--methods", "snipp"])
-    assert "unknown snipp; choose from random" in capsys.readouterr().err
-    code, err = run_cli(["compare", "--data", "imagenet", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "unknown dataset 'imagenet'" in err and "cifar10" in err
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "must be a positive integer, got 0"),
+    ("--batch-size", "ten", "must be a positive integer, got 'ten'"),
+    ("--epochs", "0", "must be a positive integer, got 0"),
+    ("--width", "-4", "must be a positive integer, got -4"),
+    ("--train-subset", "0", "must be a positive integer, got 0"),
+    ("--threads", "0", "must be a positive integer, got 0"),
+    ("--lr", "-1", "must be a positive number, got -1"),
+    ("--lr", "0", "must be a positive number, got 0"),
+    ("--lr", "nan", "must be a positive number, got 'nan'"),
+    ("--weight-decay", "-0.1", "must be a non-negative number, got -0.1"),
+    ("--momentum", "1", "must be a number in [0, 1), got 1"),
+    ("--momentum", "fast", "must be a number in [0, 1), got 'fast'"),
+    ("--sparsities", "0.9,1.2", "every value must be in [0, 1), got 1.2"),
+    ("--sparsities", ",", "must be a comma-separated list of numbers in [0, 1), got ','"),
+    ("--sparsities", "0.9,0.9", "lists 0.9 more than once; give each value once"),
+    ("--seeds", "0,-1", "seeds must be integers >= 0, got -1"),
+    ("--seeds", "0,x", "must be comma-separated integers >= 0, got '0,x'"),
+    ("--methods", "snipp", "unknown snipp; choose from random, magnitude, snip"),
+    ("--spaces", "ip,dp", "unknown dp; choose from sp, ip"),
+    ("--data", "imagenet", "unknown dataset 'imagenet'; choose from digits, mnist, cifar10"),
+    ("--model", "resnet21", "unknown model 'resnet21'; built-in: cnn, resnet20"),
+    ("--device", "potato", "must be a torch device such as cpu, cuda or cuda:1, got 'potato'"),
+    ("--lr-schedule", "linear", "invalid choice: 'linear'"),
+])
+def test_compare_refuses_bad_options_before_any_work(option, value, message, capsys):
+    code, line = parse_error(["compare", "--data", "digits", option, value], capsys)
+    assert code == 2
+    assert line.startswith(f"ipfx compare: error: argument {option}: {message}"), line
+
+
+def test_a_missing_cuda_device_is_refused_up_front(capsys):
+    code, line = parse_error(["compare", "--device", "cuda:99"], capsys)
+    assert code == 2 and line.startswith("ipfx compare: error: argument --device: 'cuda:99'"), line
+    assert "use --device cpu" in line or "this machine has" in line
+
+
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for command in ("compare", "demo"):
+        code, line = parse_error([command, "--out", str(tmp_path / "f")], capsys)
+        assert code == 2 and line == (f"ipfx {command}: error: argument --out: {str(tmp_path / 'f')!r} is a file, "
+                                      "not a folder; name a folder (it is created if missing)")
+
+
+def test_inspect_refuses_a_missing_file_and_bad_counts(tmp_path, capsys):
+    code, line = parse_error(["inspect", str(tmp_path / "nope.pt")], capsys)
+    assert code == 2 and line.endswith(f"argument model: no such file {str(tmp_path / 'nope.pt')!r}; pass an "
+                                       "existing file (.pt2, .pt) or a model name")
+    code, line = parse_error(["inspect", "resnet21"], capsys)
+    assert code == 2 and "argument model: unknown model 'resnet21'" in line
+    code, line = parse_error(["inspect", "resnet20", "--num-classes", "0"], capsys)
+    assert code == 2 and line.endswith("argument --num-classes: must be a positive integer, got 0")
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_first_run(tmp_path, capsys):
+    code, err = run_cli(["compare", *TINY, "--train-subset", "100", "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert "argument --batch-size: must be at most the number of training images (100), got 256" in err
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 def test_missing_data_says_where_to_put_it(tmp_path, capsys):
