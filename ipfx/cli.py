@@ -15,6 +15,7 @@ from .errors import IPFXError
 
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import DATASETS, METHODS
+    from .experiments.engine import IMP_REWIND, IMP_ROUNDS
 
     parser = argparse.ArgumentParser(prog="ipfx", description="Interspace pruning for PyTorch.")
     parser.add_argument("--version", action="version", version=f"ipfx {__version__}")
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--momentum", type=arg.fraction, default=0.9, help="SGD momentum, in [0, 1)")
     cmp_.add_argument("--weight-decay", type=arg.non_negative_float, default=5e-4)
     cmp_.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine")
+    cmp_.add_argument("--imp-rounds", type=arg.positive_int, default=None,
+                      help=f"imp: prune-and-rewind rounds (default {IMP_ROUNDS}); the same fraction of the remaining "
+                           "coefficients is pruned each round, so the last round reaches the sparsity")
+    cmp_.add_argument("--imp-rewind", type=arg.fraction, default=None,
+                      help=f"imp: rewind point as a fraction of one training run, in [0, 1) (default {IMP_REWIND}; "
+                           "0 rewinds to the initialisation, the original lottery ticket). IMP spends the same "
+                           "--epochs budget as every method: one run is rewind + round steps, trained rounds + 1 "
+                           "times after the rewind point")
     cmp_.add_argument("--device", type=arg.device, default="cpu", help="cpu, cuda, cuda:1, ...")
     cmp_.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
     cmp_.add_argument("--out", type=arg.output_folder, default="ipfx-compare",
@@ -96,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(args, command_line: str) -> None:
     from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, sweep
+    from .experiments.engine import imp_plan
     from .experiments.models import build_model
     from .experiments.sweep import grid
 
     started = time.time()
+    _check_imp_options(args)
     dataset = load_dataset(args.data, args.data_root)
     used = min(len(dataset.train_y), args.train_subset or len(dataset.train_y))
     if args.batch_size > used:  # the engine would find out only inside the first run
@@ -109,7 +120,12 @@ def compare(args, command_line: str) -> None:
     base = RunSpec(model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
                    train_subset=args.train_subset, width=args.width)
-    specs = grid(base, args.methods, args.sparsities, args.spaces, args.seeds)
+    specs = grid(base, args.methods, args.sparsities, args.spaces, args.seeds, imp_rounds=args.imp_rounds,
+                 imp_rewind=args.imp_rewind)
+    for spec in specs:  # IMP's rounds must fit in the budget: find out now, not after the other runs
+        if spec.method == "imp":
+            imp_plan(spec, used // args.batch_size)
+            break
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
     print(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
@@ -120,6 +136,15 @@ def compare(args, command_line: str) -> None:
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
     print(table)
     print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'} ({time.time() - started:.0f} s)")
+
+
+def _check_imp_options(args) -> None:
+    """IMP's options without IMP among the methods are a mistake (they would change nothing)."""
+    given = [name for name, value in (("--imp-rounds", args.imp_rounds), ("--imp-rewind", args.imp_rewind))
+             if value is not None]
+    if given and "imp" not in args.methods:
+        raise _error(f"argument {given[0]}: applies to the imp method only; add imp to --methods "
+                     f"(now {','.join(args.methods)})")
 
 
 def inspect_model(args) -> None:

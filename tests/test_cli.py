@@ -1,6 +1,8 @@
 """The command line and the experiment engine behind it, on tiny budgets."""
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -201,3 +203,69 @@ def test_inspect_a_name_and_a_saved_model(tmp_path, capsys):
 def test_engine_validates_specs(digits):
     with pytest.raises(IPFXValueError, match="unknown method 'l0'"):
         run(RunSpec(method="l0"), digits)
+
+
+# -- IMP (lottery ticket with rewinding) in the engine ----------------------------------------------------
+def test_imp_splits_the_common_budget_into_equal_rounds():
+    from ipfx.experiments.engine import imp_plan
+
+    spec = RunSpec(method="imp", epochs=2, imp_rounds=2, imp_rewind=0.2)
+    plan = imp_plan(spec, steps_per_epoch=11)  # a budget of 22 steps
+    assert (plan.rewind_step, plan.round_steps) == (1, 6)  # one run = 1 + 6 steps, rewind at 1/7 ~ 0.2 of it
+    assert plan.steps == 1 + 3 * 6 <= 22
+    # the learning-rate schedule restarts at the rewind point after each round
+    assert [plan.lr_position(t) for t in range(plan.steps)] == [0, 1, 2, 3, 4, 5, 6] + [1, 2, 3, 4, 5, 6] * 2
+    assert imp_plan(RunSpec(method="imp", epochs=2, imp_rounds=2, imp_rewind=0.0), 11).rewind_step == 0
+    with pytest.raises(IPFXValueError, match="IMP with 30 rounds trains its ticket 31 times, but the budget is only 22"):
+        imp_plan(RunSpec(method="imp", epochs=2, imp_rounds=30), 11)
+
+
+def test_imp_options_belong_to_imp_runs_only():
+    assert RunSpec(method="imp").imp_rounds == 3 and RunSpec(method="imp").imp_rewind == 0.05
+    snip = RunSpec(method="snip", imp_rounds=5, imp_rewind=0.1)
+    assert snip.imp_rounds is None and snip.imp_rewind is None
+    # a record written before the IMP options existed still marks its run as done
+    store_key = tuple({**dataclasses.asdict(RunSpec()), "imp_rounds": None, "imp_rewind": None}.values())
+    assert RunSpec().key() == store_key
+
+
+def test_imp_records_from_an_older_store_resume(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    old = {k: v for k, v in dataclasses.asdict(RunSpec(method="snip")).items() if not k.startswith("imp_")}
+    store.append(old)
+    assert RunSpec(method="snip").key() in store.done()
+
+
+@pytest.mark.parametrize("space", ["sp", "ip"])
+def test_an_imp_run_ends_at_the_requested_sparsity(space, digits):
+    spec = RunSpec(model="cnn", width=4, data="digits", method="imp", sparsity=0.9, space=space, epochs=2,
+                   batch_size=128, imp_rounds=2, imp_rewind=0.2)
+    record = run(spec, digits, progress=False)
+    assert record["achieved_sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert (record["imp_rewind_step"], record["imp_round_steps"]) == (1, 6)
+    assert record["steps"] == 1 + 3 * 6 <= record["budget_steps"] == 2 * (len(digits.train_y) // 128)
+    assert 0 <= record["accuracy"] <= 1 and math.isfinite(record["final_train_loss"])
+
+
+def test_compare_runs_imp_with_its_options(tmp_path, capsys):
+    out = tmp_path / "imp"
+    assert main(["compare", *TINY, "--methods", "imp", "--imp-rounds", "2", "--imp-rewind", "0.1",
+                 "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["space"] for r in records} == {"sp", "ip"}
+    for r in records:
+        assert r["method"] == "imp" and (r["imp_rounds"], r["imp_rewind"]) == (2, 0.1)
+        assert abs(r["achieved_sparsity"] - 0.9) < 2e-3
+    assert "| cnn | digits | imp | 0.9 |" in (out / "results.md").read_text()
+
+
+def test_compare_refuses_imp_options_that_cannot_apply(tmp_path, capsys):
+    code, err = run_cli(["compare", *TINY, "--methods", "snip", "--imp-rounds", "2", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "argument --imp-rounds: applies to the imp method only; add imp to --methods" in err
+    code, err = run_cli(["compare", *TINY, "--methods", "imp", "--imp-rounds", "9", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "IMP with 9 rounds trains its ticket 10 times, but the budget is only 5 steps" in err
+    assert "--epochs" in err and not (tmp_path / "results.jsonl").exists()
+    code, line = parse_error(["compare", "--imp-rewind", "1"], capsys)
+    assert code == 2 and line.endswith("argument --imp-rewind: must be a number in [0, 1), got 1")
+    code, line = parse_error(["compare", "--imp-rounds", "0"], capsys)
+    assert code == 2 and line.endswith("argument --imp-rounds: must be a positive integer, got 0")
