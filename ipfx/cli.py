@@ -69,11 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ins = sub.add_parser("inspect", help="what transform rewrites, per-layer sparsity and parameter counts",
-                         description="MODEL is a file saved with torch.save (a whole module) or a model name "
-                                     "(built-in or torchvision).")
-    ins.add_argument("model", type=arg.file_or_model, help="a saved model (.pt) or a model name")
-    ins.add_argument("--space", choices=("ip", "sp"), default="ip")
-    ins.add_argument("--num-classes", type=arg.positive_int, default=1000)
+                         description="MODEL is a model name (built-in or torchvision), a torch.export program "
+                                     "(.pt2, opened with torch.export.load) or a file saved with torch.save, "
+                                     "opened with torch.load(weights_only=True): tensors only, no code runs. "
+                                     "A pickle that needs more (a whole module) is refused unless --trust.")
+    ins.add_argument("model", type=arg.file_or_model, help="a model name or a saved file (.pt2, .pt)")
+    ins.add_argument("--space", choices=("ip", "sp"), default="ip",
+                     help="the space transform uses to show a model that is not transformed")
+    ins.add_argument("--num-classes", type=arg.positive_int, default=1000, help="for a model name")
+    ins.add_argument("--trust", action="store_true",
+                     help="load a pickle in full (torch.load(weights_only=False)); unpickling runs the code the "
+                          "file names, so use it only for files you trust")
     return parser
 
 
@@ -148,37 +154,27 @@ def _check_imp_options(args) -> None:
 
 
 def inspect_model(args) -> None:
+    """A model name is built and shown as transform would rewrite it; a file is opened without running
+    code from it (:func:`ipfx.deploy.load`) and shown by what it holds."""
     import torch
 
-    from .api import rewritten_weights, sparsity, transform
-    from .reparam import BasisWeight
+    from . import describe
+    from .deploy import load
 
-    path = Path(args.model)
-    if path.exists():
-        model = torch.load(path, weights_only=False, map_location="cpu")
-        if isinstance(model, dict):
-            raise _error(f"{path} holds a state_dict, not a module; save the whole module with torch.save(model, path)")
-    else:
+    path = Path(args.model).expanduser()
+    if not path.is_file():
         from .experiments.models import build_model
 
-        in_channels = 3
-        model = build_model(args.model, args.num_classes, in_channels)
-    transformed = any(isinstance(m, BasisWeight) for m in model.modules())
-    view = model if transformed else transform(model, space=args.space)
-    infos = rewritten_weights(view)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"{type(model).__name__}: {total:,} parameters; "
-          f"{'transformed' if transformed else 'transform would rewrite'} {len(infos)} weights:")
-    width = max(len(i.name) for i in infos)
-    print(f"{'weight':<{width}}  {'shape':<20} {'kind':<14} {'space':<5} {'basis':<16} {'kept':>10} {'total':>10} "
-          f"{'sparsity':>8}")
-    for i in infos:
-        basis = i.basis + ("" if i.trains_basis or i.basis == "none" else " (fixed)")
-        print(f"{i.name:<{width}}  {str(i.shape):<20} {i.kind:<14} {i.space:<5} {basis:<16} {i.kept:>10,} "
-              f"{i.total:>10,} {1 - i.kept / i.total:>8.4f}")
-    coeffs = sum(i.total for i in infos)
-    print(f"prunable coefficients: {coeffs:,} ({100 * coeffs / total:.1f}% of parameters); "
-          f"sparsity {sparsity(view):.4f}")
+        lines = describe.describe_module(build_model(args.model, args.num_classes, 3), args.space)
+    else:
+        loaded = load(path, trust=args.trust)
+        if isinstance(loaded, torch.export.ExportedProgram):
+            lines = describe.describe_program(path.name, loaded)
+        elif isinstance(loaded, torch.nn.Module):
+            lines = describe.describe_module(loaded, args.space)
+        else:
+            lines = describe.describe_state(path.name, loaded)
+    print("\n".join(lines))
 
 
 def _error(message: str) -> IPFXError:

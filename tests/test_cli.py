@@ -93,12 +93,44 @@ def test_markdown_table_reports_mean_spread_and_gap():
 def test_demo_runs_end_to_end(tmp_path):
     from ipfx.demo import demo
 
+    for stale in ("lowered_dense.pt", "lowered_fused.pt"):  # whole-module pickles of an earlier version
+        (tmp_path / stale).write_bytes(b"old")
     lines = []
     result = demo(tmp_path, quick=True, epochs=1, methods=("random",), progress=False, log=lines.append)
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "results.md").exists()
-    dense = torch.load(tmp_path / "lowered_dense.pt", weights_only=False)
-    assert not any(isinstance(m, ipfx.BasisWeight) for m in dense.modules())
     assert "gap IP-SP" in result["table"] and any("outputs match" in line for line in lines)
+    names = ["lowered_dense.state_dict.pt", "lowered_dense.pt2", "lowered_fused.state_dict.pt", "lowered_fused.pt2"]
+    assert sorted(p.name for p in result["files"]) == sorted(names)
+    assert not (tmp_path / "lowered_dense.pt").exists() and not (tmp_path / "lowered_fused.pt").exists()
+    x = load_dataset("digits").normalise(load_dataset("digits").test_x[:7])
+    with torch.no_grad():
+        y = torch.export.load(tmp_path / "lowered_dense.pt2").module()(x)
+        # the state dicts hold tensors only, and load into plain (dense) and fused modules of the same model
+        plain = ipfx.experiments.build_model("cnn", 10, 1, 16).eval()
+        plain.load_state_dict(torch.load(tmp_path / "lowered_dense.state_dict.pt", weights_only=True))
+        fused = ipfx.lower(ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 16)), "fused").eval()
+        fused.load_state_dict(torch.load(tmp_path / "lowered_fused.state_dict.pt", weights_only=True))
+        for name, out in (("plain", plain(x)), ("fused", fused(x)),
+                          ("fused program", torch.export.load(tmp_path / "lowered_fused.pt2").module()(x))):
+            assert torch.allclose(out, y, atol=1e-4), name
+    torch.save({"x": x, "y": y}, tmp_path / "io.pt")
+    # a fresh process: the dense program needs torch only; the fused one its ops, registered by `import ipfx`
+    script = (
+        "import sys, torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)\n"
+        f"dense = torch.export.load({str(tmp_path / 'lowered_dense.pt2')!r})\n"
+        "assert 'ipfx' not in sys.modules\n"
+        "assert torch.allclose(dense.module()(io['x']), io['y'], atol=1e-4)\n"
+        "import ipfx\n"
+        f"fused = torch.export.load({str(tmp_path / 'lowered_fused.pt2')!r})\n"
+        "ops = {str(n.target) for n in fused.graph.nodes if n.op == 'call_function'}\n"
+        "assert 'ipfx.ip_conv.default' in ops and 'ipfx.sparse_linear.default' in ops, ops\n"
+        "with torch.no_grad():\n"
+        "    assert torch.allclose(fused.module()(io['x']), io['y'], atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -188,16 +220,93 @@ def test_missing_data_says_where_to_put_it(tmp_path, capsys):
     assert code == 2 and "mnist not found" in err and "Traceback" not in err
 
 
-def test_inspect_a_name_and_a_saved_model(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A cnn pruned to 90% (980 coefficients, 98 kept), saved in every form inspect opens."""
+    from ipfx import deploy
+
+    folder = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    model = ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 4))
+    ipfx.prune(model, "random", 0.9)
+    model.eval()
+    x = torch.randn(4, 1, 8, 8)
+    for name in ("dense", "fused"):
+        lowered = ipfx.lower(model, name)
+        deploy.save_state_dict(lowered, folder / name)
+        deploy.save_program(lowered, folder / name, x)
+    torch.save(model.state_dict(), folder / "transformed.pt")
+    torch.save(model, folder / "module.pt")
+    return folder
+
+
+def test_inspect_a_model_name(capsys):
     assert main(["inspect", "resnet20", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "transform would rewrite 20 weights" in out and "layer1.0.conv1.weight" in out
-    model = ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 4))
-    ipfx.prune(model, "random", 0.5)
-    torch.save(model, tmp_path / "m.pt")
-    assert main(["inspect", str(tmp_path / "m.pt")]) == 0
+
+
+def test_inspect_a_fused_program_shows_the_kept_coefficients(saved, capsys):
+    assert main(["inspect", str(saved / "fused.pt2")]) == 0
     out = capsys.readouterr().out
-    assert "transformed 4 weights" in out and "sparsity 0.5" in out
+    assert "fused.pt2: torch.export program" in out and "ipfx.ip_conv x3" in out and "ipfx.sparse_linear x1" in out
+    assert "conv/linear weights: 98 of 980 stored as nonzeros; sparsity 0.9000" in out
+
+
+def test_inspect_a_dense_program(saved, capsys):
+    assert main(["inspect", str(saved / "dense.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "aten.conv2d x3" in out and "aten.linear x1" in out and "ipfx." not in out
+    assert "conv1.weight" in out and "of 980 stored as nonzeros" in out
+
+
+def test_inspect_state_dicts_with_and_without_masks(saved, capsys):
+    assert main(["inspect", str(saved / "transformed.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "conv1.coeff" in out and "4 masks: 98 of 980 coefficients kept; sparsity 0.9000" in out
+    assert main(["inspect", str(saved / "fused.state_dict.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "conv1.values" in out and "conv1.indices" in out and "masks" not in out
+
+
+def test_inspect_refuses_a_module_pickle_unless_trusted(saved, capsys):
+    code, err = run_cli(["inspect", str(saved / "module.pt")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is a pickle that needs more than tensors to load (it names torch.fx" in err
+    assert "pass --trust to load it anyway" in err and "only for a file you trust" in err
+    assert main(["inspect", str(saved / "module.pt"), "--trust"]) == 0
+    out = capsys.readouterr().out
+    assert "transformed 4 weights" in out and "sparsity 0.9" in out
+
+
+class _Opens:
+    """Unpickles as ``open(path, "w")``: code that runs on load, as in a hostile file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_inspect_runs_no_code_from_a_file_without_trust(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    torch.save({"weights": torch.ones(2), "payload": _Opens(marker)}, tmp_path / "hostile.pt")
+    code, err = run_cli(["inspect", str(tmp_path / "hostile.pt")], capsys)
+    assert code == 2 and "(it names io.open)" in err and "--trust" in err
+    assert not marker.exists()
+    assert main(["inspect", str(tmp_path / "hostile.pt"), "--trust"]) == 0  # what --trust means: it ran
+    assert marker.exists() and "weights" in capsys.readouterr().out
+
+
+def test_inspect_says_when_a_file_is_not_a_torch_file(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("hello")
+    code, err = run_cli(["inspect", str(tmp_path / "notes.pt")], capsys)
+    assert code == 2 and "could not be read with torch.load" in err and "torch.save or torch.export.save" in err
+    (tmp_path / "broken.pt2").write_text("hello")
+    code, err = run_cli(["inspect", str(tmp_path / "broken.pt2")], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        f"ipfx inspect: error: {tmp_path / 'broken.pt2'} could not be read as a torch.export program (.pt2)")
 
 
 def test_engine_validates_specs(digits):
