@@ -103,9 +103,9 @@ class IMPPlan:
     run. The model trains ``rewind_step`` steps, is saved (the rewind point), and trains ``round_steps``
     more: that completes the first run. Each of ``rounds`` rounds then ends by pruning the
     coefficients of smallest magnitude (the same fraction of the remaining ones per round, so the
-    requested sparsity is reached after the last round) and rewinding every other tensor, the
-    learning-rate schedule and the optimizer's state to the rewind point; the ticket is then retrained
-    for ``round_steps`` steps, as every round was. Total: ``rewind_step + (rounds + 1) * round_steps``
+    requested sparsity is reached after the last round) and rewinding every other tensor and the
+    learning-rate schedule to the rewind point (the optimizer's momentum is cleared); the ticket is
+    then retrained for ``round_steps`` steps, as every round was. Total: ``rewind_step + (rounds + 1) * round_steps``
     steps, at most the budget (what rounding leaves, fewer than ``rounds + 2`` steps, is not trained).
     """
 
