@@ -193,6 +193,11 @@ def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys):
                                       "not a folder; name a folder (it is created if missing)")
 
 
+def test_demo_refuses_a_bad_thread_count(capsys):
+    code, line = parse_error(["demo", "--threads", "-2"], capsys)
+    assert code == 2 and line == "ipfx demo: error: argument --threads: must be a positive integer, got -2"
+
+
 def test_inspect_refuses_a_missing_file_and_bad_counts(tmp_path, capsys):
     code, line = parse_error(["inspect", str(tmp_path / "nope.pt")], capsys)
     assert code == 2 and line.endswith(f"argument model: no such file {str(tmp_path / 'nope.pt')!r}; pass an "
