@@ -14,6 +14,7 @@ from .modes import ModeSwitch
 from .reparam import BasisWeight
 from .pruning import PruneReport, prune
 from . import pruning
+from . import ops  # registers torch.ops.ipfx.*: torch.export.load of a fused program needs them (~40 ms)
 
 __version__ = "0.1.0"
 

@@ -9,40 +9,13 @@ import time
 from pathlib import Path
 
 from . import __version__
+from . import cliargs as arg
 from .errors import IPFXError
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    bad = [v for v in values if not 0 <= v < 1]
-    if bad:
-        raise argparse.ArgumentTypeError(f"sparsities must be in [0, 1), got {bad}")
-    return values
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _choices(valid):
-    def parse(text: str) -> list[str]:
-        values = [v.strip() for v in text.split(",") if v.strip()]
-        unknown = [v for v in values if v not in valid]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(valid)}")
-        return values
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import DATASETS, METHODS
+    from .experiments.engine import IMP_REWIND, IMP_ROUNDS
 
     parser = argparse.ArgumentParser(prog="ipfx", description="Interspace pruning for PyTorch.")
     parser.add_argument("--version", action="version", version=f"ipfx {__version__}")
@@ -52,42 +25,61 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small CNN pruned to high sparsity in SP and in IP (same seeds and "
                                       "budget) on the digits data that ships with scikit-learn; print a table, "
                                       "write a plot and the lowered model.")
-    demo.add_argument("--out", default="ipfx-demo", help="output folder (default: ./ipfx-demo)")
+    demo.add_argument("--out", type=arg.output_folder, default="ipfx-demo",
+                      help="output folder (default: ./ipfx-demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller sweep (about 1 minute)")
-    demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    demo.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
 
     cmp_ = sub.add_parser("compare", help="SP vs IP sweep over methods, sparsities and seeds (resumable)",
                           description="Run every (method, sparsity, space, seed) combination, append one record per "
                                       "finished run to OUT/results.jsonl (a rerun resumes), then write "
                                       "OUT/results.md and OUT/accuracy.png.")
-    cmp_.add_argument("--model", default="resnet20",
+    cmp_.add_argument("--model", type=arg.model_name, default="resnet20",
                       help="resnet20, resnet32, resnet56, vgg16, cnn, or a torchvision model name")
-    cmp_.add_argument("--width", type=int, default=None, help="base width of the built-in models")
-    cmp_.add_argument("--data", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    cmp_.add_argument("--width", type=arg.positive_int, default=None, help="base width of the built-in models")
+    cmp_.add_argument("--data", type=arg.one_of(DATASETS, "dataset"), default="cifar10",
+                      help=f"one of {', '.join(DATASETS)}")
     cmp_.add_argument("--data-root", default=None, help="where the data is (not needed for digits)")
-    cmp_.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
-    cmp_.add_argument("--methods", type=_choices(METHODS), default=["random", "snip", "synflow"],
+    cmp_.add_argument("--train-subset", type=arg.positive_int, default=None,
+                      help="use only this many training images")
+    cmp_.add_argument("--methods", type=arg.name_list(METHODS), default=["random", "snip", "synflow"],
                       help=f"comma-separated, from {', '.join(METHODS)}")
-    cmp_.add_argument("--sparsities", type=_floats, default=[0.9, 0.95, 0.98, 0.99])
-    cmp_.add_argument("--spaces", type=_choices(("sp", "ip")), default=["sp", "ip"])
-    cmp_.add_argument("--seeds", type=_ints, default=[0])
-    cmp_.add_argument("--epochs", type=int, default=10)
-    cmp_.add_argument("--batch-size", type=int, default=128)
-    cmp_.add_argument("--lr", type=float, default=0.1)
-    cmp_.add_argument("--momentum", type=float, default=0.9)
-    cmp_.add_argument("--weight-decay", type=float, default=5e-4)
+    cmp_.add_argument("--sparsities", type=arg.fraction_list, default=[0.9, 0.95, 0.98, 0.99],
+                      help="comma-separated, each in [0, 1)")
+    cmp_.add_argument("--spaces", type=arg.name_list(("sp", "ip")), default=["sp", "ip"])
+    cmp_.add_argument("--seeds", type=arg.seed_list, default=[0], help="comma-separated integers >= 0")
+    cmp_.add_argument("--epochs", type=arg.positive_int, default=10)
+    cmp_.add_argument("--batch-size", type=arg.positive_int, default=128)
+    cmp_.add_argument("--lr", type=arg.positive_float, default=0.1)
+    cmp_.add_argument("--momentum", type=arg.fraction, default=0.9, help="SGD momentum, in [0, 1)")
+    cmp_.add_argument("--weight-decay", type=arg.non_negative_float, default=5e-4)
     cmp_.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine")
-    cmp_.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    cmp_.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    cmp_.add_argument("--out", default="ipfx-compare", help="output folder (default: ./ipfx-compare)")
+    cmp_.add_argument("--imp-rounds", type=arg.positive_int, default=None,
+                      help=f"imp: prune-and-rewind rounds (default {IMP_ROUNDS}); the same fraction of the remaining "
+                           "coefficients is pruned each round, so the last round reaches the sparsity")
+    cmp_.add_argument("--imp-rewind", type=arg.fraction, default=None,
+                      help=f"imp: rewind point as a fraction of one training run, in [0, 1) (default {IMP_REWIND}; "
+                           "0 rewinds to the initialisation, the original lottery ticket). IMP spends the same "
+                           "--epochs budget as every method: one run is rewind + round steps, trained rounds + 1 "
+                           "times after the rewind point")
+    cmp_.add_argument("--device", type=arg.device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    cmp_.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
+    cmp_.add_argument("--out", type=arg.output_folder, default="ipfx-compare",
+                      help="output folder (default: ./ipfx-compare)")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ins = sub.add_parser("inspect", help="what transform rewrites, per-layer sparsity and parameter counts",
-                         description="MODEL is a file saved with torch.save (a whole module) or a model name "
-                                     "(built-in or torchvision).")
-    ins.add_argument("model", help="a saved model (.pt) or a model name")
-    ins.add_argument("--space", choices=("ip", "sp"), default="ip")
-    ins.add_argument("--num-classes", type=int, default=1000)
+                         description="MODEL is a model name (built-in or torchvision), a torch.export program "
+                                     "(.pt2, opened with torch.export.load) or a file saved with torch.save, "
+                                     "opened with torch.load(weights_only=True): tensors only, no code runs. "
+                                     "A pickle that needs more (a whole module) is refused unless --trust.")
+    ins.add_argument("model", type=arg.file_or_model, help="a model name or a saved file (.pt2, .pt)")
+    ins.add_argument("--space", choices=("ip", "sp"), default="ip",
+                     help="the space transform uses to show a model that is not transformed")
+    ins.add_argument("--num-classes", type=arg.positive_int, default=1000, help="for a model name")
+    ins.add_argument("--trust", action="store_true",
+                     help="load a pickle in full (torch.load(weights_only=False)); unpickling runs the code the "
+                          "file names, so use it only for files you trust")
     return parser
 
 
@@ -119,19 +111,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(args, command_line: str) -> None:
     from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, sweep
+    from .experiments.engine import imp_plan
     from .experiments.models import build_model
     from .experiments.sweep import grid
 
     started = time.time()
+    _check_imp_options(args)
     dataset = load_dataset(args.data, args.data_root)
-    build_model(args.model, dataset.num_classes, dataset.in_channels, args.width)  # fail fast on a bad name
+    used = min(len(dataset.train_y), args.train_subset or len(dataset.train_y))
+    if args.batch_size > used:  # the engine would find out only inside the first run
+        raise _error(f"argument --batch-size: must be at most the number of training images ({used}), "
+                     f"got {args.batch_size}")
+    build_model(args.model, dataset.num_classes, dataset.in_channels, args.width)  # before the first run
     base = RunSpec(model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
                    train_subset=args.train_subset, width=args.width)
-    specs = grid(base, args.methods, args.sparsities, args.spaces, args.seeds)
+    specs = grid(base, args.methods, args.sparsities, args.spaces, args.seeds, imp_rounds=args.imp_rounds,
+                 imp_rewind=args.imp_rewind)
+    for spec in specs:  # IMP's rounds must fit in the budget: find out now, not after the other runs
+        if spec.method == "imp":
+            imp_plan(spec, used // args.batch_size)
+            break
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
-    used = min(len(dataset.train_y), args.train_subset or len(dataset.train_y))
     print(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
           f"{len(dataset.test_y)} test); results in {store.path}")
     records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line)
@@ -142,38 +144,37 @@ def compare(args, command_line: str) -> None:
     print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'} ({time.time() - started:.0f} s)")
 
 
+def _check_imp_options(args) -> None:
+    """IMP's options without IMP among the methods are a mistake (they would change nothing)."""
+    given = [name for name, value in (("--imp-rounds", args.imp_rounds), ("--imp-rewind", args.imp_rewind))
+             if value is not None]
+    if given and "imp" not in args.methods:
+        raise _error(f"argument {given[0]}: applies to the imp method only; add imp to --methods "
+                     f"(now {','.join(args.methods)})")
+
+
 def inspect_model(args) -> None:
+    """A model name is built and shown as transform would rewrite it; a file is opened without running
+    code from it (:func:`ipfx.deploy.load`) and shown by what it holds."""
     import torch
 
-    from .api import rewritten_weights, sparsity, transform
-    from .reparam import BasisWeight
+    from . import describe
+    from .deploy import load
 
-    path = Path(args.model)
-    if path.exists():
-        model = torch.load(path, weights_only=False, map_location="cpu")
-        if isinstance(model, dict):
-            raise _error(f"{path} holds a state_dict, not a module; save the whole module with torch.save(model, path)")
-    else:
+    path = Path(args.model).expanduser()
+    if not path.is_file():
         from .experiments.models import build_model
 
-        in_channels = 3
-        model = build_model(args.model, args.num_classes, in_channels)
-    transformed = any(isinstance(m, BasisWeight) for m in model.modules())
-    view = model if transformed else transform(model, space=args.space)
-    infos = rewritten_weights(view)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"{type(model).__name__}: {total:,} parameters; "
-          f"{'transformed' if transformed else 'transform would rewrite'} {len(infos)} weights:")
-    width = max(len(i.name) for i in infos)
-    print(f"{'weight':<{width}}  {'shape':<20} {'kind':<14} {'space':<5} {'basis':<16} {'kept':>10} {'total':>10} "
-          f"{'sparsity':>8}")
-    for i in infos:
-        basis = i.basis + ("" if i.trains_basis or i.basis == "none" else " (fixed)")
-        print(f"{i.name:<{width}}  {str(i.shape):<20} {i.kind:<14} {i.space:<5} {basis:<16} {i.kept:>10,} "
-              f"{i.total:>10,} {1 - i.kept / i.total:>8.4f}")
-    coeffs = sum(i.total for i in infos)
-    print(f"prunable coefficients: {coeffs:,} ({100 * coeffs / total:.1f}% of parameters); "
-          f"sparsity {sparsity(view):.4f}")
+        lines = describe.describe_module(build_model(args.model, args.num_classes, 3), args.space)
+    else:
+        loaded = load(path, trust=args.trust)
+        if isinstance(loaded, torch.export.ExportedProgram):
+            lines = describe.describe_program(path.name, loaded)
+        elif isinstance(loaded, torch.nn.Module):
+            lines = describe.describe_module(loaded, args.space)
+        else:
+            lines = describe.describe_state(path.name, loaded)
+    print("\n".join(lines))
 
 
 def _error(message: str) -> IPFXError:

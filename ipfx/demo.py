@@ -2,8 +2,9 @@
 
 A small CNN is pruned at initialisation to high sparsity with several methods, in SP and in IP with the
 same seeds and training budget, trained, evaluated, and summarised in a table and a plot. The most
-sparse IP model is then lowered (dense and fused) and saved, with a check that the lowered outputs
-match.
+sparse IP model is then lowered (dense and fused) and saved in formats that are safe to open (a state
+dict and a ``torch.export`` program each, see :mod:`ipfx.deploy`), with a check that the lowered and
+the reloaded outputs match.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import deploy
 from .api import lower
 from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, run
 from .experiments.sweep import grid
@@ -62,15 +64,32 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
             diff = (lowered(x) - y).abs().max().item()
             if diff > 1e-3 * max(1.0, y.abs().max().item()):
                 raise RuntimeError(f"lowered ({name}) model differs from the trained one by {diff}")
-    torch.save(dense, out / "lowered_dense.pt")
-    torch.save(fused, out / "lowered_fused.pt")
+    files = [path for name, lowered in (("dense", dense), ("fused", fused))
+             for path in _save_lowered(lowered, out / f"lowered_{name}", x, y, log)]
     sizes = {name: _state_bytes(m) for name, m in (("dense", dense), ("fused", fused))}
     log(f"lowered the IP {spec.method} model at sparsity {spec.sparsity:g} (accuracy {100 * record['accuracy']:.2f}%): "
         f"dense state {sizes['dense'] / 1024:.1f} KiB, fused (kept coefficients + bases) {sizes['fused'] / 1024:.1f} "
         f"KiB; outputs match")
-    log(f"wrote {out / 'results.md'}, {png}, {out / 'lowered_dense.pt'} and {out / 'lowered_fused.pt'} "
-        f"in {time.time() - started:.0f} s")
-    return {"records": records, "table": table, "plot": png}
+    log(f"wrote {out / 'results.md'}, {png}, {', '.join(map(str, files))} in {time.time() - started:.0f} s")
+    return {"records": records, "table": table, "plot": png, "files": files}
+
+
+def _save_lowered(model: torch.nn.Module, stem: Path, x: torch.Tensor, y: torch.Tensor, log) -> list[Path]:
+    """Save ``model`` as a state dict and as an exported program, and check the program reloads to the
+    same outputs ``y`` on ``x``. A model that cannot be exported keeps its state dict, and the log says why."""
+    Path(f"{stem}.pt").unlink(missing_ok=True)  # the whole-module pickle earlier versions wrote
+    paths = [deploy.save_state_dict(model, stem)]
+    try:
+        program = deploy.save_program(model, stem, x)
+    except Exception as exc:  # export is a separate capture: report it and keep the state dict
+        log(f"could not export {stem.name} ({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); "
+            f"saved its state dict only")
+        return paths
+    with torch.no_grad():
+        diff = (deploy.load(program).module()(x) - y).abs().max().item()
+    if diff > 1e-3 * max(1.0, y.abs().max().item()):
+        raise RuntimeError(f"the exported {stem.name} differs from the trained model by {diff}")
+    return [*paths, program]
 
 
 def _state_bytes(model: torch.nn.Module) -> int:

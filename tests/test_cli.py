@@ -1,6 +1,8 @@
 """The command line and the experiment engine behind it, on tiny budgets."""
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -91,12 +93,44 @@ def test_markdown_table_reports_mean_spread_and_gap():
 def test_demo_runs_end_to_end(tmp_path):
     from ipfx.demo import demo
 
+    for stale in ("lowered_dense.pt", "lowered_fused.pt"):  # whole-module pickles of an earlier version
+        (tmp_path / stale).write_bytes(b"old")
     lines = []
     result = demo(tmp_path, quick=True, epochs=1, methods=("random",), progress=False, log=lines.append)
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "results.md").exists()
-    dense = torch.load(tmp_path / "lowered_dense.pt", weights_only=False)
-    assert not any(isinstance(m, ipfx.BasisWeight) for m in dense.modules())
     assert "gap IP-SP" in result["table"] and any("outputs match" in line for line in lines)
+    names = ["lowered_dense.state_dict.pt", "lowered_dense.pt2", "lowered_fused.state_dict.pt", "lowered_fused.pt2"]
+    assert sorted(p.name for p in result["files"]) == sorted(names)
+    assert not (tmp_path / "lowered_dense.pt").exists() and not (tmp_path / "lowered_fused.pt").exists()
+    x = load_dataset("digits").normalise(load_dataset("digits").test_x[:7])
+    with torch.no_grad():
+        y = torch.export.load(tmp_path / "lowered_dense.pt2").module()(x)
+        # the state dicts hold tensors only, and load into plain (dense) and fused modules of the same model
+        plain = ipfx.experiments.build_model("cnn", 10, 1, 16).eval()
+        plain.load_state_dict(torch.load(tmp_path / "lowered_dense.state_dict.pt", weights_only=True))
+        fused = ipfx.lower(ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 16)), "fused").eval()
+        fused.load_state_dict(torch.load(tmp_path / "lowered_fused.state_dict.pt", weights_only=True))
+        for name, out in (("plain", plain(x)), ("fused", fused(x)),
+                          ("fused program", torch.export.load(tmp_path / "lowered_fused.pt2").module()(x))):
+            assert torch.allclose(out, y, atol=1e-4), name
+    torch.save({"x": x, "y": y}, tmp_path / "io.pt")
+    # a fresh process: the dense program needs torch only; the fused one its ops, registered by `import ipfx`
+    script = (
+        "import sys, torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)\n"
+        f"dense = torch.export.load({str(tmp_path / 'lowered_dense.pt2')!r})\n"
+        "assert 'ipfx' not in sys.modules\n"
+        "assert torch.allclose(dense.module()(io['x']), io['y'], atol=1e-4)\n"
+        "import ipfx\n"
+        f"fused = torch.export.load({str(tmp_path / 'lowered_fused.pt2')!r})\n"
+        "ops = {str(n.target) for n in fused.graph.nodes if n.op == 'call_function'}\n"
+        "assert 'ipfx.ip_conv.default' in ops and 'ipfx.sparse_linear.default' in ops, ops\n"
+        "with torch.no_grad():\n"
+        "    assert torch.allclose(fused.module()(io['x']), io['y'], atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -105,17 +139,80 @@ def run_cli(args, capsys):
     return code, capsys.readouterr().err
 
 
-def test_unknown_model_lists_the_valid_ones(tmp_path, capsys):
-    code, err = run_cli(["compare", "--model", "resnet21", "--data", "digits", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "unknown model 'resnet21'" in err and "resnet20" in err and "vgg16" in err
+def parse_error(args, capsys) -> tuple[int, str]:
+    """Exit status and last stderr line of a command that argparse refuses."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return info.value.code, err.strip().splitlines()[-1]
 
 
-def test_unknown_method_and_dataset(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["compare", "--methods", "snipp"])
-    assert "unknown snipp; choose from random" in capsys.readouterr().err
-    code, err = run_cli(["compare", "--data", "imagenet", "--out", str(tmp_path)], capsys)
-    assert code == 2 and "unknown dataset 'imagenet'" in err and "cifar10" in err
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "must be a positive integer, got 0"),
+    ("--batch-size", "ten", "must be a positive integer, got 'ten'"),
+    ("--epochs", "0", "must be a positive integer, got 0"),
+    ("--width", "-4", "must be a positive integer, got -4"),
+    ("--train-subset", "0", "must be a positive integer, got 0"),
+    ("--threads", "0", "must be a positive integer, got 0"),
+    ("--lr", "-1", "must be a positive number, got -1"),
+    ("--lr", "0", "must be a positive number, got 0"),
+    ("--lr", "nan", "must be a positive number, got 'nan'"),
+    ("--weight-decay", "-0.1", "must be a non-negative number, got -0.1"),
+    ("--momentum", "1", "must be a number in [0, 1), got 1"),
+    ("--momentum", "fast", "must be a number in [0, 1), got 'fast'"),
+    ("--sparsities", "0.9,1.2", "every value must be in [0, 1), got 1.2"),
+    ("--sparsities", ",", "must be a comma-separated list of numbers in [0, 1), got ','"),
+    ("--sparsities", "0.9,0.9", "lists 0.9 more than once; give each value once"),
+    ("--seeds", "0,-1", "seeds must be integers >= 0, got -1"),
+    ("--seeds", "0,x", "must be comma-separated integers >= 0, got '0,x'"),
+    ("--methods", "snipp", "unknown snipp; choose from random, magnitude, snip"),
+    ("--spaces", "ip,dp", "unknown dp; choose from sp, ip"),
+    ("--data", "imagenet", "unknown dataset 'imagenet'; choose from digits, mnist, cifar10"),
+    ("--model", "resnet21", "unknown model 'resnet21'; built-in: cnn, resnet20"),
+    ("--device", "potato", "must be a torch device such as cpu, cuda or cuda:1, got 'potato'"),
+    ("--lr-schedule", "linear", "invalid choice: 'linear'"),
+])
+def test_compare_refuses_bad_options_before_any_work(option, value, message, capsys):
+    code, line = parse_error(["compare", "--data", "digits", option, value], capsys)
+    assert code == 2
+    assert line.startswith(f"ipfx compare: error: argument {option}: {message}"), line
+
+
+def test_a_missing_cuda_device_is_refused_up_front(capsys):
+    code, line = parse_error(["compare", "--device", "cuda:99"], capsys)
+    assert code == 2 and line.startswith("ipfx compare: error: argument --device: 'cuda:99'"), line
+    assert "use --device cpu" in line or "this machine has" in line
+
+
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for command in ("compare", "demo"):
+        code, line = parse_error([command, "--out", str(tmp_path / "f")], capsys)
+        assert code == 2 and line == (f"ipfx {command}: error: argument --out: {str(tmp_path / 'f')!r} is a file, "
+                                      "not a folder; name a folder (it is created if missing)")
+
+
+def test_demo_refuses_a_bad_thread_count(capsys):
+    code, line = parse_error(["demo", "--threads", "-2"], capsys)
+    assert code == 2 and line == "ipfx demo: error: argument --threads: must be a positive integer, got -2"
+
+
+def test_inspect_refuses_a_missing_file_and_bad_counts(tmp_path, capsys):
+    code, line = parse_error(["inspect", str(tmp_path / "nope.pt")], capsys)
+    assert code == 2 and line.endswith(f"argument model: no such file {str(tmp_path / 'nope.pt')!r}; pass an "
+                                       "existing file (.pt2, .pt) or a model name")
+    code, line = parse_error(["inspect", "resnet21"], capsys)
+    assert code == 2 and "argument model: unknown model 'resnet21'" in line
+    code, line = parse_error(["inspect", "resnet20", "--num-classes", "0"], capsys)
+    assert code == 2 and line.endswith("argument --num-classes: must be a positive integer, got 0")
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_first_run(tmp_path, capsys):
+    code, err = run_cli(["compare", *TINY, "--train-subset", "100", "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert "argument --batch-size: must be at most the number of training images (100), got 256" in err
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 def test_missing_data_says_where_to_put_it(tmp_path, capsys):
@@ -128,18 +225,161 @@ def test_missing_data_says_where_to_put_it(tmp_path, capsys):
     assert code == 2 and "mnist not found" in err and "Traceback" not in err
 
 
-def test_inspect_a_name_and_a_saved_model(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A cnn pruned to 90% (980 coefficients, 98 kept), saved in every form inspect opens."""
+    from ipfx import deploy
+
+    folder = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    model = ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 4))
+    ipfx.prune(model, "random", 0.9)
+    model.eval()
+    x = torch.randn(4, 1, 8, 8)
+    for name in ("dense", "fused"):
+        lowered = ipfx.lower(model, name)
+        deploy.save_state_dict(lowered, folder / name)
+        deploy.save_program(lowered, folder / name, x)
+    torch.save(model.state_dict(), folder / "transformed.pt")
+    torch.save(model, folder / "module.pt")
+    return folder
+
+
+def test_inspect_a_model_name(capsys):
     assert main(["inspect", "resnet20", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "transform would rewrite 20 weights" in out and "layer1.0.conv1.weight" in out
-    model = ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 4))
-    ipfx.prune(model, "random", 0.5)
-    torch.save(model, tmp_path / "m.pt")
-    assert main(["inspect", str(tmp_path / "m.pt")]) == 0
+
+
+def test_inspect_a_fused_program_shows_the_kept_coefficients(saved, capsys):
+    assert main(["inspect", str(saved / "fused.pt2")]) == 0
     out = capsys.readouterr().out
-    assert "transformed 4 weights" in out and "sparsity 0.5" in out
+    assert "fused.pt2: torch.export program" in out and "ipfx.ip_conv x3" in out and "ipfx.sparse_linear x1" in out
+    assert "conv/linear weights: 98 of 980 stored as nonzeros; sparsity 0.9000" in out
+
+
+def test_inspect_a_dense_program(saved, capsys):
+    assert main(["inspect", str(saved / "dense.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "aten.conv2d x3" in out and "aten.linear x1" in out and "ipfx." not in out
+    assert "conv1.weight" in out and "of 980 stored as nonzeros" in out
+
+
+def test_inspect_state_dicts_with_and_without_masks(saved, capsys):
+    assert main(["inspect", str(saved / "transformed.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "conv1.coeff" in out and "4 masks: 98 of 980 coefficients kept; sparsity 0.9000" in out
+    assert main(["inspect", str(saved / "fused.state_dict.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "conv1.values" in out and "conv1.indices" in out and "masks" not in out
+
+
+def test_inspect_refuses_a_module_pickle_unless_trusted(saved, capsys):
+    code, err = run_cli(["inspect", str(saved / "module.pt")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is a pickle that needs more than tensors to load (it names torch.fx" in err
+    assert "pass --trust to load it anyway" in err and "only for a file you trust" in err
+    assert main(["inspect", str(saved / "module.pt"), "--trust"]) == 0
+    out = capsys.readouterr().out
+    assert "transformed 4 weights" in out and "sparsity 0.9" in out
+
+
+class _Opens:
+    """Unpickles as ``open(path, "w")``: code that runs on load, as in a hostile file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_inspect_runs_no_code_from_a_file_without_trust(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    torch.save({"weights": torch.ones(2), "payload": _Opens(marker)}, tmp_path / "hostile.pt")
+    code, err = run_cli(["inspect", str(tmp_path / "hostile.pt")], capsys)
+    assert code == 2 and "(it names io.open)" in err and "--trust" in err
+    assert not marker.exists()
+    assert main(["inspect", str(tmp_path / "hostile.pt"), "--trust"]) == 0  # what --trust means: it ran
+    assert marker.exists() and "weights" in capsys.readouterr().out
+
+
+def test_inspect_says_when_a_file_is_not_a_torch_file(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("hello")
+    code, err = run_cli(["inspect", str(tmp_path / "notes.pt")], capsys)
+    assert code == 2 and "could not be read with torch.load" in err and "torch.save or torch.export.save" in err
+    (tmp_path / "broken.pt2").write_text("hello")
+    code, err = run_cli(["inspect", str(tmp_path / "broken.pt2")], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        f"ipfx inspect: error: {tmp_path / 'broken.pt2'} could not be read as a torch.export program (.pt2)")
 
 
 def test_engine_validates_specs(digits):
     with pytest.raises(IPFXValueError, match="unknown method 'l0'"):
         run(RunSpec(method="l0"), digits)
+
+
+# -- IMP (lottery ticket with rewinding) in the engine ----------------------------------------------------
+def test_imp_splits_the_common_budget_into_equal_rounds():
+    from ipfx.experiments.engine import imp_plan
+
+    spec = RunSpec(method="imp", epochs=2, imp_rounds=2, imp_rewind=0.2)
+    plan = imp_plan(spec, steps_per_epoch=11)  # a budget of 22 steps
+    assert (plan.rewind_step, plan.round_steps) == (1, 6)  # one run = 1 + 6 steps, rewind at 1/7 ~ 0.2 of it
+    assert plan.steps == 1 + 3 * 6 <= 22
+    # the learning-rate schedule restarts at the rewind point after each round
+    assert [plan.lr_position(t) for t in range(plan.steps)] == [0, 1, 2, 3, 4, 5, 6] + [1, 2, 3, 4, 5, 6] * 2
+    assert imp_plan(RunSpec(method="imp", epochs=2, imp_rounds=2, imp_rewind=0.0), 11).rewind_step == 0
+    with pytest.raises(IPFXValueError, match="IMP with 30 rounds trains its ticket 31 times, but the budget is only 22"):
+        imp_plan(RunSpec(method="imp", epochs=2, imp_rounds=30), 11)
+
+
+def test_imp_options_belong_to_imp_runs_only():
+    assert RunSpec(method="imp").imp_rounds == 3 and RunSpec(method="imp").imp_rewind == 0.05
+    snip = RunSpec(method="snip", imp_rounds=5, imp_rewind=0.1)
+    assert snip.imp_rounds is None and snip.imp_rewind is None
+    # a record written before the IMP options existed still marks its run as done
+    store_key = tuple({**dataclasses.asdict(RunSpec()), "imp_rounds": None, "imp_rewind": None}.values())
+    assert RunSpec().key() == store_key
+
+
+def test_imp_records_from_an_older_store_resume(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    old = {k: v for k, v in dataclasses.asdict(RunSpec(method="snip")).items() if not k.startswith("imp_")}
+    store.append(old)
+    assert RunSpec(method="snip").key() in store.done()
+
+
+@pytest.mark.parametrize("space", ["sp", "ip"])
+def test_an_imp_run_ends_at_the_requested_sparsity(space, digits):
+    spec = RunSpec(model="cnn", width=4, data="digits", method="imp", sparsity=0.9, space=space, epochs=2,
+                   batch_size=128, imp_rounds=2, imp_rewind=0.2)
+    record = run(spec, digits, progress=False)
+    assert record["achieved_sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert (record["imp_rewind_step"], record["imp_round_steps"]) == (1, 6)
+    assert record["steps"] == 1 + 3 * 6 <= record["budget_steps"] == 2 * (len(digits.train_y) // 128)
+    assert 0 <= record["accuracy"] <= 1 and math.isfinite(record["final_train_loss"])
+
+
+def test_compare_runs_imp_with_its_options(tmp_path, capsys):
+    out = tmp_path / "imp"
+    assert main(["compare", *TINY, "--methods", "imp", "--imp-rounds", "2", "--imp-rewind", "0.1",
+                 "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["space"] for r in records} == {"sp", "ip"}
+    for r in records:
+        assert r["method"] == "imp" and (r["imp_rounds"], r["imp_rewind"]) == (2, 0.1)
+        assert abs(r["achieved_sparsity"] - 0.9) < 2e-3
+    assert "| cnn | digits | imp | 0.9 |" in (out / "results.md").read_text()
+
+
+def test_compare_refuses_imp_options_that_cannot_apply(tmp_path, capsys):
+    code, err = run_cli(["compare", *TINY, "--methods", "snip", "--imp-rounds", "2", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "argument --imp-rounds: applies to the imp method only; add imp to --methods" in err
+    code, err = run_cli(["compare", *TINY, "--methods", "imp", "--imp-rounds", "9", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "IMP with 9 rounds trains its ticket 10 times, but the budget is only 5 steps" in err
+    assert "--epochs" in err and not (tmp_path / "results.jsonl").exists()
+    code, line = parse_error(["compare", "--imp-rewind", "1"], capsys)
+    assert code == 2 and line.endswith("argument --imp-rewind: must be a number in [0, 1), got 1")
+    code, line = parse_error(["compare", "--imp-rounds", "0"], capsys)
+    assert code == 2 and line.endswith("argument --imp-rounds: must be a positive integer, got 0")

@@ -8,6 +8,11 @@ Used by ``ipfx compare`` and ``ipfx demo``, and usable from Python::
 
 SP and IP runs with the same seed start from the same initial weights (IP's coefficients express the
 same filters in the DCT basis), see the same batches in the same order and get the same budget.
+
+Budget: every method gets ``epochs * (training images // batch_size)`` optimizer steps. One-shot
+methods prune before the first step, GMP/RigL/SET change masks during those steps, and IMP (the
+lottery ticket with rewinding, :func:`imp_plan`) splits the same steps into its rounds, so its
+prune-and-rewind rounds are paid for out of the budget rather than on top of it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from .models import build_model
 
 ONE_SHOT = ("random", "magnitude", "snip", "grasp", "synflow")
 GRADUAL = ("gmp", "rigl", "set")
-METHODS = (*ONE_SHOT, *GRADUAL)
+ITERATIVE = ("imp",)
+METHODS = (*ONE_SHOT, *GRADUAL, *ITERATIVE)
+IMP_ROUNDS = 3  # prune-and-rewind rounds when a spec does not say
+IMP_REWIND = 0.05  # rewind point, as a fraction of one training run (Frankle et al. 2020 rewind early)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +62,17 @@ class RunSpec:
     lr_schedule: str = "cosine"
     train_subset: int | None = None
     width: int | None = None
+    imp_rounds: int | None = None
+    imp_rewind: float | None = None
+
+    def __post_init__(self) -> None:
+        # Only IMP runs carry the IMP options (filled with the defaults when not given). For every other
+        # method they are None: they do not change those runs, and a key without them equals the key of
+        # a record written before they existed, so older result stores still resume.
+        imp = self.method in ITERATIVE
+        object.__setattr__(self, "imp_rounds", (self.imp_rounds or IMP_ROUNDS) if imp else None)
+        object.__setattr__(self, "imp_rewind", (IMP_REWIND if self.imp_rewind is None else self.imp_rewind)
+                           if imp else None)
 
     def key(self) -> tuple:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
@@ -67,6 +86,66 @@ class RunSpec:
             raise IPFXValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.lr_schedule not in ("cosine", "constant", "step"):
             raise IPFXValueError(f"unknown lr schedule {self.lr_schedule!r}; use cosine, step or constant")
+        if self.method in ITERATIVE:
+            if isinstance(self.imp_rounds, bool) or not isinstance(self.imp_rounds, int) or self.imp_rounds < 1:
+                raise IPFXValueError(f"imp_rounds must be an integer >= 1, got {self.imp_rounds!r}")
+            if not 0.0 <= self.imp_rewind < 1.0:
+                raise IPFXValueError(f"imp_rewind must be in [0, 1) (a fraction of one training run), "
+                                     f"got {self.imp_rewind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IMPPlan:
+    """How an IMP run spends its budget (Frankle et al. 2020, "Linear Mode Connectivity and the Lottery
+    Ticket Hypothesis", with the steps of every method's budget).
+
+    One *training run* is ``rewind_step + round_steps`` steps, and the learning-rate schedule spans one
+    run. The model trains ``rewind_step`` steps, is saved (the rewind point), and trains ``round_steps``
+    more: that completes the first run. Each of ``rounds`` rounds then ends by pruning the
+    coefficients of smallest magnitude (the same fraction of the remaining ones per round, so the
+    requested sparsity is reached after the last round) and rewinding every other tensor and the
+    learning-rate schedule to the rewind point (the optimizer's momentum is cleared); the ticket is
+    then retrained for ``round_steps`` steps, as every round was. Total: ``rewind_step + (rounds + 1) * round_steps``
+    steps, at most the budget (what rounding leaves, fewer than ``rounds + 2`` steps, is not trained).
+    """
+
+    rewind_step: int
+    round_steps: int
+    rounds: int
+
+    @property
+    def steps(self) -> int:
+        return self.rewind_step + (self.rounds + 1) * self.round_steps
+
+    @property
+    def run_steps(self) -> int:
+        """Length of one training run: the horizon of the learning-rate schedule."""
+        return self.rewind_step + self.round_steps
+
+    def lr_position(self, t: int) -> int:
+        """Where step ``t`` sits in the learning-rate schedule: a rewind restarts it at the rewind point."""
+        if t < self.rewind_step:
+            return t
+        return self.rewind_step + (t - self.rewind_step) % self.round_steps
+
+
+def imp_plan(spec: RunSpec, steps_per_epoch: int) -> IMPPlan:
+    """Split ``spec``'s budget (``epochs * steps_per_epoch`` steps) into IMP's rewind prefix and rounds.
+
+    ``spec.imp_rewind`` is the rewind point as a fraction ``f`` of one training run
+    (``rewind_step = f * (rewind_step + round_steps)``, 0 = the original lottery ticket, rewound to
+    the initialisation); the ``imp_rounds + 1`` trainings of the ticket get equal length.
+    """
+    budget = spec.epochs * steps_per_epoch
+    f, rounds = spec.imp_rewind, spec.imp_rounds
+    round_steps = int(budget / (rounds + 1 + f / (1.0 - f)))
+    if round_steps < 1:
+        raise IPFXValueError(
+            f"IMP with {rounds} rounds trains its ticket {rounds + 1} times, but the budget is only {budget} steps "
+            f"({spec.epochs} epochs of {steps_per_epoch} steps); raise the epochs (--epochs) or lower the rounds "
+            f"(--imp-rounds)"
+        )
+    return IMPPlan(rewind_step=int(f * round_steps / (1.0 - f)), round_steps=round_steps, rounds=rounds)
 
 
 def run(
@@ -88,32 +167,35 @@ def run(
     model = transform(model, space=spec.space).to(device)
     generator = torch.Generator().manual_seed(spec.seed)
     steps_per_epoch = len(data.train_y) // spec.batch_size
-    total_steps = max(1, steps_per_epoch * spec.epochs)
     if steps_per_epoch == 0:
         raise IPFXValueError(f"batch size {spec.batch_size} is larger than the training set ({len(data.train_y)})")
+    plan = imp_plan(spec, steps_per_epoch) if spec.method in ITERATIVE and spec.sparsity > 0 else None
+    steps = plan.steps if plan else steps_per_epoch * spec.epochs
+    total_steps = max(1, steps)
 
     schedule = _prune_at_start(spec, model, data, device, generator, total_steps)
     optimizer = _optimizer(spec, model)
-    lr_at = _lr_schedule(spec, total_steps)
+    lr_at = _lr_schedule(spec, plan.run_steps if plan else total_steps)
     bar = _progress(total_steps, f"{spec.method} {spec.space} s={spec.sparsity:g} seed={spec.seed}", progress)
     step, loss_sum, loss_count = 0, 0.0, 0
     model.train()
-    for _ in range(spec.epochs):
-        for x, y in data.train_batches(spec.batch_size, generator):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            step += 1
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}")
+    for x, y in _batches(data, spec.batch_size, generator, steps):
+        if plan is not None and step == plan.rewind_step:
+            schedule = _imp(spec, model, plan, optimizer)  # saves the rewind point
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(plan.lr_position(step) if plan else step)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        step += 1
+        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}")
     if bar is not None:
         bar.close()
     accuracy = evaluate(model, dataset, device)
@@ -123,6 +205,7 @@ def run(
         final_train_loss=loss_sum / max(loss_count, 1),
         achieved_sparsity=model_sparsity(model),
         steps=step,
+        budget_steps=steps_per_epoch * spec.epochs,
         seconds=round(time.time() - started, 2),
         dataset_name=dataset.name,
         train_images=len(data.train_y),
@@ -131,6 +214,8 @@ def run(
         device=str(device),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+    if plan is not None:
+        record.update(imp_rewind_step=plan.rewind_step, imp_round_steps=plan.round_steps)
     if keep_model:
         record["_model"] = model
     return record
@@ -154,8 +239,30 @@ def versions() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def _batches(data: Dataset, batch_size: int, generator: torch.Generator, steps: int):
+    """``steps`` training batches: shuffled epochs one after another, the last one cut where the steps end
+    (whole epochs for every method but IMP, whose rounds need not end at an epoch's end)."""
+    done = 0
+    while done < steps:
+        for batch in data.train_batches(batch_size, generator):
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def _imp(spec: RunSpec, model: nn.Module, plan: IMPPlan, optimizer: torch.optim.Optimizer):
+    """The IMP schedule, built at the rewind point (so that its checkpoint is the rewind point) with the
+    per-round fraction that reaches ``spec.sparsity`` after the last round."""
+    from .. import pruning
+
+    fraction = 1.0 - (1.0 - spec.sparsity) ** (1.0 / plan.rounds)
+    return pruning.IMP(model, rounds=plan.rounds, steps_per_round=plan.round_steps, fraction=fraction,
+                       rewind_step=0, optimizer=optimizer)
+
+
 def _prune_at_start(spec, model, data, device, generator, total_steps):
-    if spec.sparsity == 0:
+    if spec.sparsity == 0 or spec.method in ITERATIVE:  # IMP starts dense; its schedule comes at the rewind point
         return None
     if spec.method in ONE_SHOT:
         batch = [(x.to(device), y.to(device)) for x, y in _first_batches(data, spec, 1)]

@@ -115,16 +115,26 @@ def build_model(name: str, num_classes: int, in_channels: int, width: int | None
         return CifarVGG(num_classes, in_channels)
     import torchvision
 
+    check_model_name(name)
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        return nn.Sequential(_RepeatChannels(3), model)
+    return model
+
+
+def check_model_name(name: str) -> None:
+    """Raise unless ``name`` is a built-in model or a torchvision classification model (checked before
+    any data is read, so a typo costs nothing)."""
+    if name in BUILTIN:
+        return
+    import torchvision
+
     known = set(torchvision.models.list_models(module=torchvision.models))
     if name not in known:
         raise IPFXValueError(
             f"unknown model {name!r}; built-in: {', '.join(BUILTIN)}; or a torchvision classification model "
             f"such as {', '.join(sorted(known)[:6])}, ... (torchvision.models.list_models())"
         )
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        return nn.Sequential(_RepeatChannels(3), model)
-    return model
 
 
 class _RepeatChannels(nn.Module):

@@ -11,11 +11,18 @@ from .store import ResultStore
 
 
 def grid(base: RunSpec, methods: Sequence[str], sparsities: Sequence[float], spaces: Sequence[str],
-         seeds: Sequence[int]) -> list[RunSpec]:
-    """Every combination; SP and IP of one (method, sparsity, seed) are adjacent, so pairs finish together."""
+         seeds: Sequence[int], *, imp_rounds: int | None = None, imp_rewind: float | None = None) -> list[RunSpec]:
+    """Every combination; SP and IP of one (method, sparsity, seed) are adjacent, so pairs finish together.
+
+    ``imp_rounds``/``imp_rewind`` (default: ``base``'s, else the engine's defaults) reach the IMP runs
+    only: a spec of another method drops them (see :class:`RunSpec`), so they are passed here rather
+    than through a ``base`` whose method may not be IMP.
+    """
     import dataclasses
 
-    return [dataclasses.replace(base, method=m, sparsity=s, seed=seed, space=space)
+    imp = dict(imp_rounds=base.imp_rounds if imp_rounds is None else imp_rounds,
+               imp_rewind=base.imp_rewind if imp_rewind is None else imp_rewind)
+    return [dataclasses.replace(base, method=m, sparsity=s, seed=seed, space=space, **imp)
             for m, s, seed, space in itertools.product(methods, sparsities, seeds, spaces)]
 
 

@@ -1,0 +1,94 @@
+"""Deployment files that are safe to open: a plain state dict and a ``torch.export`` program.
+
+A whole-module pickle (``torch.save(model)``) can only be read with ``torch.load(weights_only=False)``,
+which runs whatever code the file names, so a downloaded model file is a program. The files written
+here need no unpickling of code:
+
+* ``<stem>.state_dict.pt``: the tensors only, readable with ``torch.load(path, weights_only=True)``; load
+  them into the same architecture (for a dense lowering: the plain, untransformed model).
+* ``<stem>.pt2``: the model as a ``torch.export`` program (graph, tensors, batch size left free), read
+  with ``torch.export.load(path)``. A dense lowering holds only ATen ops and runs without ipfx; a fused
+  one calls ``torch.ops.ipfx.ip_conv`` / ``sparse_linear``, registered by ``import ipfx``.
+
+:func:`load` opens either kind the same safe way and refuses any other pickle unless ``trust=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import IPFXValueError
+
+STATE_DICT_SUFFIX = ".state_dict.pt"
+PROGRAM_SUFFIX = ".pt2"
+
+
+def save_state_dict(model: nn.Module, stem: str | os.PathLike) -> Path:
+    """Write ``model.state_dict()`` to ``<stem>.state_dict.pt`` (tensors only)."""
+    path = Path(f"{stem}{STATE_DICT_SUFFIX}")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tensor) -> Path:
+    """Export ``model`` (in the mode it is in) on ``example`` and write ``<stem>.pt2``.
+
+    The first dimension is exported as a free batch size, so the program runs on any batch.
+    """
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+    path = Path(f"{stem}{PROGRAM_SUFFIX}")
+    torch.export.save(program, path)
+    return path
+
+
+def load(path: str | os.PathLike, *, trust: bool = False):
+    """Open a saved file without running code from it.
+
+    ``.pt2``: ``torch.export.load`` (an ``ExportedProgram``). Anything else: ``torch.load`` with
+    ``weights_only=True`` (tensors, containers, numbers, strings); a pickle that needs more raises
+    :class:`~ipfx.errors.IPFXValueError` saying so, unless ``trust=True``, which loads it in full
+    (unpickling runs the code the file names: only for files you trust).
+    """
+    path = Path(path)
+    if path.suffix == PROGRAM_SUFFIX:
+        return _load_program(path)
+    try:
+        return torch.load(path, weights_only=not trust, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        if not trust and "Weights only load failed" in str(exc):
+            raise IPFXValueError(
+                f"{path} is a pickle that needs more than tensors to load ({_needs(exc)}), and unpickling it "
+                "would run the code it names; pass --trust to load it anyway (trust=True in Python), only for a "
+                "file you trust, or save a state dict or a torch.export program (.pt2) instead"
+            ) from None
+        raise _unreadable(path, exc) from None
+    except Exception as exc:  # torch.load's errors on a file that is not a torch file vary: KeyError, RuntimeError
+        raise _unreadable(path, exc) from None
+
+
+def _load_program(path: Path):
+    from . import ops  # noqa: F401  registers ipfx::ip_conv and ipfx::sparse_linear, which fused programs call
+
+    try:
+        return torch.export.load(path)
+    except Exception as exc:
+        raise IPFXValueError(f"{path} could not be read as a torch.export program (.pt2): {exc}".strip()) from None
+
+
+def _needs(exc: Exception) -> str:
+    """What the refused pickle asked for, from torch's message (the first class or function it names)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    return f"it names {found.group(1)}" if found else "it holds objects other than tensors"
+
+
+def _unreadable(path: Path, exc: Exception) -> IPFXValueError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return IPFXValueError(f"{path} could not be read with torch.load ({type(exc).__name__}: {first}); "
+                          "pass a file written by torch.save or torch.export.save")
