@@ -6,8 +6,8 @@
       -> rewrite weights (each captured part's kernels -> coeff x mask x basis subgraphs)
       -> parametrize unreached weights (the selected weights no graph reads)
 
-:func:`lower` folds (and fuses) each graph's subgraphs, then folds the parametrized weights. Inputs are
-copied first, so the caller's model is never changed.
+:func:`lower` is two: lower graphs (fuse, then fold, each graph's subgraphs) -> fold parametrized weights.
+Inputs are copied first, so the caller's model is never changed.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from .errors import IPFXTypeError, IPFXValueError, NotTransformedError
 from .export import graph_module_of
 from .inputs import as_args, as_kwargs
 from .modes import ModeSwitch
-from .parametrize import is_parametrized, unparametrize
+from .parametrize import is_parametrized
 from .passes.capture import FRONT_ENDS, Capture
-from .passes.lower_dense import LowerDense
+from .passes.lower_model import FoldParametrized, LowerGraphs
 from .passes.manager import PassManager
 from .passes.parametrize_unreached import ParametrizeUnreached
 from .passes.rewrite_weights import CoefficientFactory, RewriteParts
@@ -161,28 +161,7 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
         raise IPFXValueError(f"unknown lowering target {target!r}; use one of {', '.join(map(repr, TARGETS))}")
     _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
     out = _copy(model)
-    graphs = _graphs_holding_weights(out)
-    folded: dict = {}
-    for module in [m for m in out.modules(remove_duplicate=False) if is_parametrized(m)]:
-        if is_parametrized(module):  # (a module listed twice is converted once)
-            unparametrize(module, folded)  # read by untraced code: folded whatever the target
-    for holder in graphs:
-        if isinstance(holder, ModeSwitch):
-            holder.apply(lambda gm: _lower_graph(gm, target))  # both modes' graphs at once
-        else:
-            _lower_graph(holder, target)
-    left = [name for name, m in out.named_modules() if isinstance(m, BasisWeight)]
-    if left:  # every BasisWeight sits in a traced graph, so this means a bug, not a user error
-        raise RuntimeError(f"ipfx.lower left coefficient weights behind: {left}")
-    return out
-
-
-def _lower_graph(gm: fx.GraphModule, target: str) -> None:
-    if target == "fused":
-        from .passes.lower_fused import LowerFused  # imports the custom ops on first use
-
-        LowerFused()(gm)
-    LowerDense()(gm)
+    return PassManager([LowerGraphs(target, _graphs_holding_weights(out)), FoldParametrized()])(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,10 @@ class ComposeSubgraph:
 
 
 def basis_weights(gm) -> dict[str, BasisWeight]:
-    return {name: m for name, m in gm.named_modules() if isinstance(m, BasisWeight)}
+    """The BasisWeights ``gm``'s graph reads (not the parametrized modules, which compose themselves)."""
+    from ..parametrize import is_parametrized
+
+    return {name: m for name, m in gm.named_modules() if isinstance(m, BasisWeight) and not is_parametrized(m)}
 
 
 def compose_subgraphs(gm: fx.GraphModule) -> list[ComposeSubgraph]:
