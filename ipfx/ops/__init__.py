@@ -1,25 +1,22 @@
 """Custom torch ops for deploying interspace-pruned models (``torch.ops.ipfx.*``).
 
 Importing this package registers ``ipfx::ip_conv`` and ``ipfx::sparse_linear`` (once; Python's module cache
-prevents re-registration).
+prevents re-registration). Layout by concern: ``storage`` (sparse format, cache), ``geometry`` (checks),
+``kernels`` (evaluation orders), ``order`` (which order runs), ``library`` (op registration), ``modules``
+(``SparseIPConv``, ``SparseLinear``); ``ip_conv`` re-exports them under the historical path.
 """
 
-from .ip_conv import (
-    ORDER_AUTO,
-    ORDER_BASIS_FIRST,
-    ORDER_COEFF_FIRST,
-    SparseIPConv,
-    SparseLinear,
-    choose_order,
-    ip_conv,
-    sparse_coefficients,
-    sparse_linear,
-)
+from . import ip_conv as _ip_conv_module  # noqa: F401  (loaded first: the name ``ip_conv`` below is the op)
+from .library import ip_conv, sparse_linear
+from .modules import SparseIPConv, SparseLinear
+from .order import ORDER_AUTO, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE, choose_order
+from .storage import sparse_coefficients
 
 __all__ = [
     "ORDER_AUTO",
     "ORDER_BASIS_FIRST",
     "ORDER_COEFF_FIRST",
+    "ORDER_DENSE",
     "SparseIPConv",
     "SparseLinear",
     "choose_order",

@@ -1,0 +1,159 @@
+"""The evaluation orders of the fused IP convolution (pure-torch kernels).
+
+The algebra
+-----------
+Convolution (and transposed convolution) is bilinear in input and kernel, and ``W[a, b] = sum_j C[a, b, j] F_j``
+(storage and coupling: :mod:`ipfx.ops.storage`), so with ``conv`` standing for either of the two (same
+stride/padding/dilation/output_padding):
+
+    y[o] = sum_i sum_j M[o, i, j] conv(x[i], F_j)          (M[o, i, j] = C entry coupling o and i, else 0)
+         = sum_j conv( sum_i M[o, i, j] x[i], F_j )
+
+which gives two evaluation orders, neither of which materialises ``W``:
+
+(a) *basis first*: convolve every input channel with the ``K`` basis filters (one grouped conv,
+    groups = c_in), giving ``c_in*K`` maps at output resolution, then contract
+    them with the sparse ``(c_out, c_in*K)`` matrix ``A[o, i*K + j] = M[o, i, j]`` (block-diagonal over groups).
+(b) *coefficients first*: contract the input with the sparse ``(c_out*K, c_in)`` matrix
+    ``Bm[o*K + j, i] = M[o, i, j]`` into ``c_out*K`` maps at input resolution, then apply the ``K`` basis
+    filters to each output channel's ``K`` maps and sum over ``j`` (one grouped conv, groups = c_out).
+
+Both sparse matrices are built from ``indices`` in O(nnz) memory (a COO tensor, converted to CSR) and cached
+per storage; the dense block-diagonal matrix is never formed. A third order, *dense*, rebuilds ``W`` once
+(cached) and runs the dense convolution. Which order runs is decided in :mod:`ipfx.ops.order`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .geometry import _identity_unfold_applies
+from .storage import _cached, _coupling, _densify, _sparse_matrix, _storage_entry
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _spmm(matrix: Tensor, dense: Tensor) -> Tensor:
+    """``S @ dense`` for a sparse matrix from :func:`_sparse_matrix`."""
+    nnz = matrix._nnz() if matrix.layout == torch.sparse_coo else matrix.values().numel()
+    if nnz == 0:
+        return dense.new_zeros(matrix.shape[0], dense.shape[1])
+    return torch.sparse.mm(matrix, dense) if matrix.layout == torch.sparse_coo else matrix @ dense
+
+
+def _basis_or_identity(basis: Optional[Tensor], K: int, like: Tensor) -> Tensor:
+    if basis is None:
+        return torch.eye(K, dtype=like.dtype, device=like.device)
+    return basis.to(dtype=like.dtype, device=like.device)
+
+
+def _filter_bank(basis: Optional[Tensor], K: int, channels: int, kernel, like: Tensor) -> Tensor:
+    """The K basis filters repeated for every channel, (channels*K, 1, *k): row c*K + j is F_j.
+
+    Costs channels*K*K numbers (not a weight-sized tensor); it lets one grouped conv apply the bank to
+    every channel, which is faster than folding the channels into the batch.
+    """
+    filters = _basis_or_identity(basis, K, like).reshape(1, K, *kernel)
+    return filters.expand(channels, K, *kernel).reshape(channels * K, 1, *kernel)
+
+
+def _conv_kwargs(g: dict) -> dict:
+    kw = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"])
+    if g["transposed"]:
+        kw["output_padding"] = g["output_padding"]
+    return kw
+
+
+def _basis_maps(g: dict, x: Tensor, basis: Optional[Tensor]) -> Tensor:
+    """Order (a), stage 1: ``conv(x[n, i], F_j)`` for all n, i, j as a (N, c_in*K, P_out) tensor.
+
+    One grouped conv with groups = c_in and the filter bank repeated per channel: group i maps input
+    channel i to channels i*K + j (ordinary conv weight (c_in*K, 1, *k), transposed conv weight
+    (c_in, K, *k)). With the identity basis and an ordinary 1-d/2-d conv this is ``F.unfold`` (im2col), whose channel
+    order ``i*K + j`` (kernel flattened in C order) is the same.
+    """
+    n, c_in = x.shape[:2]
+    d, K, kernel = g["d"], g["K"], g["kernel"]
+    if _identity_unfold_applies(g, basis is None):
+        if d == 1:
+            cols = F.unfold(
+                x.unsqueeze(2),
+                kernel_size=(1, kernel[0]),
+                dilation=(1, g["dilation"][0]),
+                padding=(0, g["padding"][0]),
+                stride=(1, g["stride"][0]),
+            )
+        else:
+            cols = F.unfold(x, kernel, dilation=g["dilation"], padding=g["padding"], stride=g["stride"])
+        return cols
+    bank = _filter_bank(basis, K, c_in, kernel, x)  # (c_in*K, 1, *k): F_j for every channel
+    if g["transposed"]:  # convT weight (in, out/groups, *k) = (c_in, K, *k)
+        maps = _CONV_T[d](x, bank.reshape(c_in, K, *kernel), groups=c_in, **_conv_kwargs(g))
+    else:
+        maps = _CONV[d](x, bank, groups=c_in, **_conv_kwargs(g))
+    return maps.reshape(n, c_in * K, -1)
+
+
+def _order_a(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial) -> Tensor:
+    """(a): y[n, o] = sum_{i,j} A[o, i*K + j] conv(x[n, i], F_j), A sparse (c_out, c_in*K)."""
+    n = x.shape[0]
+    K, c_in, c_out = g["K"], g["c_in"], g["c_out"]
+    maps = _basis_maps(g, x, basis)  # (N, c_in*K, P_out)
+    p_out = maps.shape[-1]
+    rhs = maps.transpose(0, 1).reshape(c_in * K, n * p_out)
+
+    def coords():
+        o, i, j = _coupling(g, flat())
+        return o, i * K + j
+
+    y = _spmm(_sparse_matrix(values, indices, "a", (c_out, c_in * K), coords, rhs), rhs)  # (c_out, N*P_out)
+    return y.reshape(c_out, n, p_out).transpose(0, 1).reshape(n, c_out, *out_spatial)
+
+
+def _order_b(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial) -> Tensor:
+    """(b): z[n, o*K + j] = sum_i Bm[o*K + j, i] x[n, i];  y[n, o] = sum_j conv(z[n, o*K + j], F_j)."""
+    n = x.shape[0]
+    d, K, kernel, c_in, c_out = g["d"], g["K"], g["kernel"], g["c_in"], g["c_out"]
+    in_spatial = x.shape[2:]
+    rhs = x.transpose(0, 1).reshape(c_in, -1)  # (c_in, N*P_in)
+
+    def coords():
+        o, i, j = _coupling(g, flat())
+        return o * K + j, i
+
+    z = _spmm(_sparse_matrix(values, indices, "b", (c_out * K, c_in), coords, rhs), rhs)  # (c_out*K, N*P_in)
+    z = z.reshape(c_out * K, n, *in_spatial).transpose(0, 1).reshape(n, c_out * K, *in_spatial)
+    bank = _filter_bank(basis, K, c_out, kernel, x)  # (c_out*K, 1, *k)
+    if g["transposed"]:  # convT weight (in, out/groups, *k) = (c_out*K, 1, *k)
+        y = _CONV_T[d](z, bank, groups=c_out, **_conv_kwargs(g))
+    else:  # conv weight (out, in/groups, *k) = (c_out, K, *k)
+        y = _CONV[d](z, bank.reshape(c_out, K, *kernel), groups=c_out, **_conv_kwargs(g))
+    return y.reshape(n, c_out, *out_spatial)
+
+
+def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial) -> Tensor:
+    """W = reshape(C @ basis, weight_shape) rebuilt once per storage (cached), then one dense convolution.
+
+    Storage stays sparse (what is saved and shipped); this trades run-time memory for the speed of the
+    dense kernels where the sparse orders are slower (measured, see :func:`_measured_order`).
+    """
+
+    def build():
+        w0, w1 = g["weight_shape"][:2]
+        c = _densify(values.to(x.dtype), flat(), w0 * w1 * g["K"]).reshape(w0, w1, g["K"])
+        if basis is not None:
+            c = c @ basis.to(dtype=x.dtype, device=x.device)
+        return c.reshape(g["weight_shape"])
+
+    key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
+           x.dtype, x.device)
+    weight = _cached(_storage_entry(indices), "dense", key, build)
+    if g["transposed"]:
+        return _CONV_T[g["d"]](x, weight, None, g["stride"], g["padding"], g["output_padding"], g["groups"],
+                               g["dilation"])
+    return _CONV[g["d"]](x, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])

@@ -1,0 +1,148 @@
+"""Registration of the fused ops as ``torch.library`` custom ops: ``ipfx::ip_conv`` and ``ipfx::sparse_linear``.
+
+Each op has a real kernel (argument checks, then the order chosen by :mod:`ipfx.ops.order` running a kernel
+of :mod:`ipfx.ops.kernels`), a fake kernel (shape inference only, so ``torch.export`` and ``torch.compile``
+see one op) and an autograd formula that raises: the ops are inference-only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import IPFXValueError
+from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
+from .kernels import _CONV, _CONV_T, _spmm
+from .order import _RUNNERS, ORDER_AUTO, _measured_order
+from .storage import _cached, _sparse_matrix, _storage_entry
+
+
+_INFERENCE_ONLY = (
+    "{op} is an inference-only op (it has no autograd formula). Train with the dense/reparametrised "
+    "model, or run this module under torch.no_grad()/torch.inference_mode()."
+)
+
+
+@torch.library.custom_op("ipfx::ip_conv", mutates_args=())
+def ip_conv(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    basis: Optional[Tensor],
+    bias: Optional[Tensor],
+    weight_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    transposed: bool,
+    output_padding: list[int],
+    order: int,
+) -> Tensor:
+    """Convolution with kernel ``W = reshape(C @ basis, weight_shape)``, ``C`` given sparsely, computed by linearity.
+
+    Equals ``F.conv{d}d(x, W, bias, stride, padding, dilation, groups)`` (``transposed=False``,
+    ``W: (c_out, c_in/groups, *k)``) or ``F.conv_transpose{d}d(x, W, bias, stride, padding, output_padding,
+    groups, dilation)`` (``transposed=True``, ``W: (c_in, c_out/groups, *k)``) without ever forming ``W``.
+
+    ``values``/``indices``: nonzeros of ``C`` (shape ``(w0, w1, K)``) and their flat indices (int32/int64;
+    repeats are summed). ``basis``: ``(K, K)``, row j = filter F_j flattened, or None for the identity.
+    ``padding`` is symmetric zero padding (ints). ``order``: 0 = cheaper by MAC count (see the module
+    docstring / :func:`choose_order`), 1 = basis first, 2 = coefficients first. ``values``, ``basis`` and
+    ``bias`` are cast to ``x.dtype``. Input is (N, C, *spatial) or unbatched (C, *spatial).
+    """
+    g = _conv_geometry(
+        x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
+    )
+    return _run_ip_conv(g, x, values, indices, basis, bias, order)
+
+
+def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor],
+                 bias: Optional[Tensor], order: int) -> Tensor:
+    """The body of ``ip_conv`` once the geometry ``g`` (:func:`_conv_geometry`) is known."""
+    if order not in (ORDER_AUTO, *_RUNNERS):
+        raise IPFXValueError(
+            f"order must be 0 (auto), 1 (basis first), 2 (coefficients first) or 3 (dense), got {order}"
+        )
+    numel = math.prod(g["weight_shape"])
+    _cached(_storage_entry(indices), "checked", (indices._version, numel), lambda: _check_index_range(indices, numel))
+    unbatched = x.dim() == g["d"] + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    out_spatial = _output_spatial(g, x.shape[2:])
+    if any(s <= 0 for s in out_spatial):
+        raise IPFXValueError(
+            f"input spatial size {tuple(x.shape[2:])} is too small for this conv: output size would be {out_spatial}"
+        )
+    flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731  (only when a matrix is built)
+    x = x.contiguous()
+    if order == ORDER_AUTO:
+        order = _measured_order(g, x, values, indices, flat, basis, out_spatial)
+    y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial)
+    if bias is not None:
+        y = y + bias.to(dtype=y.dtype, device=y.device).reshape(1, -1, *([1] * g["d"]))
+    if unbatched:
+        y = y.squeeze(0)
+    return y.contiguous()
+
+
+@ip_conv.register_fake
+def _ip_conv_fake(
+    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order
+):
+    g = _conv_geometry(
+        x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
+    )
+    # Shape inference by the dense conv itself on fake tensors (handles symbolic shapes and unbatched input).
+    w = x.new_empty(g["weight_shape"])
+    if g["transposed"]:
+        return _CONV_T[g["d"]](x, w, None, g["stride"], g["padding"], g["output_padding"], g["groups"], g["dilation"])
+    return _CONV[g["d"]](x, w, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+
+
+def _no_backward_conv(ctx, grad):
+    raise RuntimeError(_INFERENCE_ONLY.format(op="ipfx::ip_conv"))
+
+
+ip_conv.register_autograd(_no_backward_conv)
+
+
+@torch.library.custom_op("ipfx::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape: list[int]
+) -> Tensor:
+    """``F.linear(x, W, bias)`` with ``W`` (out, in) stored as nonzeros: ``W.view(-1)[indices] += values``.
+
+    Computed as ``y^T = W @ x^T`` with ``W`` a sparse COO matrix (memory O(nnz)); ``x`` may have any
+    leading dims. ``values``/``bias`` are cast to ``x.dtype``.
+    """
+    out_f, in_f = _check_linear(x, values, indices, bias, weight_shape)
+    _cached(_storage_entry(indices), "checked", (indices._version, out_f * in_f),
+            lambda: _check_index_range(indices, out_f * in_f))
+    lead = x.shape[:-1]
+    rhs = x.reshape(-1, in_f).t()
+
+    def coords():
+        flat = indices.to(device=x.device, dtype=torch.int64)
+        return flat // in_f, flat % in_f
+
+    y = _spmm(_sparse_matrix(values, indices, "linear", (out_f, in_f), coords, rhs), rhs).t()
+    if bias is not None:
+        y = y + bias.to(dtype=y.dtype, device=y.device)
+    return y.reshape(*lead, out_f).contiguous()
+
+
+@sparse_linear.register_fake
+def _sparse_linear_fake(x, values, indices, bias, weight_shape):
+    out_f, _ = _check_linear(x, values, indices, bias, weight_shape)
+    return x.new_empty((*x.shape[:-1], out_f))
+
+
+def _no_backward_linear(ctx, grad):
+    raise RuntimeError(_INFERENCE_ONLY.format(op="ipfx::sparse_linear"))
+
+
+sparse_linear.register_autograd(_no_backward_linear)

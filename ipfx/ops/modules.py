@@ -1,0 +1,244 @@
+"""``nn.Module`` front ends of the fused ops: :class:`SparseIPConv` and :class:`SparseLinear`.
+
+They hold the sparse storage (:mod:`ipfx.ops.storage`) as buffers and call ``torch.ops.ipfx.ip_conv`` /
+``torch.ops.ipfx.sparse_linear`` (:mod:`ipfx.ops.library`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import IPFXValueError
+from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _tuple
+from .library import _run_ip_conv
+from .order import ORDER_AUTO
+from .storage import _densify, sparse_coefficients
+
+
+def _as_bias(bias: Optional[Tensor]) -> Optional[nn.Parameter]:
+    if bias is None:
+        return None
+    # requires_grad=False: the op is inference-only.
+    return nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+class _SparseStorageMixin:
+    """state_dict loading for buffers whose length (nnz) is data dependent.
+
+    A fresh module built from coefficients of the same shape generally has a different nnz; before the
+    default (shape-checked) copy, ``values``/``indices`` are resized to the incoming tensors.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("values", "indices"):
+            incoming = state_dict.get(prefix + name)
+            current = self._buffers.get(name)
+            if incoming is None or current is None or incoming.shape == current.shape:
+                continue
+            dtype = incoming.dtype if name == "indices" else current.dtype
+            self._buffers[name] = torch.empty(incoming.shape, dtype=dtype, device=current.device)
+        if "indices" in self._buffers and prefix + "indices" in state_dict:
+            incoming = state_dict[prefix + "indices"]
+            if incoming.dtype != self._buffers["indices"].dtype:
+                self._buffers["indices"] = self._buffers["indices"].to(incoming.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _eager_inference(x) -> bool:
+    """Plain eager inference: a real tensor, no autograd, nothing tracing. The modules then run the ops'
+    implementation directly (the op's dispatch and argument checks cost ~30 us a call, 5% of a batch-1
+    resnet50); with autograd on (the ops raise on backward) or under torch.compile/export/fx they call the
+    registered op, so graphs show ``ipfx::ip_conv`` and the inference-only guard stays."""
+    return type(x) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+class SparseIPConv(_SparseStorageMixin, nn.Module):
+    """Inference conv whose kernel ``W = reshape(C @ basis, weight_shape)`` is stored as the nonzeros of ``C``.
+
+    Buffers: ``values`` (nnz,), ``indices`` (nnz,) flat indices into ``C.reshape(-1)`` with
+    ``C: (w0, w1, K)``, ``basis`` ((K, K) or None = identity); ``bias`` is a (frozen) parameter.
+    Geometry attributes follow PyTorch: ``weight_shape`` is ``(c_out, c_in/groups, *k)`` or, for a
+    transposed conv, ``(c_in, c_out/groups, *k)``. ``forward`` calls ``torch.ops.ipfx.ip_conv`` (order 0), or
+    under ``torch.no_grad()`` in eager mode its implementation directly (:func:`_eager_inference`).
+    """
+
+    def __init__(
+        self,
+        values: Tensor,
+        indices: Tensor,
+        basis: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        *,
+        weight_shape: Sequence[int],
+        stride: IntSeq = 1,
+        padding: IntSeq = 0,
+        dilation: IntSeq = 1,
+        groups: int = 1,
+        transposed: bool = False,
+        output_padding: IntSeq = 0,
+    ) -> None:
+        super().__init__()
+        weight_shape = tuple(int(s) for s in weight_shape)
+        if not 3 <= len(weight_shape) <= 5:
+            raise IPFXValueError(f"weight_shape must be (w0, w1, *kernel) with 1-3 kernel dims, got {weight_shape}")
+        d = len(weight_shape) - 2
+        self.weight_shape = weight_shape
+        self.stride = _tuple("stride", stride, d)
+        self.padding = _tuple("padding", padding, d)
+        self.dilation = _tuple("dilation", dilation, d)
+        self.output_padding = _tuple("output_padding", output_padding, d)
+        self.groups = int(groups)
+        self.transposed = bool(transposed)
+        _check_sparse_storage(values, indices)
+        _check_index_range(indices, math.prod(weight_shape))
+        K = math.prod(weight_shape[2:])
+        if basis is not None and tuple(basis.shape) != (K, K):
+            raise IPFXValueError(f"basis must have shape (K, K) = ({K}, {K}), got {tuple(basis.shape)}")
+        self.register_buffer("values", values.detach().clone())
+        self.register_buffer("indices", indices.detach().clone())
+        self.register_buffer("basis", None if basis is None else basis.detach().clone())
+        self.bias = _as_bias(bias)
+
+    @classmethod
+    def from_coefficients(
+        cls,
+        coeff: Tensor,
+        basis: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        *,
+        weight_shape: Sequence[int],
+        stride: IntSeq = 1,
+        padding: IntSeq = 0,
+        dilation: IntSeq = 1,
+        groups: int = 1,
+        transposed: bool = False,
+        output_padding: IntSeq = 0,
+    ) -> "SparseIPConv":
+        """Build from the dense, already masked coefficients ``coeff`` (shape (w0, w1, K)); keeps the nonzeros."""
+        weight_shape = tuple(int(s) for s in weight_shape)
+        expected = (*weight_shape[:2], math.prod(weight_shape[2:]))
+        if tuple(coeff.shape) not in (expected, weight_shape):
+            raise IPFXValueError(f"coeff must have shape {expected} for weight_shape {weight_shape}, got {tuple(coeff.shape)}")
+        values, indices = sparse_coefficients(coeff)
+        return cls(
+            values,
+            indices,
+            basis,
+            bias,
+            weight_shape=weight_shape,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            transposed=transposed,
+            output_padding=output_padding,
+        )
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def coefficients(self) -> Tensor:
+        """Dense ``C`` of shape (w0, w1, K)."""
+        w0, w1 = self.weight_shape[:2]
+        K = math.prod(self.weight_shape[2:])
+        return _densify(self.values, self.indices, w0 * w1 * K).reshape(w0, w1, K)
+
+    def to_dense_weight(self) -> Tensor:
+        """``W = reshape(C @ basis, weight_shape)`` (basis None = identity)."""
+        c = self.coefficients()
+        if self.basis is not None:
+            c = c @ self.basis.to(c.dtype)
+        return c.reshape(self.weight_shape)
+
+    def forward(self, x: Tensor, order: int = ORDER_AUTO) -> Tensor:
+        if _eager_inference(x):  # same computation, without the dispatcher and re-checking the geometry
+            key = (x.dim(), x.shape[1 if x.dim() == len(self.weight_shape) else 0], x.dtype, id(self.values),
+                   id(self.indices), id(self.basis), id(self.bias))
+            g = self.__dict__.get("_geometry")
+            if g is None or g[0] != key:
+                g = (key, _conv_geometry(x, self.values, self.indices, self.basis, self.bias, self.weight_shape,
+                                         self.stride, self.padding, self.dilation, self.groups, self.transposed,
+                                         self.output_padding))
+                self.__dict__["_geometry"] = g
+            return _run_ip_conv(g[1], x, self.values, self.indices, self.basis, self.bias, order)
+        return torch.ops.ipfx.ip_conv(
+            x,
+            self.values,
+            self.indices,
+            self.basis,
+            self.bias,
+            list(self.weight_shape),
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.groups,
+            self.transposed,
+            list(self.output_padding),
+            order,
+        )
+
+    def extra_repr(self) -> str:
+        total = math.prod(self.weight_shape)
+        s = (
+            f"weight_shape={self.weight_shape}, nnz={self.nnz}/{total} ({100.0 * self.nnz / total:.1f}%), "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"transposed={self.transposed}"
+        )
+        if self.transposed and any(self.output_padding):
+            s += f", output_padding={self.output_padding}"
+        s += f", basis={'identity' if self.basis is None else tuple(self.basis.shape)}, bias={self.bias is not None}"
+        return s
+
+
+class SparseLinear(_SparseStorageMixin, nn.Module):
+    """Inference linear layer with ``W`` (out, in) stored as nonzeros (``values``, flat ``indices``)."""
+
+    def __init__(self, values: Tensor, indices: Tensor, bias: Optional[Tensor] = None, *, weight_shape: Sequence[int]):
+        super().__init__()
+        weight_shape = tuple(int(s) for s in weight_shape)
+        if len(weight_shape) != 2:
+            raise IPFXValueError(f"weight_shape must be (out_features, in_features), got {weight_shape}")
+        _check_sparse_storage(values, indices)
+        _check_index_range(indices, math.prod(weight_shape))
+        self.weight_shape = weight_shape
+        self.register_buffer("values", values.detach().clone())
+        self.register_buffer("indices", indices.detach().clone())
+        self.bias = _as_bias(bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "SparseLinear":
+        """Build from a dense (already masked) weight (out, in); keeps the nonzeros."""
+        if weight.dim() != 2:
+            raise IPFXValueError(f"weight must be 2-d (out_features, in_features), got shape {tuple(weight.shape)}")
+        values, indices = sparse_coefficients(weight)
+        return cls(values, indices, bias, weight_shape=weight.shape)
+
+    def to_dense_weight(self) -> Tensor:
+        return _densify(self.values, self.indices, math.prod(self.weight_shape)).reshape(self.weight_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
+
+    def extra_repr(self) -> str:
+        total = math.prod(self.weight_shape)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={self.nnz}/{total} ({100.0 * self.nnz / total:.1f}%), bias={self.bias is not None}"
+        )
