@@ -11,6 +11,7 @@ tests/test_zoo.py), it measures:
 * eval / train: ``torch.export.export(model, args, kwargs, strict=False)`` with the model in that mode (the
   export time), and whether ``ep.module()(*args, **kwargs)`` equals ``model(*args, **kwargs)``: every tensor
   of the output, relative to its largest magnitude, within 1e-4 (the RNG seeded the same before each call);
+  in training mode it first checks that the output does not depend on the seed (no dropout left on);
 * fx: whether ``torch.fx.symbolic_trace(model)`` traces the model (in eval mode) and the trace computes the
   same outputs ("ok"), traces but computes something else or fails when called ("wrong"/"call"), or does
   not trace ("fails").
@@ -85,6 +86,9 @@ def check(entry: zoo_libraries.Entry) -> Check:
         t0 = time.perf_counter()
         reference = {"eval": _call(model, args, kwargs)}
         c.forward_s = time.perf_counter() - t0
+    except zoo_libraries.Unavailable as exc:
+        c.status["build"] = f"unavailable: {exc}"
+        return c
     except Exception as exc:  # noqa: BLE001 - reported in the table
         c.status["build"] = _first_line(exc)
         return c
@@ -102,6 +106,9 @@ def check(entry: zoo_libraries.Entry) -> Check:
         try:
             if mode == "train":
                 reference[mode] = _call(model, args, kwargs)
+                _, bad = test_zoo.compare(_call(model, args, kwargs, seed=2), reference[mode], "zoo libraries: seeds")
+                if bad:  # some dropout-like randomness is left on: the comparison would be meaningless
+                    raise AssertionError(f"training mode depends on the seed: {bad[0]}")
             t0 = time.perf_counter()
             ep = torch.export.export(model, args, kwargs, strict=False)
             c.export_s[mode] = time.perf_counter() - t0

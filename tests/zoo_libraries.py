@@ -21,6 +21,8 @@ without any of them, and :data:`LIBRARY` names the module to ``pytest.importorsk
 * ``monai`` (3-d segmentation networks), ``diffusers`` (UNets, VAE, VQ model), ``smp``
   (segmentation-models-pytorch encoders and decoders).
 
+A builder raises :class:`Unavailable` when the installed version of its library lacks the model.
+
 Dropout, drop-path, layer-drop and SpecAugment-style masking are switched off in every configuration, so
 that a model in training mode computes a deterministic function of its input (batch norm then uses batch
 statistics, which is what the train-mode comparison exercises). Image batches hold two samples so that
@@ -48,10 +50,20 @@ class Entry:
     name: str
     family: str
     build: Callable[[], Built]  # (model in eval mode, example_inputs, example_kwargs); seed before calling
+    requires: tuple[str, ...] = ()  # optional modules this entry needs besides its library
 
     @property
     def id(self) -> str:
         return f"{self.family}/{self.name}"
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every module the entry imports (to ``pytest.importorskip``)."""
+        return (LIBRARY[self.family], *self.requires)
+
+
+class Unavailable(RuntimeError):
+    """The installed version of the library lacks this entry's model (the tests skip it)."""
 
 
 #: The module each family needs (for ``pytest.importorskip``).
@@ -98,6 +110,8 @@ def _hf(config_name: str, model_name: str, inputs: Callable[[], tuple[tuple, dic
         offline()
         import transformers
 
+        if not hasattr(transformers, model_name):
+            raise Unavailable(f"transformers {transformers.__version__} has no {model_name}")
         cfg = getattr(transformers, config_name)(**config)
         _deterministic(cfg)
         model = getattr(transformers, model_name)(cfg).eval()
@@ -264,10 +278,11 @@ MONAI = [
                                      (2, 1, 16, 16, 16))),
     Entry("unetr", "monai", _monai(lambda n: n.UNETR(in_channels=1, out_channels=2, img_size=(16, 16, 16),
                                                     feature_size=4, hidden_size=32, mlp_dim=64, num_heads=2),
-                                   (2, 1, 16, 16, 16))),
+                                   (2, 1, 16, 16, 16)), requires=("einops",)),
     Entry("swin_unetr", "monai", _monai(lambda n: n.SwinUNETR(in_channels=1, out_channels=2, feature_size=12,
                                                              depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
-                                        (2, 1, 64, 32, 32))),  # 32x smaller at the bottom: 2 voxels for instance norm
+                                        (2, 1, 64, 32, 32)),  # 32x smaller at the bottom: 2 voxels for instance norm
+          requires=("einops",)),
     Entry("attention_unet", "monai", _monai(lambda n: n.AttentionUnet(spatial_dims=3, in_channels=1,
                                                                      out_channels=2, channels=(4, 8, 16),
                                                                      strides=(2, 2)),
@@ -370,6 +385,8 @@ def _timm(name: str, size: int | tuple[int, int], **kwargs) -> Entry:
         offline()
         import timm
 
+        if not timm.is_model(name):
+            raise Unavailable(f"timm {timm.__version__} has no {name}")
         model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
         return model.eval(), (_images(2, 3, h, w),), {}
 
