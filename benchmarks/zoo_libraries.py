@@ -50,6 +50,7 @@ class Check:
     export_s: dict = dataclasses.field(default_factory=dict)  # "eval"/"train" -> seconds
     status: dict = dataclasses.field(default_factory=dict)  # "eval"/"train"/"fx" -> "ok" or what went wrong
     error: float = float("nan")  # worst relative error of the exported modules
+    fx_error: str = ""  # why symbolic tracing failed (the first line of the exception)
 
     @property
     def exports(self) -> bool:
@@ -99,8 +100,9 @@ def check(entry: zoo_libraries.Entry) -> Check:
         c.status["fx"] = "call"
         _, bad = test_zoo.compare(_call(gm, args, kwargs), reference["eval"], "zoo libraries: fx")
         c.status["fx"] = "wrong" if bad else "ok"
-    except Exception:  # noqa: BLE001 - recorded as the fx status
-        pass
+        c.fx_error = "; ".join(bad[:2])
+    except Exception as exc:  # noqa: BLE001 - recorded as the fx status
+        c.fx_error = _first_line(exc)
     for mode in ("eval", "train"):
         model.train(mode == "train")
         try:

@@ -23,8 +23,9 @@ without any of them, and :data:`LIBRARY` names the module to ``pytest.importorsk
 
 A builder raises :class:`Unavailable` when the installed version of its library lacks the model.
 
-Dropout, drop-path, layer-drop and SpecAugment-style masking are switched off in every configuration, so
-that a model in training mode computes a deterministic function of its input (batch norm then uses batch
+Dropout, drop-path, layer-drop and SpecAugment-style masking are switched off in every configuration
+(and by :func:`no_randomness` in every model built), so that a model in training mode computes a
+deterministic function of its input (batch norm then uses batch
 statistics, which is what the train-mode comparison exercises). Image batches hold two samples so that
 training-mode batch norm sees more than one value per channel.
 
@@ -83,6 +84,22 @@ def offline() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def no_randomness(model: nn.Module) -> nn.Module:
+    """Switch off dropout-like randomness that the configuration left on (returns ``model``).
+
+    Dropout modules get ``p = 0``, and every float attribute with "drop" in its name is set to 0: drop-path
+    modules (``drop_prob``) and the rates that forwards pass to ``F.dropout`` or to a drop-path function
+    (timm's ``drop_rate``, efficientnet-pytorch's ``_drop_connect_rate``).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for key, value in list(vars(m).items()):
+            if "drop" in key and isinstance(value, float):
+                setattr(m, key, 0.0)
+    return model
+
+
 def _images(n: int = 2, c: int = 3, *size: int) -> torch.Tensor:
     return torch.randn(n, c, *size)
 
@@ -114,7 +131,7 @@ def _hf(config_name: str, model_name: str, inputs: Callable[[], tuple[tuple, dic
             raise Unavailable(f"transformers {transformers.__version__} has no {model_name}")
         cfg = getattr(transformers, config_name)(**config)
         _deterministic(cfg)
-        model = getattr(transformers, model_name)(cfg).eval()
+        model = no_randomness(getattr(transformers, model_name)(cfg)).eval()
         args, kwargs = inputs()
         return model, args, kwargs
 
@@ -255,7 +272,7 @@ def _monai(factory: Callable[[Any], nn.Module], shape: tuple[int, ...]) -> Calla
     def build() -> Built:
         import monai.networks.nets as nets
 
-        return factory(nets).eval(), (torch.randn(*shape),), {}
+        return no_randomness(factory(nets)).eval(), (torch.randn(*shape),), {}
 
     return build
 
@@ -303,7 +320,7 @@ def _diffusers(factory: Callable[[Any], nn.Module], inputs: Callable[[], tuple[t
         offline()
         import diffusers
 
-        model = factory(diffusers).eval()
+        model = no_randomness(factory(diffusers)).eval()
         args, kwargs = inputs()
         return model, args, kwargs
 
@@ -353,7 +370,7 @@ def _smp(arch: str, encoder: str, size: int = 64, **kwargs) -> Callable[[], Buil
 
         model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=3, classes=2,
                                  **kwargs)
-        return model.eval(), (_images(2, 3, size, size),), {}
+        return no_randomness(model).eval(), (_images(2, 3, size, size),), {}
 
     return build
 
@@ -388,7 +405,7 @@ def _timm(name: str, size: int | tuple[int, int], **kwargs) -> Entry:
         if not timm.is_model(name):
             raise Unavailable(f"timm {timm.__version__} has no {name}")
         model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-        return model.eval(), (_images(2, 3, h, w),), {}
+        return no_randomness(model).eval(), (_images(2, 3, h, w),), {}
 
     return Entry(name, "timm", build)
 
