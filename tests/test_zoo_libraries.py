@@ -46,14 +46,20 @@ def kernel_weight_names(model: nn.Module) -> set[str]:
     """The weights transform must rewrite, by the names ``rewritten_weights`` reports.
 
     test_zoo.kernel_weights (conv/linear module weights that are parameters, MultiheadAttention's input
-    projections), plus the weight of every conv/linear module whose weight is a parametrization (weight norm:
-    the module reads ``<module>.weight``, computed from ``parametrizations.weight.original0/1``), each
+    projections), plus, for every conv/linear module whose weight is a parametrization (weight norm: the
+    module reads ``<module>.weight``, computed from ``parametrizations.weight.original0/1``), the
+    parametrization's largest original of the kernel's rank (the direction ``v``; the magnitude ``g``
+    scales it), which is the parameter that becomes coefficients; each
     parameter under its first name when modules share it, less the weights that alias an ``nn.Embedding``'s
     table (a tied output projection: the embedding owns it; none of the catalogue's heads ties at present).
     """
     names = kernel_weights(model)
-    names |= {f"{name}.weight" for name, m in model.named_modules()
-              if isinstance(m, KERNEL_TYPES) and parametrize.is_parametrized(m, "weight")}
+    for name, m in model.named_modules():
+        if isinstance(m, KERNEL_TYPES) and parametrize.is_parametrized(m, "weight"):
+            rank = m.weight.dim()
+            originals = [(p.numel(), f"{name}.parametrizations.weight.{n}")
+                         for n, p in m.parametrizations.weight.named_parameters(recurse=False) if p.dim() == rank]
+            names.add(max(originals)[1])
     first_name = {id(p): name for name, p in model.named_parameters()}
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, m in model.named_modules():
