@@ -157,3 +157,35 @@ def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basi
         return _CONV_T[g["d"]](x, weight, None, g["stride"], g["padding"], g["output_padding"], g["groups"],
                                g["dilation"])
     return _CONV[g["d"]](x, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+
+
+def _native_operands(g: dict, values: Tensor, indices: Tensor, flat, like: Tensor) -> tuple:
+    """CSR ``(crow, col, vals)`` of order (a)'s ``A[o, i*K + j]`` and the used-row flags, cached per storage."""
+    K = g["K"]
+
+    def coords():
+        o, i, j = _coupling(g, flat())
+        return o, i * K + j
+
+    shape = (g["c_out"], g["c_in"] * K)
+    csr = _sparse_matrix(values, indices, "a", shape, coords, like)
+    key = (shape, id(values), values._version, indices._version, like.dtype)
+
+    def build():
+        col = csr.col_indices()
+        used = torch.zeros(shape[1], dtype=torch.uint8)
+        used[col] = 1
+        return csr.crow_indices().contiguous(), col.contiguous(), csr.values().contiguous(), used
+
+    return _cached(_storage_entry(indices), "native", key, build)
+
+
+def _order_native(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """Order (a) tile by tile in the native CPU kernel (:mod:`ipfx.ops.native`); adds ``bias`` itself."""
+    from . import native
+
+    crow, col, vals, used = _native_operands(g, values, indices, flat, x)
+    b = None if basis is None else basis.to(dtype=x.dtype).contiguous()
+    bias = None if bias is None else bias.to(dtype=x.dtype).contiguous()
+    return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial)

@@ -165,7 +165,8 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
                                          self.stride, self.padding, self.dilation, self.groups, self.transposed,
                                          self.output_padding))
                 self.__dict__["_geometry"] = g
-            return _run_ip_conv(g[1], x, self.values, self.indices, self.basis, self.bias, order)
+            return _run_ip_conv(g[1], x, self.values, self.indices, self.basis, self.bias, order,
+                                allow_native=x.device.type == "cpu")
         return torch.ops.ipfx.ip_conv(
             x,
             self.values,

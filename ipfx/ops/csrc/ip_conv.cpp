@@ -1,0 +1,415 @@
+// Native CPU kernels of the fused IP ops (ipfx::ip_conv, ipfx::sparse_linear); see ipfx/ops/native.py.
+//
+// Convolution by linearity, tiled (order (a) of ipfx/ops/kernels.py without whole-image maps):
+//
+//   y[n, o, p] = sum_{(i, j) kept for o} C[o, i, j] * R[n, i, j, p],   R[n, i, j, p] = sum_t B[j, t] x[n, i, off(p, t)]
+//
+// where off(p, t) is the input position that tap t of the kernel reads for output position p (or none: zero
+// padding). The output is cut into tiles of TP consecutive flattened positions. For one tile the kernel
+//   1. builds the tap -> input offset table off[t][p] (shared by all input channels),
+//   2. for every input channel gathers its K x TP patch and multiplies it by the basis (K x K), giving the
+//      tile's basis responses R[i*K + j][p] (c_in*K*TP numbers, sized to stay in L2; rows no kept
+//      coefficient reads are skipped),
+//   3. for every output channel accumulates its CSR row, acc[p] += C * R[col][p], in registers, and writes
+//      the tile once (plus bias).
+// Without a basis (SP, identity) step 2 is the gather alone: a direct sparse convolution on the patch.
+// The same offset table expresses a transposed convolution (off(p, t) = (p + pad - t*dil) / stride where
+// that divides exactly), so 1-3 spatial dims, groups, stride, dilation, padding, output padding and
+// transposition all run here. Each output element sums its CSR row in storage order in one thread, so
+// results do not depend on the number of threads or on the tiling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t in[3], out[3], k[3], stride[3], pad[3], dil[3];
+  bool transposed;
+  int64_t K, p_in, p_out;
+};
+
+Geometry make_geometry(at::IntArrayRef in_sp, at::IntArrayRef out_sp, at::IntArrayRef kernel, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed) {
+  Geometry g;
+  const int64_t d = in_sp.size();
+  TORCH_CHECK(d >= 1 && d <= 3, "ipfx native: 1 to 3 spatial dims");
+  const int64_t lead = 3 - d;  // leading unit dims
+  for (int64_t a = 0; a < 3; ++a) {
+    const bool real = a >= lead;
+    const int64_t r = a - lead;
+    g.in[a] = real ? in_sp[r] : 1;
+    g.out[a] = real ? out_sp[r] : 1;
+    g.k[a] = real ? kernel[r] : 1;
+    g.stride[a] = real ? stride[r] : 1;
+    g.pad[a] = real ? padding[r] : 0;
+    g.dil[a] = real ? dilation[r] : 1;
+  }
+  g.transposed = transposed;
+  g.K = g.k[0] * g.k[1] * g.k[2];
+  g.p_in = g.in[0] * g.in[1] * g.in[2];
+  g.p_out = g.out[0] * g.out[1] * g.out[2];
+  return g;
+}
+
+// Input coordinate read by output coordinate o through kernel index kk along one dim, or -1.
+inline int64_t source(const Geometry& g, int a, int64_t o, int64_t kk) {
+  if (!g.transposed) {
+    const int64_t c = o * g.stride[a] - g.pad[a] + kk * g.dil[a];
+    return (c >= 0 && c < g.in[a]) ? c : -1;
+  }
+  const int64_t num = o + g.pad[a] - kk * g.dil[a];
+  if (num < 0 || num % g.stride[a]) return -1;
+  const int64_t c = num / g.stride[a];
+  return c < g.in[a] ? c : -1;
+}
+
+// off[t * TP + p]: flat input offset read by tap t for tile position p0 + p, -1 for padding or past the end.
+template <int TP>
+void offsets(const Geometry& g, int64_t p0, int32_t* off) {
+  int64_t coord[TP][3];
+  bool live[TP];
+  for (int p = 0; p < TP; ++p) {
+    int64_t q = p0 + p;
+    live[p] = q < g.p_out;
+    coord[p][2] = q % g.out[2];
+    q /= g.out[2];
+    coord[p][1] = q % g.out[1];
+    coord[p][0] = q / g.out[1];
+  }
+  int64_t t = 0;
+  for (int64_t k0 = 0; k0 < g.k[0]; ++k0)
+    for (int64_t k1 = 0; k1 < g.k[1]; ++k1)
+      for (int64_t k2 = 0; k2 < g.k[2]; ++k2, ++t)
+        for (int p = 0; p < TP; ++p) {
+          int64_t c0 = live[p] ? source(g, 0, coord[p][0], k0) : -1;
+          int64_t c1 = c0 >= 0 ? source(g, 1, coord[p][1], k1) : -1;
+          int64_t c2 = c1 >= 0 ? source(g, 2, coord[p][2], k2) : -1;
+          off[t * TP + p] = c2 >= 0 ? static_cast<int32_t>((c0 * g.in[1] + c1) * g.in[2] + c2) : -1;
+        }
+}
+
+// TP numbers as NV = TP / L vectors of one cache line (64 bytes: L = 16 floats or 8 doubles). GCC's vector
+// extension keeps the accumulators in registers (zmm with AVX-512, ymm pairs with AVX2); the loops over
+// vectors are unrolled so every index is constant. Loads and stores are unaligned-safe (aligned(4)).
+template <typename scalar_t>
+struct Lane;
+template <>
+struct Lane<float> {
+  typedef float V __attribute__((vector_size(64), aligned(4), may_alias));
+};
+template <>
+struct Lane<double> {
+  typedef double V __attribute__((vector_size(64), aligned(8), may_alias));
+};
+
+// A tile's tap -> input map as runs: for tap t, runs[first[t]] .. runs[first[t + 1]] cover its TP positions in
+// order; a run copies len consecutive input numbers from src (or writes zeros where src < 0). With stride 1
+// a tap's TP positions are a few row segments, so the gather is a few memcpy calls.
+struct Run {
+  int32_t len, src;
+};
+
+void runs_of(const int32_t* off, int64_t K, int TP, std::vector<Run>& runs, std::vector<int32_t>& first) {
+  runs.clear();
+  first.assign(K + 1, 0);
+  for (int64_t t = 0; t < K; ++t) {
+    first[t] = static_cast<int32_t>(runs.size());
+    const int32_t* o = off + t * TP;
+    for (int p = 0; p < TP;) {
+      int q = p + 1;
+      if (o[p] < 0) {
+        while (q < TP && o[q] < 0) ++q;
+        runs.push_back({q - p, -1});
+      } else {
+        while (q < TP && o[q] == o[q - 1] + 1) ++q;
+        runs.push_back({q - p, o[p]});
+      }
+      p = q;
+    }
+  }
+  first[K] = static_cast<int32_t>(runs.size());
+}
+
+// r[0 .. TP) = the tap's input numbers (zeros for padding).
+template <typename scalar_t>
+inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* end, scalar_t* __restrict__ r) {
+  for (; run != end; ++run) {
+    if (run->src < 0) {
+      std::memset(r, 0, sizeof(scalar_t) * run->len);
+    } else if (run->len == 1) {
+      *r = xi[run->src];
+    } else {
+      std::memcpy(r, xi + run->src, sizeof(scalar_t) * run->len);
+    }
+    r += run->len;
+  }
+}
+
+// R rows of input channel i for one tile: R[j][p] (j < K) = sum_t B[j][t] patch[t][p], or the patch itself.
+template <typename scalar_t, int TP>
+void basis_responses(const scalar_t* __restrict__ xi, const Run* runs, const int32_t* first,
+                     const scalar_t* __restrict__ basis, const uint8_t* __restrict__ used, int64_t K,
+                     scalar_t* __restrict__ patch, scalar_t* __restrict__ R) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  if (basis == nullptr) {
+    for (int64_t t = 0; t < K; ++t) {
+      if (!used[t]) continue;
+      gather(xi, runs + first[t], runs + first[t + 1], R + t * TP);
+    }
+    return;
+  }
+  bool any = false;
+  for (int64_t j = 0; j < K; ++j) any |= used[j] != 0;
+  if (!any) return;
+  for (int64_t t = 0; t < K; ++t) gather(xi, runs + first[t], runs + first[t + 1], patch + t * TP);
+  // JB basis rows at a time: every patch vector loaded feeds JB accumulators (JB * NV <= 8 cache-line vectors)
+  constexpr int JB = NV >= 4 ? 2 : 8 / NV;
+  int64_t j = 0;
+  for (; j + JB <= K; j += JB) {
+    bool need = false;
+    for (int q = 0; q < JB; ++q) need |= used[j + q] != 0;
+    if (!need) continue;
+    V acc[JB][NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < JB; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[q][v] = V{};
+    for (int64_t t = 0; t < K; ++t) {
+      const V* pt = reinterpret_cast<const V*>(patch + t * TP);
+#pragma GCC unroll 8
+      for (int q = 0; q < JB; ++q) {
+        const scalar_t w = basis[(j + q) * K + t];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[q][v] += w * pt[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < JB; ++q) {
+      V* r = reinterpret_cast<V*>(R + (j + q) * TP);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) r[v] = acc[q][v];
+    }
+  }
+  for (; j < K; ++j) {
+    if (!used[j]) continue;
+    V acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    const scalar_t* b = basis + j * K;
+    for (int64_t t = 0; t < K; ++t) {
+      const scalar_t w = b[t];
+      const V* pt = reinterpret_cast<const V*>(patch + t * TP);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] += w * pt[v];
+    }
+    V* r = reinterpret_cast<V*>(R + j * TP);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) r[v] = acc[v];
+  }
+}
+
+// y[o][p0 + p] = bias[o] + sum_e vals[e] * R[col[e]][p] for one output channel's CSR row.
+template <typename scalar_t, int TP>
+inline void contract_row(const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
+                         const scalar_t* __restrict__ vals, const scalar_t* __restrict__ R, int64_t o, scalar_t bias,
+                         scalar_t* __restrict__ yo, int64_t valid) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
+  for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+    const scalar_t w = vals[e];
+    const V* r = reinterpret_cast<const V*>(R + col[e] * TP);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
+  }
+  if (valid == TP) {
+    V* y = reinterpret_cast<V*>(yo);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) y[v] = acc[v] + bias;
+  } else {
+    scalar_t tmp[TP];
+    std::memcpy(tmp, acc, sizeof(tmp));
+    for (int64_t p = 0; p < valid; ++p) yo[p] = tmp[p] + bias;
+  }
+}
+
+template <typename scalar_t, int TP>
+void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
+                const c10::optional<at::Tensor>& basis_t, const c10::optional<at::Tensor>& bias_t,
+                const at::Tensor& used_t, const Geometry& g, at::Tensor& y) {
+  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
+  const int64_t ntiles = (g.p_out + TP - 1) / TP;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t* crow = crow_t.data_ptr<int64_t>();
+  const int64_t* col = col_t.data_ptr<int64_t>();
+  const scalar_t* vals = vals_t.data_ptr<scalar_t>();
+  const scalar_t* basis = basis_t.has_value() ? basis_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
+  const uint8_t* used = used_t.data_ptr<uint8_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t units = N * ntiles;
+  const int64_t threads = at::get_num_threads();
+
+  auto tile_geometry = [&](int64_t unit, int64_t& n, int64_t& p0, int64_t& valid) {
+    n = unit / ntiles;
+    p0 = (unit % ntiles) * TP;
+    valid = std::min<int64_t>(TP, g.p_out - p0);
+  };
+
+  if (units >= 2 * threads) {  // enough tiles: each thread takes whole tiles
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> off(K * TP), first;
+      std::vector<Run> runs;
+      std::vector<scalar_t> patch(K * TP), R(c_in * K * TP);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        int64_t n, p0, valid;
+        tile_geometry(unit, n, p0, valid);
+        offsets<TP>(g, p0, off.data());
+        runs_of(off.data(), K, TP, runs, first);
+        for (int64_t i = 0; i < c_in; ++i)
+          basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), first.data(), basis,
+                                        used + i * K, K, patch.data(), R.data() + i * K * TP);
+        for (int64_t o = 0; o < c_out; ++o)
+          contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
+                                     yp + (n * c_out + o) * g.p_out + p0, valid);
+      }
+    });
+    return;
+  }
+  // few tiles (small images, batch 1): tile by tile, threads over input channels, then over output channels
+  std::vector<int32_t> off(K * TP), first;
+  std::vector<Run> runs;
+  std::vector<scalar_t> R(c_in * K * TP);
+  for (int64_t unit = 0; unit < units; ++unit) {
+    int64_t n, p0, valid;
+    tile_geometry(unit, n, p0, valid);
+    offsets<TP>(g, p0, off.data());
+    runs_of(off.data(), K, TP, runs, first);
+    at::parallel_for(0, c_in, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> patch(K * TP);
+      for (int64_t i = begin; i < end; ++i)
+        basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), first.data(), basis,
+                                      used + i * K, K, patch.data(), R.data() + i * K * TP);
+    });
+    at::parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o)
+        contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
+                                   yp + (n * c_out + o) * g.p_out + p0, valid);
+    });
+  }
+}
+
+// ipfx_native::conv(x, crow, col, vals, basis?, bias?, used, c_out, kernel, stride, padding, dilation,
+//                   transposed, out_spatial, tile) -> y
+//   x: (N, c_in, *in_spatial) contiguous; crow/col/vals: CSR of A[o, i*K + j] (int64, int64, x.dtype);
+//   used: uint8 (c_in*K,), 1 where some kept coefficient reads R row i*K + j; tile: 16, 32 or 64.
+at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                const c10::optional<at::Tensor>& basis, const c10::optional<at::Tensor>& bias, const at::Tensor& used,
+                int64_t c_out, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial, int64_t tile) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ipfx native: x must be a contiguous CPU tensor");
+  TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
+  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
+  TORCH_CHECK(crow.numel() == c_out + 1, "ipfx native: crow must have c_out + 1 entries");
+  const int64_t d = x.dim() - 2;
+  TORCH_CHECK(d >= 1 && d <= 3 && (int64_t)kernel.size() == d && (int64_t)out_spatial.size() == d,
+              "ipfx native: bad geometry");
+  const Geometry g = make_geometry(x.sizes().slice(2), out_spatial, kernel, stride, padding, dilation, transposed);
+  TORCH_CHECK(used.numel() == x.size(1) * g.K && used.scalar_type() == at::kByte, "ipfx native: bad used flags");
+  TORCH_CHECK(g.p_in < (int64_t(1) << 31), "ipfx native: input maps of 2^31 or more positions");
+  std::vector<int64_t> shape{x.size(0), c_out};
+  shape.insert(shape.end(), out_spatial.begin(), out_spatial.end());
+  at::Tensor y = at::empty(shape, x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
+    if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
+    if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
+    switch (tile) {
+      case 16: conv_tiled<scalar_t, 16>(x, crow, col, vals, basis, bias, used, g, y); break;
+      case 32: conv_tiled<scalar_t, 32>(x, crow, col, vals, basis, bias, used, g, y); break;
+      case 64: conv_tiled<scalar_t, 64>(x, crow, col, vals, basis, bias, used, g, y); break;
+      default: TORCH_CHECK(false, "ipfx native: tile must be 16, 32 or 64");
+    }
+  });
+  return y;
+}
+
+// ipfx_native::linear(x, crow, col, vals, bias?) -> y:  y[m, o] = bias[o] + sum_e vals[e] x[m, col[e]]
+//   x: (M, in) contiguous. Rows of x are taken TP at a time from x^T, so the inner loop runs over rows.
+template <typename scalar_t, int TP>
+void linear_blocked(const at::Tensor& xt_t, const int64_t* crow, const int64_t* col, const scalar_t* vals,
+                    const scalar_t* bias, int64_t out_f, at::Tensor& yt_t) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  const int64_t M = yt_t.size(1);
+  const int64_t Mp = xt_t.size(1);  // row stride of x^T, padded to whole tiles by the caller
+  const scalar_t* xt = xt_t.data_ptr<scalar_t>();
+  scalar_t* yt = yt_t.data_ptr<scalar_t>();
+  const int64_t blocks = (M + TP - 1) / TP;
+  at::parallel_for(0, out_f * blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t o = u / blocks, m0 = (u % blocks) * TP, valid = std::min<int64_t>(TP, M - m0);
+      V acc[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = V{};
+      for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+        const scalar_t w = vals[e];
+        const V* r = reinterpret_cast<const V*>(xt + col[e] * Mp + m0);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
+      }
+      scalar_t tmp[TP];
+      std::memcpy(tmp, acc, sizeof(tmp));
+      const scalar_t b = bias ? bias[o] : scalar_t(0);
+      for (int64_t p = 0; p < valid; ++p) yt[o * M + m0 + p] = tmp[p] + b;
+    }
+  });
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "ipfx native: x must be a 2-d CPU tensor");
+  TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
+  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
+  const int64_t out_f = crow.numel() - 1, M = x.size(0);
+  const int64_t TP = M <= 8 ? 16 : 64;  // x^T rows padded with zeros to whole tiles: full-vector loads
+  const int64_t Mp = (M + TP - 1) / TP * TP;
+  at::Tensor xt = at::zeros({x.size(1), Mp}, x.options());
+  xt.narrow(1, 0, M).copy_(x.t());
+  at::Tensor yt = at::empty({out_f, M}, x.options());
+  if (yt.numel() == 0) return yt.t();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_linear", [&] {
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    if (TP == 16) {
+      linear_blocked<scalar_t, 16>(xt, crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), vals.data_ptr<scalar_t>(), b,
+                                   out_f, yt);
+    } else {
+      linear_blocked<scalar_t, 64>(xt, crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), vals.data_ptr<scalar_t>(), b,
+                                   out_f, yt);
+    }
+  });
+  return yt.t().contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ipfx_native, m) {
+  m.def("conv(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? basis, Tensor? bias, Tensor used, int c_out, "
+        "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile) "
+        "-> Tensor");
+  m.def("linear(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
+  m.impl("conv", conv);
+  m.impl("linear", linear);
+}
