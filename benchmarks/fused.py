@@ -3,7 +3,7 @@
     python benchmarks/fused.py [--threads 2] [--sections layers,e2e] [--quick] [--out benchmarks/fused.md]
 
 Per layer (ResNet 3x3 and 1x1 shapes, a depthwise and a strided layer) at batch 1 and 90/95/98/99%:
-the dense convolution (folded weight), fused IP (DCT basis) and fused SP (``ipfx.ops.SparseIPConv``, order
+the dense convolution (an ``nn.Conv2d`` with the folded weight, as ``ipfx.lower(model, "dense")`` deploys), fused IP (DCT basis) and fused SP (``ipfx.ops.SparseIPConv``, order
 0: the cost model's choice; the chosen order is listed) and a ``torch.sparse`` baseline (the SP weight as a
 CSR ``(c_out, c_in*K)`` matrix times ``F.unfold(x)``). End to end: torchvision resnet50 and
 mobilenet_v3_large at batch 1 and 32, transformed, randomly pruned and lowered by ipfx (dense vs fused).
@@ -91,14 +91,15 @@ def bench_layers(quick: bool) -> list[dict]:
             basis = dct_basis((k, k), torch.float32) if K > 1 else None
             ip = SparseIPConv.from_coefficients(coeff, basis, **geo)
             sp = SparseIPConv.from_coefficients(coeff, None, **geo)
-            w = ip.to_dense_weight()
+            dense = torch.nn.Conv2d(c_in, c_out, k, stride, pad, groups=groups, bias=False).eval()
+            dense.weight.data.copy_(ip.to_dense_weight())  # what ipfx.lower(model, "dense") deploys
             csr = coeff.reshape(c_out, -1).to_sparse_csr() if groups == 1 else None
 
             def torch_csr():
                 cols = F.unfold(x, k, padding=pad, stride=stride)[0]  # (c_in*K, P)
                 return (csr @ cols).reshape(1, c_out, -1)
 
-            fns = {"dense": lambda: F.conv2d(x, w, None, stride, pad, 1, groups), "fused IP": lambda: ip(x),
+            fns = {"dense": lambda: dense(x), "fused IP": lambda: ip(x),
                    "fused SP": lambda: sp(x)}
             if csr is not None:
                 fns["torch CSR"] = torch_csr

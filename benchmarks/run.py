@@ -415,7 +415,9 @@ FUSED_OP_SECTION = [
     "rebuilt dense weight by a cost model of work and bytes (`ipfx/ops/order.py`, `COST_CONSTANTS`), a pure "
     "function of geometry, batch, dtype and nnz: no timing, the same numbers on every call. The constants were fitted "
     "once on this machine with", "",
-    "    python benchmarks/calibrate.py --threads 2 --reps 7", "",
+    "    python benchmarks/calibrate.py --threads 1 --reps 7", "",
+    "(one thread: the machine was shared, and two-thread timings then varied 10x as OpenMP barriers waited for "
+    "preempted threads).", "",
     "which times every order on 80 layer problems, fits the constants by non-negative least squares on relative "
     "error and writes the fit's quality to `benchmarks/calibration.md` (and every timing to `calibration.json`). "
     "Timing-based choice only on request: `order=-1`, or `IPFX_AUTOTUNE=1`. Speed of the fused op per layer and end "

@@ -136,27 +136,38 @@ def _order_b(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: O
     return y.reshape(n, c_out, *out_spatial)
 
 
-def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial) -> Tensor:
-    """W = reshape(C @ basis, weight_shape) rebuilt once per storage (cached), then one dense convolution.
-
-    Storage stays sparse (what is saved and shipped); this trades run-time memory for the speed of the
-    dense kernels where the sparse orders are slower (measured, see :func:`_measured_order`).
-    """
+def _dense_weight(g: dict, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], like: Tensor) -> Tensor:
+    """``W = reshape(C @ basis, weight_shape)`` in ``like``'s dtype and device, rebuilt once per storage (cached)."""
 
     def build():
         w0, w1 = g["weight_shape"][:2]
-        c = _densify(values.to(x.dtype), flat(), w0 * w1 * g["K"]).reshape(w0, w1, g["K"])
+        c = _densify(values.to(like.dtype), flat(), w0 * w1 * g["K"]).reshape(w0, w1, g["K"])
         if basis is not None:
-            c = c @ basis.to(dtype=x.dtype, device=x.device)
+            c = c @ basis.to(dtype=like.dtype, device=like.device)
         return c.reshape(g["weight_shape"])
 
     key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
-           x.dtype, x.device)
-    weight = _cached(_storage_entry(indices), "dense", key, build)
+           like.dtype, like.device)
+    return _cached(_storage_entry(indices), "dense", key, build)
+
+
+def _dense_conv(g: dict, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if g["transposed"]:
-        return _CONV_T[g["d"]](x, weight, None, g["stride"], g["padding"], g["output_padding"], g["groups"],
+        return _CONV_T[g["d"]](x, weight, bias, g["stride"], g["padding"], g["output_padding"], g["groups"],
                                g["dilation"])
-    return _CONV[g["d"]](x, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+    return _CONV[g["d"]](x, weight, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
+
+
+def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    """W = reshape(C @ basis, weight_shape) rebuilt once per storage (cached), then one dense convolution
+    (which adds ``bias`` itself).
+
+    Storage stays sparse (what is saved and shipped); this trades run-time memory for the speed of the
+    dense kernels where the sparse orders are slower (the cost model, :mod:`ipfx.ops.order`).
+    """
+    weight = _dense_weight(g, values, indices, flat, basis, x)
+    return _dense_conv(g, x, weight, None if bias is None else bias.to(dtype=x.dtype, device=x.device))
 
 
 def _native_operands(g: dict, values: Tensor, indices: Tensor, flat, like: Tensor) -> tuple:

@@ -18,8 +18,8 @@ from torch import Tensor
 from ..errors import IPFXValueError
 from . import native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
-from .kernels import _CONV, _CONV_T, _order_native, _spmm
-from .order import _RUNNERS, ORDER_NATIVE, resolve_order
+from .kernels import _CONV, _CONV_T, _spmm
+from .order import _RUNNERS, ORDER_DENSE, ORDER_NATIVE, resolve_order
 from .storage import _cached, _sparse_matrix, _storage_entry
 
 
@@ -94,8 +94,8 @@ def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Opt
     flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731  (only when a matrix is built)
     x = x.contiguous()
     order = resolve_order(order, g, x, values, indices, flat, basis, out_spatial, allow_native)
-    if order == ORDER_NATIVE:  # adds the bias in its output loop
-        y = _order_native(g, x, values, indices, flat, basis, out_spatial, bias)
+    if order in (ORDER_NATIVE, ORDER_DENSE):  # these add the bias themselves
+        y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial, bias)
         bias = None
     else:
         y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial)

@@ -112,7 +112,7 @@ struct Lane<double> {
 // order; a run copies len consecutive input numbers from src (or writes zeros where src < 0). With stride 1
 // a tap's TP positions are a few row segments, so the gather is a few memcpy calls.
 struct Run {
-  int32_t len, src;
+  int32_t len, src, step;
 };
 
 void runs_of(const int32_t* off, int64_t K, int TP, std::vector<Run>& runs, std::vector<int32_t>& first) {
@@ -125,10 +125,11 @@ void runs_of(const int32_t* off, int64_t K, int TP, std::vector<Run>& runs, std:
       int q = p + 1;
       if (o[p] < 0) {
         while (q < TP && o[q] < 0) ++q;
-        runs.push_back({q - p, -1});
+        runs.push_back({q - p, -1, 0});
       } else {
-        while (q < TP && o[q] == o[q - 1] + 1) ++q;
-        runs.push_back({q - p, o[p]});
+        const int32_t step = (q < TP && o[q] > o[p]) ? o[q] - o[p] : 1;  // stride s: src, src + s, ...
+        while (q < TP && o[q] == o[q - 1] + step) ++q;
+        runs.push_back({q - p, o[p], step});
       }
       p = q;
     }
@@ -142,40 +143,34 @@ inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* e
   for (; run != end; ++run) {
     if (run->src < 0) {
       std::memset(r, 0, sizeof(scalar_t) * run->len);
-    } else if (run->len == 1) {
-      *r = xi[run->src];
-    } else {
+    } else if (run->step == 1) {
       std::memcpy(r, xi + run->src, sizeof(scalar_t) * run->len);
+    } else {
+      const scalar_t* src = xi + run->src;
+      for (int32_t q = 0; q < run->len; ++q) r[q] = src[q * run->step];
     }
     r += run->len;
   }
 }
 
-// R rows of input channel i for one tile: R[j][p] (j < K) = sum_t B[j][t] patch[t][p], or the patch itself.
+// R rows of input channel i for one tile: R[j][p] = sum_t B[j][t] patch[t][p] (or the patch itself without a
+// basis) for the nj rows js[0 .. nj) that some kept coefficient reads; other rows are left unwritten.
 template <typename scalar_t, int TP>
 void basis_responses(const scalar_t* __restrict__ xi, const Run* runs, const int32_t* first,
-                     const scalar_t* __restrict__ basis, const uint8_t* __restrict__ used, int64_t K,
+                     const scalar_t* __restrict__ basis, const int32_t* __restrict__ js, int32_t nj, int64_t K,
                      scalar_t* __restrict__ patch, scalar_t* __restrict__ R) {
   using V = typename Lane<scalar_t>::V;
   constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  if (nj == 0) return;
   if (basis == nullptr) {
-    for (int64_t t = 0; t < K; ++t) {
-      if (!used[t]) continue;
-      gather(xi, runs + first[t], runs + first[t + 1], R + t * TP);
-    }
+    for (int32_t q = 0; q < nj; ++q) gather(xi, runs + first[js[q]], runs + first[js[q] + 1], R + js[q] * TP);
     return;
   }
-  bool any = false;
-  for (int64_t j = 0; j < K; ++j) any |= used[j] != 0;
-  if (!any) return;
   for (int64_t t = 0; t < K; ++t) gather(xi, runs + first[t], runs + first[t + 1], patch + t * TP);
   // JB basis rows at a time: every patch vector loaded feeds JB accumulators (JB * NV <= 8 cache-line vectors)
   constexpr int JB = NV >= 4 ? 2 : 8 / NV;
-  int64_t j = 0;
-  for (; j + JB <= K; j += JB) {
-    bool need = false;
-    for (int q = 0; q < JB; ++q) need |= used[j + q] != 0;
-    if (!need) continue;
+  int32_t b = 0;
+  for (; b + JB <= nj; b += JB) {
     V acc[JB][NV];
 #pragma GCC unroll 8
     for (int q = 0; q < JB; ++q)
@@ -185,31 +180,29 @@ void basis_responses(const scalar_t* __restrict__ xi, const Run* runs, const int
       const V* pt = reinterpret_cast<const V*>(patch + t * TP);
 #pragma GCC unroll 8
       for (int q = 0; q < JB; ++q) {
-        const scalar_t w = basis[(j + q) * K + t];
+        const scalar_t w = basis[js[b + q] * K + t];
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[q][v] += w * pt[v];
       }
     }
 #pragma GCC unroll 8
     for (int q = 0; q < JB; ++q) {
-      V* r = reinterpret_cast<V*>(R + (j + q) * TP);
+      V* r = reinterpret_cast<V*>(R + js[b + q] * TP);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) r[v] = acc[q][v];
     }
   }
-  for (; j < K; ++j) {
-    if (!used[j]) continue;
+  for (; b < nj; ++b) {
     V acc[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = V{};
-    const scalar_t* b = basis + j * K;
+    const scalar_t* w = basis + js[b] * K;
     for (int64_t t = 0; t < K; ++t) {
-      const scalar_t w = b[t];
       const V* pt = reinterpret_cast<const V*>(patch + t * TP);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += w * pt[v];
+      for (int v = 0; v < NV; ++v) acc[v] += w[t] * pt[v];
     }
-    V* r = reinterpret_cast<V*>(R + j * TP);
+    V* r = reinterpret_cast<V*>(R + js[b] * TP);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) r[v] = acc[v];
   }
@@ -258,6 +251,11 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t units = N * ntiles;
   const int64_t threads = at::get_num_threads();
+  // per input channel, the basis-response rows some kept coefficient reads (nj[i] of them, listed in js)
+  std::vector<int32_t> js(c_in * K), nj(c_in, 0);
+  for (int64_t i = 0; i < c_in; ++i)
+    for (int64_t j = 0; j < K; ++j)
+      if (used[i * K + j]) js[i * K + nj[i]++] = static_cast<int32_t>(j);
 
   auto tile_geometry = [&](int64_t unit, int64_t& n, int64_t& p0, int64_t& valid) {
     n = unit / ntiles;
@@ -277,7 +275,7 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
         runs_of(off.data(), K, TP, runs, first);
         for (int64_t i = 0; i < c_in; ++i)
           basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), first.data(), basis,
-                                        used + i * K, K, patch.data(), R.data() + i * K * TP);
+                                        js.data() + i * K, nj[i], K, patch.data(), R.data() + i * K * TP);
         for (int64_t o = 0; o < c_out; ++o)
           contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
                                      yp + (n * c_out + o) * g.p_out + p0, valid);
@@ -298,7 +296,7 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
       std::vector<scalar_t> patch(K * TP);
       for (int64_t i = begin; i < end; ++i)
         basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), first.data(), basis,
-                                      used + i * K, K, patch.data(), R.data() + i * K * TP);
+                                      js.data() + i * K, nj[i], K, patch.data(), R.data() + i * K * TP);
     });
     at::parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o)
