@@ -418,7 +418,7 @@ FUSED_OP_SECTION = [
     "    python benchmarks/calibrate.py --threads 1 --reps 7", "",
     "(one thread: the machine was shared, and two-thread timings then varied 10x as OpenMP barriers waited for "
     "preempted threads).", "",
-    "which times every order on 80 layer problems, fits the constants by non-negative least squares on relative "
+    "which times every order on 92 layer problems, fits the constants by non-negative least squares on relative "
     "error and writes the fit's quality to `benchmarks/calibration.md` (and every timing to `calibration.json`). "
     "Timing-based choice only on request: `order=-1`, or `IPFX_AUTOTUNE=1`. Speed of the fused op per layer and end "
     "to end against dense and `torch.sparse`: `benchmarks/fused.md` (`python benchmarks/fused.py`).", "",

@@ -102,12 +102,13 @@ def test_native_sparse_linear_agrees_with_the_torch_path(out_f, in_f, rows, spar
     assert_close(m(x), F.linear(x, w, b), tol, scale)
 
 
-def test_without_a_compiler_the_torch_path_runs_with_one_warning(monkeypatch):
+def test_without_a_compiler_the_torch_path_runs_with_one_warning(monkeypatch, tmp_path):
     """A failed build (here: a missing source file) warns once, says how to get the fast path, and the op
     computes the same numbers by the torch orders."""
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native, "_SOURCE", "/nonexistent/ip_conv.cpp")
     monkeypatch.setattr(native, "_NAME", "ipfx_native_missing")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # leave no build folder behind
     case = _case()
     t = make_tensors(case)
     with pytest.warns(RuntimeWarning, match="ninja") as record:

@@ -20,11 +20,13 @@ which gives two evaluation orders, neither of which materialises ``W``:
 
 Both sparse matrices are built from ``indices`` in O(nnz) memory (a COO tensor, converted to CSR) and cached
 per storage; the dense block-diagonal matrix is never formed. A third order, *dense*, rebuilds ``W`` once
-(cached) and runs the dense convolution. Which order runs is decided in :mod:`ipfx.ops.order`.
+(cached) and runs the dense convolution; a fourth, *native*, computes order (a) tile by tile in C++ without
+whole-image maps (:mod:`ipfx.ops.native`, CPU). Which order runs is decided in :mod:`ipfx.ops.order`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -151,11 +153,17 @@ def _dense_weight(g: dict, values: Tensor, indices: Tensor, flat, basis: Optiona
     return _cached(_storage_entry(indices), "dense", key, build)
 
 
-def _dense_conv(g: dict, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _dense_conv_partial(g: dict, weight: Tensor, bias: Optional[Tensor]):
+    """``x -> conv(x, weight, bias)`` with ``g``'s geometry, as a partial of the torch function."""
     if g["transposed"]:
-        return _CONV_T[g["d"]](x, weight, bias, g["stride"], g["padding"], g["output_padding"], g["groups"],
-                               g["dilation"])
-    return _CONV[g["d"]](x, weight, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
+        return functools.partial(_CONV_T[g["d"]], weight=weight, bias=bias, stride=g["stride"], padding=g["padding"],
+                                 output_padding=g["output_padding"], groups=g["groups"], dilation=g["dilation"])
+    return functools.partial(_CONV[g["d"]], weight=weight, bias=bias, stride=g["stride"], padding=g["padding"],
+                             dilation=g["dilation"], groups=g["groups"])
+
+
+def _dense_conv(g: dict, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _dense_conv_partial(g, weight, bias)(x)
 
 
 def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,

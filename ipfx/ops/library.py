@@ -55,7 +55,8 @@ def ip_conv(
     repeats are summed). ``basis``: ``(K, K)``, row j = filter F_j flattened, or None for the identity.
     ``padding`` is symmetric zero padding (ints). ``order``: 0 = chosen by the cost model (deterministic;
     :mod:`ipfx.ops.order`), -1 = fastest by timing, measured once per storage and input shape (also what 0
-    means under ``IPFX_AUTOTUNE=1``), 1 = basis first, 2 = coefficients first, 3 = dense. ``values``, ``basis`` and
+    means under ``IPFX_AUTOTUNE=1``), 1 = basis first, 2 = coefficients first, 3 = dense, 4 = native (CPU,
+    float32/64, where the kernel is built; else the cost model's choice). ``values``, ``basis`` and
     ``bias`` are cast to ``x.dtype``. Input is (N, C, *spatial) or unbatched (C, *spatial).
     """
     g = _conv_geometry(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -16,9 +17,9 @@ from torch import Tensor, nn
 from ..errors import IPFXValueError
 from . import native
 from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _output_spatial, _tuple
-from .kernels import _dense_conv, _dense_weight, _native_operands
+from .kernels import _dense_conv_partial, _dense_weight, _native_operands
 from .library import _run_ip_conv
-from .order import ORDER_AUTO, ORDER_DENSE, ORDER_NATIVE, autotune_requested, resolve_order
+from .order import ORDER_AUTO, ORDER_DENSE, ORDER_NATIVE, resolve_order
 from .storage import _densify, sparse_coefficients
 
 
@@ -184,13 +185,15 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         per-call work: argument checks, the order choice, cache look-ups. Rebuilt when the shape, dtype, order,
         ``IPFX_AUTOTUNE`` or a stored tensor (identity or in-place version) changes.
         """
-        tensors = (self.values, self.indices, self.basis, self.bias)
-        key = (x.shape, x.dtype, x.device, order, autotune_requested(),
-               *[None if t is None else (id(t), t._version) for t in tensors])
+        buffers = self._buffers
+        values, indices, basis = buffers["values"], buffers["indices"], buffers["basis"]
+        bias = self.bias
+        key = (x.shape, x.dtype, x.device, order, os.environ.get("IPFX_AUTOTUNE"), id(values), values._version,
+               id(indices), indices._version, None if basis is None else (id(basis), basis._version),
+               None if bias is None else (id(bias), bias._version))
         plan = self.__dict__.get("_plan_cache")
         if plan is not None and plan[0] == key:
             return plan[1]
-        values, indices, basis, bias = tensors
         g = _conv_geometry(x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding,
                            self.dilation, self.groups, self.transposed, self.output_padding)
         run = functools.partial(_run_ip_conv, g, values=values, indices=indices, basis=basis, bias=bias, order=order,
@@ -204,9 +207,9 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
             resolved = resolve_order(order, g, batched.contiguous(), values, indices, flat, basis, out_spatial,
                                      allow_native=x.device.type == "cpu")
             b = None if bias is None else bias.to(dtype=x.dtype, device=x.device)
-            if resolved == ORDER_DENSE:
+            if resolved == ORDER_DENSE:  # the dense conv itself, bound (no Python frame per call)
                 weight = _dense_weight(g, values, indices, flat, basis, x)
-                run = functools.partial(_dense_conv, g, weight=weight, bias=b)
+                run = _dense_conv_partial(g, weight, b)
             elif resolved == ORDER_NATIVE:
                 operands = _native_operands(g, values, indices, flat, x)
                 nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()

@@ -18,15 +18,17 @@ thread count or the tiling, and equal the torch orders up to float rounding.
 Build: ``torch.utils.cpp_extension.load`` (JIT; needs a C++ compiler and ``ninja``, ``pip install
 ninja`` or ``pip install "ipfx[native]"``) with ``-O3 -march=native -fopenmp``, compiled once (about 15 s)
 and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``); later processes load the cached library. Where the build fails the
+``~/.cache/torch_extensions``, one build per kind of CPU); later processes load the cached library (~1 s). Where the build fails the
 pure-torch path runs and one warning says how to get the fast path. ``IPFX_NATIVE=0`` turns the native
 kernel off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 import warnings
 from typing import Optional
@@ -35,8 +37,22 @@ import torch
 from torch import Tensor
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "ip_conv.cpp")
-_NAME = "ipfx_native_v1"
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's feature flags: ``-march=native`` builds are kept apart per kind of CPU, so a
+    cache directory shared between machines never hands an AVX-512 build to an AVX2-only CPU."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+_NAME = f"ipfx_native_v1_{_cpu_tag()}"
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once tried; "error": str

@@ -65,16 +65,16 @@ COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "
 
 #: ns per unit of each term (``COST_TERMS``), per order, float32; fitted by ``python benchmarks/calibrate.py
 #: --threads 1 --reps 7`` (AMD EPYC with AVX-512, g++ 12, torch 2.14.1, 2026-12-01; fit quality in
-#: ``benchmarks/calibration.md``: median error of predicted times 15%, the pick within 10% of the fastest
-#: order in 94% of 80 problems, worst 1.37x). Fitted with one thread because the machine was shared: two-thread
-#: timings then varied 10x (OpenMP barriers wait for a thread another job has preempted). With more threads
-#: the work terms shrink about in proportion and t0 does not, which favours the dense order slightly less
-#: than it should.
+#: ``benchmarks/calibration.md``: median error of predicted times 14%, the pick within 10% of the fastest
+#: order in 89% of 92 problems; the worst picks are dense on layers of tens of microseconds). Fitted with one
+#: thread because the machine was shared: two-thread timings then varied 10x (OpenMP barriers wait for a
+#: thread another job has preempted). With more threads the work terms shrink about in proportion and t0
+#: does not, which favours the dense order slightly less than it should.
 COST_CONSTANTS = {
-    ORDER_BASIS_FIRST: (0.0, 0.0, 1.446, 0.1523, 0.0, 0.0, 0.0, 0.0, 0.0),
-    ORDER_COEFF_FIRST: (2.144e04, 0.5007, 1.434, 0.147, 0.0, 0.0, 0.0, 0.0, 0.0),
-    ORDER_DENSE: (4.665e04, 0.0, 0.0, 0.0, 0.01922, 0.02796, 0.1307, 0.0, 0.0),
-    ORDER_NATIVE: (3.096e04, 0.05136, 0.09142, 0.06048, 0.0, 0.0, 0.0, 3.814, 12.64),
+    ORDER_BASIS_FIRST: (2.614e04, 0.0, 1.379, 0.1368, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_COEFF_FIRST: (1.245e05, 0.4007, 1.234, 0.1239, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_DENSE: (9020.0, 0.0, 0.0, 0.0, 0.01801, 0.03456, 0.2276, 0.0, 0.0),
+    ORDER_NATIVE: (1.598e04, 0.04664, 0.09498, 0.06637, 0.0, 0.0, 0.0, 3.119, 10.62),
 }
 
 #: Intermediate maps of a sparse order may be at most this many times the input plus output.
