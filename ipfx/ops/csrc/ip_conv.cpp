@@ -137,6 +137,94 @@ void runs_of(const int32_t* off, int64_t K, int TP, std::vector<Run>& runs, std:
   first[K] = static_cast<int32_t>(runs.size());
 }
 
+// Append a run, merged into the previous one of the same tap where it continues it.
+inline void push_run(std::vector<Run>& runs, size_t tap_begin, int32_t len, int32_t src, int32_t step) {
+  if (len <= 0) return;
+  if (runs.size() > tap_begin) {
+    Run& last = runs.back();
+    if (src < 0 && last.src < 0) {
+      last.len += len;
+      return;
+    }
+    if (src >= 0 && last.src >= 0) {
+      const int32_t st = last.len == 1 ? (len == 1 ? src - last.src : step) : last.step;
+      if (st > 0 && (last.len == 1 || last.step == st) && (len == 1 || step == st) &&
+          last.src + last.len * st == src) {
+        last.step = st;
+        last.len += len;
+        return;
+      }
+    }
+  }
+  runs.push_back({len, src, src < 0 ? 0 : step});
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// The runs of every tile of TP positions: tile u's tap t covers runs[first[u*K + t] .. first[u*K + t + 1]).
+// They depend on the geometry only, so they are built once per call (shared by every sample of the batch).
+// An ordinary conv gets them in closed form, per output row segment: zeros, one strided run, zeros; a
+// transposed conv goes through the per-position offset table.
+template <int TP>
+void tile_runs(const Geometry& g, int64_t ntiles, std::vector<Run>& runs, std::vector<int32_t>& first) {
+  const int64_t K = g.K;
+  runs.clear();
+  first.assign(ntiles * K + 1, 0);
+  std::vector<int32_t> off, tile_first;
+  std::vector<Run> tile;
+  if (g.transposed) off.resize(K * TP);
+  for (int64_t u = 0; u < ntiles; ++u) {
+    const int64_t p0 = u * TP;
+    if (g.transposed) {
+      offsets<TP>(g, p0, off.data());
+      runs_of(off.data(), K, TP, tile, tile_first);
+      for (int64_t t = 0; t < K; ++t) {
+        first[u * K + t] = static_cast<int32_t>(runs.size());
+        const size_t begin = runs.size();
+        for (int32_t r = tile_first[t]; r < tile_first[t + 1]; ++r)
+          push_run(runs, begin, tile[r].len, tile[r].src, tile[r].step);
+      }
+      continue;
+    }
+    int64_t t = 0;
+    for (int64_t k0 = 0; k0 < g.k[0]; ++k0)
+      for (int64_t k1 = 0; k1 < g.k[1]; ++k1)
+        for (int64_t k2 = 0; k2 < g.k[2]; ++k2, ++t) {
+          first[u * K + t] = static_cast<int32_t>(runs.size());
+          const size_t begin = runs.size();
+          // valid innermost output coordinates for this tap: o2 * s - pad + k2 * dil in [0, in2)
+          const int64_t shift = k2 * g.dil[2] - g.pad[2];
+          const int64_t lo = std::max<int64_t>(0, ceil_div(-shift, g.stride[2]));
+          const int64_t hi = floor_div(g.in[2] - 1 - shift, g.stride[2]);  // inclusive; may be < lo
+          int64_t q = p0;
+          const int64_t end = p0 + TP;
+          while (q < end) {
+            if (q >= g.p_out) {
+              push_run(runs, begin, static_cast<int32_t>(end - q), -1, 0);
+              break;
+            }
+            const int64_t o2 = q % g.out[2], o01 = q / g.out[2];
+            const int64_t o1 = o01 % g.out[1], o0 = o01 / g.out[1];
+            const int64_t len = std::min(g.out[2] - o2, end - q);
+            const int64_t c0 = source(g, 0, o0, k0), c1 = c0 >= 0 ? source(g, 1, o1, k1) : -1;
+            if (c1 < 0) {
+              push_run(runs, begin, static_cast<int32_t>(len), -1, 0);
+            } else {
+              const int64_t a = std::min(std::max(lo, o2), o2 + len), b = std::max(a, std::min(hi + 1, o2 + len));
+              const int64_t base = (c0 * g.in[1] + c1) * g.in[2];
+              push_run(runs, begin, static_cast<int32_t>(a - o2), -1, 0);
+              push_run(runs, begin, static_cast<int32_t>(b - a), static_cast<int32_t>(base + a * g.stride[2] + shift),
+                       static_cast<int32_t>(g.stride[2]));
+              push_run(runs, begin, static_cast<int32_t>(o2 + len - b), -1, 0);
+            }
+            q += len;
+          }
+        }
+  }
+  first[ntiles * K] = static_cast<int32_t>(runs.size());
+}
+
 // r[0 .. TP) = the tap's input numbers (zeros for padding).
 template <typename scalar_t>
 inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* end, scalar_t* __restrict__ r) {
@@ -263,18 +351,19 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
     valid = std::min<int64_t>(TP, g.p_out - p0);
   };
 
+  std::vector<Run> runs;
+  std::vector<int32_t> first;
+  tile_runs<TP>(g, ntiles, runs, first);
+
   if (units >= 2 * threads) {  // enough tiles: each thread takes whole tiles
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int32_t> off(K * TP), first;
-      std::vector<Run> runs;
       std::vector<scalar_t> patch(K * TP), R(c_in * K * TP);
       for (int64_t unit = begin; unit < end; ++unit) {
         int64_t n, p0, valid;
         tile_geometry(unit, n, p0, valid);
-        offsets<TP>(g, p0, off.data());
-        runs_of(off.data(), K, TP, runs, first);
+        const int32_t* tf = first.data() + (unit % ntiles) * K;
         for (int64_t i = 0; i < c_in; ++i)
-          basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), first.data(), basis,
+          basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), tf, basis,
                                         js.data() + i * K, nj[i], K, patch.data(), R.data() + i * K * TP);
         for (int64_t o = 0; o < c_out; ++o)
           contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
@@ -284,18 +373,15 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
     return;
   }
   // few tiles (small images, batch 1): tile by tile, threads over input channels, then over output channels
-  std::vector<int32_t> off(K * TP), first;
-  std::vector<Run> runs;
   std::vector<scalar_t> R(c_in * K * TP);
   for (int64_t unit = 0; unit < units; ++unit) {
     int64_t n, p0, valid;
     tile_geometry(unit, n, p0, valid);
-    offsets<TP>(g, p0, off.data());
-    runs_of(off.data(), K, TP, runs, first);
+    const int32_t* tf = first.data() + (unit % ntiles) * K;
     at::parallel_for(0, c_in, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> patch(K * TP);
       for (int64_t i = begin; i < end; ++i)
-        basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), first.data(), basis,
+        basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), tf, basis,
                                       js.data() + i * K, nj[i], K, patch.data(), R.data() + i * K * TP);
     });
     at::parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
