@@ -15,7 +15,8 @@ coefficients; groups only enter through ``nnz <= c_out * c_in/groups * K``):
     (a) basis first    N c_in K K Pb  [1]    N c_in K P_out          N nnz P_out
     (b) coeff first    N c_out K K Pb        N c_out K P_in          N nnz P_in
     native (tiled)     N u K P_out           N c_in K P_out [2]      N nnz P_out      taps: N K P_out [3],
-                                                                                      rows: N c_out T [4]
+                                                                                      rows: N c_out T [4],
+                                                                                      runs: N u' T S [5]
     dense              dense: N c_out (c_in/groups) K Pb MACs (``dense_grouped`` instead when groups > 1),
                        io: N (c_in P_in + c_out P_out) elements read/written
 
@@ -27,6 +28,9 @@ coefficients; groups only enter through ``nnz <= c_out * c_in/groups * K``):
     [3] entries of the per-tile tap -> input offset tables.
     [4] CSR row visits: every output channel once per tile, ``T = ceil(P_out / tile)`` tiles per sample
         (:func:`ipfx.ops.native.tile_for`).
+    [5] gather runs (a per-run cost: small images make many short copies): ``u'`` rows gathered per tile
+        (``c_in K`` with a basis, ``u`` without), ``S = ceil(tile / W_out) + 1`` output-row segments per tile,
+        ``W_out`` the innermost output size.
 
 Predicted time = ``t0 + sum(rate * term)`` with per-order constants (:data:`COST_CONSTANTS`, nanoseconds,
 float32) fitted once by non-negative least squares on relative error on this project's machine
@@ -61,20 +65,22 @@ ORDER_DENSE = 3  # W rebuilt once from the sparse storage and cached; a plain de
 ORDER_NATIVE = 4  # order (a) tile by tile in the native CPU kernel (ipfx.ops.native), where it is available
 
 #: Term names of the cost model, in the order of each row of :data:`COST_CONSTANTS`.
-COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "taps", "rows")
+COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "taps", "rows", "runs")
 
 #: ns per unit of each term (``COST_TERMS``), per order, float32; fitted by ``python benchmarks/calibrate.py
 #: --threads 1 --reps 7`` (AMD EPYC with AVX-512, g++ 12, torch 2.14.1, 2026-12-01; fit quality in
-#: ``benchmarks/calibration.md``: median error of predicted times 14%, the pick within 10% of the fastest
-#: order in 89% of 92 problems; the worst picks are dense on layers of tens of microseconds). Fitted with one
-#: thread because the machine was shared: two-thread timings then varied 10x (OpenMP barriers wait for a
-#: thread another job has preempted). With more threads the work terms shrink about in proportion and t0
-#: does not, which favours the dense order slightly less than it should.
+#: ``benchmarks/calibration.md``: median error of predicted times 15%, the pick within 10% of the fastest
+#: order in 91% of 92 problems; the worst picks are the native kernel on a depthwise 5x5 SP layer at 90% and
+#: batch 4 (2.2x the dense conv) and on a 256 -> 16 channel 3x3 SP layer at 90% (1.3-1.6x), where many short
+#: gathers feed few multiply-accumulates). Fitted with one thread because the machine was shared: two-thread
+#: timings then varied 10x (OpenMP barriers wait for a thread another job has preempted). With more threads
+#: the work terms shrink about in proportion and t0 does not, which favours the dense order slightly less
+#: than it should.
 COST_CONSTANTS = {
-    ORDER_BASIS_FIRST: (2.614e04, 0.0, 1.379, 0.1368, 0.0, 0.0, 0.0, 0.0, 0.0),
-    ORDER_COEFF_FIRST: (1.245e05, 0.4007, 1.234, 0.1239, 0.0, 0.0, 0.0, 0.0, 0.0),
-    ORDER_DENSE: (9020.0, 0.0, 0.0, 0.0, 0.01801, 0.03456, 0.2276, 0.0, 0.0),
-    ORDER_NATIVE: (1.598e04, 0.04664, 0.09498, 0.06637, 0.0, 0.0, 0.0, 3.119, 10.62),
+    ORDER_BASIS_FIRST: (2.552e04, 0.0007961, 1.466, 0.1497, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_COEFF_FIRST: (1.197e05, 0.4101, 1.438, 0.1296, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_DENSE: (9022.0, 0.0, 0.0, 0.0, 0.01884, 0.03123, 0.2386, 0.0, 0.0, 0.0),
+    ORDER_NATIVE: (1.287e04, 0.04203, 0.03318, 0.07377, 0.0, 0.0, 0.0, 0.2363, 11.76, 0.3654),
 }
 
 #: Intermediate maps of a sparse order may be at most this many times the input plus output.
@@ -100,10 +106,12 @@ def cost_terms(
     cheap_identity: bool = False,
     identity: bool = False,
     itemsize: int = 4,
+    width: int = 0,
 ) -> dict[int, tuple[float, ...]]:
     """The work terms (``COST_TERMS``, without scaling) of each order; see the module docstring.
 
     ``identity``: the basis is the identity (SP); ``cheap_identity``: besides, order (a)'s basis stage is a copy.
+    ``width``: the innermost output size (0: ``p_out``, a 1-d conv).
     """
     n = batch
     pb = p_in if transposed else p_out
@@ -113,20 +121,25 @@ def cost_terms(
     density = min(1.0, nnz / max(1, c_out * (c_in // groups) * K))
     used = c_in * K * (1.0 - (1.0 - density) ** per_row)
     taps = n * K * p_out
-    rows = n * c_out * -(-p_out // tile_for(c_in, K, itemsize))
+    tile = tile_for(c_in, K, itemsize)
+    tiles = -(-p_out // tile)
+    rows = n * c_out * tiles
+    segments = -(-tile // max(1, min(width or p_out, p_out))) + 1
+    gathered = used if identity else c_in * K
+    runs = n * gathered * tiles * segments
     if identity:
-        native = (1.0, 0.0, n * used * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows)
+        native = (1.0, 0.0, n * used * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows, runs)
     else:
-        native = (1.0, n * used * K * p_out, n * c_in * K * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows)
+        native = (1.0, n * used * K * p_out, n * c_in * K * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows, runs)
     grouped = groups > 1
     return {
         ORDER_NATIVE: native,
         ORDER_BASIS_FIRST: (1.0, 0.0 if cheap_identity else n * c_in * K * K * pb, n * c_in * K * p_out,
-                            n * nnz * p_out, 0.0, 0.0, 0.0, 0.0, 0.0),
+                            n * nnz * p_out, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
         ORDER_COEFF_FIRST: (1.0, n * c_out * K * K * pb, n * c_out * K * p_in, n * nnz * p_in, 0.0, 0.0, 0.0, 0.0,
-                            0.0),
+                            0.0, 0.0),
         ORDER_DENSE: (1.0, 0.0, 0.0, 0.0, 0.0 if grouped else dense_macs, dense_macs if grouped else 0.0, io, 0.0,
-                      0.0),
+                      0.0, 0.0),
     }
 
 
@@ -167,7 +180,8 @@ def _problem(g: dict, x: Tensor, values: Tensor, basis, out_spatial) -> dict:
     """The arguments of :func:`cost_terms` for one call (``x`` batched)."""
     return dict(c_in=g["c_in"], c_out=g["c_out"], K=g["K"], nnz=values.numel(), p_in=math.prod(x.shape[2:]),
                 p_out=math.prod(out_spatial), batch=x.shape[0], groups=g["groups"], transposed=g["transposed"],
-                identity=basis is None, cheap_identity=_identity_unfold_applies(g, basis is None))
+                identity=basis is None, cheap_identity=_identity_unfold_applies(g, basis is None),
+                width=int(out_spatial[-1]))
 
 
 def _modelled_order(g: dict, x: Tensor, values: Tensor, basis, out_spatial, native: bool) -> int:

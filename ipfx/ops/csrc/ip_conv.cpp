@@ -225,19 +225,34 @@ void tile_runs(const Geometry& g, int64_t ntiles, std::vector<Run>& runs, std::v
   first[ntiles * K] = static_cast<int32_t>(runs.size());
 }
 
-// r[0 .. TP) = the tap's input numbers (zeros for padding).
-template <typename scalar_t>
-inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* end, scalar_t* __restrict__ r) {
+// r[0 .. TP) = the tap's input numbers (zeros for padding). Small images make many short runs, so runs are
+// copied a whole cache-line vector at a time where that stays inside the row (r[0 .. TP)) and, for reads,
+// inside the channel's p_in numbers: up to L - 1 numbers past a run are written and then taken over by the
+// next run. Elsewhere (a row's last run, strided runs) one number at a time.
+template <typename scalar_t, int TP>
+inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* end, scalar_t* __restrict__ r,
+                   int64_t p_in) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t);
+  scalar_t* const row_end = r + TP;
   for (; run != end; ++run) {
+    const int32_t len = run->len, whole = (len + L - 1) / L * L;
+    const bool fits = r + whole <= row_end;
     if (run->src < 0) {
-      std::memset(r, 0, sizeof(scalar_t) * run->len);
-    } else if (run->step == 1) {
-      std::memcpy(r, xi + run->src, sizeof(scalar_t) * run->len);
+      if (fits) {
+        for (int32_t q = 0; q < len; q += L) *reinterpret_cast<V*>(r + q) = V{};
+      } else {
+        for (int32_t q = 0; q < len; ++q) r[q] = scalar_t(0);
+      }
+    } else if (run->step == 1 && fits && run->src + whole <= p_in) {
+      const scalar_t* src = xi + run->src;
+      for (int32_t q = 0; q < len; q += L) *reinterpret_cast<V*>(r + q) = *reinterpret_cast<const V*>(src + q);
     } else {
       const scalar_t* src = xi + run->src;
-      for (int32_t q = 0; q < run->len; ++q) r[q] = src[q * run->step];
+      const int32_t step = run->step;
+      for (int32_t q = 0; q < len; ++q) r[q] = src[q * step];
     }
-    r += run->len;
+    r += len;
   }
 }
 
@@ -246,15 +261,15 @@ inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* e
 template <typename scalar_t, int TP>
 void basis_responses(const scalar_t* __restrict__ xi, const Run* runs, const int32_t* first,
                      const scalar_t* __restrict__ basis, const int32_t* __restrict__ js, int32_t nj, int64_t K,
-                     scalar_t* __restrict__ patch, scalar_t* __restrict__ R) {
+                     int64_t p_in, scalar_t* __restrict__ patch, scalar_t* __restrict__ R) {
   using V = typename Lane<scalar_t>::V;
   constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
   if (nj == 0) return;
   if (basis == nullptr) {
-    for (int32_t q = 0; q < nj; ++q) gather(xi, runs + first[js[q]], runs + first[js[q] + 1], R + js[q] * TP);
+    for (int32_t q = 0; q < nj; ++q) gather<scalar_t, TP>(xi, runs + first[js[q]], runs + first[js[q] + 1], R + js[q] * TP, p_in);
     return;
   }
-  for (int64_t t = 0; t < K; ++t) gather(xi, runs + first[t], runs + first[t + 1], patch + t * TP);
+  for (int64_t t = 0; t < K; ++t) gather<scalar_t, TP>(xi, runs + first[t], runs + first[t + 1], patch + t * TP, p_in);
   // JB basis rows at a time: every patch vector loaded feeds JB accumulators (JB * NV <= 8 cache-line vectors)
   constexpr int JB = NV >= 4 ? 2 : 8 / NV;
   int32_t b = 0;
@@ -339,6 +354,7 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t units = N * ntiles;
   const int64_t threads = at::get_num_threads();
+  constexpr int64_t kPad = 64 / sizeof(scalar_t);  // slack past the buffers' last row
   // per input channel, the basis-response rows some kept coefficient reads (nj[i] of them, listed in js)
   std::vector<int32_t> js(c_in * K), nj(c_in, 0);
   for (int64_t i = 0; i < c_in; ++i)
@@ -357,14 +373,14 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
 
   if (units >= 2 * threads) {  // enough tiles: each thread takes whole tiles
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> patch(K * TP), R(c_in * K * TP);
+      std::vector<scalar_t> patch(K * TP + kPad), R(c_in * K * TP + kPad);
       for (int64_t unit = begin; unit < end; ++unit) {
         int64_t n, p0, valid;
         tile_geometry(unit, n, p0, valid);
         const int32_t* tf = first.data() + (unit % ntiles) * K;
         for (int64_t i = 0; i < c_in; ++i)
           basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), tf, basis,
-                                        js.data() + i * K, nj[i], K, patch.data(), R.data() + i * K * TP);
+                                        js.data() + i * K, nj[i], K, g.p_in, patch.data(), R.data() + i * K * TP);
         for (int64_t o = 0; o < c_out; ++o)
           contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
                                      yp + (n * c_out + o) * g.p_out + p0, valid);
@@ -373,16 +389,16 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
     return;
   }
   // few tiles (small images, batch 1): tile by tile, threads over input channels, then over output channels
-  std::vector<scalar_t> R(c_in * K * TP);
+  std::vector<scalar_t> R(c_in * K * TP + kPad);
   for (int64_t unit = 0; unit < units; ++unit) {
     int64_t n, p0, valid;
     tile_geometry(unit, n, p0, valid);
     const int32_t* tf = first.data() + (unit % ntiles) * K;
     at::parallel_for(0, c_in, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> patch(K * TP);
+      std::vector<scalar_t> patch(K * TP + kPad);
       for (int64_t i = begin; i < end; ++i)
         basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), tf, basis,
-                                      js.data() + i * K, nj[i], K, patch.data(), R.data() + i * K * TP);
+                                      js.data() + i * K, nj[i], K, g.p_in, patch.data(), R.data() + i * K * TP);
     });
     at::parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o)
