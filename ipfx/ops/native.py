@@ -4,10 +4,11 @@ The kernel computes order (a) of :mod:`ipfx.ops.kernels` tile by tile, never mat
 basis maps: for ``TP`` consecutive output positions it gathers every input channel's ``K x TP`` patch,
 multiplies it by the basis (``K x K``; skipped for the identity basis, SP, which is then a direct sparse
 convolution on the patch), keeps these ``c_in*K*TP`` basis responses in cache, and accumulates each output
-channel's CSR row of kept coefficients ``A[o, i*K + j]`` into registers before writing the tile once. One
-tap -> input offset table per tile expresses every geometry: 1-3 spatial dims, stride, dilation, padding,
-groups (through the block-diagonal ``A``), transposed convs (``off = (p + pad - t*dil) / stride`` where exact)
-and output padding. ``sparse_linear`` is the same contraction with ``R = x^T``. float32 and float64;
+channel's CSR row of kept coefficients ``A[o, i*K + j]`` into registers before writing the tile once. What
+each tap of each tile reads is described once per call as runs of input numbers (a few row segments per
+tap), which expresses every geometry: 1-3 spatial dims, stride, dilation, padding, groups (through the
+block-diagonal ``A``), transposed convs (``off = (p + pad - t*dil) / stride`` where exact) and output
+padding. ``sparse_linear`` is the same contraction with ``R = x^T``. float32 and float64;
 other dtypes and devices take the pure-torch orders.
 
 Work per batch: ``used*K*P_out`` basis MACs (``used`` = rows ``i*K + j`` some kept coefficient reads,

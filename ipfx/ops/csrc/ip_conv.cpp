@@ -5,18 +5,21 @@
 //   y[n, o, p] = sum_{(i, j) kept for o} C[o, i, j] * R[n, i, j, p],   R[n, i, j, p] = sum_t B[j, t] x[n, i, off(p, t)]
 //
 // where off(p, t) is the input position that tap t of the kernel reads for output position p (or none: zero
-// padding). The output is cut into tiles of TP consecutive flattened positions. For one tile the kernel
-//   1. builds the tap -> input offset table off[t][p] (shared by all input channels),
-//   2. for every input channel gathers its K x TP patch and multiplies it by the basis (K x K), giving the
-//      tile's basis responses R[i*K + j][p] (c_in*K*TP numbers, sized to stay in L2; rows no kept
-//      coefficient reads are skipped),
-//   3. for every output channel accumulates its CSR row, acc[p] += C * R[col][p], in registers, and writes
-//      the tile once (plus bias).
-// Without a basis (SP, identity) step 2 is the gather alone: a direct sparse convolution on the patch.
-// The same offset table expresses a transposed convolution (off(p, t) = (p + pad - t*dil) / stride where
-// that divides exactly), so 1-3 spatial dims, groups, stride, dilation, padding, output padding and
-// transposition all run here. Each output element sums its CSR row in storage order in one thread, so
-// results do not depend on the number of threads or on the tiling.
+// padding). The output is cut into tiles of TP consecutive flattened positions (16, 32 or 64: the tile's
+// c_in*K*TP basis responses stay in L2). Once per call, for every tile and tap, the positions are described
+// as runs (zeros, or input numbers at a fixed step: a few row segments per tap); then for one tile the kernel
+//   1. for every input channel gathers its K x TP patch along the runs and multiplies it by the basis
+//      (K x K), two basis rows per patch load, giving the tile's basis responses R[i*K + j][p]; rows that no
+//      kept coefficient reads are skipped (and, without a basis, not even gathered);
+//   2. for every output channel accumulates its CSR row, acc[p] += C * R[col][p], in registers (GCC vector
+//      extensions: AVX-512 or AVX2, whatever -march=native offers), and writes the tile once (plus bias).
+// Without a basis (SP, identity) step 1 is the gather alone: a direct sparse convolution on the patch.
+// Tiles go to threads (at::parallel_for); with fewer tiles than 2 per thread (small images at batch 1) the
+// threads split each tile's input channels, then its output channels. Offsets also express a transposed
+// convolution (off(p, t) = (p + pad - t*dil) / stride where that divides exactly), so 1-3 spatial dims,
+// groups (through the block-diagonal CSR), stride, dilation, padding, output padding and transposition all
+// run here. Each output element sums its CSR row in storage order in one thread, so results do not depend
+// on the number of threads or on the tiling.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
