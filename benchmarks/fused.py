@@ -50,10 +50,15 @@ LAYERS = [
 ]
 SPARSITIES = (0.9, 0.95, 0.98, 0.99)
 ORDER_NAMES = {1: "a", 2: "b", 3: "dense", 4: "native"}
+BATCHES = (1, 32)
+
+
+STAT = "median"  # or "min" (--stat): the minimum time of each and their ratio, for a machine other jobs share
 
 
 def interleaved(fns: dict, reps: int, base: str) -> dict:
-    """Median seconds of each function and median per-turn ratio to ``base`` (calls interleaved)."""
+    """Median seconds of each function and median per-turn ratio to ``base`` (calls interleaved); with
+    ``STAT == "min"`` the minimum seconds and the ratio of minima (other jobs only ever add time)."""
     for fn in fns.values():
         fn()
         fn()
@@ -63,6 +68,10 @@ def interleaved(fns: dict, reps: int, base: str) -> dict:
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
+    if STAT == "min":
+        out = {k: min(v) for k, v in times.items()}
+        out.update({f"{k} / {base}": out[k] / out[base] for k in fns if k != base})
+        return out
     out = {k: statistics.median(v) for k, v in times.items()}
     out.update({f"{k} / {base}": statistics.median(a / b for a, b in zip(times[k], times[base])) for k in fns if k != base})
     return out
@@ -131,7 +140,7 @@ def bench_e2e(quick: bool) -> list[dict]:
         for s in SPARSITIES[1:2] if quick else SPARSITIES:
             fused_ip, dense = _pruned_lowered(model, "ip", s)
             fused_sp, _ = _pruned_lowered(model, "sp", s)
-            for batch in (1,) if quick else (1, 32):
+            for batch in (1,) if quick else BATCHES:
                 x = torch.randn(batch, 3, 224, 224)
                 t = interleaved({"dense": lambda: dense(x), "fused IP": lambda: fused_ip(x),
                                  "fused SP": lambda: fused_sp(x)}, 2 if quick else (3 if batch > 1 else 11), "dense")
@@ -177,13 +186,17 @@ def targets(results: dict) -> list[str]:
 def write(path: str, results: dict, args, seconds: float) -> None:
     lines = ["# Fused sparse convolution: speed against dense (issue 11)", "",
              f"Command: `python benchmarks/fused.py --threads {args.threads}"
-             f"{' --quick' if args.quick else ''} --sections {args.sections}`, {time.strftime('%Y-%m-%d')}, "
+             f"{' --quick' if args.quick else ''} --sections {args.sections}"
+             f"{' --stat min' if getattr(args, 'stat', 'median') == 'min' else ''}"
+             f"{' --batches ' + args.batches if getattr(args, 'batches', '1,32') != '1,32' else ''}`, "
+             f"{time.strftime('%Y-%m-%d')}, "
              f"{seconds / 60:.1f} min. Machine: {platform.machine()}, {os.cpu_count()} cores, threads {args.threads}; "
              f"torch {torch.__version__}; native kernel {'built' if native.available() else 'NOT available'}. "
              "The machine was shared with other jobs while this ran: absolute times are unreliable, ratios "
-             "(medians of per-turn ratios, same process) less so. Issue 11's targets are for 2 threads; with another "
-             "job holding a core, two-thread timings were dominated by OpenMP barrier stalls (a 3x3 conv's median "
-             "10x its minimum, for dense and fused alike), so these figures are for the thread count above.", ""]
+             + ("(of minimum times over the repetitions, same process) less so. "
+                if getattr(args, "stat", "median") == "min" else "(medians of per-turn ratios, same process) less so. ")
+             + "Issue 11's targets are for 2 threads; with another job holding a core, two-thread medians were "
+             "dominated by OpenMP barrier stalls (a 3x3 conv's median 10x its minimum, for dense and fused alike).", ""]
     if args.quick:
         lines += ["**A `--quick` run: few repetitions, the ratios are noise.**", ""]
     lines += targets(results)
@@ -223,6 +236,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sections", default="layers,e2e")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="median per-turn ratios (default) or ratios of minimum times (a shared machine)")
+    parser.add_argument("--batches", default="1,32", help="end-to-end batch sizes")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused.md"))
     parser.add_argument("--from-json", help="rewrite the report from an earlier run's json, measuring nothing")
     args = parser.parse_args(argv)
@@ -235,6 +251,8 @@ def main(argv=None) -> None:
         write(args.out, saved["results"], argparse.Namespace(**saved["args"]), saved["seconds"])
         return
     torch.set_num_threads(args.threads)
+    global STAT, BATCHES
+    STAT, BATCHES = args.stat, tuple(int(b) for b in args.batches.split(","))
     native.available()  # build (or load) before timing
     start = time.time()
     results = {}
