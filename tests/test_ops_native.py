@@ -153,3 +153,21 @@ def test_export_still_sees_one_op_when_the_native_kernel_runs():
         assert targets == ["ipfx.ip_conv.default"], targets
         assert torch.equal(ep.module()(t.x), m(t.x))
     assert isinstance(m, SparseIPConv)
+
+
+def test_torch_compile_sees_one_op_and_runs_the_cpu_kernel():
+    """Dynamo traces the module to the custom op (through its fake kernel) and the compiled call runs the CPU
+    kernel: the same numbers as eager."""
+    case = _case()
+    t = make_tensors(case, torch.float32)
+    m = module_for(case, t).eval()
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        compiled = torch.compile(m, backend=backend, fullgraph=True)
+        assert torch.equal(compiled(t.x), m(t.x))
+    assert len(ops) == 1 and ops[0].startswith("ipfx.ip_conv"), ops  # dynamo graphs name the overload packet
