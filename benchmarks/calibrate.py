@@ -159,9 +159,11 @@ def main(argv=None) -> None:
                        + f" | {pick} | {r:.2f}x |")
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write("\n".join(summary) + "\n")
-    with open(args.out, "w") as f:
-        json.dump(dict(threads=args.threads, torch=torch.__version__, constants={str(k): v for k, v in constants.items()},
-                       rows=[dict(label=l, order=o, terms=t, ns=n) for l, o, t, n in rows]), f, indent=1)
+    with open(args.out, "w") as f:  # one timing per line
+        f.write(f'{{"threads": {args.threads}, "torch": {json.dumps(torch.__version__)}, '
+                f'"constants": {json.dumps({str(k): v for k, v in constants.items()})},\n "rows": [\n')
+        f.write(",\n".join("  " + json.dumps(dict(label=l, order=o, terms=t, ns=n)) for l, o, t, n in rows))
+        f.write("\n]}\n")
 
 
 if __name__ == "__main__":
