@@ -402,10 +402,27 @@ def write_report(path: str, results: dict, args, seconds: float) -> None:
             lines.append(f"| {r['model']} | {r['batch']} | {r['dense']} MB | {r['ipfx SP']} MB | {r['ipfx IP']} MB "
                          f"| {ratio(r['ipfx IP'], max(r['ipfx SP'], 1e-9))} |")
         lines.append("")
+    lines += FUSED_OP_SECTION
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(results, f, indent=1)
+
+
+FUSED_OP_SECTION = [
+    "## Fused op: which evaluation order runs (cost model calibration) and the native kernel", "",
+    "`ipfx.ops.ip_conv` with `order=0` picks basis-first (a), coefficients-first (b), the native tiled kernel or the "
+    "rebuilt dense weight by a cost model of work and bytes (`ipfx/ops/order.py`, `COST_CONSTANTS`), a pure "
+    "function of geometry, batch, dtype and nnz: no timing, the same numbers on every call. The constants were fitted "
+    "once on this machine with", "",
+    "    python benchmarks/calibrate.py --threads 1 --reps 7", "",
+    "(one thread: the machine was shared, and two-thread timings then varied 10x as OpenMP barriers waited for "
+    "preempted threads).", "",
+    "which times every order on 92 layer problems, fits the constants by non-negative least squares on relative "
+    "error and writes the fit's quality to `benchmarks/calibration.md` (and every timing to `calibration.json`). "
+    "Timing-based choice only on request: `order=-1`, or `IPFX_AUTOTUNE=1`. Speed of the fused op per layer and end "
+    "to end against dense and `torch.sparse`: `benchmarks/fused.md` (`python benchmarks/fused.py`).", "",
+]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipfx.errors import IPFXValueError
+from ipfx.ops import native, order as order_mod
 from ipfx.ops.ip_conv import (
     ORDER_BASIS_FIRST,
     ORDER_COEFF_FIRST,
@@ -28,6 +29,9 @@ from ipfx.ops.ip_conv import (
     choose_order,
     sparse_coefficients,
 )
+from ipfx.ops.order import ORDER_NATIVE, ORDER_TUNED, order_costs
+
+ALL_ORDERS = (0, ORDER_TUNED, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE, ORDER_NATIVE)
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -228,7 +232,7 @@ def test_ip_conv_all_orders_match_dense_float64(case: ConvCase):
     t = make_tensors(case, torch.float64)
     ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
     scale = error_scale(case, t)
-    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE):
+    for order in ALL_ORDERS:
         assert_close(op_call(case, t, order), ref, 1e-10, scale)
     # the module path (order 0) and its dense weight
     m = module_for(case, t)
@@ -243,7 +247,7 @@ def test_ip_conv_all_orders_match_dense_float32(case: ConvCase):
     t = make_tensors(case, torch.float32)
     ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
     scale = error_scale(case, t)
-    for order in (0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE):
+    for order in ALL_ORDERS:
         assert_close(op_call(case, t, order), ref, 1e-5, scale)
 
 
@@ -314,7 +318,7 @@ TARGETED = [
 
 
 @pytest.mark.parametrize("case", TARGETED, ids=range(len(TARGETED)))
-@pytest.mark.parametrize("order", [0, 1, 2, 3])
+@pytest.mark.parametrize("order", ALL_ORDERS)
 def test_targeted_cases(case, order):
     t = make_tensors(case)
     ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
@@ -324,7 +328,7 @@ def test_targeted_cases(case, order):
 def test_fully_masked_without_bias_is_exactly_zero():
     case = _case(sparsity=1.0, bias=False)
     t = make_tensors(case)
-    for order in (1, 2):
+    for order in (1, 2, ORDER_NATIVE):
         y = op_call(case, t, order)
         assert torch.count_nonzero(y) == 0
 
@@ -360,7 +364,7 @@ def test_int64_indices_and_repeated_indices_are_summed():
     indices2 = torch.cat([indices, indices]).long()
     m = SparseIPConv(values2, indices2, None, None, weight_shape=case.weight_shape, padding=1)
     ref = dense_conv(case, t.x, dense_weight(case, t), None)
-    for order in (1, 2):
+    for order in (1, 2, ORDER_NATIVE):
         assert_close(m(t.x, order), ref, 1e-10, error_scale(case, t))
 
 
@@ -378,20 +382,70 @@ def test_inference_only_no_grad_and_plain_forward():
         y.sum().backward()
 
 
-def test_choose_order_formula():
-    # wide input, few output channels: coefficients first is cheaper (nnz*P + c_out*K*K*P vs c_in*K*K*P)
-    kw = dict(K=9, p_in=100, p_out=100, transposed=False)
-    assert choose_order(c_in=256, c_out=8, nnz=256 * 8 * 9 // 10, **kw) == ORDER_COEFF_FIRST
-    assert choose_order(c_in=8, c_out=256, nnz=256 * 8 * 9 // 10, **kw) == ORDER_BASIS_FIRST
-    # strided conv: (b) pays nnz at the (larger) input resolution
-    assert choose_order(c_in=64, c_out=64, K=9, nnz=64 * 64 * 9, p_in=400, p_out=100, transposed=False) == 1
-    # the formula, explicitly
-    c_in, c_out, K, nnz, p_in, p_out = 5, 7, 4, 30, 50, 20
-    a = c_in * K * K * p_out + nnz * p_out
-    b = nnz * p_in + c_out * K * K * p_out
-    assert choose_order(c_in=c_in, c_out=c_out, K=K, nnz=nnz, p_in=p_in, p_out=p_out, transposed=False) == (
-        1 if a <= b else 2
-    )
+# constants for hand computation: (t0, basis, maps, sparse, dense, dense_grouped, io, taps, rows, runs) ns per unit
+UNIT = {1: (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), 2: (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        3: (2.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0), 4: (0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5)}
+
+
+def test_cost_model_hand_computed_cases():
+    # 3x3, 64 -> 64 at 10x10 (P = 100), nnz = 1843 (95%): MACs of the orders by the module docstring
+    kw = dict(c_in=64, c_out=64, K=9, nnz=1843, p_in=100, p_out=100)
+    costs = order_costs(constants=UNIT, **kw)
+    assert costs[1] == 1 + 64 * 81 * 100 + 1843 * 100  # basis c_in K K P + sparse nnz P
+    assert costs[2] == 1 + 64 * 81 * 100 + 1843 * 100  # c_out K K P + nnz P_in: equal here
+    assert costs[3] == 2 + 64 * 64 * 9 * 100  # dense MACs
+    assert 4 not in costs  # native only when it may run
+    assert choose_order(constants=UNIT, **kw) == 1  # tie between 1 and 2 goes to the lower number
+    # native: u = c_in K (1 - (1 - density)^c_out) basis rows are computed
+    density = 1843 / (64 * 64 * 9)
+    used = 64 * 9 * (1 - (1 - density) ** 64)
+    native_costs = order_costs(constants=UNIT, native=True, **kw)
+    rows = 64 * 2  # 64 output channels x 2 tiles of 64 positions (tile_for(64, 9, 4) == 64)
+    runs = 64 * 9 * 2 * (64 // 100 + 1 + 1)  # c_in K rows gathered per tile, 1-d (width = P): 2 segments a tile
+    assert native_costs[4] == pytest.approx(0.5 * (used * 9 * 100) + 0.5 * 1843 * 100 + rows + 0.5 * runs, rel=1e-12)
+    assert choose_order(constants=UNIT, native=True, **kw) == 4
+    # strided: order (b) pays its sparse MACs at the 4x larger input resolution
+    strided = dict(kw, p_in=400)
+    assert order_costs(constants=UNIT, **strided)[2] == 1 + 64 * 81 * 100 + 1843 * 400
+    assert choose_order(constants=UNIT, **strided) == 1
+    # few output channels: (b) is cheaper
+    narrow = dict(kw, c_out=8, nnz=8 * 64 * 9 // 10)
+    assert choose_order(constants=UNIT, **narrow) == 2
+    # dense wins when the sparse orders' basis work exceeds the dense MACs (depthwise)
+    dw = dict(c_in=64, c_out=64, K=9, nnz=64 * 9, p_in=100, p_out=100, groups=64)
+    assert choose_order(constants=UNIT, **dw) == 3
+    # batch multiplies every term but t0; identity with a copy-only basis stage drops the basis term
+    assert order_costs(constants=UNIT, batch=2, **kw)[1] == 1 + 2 * (64 * 81 * 100 + 1843 * 100)
+    assert order_costs(constants=UNIT, cheap_identity=True, **kw)[1] == 1 + 1843 * 100
+    # a maps budget: order (b) of a 7x7 stride-2 stem would need c_out*49 maps at input resolution
+    stem = dict(c_in=3, c_out=64, K=49, nnz=3 * 64 * 49, p_in=224 * 224, p_out=112 * 112)
+    assert 2 not in order_costs(constants=UNIT, **stem)
+
+
+def test_the_choice_is_a_pure_function_of_geometry_and_nnz():
+    kw = dict(c_in=256, c_out=256, K=9, nnz=5898, p_in=196, p_out=196, batch=1)
+    picks = {choose_order(native=True, **kw) for _ in range(20)}
+    assert len(picks) == 1
+    assert order_costs(native=True, **kw) == order_costs(native=True, **kw)
+    # the shipped constants: at 99% the sparse work is ~20x below dense, so the dense order is not picked
+    assert picks != {ORDER_DENSE}
+
+
+@pytest.mark.parametrize("case", [
+    _case(),
+    _case(basis_kind="none", c_in=8, c_out=8, spatial=(9, 9)),
+    _case(transposed=True, groups=2, stride=(2, 1), output_padding=(1, 0)),
+    _case(d=1, kernel=(3,), stride=(1,), padding=(1,), dilation=(1,), output_padding=(0,), spatial=(17,)),
+], ids=range(4))
+def test_auto_order_is_bitwise_deterministic_across_calls_and_fresh_modules(case):
+    t = make_tensors(case, torch.float32)
+    with torch.no_grad():
+        first = module_for(case, t)(t.x)
+        for _ in range(3):
+            assert torch.equal(module_for(case, t)(t.x), first)  # fresh module
+        m = module_for(case, t)
+        assert all(torch.equal(m(t.x), first) for _ in range(3))  # same module
+        assert torch.equal(op_call(case, t, 0), first)  # through the dispatcher (the op's CPU kernel)
 
 
 @pytest.mark.parametrize(
@@ -401,7 +455,7 @@ def test_choose_order_formula():
         (lambda kw: kw.update(indices=kw["indices"].clone().fill_(10**6)), "out of range"),
         (lambda kw: kw.update(indices=kw["indices"].float()), "int32 or int64"),
         (lambda kw: kw.update(basis=torch.eye(4, dtype=torch.float64)), r"\(K, K\)"),
-        (lambda kw: kw.update(order=4), "order"),
+        (lambda kw: kw.update(order=7), "order"),
         (lambda kw: kw.update(groups=3), "groups"),
         (lambda kw: kw.update(stride=[1, 1, 1]), "stride"),
         (lambda kw: kw.update(x=kw["x"][:, :3]), "input channels"),
@@ -531,7 +585,7 @@ def test_storage_is_compact_at_95_percent_sparsity():
     assert "nnz=" in repr(m) and "transposed=False" in repr(m)
 
 
-def test_auto_order_is_measured_once_per_storage_and_shape_and_rebuilt_after_changes():
+def test_tuned_order_is_measured_once_per_storage_and_shape_and_rebuilt_after_changes(monkeypatch):
     import importlib
 
     module = importlib.import_module("ipfx.ops.ip_conv")
@@ -542,15 +596,21 @@ def test_auto_order_is_measured_once_per_storage_and_shape_and_rebuilt_after_cha
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
     ref = F.conv2d(x, conv.to_dense_weight(), padding=1)
     with torch.no_grad():
-        assert torch.allclose(conv(x), ref)
         entry = module._storage_entry(conv.indices)
+        assert torch.allclose(conv(x), ref)
+        assert "order" not in entry  # order 0 is the cost model: nothing timed
+        assert torch.allclose(conv(x, ORDER_TUNED), ref)
         first = entry["order"]
-        assert first[1] in (1, 2, 3)
-        conv(x)
+        assert first[1] in (1, 2, 3, 4)
+        conv(x, ORDER_TUNED)
         assert entry["order"] is first  # measured once, then reused
+        monkeypatch.setenv("IPFX_AUTOTUNE", "1")  # order 0 means tuned now
+        conv(x)
+        assert entry["order"] is first
         conv.values.mul_(2)  # in place: the cached matrices and the dense weight are stale now
         assert torch.allclose(conv(x), 2 * ref)
-        for order in (1, 2, 3):
+        assert entry["order"] is not first
+        for order in (1, 2, 3, 4):
             assert torch.allclose(conv(x, order), 2 * ref)
 
 
@@ -559,7 +619,7 @@ def test_the_modules_eager_inference_path_is_the_registered_op():
     case = _case()
     t = make_tensors(case)
     m = module_for(case, t).eval()
-    for order in (1, 2, 3):
+    for order in (1, 2, 3, 4):
         with torch.no_grad():
             direct = m(t.x, order)
             via_op = torch.ops.ipfx.ip_conv(t.x, m.values, m.indices, m.basis, m.bias, list(m.weight_shape),

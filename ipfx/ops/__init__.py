@@ -2,14 +2,24 @@
 
 Importing this package registers ``ipfx::ip_conv`` and ``ipfx::sparse_linear`` (once; Python's module cache
 prevents re-registration). Layout by concern: ``storage`` (sparse format, cache), ``geometry`` (checks),
-``kernels`` (evaluation orders), ``order`` (which order runs), ``library`` (op registration), ``modules``
-(``SparseIPConv``, ``SparseLinear``); ``ip_conv`` re-exports them under the historical path.
+``kernels`` (evaluation orders), ``order`` (which order runs), ``native`` (the C++ kernel, built on first
+use), ``library`` (op registration), ``modules`` (``SparseIPConv``, ``SparseLinear``); ``ip_conv``
+re-exports them under the historical path.
 """
 
 from . import ip_conv as _ip_conv_module  # noqa: F401  (loaded first: the name ``ip_conv`` below is the op)
 from .library import ip_conv, sparse_linear
 from .modules import SparseIPConv, SparseLinear
-from .order import ORDER_AUTO, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE, choose_order
+from .order import (
+    ORDER_AUTO,
+    ORDER_BASIS_FIRST,
+    ORDER_COEFF_FIRST,
+    ORDER_DENSE,
+    ORDER_NATIVE,
+    ORDER_TUNED,
+    choose_order,
+    order_costs,
+)
 from .storage import sparse_coefficients
 
 __all__ = [
@@ -17,10 +27,13 @@ __all__ = [
     "ORDER_BASIS_FIRST",
     "ORDER_COEFF_FIRST",
     "ORDER_DENSE",
+    "ORDER_NATIVE",
+    "ORDER_TUNED",
     "SparseIPConv",
     "SparseLinear",
     "choose_order",
     "ip_conv",
+    "order_costs",
     "sparse_coefficients",
     "sparse_linear",
 ]

@@ -7,6 +7,7 @@ This module is the historical import path; the code lives in modules by concern:
 * :mod:`ipfx.ops.geometry` - argument checks and output sizes;
 * :mod:`ipfx.ops.kernels`  - the evaluation orders (the algebra: conv is linear in its kernel);
 * :mod:`ipfx.ops.order`    - which order runs (the cost model);
+* :mod:`ipfx.ops.native`   - the tiled C++ kernel (``csrc/ip_conv.cpp``), built on first use;
 * :mod:`ipfx.ops.library`  - the ``torch.library`` custom ops ``ipfx::ip_conv``, ``ipfx::sparse_linear``;
 * :mod:`ipfx.ops.modules`  - :class:`SparseIPConv`, :class:`SparseLinear`.
 
@@ -46,9 +47,13 @@ from .order import (  # noqa: F401
     ORDER_BASIS_FIRST,
     ORDER_COEFF_FIRST,
     ORDER_DENSE,
+    ORDER_NATIVE,
+    ORDER_TUNED,
     _candidates,
     _measured_order,
     choose_order,
+    cost_terms,
+    order_costs,
 )
 from .storage import (  # noqa: F401
     _INT32_MAX,
@@ -66,6 +71,8 @@ __all__ = [
     "ORDER_BASIS_FIRST",
     "ORDER_COEFF_FIRST",
     "ORDER_DENSE",
+    "ORDER_NATIVE",
+    "ORDER_TUNED",
     "ip_conv",
     "sparse_linear",
     "choose_order",

@@ -20,11 +20,13 @@ which gives two evaluation orders, neither of which materialises ``W``:
 
 Both sparse matrices are built from ``indices`` in O(nnz) memory (a COO tensor, converted to CSR) and cached
 per storage; the dense block-diagonal matrix is never formed. A third order, *dense*, rebuilds ``W`` once
-(cached) and runs the dense convolution. Which order runs is decided in :mod:`ipfx.ops.order`.
+(cached) and runs the dense convolution; a fourth, *native*, computes order (a) tile by tile in C++ without
+whole-image maps (:mod:`ipfx.ops.native`, CPU). Which order runs is decided in :mod:`ipfx.ops.order`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -136,24 +138,73 @@ def _order_b(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: O
     return y.reshape(n, c_out, *out_spatial)
 
 
-def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial) -> Tensor:
-    """W = reshape(C @ basis, weight_shape) rebuilt once per storage (cached), then one dense convolution.
-
-    Storage stays sparse (what is saved and shipped); this trades run-time memory for the speed of the
-    dense kernels where the sparse orders are slower (measured, see :func:`_measured_order`).
-    """
+def _dense_weight(g: dict, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], like: Tensor) -> Tensor:
+    """``W = reshape(C @ basis, weight_shape)`` in ``like``'s dtype and device, rebuilt once per storage (cached)."""
 
     def build():
         w0, w1 = g["weight_shape"][:2]
-        c = _densify(values.to(x.dtype), flat(), w0 * w1 * g["K"]).reshape(w0, w1, g["K"])
+        c = _densify(values.to(like.dtype), flat(), w0 * w1 * g["K"]).reshape(w0, w1, g["K"])
         if basis is not None:
-            c = c @ basis.to(dtype=x.dtype, device=x.device)
+            c = c @ basis.to(dtype=like.dtype, device=like.device)
         return c.reshape(g["weight_shape"])
 
     key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
-           x.dtype, x.device)
-    weight = _cached(_storage_entry(indices), "dense", key, build)
+           like.dtype, like.device)
+    return _cached(_storage_entry(indices), "dense", key, build)
+
+
+def _dense_conv_partial(g: dict, weight: Tensor, bias: Optional[Tensor]):
+    """``x -> conv(x, weight, bias)`` with ``g``'s geometry, as a partial of the torch function."""
     if g["transposed"]:
-        return _CONV_T[g["d"]](x, weight, None, g["stride"], g["padding"], g["output_padding"], g["groups"],
-                               g["dilation"])
-    return _CONV[g["d"]](x, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+        return functools.partial(_CONV_T[g["d"]], weight=weight, bias=bias, stride=g["stride"], padding=g["padding"],
+                                 output_padding=g["output_padding"], groups=g["groups"], dilation=g["dilation"])
+    return functools.partial(_CONV[g["d"]], weight=weight, bias=bias, stride=g["stride"], padding=g["padding"],
+                             dilation=g["dilation"], groups=g["groups"])
+
+
+def _dense_conv(g: dict, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _dense_conv_partial(g, weight, bias)(x)
+
+
+def _order_dense(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    """W = reshape(C @ basis, weight_shape) rebuilt once per storage (cached), then one dense convolution
+    (which adds ``bias`` itself).
+
+    Storage stays sparse (what is saved and shipped); this trades run-time memory for the speed of the
+    dense kernels where the sparse orders are slower (the cost model, :mod:`ipfx.ops.order`).
+    """
+    weight = _dense_weight(g, values, indices, flat, basis, x)
+    return _dense_conv(g, x, weight, None if bias is None else bias.to(dtype=x.dtype, device=x.device))
+
+
+def _native_operands(g: dict, values: Tensor, indices: Tensor, flat, like: Tensor) -> tuple:
+    """CSR ``(crow, col, vals)`` of order (a)'s ``A[o, i*K + j]`` and the used-row flags, cached per storage."""
+    K = g["K"]
+
+    def coords():
+        o, i, j = _coupling(g, flat())
+        return o, i * K + j
+
+    shape = (g["c_out"], g["c_in"] * K)
+    csr = _sparse_matrix(values, indices, "a", shape, coords, like)
+    key = (shape, id(values), values._version, indices._version, like.dtype)
+
+    def build():
+        col = csr.col_indices()
+        used = torch.zeros(shape[1], dtype=torch.uint8)
+        used[col] = 1
+        return csr.crow_indices().contiguous(), col.contiguous(), csr.values().contiguous(), used
+
+    return _cached(_storage_entry(indices), "native", key, build)
+
+
+def _order_native(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """Order (a) tile by tile in the native CPU kernel (:mod:`ipfx.ops.native`); adds ``bias`` itself."""
+    from . import native
+
+    crow, col, vals, used = _native_operands(g, values, indices, flat, x)
+    b = None if basis is None else basis.to(dtype=x.dtype).contiguous()
+    bias = None if bias is None else bias.to(dtype=x.dtype).contiguous()
+    return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial)

@@ -1,8 +1,10 @@
 """Registration of the fused ops as ``torch.library`` custom ops: ``ipfx::ip_conv`` and ``ipfx::sparse_linear``.
 
 Each op has a real kernel (argument checks, then the order chosen by :mod:`ipfx.ops.order` running a kernel
-of :mod:`ipfx.ops.kernels`), a fake kernel (shape inference only, so ``torch.export`` and ``torch.compile``
-see one op) and an autograd formula that raises: the ops are inference-only.
+of :mod:`ipfx.ops.kernels`), registered for every device; a CPU kernel that may also run the native tiled
+kernel (:mod:`ipfx.ops.native`, built on first use; the torch orders where it cannot be built); a fake
+kernel (shape inference only, so ``torch.export`` and ``torch.compile`` see one op); and an autograd formula
+that raises: the ops are inference-only.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import torch
 from torch import Tensor
 
 from ..errors import IPFXValueError
+from . import native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
 from .kernels import _CONV, _CONV_T, _spmm
-from .order import _RUNNERS, ORDER_AUTO, _measured_order
+from .order import _RUNNERS, ORDER_DENSE, ORDER_NATIVE, resolve_order
 from .storage import _cached, _sparse_matrix, _storage_entry
 
 
@@ -50,8 +53,10 @@ def ip_conv(
 
     ``values``/``indices``: nonzeros of ``C`` (shape ``(w0, w1, K)``) and their flat indices (int32/int64;
     repeats are summed). ``basis``: ``(K, K)``, row j = filter F_j flattened, or None for the identity.
-    ``padding`` is symmetric zero padding (ints). ``order``: 0 = cheaper by MAC count (see the module
-    docstring / :func:`choose_order`), 1 = basis first, 2 = coefficients first. ``values``, ``basis`` and
+    ``padding`` is symmetric zero padding (ints). ``order``: 0 = chosen by the cost model (deterministic;
+    :mod:`ipfx.ops.order`), -1 = fastest by timing, measured once per storage and input shape (also what 0
+    means under ``IPFX_AUTOTUNE=1``), 1 = basis first, 2 = coefficients first, 3 = dense, 4 = native (CPU,
+    float32/64, where the kernel is built; else the cost model's choice). ``values``, ``basis`` and
     ``bias`` are cast to ``x.dtype``. Input is (N, C, *spatial) or unbatched (C, *spatial).
     """
     g = _conv_geometry(
@@ -60,13 +65,23 @@ def ip_conv(
     return _run_ip_conv(g, x, values, indices, basis, bias, order)
 
 
+@ip_conv.register_kernel("cpu")
+def _ip_conv_cpu(
+    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order
+):
+    """The CPU kernel: as the default one, and the native kernel may run (:mod:`ipfx.ops.native`)."""
+    g = _conv_geometry(
+        x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
+    )
+    return _run_ip_conv(g, x, values, indices, basis, bias, order, allow_native=True)
+
+
 def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor],
-                 bias: Optional[Tensor], order: int) -> Tensor:
-    """The body of ``ip_conv`` once the geometry ``g`` (:func:`_conv_geometry`) is known."""
-    if order not in (ORDER_AUTO, *_RUNNERS):
-        raise IPFXValueError(
-            f"order must be 0 (auto), 1 (basis first), 2 (coefficients first) or 3 (dense), got {order}"
-        )
+                 bias: Optional[Tensor], order: int, allow_native: bool = False) -> Tensor:
+    """The body of ``ip_conv`` once the geometry ``g`` (:func:`_conv_geometry`) is known.
+
+    ``allow_native``: the native CPU kernel may run (the op's CPU kernel, and the modules' eager CPU path).
+    """
     numel = math.prod(g["weight_shape"])
     _cached(_storage_entry(indices), "checked", (indices._version, numel), lambda: _check_index_range(indices, numel))
     unbatched = x.dim() == g["d"] + 1
@@ -79,9 +94,12 @@ def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Opt
         )
     flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731  (only when a matrix is built)
     x = x.contiguous()
-    if order == ORDER_AUTO:
-        order = _measured_order(g, x, values, indices, flat, basis, out_spatial)
-    y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial)
+    order = resolve_order(order, g, x, values, indices, flat, basis, out_spatial, allow_native)
+    if order in (ORDER_NATIVE, ORDER_DENSE):  # these add the bias themselves
+        y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial, bias)
+        bias = None
+    else:
+        y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial)
     if bias is not None:
         y = y + bias.to(dtype=y.dtype, device=y.device).reshape(1, -1, *([1] * g["d"]))
     if unbatched:
@@ -116,9 +134,20 @@ def sparse_linear(
 ) -> Tensor:
     """``F.linear(x, W, bias)`` with ``W`` (out, in) stored as nonzeros: ``W.view(-1)[indices] += values``.
 
-    Computed as ``y^T = W @ x^T`` with ``W`` a sparse COO matrix (memory O(nnz)); ``x`` may have any
-    leading dims. ``values``/``bias`` are cast to ``x.dtype``.
+    Computed as ``y^T = W @ x^T`` with ``W`` a sparse CSR (or COO) matrix (memory O(nnz)), on CPU by the
+    native kernel where it is available; ``x`` may have any leading dims. ``values``/``bias`` are cast to
+    ``x.dtype``.
     """
+    return _run_sparse_linear(x, values, indices, bias, weight_shape, allow_native=False)
+
+
+@sparse_linear.register_kernel("cpu")
+def _sparse_linear_cpu(x, values, indices, bias, weight_shape):
+    return _run_sparse_linear(x, values, indices, bias, weight_shape, allow_native=True)
+
+
+def _run_sparse_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
+                       allow_native: bool) -> Tensor:
     out_f, in_f = _check_linear(x, values, indices, bias, weight_shape)
     _cached(_storage_entry(indices), "checked", (indices._version, out_f * in_f),
             lambda: _check_index_range(indices, out_f * in_f))
@@ -129,7 +158,13 @@ def sparse_linear(
         flat = indices.to(device=x.device, dtype=torch.int64)
         return flat // in_f, flat % in_f
 
-    y = _spmm(_sparse_matrix(values, indices, "linear", (out_f, in_f), coords, rhs), rhs).t()
+    matrix = _sparse_matrix(values, indices, "linear", (out_f, in_f), coords, rhs)
+    if allow_native and matrix.layout == torch.sparse_csr and native.supports(x):
+        b = None if bias is None else bias.to(dtype=x.dtype).contiguous()
+        y = native.linear(x.reshape(-1, in_f).contiguous(), matrix.crow_indices(), matrix.col_indices(),
+                          matrix.values(), b)
+        return y.reshape(*lead, out_f)
+    y = _spmm(matrix, rhs).t()
     if bias is not None:
         y = y + bias.to(dtype=y.dtype, device=y.device)
     return y.reshape(*lead, out_f).contiguous()

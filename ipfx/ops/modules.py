@@ -6,16 +6,20 @@ They hold the sparse storage (:mod:`ipfx.ops.storage`) as buffers and call ``tor
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import IPFXValueError
-from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _tuple
+from . import native
+from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _output_spatial, _tuple
+from .kernels import _dense_conv_partial, _dense_weight, _native_operands
 from .library import _run_ip_conv
-from .order import ORDER_AUTO
+from .order import ORDER_AUTO, ORDER_DENSE, ORDER_NATIVE, resolve_order
 from .storage import _densify, sparse_coefficients
 
 
@@ -157,15 +161,7 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
 
     def forward(self, x: Tensor, order: int = ORDER_AUTO) -> Tensor:
         if _eager_inference(x):  # same computation, without the dispatcher and re-checking the geometry
-            key = (x.dim(), x.shape[1 if x.dim() == len(self.weight_shape) else 0], x.dtype, id(self.values),
-                   id(self.indices), id(self.basis), id(self.bias))
-            g = self.__dict__.get("_geometry")
-            if g is None or g[0] != key:
-                g = (key, _conv_geometry(x, self.values, self.indices, self.basis, self.bias, self.weight_shape,
-                                         self.stride, self.padding, self.dilation, self.groups, self.transposed,
-                                         self.output_padding))
-                self.__dict__["_geometry"] = g
-            return _run_ip_conv(g[1], x, self.values, self.indices, self.basis, self.bias, order)
+            return self._plan(x, order)(x)
         return torch.ops.ipfx.ip_conv(
             x,
             self.values,
@@ -181,6 +177,52 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
             list(self.output_padding),
             order,
         )
+
+    def _plan(self, x: Tensor, order: int):
+        """The computation for inputs like ``x`` in eager inference, worked out once per input shape and storage.
+
+        The same kernels with the same arguments as ``torch.ops.ipfx.ip_conv`` (so the same numbers), minus the
+        per-call work: argument checks, the order choice, cache look-ups. Rebuilt when the shape, dtype, order,
+        ``IPFX_AUTOTUNE`` or a stored tensor (identity or in-place version) changes.
+        """
+        buffers = self._buffers
+        values, indices, basis = buffers["values"], buffers["indices"], buffers["basis"]
+        bias = self.bias
+        key = (x.shape, x.dtype, x.device, order, os.environ.get("IPFX_AUTOTUNE"), id(values), values._version,
+               id(indices), indices._version, None if basis is None else (id(basis), basis._version),
+               None if bias is None else (id(bias), bias._version))
+        plan = self.__dict__.get("_plan_cache")
+        if plan is not None and plan[0] == key:
+            return plan[1]
+        g = _conv_geometry(x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding,
+                           self.dilation, self.groups, self.transposed, self.output_padding)
+        run = functools.partial(_run_ip_conv, g, values=values, indices=indices, basis=basis, bias=bias, order=order,
+                                allow_native=x.device.type == "cpu")
+        batched = x if x.dim() == g["d"] + 2 else x.unsqueeze(0)
+        out_spatial = _output_spatial(g, batched.shape[2:])
+        numel = math.prod(g["weight_shape"])
+        _check_index_range(indices, numel)
+        if all(s > 0 for s in out_spatial):  # (otherwise the generic path raises the error)
+            flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731
+            resolved = resolve_order(order, g, batched.contiguous(), values, indices, flat, basis, out_spatial,
+                                     allow_native=x.device.type == "cpu")
+            b = None if bias is None else bias.to(dtype=x.dtype, device=x.device)
+            if resolved == ORDER_DENSE:  # the dense conv itself, bound (no Python frame per call)
+                weight = _dense_weight(g, values, indices, flat, basis, x)
+                run = _dense_conv_partial(g, weight, b)
+            elif resolved == ORDER_NATIVE:
+                operands = _native_operands(g, values, indices, flat, x)
+                nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()
+                nbias = None if b is None else b.contiguous()
+
+                def run(x, unbatched=x.dim() == g["d"] + 1):
+                    y = native.conv(x.unsqueeze(0).contiguous() if unbatched else x.contiguous(), *operands[:3], nb,
+                                    nbias, operands[3], g, out_spatial)
+                    return y.squeeze(0) if unbatched else y
+            else:
+                run = functools.partial(run, order=resolved)
+        self.__dict__["_plan_cache"] = (key, run)
+        return run
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)

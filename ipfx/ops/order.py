@@ -1,35 +1,98 @@
 """Which evaluation order of the fused IP convolution runs (:mod:`ipfx.ops.kernels`).
 
-Cost model used by ``order=0`` (multiply-accumulates per sample, ``P_in``/``P_out`` = number of input/output
-spatial positions, ``nnz`` = stored coefficients; groups only enter through ``nnz <= c_out * c_in/groups * K``):
+``order=0`` (``ORDER_AUTO``) picks by a *cost model*, a pure function of the geometry, the batch size, the
+element size and ``nnz``: the same model and input shape take the same order, hence give the same numbers, on
+every call and in every process (no timing; see :func:`order_costs`). The user may ask for timing instead:
+``order=-1`` (``ORDER_TUNED``), or the environment variable ``IPFX_AUTOTUNE=1`` which makes ``order=0`` mean
+``-1``; then the first call per storage and input shape times every candidate order and keeps the fastest
+(results then differ between processes by rounding, as the choice may).
 
-    ordinary conv:   (a) c_in*K*K*P_out + nnz*P_out        (b) nnz*P_in + c_out*K*K*P_out
-    transposed conv: (a) c_in*K*K*P_in  + nnz*P_out        (b) nnz*P_in + c_out*K*K*P_in
+The work terms (per batch of ``N``; ``P_in``/``P_out`` input/output spatial positions, ``Pb`` the positions
+a basis filter is applied at, ``P_out`` for a conv and ``P_in`` for a transposed conv; ``nnz`` stored
+coefficients; groups only enter through ``nnz <= c_out * c_in/groups * K``):
 
-(a transposed conv does ``K`` MACs per *input* position and filter). With the identity basis, order (a) of an
-ordinary 1-d/2-d conv is an im2col (``F.unfold``), a copy, so its basis term is ``c_in*K*P_out`` instead.
-The cheaper order is taken; ties go to (a).
+    order              basis (MACs)          maps (elements moved)   sparse (MACs)
+    (a) basis first    N c_in K K Pb  [1]    N c_in K P_out          N nnz P_out
+    (b) coeff first    N c_out K K Pb        N c_out K P_in          N nnz P_in
+    native (tiled)     N u K P_out           N c_in K P_out [2]      N nnz P_out      taps: N K P_out [3],
+                                                                                      rows: N c_out T [4],
+                                                                                      runs: N u' T S [5]
+    dense              dense: N c_out (c_in/groups) K Pb MACs (``dense_grouped`` instead when groups > 1),
+                       io: N (c_in P_in + c_out P_out) elements read/written
+
+    [1] with the identity basis an ordinary 1-d/2-d conv's basis stage is an im2col copy: no MACs, only maps.
+    [2] numbers gathered into the in-cache tile, not whole-image maps; with the identity basis (SP) there are
+        no basis MACs and only ``N u P_out`` numbers are gathered. ``u`` is the expected number of basis-
+        response rows ``i*K + j`` that some kept coefficient reads, for ``nnz`` coefficients spread
+        uniformly: ``u = c_in K (1 - (1 - density)^(c_out/groups))``, density = nnz / (c_out (c_in/groups) K).
+    [3] entries of the per-tile tap -> input offset tables.
+    [4] CSR row visits: every output channel once per tile, ``T = ceil(P_out / tile)`` tiles per sample
+        (:func:`ipfx.ops.native.tile_for`).
+    [5] gather runs (a per-run cost: small images make many short copies): ``u'`` rows gathered per tile
+        (``c_in K`` with a basis, ``u`` without), ``S = ceil(tile / W_out) + 1`` output-row segments per tile,
+        ``W_out`` the innermost output size.
+
+Predicted time = ``t0 + sum(rate * term)`` with per-order constants (:data:`COST_CONSTANTS`, nanoseconds,
+float32) fitted once by non-negative least squares on relative error on this project's machine
+(``python benchmarks/calibrate.py``, which prints them; the fit and every problem's pick are in
+``benchmarks/calibration.md``); terms scale with the element size over 4. Orders whose intermediate maps
+would exceed 16x the input plus output are never chosen (a 7x7 stride-2 stem in order (b) would need
+``c_out*49`` maps at input resolution: gigabytes at batch 32). The cheapest order wins; ties go to the lower
+order number. The native order is a candidate only where the native kernel is built and supports the input
+(:func:`ipfx.ops.native.supports`), so two processes agree when both have it, or both lack it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from torch import Tensor
 
+from ..errors import IPFXValueError
 from .geometry import _identity_unfold_applies
-from .kernels import _order_a, _order_b, _order_dense
+from .kernels import _order_a, _order_b, _order_dense, _order_native
+from .native import tile_for
 from .storage import _MATRICES, _storage_entry
 
 #: ``order`` argument of :func:`ipfx.ops.ip_conv`.
-ORDER_AUTO = 0
+ORDER_TUNED = -1  # time the candidates once per storage and input shape (asked for explicitly)
+ORDER_AUTO = 0  # the cost model (deterministic); ``IPFX_AUTOTUNE=1`` turns it into ORDER_TUNED
 ORDER_BASIS_FIRST = 1
 ORDER_COEFF_FIRST = 2
 ORDER_DENSE = 3  # W rebuilt once from the sparse storage and cached; a plain dense convolution
+ORDER_NATIVE = 4  # order (a) tile by tile in the native CPU kernel (ipfx.ops.native), where it is available
+
+#: Term names of the cost model, in the order of each row of :data:`COST_CONSTANTS`.
+COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "taps", "rows", "runs")
+
+#: ns per unit of each term (``COST_TERMS``), per order, float32; fitted by ``python benchmarks/calibrate.py
+#: --threads 1 --reps 7`` (AMD EPYC with AVX-512, g++ 12, torch 2.14.1, 2026-12-01; fit quality in
+#: ``benchmarks/calibration.md``: median error of predicted times 15%, the pick within 10% of the fastest
+#: order in 91% of 92 problems; the worst picks are the native kernel on a depthwise 5x5 SP layer at 90% and
+#: batch 4 (2.2x the dense conv) and on a 256 -> 16 channel 3x3 SP layer at 90% (1.3-1.6x), where many short
+#: gathers feed few multiply-accumulates). Fitted with one thread because the machine was shared: two-thread
+#: timings then varied 10x (OpenMP barriers wait for a thread another job has preempted). With more threads
+#: the work terms shrink about in proportion and t0 does not, which favours the dense order slightly less
+#: than it should.
+COST_CONSTANTS = {
+    ORDER_BASIS_FIRST: (2.552e04, 0.0007961, 1.466, 0.1497, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_COEFF_FIRST: (1.197e05, 0.4101, 1.438, 0.1296, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_DENSE: (9022.0, 0.0, 0.0, 0.0, 0.01884, 0.03123, 0.2386, 0.0, 0.0, 0.0),
+    ORDER_NATIVE: (1.287e04, 0.04203, 0.03318, 0.07377, 0.0, 0.0, 0.0, 0.2363, 11.76, 0.3654),
+}
+
+#: Intermediate maps of a sparse order may be at most this many times the input plus output.
+MAPS_BUDGET = 16
 
 
-def choose_order(
+def autotune_requested() -> bool:
+    """``IPFX_AUTOTUNE`` set to 1/true/yes: ``order=0`` times the orders instead of using the cost model."""
+    return os.environ.get("IPFX_AUTOTUNE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cost_terms(
     *,
     c_in: int,
     c_out: int,
@@ -37,68 +100,126 @@ def choose_order(
     nnz: int,
     p_in: int,
     p_out: int,
-    transposed: bool,
+    batch: int = 1,
+    groups: int = 1,
+    transposed: bool = False,
     cheap_identity: bool = False,
-) -> int:
-    """Pick the cheaper evaluation order by multiply-accumulate count (per sample).
+    identity: bool = False,
+    itemsize: int = 4,
+    width: int = 0,
+) -> dict[int, tuple[float, ...]]:
+    """The work terms (``COST_TERMS``, without scaling) of each order; see the module docstring.
 
-    ordinary conv:   (a) c_in*K*K*P_out + nnz*P_out       (b) nnz*P_in + c_out*K*K*P_out
-    transposed conv: (a) c_in*K*K*P_in  + nnz*P_out       (b) nnz*P_in + c_out*K*K*P_in
-
-    ``cheap_identity``: order (a)'s basis stage is an im2col copy (identity basis, ordinary 1-d/2-d conv),
-    costing ``c_in*K*P_out``. Returns ``ORDER_BASIS_FIRST`` (1) or ``ORDER_COEFF_FIRST`` (2); ties go to (a).
+    ``identity``: the basis is the identity (SP); ``cheap_identity``: besides, order (a)'s basis stage is a copy.
+    ``width``: the innermost output size (0: ``p_out``, a 1-d conv).
     """
-    basis_positions = p_in if transposed else p_out
-    basis_a = c_in * K * (1 if cheap_identity else K) * basis_positions
-    cost_a = basis_a + nnz * p_out
-    cost_b = nnz * p_in + c_out * K * K * basis_positions
-    return ORDER_BASIS_FIRST if cost_a <= cost_b else ORDER_COEFF_FIRST
+    n = batch
+    pb = p_in if transposed else p_out
+    dense_macs = n * c_out * (c_in // groups) * K * pb
+    io = n * (c_in * p_in + c_out * p_out)
+    per_row = c_out // groups  # coefficients that may read one basis-response row
+    density = min(1.0, nnz / max(1, c_out * (c_in // groups) * K))
+    used = c_in * K * (1.0 - (1.0 - density) ** per_row)
+    taps = n * K * p_out
+    tile = tile_for(c_in, K, itemsize)
+    tiles = -(-p_out // tile)
+    rows = n * c_out * tiles
+    segments = -(-tile // max(1, min(width or p_out, p_out))) + 1
+    gathered = used if identity else c_in * K
+    runs = n * gathered * tiles * segments
+    if identity:
+        native = (1.0, 0.0, n * used * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows, runs)
+    else:
+        native = (1.0, n * used * K * p_out, n * c_in * K * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows, runs)
+    grouped = groups > 1
+    return {
+        ORDER_NATIVE: native,
+        ORDER_BASIS_FIRST: (1.0, 0.0 if cheap_identity else n * c_in * K * K * pb, n * c_in * K * p_out,
+                            n * nnz * p_out, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        ORDER_COEFF_FIRST: (1.0, n * c_out * K * K * pb, n * c_out * K * p_in, n * nnz * p_in, 0.0, 0.0, 0.0, 0.0,
+                            0.0, 0.0),
+        ORDER_DENSE: (1.0, 0.0, 0.0, 0.0, 0.0 if grouped else dense_macs, dense_macs if grouped else 0.0, io, 0.0,
+                      0.0, 0.0),
+    }
 
 
-_RUNNERS = {ORDER_BASIS_FIRST: _order_a, ORDER_COEFF_FIRST: _order_b, ORDER_DENSE: _order_dense}
+def order_costs(*, itemsize: int = 4, native: bool = False, constants: dict | None = None,
+                **problem) -> dict[int, float]:
+    """Predicted nanoseconds of every order allowed for ``problem`` (the arguments of :func:`cost_terms`).
+
+    ``native``: the native kernel may run (CPU, float32/64, built). Orders over the maps budget are left
+    out. Pure arithmetic: the same arguments give the same numbers.
+    """
+    constants = COST_CONSTANTS if constants is None else constants
+    terms = cost_terms(itemsize=itemsize, **problem)
+    scale = itemsize / 4.0
+    io = terms[ORDER_DENSE][6]
+    costs = {}
+    for order, row in terms.items():
+        if order not in constants or (order == ORDER_NATIVE and not native):
+            continue
+        if order in (ORDER_BASIS_FIRST, ORDER_COEFF_FIRST) and row[2] > MAPS_BUDGET * io:  # maps too large
+            continue
+        c = constants[order]
+        costs[order] = c[0] + scale * sum(k * t for k, t in zip(c[1:], row[1:]))
+    return costs
 
 
-def _candidates(g: dict, x: Tensor, values: Tensor, basis, out_spatial) -> dict:
-    """The orders worth timing: a sparse order is skipped when its multiply-accumulates exceed 4x the dense
-    conv's or its intermediate maps exceed 16x the input plus output (a 7x7 stride-2 stem in order (b)
-    would need c_out*49 maps at input resolution: gigabytes at batch 32)."""
-    p_in, p_out = math.prod(x.shape[2:]), math.prod(out_spatial)
-    c_in, c_out, K, nnz = g["c_in"], g["c_out"], g["K"], values.numel()
-    positions = p_in if g["transposed"] else p_out
-    dense_macs = c_out * (c_in // g["groups"]) * K * (p_in if g["transposed"] else p_out)
-    identity = _identity_unfold_applies(g, basis is None)
-    macs = {ORDER_BASIS_FIRST: c_in * K * (1 if identity else K) * positions + nnz * p_out,
-            ORDER_COEFF_FIRST: nnz * p_in + c_out * K * K * positions}
-    maps = {ORDER_BASIS_FIRST: c_in * K * positions, ORDER_COEFF_FIRST: c_out * K * p_in}
-    budget = 16 * (c_in * p_in + c_out * p_out)
-    chosen = {ORDER_DENSE: _RUNNERS[ORDER_DENSE]}
-    for order in (ORDER_BASIS_FIRST, ORDER_COEFF_FIRST):
-        if macs[order] <= 4 * dense_macs and maps[order] <= budget:
-            chosen[order] = _RUNNERS[order]
-    return chosen
+def choose_order(*, itemsize: int = 4, native: bool = False, constants: dict | None = None, **problem) -> int:
+    """The order with the lowest predicted cost (:func:`order_costs`); ties go to the lower order number.
+
+    ``problem``: ``c_in, c_out, K, nnz, p_in, p_out`` and optionally ``batch`` (1), ``groups`` (1),
+    ``transposed`` (False), ``identity`` (False: the identity basis, SP), ``cheap_identity`` (False:
+    identity basis on an ordinary 1-d/2-d conv, whose order (a) basis stage is a copy).
+    """
+    costs = order_costs(itemsize=itemsize, native=native, constants=constants, **problem)
+    return min(sorted(costs), key=lambda order: costs[order])
 
 
-def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatial) -> int:
-    """The fastest of the three evaluation orders for this storage and input shape, timed once.
+def _problem(g: dict, x: Tensor, values: Tensor, basis, out_spatial) -> dict:
+    """The arguments of :func:`cost_terms` for one call (``x`` batched)."""
+    return dict(c_in=g["c_in"], c_out=g["c_out"], K=g["K"], nnz=values.numel(), p_in=math.prod(x.shape[2:]),
+                p_out=math.prod(out_spatial), batch=x.shape[0], groups=g["groups"], transposed=g["transposed"],
+                identity=basis is None, cheap_identity=_identity_unfold_applies(g, basis is None),
+                width=int(out_spatial[-1]))
+
+
+def _modelled_order(g: dict, x: Tensor, values: Tensor, basis, out_spatial, native: bool) -> int:
+    return choose_order(itemsize=x.element_size(), native=native, **_problem(g, x, values, basis, out_spatial))
+
+
+_RUNNERS = {ORDER_BASIS_FIRST: _order_a, ORDER_COEFF_FIRST: _order_b, ORDER_DENSE: _order_dense,
+            ORDER_NATIVE: _order_native}
+
+
+def _candidates(g: dict, x: Tensor, values: Tensor, basis, out_spatial, native: bool = False) -> dict:
+    """The orders worth timing under ``ORDER_TUNED``: those the cost model allows (the maps budget) whose
+    multiply-accumulates stay within 4x the dense conv's."""
+    terms = cost_terms(itemsize=x.element_size(), **_problem(g, x, values, basis, out_spatial))
+    allowed = order_costs(itemsize=x.element_size(), native=native, **_problem(g, x, values, basis, out_spatial))
+    dense_macs = terms[ORDER_DENSE][4] + terms[ORDER_DENSE][5]
+    return {order: _RUNNERS[order] for order in sorted(allowed)
+            if order in (ORDER_DENSE, ORDER_NATIVE) or terms[order][1] + terms[order][3] <= 4 * dense_macs}
+
+
+def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatial, native: bool = False) -> int:
+    """``ORDER_TUNED``: the fastest candidate order for this storage and input shape, timed once.
 
     The first call with a new input shape runs every candidate order twice (a warm-up that builds its
     sparse matrix or dense weight, then a timed run; see :func:`_candidates`) and remembers the winner;
-    later calls go straight to it.
-    Without a cache (storage that cannot be weakly referenced) the MAC-count rule of :func:`choose_order`
-    decides between the two sparse orders.
+    later calls go straight to it. Without a cache (storage that cannot be weakly referenced) the cost
+    model decides.
     """
     entry = _storage_entry(indices)
-    key = (tuple(x.shape), x.dtype, x.device, id(values), values._version, indices._version)
+    key = (tuple(x.shape), x.dtype, x.device, id(values), values._version, indices._version, native)
     hit = entry.get("order")
     if hit is not None and hit[0] == key:
         return hit[1]
     ref = _MATRICES.get(id(indices), (None, None))[0]
-    if ref is None or ref() is not indices:  # nowhere to remember a measurement: estimate instead
-        return choose_order(c_in=g["c_in"], c_out=g["c_out"], K=g["K"], nnz=values.numel(),
-                            p_in=math.prod(x.shape[2:]), p_out=math.prod(out_spatial), transposed=g["transposed"],
-                            cheap_identity=_identity_unfold_applies(g, basis is None))
+    if ref is None or ref() is not indices:  # nowhere to remember a measurement: the model instead
+        return _modelled_order(g, x, values, basis, out_spatial, native)
     timings = {}
-    for order, run in _candidates(g, x, values, basis, out_spatial).items():
+    for order, run in _candidates(g, x, values, basis, out_spatial, native).items():
         run(g, x, values, indices, flat, basis, out_spatial)
         start = time.perf_counter()
         run(g, x, values, indices, flat, basis, out_spatial)
@@ -106,3 +227,38 @@ def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatia
     best = min(timings, key=timings.get)
     entry["order"] = (key, best)
     return best
+
+
+def resolve_order(order: int, g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis,
+                  out_spatial, allow_native: bool = False) -> int:
+    """The concrete order (a key of ``_RUNNERS``) that ``order`` means for this call (``x`` batched).
+
+    ``allow_native``: the caller is the CPU kernel; the native order is then used where it supports ``x``
+    (:func:`ipfx.ops.native.supports`). An explicit ``ORDER_NATIVE`` it cannot take falls back to the model.
+    """
+    if order not in (ORDER_TUNED, ORDER_AUTO, *_RUNNERS):
+        raise IPFXValueError(
+            f"order must be 0 (auto: cost model), -1 (tuned: timed once), 1 (basis first), 2 (coefficients "
+            f"first), 3 (dense) or 4 (native), got {order}"
+        )
+    native = False
+    if allow_native and order in (ORDER_AUTO, ORDER_TUNED, ORDER_NATIVE):
+        from . import native as native_mod
+
+        native = native_mod.supports(x)
+    if order == ORDER_NATIVE and not native:
+        order = ORDER_AUTO
+    if order == ORDER_AUTO and autotune_requested():
+        order = ORDER_TUNED
+    if order == ORDER_TUNED:
+        return _measured_order(g, x, values, indices, flat, basis, out_spatial, native)
+    if order == ORDER_AUTO:  # a pure function of its key, remembered per storage (the arithmetic costs ~30 us)
+        key = (tuple(x.shape), tuple(out_spatial), tuple(g["weight_shape"]), g["groups"], g["transposed"], x.dtype,
+               native, basis is None, values.numel())
+        hit = _storage_entry(indices).get("auto")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        chosen = _modelled_order(g, x, values, basis, out_spatial, native)
+        _storage_entry(indices)["auto"] = (key, chosen)
+        return chosen
+    return order

@@ -1,0 +1,518 @@
+// Native CPU kernels of the fused IP ops (ipfx::ip_conv, ipfx::sparse_linear); see ipfx/ops/native.py.
+//
+// Convolution by linearity, tiled (order (a) of ipfx/ops/kernels.py without whole-image maps):
+//
+//   y[n, o, p] = sum_{(i, j) kept for o} C[o, i, j] * R[n, i, j, p],   R[n, i, j, p] = sum_t B[j, t] x[n, i, off(p, t)]
+//
+// where off(p, t) is the input position that tap t of the kernel reads for output position p (or none: zero
+// padding). The output is cut into tiles of TP consecutive flattened positions (16, 32 or 64: the tile's
+// c_in*K*TP basis responses stay in L2). Once per call, for every tile and tap, the positions are described
+// as runs (zeros, or input numbers at a fixed step: a few row segments per tap); then for one tile the kernel
+//   1. for every input channel gathers its K x TP patch along the runs and multiplies it by the basis
+//      (K x K), two basis rows per patch load, giving the tile's basis responses R[i*K + j][p]; rows that no
+//      kept coefficient reads are skipped (and, without a basis, not even gathered);
+//   2. for every output channel accumulates its CSR row, acc[p] += C * R[col][p], in registers (GCC vector
+//      extensions: AVX-512 or AVX2, whatever -march=native offers), and writes the tile once (plus bias).
+// Without a basis (SP, identity) step 1 is the gather alone: a direct sparse convolution on the patch.
+// Tiles go to threads (at::parallel_for); with fewer tiles than 2 per thread (small images at batch 1) the
+// threads split each tile's input channels, then its output channels. Offsets also express a transposed
+// convolution (off(p, t) = (p + pad - t*dil) / stride where that divides exactly), so 1-3 spatial dims,
+// groups (through the block-diagonal CSR), stride, dilation, padding, output padding and transposition all
+// run here. Each output element sums its CSR row in storage order in one thread, so results do not depend
+// on the number of threads or on the tiling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t in[3], out[3], k[3], stride[3], pad[3], dil[3];
+  bool transposed;
+  int64_t K, p_in, p_out;
+};
+
+Geometry make_geometry(at::IntArrayRef in_sp, at::IntArrayRef out_sp, at::IntArrayRef kernel, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed) {
+  Geometry g;
+  const int64_t d = in_sp.size();
+  TORCH_CHECK(d >= 1 && d <= 3, "ipfx native: 1 to 3 spatial dims");
+  const int64_t lead = 3 - d;  // leading unit dims
+  for (int64_t a = 0; a < 3; ++a) {
+    const bool real = a >= lead;
+    const int64_t r = a - lead;
+    g.in[a] = real ? in_sp[r] : 1;
+    g.out[a] = real ? out_sp[r] : 1;
+    g.k[a] = real ? kernel[r] : 1;
+    g.stride[a] = real ? stride[r] : 1;
+    g.pad[a] = real ? padding[r] : 0;
+    g.dil[a] = real ? dilation[r] : 1;
+  }
+  g.transposed = transposed;
+  g.K = g.k[0] * g.k[1] * g.k[2];
+  g.p_in = g.in[0] * g.in[1] * g.in[2];
+  g.p_out = g.out[0] * g.out[1] * g.out[2];
+  return g;
+}
+
+// Input coordinate read by output coordinate o through kernel index kk along one dim, or -1.
+inline int64_t source(const Geometry& g, int a, int64_t o, int64_t kk) {
+  if (!g.transposed) {
+    const int64_t c = o * g.stride[a] - g.pad[a] + kk * g.dil[a];
+    return (c >= 0 && c < g.in[a]) ? c : -1;
+  }
+  const int64_t num = o + g.pad[a] - kk * g.dil[a];
+  if (num < 0 || num % g.stride[a]) return -1;
+  const int64_t c = num / g.stride[a];
+  return c < g.in[a] ? c : -1;
+}
+
+// off[t * TP + p]: flat input offset read by tap t for tile position p0 + p, -1 for padding or past the end.
+template <int TP>
+void offsets(const Geometry& g, int64_t p0, int32_t* off) {
+  int64_t coord[TP][3];
+  bool live[TP];
+  for (int p = 0; p < TP; ++p) {
+    int64_t q = p0 + p;
+    live[p] = q < g.p_out;
+    coord[p][2] = q % g.out[2];
+    q /= g.out[2];
+    coord[p][1] = q % g.out[1];
+    coord[p][0] = q / g.out[1];
+  }
+  int64_t t = 0;
+  for (int64_t k0 = 0; k0 < g.k[0]; ++k0)
+    for (int64_t k1 = 0; k1 < g.k[1]; ++k1)
+      for (int64_t k2 = 0; k2 < g.k[2]; ++k2, ++t)
+        for (int p = 0; p < TP; ++p) {
+          int64_t c0 = live[p] ? source(g, 0, coord[p][0], k0) : -1;
+          int64_t c1 = c0 >= 0 ? source(g, 1, coord[p][1], k1) : -1;
+          int64_t c2 = c1 >= 0 ? source(g, 2, coord[p][2], k2) : -1;
+          off[t * TP + p] = c2 >= 0 ? static_cast<int32_t>((c0 * g.in[1] + c1) * g.in[2] + c2) : -1;
+        }
+}
+
+// TP numbers as NV = TP / L vectors of one cache line (64 bytes: L = 16 floats or 8 doubles). GCC's vector
+// extension keeps the accumulators in registers (zmm with AVX-512, ymm pairs with AVX2); the loops over
+// vectors are unrolled so every index is constant. Loads and stores are unaligned-safe (aligned(4)).
+template <typename scalar_t>
+struct Lane;
+template <>
+struct Lane<float> {
+  typedef float V __attribute__((vector_size(64), aligned(4), may_alias));
+};
+template <>
+struct Lane<double> {
+  typedef double V __attribute__((vector_size(64), aligned(8), may_alias));
+};
+
+// A tile's tap -> input map as runs: for tap t, runs[first[t]] .. runs[first[t + 1]] cover its TP positions in
+// order; a run copies len consecutive input numbers from src (or writes zeros where src < 0). With stride 1
+// a tap's TP positions are a few row segments, so the gather is a few memcpy calls.
+struct Run {
+  int32_t len, src, step;
+};
+
+void runs_of(const int32_t* off, int64_t K, int TP, std::vector<Run>& runs, std::vector<int32_t>& first) {
+  runs.clear();
+  first.assign(K + 1, 0);
+  for (int64_t t = 0; t < K; ++t) {
+    first[t] = static_cast<int32_t>(runs.size());
+    const int32_t* o = off + t * TP;
+    for (int p = 0; p < TP;) {
+      int q = p + 1;
+      if (o[p] < 0) {
+        while (q < TP && o[q] < 0) ++q;
+        runs.push_back({q - p, -1, 0});
+      } else {
+        const int32_t step = (q < TP && o[q] > o[p]) ? o[q] - o[p] : 1;  // stride s: src, src + s, ...
+        while (q < TP && o[q] == o[q - 1] + step) ++q;
+        runs.push_back({q - p, o[p], step});
+      }
+      p = q;
+    }
+  }
+  first[K] = static_cast<int32_t>(runs.size());
+}
+
+// Append a run, merged into the previous one of the same tap where it continues it.
+inline void push_run(std::vector<Run>& runs, size_t tap_begin, int32_t len, int32_t src, int32_t step) {
+  if (len <= 0) return;
+  if (runs.size() > tap_begin) {
+    Run& last = runs.back();
+    if (src < 0 && last.src < 0) {
+      last.len += len;
+      return;
+    }
+    if (src >= 0 && last.src >= 0) {
+      const int32_t st = last.len == 1 ? (len == 1 ? src - last.src : step) : last.step;
+      if (st > 0 && (last.len == 1 || last.step == st) && (len == 1 || step == st) &&
+          last.src + last.len * st == src) {
+        last.step = st;
+        last.len += len;
+        return;
+      }
+    }
+  }
+  runs.push_back({len, src, src < 0 ? 0 : step});
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// The runs of every tile of TP positions: tile u's tap t covers runs[first[u*K + t] .. first[u*K + t + 1]).
+// They depend on the geometry only, so they are built once per call (shared by every sample of the batch).
+// An ordinary conv gets them in closed form, per output row segment: zeros, one strided run, zeros; a
+// transposed conv goes through the per-position offset table.
+template <int TP>
+void tile_runs(const Geometry& g, int64_t ntiles, std::vector<Run>& runs, std::vector<int32_t>& first) {
+  const int64_t K = g.K;
+  runs.clear();
+  first.assign(ntiles * K + 1, 0);
+  std::vector<int32_t> off, tile_first;
+  std::vector<Run> tile;
+  if (g.transposed) off.resize(K * TP);
+  for (int64_t u = 0; u < ntiles; ++u) {
+    const int64_t p0 = u * TP;
+    if (g.transposed) {
+      offsets<TP>(g, p0, off.data());
+      runs_of(off.data(), K, TP, tile, tile_first);
+      for (int64_t t = 0; t < K; ++t) {
+        first[u * K + t] = static_cast<int32_t>(runs.size());
+        const size_t begin = runs.size();
+        for (int32_t r = tile_first[t]; r < tile_first[t + 1]; ++r)
+          push_run(runs, begin, tile[r].len, tile[r].src, tile[r].step);
+      }
+      continue;
+    }
+    int64_t t = 0;
+    for (int64_t k0 = 0; k0 < g.k[0]; ++k0)
+      for (int64_t k1 = 0; k1 < g.k[1]; ++k1)
+        for (int64_t k2 = 0; k2 < g.k[2]; ++k2, ++t) {
+          first[u * K + t] = static_cast<int32_t>(runs.size());
+          const size_t begin = runs.size();
+          // valid innermost output coordinates for this tap: o2 * s - pad + k2 * dil in [0, in2)
+          const int64_t shift = k2 * g.dil[2] - g.pad[2];
+          const int64_t lo = std::max<int64_t>(0, ceil_div(-shift, g.stride[2]));
+          const int64_t hi = floor_div(g.in[2] - 1 - shift, g.stride[2]);  // inclusive; may be < lo
+          int64_t q = p0;
+          const int64_t end = p0 + TP;
+          while (q < end) {
+            if (q >= g.p_out) {
+              push_run(runs, begin, static_cast<int32_t>(end - q), -1, 0);
+              break;
+            }
+            const int64_t o2 = q % g.out[2], o01 = q / g.out[2];
+            const int64_t o1 = o01 % g.out[1], o0 = o01 / g.out[1];
+            const int64_t len = std::min(g.out[2] - o2, end - q);
+            const int64_t c0 = source(g, 0, o0, k0), c1 = c0 >= 0 ? source(g, 1, o1, k1) : -1;
+            if (c1 < 0) {
+              push_run(runs, begin, static_cast<int32_t>(len), -1, 0);
+            } else {
+              const int64_t a = std::min(std::max(lo, o2), o2 + len), b = std::max(a, std::min(hi + 1, o2 + len));
+              const int64_t base = (c0 * g.in[1] + c1) * g.in[2];
+              push_run(runs, begin, static_cast<int32_t>(a - o2), -1, 0);
+              push_run(runs, begin, static_cast<int32_t>(b - a), static_cast<int32_t>(base + a * g.stride[2] + shift),
+                       static_cast<int32_t>(g.stride[2]));
+              push_run(runs, begin, static_cast<int32_t>(o2 + len - b), -1, 0);
+            }
+            q += len;
+          }
+        }
+  }
+  first[ntiles * K] = static_cast<int32_t>(runs.size());
+}
+
+// r[0 .. TP) = the tap's input numbers (zeros for padding). Small images make many short runs, so runs are
+// copied a whole cache-line vector at a time where that stays inside the row (r[0 .. TP)) and, for reads,
+// inside the channel's p_in numbers: up to L - 1 numbers past a run are written and then taken over by the
+// next run. Elsewhere (a row's last run, strided runs) one number at a time.
+template <typename scalar_t, int TP>
+inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* end, scalar_t* __restrict__ r,
+                   int64_t p_in) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t);
+  scalar_t* const row_end = r + TP;
+  for (; run != end; ++run) {
+    const int32_t len = run->len, whole = (len + L - 1) / L * L;
+    const bool fits = r + whole <= row_end;
+    if (run->src < 0) {
+      if (fits) {
+        for (int32_t q = 0; q < len; q += L) *reinterpret_cast<V*>(r + q) = V{};
+      } else {
+        for (int32_t q = 0; q < len; ++q) r[q] = scalar_t(0);
+      }
+    } else if (run->step == 1 && fits && run->src + whole <= p_in) {
+      const scalar_t* src = xi + run->src;
+      for (int32_t q = 0; q < len; q += L) *reinterpret_cast<V*>(r + q) = *reinterpret_cast<const V*>(src + q);
+    } else {
+      const scalar_t* src = xi + run->src;
+      const int32_t step = run->step;
+      for (int32_t q = 0; q < len; ++q) r[q] = src[q * step];
+    }
+    r += len;
+  }
+}
+
+// R rows of input channel i for one tile: R[j][p] = sum_t B[j][t] patch[t][p] (or the patch itself without a
+// basis) for the nj rows js[0 .. nj) that some kept coefficient reads; other rows are left unwritten.
+template <typename scalar_t, int TP>
+void basis_responses(const scalar_t* __restrict__ xi, const Run* runs, const int32_t* first,
+                     const scalar_t* __restrict__ basis, const int32_t* __restrict__ js, int32_t nj, int64_t K,
+                     int64_t p_in, scalar_t* __restrict__ patch, scalar_t* __restrict__ R) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  if (nj == 0) return;
+  if (basis == nullptr) {
+    for (int32_t q = 0; q < nj; ++q) gather<scalar_t, TP>(xi, runs + first[js[q]], runs + first[js[q] + 1], R + js[q] * TP, p_in);
+    return;
+  }
+  for (int64_t t = 0; t < K; ++t) gather<scalar_t, TP>(xi, runs + first[t], runs + first[t + 1], patch + t * TP, p_in);
+  // JB basis rows at a time: every patch vector loaded feeds JB accumulators (JB * NV <= 8 cache-line vectors)
+  constexpr int JB = NV >= 4 ? 2 : 8 / NV;
+  int32_t b = 0;
+  for (; b + JB <= nj; b += JB) {
+    V acc[JB][NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < JB; ++q)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[q][v] = V{};
+    for (int64_t t = 0; t < K; ++t) {
+      const V* pt = reinterpret_cast<const V*>(patch + t * TP);
+#pragma GCC unroll 8
+      for (int q = 0; q < JB; ++q) {
+        const scalar_t w = basis[js[b + q] * K + t];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[q][v] += w * pt[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < JB; ++q) {
+      V* r = reinterpret_cast<V*>(R + js[b + q] * TP);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) r[v] = acc[q][v];
+    }
+  }
+  for (; b < nj; ++b) {
+    V acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    const scalar_t* w = basis + js[b] * K;
+    for (int64_t t = 0; t < K; ++t) {
+      const V* pt = reinterpret_cast<const V*>(patch + t * TP);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] += w[t] * pt[v];
+    }
+    V* r = reinterpret_cast<V*>(R + js[b] * TP);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) r[v] = acc[v];
+  }
+}
+
+// y[o][p0 + p] = bias[o] + sum_e vals[e] * R[col[e]][p] for one output channel's CSR row.
+template <typename scalar_t, int TP>
+inline void contract_row(const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
+                         const scalar_t* __restrict__ vals, const scalar_t* __restrict__ R, int64_t o, scalar_t bias,
+                         scalar_t* __restrict__ yo, int64_t valid) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  V acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
+  for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+    const scalar_t w = vals[e];
+    const V* r = reinterpret_cast<const V*>(R + col[e] * TP);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
+  }
+  if (valid == TP) {
+    V* y = reinterpret_cast<V*>(yo);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) y[v] = acc[v] + bias;
+  } else {
+    scalar_t tmp[TP];
+    std::memcpy(tmp, acc, sizeof(tmp));
+    for (int64_t p = 0; p < valid; ++p) yo[p] = tmp[p] + bias;
+  }
+}
+
+template <typename scalar_t, int TP>
+void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
+                const c10::optional<at::Tensor>& basis_t, const c10::optional<at::Tensor>& bias_t,
+                const at::Tensor& used_t, const Geometry& g, at::Tensor& y) {
+  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
+  const int64_t ntiles = (g.p_out + TP - 1) / TP;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t* crow = crow_t.data_ptr<int64_t>();
+  const int64_t* col = col_t.data_ptr<int64_t>();
+  const scalar_t* vals = vals_t.data_ptr<scalar_t>();
+  const scalar_t* basis = basis_t.has_value() ? basis_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
+  const uint8_t* used = used_t.data_ptr<uint8_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t units = N * ntiles;
+  const int64_t threads = at::get_num_threads();
+  constexpr int64_t kPad = 64 / sizeof(scalar_t);  // slack past the buffers' last row
+  // per input channel, the basis-response rows some kept coefficient reads (nj[i] of them, listed in js)
+  std::vector<int32_t> js(c_in * K), nj(c_in, 0);
+  for (int64_t i = 0; i < c_in; ++i)
+    for (int64_t j = 0; j < K; ++j)
+      if (used[i * K + j]) js[i * K + nj[i]++] = static_cast<int32_t>(j);
+
+  auto tile_geometry = [&](int64_t unit, int64_t& n, int64_t& p0, int64_t& valid) {
+    n = unit / ntiles;
+    p0 = (unit % ntiles) * TP;
+    valid = std::min<int64_t>(TP, g.p_out - p0);
+  };
+
+  std::vector<Run> runs;
+  std::vector<int32_t> first;
+  tile_runs<TP>(g, ntiles, runs, first);
+
+  if (units >= 2 * threads) {  // enough tiles: each thread takes whole tiles
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> patch(K * TP + kPad), R(c_in * K * TP + kPad);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        int64_t n, p0, valid;
+        tile_geometry(unit, n, p0, valid);
+        const int32_t* tf = first.data() + (unit % ntiles) * K;
+        for (int64_t i = 0; i < c_in; ++i)
+          basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), tf, basis,
+                                        js.data() + i * K, nj[i], K, g.p_in, patch.data(), R.data() + i * K * TP);
+        for (int64_t o = 0; o < c_out; ++o)
+          contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
+                                     yp + (n * c_out + o) * g.p_out + p0, valid);
+      }
+    });
+    return;
+  }
+  // few tiles (small images, batch 1): tile by tile, threads over input channels, then over output channels
+  std::vector<scalar_t> R(c_in * K * TP + kPad);
+  for (int64_t unit = 0; unit < units; ++unit) {
+    int64_t n, p0, valid;
+    tile_geometry(unit, n, p0, valid);
+    const int32_t* tf = first.data() + (unit % ntiles) * K;
+    at::parallel_for(0, c_in, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> patch(K * TP + kPad);
+      for (int64_t i = begin; i < end; ++i)
+        basis_responses<scalar_t, TP>(xp + (n * c_in + i) * g.p_in, runs.data(), tf, basis,
+                                      js.data() + i * K, nj[i], K, g.p_in, patch.data(), R.data() + i * K * TP);
+    });
+    at::parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o)
+        contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
+                                   yp + (n * c_out + o) * g.p_out + p0, valid);
+    });
+  }
+}
+
+// ipfx_native::conv(x, crow, col, vals, basis?, bias?, used, c_out, kernel, stride, padding, dilation,
+//                   transposed, out_spatial, tile) -> y
+//   x: (N, c_in, *in_spatial) contiguous; crow/col/vals: CSR of A[o, i*K + j] (int64, int64, x.dtype);
+//   used: uint8 (c_in*K,), 1 where some kept coefficient reads R row i*K + j; tile: 16, 32 or 64.
+at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                const c10::optional<at::Tensor>& basis, const c10::optional<at::Tensor>& bias, const at::Tensor& used,
+                int64_t c_out, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial, int64_t tile) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ipfx native: x must be a contiguous CPU tensor");
+  TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
+  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
+  TORCH_CHECK(crow.numel() == c_out + 1, "ipfx native: crow must have c_out + 1 entries");
+  const int64_t d = x.dim() - 2;
+  TORCH_CHECK(d >= 1 && d <= 3 && (int64_t)kernel.size() == d && (int64_t)out_spatial.size() == d,
+              "ipfx native: bad geometry");
+  const Geometry g = make_geometry(x.sizes().slice(2), out_spatial, kernel, stride, padding, dilation, transposed);
+  TORCH_CHECK(used.numel() == x.size(1) * g.K && used.scalar_type() == at::kByte, "ipfx native: bad used flags");
+  TORCH_CHECK(g.p_in < (int64_t(1) << 31), "ipfx native: input maps of 2^31 or more positions");
+  std::vector<int64_t> shape{x.size(0), c_out};
+  shape.insert(shape.end(), out_spatial.begin(), out_spatial.end());
+  at::Tensor y = at::empty(shape, x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
+    if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
+    if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
+    switch (tile) {
+      case 16: conv_tiled<scalar_t, 16>(x, crow, col, vals, basis, bias, used, g, y); break;
+      case 32: conv_tiled<scalar_t, 32>(x, crow, col, vals, basis, bias, used, g, y); break;
+      case 64: conv_tiled<scalar_t, 64>(x, crow, col, vals, basis, bias, used, g, y); break;
+      default: TORCH_CHECK(false, "ipfx native: tile must be 16, 32 or 64");
+    }
+  });
+  return y;
+}
+
+// ipfx_native::linear(x, crow, col, vals, bias?) -> y:  y[m, o] = bias[o] + sum_e vals[e] x[m, col[e]]
+//   x: (M, in) contiguous. Rows of x are taken TP at a time from x^T, so the inner loop runs over rows.
+template <typename scalar_t, int TP>
+void linear_blocked(const at::Tensor& xt_t, const int64_t* crow, const int64_t* col, const scalar_t* vals,
+                    const scalar_t* bias, int64_t out_f, at::Tensor& yt_t) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  const int64_t M = yt_t.size(1);
+  const int64_t Mp = xt_t.size(1);  // row stride of x^T, padded to whole tiles by the caller
+  const scalar_t* xt = xt_t.data_ptr<scalar_t>();
+  scalar_t* yt = yt_t.data_ptr<scalar_t>();
+  const int64_t blocks = (M + TP - 1) / TP;
+  at::parallel_for(0, out_f * blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t o = u / blocks, m0 = (u % blocks) * TP, valid = std::min<int64_t>(TP, M - m0);
+      V acc[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = V{};
+      for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+        const scalar_t w = vals[e];
+        const V* r = reinterpret_cast<const V*>(xt + col[e] * Mp + m0);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
+      }
+      scalar_t tmp[TP];
+      std::memcpy(tmp, acc, sizeof(tmp));
+      const scalar_t b = bias ? bias[o] : scalar_t(0);
+      for (int64_t p = 0; p < valid; ++p) yt[o * M + m0 + p] = tmp[p] + b;
+    }
+  });
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "ipfx native: x must be a 2-d CPU tensor");
+  TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
+  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
+  const int64_t out_f = crow.numel() - 1, M = x.size(0);
+  const int64_t TP = M <= 8 ? 16 : 64;  // x^T rows padded with zeros to whole tiles: full-vector loads
+  const int64_t Mp = (M + TP - 1) / TP * TP;
+  at::Tensor xt = at::zeros({x.size(1), Mp}, x.options());
+  xt.narrow(1, 0, M).copy_(x.t());
+  at::Tensor yt = at::empty({out_f, M}, x.options());
+  if (yt.numel() == 0) return yt.t();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_linear", [&] {
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    if (TP == 16) {
+      linear_blocked<scalar_t, 16>(xt, crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), vals.data_ptr<scalar_t>(), b,
+                                   out_f, yt);
+    } else {
+      linear_blocked<scalar_t, 64>(xt, crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(), vals.data_ptr<scalar_t>(), b,
+                                   out_f, yt);
+    }
+  });
+  return yt.t().contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ipfx_native, m) {
+  m.def("conv(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? basis, Tensor? bias, Tensor used, int c_out, "
+        "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile) "
+        "-> Tensor");
+  m.def("linear(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
+  m.impl("conv", conv);
+  m.impl("linear", linear);
+}

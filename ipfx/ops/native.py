@@ -1,0 +1,132 @@
+"""The native CPU kernel of the fused ops (``csrc/ip_conv.cpp``): built on first use, cached, optional.
+
+The kernel computes order (a) of :mod:`ipfx.ops.kernels` tile by tile, never materialising whole-image
+basis maps: for ``TP`` consecutive output positions it gathers every input channel's ``K x TP`` patch,
+multiplies it by the basis (``K x K``; skipped for the identity basis, SP, which is then a direct sparse
+convolution on the patch), keeps these ``c_in*K*TP`` basis responses in cache, and accumulates each output
+channel's CSR row of kept coefficients ``A[o, i*K + j]`` into registers before writing the tile once. What
+each tap of each tile reads is described once per call as runs of input numbers (a few row segments per
+tap), which expresses every geometry: 1-3 spatial dims, stride, dilation, padding, groups (through the
+block-diagonal ``A``), transposed convs (``off = (p + pad - t*dil) / stride`` where exact) and output
+padding. ``sparse_linear`` is the same contraction with ``R = x^T``. float32 and float64;
+other dtypes and devices take the pure-torch orders.
+
+Work per batch: ``used*K*P_out`` basis MACs (``used`` = rows ``i*K + j`` some kept coefficient reads,
+at most ``c_in*K``; none for SP) + ``c_in*K*P_out`` gathered numbers + ``nnz*P_out`` sparse MACs.
+Every output element sums its CSR row in storage order in one thread: results do not depend on the
+thread count or the tiling, and equal the torch orders up to float rounding.
+
+Build: ``torch.utils.cpp_extension.load`` (JIT; needs a C++ compiler and ``ninja``, ``pip install
+ninja`` or ``pip install "ipfx[native]"``) with ``-O3 -march=native -fopenmp``, compiled once (about 15 s)
+and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``, one build per kind of CPU); later processes load the cached library (~1 s). Where the build fails the
+pure-torch path runs and one warning says how to get the fast path. ``IPFX_NATIVE=0`` turns the native
+kernel off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "ip_conv.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's feature flags: ``-march=native`` builds are kept apart per kind of CPU, so a
+    cache directory shared between machines never hands an AVX-512 build to an AVX2-only CPU."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+_NAME = f"ipfx_native_v1_{_cpu_tag()}"
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool once tried; "error": str
+
+
+def disabled() -> bool:
+    """``IPFX_NATIVE=0`` (or false/no/off): never build or use the native kernel."""
+    return os.environ.get("IPFX_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the native kernel is usable in this process; builds (or loads the cached build) on first call."""
+    if disabled():
+        return False
+    ok = _state.get("ok")
+    if ok is not None:
+        return ok
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _build()
+    return _state["ok"]
+
+
+def _build() -> bool:
+    try:
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)  # its import logs "No CUDA runtime is found" on CPU-only machines
+        from torch.utils import cpp_extension
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cpp_extension.load(name=_NAME, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                                   is_python_module=False, verbose=False)
+        finally:
+            log.setLevel(level)
+        torch.ops.ipfx_native.conv  # noqa: B018  (raises if the library did not register)
+        return True
+    except Exception as exc:  # no compiler, no ninja, a failed build: the torch path runs
+        _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        warnings.warn(
+            "ipfx: the native CPU kernel of torch.ops.ipfx.ip_conv / sparse_linear could not be built "
+            f"({_state['error']}); the slower pure-torch evaluation orders run instead. For the fast path "
+            "install a C++ compiler and ninja (e.g. `apt-get install g++` and `pip install ninja`, or "
+            "`pip install \"ipfx[native]\"`), then restart Python; set IPFX_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+
+def supports(x: Tensor) -> bool:
+    """The native kernel handles this input (CPU, float32/float64) and is available."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and available()
+
+
+def tile_for(c_in: int, K: int, itemsize: int) -> int:
+    """Positions per tile: the largest of 64/32/16 whose basis responses (c_in*K*tile numbers) fit 512 KiB."""
+    for tile in (64, 32):
+        if c_in * K * tile * itemsize <= 512 * 1024:
+            return tile
+    return 16
+
+
+def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
+         used: Tensor, g: dict, out_spatial) -> Tensor:
+    """Run the native conv (``x`` batched and contiguous; CSR of ``A[o, i*K + j]``; see the module docstring)."""
+    return torch.ops.ipfx_native.conv(
+        x, crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]), list(g["padding"]),
+        list(g["dilation"]), g["transposed"], list(out_spatial), tile_for(g["c_in"], g["K"], x.element_size()))
+
+
+def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``y = x @ W^T + bias`` for a 2-d ``x`` and ``W`` as CSR (int64 crow/col, values of x's dtype)."""
+    return torch.ops.ipfx_native.linear(x, crow, col, vals, bias)

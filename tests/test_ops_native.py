@@ -1,0 +1,173 @@
+"""The native CPU kernel of the fused ops (``ipfx.ops.native``) against the pure-torch path.
+
+Both paths run in every session: the native kernel is built once (cached in torch's extension directory;
+about 15 s on 2 cores the first time) and the torch orders need nothing. Where no compiler is present the
+native tests are skipped after checking that the fallback warns once and computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipfx.ops import SparseIPConv, SparseLinear, native
+from ipfx.ops.library import _run_sparse_linear
+from ipfx.ops.order import ORDER_BASIS_FIRST, ORDER_NATIVE
+from test_ops_ip_conv import (
+    ConvCase,
+    _case,
+    assert_close,
+    conv_cases,
+    dense_conv,
+    dense_weight,
+    error_scale,
+    make_tensors,
+    module_for,
+    op_call,
+)
+
+needs_native = pytest.mark.skipif(not native.available(), reason="the native kernel could not be built here")
+
+
+@needs_native
+@settings(max_examples=80, deadline=None)
+@given(case=conv_cases(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_native_agrees_with_the_torch_path(case: ConvCase, dtype):
+    """1/2/3-d, transposed, groups, stride, dilation, padding, output padding, odd sizes, nnz = 0, empty rows."""
+    t = make_tensors(case, dtype)
+    scale = error_scale(case, t)
+    torch_path = op_call(case, t, ORDER_BASIS_FIRST)
+    native_path = op_call(case, t, ORDER_NATIVE)
+    assert_close(native_path, torch_path, 1e-10 if dtype == torch.float64 else 1e-5, scale)
+    assert_close(native_path, dense_conv(case, t.x, dense_weight(case, t), t.bias),
+                 1e-10 if dtype == torch.float64 else 1e-5, scale)
+
+
+@needs_native
+@pytest.mark.parametrize("case", [
+    _case(c_in=40, c_out=24, spatial=(23, 31), batch=1),  # few tiles: threads over channels
+    _case(c_in=8, c_out=8, spatial=(40, 40), batch=3, basis_kind="none"),  # many tiles: threads over tiles
+    _case(c_in=300, c_out=5, spatial=(5, 4), kernel=(3, 3), sparsity=0.9),  # 16-position tiles (large c_in*K)
+], ids=range(3))
+def test_native_is_bitwise_equal_across_thread_counts(case):
+    t = make_tensors(case, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(op_call(case, t, ORDER_NATIVE))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert_close(outs[0], dense_conv(case, t.x, dense_weight(case, t), t.bias), 1e-5, error_scale(case, t))
+
+
+@needs_native
+def test_native_handles_empty_rows_and_no_coefficients():
+    case = _case(c_in=6, c_out=5, bias=True, basis_kind="random")
+    t = make_tensors(case)
+    t.coeff[1] = 0  # output channel 1: an empty CSR row (only the bias)
+    t.coeff[:, 2] = 0  # input channel 2 read by nothing (its basis responses are skipped)
+    y = op_call(case, t, ORDER_NATIVE)
+    assert torch.equal(y[:, 1], t.bias[1].expand_as(y[:, 1]))
+    assert_close(y, dense_conv(case, t.x, dense_weight(case, t), t.bias), 1e-10, error_scale(case, t))
+    t.coeff.zero_()
+    assert torch.equal(op_call(case, t, ORDER_NATIVE), t.bias.reshape(1, -1, 1, 1).expand(2, -1, 6, 5))
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(out_f=st.integers(1, 40), in_f=st.integers(1, 40), rows=st.integers(0, 70),
+       sparsity=st.one_of(st.just(1.0), st.floats(0.0, 1.0)), dtype=st.sampled_from([torch.float64, torch.float32]),
+       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_native_sparse_linear_agrees_with_the_torch_path(out_f, in_f, rows, sparsity, dtype, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen, dtype=dtype)
+    w = w * (torch.rand(w.shape, generator=gen) >= sparsity)
+    b = torch.randn(out_f, generator=gen, dtype=dtype) if bias else None
+    x = torch.randn(rows, in_f, generator=gen, dtype=dtype)
+    m = SparseLinear.from_weight(w, b)
+    args = (x, m.values, m.indices, m.bias, list(m.weight_shape))
+    y_native = _run_sparse_linear(*args, allow_native=True)
+    y_torch = _run_sparse_linear(*args, allow_native=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    scale = float((x.abs() @ w.abs().T).max()) + (float(b.abs().max()) if bias else 0.0) if rows else 0.0
+    assert_close(y_native, y_torch, tol, scale)
+    assert_close(m(x), F.linear(x, w, b), tol, scale)
+
+
+def test_without_a_compiler_the_torch_path_runs_with_one_warning(monkeypatch, tmp_path):
+    """A failed build (here: a missing source file) warns once, says how to get the fast path, and the op
+    computes the same numbers by the torch orders."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_SOURCE", "/nonexistent/ip_conv.cpp")
+    monkeypatch.setattr(native, "_NAME", "ipfx_native_missing")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # leave no build folder behind
+    case = _case()
+    t = make_tensors(case)
+    with pytest.warns(RuntimeWarning, match="ninja") as record:
+        y = op_call(case, t, ORDER_NATIVE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            op_call(case, t, 0)
+            with torch.no_grad():
+                module_for(case, t)(t.x)
+    assert sum("native CPU kernel" in str(w.message) for w in record) == 1
+    assert "g++" in str(record[0].message)
+    assert not native.available()
+    assert_close(y, dense_conv(case, t.x, dense_weight(case, t), t.bias), 1e-10, error_scale(case, t))
+
+
+def test_ipfx_native_0_turns_the_native_kernel_off(monkeypatch):
+    monkeypatch.setenv("IPFX_NATIVE", "0")
+    assert not native.available() and not native.supports(torch.zeros(1))
+    case = _case(basis_kind="none")
+    t = make_tensors(case)
+    assert_close(op_call(case, t, ORDER_NATIVE), dense_conv(case, t.x, dense_weight(case, t), t.bias), 1e-10,
+                 error_scale(case, t))
+
+
+def test_half_precision_and_other_inputs_take_the_torch_path():
+    assert not native.supports(torch.zeros(1, dtype=torch.bfloat16))
+    case = _case()
+    t = make_tensors(case, torch.bfloat16)
+    m = module_for(case, t)
+    with torch.no_grad():
+        assert m(t.x, ORDER_NATIVE).dtype == torch.bfloat16
+
+
+@needs_native
+def test_export_still_sees_one_op_when_the_native_kernel_runs():
+    case = _case()
+    t = make_tensors(case, torch.float32)
+    m = module_for(case, t).eval()
+    with torch.no_grad():
+        ep = torch.export.export(m, (t.x,))
+        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert targets == ["ipfx.ip_conv.default"], targets
+        assert torch.equal(ep.module()(t.x), m(t.x))
+    assert isinstance(m, SparseIPConv)
+
+
+def test_torch_compile_sees_one_op_and_runs_the_cpu_kernel():
+    """Dynamo traces the module to the custom op (through its fake kernel) and the compiled call runs the CPU
+    kernel: the same numbers as eager."""
+    case = _case()
+    t = make_tensors(case, torch.float32)
+    m = module_for(case, t).eval()
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        compiled = torch.compile(m, backend=backend, fullgraph=True)
+        assert torch.equal(compiled(t.x), m(t.x))
+    assert len(ops) == 1 and ops[0].startswith("ipfx.ip_conv"), ops  # dynamo graphs name the overload packet
