@@ -5,6 +5,8 @@
     capture (torch.export or symbolic tracing; checked against the model on example inputs)
       -> rewrite weights (each captured part's kernels -> coeff x mask x basis subgraphs)
       -> parametrize unreached weights (the selected weights no graph reads)
+      -> guard fallbacks (the original modules, reading the same coefficients, for call patterns
+         of optional arguments that a symbolic graph was not traced with)
 
 :func:`lower` is two: lower graphs (fuse, then fold, each graph's subgraphs) -> fold parametrized weights.
 Inputs are copied first, so the caller's model is never changed.
@@ -29,6 +31,7 @@ from .inputs import as_args, as_kwargs
 from .modes import ModeSwitch
 from .parametrize import is_parametrized
 from .passes.capture import FRONT_ENDS, Capture
+from .passes.guard_fallbacks import GuardFallbacks
 from .passes.lower_model import FoldParametrized, LowerGraphs
 from .passes.manager import PassManager
 from .passes.parametrize_unreached import ParametrizeUnreached
@@ -124,6 +127,7 @@ def transform(
                 given_graph=exported_program),
         RewriteParts(config, factory),
         ParametrizeUnreached(config, factory),
+        GuardFallbacks(),
     ])
     captured = pipeline(work)
     result, report = captured.model, captured.report

@@ -61,7 +61,9 @@ class ModeSwitch(SourceAttributes, nn.Module):
         return gm
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(self.training)(*args, **kwargs)
+        gm = self.graph_module(self.training)
+        gm.training = self.training  # what a guard's fallback runs in (ipfx.guards)
+        return gm(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return "one traced graph for train mode and one for eval mode, sharing these modules"

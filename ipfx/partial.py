@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .config import TransformConfig
 from .errors import TraceError
+from .guards import pattern_for
 from .modes import ModeSwitch
 from .source_attributes import keep_source
 from .tracing import STANDARD_TYPES, trace_modes
@@ -69,6 +70,7 @@ def capture_tree(
     partial: bool = True,
     path: str = "",
     report: TraceReport | None = None,
+    patterns: dict[str, frozenset[str]] | None = None,
 ) -> tuple[nn.Module, TraceReport]:
     """Capture ``module`` (already a private copy) as described in the module docstring."""
     report = report if report is not None else TraceReport()
@@ -84,8 +86,9 @@ def capture_tree(
     auto_leaves: list[str] = []
     while True:
         try:
+            pattern = pattern_for(module, None if patterns is None else patterns.get(path))
             traced, inlined, one_mode = trace_modes(module, config, user_leaves + auto_leaves,
-                                                    name_prefix=_prefix(path))
+                                                    name_prefix=_prefix(path), pattern=pattern)
             break
         except TraceError as exc:
             failed = getattr(exc, "module_path", "")
@@ -96,7 +99,7 @@ def capture_tree(
                 report.untraced.append((path, type(module).__name__, reason))
                 for name, child in list(module.named_children()):
                     new, _ = capture_tree(child, config, leaf_modules, partial=partial,
-                                            path=_join(path, name), report=report)
+                                          path=_join(path, name), report=report, patterns=patterns)
                     keep_source(new, child)
                     setattr(module, name, new)
                 return module, report
@@ -121,7 +124,8 @@ def capture_tree(
         parent = gm.get_submodule(parent_path) if parent_path else gm
         if getattr(parent, name) is not child:
             continue  # already replaced (the module is called more than once)
-        new, _ = capture_tree(child, config, leaf_modules, partial=partial, path=_join(path, leaf), report=report)
+        new, _ = capture_tree(child, config, leaf_modules, partial=partial, path=_join(path, leaf), report=report,
+                              patterns=patterns)
         keep_source(new, child)
         setattr(parent, name, new)
     return traced, report

@@ -16,6 +16,8 @@ import inspect
 import torch.fx as fx
 import torch.nn as nn
 
+from . import guards
+
 _SOURCE = "_ipfx_source_class"
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks, training, ...
 _PLAIN = (int, float, str, bool, tuple, list, dict, type(None))
@@ -42,7 +44,13 @@ class SourceAttributes:
 
 
 class CapturedGraphModule(SourceAttributes, fx.GraphModule):
-    """The ``GraphModule`` every ipfx front end returns."""
+    """The ``GraphModule`` every ipfx front end returns; calls are checked against the call pattern
+    symbolic tracing specialised (:mod:`ipfx.guards`), where there is one."""
+
+    def __call__(self, *args, **kwargs):
+        if guards.PATTERN in self.meta:
+            return guards.guarded_call(self, super().__call__, args, kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 def plain_attributes(old: nn.Module, new: nn.Module) -> dict:

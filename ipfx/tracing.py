@@ -21,6 +21,7 @@ import torch.nn as nn
 from .attention import attention_call, install_attention_kernels
 from .config import DEFAULT_MODULE_TYPES, TransformConfig
 from .errors import TraceError
+from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .source_attributes import CapturedGraphModule
 
@@ -81,20 +82,20 @@ class WeightTracer(fx.Tracer):
 
 
 def trace(
-    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = ""
+    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = "",
+    pattern: CallPattern | None = None,
 ) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
     """Trace ``model`` with :class:`WeightTracer`.
 
     Returns the ``GraphModule`` (named after the model's class, every module keeping the training
     flag of the module it stands for) and the standard modules that were traced through, by path.
     Raises :class:`TraceError` naming the module that failed and how to get past it; its ``module_path``
-    is the failing submodule's path ("" when the model's own forward failed).
+    is the failing submodule's path ("" when the model's own forward failed). ``pattern``: the optional
+    arguments traced as ``None`` (:mod:`ipfx.guards`), recorded on the graph.
     """
     tracer = WeightTracer(config, leaf_modules, name_prefix)
-    concrete = None
-    if isinstance(model, nn.modules.conv._ConvTransposeNd):
-        # forward(input, output_size=None): a placeholder for output_size would reach control flow
-        concrete = {"output_size": None}
+    # optional arguments that are None are traced as None, and the graph checks each call (ipfx.guards)
+    concrete = {name: None for name in pattern.none} if pattern is not None else None
     try:
         graph = tracer.trace(model, concrete_args=concrete)
     except Exception as exc:  # torch.fx raises many types; re-raise one, with the cause attached
@@ -107,11 +108,14 @@ def trace(
     gm._tracer_cls = gm.graph._tracer_cls = None
     install_attention_kernels(gm, tracer.attention)
     copy_module_state(gm, model)
+    if pattern is not None:
+        gm.meta[PATTERN] = pattern.as_tuple()
     return gm, tracer.inlined
 
 
 def trace_modes(
-    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = ""
+    model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = "",
+    pattern: CallPattern | None = None,
 ) -> tuple[fx.GraphModule | ModeSwitch, dict[str, nn.Module], str | None]:
     """:func:`trace` in the model's own mode and in the other one (:mod:`ipfx.modes`).
 
@@ -124,10 +128,10 @@ def trace_modes(
     # the first call): a trace would leave proxies there, and the second trace would read them.
     saved = {m: dict(vars(m)) for m in model.modules()}
     try:
-        gm, inlined = trace(model, config, leaf_modules, name_prefix)
+        gm, inlined = trace(model, config, leaf_modules, name_prefix, pattern)
         _restore(saved)
         model.train(not model.training)  # what a user's .train()/.eval() does, overrides included
-        other, other_inlined = trace(model, config, leaf_modules, name_prefix)
+        other, other_inlined = trace(model, config, leaf_modules, name_prefix, pattern)
     except TraceError as exc:
         if getattr(exc, "module_path", "") or "gm" not in locals():
             raise

@@ -405,3 +405,78 @@ def test_graph_modules_helper_sees_both_export_graphs():
         return [n.args[2] for n in gm.graph.nodes if "dropout" in str(n.target)]
 
     assert dropout_flags(graphs[True]) == [True] and dropout_flags(graphs[False]) in ([], [False])
+
+
+# -- call patterns of optional arguments (symbolic tracing) ----------------------------------------------------
+class Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, skip=None, scale=2.0):
+        if skip is not None:
+            x = x + skip
+        return self.conv(x) * scale
+
+
+def test_a_symbolic_graph_guards_the_optional_arguments_it_was_traced_without():
+    model, x = Skip(), torch.randn(2, 4, 5, 5)
+    t = ipfx.transform(model)  # no example inputs: traced with skip=None
+    assert_close(t(x), model(x), kind="guard: traced pattern")
+    assert_close(t(x, None, 3.0), model(x, None, 3.0), kind="guard: traced pattern, other scale")
+    with pytest.warns(UserWarning, match="traced with skip=None but is called with skip=given"):
+        assert_close(t(x, x), model(x, x), kind="guard: fallback")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per graph
+        t(x, skip=x)
+    randomize_masks(t, 0.4)
+    perturb_bases(t)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.conv.weight.copy_(t.conv.compose())
+    assert_close(t(x, skip=x), reference(x, x), kind="guard: the fallback reads the graph's coefficients")
+    t.conv.coeff.grad = None
+    t(x, skip=x).sum().backward()
+    assert t.conv.coeff.grad is not None  # training through the fallback reaches the same coefficients
+    copied = copy.deepcopy(t)
+    assert set(copied.state_dict()) == set(t.state_dict()) == {"conv.coeff", "conv.mask", "conv.basis", "conv.bias"}
+    assert_close(quiet(copied, x, x), quiet(t, x, x), kind="guard: fallback survives a copy")
+    lowered = ipfx.lower(t)
+    assert_close(quiet(lowered, x, x), quiet(t, x, x), kind="guard: lowered fallback")
+    assert not any(isinstance(m, ipfx.BasisWeight) for m in lowered.meta["ipfx_fallback"].modules())
+
+
+class Embeddings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.types = nn.Parameter(torch.randn(4))
+
+    def forward(self, x, token_type_ids=None):
+        if token_type_ids is None:
+            return self.proj(x)
+        return self.proj(x) + token_type_ids[..., None] * self.types
+
+
+class Encoder2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embeddings = Embeddings()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x, token_type_ids=None):
+        if x.sum() > -1e9:  # untraceable root: its children are captured on their own
+            x = self.embeddings(x, token_type_ids)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("traced_with", [None, "tokens"])
+def test_parts_traced_with_the_observed_pattern_fall_back_on_the_other(traced_with):
+    model, x, tokens = Encoder2(), torch.randn(2, 3, 4), torch.ones(2, 3)
+    example = {"token_type_ids": tokens} if traced_with else {}
+    t = quiet(ipfx.transform, model, example_inputs=(x,), example_kwargs=example, capture="symbolic")
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"embeddings.proj.weight", "out.weight"}
+    for call in ({}, {"token_type_ids": tokens}):
+        assert_close(quiet(t, x, **call), model(x, **call), kind="guard: partial part, both patterns")

@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..config import TransformConfig
 from ..errors import TraceError
 from ..export import export_modes
+from ..guards import record_patterns
 from ..partial import Part, TraceReport, capture_tree
 from .. import verify
 from .manager import Pass, PassOutcome
@@ -79,7 +80,11 @@ class Capture(Pass):
                 if self.front_end == "export":
                     raise
                 fallback = str(exc)
-        result, report = capture_tree(model, self.config, self.leaf_modules, partial=self.partial)
+        patterns = None
+        if self.args is not None:  # trace each forward with the optional arguments it is called with
+            reference = self.reference if self.reference is not None else model
+            patterns = record_patterns(reference, lambda: verify.run(reference, self.args, self.kwargs, False))
+        result, report = capture_tree(model, self.config, self.leaf_modules, partial=self.partial, patterns=patterns)
         if self.args is not None and self.reference is not None:
             try:
                 CheckCapture(self.reference, self.args, self.kwargs).check(result)

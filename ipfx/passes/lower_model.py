@@ -5,7 +5,8 @@
   :class:`~.lower_dense.LowerDense`, which folds whatever was not fused;
 * :class:`FoldParametrized`: every module in the parametrized form (:mod:`ipfx.parametrize`) gets its
   own class back with ``weight = compose(coeff, mask, basis)`` folded (tied modules share one folded
-  parameter). Untraced code reads these weights, so they are folded for either target.
+  parameter). Untraced code reads these weights, so they are folded for either target; so are the
+  fallbacks of guarded graphs (:mod:`ipfx.guards`).
 
 Postcondition of the pair: no coefficient weight is left.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from ..guards import FALLBACK
 from ..modes import ModeSwitch
 from ..parametrize import is_parametrized, unparametrize
 from ..reparam import BasisWeight
@@ -45,6 +47,16 @@ class LowerGraphs(Pass):
         return PassOutcome(model, bool(self.graphs), len(self.graphs))
 
 
+def _fallbacks(model: nn.Module) -> list[nn.Module]:
+    graphs = []
+    for module in model.modules():
+        if isinstance(module, ModeSwitch):
+            graphs += [module.graph_module(m) for m in (True, False)]
+        elif isinstance(module, fx.GraphModule):
+            graphs.append(module)
+    return [gm.meta[FALLBACK] for gm in graphs if FALLBACK in gm.meta]
+
+
 class FoldParametrized(Pass):
     name = "fold parametrized weights"
 
@@ -55,6 +67,10 @@ class FoldParametrized(Pass):
             if is_parametrized(module):  # a module listed twice is converted once
                 unparametrize(module, folded)
                 names.append(name)
+        for fallback in _fallbacks(model):  # what guarded graphs run for other call patterns (ipfx.guards)
+            for module in fallback.modules(remove_duplicate=False):
+                if is_parametrized(module):
+                    unparametrize(module, folded)
         return PassOutcome(model, bool(names), names)
 
     def ensures(self, model: nn.Module) -> None:

@@ -1,0 +1,70 @@
+"""Pass: give every guarded graph its fallback, the original module, reading the graph's coefficients.
+
+A symbolically traced graph assumes one pattern of optional arguments (:mod:`ipfx.guards`); a call
+with another runs the module's own forward instead. That forward is the original module object (the
+private copy's, as it was before capture): for it to compute what the graph computes, every weight the
+graph holds as coefficients must read as those same coefficients there too. So each original owner
+module of a rewritten ``<prefix>.weight`` gets the parametrized form sharing the graph's
+:class:`~ipfx.reparam.BasisWeight` tensors (:func:`ipfx.parametrize.parametrize_weight`): one
+``coeff``/``mask``/``basis``, read by either path, trained by either. The fallback is kept outside the
+module tree (``meta``, so it has no state-dict entries of its own). Where a rewritten weight is not a module's ``weight``
+(a raw ``self.w``), no fallback can read it, so none is given and a non-matching call raises.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..guards import FALLBACK, PATTERN
+from ..modes import ModeSwitch
+from ..parametrize import is_parametrized, parametrize_weight
+from ..reparam import BasisWeight
+from .manager import Pass, PassOutcome
+
+
+def _graphs(holder) -> list[fx.GraphModule]:
+    return [holder.graph_module(m) for m in (True, False)] if isinstance(holder, ModeSwitch) else [holder]
+
+
+class GuardFallbacks(Pass):
+    name = "guard fallbacks"
+
+    def call(self, captured) -> PassOutcome:
+        guarded = [(part, gm) for part in captured.parts for gm in _graphs(part.holder) if PATTERN in gm.meta]
+        if not guarded:
+            return PassOutcome(captured, False, [])
+        forms: dict[str, BasisWeight] = {}  # original owner path -> the graph's coefficient weight
+        raw = set()  # parts holding a rewritten parameter that is not a module's "weight"
+        for part in captured.parts:
+            for gm in _graphs(part.holder):
+                for name, m in gm.named_modules():
+                    if isinstance(m, BasisWeight) and not is_parametrized(m):
+                        if not m.weight_name.endswith(".weight") and m.weight_name != "weight":
+                            raw.add(part.path)
+                        owner = m.weight_name.rpartition(".")[0] if m.weight_name != "weight" else ""
+                        forms[_join(part.path, owner)] = m
+        holders: dict[int, list[nn.Module]] = {}
+        for module in captured.original.values():
+            weight = module._parameters.get("weight")
+            if isinstance(weight, nn.Parameter):
+                holders.setdefault(id(weight), []).append(module)
+        for path, form in forms.items():
+            original = captured.original.get(path)
+            weight = None if original is None else original._parameters.get("weight")
+            if original is form or not isinstance(weight, nn.Parameter) or tuple(weight.shape) != form.weight_shape:
+                continue
+            for holder in holders[id(weight)]:  # tied modules read one set of coefficients
+                parametrize_weight(holder, form)
+        given = []
+        for part, gm in guarded:
+            if any(p == part.path or p.startswith(_join(part.path, "")) or not part.path for p in raw):
+                continue
+            # in meta, not an attribute: no child module, no state-dict entries; meta is copied with the graph
+            gm.meta[FALLBACK] = captured.original[part.path]
+            given.append(part.path)
+        return PassOutcome(captured, bool(given), given)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
