@@ -6,7 +6,8 @@
 
 :func:`compose_weight` is written with torch functions only (``torch.mul``, ``torch.matmul``,
 ``torch.reshape``), so the same function serves every form: called on tensors it is the eager weight
-(:class:`~ipfx.reparam.BasisWeight`, the parametrized form, both lowerings, the pruning scores); called
+(:class:`~ipfx.reparam.BasisWeight`, the parametrized form, both lowerings, the pruning scores, the
+fused ops' dense rebuild); called
 on ``torch.fx`` proxies (:func:`emit_compose`) it records the rewrite pass's subgraph, whose exact chain
 :mod:`ipfx.passes.subgraphs` matches again.
 """
@@ -21,8 +22,9 @@ import torch.fx as fx
 
 def compose_weight(coeff, mask, basis, weight_shape: Sequence[int] | None, multiplies_basis: bool):
     """``reshape((mask * coeff) @ basis)`` (``basis`` only read when ``multiplies_basis``); no reshape
-    when ``weight_shape`` is None (the SP form's ``coeff`` already has the weight's shape)."""
-    weight = torch.mul(coeff, mask)
+    when ``weight_shape`` is None (the SP form's ``coeff`` already has the weight's shape). ``mask=None``:
+    ``coeff`` is already masked (the fused ops store the kept coefficients only)."""
+    weight = coeff if mask is None else torch.mul(coeff, mask)
     if multiplies_basis:
         weight = torch.matmul(weight, basis)
     if weight_shape is not None:

@@ -22,7 +22,6 @@ equals ``W`` up to float rounding.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from .reparam import STATE_NAMES, BasisWeight

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..compose import compose_weight
 from .geometry import _identity_unfold_applies
 from .storage import _cached, _coupling, _densify, _sparse_matrix, _storage_entry
 
@@ -144,9 +145,8 @@ def _dense_weight(g: dict, values: Tensor, indices: Tensor, flat, basis: Optiona
     def build():
         w0, w1 = g["weight_shape"][:2]
         c = _densify(values.to(like.dtype), flat(), w0 * w1 * g["K"]).reshape(w0, w1, g["K"])
-        if basis is not None:
-            c = c @ basis.to(dtype=like.dtype, device=like.device)
-        return c.reshape(g["weight_shape"])
+        b = None if basis is None else basis.to(dtype=like.dtype, device=like.device)
+        return compose_weight(c, None, b, g["weight_shape"], b is not None)
 
     key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
            like.dtype, like.device)

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..compose import compose_weight
 from ..errors import IPFXValueError
 from . import native
 from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _output_spatial, _tuple
@@ -155,9 +156,8 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
     def to_dense_weight(self) -> Tensor:
         """``W = reshape(C @ basis, weight_shape)`` (basis None = identity)."""
         c = self.coefficients()
-        if self.basis is not None:
-            c = c @ self.basis.to(c.dtype)
-        return c.reshape(self.weight_shape)
+        basis = None if self.basis is None else self.basis.to(c.dtype)
+        return compose_weight(c, None, basis, self.weight_shape, basis is not None)
 
     def forward(self, x: Tensor, order: int = ORDER_AUTO) -> Tensor:
         if _eager_inference(x):  # same computation, without the dispatcher and re-checking the geometry

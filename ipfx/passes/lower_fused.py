@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..compose import compose_weight
 from ..ops import SparseIPConv, SparseLinear
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
 from ..kernels import kernel_call
@@ -102,7 +103,7 @@ class LowerFused(PassBase):
 
 def _fused_module(module: BasisWeight, kind: str, dims: int, geometry: dict, bias):
     with torch.no_grad():
-        masked = (module.coeff * module.mask).detach()
+        masked = compose_weight(module.coeff, module.mask, None, None, False).detach()  # C = mask * coeff
         if kind == "linear":
             return SparseLinear.from_weight(masked, bias), None
         kernel = module.weight_shape[2:]
