@@ -12,6 +12,9 @@ tests/test_zoo.py), it measures:
   export time), and whether ``ep.module()(*args, **kwargs)`` equals ``model(*args, **kwargs)``: every tensor
   of the output, relative to its largest magnitude, within 1e-4 (the RNG seeded the same before each call);
   in training mode it first checks that the output does not depend on the seed (no dropout left on);
+* sensitivity: how much the training-mode output changes (relative) when every weight changes by float32
+  rounding (1e-7, relative): training-mode batch norm over tiny feature maps can amplify rounding so much
+  that no comparison at 1e-4 is meaningful; entries above 3e-5 are flagged;
 * fx: whether ``torch.fx.symbolic_trace(model)`` traces the model (in eval mode) and the trace computes the
   same outputs ("ok"), traces but computes something else or fails when called ("wrong"/"call"), or does
   not trace ("fails").
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import dataclasses
 import gc
 import json
@@ -51,6 +55,7 @@ class Check:
     status: dict = dataclasses.field(default_factory=dict)  # "eval"/"train"/"fx" -> "ok" or what went wrong
     error: float = float("nan")  # worst relative error of the exported modules
     fx_error: str = ""  # why symbolic tracing failed (the first line of the exception)
+    sensitivity: float = float("nan")  # training-mode output change under 1e-7 relative weight noise
 
     @property
     def exports(self) -> bool:
@@ -75,6 +80,20 @@ def _call(fn, args, kwargs, seed=1):
     torch.manual_seed(seed)
     with torch.no_grad():
         return fn(*args, **kwargs)
+
+
+SENSITIVE = 3e-5
+
+
+def sensitivity(model, args, kwargs, reference) -> float:
+    """Worst relative change of the outputs when every weight is scaled by ``1 + 1e-7 * N(0, 1)``."""
+    noisy = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=g).to(p.dtype))
+    worst, _ = test_zoo.compare(_call(noisy, args, kwargs), reference, "zoo libraries: sensitivity")
+    return worst
 
 
 def check(entry: zoo_libraries.Entry) -> Check:
@@ -111,6 +130,9 @@ def check(entry: zoo_libraries.Entry) -> Check:
                 _, bad = test_zoo.compare(_call(model, args, kwargs, seed=2), reference[mode], "zoo libraries: seeds")
                 if bad:  # some dropout-like randomness is left on: the comparison would be meaningless
                     raise AssertionError(f"training mode depends on the seed: {bad[0]}")
+                c.sensitivity = sensitivity(model, args, kwargs, reference[mode])
+                if c.sensitivity > SENSITIVE:
+                    raise AssertionError(f"ill-conditioned in training mode: {c.sensitivity:.1e}")
             t0 = time.perf_counter()
             ep = torch.export.export(model, args, kwargs, strict=False)
             c.export_s[mode] = time.perf_counter() - t0
@@ -140,7 +162,7 @@ def main(argv=None) -> int:
     if args.family:
         entries = [e for e in entries if e.family in args.family]
     print(f"{'entry':44s} {'params':>7s} {'build':>6s} {'export eval':>11s} {'export train':>12s} {'err':>8s} "
-          f"{'fx':>6s}  status", flush=True)
+          f"{'sens':>8s} {'fx':>6s}  status", flush=True)
     checks = []
     for entry in entries:
         c = check(entry)
@@ -150,7 +172,7 @@ def main(argv=None) -> int:
         status = "ok" if not problems else "; ".join(f"[{k}] {v}" for k, v in problems.items())
         times = [f"{c.export_s[m]:.2f}s" if m in c.export_s else "-" for m in ("eval", "train")]
         print(f"{c.id:44s} {c.params / 1e6:6.1f}M {c.build_s:5.2f}s {times[0]:>11s} {times[1]:>12s} "
-              f"{c.error:8.1e} {c.status.get('fx', '-'):>6s}  {status}", flush=True)
+              f"{c.error:8.1e} {c.sensitivity:8.1e} {c.status.get('fx', '-'):>6s}  {status}", flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(dataclasses.asdict(c)) + "\n")

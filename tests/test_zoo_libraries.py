@@ -6,8 +6,8 @@ example_kwargs=kwargs)``, and :func:`test_library_model` asserts:
 
 (a) rewritten: ``ipfx.rewritten_weights(t)`` names exactly the weights of :func:`kernel_weight_names`:
     every conv/transposed conv/linear module's weight (subclasses included, e.g. timm's ``StdConv2dSame``),
-    ``nn.MultiheadAttention``'s input projections, weights behind a parametrization (wav2vec2's weight-norm
-    positional conv) under the name the module reads, and nothing else;
+    ``nn.MultiheadAttention``'s input projections, the direction behind a weight-norm parametrization
+    (wav2vec2's positional conv), under every name a shared module has, and nothing else;
 (b) outputs preserved: ``t`` computes ``model``'s outputs in eval mode and, after ``t.train()``, in
     training mode (every output tensor relative to its largest magnitude, 1e-4, see test_zoo.compare);
 (c) dense lowering: after random masks and perturbed bases, ``ipfx.lower(t, "dense")`` computes ``t``'s
@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 import ipfx
 import zoo_libraries
 from helpers import perturb_bases, randomize_masks
-from test_zoo import KERNEL_TYPES, calibrate_batch_norm, compare, kernel_weights, randomize_constant_parameters
+from test_zoo import KERNEL_TYPES, calibrate_batch_norm, compare, randomize_constant_parameters
 from zoo_libraries import ALL, BY_ID, FAST, Entry
 
 zoo_libraries.offline()  # before any Hugging Face library is imported by a test
@@ -45,29 +45,30 @@ zoo_libraries.offline()  # before any Hugging Face library is imported by a test
 def kernel_weight_names(model: nn.Module) -> set[str]:
     """The weights transform must rewrite, by the names ``rewritten_weights`` reports.
 
-    test_zoo.kernel_weights (conv/linear module weights that are parameters, MultiheadAttention's input
-    projections), plus, for every conv/linear module whose weight is a parametrization (weight norm: the
-    module reads ``<module>.weight``, computed from ``parametrizations.weight.original0/1``), the
-    parametrization's largest original of the kernel's rank (the direction ``v``; the magnitude ``g``
-    scales it), which is the parameter that becomes coefficients; each
-    parameter under its first name when modules share it, less the weights that alias an ``nn.Embedding``'s
-    table (a tied output projection: the embedding owns it; none of the catalogue's heads ties at present).
+    As test_zoo.kernel_weights (the ``weight`` of every conv/linear module, subclasses included, and
+    MultiheadAttention's input projections), but under every name the weight has in the state dict (a module
+    or parameter that two parents share is listed under both paths, as MONAI's DynUNet and timm's CoaT do),
+    plus, for every conv/linear module whose weight is a parametrization (weight norm: the module reads
+    ``<module>.weight``, computed from ``parametrizations.weight.original0/1``), the parametrization's
+    largest original of the kernel's rank (the direction ``v``; the magnitude ``g`` scales it), which is the
+    parameter that becomes coefficients, less the weights that alias an ``nn.Embedding``'s table (a tied
+    output projection: the embedding owns it; none of the catalogue's heads ties at present).
     """
-    names = kernel_weights(model)
-    for name, m in model.named_modules():
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    names = set()
+    for name, m in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
         if isinstance(m, KERNEL_TYPES) and parametrize.is_parametrized(m, "weight"):
             rank = m.weight.dim()
-            originals = [(p.numel(), f"{name}.parametrizations.weight.{n}")
-                         for n, p in m.parametrizations.weight.named_parameters(recurse=False) if p.dim() == rank]
+            originals = [(p.numel(), f"{prefix}parametrizations.weight.{key}")
+                         for key, p in m.parametrizations.weight.named_parameters(recurse=False) if p.dim() == rank]
             names.add(max(originals)[1])
-    first_name = {id(p): name for name, p in model.named_parameters()}
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name, m in model.named_modules():
-        weight = m._parameters.get("weight") if isinstance(m, KERNEL_TYPES) else None
-        if weight is not None and f"{name}.weight" in names:
-            names.discard(f"{name}.weight")
-            if id(weight) not in embedded:
-                names.add(first_name[id(weight)])
+        elif isinstance(m, KERNEL_TYPES) and isinstance(m._parameters.get("weight"), nn.Parameter):
+            if id(m.weight) not in embedded:
+                names.add(f"{prefix}weight")
+        elif isinstance(m, nn.MultiheadAttention):
+            names |= {f"{prefix}{p}" for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                      if m._parameters.get(p) is not None}
     return names
 
 
@@ -125,9 +126,9 @@ def test_every_timm_architecture_with_same_padding_or_standardised_convs_is_in_t
     layer) pair timm has must occur in some timm entry of the catalogue, so new ones show up here."""
     timm = pytest.importorskip("timm")
 
-    def pairs(name: str, **kwargs) -> set[tuple[str, str]]:
+    def pairs(name: str) -> set[tuple[str, str]]:
         with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, **kwargs)
+            model = timm.create_model(name, pretrained=False)
         return {(type(model).__module__, v) for v in _timm_variants(model)}
 
     in_timm = set().union(*(pairs(name) for name in timm.list_models()))
