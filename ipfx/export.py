@@ -52,7 +52,7 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule 
         for m, flag in flags.items():
             m.training = flag
     if graphs[True].code == graphs[False].code:
-        return graphs[own]
+        return graphs[own].train(own)  # ep.module() comes in train mode whatever the model's was
     return ModeSwitch(graphs[True], graphs[False], training=own)
 
 
@@ -87,6 +87,13 @@ def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "Gr
             graph.erase_node(node)
     gm = CapturedGraphModule(exported, graph, class_name=class_name)
     gm._tracer_cls = gm.graph._tracer_cls = None
+    # GraphModule registers every tensor it copies as a persistent buffer; export's lifted constants
+    # (lifted_tensor_N) and the model's non-persistent buffers are not in the state dict, and stay out
+    persistent = set(exported.state_dict())
+    for name, _ in list(gm.named_buffers()):
+        if name not in persistent:
+            owner, _, leaf = name.rpartition(".")
+            gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     gm.meta["ipfx_capture"] = "export"
     return gm
 

@@ -480,3 +480,28 @@ def test_parts_traced_with_the_observed_pattern_fall_back_on_the_other(traced_wi
     assert {w.name for w in ipfx.rewritten_weights(t)} == {"embeddings.proj.weight", "out.weight"}
     for call in ({}, {"token_type_ids": tokens}):
         assert_close(quiet(t, x, **call), model(x, **call), kind="guard: partial part, both patterns")
+
+
+class Plain(nn.Module):
+    """No batch norm, no dropout: one graph for both modes; a tensor constant export lifts."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.offset = torch.arange(4.0)  # a plain tensor attribute: export lifts it as a constant
+        self.register_buffer("scratch", torch.zeros(1), persistent=False)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) + self.offset + self.scratch
+
+
+def test_export_keeps_the_mode_and_the_state_dict_of_the_model():
+    model, x = Plain().eval(), torch.randn(2, 3, 6, 6)
+    t = ipfx.transform(model, example_inputs=(x,))
+    assert isinstance(t, fx.GraphModule) and not t.training
+    assert not any(m.training for m in t.modules())
+    assert_close(t(x), model(x), kind="export: one graph for both modes")
+    lowered = ipfx.lower(t)
+    assert set(lowered.state_dict()) == set(model.state_dict()) == {"conv.weight", "conv.bias"}
+    Plain().load_state_dict(lowered.state_dict(), strict=True)
