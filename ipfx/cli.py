@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", type=arg.output_folder, default="ipfx-compare",
                       help="output folder (default: ./ipfx-compare)")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp_.add_argument("--keep-checkpoints", action="store_true",
+                      help="keep each finished run's checkpoint in OUT/checkpoints (every run checkpoints at epoch "
+                           "ends, so that a killed run resumes from its last epoch; by default a finished run's "
+                           "checkpoint is deleted)")
+    cmp_.add_argument("--_stop-after-epoch", dest="stop_after_epoch", type=arg.positive_int, default=None,
+                      help=argparse.SUPPRESS)  # test hook: stop every run after this epoch, as a kill would
 
     ins = sub.add_parser("inspect", help="what transform rewrites, per-layer sparsity and parameter counts",
                          description="MODEL is a model name (built-in or torchvision), a torch.export program "
@@ -84,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .experiments.engine import StopRequested
+
     parser = build_parser()
     args = parser.parse_args(argv)
     command_line = "ipfx " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -105,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except StopRequested as exc:  # the --_stop-after-epoch test hook: a kill, simulated
+        print(f"ipfx {args.command}: {exc}; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
 
@@ -136,7 +147,9 @@ def compare(args, command_line: str) -> None:
     store = ResultStore(out / "results.jsonl")
     print(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
           f"{len(dataset.test_y)} test); results in {store.path}")
-    records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line)
+    records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line,
+                    checkpoints=out / "checkpoints", keep_checkpoints=args.keep_checkpoints,
+                    stop_after_epoch=args.stop_after_epoch)
     table = markdown_table(records)
     (out / "results.md").write_text(f"Command: `{command_line}`\n\n{table}\n")
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
+from . import checkpoint as ckpt
 from .data import Dataset
 from .engine import RunSpec, run
 from .store import ResultStore
@@ -27,16 +30,33 @@ def grid(base: RunSpec, methods: Sequence[str], sparsities: Sequence[float], spa
 
 
 def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, device="cpu", progress=True,
-          command: str | None = None, log=print) -> list[dict]:
+          command: str | None = None, log=print, checkpoints: str | os.PathLike | None = None,
+          keep_checkpoints: bool = False, stop_after_epoch: int | None = None) -> list[dict]:
+    """Run what ``store`` does not hold yet, one run after another, appending each record as it finishes.
+
+    With ``checkpoints`` (a folder) every run saves its state there at epoch ends, as
+    ``<folder>/<run name>.pt``, and a run killed midway resumes from it when the sweep is rerun; a
+    finished run's checkpoint is deleted once its record is in the store, unless ``keep_checkpoints``.
+    ``stop_after_epoch`` is a test hook passed to :func:`~.engine.run`.
+    """
     specs = list(specs)
     done = store.done()
     todo = [s for s in specs if s.key() not in done]
     if len(todo) < len(specs):
         log(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already in {store.path}")
     for i, spec in enumerate(todo, 1):
-        record = run(spec, dataset, device=device, progress=progress, command=command)
+        path = checkpoint_path(checkpoints, spec)
+        record = run(spec, dataset, device=device, progress=progress, command=command, checkpoint=path, log=log,
+                     stop_after_epoch=stop_after_epoch)
         store.append(record)
+        if not keep_checkpoints:
+            ckpt.remove(path)
         log(f"[{i}/{len(todo)}] {spec.method:9s} {spec.space} sparsity {spec.sparsity:<6g} seed {spec.seed}: "
             f"accuracy {100 * record['accuracy']:.2f}% ({record['seconds']:.0f} s)")
     return [r for r in store.records() if tuple(r.get(k) for k in RunSpec.__dataclass_fields__) in
             {s.key() for s in specs}]
+
+
+def checkpoint_path(folder: str | os.PathLike | None, spec: RunSpec) -> Path | None:
+    """Where ``spec``'s checkpoint lives in ``folder`` (None: no checkpoints)."""
+    return None if folder is None else Path(folder) / f"{ckpt.run_name(spec)}.pt"
