@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", type=arg.output_folder, default="ipfx-compare",
                       help="output folder (default: ./ipfx-compare)")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp_.add_argument("--workers", type=arg.positive_int, default=1,
+                      help="run the runs of the sweep in this many worker processes on this machine (default 1: "
+                           "one after another in this process); each worker gets --threads torch threads, by "
+                           "default an equal share of the cores")
     cmp_.add_argument("--keep-checkpoints", action="store_true",
                       help="keep each finished run's checkpoint in OUT/checkpoints (every run checkpoints at epoch "
                            "ends, so that a killed run resumes from its last epoch; by default a finished run's "
@@ -149,7 +153,7 @@ def compare(args, command_line: str) -> None:
           f"{len(dataset.test_y)} test); results in {store.path}")
     records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line,
                     checkpoints=out / "checkpoints", keep_checkpoints=args.keep_checkpoints,
-                    stop_after_epoch=args.stop_after_epoch)
+                    stop_after_epoch=args.stop_after_epoch, workers=args.workers, threads=args.threads)
     table = markdown_table(records)
     (out / "results.md").write_text(f"Command: `{command_line}`\n\n{table}\n")
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
