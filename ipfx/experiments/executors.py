@@ -84,3 +84,61 @@ def _run_one(spec: RunSpec, store_path: str, device: str, command: str | None, c
     if not keep_checkpoint:
         ckpt.remove(checkpoint)
     return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def run_on_ray(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *, address: str | None,
+               cpus_per_run: float, gpus_per_run: float, threads: int | None, device, command: str | None,
+               checkpoints, keep_checkpoints: bool, stop_after_epoch: int | None,
+               on_record: Callable[[RunSpec, dict], None]) -> None:
+    """Run ``todo`` as Ray tasks, each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs.
+
+    ``address`` None starts a local Ray for this sweep (and stops it at the end); otherwise it names an
+    existing cluster (``auto``, ``host:port``, ``ray://host:port``), whose nodes must see the output
+    folder (a shared file system) and have ipfx installed. The dataset is put into Ray's object store
+    once. The first failed run stops the sweep: the other tasks are cancelled and the error is raised.
+    """
+    import ray
+
+    from .sweep import checkpoint_path
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONPATH": _import_path()}} if address is None else None)
+    try:
+        task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(_ray_run)
+        data = ray.put(dataset)
+        threads = threads or max(1, int(cpus_per_run))
+        refs = {task.remote(spec, data, threads, str(store.path), str(device), command,
+                            checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch): spec
+                for spec in todo}
+        pending = list(refs)
+        try:
+            while pending:
+                finished, pending = ray.wait(pending, num_returns=1)
+                on_record(refs[finished[0]], ray.get(finished[0]))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_run(spec, dataset, threads, store_path, device, command, checkpoint, keep_checkpoint, stop_after_epoch):
+    """One run as a Ray task: as in a pool worker, with the dataset from the object store."""
+    global _DATASET
+    _start_worker(dataset, threads)
+    try:
+        return _run_one(spec, store_path, device, command, checkpoint, keep_checkpoint, stop_after_epoch)
+    finally:
+        _DATASET = None
+
+
+def _import_path() -> str:
+    """The folder this ipfx is imported from, ahead of the rest: local Ray workers then import the
+    same ipfx as this process (a source checkout, not another installed copy)."""
+    here = str(Path(__file__).resolve().parents[2])
+    rest = os.environ.get("PYTHONPATH", "")
+    return here + (os.pathsep + rest if rest else "")

@@ -32,7 +32,8 @@ def grid(base: RunSpec, methods: Sequence[str], sparsities: Sequence[float], spa
 def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, device="cpu", progress=True,
           command: str | None = None, log=print, checkpoints: str | os.PathLike | None = None,
           keep_checkpoints: bool = False, stop_after_epoch: int | None = None, workers: int = 1,
-          threads: int | None = None) -> list[dict]:
+          threads: int | None = None, executor: str = "local", ray_address: str | None = None,
+          cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[dict]:
     """Run what ``store`` does not hold yet (one after another, or in worker processes), appending each
     record as it finishes.
 
@@ -41,7 +42,8 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     finished run's checkpoint is deleted once its record is in the store, unless ``keep_checkpoints``.
     With ``workers`` > 1 the runs go to that many worker processes (:mod:`.executors`), each with
     ``threads`` torch threads (default: an equal share of the cores); records are the same as in one
-    process with the same thread count.
+    process with the same thread count. ``executor="ray"`` runs them as Ray tasks instead, with
+    ``cpus_per_run``/``gpus_per_run`` each, on a local Ray or the cluster at ``ray_address``.
     ``stop_after_epoch`` is a test hook passed to :func:`~.engine.run`.
     """
     specs = list(specs)
@@ -57,7 +59,13 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
         log(f"[{finished}/{len(todo)}] {spec.method:9s} {spec.space} sparsity {spec.sparsity:<6g} seed {spec.seed}: "
             f"accuracy {100 * record['accuracy']:.2f}% ({record['seconds']:.0f} s)")
 
-    if workers > 1 and len(todo) > 1:
+    if executor == "ray" and todo:
+        from .executors import run_on_ray
+
+        run_on_ray(todo, dataset, store, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                   threads=threads, device=device, command=command, checkpoints=checkpoints,
+                   keep_checkpoints=keep_checkpoints, stop_after_epoch=stop_after_epoch, on_record=report)
+    elif workers > 1 and len(todo) > 1:
         from .executors import run_in_pool
 
         run_in_pool(todo, dataset, store, workers=min(workers, len(todo)), threads=threads, device=device,
