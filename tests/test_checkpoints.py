@@ -24,7 +24,7 @@ def masks(model):
 
 @pytest.mark.parametrize("method", ["snip", "gmp", "rigl", "set", "imp"])
 def test_a_run_killed_after_an_epoch_resumes_to_the_same_end(method, digits, tmp_path):
-    spec = RunSpec(model="cnn", width=4, data="digits", method=method, sparsity=0.9, epochs=3, batch_size=128,
+    spec = RunSpec(model="cnn", width=4, data="digits", method=method, sparsity=0.9, epochs=2, batch_size=128,
                    imp_rewind=0.3 if method == "imp" else None)
     whole = run(spec, digits, progress=False, keep_model=True)
     path = tmp_path / "run.pt"

@@ -9,13 +9,19 @@ import torch
 
 from ipfx.cli import main
 from ipfx.experiments import ResultStore
+from ipfx.experiments import store as store_module
 
 TINY = ["--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "2", "--batch-size", "256",
         "--sparsities", "0.9", "--seeds", "0,1", "--methods", "random", "--no-progress", "--threads", "1"]
 
+# the store's file alone (it needs neither torch nor the rest of ipfx to append), so the writers start at once
+# and their appends overlap
 WRITER = """
-import sys
-from ipfx.experiments.store import ResultStore
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("store", sys.argv[4])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+ResultStore = module.ResultStore
 store, writer, n = ResultStore(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 for i in range(n):
     store.append({"writer": writer, "i": i, "padding": "x" * (5000 + 37 * i)})  # long lines: several writes
@@ -23,8 +29,9 @@ for i in range(n):
 
 
 def test_concurrent_appends_lose_and_duplicate_nothing(tmp_path):
-    path, writers, n = tmp_path / "results.jsonl", 4, 150
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n)]) for w in range(writers)]
+    path, writers, n = tmp_path / "results.jsonl", 4, 300
+    source = store_module.__file__
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n), source]) for w in range(writers)]
     assert [p.wait(timeout=120) for p in procs] == [0] * writers
     lines = path.read_text().splitlines()
     assert len(lines) == writers * n

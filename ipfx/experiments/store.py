@@ -20,14 +20,10 @@ import os
 import warnings
 from pathlib import Path
 
-from .engine import RunSpec
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; one writer at a time is then the user's to ensure
     fcntl = None
-
-_FIELDS = [f.name for f in dataclasses.fields(RunSpec)]
 
 
 class ResultStore:
@@ -63,7 +59,11 @@ class ResultStore:
         return out
 
     def done(self) -> set[tuple]:
-        return {tuple(r.get(k) for k in _FIELDS) for r in self.records()}
+        """The keys (:meth:`RunSpec.key`) of the runs the store holds."""
+        from .engine import RunSpec  # here, not at the top: writing records needs neither torch nor the engine
+
+        fields = [f.name for f in dataclasses.fields(RunSpec)]
+        return {tuple(r.get(k) for k in fields) for r in self.records()}
 
     def append(self, record: dict) -> None:
         """Add one record as one line, safely when other processes append at the same time."""
