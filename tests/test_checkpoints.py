@@ -77,3 +77,12 @@ def test_keep_checkpoints_keeps_them(tmp_path):
     kept, = (out / "checkpoints").glob("*.pt")
     assert kept.name.startswith("cnn-random-ip-s0.9-seed0-")
     assert torch.load(kept, weights_only=True)["epoch"] == 1  # the last epoch end before the end of training
+
+
+def test_a_checkpoint_left_by_a_run_that_was_stored_is_cleaned_up(tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["compare", *TINY, "--epochs", "2", "--methods", "random", "--out", str(out),
+                 "--keep-checkpoints"]) == 0
+    assert list((out / "checkpoints").glob("*.pt"))  # as if killed between the record and the deletion
+    assert main(["compare", *TINY, "--epochs", "2", "--methods", "random", "--out", str(out)]) == 0
+    assert not (out / "checkpoints").exists() and len((out / "results.jsonl").read_text().splitlines()) == 1

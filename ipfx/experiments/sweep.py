@@ -51,6 +51,10 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     todo = [s for s in specs if s.key() not in done]
     if len(todo) < len(specs):
         log(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already in {store.path}")
+        if not keep_checkpoints:  # a kill between storing a record and deleting the checkpoint leaves one behind
+            for spec in specs:
+                if spec.key() in done:
+                    ckpt.remove(checkpoint_path(checkpoints, spec))
     finished = 0
 
     def report(spec: RunSpec, record: dict) -> None:
