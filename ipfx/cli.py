@@ -67,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", type=arg.output_folder, default="ipfx-compare",
                       help="output folder (default: ./ipfx-compare)")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp_.add_argument("--workers", type=arg.positive_int, default=1,
+                      help="run the runs of the sweep in this many worker processes on this machine (default 1: "
+                           "one after another in this process); each worker gets --threads torch threads, by "
+                           "default an equal share of the cores")
+    cmp_.add_argument("--executor", type=arg.one_of(("local", "ray"), "executor"), default="local",
+                      help="local (this machine: one process, or --workers processes) or ray (Ray tasks on a local "
+                           "Ray or the cluster at --ray-address; needs the ray extra: pip install 'ipfx[ray]')")
+    cmp_.add_argument("--cpus-per-run", type=arg.positive_float, default=None,
+                      help="ray: CPUs each run asks for (default 1; also its torch threads unless --threads)")
+    cmp_.add_argument("--gpus-per-run", type=arg.non_negative_count, default=None,
+                      help="ray: GPUs each run asks for (default 0; a fraction shares a GPU); use with --device cuda")
+    cmp_.add_argument("--ray-address", type=arg.ray_address, default=None,
+                      help="ray: an existing cluster (auto, host:port or ray://host:port; default: start a local Ray "
+                           "for this sweep). Its nodes must see --out and have ipfx installed")
+    cmp_.add_argument("--keep-checkpoints", action="store_true",
+                      help="keep each finished run's checkpoint in OUT/checkpoints (every run checkpoints at epoch "
+                           "ends, so that a killed run resumes from its last epoch; by default a finished run's "
+                           "checkpoint is deleted)")
+    cmp_.add_argument("--_stop-after-epoch", dest="stop_after_epoch", type=arg.positive_int, default=None,
+                      help=argparse.SUPPRESS)  # test hook: stop every run after this epoch, as a kill would
 
     ins = sub.add_parser("inspect", help="what transform rewrites, per-layer sparsity and parameter counts",
                          description="MODEL is a model name (built-in or torchvision), a torch.export program "
@@ -84,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .experiments.engine import StopRequested
+
     parser = build_parser()
     args = parser.parse_args(argv)
     command_line = "ipfx " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -106,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except StopRequested as exc:  # the --_stop-after-epoch test hook: a kill, simulated
+        print(f"ipfx {args.command}: {exc}; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -117,6 +142,7 @@ def compare(args, command_line: str) -> None:
 
     started = time.time()
     _check_imp_options(args)
+    _check_executor_options(args)
     dataset = load_dataset(args.data, args.data_root)
     used = min(len(dataset.train_y), args.train_subset or len(dataset.train_y))
     if args.batch_size > used:  # the engine would find out only inside the first run
@@ -136,7 +162,11 @@ def compare(args, command_line: str) -> None:
     store = ResultStore(out / "results.jsonl")
     print(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
           f"{len(dataset.test_y)} test); results in {store.path}")
-    records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line)
+    records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line,
+                    checkpoints=out / "checkpoints", keep_checkpoints=args.keep_checkpoints,
+                    stop_after_epoch=args.stop_after_epoch, workers=args.workers, threads=args.threads,
+                    executor=args.executor, ray_address=args.ray_address,
+                    cpus_per_run=args.cpus_per_run or 1.0, gpus_per_run=args.gpus_per_run or 0.0)
     table = markdown_table(records)
     (out / "results.md").write_text(f"Command: `{command_line}`\n\n{table}\n")
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
@@ -151,6 +181,30 @@ def _check_imp_options(args) -> None:
     if given and "imp" not in args.methods:
         raise _error(f"argument {given[0]}: applies to the imp method only; add imp to --methods "
                      f"(now {','.join(args.methods)})")
+
+
+def _check_executor_options(args) -> None:
+    """Options of the other executor are a mistake (they would change nothing), and so is a GPU per
+    run that the runs would not use; Ray must be importable before the data is loaded."""
+    ray_given = [name for name, value in (("--cpus-per-run", args.cpus_per_run), ("--gpus-per-run", args.gpus_per_run),
+                                          ("--ray-address", args.ray_address)) if value is not None]
+    if args.executor != "ray":
+        if ray_given:
+            raise _error(f"argument {ray_given[0]}: applies to --executor ray only; add --executor ray")
+        return
+    if args.workers != 1:
+        raise _error("argument --workers: applies to --executor local only; with ray, set --cpus-per-run "
+                     "(Ray runs as many runs at once as the resources allow)")
+    if (args.gpus_per_run or 0) > 0 and not args.device.startswith("cuda"):
+        raise _error(f"argument --gpus-per-run: the runs use --device {args.device}; add --device cuda")
+    if args.device.startswith("cuda") and not args.gpus_per_run:
+        raise _error("argument --device: Ray hides the GPUs from a run that asks for none; add --gpus-per-run "
+                     "(e.g. 1, or 0.5 to share a GPU between two runs)")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise _error("--executor ray needs Ray, which is not installed; pip install 'ipfx[ray]' "
+                     "(or pip install ray)") from None
 
 
 def inspect_model(args) -> None:

@@ -52,6 +52,21 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def non_negative_count(text: str) -> float:
+    """A finite number >= 0, fractions allowed (GPUs per run: 0.5 lets two runs share one GPU)."""
+    return non_negative_float(text)
+
+
+def ray_address(text: str) -> str:
+    """Where a Ray cluster is: ``auto`` (the one this machine is part of), ``host:port`` or
+    ``ray://host:port`` (Ray Client); anything else would only fail inside ``ray.init``."""
+    import re
+
+    if text == "auto" or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", text):
+        return text
+    raise Error(f"must be auto, host:port or ray://host:port, got {text!r}")
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1) (momentum, a sparsity, IMP's rewind point)."""
     value = _number(text, float, "a number in [0, 1)")

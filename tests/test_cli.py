@@ -60,7 +60,8 @@ def test_a_killed_run_leaves_a_cut_line_that_is_redone(tmp_path):
     store.append({"method": "random"})
     with store.path.open("a") as f:
         f.write('{"method": "sni')  # the process died while writing
-    assert len(store.records()) == 1
+    with pytest.warns(UserWarning, match="line 2 is cut"):
+        assert len(store.records()) == 1
 
 
 def test_runs_are_reproducible_and_sp_ip_share_their_start(digits):
@@ -155,6 +156,12 @@ def parse_error(args, capsys) -> tuple[int, str]:
     ("--width", "-4", "must be a positive integer, got -4"),
     ("--train-subset", "0", "must be a positive integer, got 0"),
     ("--threads", "0", "must be a positive integer, got 0"),
+    ("--workers", "0", "must be a positive integer, got 0"),
+    ("--workers", "two", "must be a positive integer, got 'two'"),
+    ("--executor", "dask", "unknown executor 'dask'; choose from local, ray"),
+    ("--cpus-per-run", "0", "must be a positive number, got 0"),
+    ("--gpus-per-run", "-1", "must be a non-negative number, got -1"),
+    ("--ray-address", "my cluster", "must be auto, host:port or ray://host:port, got 'my cluster'"),
     ("--lr", "-1", "must be a positive number, got -1"),
     ("--lr", "0", "must be a positive number, got 0"),
     ("--lr", "nan", "must be a positive number, got 'nan'"),
@@ -383,3 +390,15 @@ def test_compare_refuses_imp_options_that_cannot_apply(tmp_path, capsys):
     assert code == 2 and line.endswith("argument --imp-rewind: must be a number in [0, 1), got 1")
     code, line = parse_error(["compare", "--imp-rounds", "0"], capsys)
     assert code == 2 and line.endswith("argument --imp-rounds: must be a positive integer, got 0")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cpus-per-run", "2"], "argument --cpus-per-run: applies to --executor ray only; add --executor ray"),
+    (["--ray-address", "auto"], "argument --ray-address: applies to --executor ray only"),
+    (["--executor", "ray", "--workers", "2"], "argument --workers: applies to --executor local only"),
+    (["--executor", "ray", "--gpus-per-run", "1"], "argument --gpus-per-run: the runs use --device cpu; add --device"),
+])
+def test_compare_refuses_executor_options_that_cannot_apply(extra, message, tmp_path, capsys):
+    code, err = run_cli(["compare", *TINY, "--out", str(tmp_path), *extra], capsys)
+    assert code == 2 and err.startswith(f"ipfx compare: error: {message}"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "results.jsonl").exists()

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,6 +35,7 @@ from ..api import sparsity as model_sparsity
 from ..api import transform
 from ..errors import IPFXValueError
 from ..pruning import prune
+from . import checkpoint as ckpt
 from .data import Dataset
 from .models import build_model
 
@@ -148,6 +151,11 @@ def imp_plan(spec: RunSpec, steps_per_epoch: int) -> IMPPlan:
     return IMPPlan(rewind_step=int(f * round_steps / (1.0 - f)), round_steps=round_steps, rounds=rounds)
 
 
+class StopRequested(Exception):
+    """Raised by ``run(..., stop_after_epoch=k)`` after epoch ``k``'s checkpoint is written: a test's
+    stand-in for a run killed at that point."""
+
+
 def run(
     spec: RunSpec,
     dataset: Dataset,
@@ -156,8 +164,17 @@ def run(
     progress: bool = True,
     command: str | None = None,
     keep_model: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    stop_after_epoch: int | None = None,
 ) -> dict:
-    """Train one configuration and return its record (a JSON-serialisable dict)."""
+    """Train one configuration and return its record (a JSON-serialisable dict).
+
+    With ``checkpoint`` (a file path) the run saves its state there at every epoch end and, when the
+    file already holds this run's state, resumes from it (saying so through ``log``); the caller
+    removes the file once the record is safe (:func:`ipfx.experiments.checkpoint.remove`).
+    ``stop_after_epoch`` is a test hook: raise :class:`StopRequested` after that epoch's checkpoint.
+    """
     spec.validate()
     device = torch.device(device)
     started = time.time()
@@ -176,37 +193,56 @@ def run(
     schedule = _prune_at_start(spec, model, data, device, generator, total_steps)
     optimizer = _optimizer(spec, model)
     lr_at = _lr_schedule(spec, plan.run_steps if plan else total_steps)
+    path = Path(checkpoint) if checkpoint is not None else None
+    at = _Position()
+    saved = ckpt.load(path, spec.key()) if path is not None else None
+    if saved is not None:
+        schedule = _restore(saved, spec, model, optimizer, schedule, generator, plan, at)
+        log(f"resuming {describe(spec)} from its checkpoint after epoch {at.epoch} (step {at.step} of {steps})")
     bar = _progress(total_steps, f"{spec.method} {spec.space} s={spec.sparsity:g} seed={spec.seed}", progress)
-    step, loss_sum, loss_count = 0, 0.0, 0
+    if bar is not None and at.step:
+        bar.update(at.step)
     model.train()
-    for x, y in _batches(data, spec.batch_size, generator, steps):
-        if plan is not None and step == plan.rewind_step:
-            schedule = _imp(spec, model, plan, optimizer)  # saves the rewind point
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(plan.lr_position(step) if plan else step)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        step += 1
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        if bar is not None:
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}")
+    while at.step < steps:
+        for x, y in data.train_batches(spec.batch_size, generator):
+            if plan is not None and at.step == plan.rewind_step:
+                schedule = _imp(spec, model, plan, optimizer)  # saves the rewind point
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(plan.lr_position(at.step) if plan else at.step)
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            at.step += 1
+            at.loss_sum, at.loss_count = at.loss_sum + loss.item(), at.loss_count + 1
+            if bar is not None:
+                bar.update(1)
+                if at.step % 20 == 0:
+                    bar.set_postfix(loss=f"{at.loss_sum / at.loss_count:.3f}")
+            if at.step == steps:  # the budget ends here (inside an epoch only for IMP)
+                break
+        else:  # a whole epoch: the next one's order depends on `generator` alone, so save here
+            at.epoch += 1
+            if path is not None and at.step < steps:
+                at.seconds = saved_seconds(saved) + time.time() - started
+                ckpt.save(path, _snapshot(spec, model, optimizer, schedule, generator, device, at))
+            if stop_after_epoch is not None and at.epoch >= stop_after_epoch:
+                if bar is not None:
+                    bar.close()
+                raise StopRequested(f"stopped after epoch {at.epoch} (stop_after_epoch={stop_after_epoch})")
     if bar is not None:
         bar.close()
     accuracy = evaluate(model, dataset, device)
     record = dataclasses.asdict(spec)
     record.update(
         accuracy=accuracy,
-        final_train_loss=loss_sum / max(loss_count, 1),
+        final_train_loss=at.loss_sum / max(at.loss_count, 1),
         achieved_sparsity=model_sparsity(model),
-        steps=step,
+        steps=at.step,
         budget_steps=steps_per_epoch * spec.epochs,
-        seconds=round(time.time() - started, 2),
+        seconds=round(saved_seconds(saved) + time.time() - started, 2),
         dataset_name=dataset.name,
         train_images=len(data.train_y),
         versions=versions(),
@@ -214,11 +250,67 @@ def run(
         device=str(device),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+    if saved is not None:
+        record["resumed_from_epoch"] = int(saved["epoch"])
     if plan is not None:
         record.update(imp_rewind_step=plan.rewind_step, imp_round_steps=plan.round_steps)
     if keep_model:
         record["_model"] = model
     return record
+
+
+def describe(spec: RunSpec) -> str:
+    """One run in a few words, for log lines."""
+    return f"run {spec.method} {spec.space} sparsity {spec.sparsity:g} seed {spec.seed}"
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where a run is: what a checkpoint stores besides tensors (the step fixes the learning rate)."""
+
+    step: int = 0
+    epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    seconds: float = 0.0
+
+
+def saved_seconds(saved: dict | None) -> float:
+    """Training time spent before the resume, so that a record's ``seconds`` is the whole run's."""
+    return float(saved["seconds"]) if saved is not None else 0.0
+
+
+def _snapshot(spec, model, optimizer, schedule, generator, device, at: _Position) -> dict:
+    """The state of a run at an epoch end, as tensors and plain values (``torch.load(weights_only=True)``)."""
+    return {
+        "key": list(spec.key()),
+        **dataclasses.asdict(at),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": None if schedule is None else schedule.state_dict(),
+        "data_order": generator.get_state(),
+        "rng": ckpt.rng_state(device),
+    }
+
+
+def _restore(saved, spec, model, optimizer, schedule, generator, plan, at: _Position):
+    """Load a checkpoint into a run set up as from scratch; returns the schedule to use from here on.
+
+    The setup (model, one-shot pruning, schedule) is redone first, so that every object exists, then
+    every state is overwritten by the saved one. IMP's schedule only exists after the rewind point, so
+    it is built here when the saved run had one.
+    """
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if saved["schedule"] is not None:
+        if schedule is None and plan is not None:
+            schedule = _imp(spec, model, plan, optimizer)
+        schedule.load_state_dict(saved["schedule"])
+    generator.set_state(saved["data_order"])
+    ckpt.set_rng_state(saved["rng"])
+    for field in dataclasses.fields(at):
+        setattr(at, field.name, type(getattr(at, field.name))(saved[field.name]))
+    return schedule
 
 
 @torch.no_grad()
@@ -237,18 +329,6 @@ def versions() -> dict:
 
     return {"ipfx": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
-
-
-def _batches(data: Dataset, batch_size: int, generator: torch.Generator, steps: int):
-    """``steps`` training batches: shuffled epochs one after another, the last one cut where the steps end
-    (whole epochs for every method but IMP, whose rounds need not end at an epoch's end)."""
-    done = 0
-    while done < steps:
-        for batch in data.train_batches(batch_size, generator):
-            yield batch
-            done += 1
-            if done == steps:
-                return
 
 
 def _imp(spec: RunSpec, model: nn.Module, plan: IMPPlan, optimizer: torch.optim.Optimizer):

@@ -1,19 +1,29 @@
 """The result store: one JSON record per finished run, appended to a JSON-lines file.
 
 A sweep asks the store which runs are done and skips them, so a killed sweep resumes where it
-stopped; a run killed midway leaves no record and is simply run again.
+stopped; a run killed midway leaves no record and is run again (from its checkpoint, if it has one).
+
+Several processes may append at once (``ipfx compare --workers N``, or several sweeps sharing one
+folder): each record is one line, written with a single ``write`` under an exclusive lock on the
+file (``fcntl.flock``), then flushed and fsynced, so no record is lost, duplicated or interleaved with
+another. A process killed while writing can still leave a cut last line: reading reports it (a
+warning naming the line) and skips it, so that run is redone, and the next append starts on a new
+line instead of gluing its record to the fragment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
-from .engine import RunSpec
-
-_FIELDS = [f.name for f in dataclasses.fields(RunSpec)]
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer at a time is then the user's to ensure
+    fcntl = None
 
 
 class ResultStore:
@@ -21,26 +31,68 @@ class ResultStore:
         self.path = Path(path)
 
     def records(self) -> list[dict]:
+        """Every whole record; a cut or unreadable line is reported (one warning) and skipped.
+
+        A line is a record when it parses as a JSON object (a record whose newline alone was cut is
+        whole); a write cut earlier leaves a fragment that does not parse.
+        """
         if not self.path.exists():
             return []
-        out = []
+        out, bad = [], []
         with self.path.open() as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:  # a line cut by a kill: that run is redone
-                        continue
+            for number, line in enumerate(f, 1):
+                text = line.strip()
+                if not text:
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError:
+                    bad.append(number)
+                    continue
+                if not isinstance(record, dict):
+                    bad.append(number)
+                    continue
+                out.append(record)
+        if bad:
+            warnings.warn(f"{self.path}: line {', '.join(map(str, bad))} is cut or not a record (a run killed while "
+                          f"writing?); skipped, so that run is redone", stacklevel=2)
         return out
 
     def done(self) -> set[tuple]:
-        return {tuple(r.get(k) for k in _FIELDS) for r in self.records()}
+        """The keys (:meth:`RunSpec.key`) of the runs the store holds."""
+        from .engine import RunSpec  # here, not at the top: writing records needs neither torch nor the engine
+
+        fields = [f.name for f in dataclasses.fields(RunSpec)]
+        return {tuple(r.get(k) for k in fields) for r in self.records()}
 
     def append(self, record: dict) -> None:
+        """Add one record as one line, safely when other processes append at the same time."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         clean = {k: v for k, v in record.items() if not k.startswith("_")}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        with self.path.open("ab") as f, _locked(f):
+            if f.tell() and not _ends_with_newline(self.path):  # after a cut line: start a new one
+                line = "\n" + line
+            f.write(line.encode())
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _locked(f):
+    """Hold an exclusive lock on the open file ``f`` (no-op where ``fcntl`` does not exist)."""
+    if fcntl is None:
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        f.seek(0, os.SEEK_END)  # another writer may have grown the file while we waited
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

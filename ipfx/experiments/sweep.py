@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
+from . import checkpoint as ckpt
 from .data import Dataset
 from .engine import RunSpec, run
 from .store import ResultStore
@@ -27,16 +30,64 @@ def grid(base: RunSpec, methods: Sequence[str], sparsities: Sequence[float], spa
 
 
 def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, device="cpu", progress=True,
-          command: str | None = None, log=print) -> list[dict]:
+          command: str | None = None, log=print, checkpoints: str | os.PathLike | None = None,
+          keep_checkpoints: bool = False, stop_after_epoch: int | None = None, workers: int = 1,
+          threads: int | None = None, executor: str = "local", ray_address: str | None = None,
+          cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[dict]:
+    """Run what ``store`` does not hold yet (one after another, or in worker processes), appending each
+    record as it finishes.
+
+    With ``checkpoints`` (a folder) every run saves its state there at epoch ends, as
+    ``<folder>/<run name>.pt``, and a run killed midway resumes from it when the sweep is rerun; a
+    finished run's checkpoint is deleted once its record is in the store, unless ``keep_checkpoints``.
+    With ``workers`` > 1 the runs go to that many worker processes (:mod:`.executors`), each with
+    ``threads`` torch threads (default: an equal share of the cores); records are the same as in one
+    process with the same thread count. ``executor="ray"`` runs them as Ray tasks instead, with
+    ``cpus_per_run``/``gpus_per_run`` each, on a local Ray or the cluster at ``ray_address``.
+    ``stop_after_epoch`` is a test hook passed to :func:`~.engine.run`.
+    """
     specs = list(specs)
     done = store.done()
     todo = [s for s in specs if s.key() not in done]
     if len(todo) < len(specs):
         log(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already in {store.path}")
-    for i, spec in enumerate(todo, 1):
-        record = run(spec, dataset, device=device, progress=progress, command=command)
-        store.append(record)
-        log(f"[{i}/{len(todo)}] {spec.method:9s} {spec.space} sparsity {spec.sparsity:<6g} seed {spec.seed}: "
+        if not keep_checkpoints:  # a kill between storing a record and deleting the checkpoint leaves one behind
+            for spec in specs:
+                if spec.key() in done:
+                    ckpt.remove(checkpoint_path(checkpoints, spec))
+    finished = 0
+
+    def report(spec: RunSpec, record: dict) -> None:
+        nonlocal finished
+        finished += 1
+        log(f"[{finished}/{len(todo)}] {spec.method:9s} {spec.space} sparsity {spec.sparsity:<6g} seed {spec.seed}: "
             f"accuracy {100 * record['accuracy']:.2f}% ({record['seconds']:.0f} s)")
+
+    if executor == "ray" and todo:
+        from .executors import run_on_ray
+
+        run_on_ray(todo, dataset, store, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                   threads=threads, device=device, command=command, checkpoints=checkpoints,
+                   keep_checkpoints=keep_checkpoints, stop_after_epoch=stop_after_epoch, on_record=report)
+    elif workers > 1 and len(todo) > 1:
+        from .executors import run_in_pool
+
+        run_in_pool(todo, dataset, store, workers=min(workers, len(todo)), threads=threads, device=device,
+                    command=command, checkpoints=checkpoints, keep_checkpoints=keep_checkpoints,
+                    stop_after_epoch=stop_after_epoch, on_record=report)
+    else:
+        for spec in todo:
+            path = checkpoint_path(checkpoints, spec)
+            record = run(spec, dataset, device=device, progress=progress, command=command, checkpoint=path,
+                         log=log, stop_after_epoch=stop_after_epoch)
+            store.append(record)
+            if not keep_checkpoints:
+                ckpt.remove(path)
+            report(spec, record)
     return [r for r in store.records() if tuple(r.get(k) for k in RunSpec.__dataclass_fields__) in
             {s.key() for s in specs}]
+
+
+def checkpoint_path(folder: str | os.PathLike | None, spec: RunSpec) -> Path | None:
+    """Where ``spec``'s checkpoint lives in ``folder`` (None: no checkpoints)."""
+    return None if folder is None else Path(folder) / f"{ckpt.run_name(spec)}.pt"

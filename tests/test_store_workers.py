@@ -1,0 +1,75 @@
+"""The result store under concurrent appends, cut lines, and sweeps run in worker processes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ipfx.cli import main
+from ipfx.experiments import ResultStore
+from ipfx.experiments import store as store_module
+
+TINY = ["--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "2", "--batch-size", "256",
+        "--sparsities", "0.9", "--seeds", "0,1", "--methods", "random", "--no-progress", "--threads", "1"]
+
+# the store's file alone (it needs neither torch nor the rest of ipfx to append), so the writers start at once
+# and their appends overlap
+WRITER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("store", sys.argv[4])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+ResultStore = module.ResultStore
+store, writer, n = ResultStore(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    store.append({"writer": writer, "i": i, "padding": "x" * (5000 + 37 * i)})  # long lines: several writes
+"""
+
+
+def test_concurrent_appends_lose_and_duplicate_nothing(tmp_path):
+    path, writers, n = tmp_path / "results.jsonl", 4, 300
+    source = store_module.__file__
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(n), source]) for w in range(writers)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * writers
+    lines = path.read_text().splitlines()
+    assert len(lines) == writers * n
+    seen = [(r["writer"], r["i"]) for r in map(json.loads, lines)]  # every line is one whole record
+    assert sorted(seen) == [(w, i) for w in range(writers) for i in range(n)]
+
+
+def test_a_cut_last_line_is_reported_skipped_and_not_glued_to_the_next_record(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append({"method": "random"})
+    with store.path.open("a") as f:
+        f.write('{"method": "sn')  # the writer was killed halfway through the line
+    with pytest.warns(UserWarning, match=r"line 2 is cut .* that run is redone"):
+        assert [r["method"] for r in store.records()] == ["random"]
+    store.append({"method": "gmp"})
+    with pytest.warns(UserWarning, match="line 2 is cut"):
+        assert [r["method"] for r in store.records()] == ["random", "gmp"]
+    assert store.path.read_text().splitlines()[2] == '{"method": "gmp"}'
+
+
+def test_two_workers_give_the_records_of_one_also_after_a_kill_and_resume(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    two = ["compare", *TINY, "--out", str(tmp_path / "two"), "--workers", "2"]
+    try:
+        assert main(["compare", *TINY, "--out", str(tmp_path / "one")]) == 0
+        assert main([*two, "--_stop-after-epoch", "1"]) == 130  # the workers' runs are killed after epoch 1
+        assert "stopped after epoch 1" in capsys.readouterr().err
+        assert list((tmp_path / "two" / "checkpoints").glob("*.pt"))
+        assert main(two) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "[4/4]" in capsys.readouterr().out
+
+    def by_run(name):
+        records = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        return records, {(r["seed"], r["space"]): (r["accuracy"], r["final_train_loss"]) for r in records}
+
+    (_, one), (records, two) = by_run("one"), by_run("two")
+    assert len(records) == 4 and two == one  # same seeds, same thread count: the same numbers
+    assert any(r.get("resumed_from_epoch") == 1 for r in records)  # some came back from a checkpoint
+    assert not (tmp_path / "two" / "checkpoints").exists()
