@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             inspect_model(args)
     except IPFXError as exc:
-        print(f"ipfx {args.command}: error: {exc}", file=sys.stderr)
+        from .experiments.parallel import launched_rank
+
+        if launched_rank() == 0:  # under torchrun, one line from rank 0 rather than one per process
+            print(f"ipfx {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
@@ -140,9 +143,27 @@ def compare(args, command_line: str) -> None:
     from .experiments.models import build_model
     from .experiments.sweep import grid
 
+    from .experiments import parallel
+
     started = time.time()
     _check_imp_options(args)
     _check_executor_options(args)
+    _check_parallel_options(args)
+    args.device = parallel.init_from_env(args.device)
+    try:
+        _compare(args, command_line, started)
+        parallel.barrier()  # the other ranks wait for rank 0's table and plot
+    finally:
+        parallel.shutdown()
+
+
+def _compare(args, command_line: str, started: float) -> None:
+    from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, parallel, plot, sweep
+    from .experiments.engine import imp_plan
+    from .experiments.models import build_model
+    from .experiments.sweep import grid
+
+    say = print if parallel.is_main() else (lambda *a, **k: None)
     dataset = load_dataset(args.data, args.data_root)
     used = min(len(dataset.train_y), args.train_subset or len(dataset.train_y))
     if args.batch_size > used:  # the engine would find out only inside the first run
@@ -160,13 +181,15 @@ def compare(args, command_line: str) -> None:
             break
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
-    print(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
+    say(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
           f"{len(dataset.test_y)} test); results in {store.path}")
     records = sweep(specs, dataset, store, device=args.device, progress=not args.no_progress, command=command_line,
                     checkpoints=out / "checkpoints", keep_checkpoints=args.keep_checkpoints,
                     stop_after_epoch=args.stop_after_epoch, workers=args.workers, threads=args.threads,
                     executor=args.executor, ray_address=args.ray_address,
                     cpus_per_run=args.cpus_per_run or 1.0, gpus_per_run=args.gpus_per_run or 0.0)
+    if not parallel.is_main():
+        return
     table = markdown_table(records)
     (out / "results.md").write_text(f"Command: `{command_line}`\n\n{table}\n")
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
@@ -181,6 +204,25 @@ def _check_imp_options(args) -> None:
     if given and "imp" not in args.methods:
         raise _error(f"argument {given[0]}: applies to the imp method only; add imp to --methods "
                      f"(now {','.join(args.methods)})")
+
+
+def _check_parallel_options(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1) every run is data-parallel over all the processes: the global
+    --batch-size must split into equal shards, and the runs of the sweep go one after another."""
+    from .experiments.parallel import launched_world
+
+    n = launched_world()
+    if n <= 1:
+        return
+    if args.workers != 1 or args.executor != "local":
+        option = "--workers" if args.workers != 1 else "--executor"
+        raise _error(f"argument {option}: not with torchrun ({n} processes train each run together); drop {option}")
+    if args.batch_size % n:
+        raise _error(f"argument --batch-size: the global batch must be divisible by the {n} processes, "
+                     f"got {args.batch_size}")
+    if args.device.startswith("cuda:"):
+        raise _error(f"argument --device: under torchrun use --device cuda (each process takes cuda:LOCAL_RANK), "
+                     f"got {args.device}")
 
 
 def _check_executor_options(args) -> None:

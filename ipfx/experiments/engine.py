@@ -36,6 +36,7 @@ from ..api import transform
 from ..errors import IPFXValueError
 from ..pruning import prune
 from . import checkpoint as ckpt
+from . import parallel
 from .data import Dataset
 from .models import build_model
 
@@ -183,6 +184,12 @@ def run(
     model = build_model(spec.model, dataset.num_classes, dataset.in_channels, spec.width)
     model = transform(model, space=spec.space).to(device)
     generator = torch.Generator().manual_seed(spec.seed)
+    ranks = parallel.world()  # > 1 under torchrun: each rank trains on its shard of every global batch
+    if spec.batch_size % ranks:
+        raise IPFXValueError(f"batch size {spec.batch_size} is not divisible by the {ranks} processes; "
+                             f"use a multiple of {ranks}")
+    if not parallel.is_main():
+        progress, log = False, (lambda line: None)
     steps_per_epoch = len(data.train_y) // spec.batch_size
     if steps_per_epoch == 0:
         raise IPFXValueError(f"batch size {spec.batch_size} is larger than the training set ({len(data.train_y)})")
@@ -199,6 +206,7 @@ def run(
     if saved is not None:
         schedule = _restore(saved, spec, model, optimizer, schedule, generator, plan, at)
         log(f"resuming {describe(spec)} from its checkpoint after epoch {at.epoch} (step {at.step} of {steps})")
+    net = parallel.prepare(model, device) if ranks > 1 else model  # train through net; save model
     bar = _progress(total_steps, f"{spec.method} {spec.space} s={spec.sparsity:g} seed={spec.seed}", progress)
     if bar is not None and at.step:
         bar.update(at.step)
@@ -209,14 +217,17 @@ def run(
                 schedule = _imp(spec, model, plan, optimizer)  # saves the rewind point
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(plan.lr_position(at.step) if plan else at.step)
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            if ranks > 1:
+                x, y = parallel.shard(x, y)
+            loss = F.cross_entropy(net(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if schedule is not None:
                 schedule.step()
             at.step += 1
-            at.loss_sum, at.loss_count = at.loss_sum + loss.item(), at.loss_count + 1
+            step_loss = parallel.mean_over_ranks(loss) if ranks > 1 else loss.item()
+            at.loss_sum, at.loss_count = at.loss_sum + step_loss, at.loss_count + 1
             if bar is not None:
                 bar.update(1)
                 if at.step % 20 == 0:
@@ -225,7 +236,7 @@ def run(
                 break
         else:  # a whole epoch: the next one's order depends on `generator` alone, so save here
             at.epoch += 1
-            if path is not None and at.step < steps:
+            if path is not None and at.step < steps and parallel.is_main():
                 at.seconds = saved_seconds(saved) + time.time() - started
                 ckpt.save(path, _snapshot(spec, model, optimizer, schedule, generator, device, at))
             if stop_after_epoch is not None and at.epoch >= stop_after_epoch:
@@ -234,7 +245,7 @@ def run(
                 raise StopRequested(f"stopped after epoch {at.epoch} (stop_after_epoch={stop_after_epoch})")
     if bar is not None:
         bar.close()
-    accuracy = evaluate(model, dataset, device)
+    accuracy = parallel.evaluate(model, dataset, device) if ranks > 1 else evaluate(model, dataset, device)
     record = dataclasses.asdict(spec)
     record.update(
         accuracy=accuracy,
@@ -248,6 +259,7 @@ def run(
         versions=versions(),
         command=command or " ".join(sys.argv),
         device=str(device),
+        processes=ranks,
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     if saved is not None:

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 
 from . import checkpoint as ckpt
 from .data import Dataset
+from . import parallel
 from .engine import RunSpec, run
 from .store import ResultStore
 
@@ -47,11 +48,19 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     ``stop_after_epoch`` is a test hook passed to :func:`~.engine.run`.
     """
     specs = list(specs)
+    main = parallel.is_main()  # under torchrun every rank trains every run; rank 0 alone writes
+    if not main:
+        log = lambda line: None  # noqa: E731
+    elif parallel.active() and (executor != "local" or workers > 1):
+        from ..errors import IPFXValueError
+
+        raise IPFXValueError("a data-parallel sweep (torchrun) runs its runs one after another; drop --workers/--executor")
     done = store.done()
+    parallel.barrier()  # every rank has read the store before rank 0 appends to it
     todo = [s for s in specs if s.key() not in done]
     if len(todo) < len(specs):
         log(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already in {store.path}")
-        if not keep_checkpoints:  # a kill between storing a record and deleting the checkpoint leaves one behind
+        if not keep_checkpoints and main:  # a kill between storing a record and deleting the checkpoint leaves one behind
             for spec in specs:
                 if spec.key() in done:
                     ckpt.remove(checkpoint_path(checkpoints, spec))
@@ -80,10 +89,12 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
             path = checkpoint_path(checkpoints, spec)
             record = run(spec, dataset, device=device, progress=progress, command=command, checkpoint=path,
                          log=log, stop_after_epoch=stop_after_epoch)
-            store.append(record)
-            if not keep_checkpoints:
-                ckpt.remove(path)
+            if main:
+                store.append(record)
+                if not keep_checkpoints:
+                    ckpt.remove(path)
             report(spec, record)
+    parallel.barrier()  # rank 0's records are all in the store
     return [r for r in store.records() if tuple(r.get(k) for k in RunSpec.__dataclass_fields__) in
             {s.key() for s in specs}]
 
