@@ -146,8 +146,24 @@ def transform(
         warnings.warn("an ExportedProgram holds the graph of one training mode; the transformed model computes "
                       "that mode in train and in eval mode. Pass the nn.Module with example_inputs=... to "
                       "capture both", stacklevel=2)
+    _warn_raw_kernels(captured)
     _warn_lost_hooks(original, result)
     return result
+
+
+def _warn_raw_kernels(captured) -> None:
+    """Raw conv-shaped parameters (``self.w``) of modules kept as Python code: without a graph nobody can
+    tell whether they are kernels, so they stay as they are; say so rather than leave them silently."""
+    found = []
+    for path, _, _ in captured.report.untraced:
+        module = captured.model.get_submodule(path) if path else captured.model
+        found += [f"{path}.{name}" if path else name for name, p in module._parameters.items()
+                  if name != "weight" and isinstance(p, nn.Parameter) and p.dim() >= 3]
+    if found:
+        warnings.warn(
+            f"ipfx.transform kept {len(found)} conv-shaped parameter(s) of untraced Python code as they are: "
+            f"{', '.join(found[:8])}{' ...' if len(found) > 8 else ''}. If they are kernels (F.conv*(x, self.w)), "
+            "pass example_inputs=... so torch.export can capture that code, or make it traceable", stacklevel=3)
 
 
 def lower(model: nn.Module, target: str = "dense") -> nn.Module:

@@ -505,3 +505,24 @@ def test_export_keeps_the_mode_and_the_state_dict_of_the_model():
     lowered = ipfx.lower(t)
     assert set(lowered.state_dict()) == set(model.state_dict()) == {"conv.weight", "conv.bias"}
     Plain().load_state_dict(lowered.state_dict(), strict=True)
+
+
+def test_raw_kernels_of_untraced_code_are_reported_and_captured_by_export():
+    class RawUntraced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            if x.shape[-1] > 2:  # a size test: untraceable by torch.fx, fine for torch.export
+                return F.conv2d(x, self.w)
+            return x
+
+    model, x = RawUntraced(), torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="conv-shaped parameter.*: w\\."):
+        quiet_off = ipfx.transform(model, capture="symbolic")
+    assert isinstance(quiet_off.w, nn.Parameter)
+    t = ipfx.transform(model, example_inputs=(x,))  # export captures the call: w is a kernel
+    assert [(w.name, w.capture) for w in ipfx.rewritten_weights(t)] == [("w", "export")]
+    assert_close(t(x), model(x), kind="export: raw kernel of untraceable code")
