@@ -112,6 +112,13 @@ class ModeSwitch(SourceAttributes, nn.Module):
         self.split(combined)
 
 
+def graphs_of(holder: fx.GraphModule | ModeSwitch) -> list[fx.GraphModule]:
+    """The graph modules ``holder`` runs: a ModeSwitch's two, or the graph module itself."""
+    if isinstance(holder, ModeSwitch):
+        return [holder.graph_module(True), holder.graph_module(False)]
+    return [holder]
+
+
 def _constant_key(node: fx.Node, env: dict, shared: set) -> tuple | None:
     """A key equal for equal computations from weights only (``get_attr`` and what is computed from them).
 

@@ -86,6 +86,22 @@ def parametrize_weight(owner: nn.Module, form: BasisWeight) -> nn.Module:
     return owner
 
 
+def weight_holders(modules) -> dict[int, list[nn.Module]]:
+    """Modules holding each ``weight`` parameter, by the parameter's id (more than one: a tie)."""
+    holders: dict[int, list[nn.Module]] = {}
+    for module in modules:
+        weight = module._parameters.get("weight")
+        if isinstance(weight, nn.Parameter):
+            holders.setdefault(id(weight), []).append(module)
+    return holders
+
+
+def parametrize_tied(holders: dict[int, list[nn.Module]], weight: nn.Parameter, form: BasisWeight) -> None:
+    """:func:`parametrize_weight` every module holding ``weight``, all with ``form``'s one set of tensors."""
+    for holder in holders[id(weight)]:
+        parametrize_weight(holder, form)
+
+
 def unparametrize(module: ParametrizedWeight, folded: dict | None = None) -> nn.Module:
     """Fold ``module`` back into its own class holding a plain ``weight`` parameter (dense lowering).
 
@@ -112,4 +128,5 @@ def is_parametrized(module: nn.Module) -> bool:
     return isinstance(module, ParametrizedWeight)
 
 
-__all__ = ["ParametrizedWeight", "parametrize_weight", "unparametrize", "is_parametrized"]
+__all__ = ["ParametrizedWeight", "parametrize_weight", "parametrize_tied", "weight_holders", "unparametrize",
+           "is_parametrized"]

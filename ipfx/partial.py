@@ -25,7 +25,7 @@ import torch.nn as nn
 from .config import TransformConfig
 from .errors import TraceError
 from .guards import pattern_for
-from .modes import ModeSwitch
+from .modes import ModeSwitch, graphs_of
 from .source_attributes import keep_source
 from .tracing import STANDARD_TYPES, trace_modes
 
@@ -111,8 +111,7 @@ def capture_tree(
     report.parts.append(Part(path, traced, inlined))
     gm = traced.graph_module(module.training) if isinstance(traced, ModeSwitch) else traced
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-    graphs = [traced.graph_module(m) for m in (True, False)] if isinstance(traced, ModeSwitch) else [gm]
-    for node in [n for g in graphs for n in g.graph.nodes]:
+    for node in [n for g in graphs_of(traced) for n in g.graph.nodes]:
         if node.op != "call_module":
             continue
         leaf = node.target

@@ -13,52 +13,42 @@ module tree (``meta``, so it has no state-dict entries of its own). Where a rewr
 
 from __future__ import annotations
 
-import torch.fx as fx
 import torch.nn as nn
 
 from ..guards import FALLBACK, PATTERN
-from ..modes import ModeSwitch
-from ..parametrize import is_parametrized, parametrize_weight
+from ..modes import graphs_of
+from ..parametrize import is_parametrized, parametrize_tied, weight_holders
 from ..reparam import BasisWeight
 from .manager import Pass, PassOutcome
-
-
-def _graphs(holder) -> list[fx.GraphModule]:
-    return [holder.graph_module(m) for m in (True, False)] if isinstance(holder, ModeSwitch) else [holder]
 
 
 class GuardFallbacks(Pass):
     name = "guard fallbacks"
 
     def call(self, captured) -> PassOutcome:
-        guarded = [(part, gm) for part in captured.parts for gm in _graphs(part.holder) if PATTERN in gm.meta]
+        guarded = [(part, gm) for part in captured.parts for gm in graphs_of(part.holder) if PATTERN in gm.meta]
         if not guarded:
             return PassOutcome(captured, False, [])
         forms: dict[str, BasisWeight] = {}  # original owner path -> the graph's coefficient weight
         raw = set()  # parts holding a rewritten parameter that is not a module's "weight"
         for part in captured.parts:
-            for gm in _graphs(part.holder):
+            for gm in graphs_of(part.holder):
                 for name, m in gm.named_modules():
                     if isinstance(m, BasisWeight) and not is_parametrized(m):
                         if not m.weight_name.endswith(".weight") and m.weight_name != "weight":
                             raw.add(part.path)
                         owner = m.weight_name.rpartition(".")[0] if m.weight_name != "weight" else ""
                         forms[_join(part.path, owner)] = m
-        holders: dict[int, list[nn.Module]] = {}
-        for module in captured.original.values():
-            weight = module._parameters.get("weight")
-            if isinstance(weight, nn.Parameter):
-                holders.setdefault(id(weight), []).append(module)
+        holders = weight_holders(captured.original.values())
         for path, form in forms.items():
             original = captured.original.get(path)
             weight = None if original is None else original._parameters.get("weight")
             if original is form or not isinstance(weight, nn.Parameter) or tuple(weight.shape) != form.weight_shape:
                 continue
-            for holder in holders[id(weight)]:  # tied modules read one set of coefficients
-                parametrize_weight(holder, form)
+            parametrize_tied(holders, weight, form)  # tied modules read one set of coefficients
         given = []
         for part, gm in guarded:
-            if any(p == part.path or p.startswith(_join(part.path, "")) or not part.path for p in raw):
+            if any(not part.path or p == part.path or p.startswith(part.path + ".") for p in raw):
                 continue
             # in meta, not an attribute: no child module, no state-dict entries; meta is copied with the graph
             gm.meta[FALLBACK] = captured.original[part.path]

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..guards import FALLBACK
-from ..modes import ModeSwitch
+from ..modes import ModeSwitch, graphs_of
 from ..parametrize import is_parametrized, unparametrize
 from ..reparam import BasisWeight
 from .lower_dense import LowerDense
@@ -48,12 +48,7 @@ class LowerGraphs(Pass):
 
 
 def _fallbacks(model: nn.Module) -> list[nn.Module]:
-    graphs = []
-    for module in model.modules():
-        if isinstance(module, ModeSwitch):
-            graphs += [module.graph_module(m) for m in (True, False)]
-        elif isinstance(module, fx.GraphModule):
-            graphs.append(module)
+    graphs = [gm for m in model.modules() if isinstance(m, (ModeSwitch, fx.GraphModule)) for gm in graphs_of(m)]
     return [gm.meta[FALLBACK] for gm in graphs if FALLBACK in gm.meta]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..config import TransformConfig
-from ..parametrize import parametrize_weight
+from ..parametrize import parametrize_tied, weight_holders
 from ..reparam import BasisWeight
 from .manager import Pass, PassOutcome
 
@@ -34,8 +34,8 @@ class ParametrizeUnreached(Pass):
         self.config = config
         self.factory = factory
 
-    def selected(self, captured) -> list[tuple[str, nn.Module, nn.Module]]:
-        """(path, module in the result, original module) of every selected weight still a parameter."""
+    def selected(self, captured) -> list[tuple[str, nn.Module, str, object]]:
+        """(weight name, module in the result, kind, settings) of every selected weight still a parameter."""
         found = []
         for path, module in captured.model.named_modules(remove_duplicate=True):
             if isinstance(module, BasisWeight):
@@ -49,33 +49,25 @@ class ParametrizeUnreached(Pass):
             kind = _kind(original)
             kernel = () if kind == "linear" else tuple(weight.shape[2:])
             name = f"{path}.weight" if path else "weight"
-            if self.config.settings_for(name, type(original), kernel, kind == "linear") is not None:
-                found.append((path, module, original))
+            settings = self.config.settings_for(name, type(original), kernel, kind == "linear")
+            if settings is not None:
+                found.append((name, module, kind, settings))
         return found
 
     def call(self, captured) -> PassOutcome:
         converted = []
-        holders: dict[int, list[nn.Module]] = {}
-        for module in captured.model.modules():
-            weight = module._parameters.get("weight")
-            if isinstance(weight, nn.Parameter):
-                holders.setdefault(id(weight), []).append(module)
-        for path, module, original in self.selected(captured):
+        holders = weight_holders(captured.model.modules())
+        for name, module, kind, settings in self.selected(captured):
             if "weight" not in module._parameters:
                 continue  # converted already, as a tied alias of an earlier one
-            kind = _kind(original)
             weight = module._parameters["weight"]
-            kernel = () if kind == "linear" else tuple(weight.shape[2:])
-            name = f"{path}.weight" if path else "weight"
-            settings = self.config.settings_for(name, type(original), kernel, kind == "linear")
             form = self.factory.make(weight, name, kind, settings)
             form.capture = "parametrized"
-            for holder in holders[id(weight)]:
-                parametrize_weight(holder, form)
+            parametrize_tied(holders, weight, form)
             converted.append(name)
         return PassOutcome(captured, bool(converted), converted)
 
     def ensures(self, captured) -> None:
-        left = [p for p, _, _ in self.selected(captured)]
+        left = [name for name, _, _, _ in self.selected(captured)]
         if left:  # every selected weight is a parameter of some module, so this means a bug
             raise RuntimeError(f"ipfx.transform left selected weights dense: {left}")
