@@ -94,9 +94,4 @@ def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "Gr
         if name not in persistent:
             owner, _, leaf = name.rpartition(".")
             gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
-    gm.meta["ipfx_capture"] = "export"
     return gm
-
-
-def is_exported(gm: nn.Module) -> bool:
-    return isinstance(gm, fx.GraphModule) and gm.meta.get("ipfx_capture") == "export"
