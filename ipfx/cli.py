@@ -15,6 +15,7 @@ from .errors import IPFXError
 
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import DATASETS, METHODS
+    from .experiments.accel import PRECISIONS
     from .experiments.engine import IMP_REWIND, IMP_ROUNDS
 
     parser = argparse.ArgumentParser(prog="ipfx", description="Interspace pruning for PyTorch.")
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "times after the rewind point")
     cmp_.add_argument("--device", type=arg.device, default="cpu", help="cpu, cuda, cuda:1, ...")
     cmp_.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
+    cmp_.add_argument("--precision", type=arg.one_of(PRECISIONS, "precision"), default="auto",
+                      help="fp32, or bf16 (autocast of the forward pass; weights and optimizer stay fp32); default "
+                           "auto: bf16 on a CUDA device that has it, else fp32")
+    cmp_.add_argument("--compile", nargs="?", const="inductor", default=None, type=arg.compile_backend,
+                      metavar="BACKEND", help="train through torch.compile (default backend: inductor)")
     cmp_.add_argument("--out", type=arg.output_folder, default="ipfx-compare",
                       help="output folder (default: ./ipfx-compare)")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -138,11 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(args, command_line: str) -> None:
-    from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, sweep
-    from .experiments.engine import imp_plan
-    from .experiments.models import build_model
-    from .experiments.sweep import grid
-
     from .experiments import parallel
 
     started = time.time()
@@ -159,11 +160,13 @@ def compare(args, command_line: str) -> None:
 
 def _compare(args, command_line: str, started: float) -> None:
     from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, parallel, plot, sweep
+    from .experiments.accel import Engine
     from .experiments.engine import imp_plan
     from .experiments.models import build_model
     from .experiments.sweep import grid
 
     say = print if parallel.is_main() else (lambda *a, **k: None)
+    engine = Engine.for_device(args.device, args.precision, args.compile)
     dataset = load_dataset(args.data, args.data_root)
     used = min(len(dataset.train_y), args.train_subset or len(dataset.train_y))
     if args.batch_size > used:  # the engine would find out only inside the first run
@@ -187,7 +190,7 @@ def _compare(args, command_line: str, started: float) -> None:
                     checkpoints=out / "checkpoints", keep_checkpoints=args.keep_checkpoints,
                     stop_after_epoch=args.stop_after_epoch, workers=args.workers, threads=args.threads,
                     executor=args.executor, ray_address=args.ray_address,
-                    cpus_per_run=args.cpus_per_run or 1.0, gpus_per_run=args.gpus_per_run or 0.0)
+                    cpus_per_run=args.cpus_per_run or 1.0, gpus_per_run=args.gpus_per_run or 0.0, engine=engine)
     if not parallel.is_main():
         return
     table = markdown_table(records)

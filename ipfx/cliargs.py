@@ -172,6 +172,16 @@ def device(text: str) -> str:
     return text
 
 
+def compile_backend(text: str) -> str:
+    """A ``torch.compile`` backend this torch has (``--compile``; bare, it means inductor)."""
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if text not in backends:
+        raise Error(f"unknown torch.compile backend {text!r}; choose from {', '.join(sorted(backends))}")
+    return text
+
+
 def output_folder(text: str) -> str:
     """A folder to write into: it may not exist yet, but it must not be a file."""
     path = Path(text).expanduser()

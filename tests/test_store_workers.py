@@ -73,3 +73,48 @@ def test_two_workers_give_the_records_of_one_also_after_a_kill_and_resume(tmp_pa
     assert len(records) == 4 and two == one  # same seeds, same thread count: the same numbers
     assert any(r.get("resumed_from_epoch") == 1 for r in records)  # some came back from a checkpoint
     assert not (tmp_path / "two" / "checkpoints").exists()
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(p) for p in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_the_sweep_is_killed(tmp_path):
+    """A killed sweep leaves no workers behind to finish their runs and append records a rerun would
+    append again."""
+    import os
+    import signal
+    import time
+
+    long = [a if a != "2" else "200" for a in TINY]  # --epochs 200: still training when killed
+    sweep = subprocess.Popen([sys.executable, "-m", "ipfx", *["compare", *long], "--workers", "2",
+                              "--out", str(tmp_path / "s")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "s" / "checkpoints").exists():
+            time.sleep(0.2)  # a worker has finished an epoch: the pool is up and training
+        workers = {p for p in _children(sweep.pid) if _alive(p)}
+        assert len(workers) >= 2
+        os.kill(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert not (tmp_path / "s" / "results.jsonl").exists() or not (tmp_path / "s" / "results.jsonl").read_text()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IPFXValueError
+from .accel import to_device
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "folder")
 
@@ -38,6 +39,23 @@ class Dataset:
     def in_channels(self) -> int:
         return self.train_x.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def to(self, device) -> "Dataset":
+        """This dataset with its images (still uint8) on ``device``: batches are then gathered, normalised
+        and augmented there. The random draws (order, crops, flips) still come from the CPU generator the
+        caller passes, so every device sees the same batches and a checkpoint's generator state resumes
+        them; only the draws (a few numbers per image) travel to the device."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        move = lambda t: t.to(device)  # noqa: E731
+        return dataclasses.replace(self, train_x=move(self.train_x), train_y=move(self.train_y),
+                                   test_x=move(self.test_x), test_y=move(self.test_y), mean=move(self.mean),
+                                   std=move(self.std))
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / self.scale
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
@@ -46,7 +64,7 @@ class Dataset:
         """One epoch of normalised, augmented, shuffled batches (the last partial batch is dropped)."""
         order = torch.randperm(len(self.train_y), generator=generator)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[i : i + batch_size]
+            idx = to_device(order[i : i + batch_size], self.device)
             x = self.normalise(self.train_x[idx])
             if self.augment:
                 x = _crop_flip(x, generator)
@@ -65,17 +83,19 @@ class Dataset:
 
 
 def _crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random 4-pixel-padded crop and a random horizontal flip of every image of ``x``, computed on
+    ``x``'s device by gathers (no host synchronisation); the draws come from the CPU ``generator``."""
     n, _, h, w = x.shape
+    dev = x.device
     padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 8)
+    dy = to_device(torch.randint(0, 9, (n,), generator=generator), dev)
+    dx = to_device(torch.randint(0, 9, (n,), generator=generator), dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 8)
     out = torch.gather(padded, 2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
+    cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
     out = torch.gather(out, 3, cols)
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
+    flip = to_device(torch.rand(n, generator=generator) < 0.5, dev)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, cache_dir: str | None = None) -> Dataset:

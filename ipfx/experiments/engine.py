@@ -35,8 +35,10 @@ from ..api import sparsity as model_sparsity
 from ..api import transform
 from ..errors import IPFXValueError
 from ..pruning import prune
+from . import accel
 from . import checkpoint as ckpt
 from . import parallel
+from .accel import Engine
 from .data import Dataset
 from .models import build_model
 
@@ -168,6 +170,7 @@ def run(
     checkpoint: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
     stop_after_epoch: int | None = None,
+    engine: Engine | None = None,
 ) -> dict:
     """Train one configuration and return its record (a JSON-serialisable dict).
 
@@ -175,11 +178,17 @@ def run(
     file already holds this run's state, resumes from it (saying so through ``log``); the caller
     removes the file once the record is safe (:func:`ipfx.experiments.checkpoint.remove`).
     ``stop_after_epoch`` is a test hook: raise :class:`StopRequested` after that epoch's checkpoint.
+    ``engine``: how the run uses its device (:class:`~.accel.Engine`; default: the fast engine on CUDA,
+    the plain one elsewhere).
     """
     spec.validate()
     device = torch.device(device)
+    engine = engine if engine is not None else Engine.for_device(device)
+    engine.setup(device)
     started = time.time()
     data = dataset.subset(spec.train_subset)
+    if engine.data_on_device:
+        data = data.to(device)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, dataset.num_classes, dataset.in_channels, spec.width)
     model = transform(model, space=spec.space).to(device)
@@ -207,6 +216,8 @@ def run(
         schedule = _restore(saved, spec, model, optimizer, schedule, generator, plan, at)
         log(f"resuming {describe(spec)} from its checkpoint after epoch {at.epoch} (step {at.step} of {steps})")
     net = parallel.prepare(model, device) if ranks > 1 else model  # train through net; save model
+    net = engine.wrap(net)
+    losses = accel.LossMeter(at.loss_sum, device, ranks)
     bar = _progress(total_steps, f"{spec.method} {spec.space} s={spec.sparsity:g} seed={spec.seed}", progress)
     if bar is not None and at.step:
         bar.update(at.step)
@@ -219,23 +230,26 @@ def run(
                 group["lr"] = lr_at(plan.lr_position(at.step) if plan else at.step)
             if ranks > 1:
                 x, y = parallel.shard(x, y)
-            loss = F.cross_entropy(net(x.to(device)), y.to(device))
+            x, y = engine.inputs(accel.to_device(x, device)), accel.to_device(y, device)
+            with engine.autocast(device):
+                loss = F.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if schedule is not None:
                 schedule.step()
             at.step += 1
-            step_loss = parallel.mean_over_ranks(loss) if ranks > 1 else loss.item()
-            at.loss_sum, at.loss_count = at.loss_sum + step_loss, at.loss_count + 1
+            losses.add(loss)
+            at.loss_count += 1
             if bar is not None:
                 bar.update(1)
                 if at.step % 20 == 0:
-                    bar.set_postfix(loss=f"{at.loss_sum / at.loss_count:.3f}")
+                    bar.set_postfix(loss=f"{losses.peek() / at.loss_count:.3f}")
             if at.step == steps:  # the budget ends here (inside an epoch only for IMP)
                 break
         else:  # a whole epoch: the next one's order depends on `generator` alone, so save here
             at.epoch += 1
+            at.loss_sum = losses.read()
             if path is not None and at.step < steps and parallel.is_main():
                 at.seconds = saved_seconds(saved) + time.time() - started
                 ckpt.save(path, _snapshot(spec, model, optimizer, schedule, generator, device, at))
@@ -245,7 +259,8 @@ def run(
                 raise StopRequested(f"stopped after epoch {at.epoch} (stop_after_epoch={stop_after_epoch})")
     if bar is not None:
         bar.close()
-    accuracy = parallel.evaluate(model, dataset, device) if ranks > 1 else evaluate(model, dataset, device)
+    at.loss_sum = losses.read()
+    accuracy = parallel.evaluate(model, data, device) if ranks > 1 else evaluate(model, data, device)
     record = dataclasses.asdict(spec)
     record.update(
         accuracy=accuracy,
@@ -259,6 +274,7 @@ def run(
         versions=versions(),
         command=command or " ".join(sys.argv),
         device=str(device),
+        engine=engine.record(),
         processes=ranks,
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
@@ -329,11 +345,11 @@ def _restore(saved, spec, model, optimizer, schedule, generator, plan, at: _Posi
 def evaluate(model: nn.Module, dataset: Dataset, device) -> float:
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in dataset.test_batches():
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
     model.train(was_training)
-    return correct / len(dataset.test_y)
+    return int(correct) / len(dataset.test_y)
 
 
 def versions() -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +25,7 @@ from .engine import RunSpec, run
 from .store import ResultStore
 
 _DATASET: Dataset | None = None  # the worker's copy, set by _start_worker
+_WATCHING = False  # whether this process already ends with its parent
 
 
 def cores() -> int:
@@ -41,7 +44,7 @@ def threads_per_worker(workers: int, threads: int | None = None) -> int:
 
 def run_in_pool(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *, workers: int,
                 threads: int | None, device, command: str | None, checkpoints, keep_checkpoints: bool,
-                stop_after_epoch: int | None, on_record: Callable[[RunSpec, dict], None]) -> None:
+                stop_after_epoch: int | None, on_record: Callable[[RunSpec, dict], None], engine=None) -> None:
     """Run ``todo`` in ``workers`` processes; ``on_record`` is called in this process as each one ends.
 
     The first run that fails stops the sweep: runs not yet started are cancelled, the ones under way
@@ -54,7 +57,7 @@ def run_in_pool(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *
                                initargs=(dataset, threads_per_worker(workers, threads)))
     try:
         futures = {pool.submit(_run_one, spec, str(store.path), str(device), command,
-                               checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch): spec
+                               checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch, engine): spec
                    for spec in todo}
         pending = set(futures)
         while pending:
@@ -68,18 +71,38 @@ def run_in_pool(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *
 
 
 def _start_worker(dataset: Dataset, threads: int) -> None:
-    """Worker set-up: keep the dataset, share the cores."""
+    """Worker set-up: keep the dataset, share the cores, end with the sweep."""
     global _DATASET
     _DATASET = dataset
     torch.set_num_threads(threads)
+    _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """End this worker as soon as the sweep's process is gone (killed, or ended by a signal the pool never
+    saw). A pool's workers would otherwise finish the run they hold and append its record, while the
+    rerun that resumes the sweep trains the same run again: a duplicated record. The run's last
+    epoch-end checkpoint is what the rerun resumes from."""
+    global _WATCHING
+    if _WATCHING:  # a Ray worker process runs many tasks
+        return
+    _WATCHING = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ipfx-exit-with-parent", daemon=True).start()
 
 
 def _run_one(spec: RunSpec, store_path: str, device: str, command: str | None, checkpoint: Path | None,
-             keep_checkpoint: bool, stop_after_epoch: int | None) -> dict:
+             keep_checkpoint: bool, stop_after_epoch: int | None, engine=None) -> dict:
     """One run in a worker: train, append the record, drop the checkpoint; the record goes back to the
     parent for its log line (without the model)."""
     record = run(spec, _DATASET, device=device, progress=False, command=command, checkpoint=checkpoint,
-                 log=lambda line: print(line, flush=True), stop_after_epoch=stop_after_epoch)
+                 log=lambda line: print(line, flush=True), stop_after_epoch=stop_after_epoch, engine=engine)
     ResultStore(store_path).append(record)
     if not keep_checkpoint:
         ckpt.remove(checkpoint)
@@ -89,7 +112,7 @@ def _run_one(spec: RunSpec, store_path: str, device: str, command: str | None, c
 def run_on_ray(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *, address: str | None,
                cpus_per_run: float, gpus_per_run: float, threads: int | None, device, command: str | None,
                checkpoints, keep_checkpoints: bool, stop_after_epoch: int | None,
-               on_record: Callable[[RunSpec, dict], None]) -> None:
+               on_record: Callable[[RunSpec, dict], None], engine=None) -> None:
     """Run ``todo`` as Ray tasks, each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs.
 
     ``address`` None starts a local Ray for this sweep (and stops it at the end); otherwise it names an
@@ -110,7 +133,7 @@ def run_on_ray(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *,
         data = ray.put(dataset)
         threads = threads or max(1, int(cpus_per_run))
         refs = {task.remote(spec, data, threads, str(store.path), str(device), command,
-                            checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch): spec
+                            checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch, engine): spec
                 for spec in todo}
         pending = list(refs)
         try:
@@ -126,12 +149,13 @@ def run_on_ray(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *,
             ray.shutdown()
 
 
-def _ray_run(spec, dataset, threads, store_path, device, command, checkpoint, keep_checkpoint, stop_after_epoch):
+def _ray_run(spec, dataset, threads, store_path, device, command, checkpoint, keep_checkpoint, stop_after_epoch,
+             engine=None):
     """One run as a Ray task: as in a pool worker, with the dataset from the object store."""
     global _DATASET
     _start_worker(dataset, threads)
     try:
-        return _run_one(spec, store_path, device, command, checkpoint, keep_checkpoint, stop_after_epoch)
+        return _run_one(spec, store_path, device, command, checkpoint, keep_checkpoint, stop_after_epoch, engine)
     finally:
         _DATASET = None
 

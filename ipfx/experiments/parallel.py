@@ -80,17 +80,12 @@ def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return x[r * n : (r + 1) * n], y[r * n : (r + 1) * n]
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """The mean of a scalar over the ranks (a shard loss -> the global batch's loss)."""
-    value = value.detach().clone().float()
+def sum_tensor(value: torch.Tensor) -> float:
+    """The sum of a scalar over the ranks, as a number. ``value`` lives on this rank's device, so the
+    same call works with gloo (CPU tensors) and NCCL (CUDA tensors)."""
+    value = value.detach().clone()
     dist.all_reduce(value)
-    return float(value) / world()
-
-
-def sum_over_ranks(count: int) -> int:
-    t = torch.tensor([count], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t)
+    return value.item()
 
 
 def prepare(model: nn.Module, device: torch.device) -> nn.Module:
@@ -167,14 +162,10 @@ def evaluate(model: nn.Module, dataset, device) -> float:
     """Test accuracy with the test batches split over the ranks (every rank gets the same figure)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for i, (x, y) in enumerate(dataset.test_batches()):
             if i % world() == rank():
-                correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+                correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
     model.train(was_training)
-    return sum_over_ranks(correct) / len(dataset.test_y)
-
-
-__all__ = ["active", "rank", "world", "is_main", "barrier", "init_from_env", "shard", "prepare", "evaluate",
-           "GlobalBatchNorm"]
+    return int(sum_tensor(correct)) / len(dataset.test_y)

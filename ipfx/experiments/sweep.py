@@ -34,7 +34,7 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
           command: str | None = None, log=print, checkpoints: str | os.PathLike | None = None,
           keep_checkpoints: bool = False, stop_after_epoch: int | None = None, workers: int = 1,
           threads: int | None = None, executor: str = "local", ray_address: str | None = None,
-          cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> list[dict]:
+          cpus_per_run: float = 1.0, gpus_per_run: float = 0.0, engine=None) -> list[dict]:
     """Run what ``store`` does not hold yet (one after another, or in worker processes), appending each
     record as it finishes.
 
@@ -45,7 +45,8 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     ``threads`` torch threads (default: an equal share of the cores); records are the same as in one
     process with the same thread count. ``executor="ray"`` runs them as Ray tasks instead, with
     ``cpus_per_run``/``gpus_per_run`` each, on a local Ray or the cluster at ``ray_address``.
-    ``stop_after_epoch`` is a test hook passed to :func:`~.engine.run`.
+    ``stop_after_epoch`` is a test hook passed to :func:`~.engine.run`; ``engine`` (an
+    :class:`~.accel.Engine`, default: the device's) reaches every run.
     """
     specs = list(specs)
     main = parallel.is_main()  # under torchrun every rank trains every run; rank 0 alone writes
@@ -77,18 +78,19 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
 
         run_on_ray(todo, dataset, store, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
                    threads=threads, device=device, command=command, checkpoints=checkpoints,
-                   keep_checkpoints=keep_checkpoints, stop_after_epoch=stop_after_epoch, on_record=report)
+                   keep_checkpoints=keep_checkpoints, stop_after_epoch=stop_after_epoch, engine=engine,
+                   on_record=report)
     elif workers > 1 and len(todo) > 1:
         from .executors import run_in_pool
 
         run_in_pool(todo, dataset, store, workers=min(workers, len(todo)), threads=threads, device=device,
                     command=command, checkpoints=checkpoints, keep_checkpoints=keep_checkpoints,
-                    stop_after_epoch=stop_after_epoch, on_record=report)
+                    stop_after_epoch=stop_after_epoch, engine=engine, on_record=report)
     else:
         for spec in todo:
             path = checkpoint_path(checkpoints, spec)
             record = run(spec, dataset, device=device, progress=progress, command=command, checkpoint=path,
-                         log=log, stop_after_epoch=stop_after_epoch)
+                         log=log, stop_after_epoch=stop_after_epoch, engine=engine)
             if main:
                 store.append(record)
                 if not keep_checkpoints:
