@@ -3,8 +3,8 @@
 Importing this package registers ``ipfx::ip_conv`` and ``ipfx::sparse_linear`` (once; Python's module cache
 prevents re-registration). Layout by concern: ``storage`` (sparse format, cache), ``geometry`` (checks),
 ``kernels`` (evaluation orders), ``order`` (which order runs), ``native`` (the C++ kernel, built on first
-use), ``library`` (op registration), ``modules`` (``SparseIPConv``, ``SparseLinear``); ``ip_conv``
-re-exports them under the historical path.
+use), ``gpu`` and ``triton_conv`` (the Triton kernel, CUDA), ``library`` (op registration), ``modules``
+(``SparseIPConv``, ``SparseLinear``); ``ip_conv`` re-exports them under the historical path.
 """
 
 from . import ip_conv as _ip_conv_module  # noqa: F401  (loaded first: the name ``ip_conv`` below is the op)
@@ -15,6 +15,7 @@ from .order import (
     ORDER_BASIS_FIRST,
     ORDER_COEFF_FIRST,
     ORDER_DENSE,
+    ORDER_GPU,
     ORDER_NATIVE,
     ORDER_TUNED,
     choose_order,
@@ -27,6 +28,7 @@ __all__ = [
     "ORDER_BASIS_FIRST",
     "ORDER_COEFF_FIRST",
     "ORDER_DENSE",
+    "ORDER_GPU",
     "ORDER_NATIVE",
     "ORDER_TUNED",
     "SparseIPConv",

@@ -21,7 +21,9 @@ which gives two evaluation orders, neither of which materialises ``W``:
 Both sparse matrices are built from ``indices`` in O(nnz) memory (a COO tensor, converted to CSR) and cached
 per storage; the dense block-diagonal matrix is never formed. A third order, *dense*, rebuilds ``W`` once
 (cached) and runs the dense convolution; a fourth, *native*, computes order (a) tile by tile in C++ without
-whole-image maps (:mod:`ipfx.ops.native`, CPU). Which order runs is decided in :mod:`ipfx.ops.order`.
+whole-image maps (:mod:`ipfx.ops.native`, CPU); a fifth, *gpu*, folds the basis into the sparse kernel and
+convolves directly in Triton (:mod:`ipfx.ops.gpu`, CUDA). Which order runs is decided in
+:mod:`ipfx.ops.order`.
 """
 
 from __future__ import annotations
@@ -208,3 +210,12 @@ def _order_native(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, bas
     b = None if basis is None else basis.to(dtype=x.dtype).contiguous()
     bias = None if bias is None else bias.to(dtype=x.dtype).contiguous()
     return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial)
+
+
+def _order_gpu(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """The folded sparse direct convolution in Triton (:mod:`ipfx.ops.gpu`, CUDA); adds ``bias`` itself."""
+    from . import gpu
+
+    operands = gpu.folded_operands(g, values, indices, flat, basis, x)
+    return gpu.conv(g, x, operands, bias, out_spatial)

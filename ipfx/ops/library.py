@@ -2,7 +2,9 @@
 
 Each op has a real kernel (argument checks, then the order chosen by :mod:`ipfx.ops.order` running a kernel
 of :mod:`ipfx.ops.kernels`), registered for every device; a CPU kernel that may also run the native tiled
-kernel (:mod:`ipfx.ops.native`, built on first use; the torch orders where it cannot be built); a fake
+kernel (:mod:`ipfx.ops.native`, built on first use; the torch orders where it cannot be built); for
+``ip_conv`` a CUDA kernel that may also run the Triton kernel (:mod:`ipfx.ops.gpu`; ``sparse_linear`` on
+CUDA is cuSPARSE's CSR product through ``torch.sparse``); a fake
 kernel (shape inference only, so ``torch.export`` and ``torch.compile`` see one op); and an autograd formula
 that raises: the ops are inference-only.
 """
@@ -19,7 +21,7 @@ from ..errors import IPFXValueError
 from . import native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
 from .kernels import _CONV, _CONV_T, _spmm
-from .order import _RUNNERS, ORDER_DENSE, ORDER_NATIVE, resolve_order
+from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, resolve_order
 from .storage import _cached, _sparse_matrix, _storage_entry
 
 
@@ -56,7 +58,8 @@ def ip_conv(
     ``padding`` is symmetric zero padding (ints). ``order``: 0 = chosen by the cost model (deterministic;
     :mod:`ipfx.ops.order`), -1 = fastest by timing, measured once per storage and input shape (also what 0
     means under ``IPFX_AUTOTUNE=1``), 1 = basis first, 2 = coefficients first, 3 = dense, 4 = native (CPU,
-    float32/64, where the kernel is built; else the cost model's choice). ``values``, ``basis`` and
+    float32/64, where the kernel is built; else the cost model's choice), 5 = Triton (CUDA, float16/bfloat16/
+    float32, where Triton is; else ``order=0``). ``values``, ``basis`` and
     ``bias`` are cast to ``x.dtype``. Input is (N, C, *spatial) or unbatched (C, *spatial).
     """
     g = _conv_geometry(
@@ -76,11 +79,23 @@ def _ip_conv_cpu(
     return _run_ip_conv(g, x, values, indices, basis, bias, order, allow_native=True)
 
 
+@ip_conv.register_kernel("cuda")
+def _ip_conv_cuda(
+    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order
+):
+    """The CUDA kernel: as the default one, and the Triton kernel may run (:mod:`ipfx.ops.gpu`)."""
+    g = _conv_geometry(
+        x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
+    )
+    return _run_ip_conv(g, x, values, indices, basis, bias, order, allow_native=True)
+
+
 def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor],
                  bias: Optional[Tensor], order: int, allow_native: bool = False) -> Tensor:
     """The body of ``ip_conv`` once the geometry ``g`` (:func:`_conv_geometry`) is known.
 
-    ``allow_native``: the native CPU kernel may run (the op's CPU kernel, and the modules' eager CPU path).
+    ``allow_native``: the device's own kernel may run (native on CPU, Triton on CUDA: the op's CPU and CUDA
+    kernels, and the modules' eager path).
     """
     numel = math.prod(g["weight_shape"])
     _cached(_storage_entry(indices), "checked", (indices._version, numel), lambda: _check_index_range(indices, numel))
@@ -95,7 +110,7 @@ def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Opt
     flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731  (only when a matrix is built)
     x = x.contiguous()
     order = resolve_order(order, g, x, values, indices, flat, basis, out_spatial, allow_native)
-    if order in (ORDER_NATIVE, ORDER_DENSE):  # these add the bias themselves
+    if order in (ORDER_NATIVE, ORDER_DENSE, ORDER_GPU):  # these add the bias themselves
         y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial, bias)
         bias = None
     else:

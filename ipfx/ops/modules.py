@@ -197,7 +197,7 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         g = _conv_geometry(x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding,
                            self.dilation, self.groups, self.transposed, self.output_padding)
         run = functools.partial(_run_ip_conv, g, values=values, indices=indices, basis=basis, bias=bias, order=order,
-                                allow_native=x.device.type == "cpu")
+                                allow_native=x.device.type in ("cpu", "cuda"))
         batched = x if x.dim() == g["d"] + 2 else x.unsqueeze(0)
         out_spatial = _output_spatial(g, batched.shape[2:])
         numel = math.prod(g["weight_shape"])
@@ -205,7 +205,7 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         if all(s > 0 for s in out_spatial):  # (otherwise the generic path raises the error)
             flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731
             resolved = resolve_order(order, g, batched.contiguous(), values, indices, flat, basis, out_spatial,
-                                     allow_native=x.device.type == "cpu")
+                                     allow_native=x.device.type in ("cpu", "cuda"))
             b = None if bias is None else bias.to(dtype=x.dtype, device=x.device)
             if resolved == ORDER_DENSE:  # the dense conv itself, bound (no Python frame per call)
                 weight = _dense_weight(g, values, indices, flat, basis, x)

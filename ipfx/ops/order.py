@@ -48,11 +48,12 @@ import math
 import os
 import time
 
+import torch
 from torch import Tensor
 
 from ..errors import IPFXValueError
 from .geometry import _identity_unfold_applies
-from .kernels import _order_a, _order_b, _order_dense, _order_native
+from .kernels import _order_a, _order_b, _order_dense, _order_gpu, _order_native
 from .native import tile_for
 from .storage import _MATRICES, _storage_entry
 
@@ -63,6 +64,12 @@ ORDER_BASIS_FIRST = 1
 ORDER_COEFF_FIRST = 2
 ORDER_DENSE = 3  # W rebuilt once from the sparse storage and cached; a plain dense convolution
 ORDER_NATIVE = 4  # order (a) tile by tile in the native CPU kernel (ipfx.ops.native), where it is available
+ORDER_GPU = 5  # the folded sparse direct conv in Triton (ipfx.ops.gpu), CUDA, where Triton is available
+
+#: On CUDA, ``order=0`` runs the Triton kernel when the folded kernel's nonzeros (its multiply-accumulates)
+#: are at most this fraction of the dense kernel's, else cuDNN's dense convolution. A guess, not a fit: no
+#: GPU was at hand to calibrate it (``benchmarks/fused.py --device cuda`` measures both).
+GPU_DENSITY_MAX = 0.05
 
 #: Term names of the cost model, in the order of each row of :data:`COST_CONSTANTS`.
 COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "taps", "rows", "runs")
@@ -189,20 +196,25 @@ def _modelled_order(g: dict, x: Tensor, values: Tensor, basis, out_spatial, nati
 
 
 _RUNNERS = {ORDER_BASIS_FIRST: _order_a, ORDER_COEFF_FIRST: _order_b, ORDER_DENSE: _order_dense,
-            ORDER_NATIVE: _order_native}
+            ORDER_NATIVE: _order_native, ORDER_GPU: _order_gpu}
 
 
-def _candidates(g: dict, x: Tensor, values: Tensor, basis, out_spatial, native: bool = False) -> dict:
+def _candidates(g: dict, x: Tensor, values: Tensor, basis, out_spatial, native: bool = False,
+                gpu: bool = False) -> dict:
     """The orders worth timing under ``ORDER_TUNED``: those the cost model allows (the maps budget) whose
-    multiply-accumulates stay within 4x the dense conv's."""
+    multiply-accumulates stay within 4x the dense conv's, and the Triton kernel where ``gpu``."""
     terms = cost_terms(itemsize=x.element_size(), **_problem(g, x, values, basis, out_spatial))
     allowed = order_costs(itemsize=x.element_size(), native=native, **_problem(g, x, values, basis, out_spatial))
     dense_macs = terms[ORDER_DENSE][4] + terms[ORDER_DENSE][5]
-    return {order: _RUNNERS[order] for order in sorted(allowed)
-            if order in (ORDER_DENSE, ORDER_NATIVE) or terms[order][1] + terms[order][3] <= 4 * dense_macs}
+    chosen = {order: _RUNNERS[order] for order in sorted(allowed)
+              if order in (ORDER_DENSE, ORDER_NATIVE) or terms[order][1] + terms[order][3] <= 4 * dense_macs}
+    if gpu:
+        chosen[ORDER_GPU] = _RUNNERS[ORDER_GPU]
+    return chosen
 
 
-def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatial, native: bool = False) -> int:
+def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatial, native: bool = False,
+                    gpu: bool = False) -> int:
     """``ORDER_TUNED``: the fastest candidate order for this storage and input shape, timed once.
 
     The first call with a new input shape runs every candidate order twice (a warm-up that builds its
@@ -211,7 +223,7 @@ def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatia
     model decides.
     """
     entry = _storage_entry(indices)
-    key = (tuple(x.shape), x.dtype, x.device, id(values), values._version, indices._version, native)
+    key = (tuple(x.shape), x.dtype, x.device, id(values), values._version, indices._version, native, gpu)
     hit = entry.get("order")
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -219,10 +231,13 @@ def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatia
     if ref is None or ref() is not indices:  # nowhere to remember a measurement: the model instead
         return _modelled_order(g, x, values, basis, out_spatial, native)
     timings = {}
-    for order, run in _candidates(g, x, values, basis, out_spatial, native).items():
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for order, run in _candidates(g, x, values, basis, out_spatial, native, gpu).items():
         run(g, x, values, indices, flat, basis, out_spatial)
+        sync()
         start = time.perf_counter()
         run(g, x, values, indices, flat, basis, out_spatial)
+        sync()
         timings[order] = time.perf_counter() - start
     best = min(timings, key=timings.get)
     entry["order"] = (key, best)
@@ -233,25 +248,30 @@ def resolve_order(order: int, g: dict, x: Tensor, values: Tensor, indices: Tenso
                   out_spatial, allow_native: bool = False) -> int:
     """The concrete order (a key of ``_RUNNERS``) that ``order`` means for this call (``x`` batched).
 
-    ``allow_native``: the caller is the CPU kernel; the native order is then used where it supports ``x``
-    (:func:`ipfx.ops.native.supports`). An explicit ``ORDER_NATIVE`` it cannot take falls back to the model.
+    ``allow_native``: the caller is the op's kernel for ``x``'s device, which may run that device's own
+    kernel: the native one on CPU where it supports ``x`` (:func:`ipfx.ops.native.supports`), the Triton
+    one on CUDA (:func:`ipfx.ops.gpu.supports`). An explicit ``ORDER_NATIVE``/``ORDER_GPU`` that cannot
+    run falls back to ``order=0``. On CUDA ``order=0`` is a rule of the folded kernel's density
+    (:data:`GPU_DENSITY_MAX`), the CPU cost model's constants being CPU measurements.
     """
     if order not in (ORDER_TUNED, ORDER_AUTO, *_RUNNERS):
         raise IPFXValueError(
             f"order must be 0 (auto: cost model), -1 (tuned: timed once), 1 (basis first), 2 (coefficients "
-            f"first), 3 (dense) or 4 (native), got {order}"
+            f"first), 3 (dense), 4 (native, CPU) or 5 (Triton, CUDA), got {order}"
         )
-    native = False
-    if allow_native and order in (ORDER_AUTO, ORDER_TUNED, ORDER_NATIVE):
-        from . import native as native_mod
-
-        native = native_mod.supports(x)
-    if order == ORDER_NATIVE and not native:
+    own = _own_kernel(x) if allow_native and order in (ORDER_AUTO, ORDER_TUNED, ORDER_NATIVE, ORDER_GPU) else None
+    native = own == ORDER_NATIVE
+    if order in (ORDER_NATIVE, ORDER_GPU) and own != order:
         order = ORDER_AUTO
     if order == ORDER_AUTO and autotune_requested():
         order = ORDER_TUNED
     if order == ORDER_TUNED:
-        return _measured_order(g, x, values, indices, flat, basis, out_spatial, native)
+        return _measured_order(g, x, values, indices, flat, basis, out_spatial, native, gpu=own == ORDER_GPU)
+    if order == ORDER_AUTO and own == ORDER_GPU:
+        from . import gpu
+
+        operands = gpu.folded_operands(g, values, indices, flat, basis, x)
+        return ORDER_GPU if gpu.folded_density(g, operands) <= GPU_DENSITY_MAX else ORDER_DENSE
     if order == ORDER_AUTO:  # a pure function of its key, remembered per storage (the arithmetic costs ~30 us)
         key = (tuple(x.shape), tuple(out_spatial), tuple(g["weight_shape"]), g["groups"], g["transposed"], x.dtype,
                native, basis is None, values.numel())
@@ -262,3 +282,16 @@ def resolve_order(order: int, g: dict, x: Tensor, values: Tensor, indices: Tenso
         _storage_entry(indices)["auto"] = (key, chosen)
         return chosen
     return order
+
+
+def _own_kernel(x: Tensor) -> int | None:
+    """The order of the kernel made for ``x``'s device, where it can take ``x``: native (CPU) or Triton (CUDA)."""
+    if x.device.type == "cpu":
+        from . import native
+
+        return ORDER_NATIVE if native.supports(x) else None
+    if x.device.type == "cuda":
+        from . import gpu
+
+        return ORDER_GPU if gpu.supports(x) else None
+    return None

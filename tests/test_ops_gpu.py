@@ -1,0 +1,76 @@
+"""The GPU kernel of ``ipfx::ip_conv`` (Triton, ``ipfx.ops.gpu``).
+
+On every machine with Triton (it comes with torch's CUDA builds) the kernel itself runs under Triton's
+interpreter on CPU tensors, in a fresh process (``tests/gpu_interpreted.py``), against the dense conv over
+hypothesis-drawn geometries. Where CUDA exists the op's CUDA kernel is checked against cuDNN too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipfx.ops import ORDER_AUTO, ORDER_GPU, SparseIPConv, gpu
+from ipfx.ops.order import _own_kernel
+from test_ops_ip_conv import ConvTensors, _case, assert_close, dense_conv, dense_weight, error_scale, make_tensors, op_call
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+HERE = Path(__file__).parent
+
+
+def test_triton_kernel_agrees_with_the_dense_conv_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "gpu_interpreted.py")],
+                          cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "8 passed" in done.stdout
+
+
+def test_cpu_tensors_never_take_the_triton_order():
+    x = torch.randn(1, 4, 6, 5)
+    assert not gpu.supports(x) and _own_kernel(x) != ORDER_GPU
+    case = _case(sparsity=0.9)
+    t = make_tensors(case, torch.float32)
+    # an explicit ORDER_GPU on CPU falls back to order 0 and gives the dense conv's numbers
+    assert_close(op_call(case, t, ORDER_GPU), dense_conv(case, t.x, dense_weight(case, t), t.bias), 1e-5,
+                 error_scale(case, t))
+
+
+def _on(t, device):
+    return None if t is None else t.to(device)
+
+
+@CUDA
+@pytest.mark.parametrize("case", [
+    _case(basis_kind="none", sparsity=0.95, c_in=32, c_out=32, spatial=(14, 14)),
+    _case(basis_kind="random", sparsity=0.99, c_in=64, c_out=64, spatial=(28, 28), bias=True),
+    _case(d=3, kernel=(3, 3, 3), spatial=(5, 6, 5), padding=(1, 1, 1), stride=(1, 1, 1), dilation=(1, 1, 1),
+          output_padding=(0, 0, 0), transposed=True, groups=2, c_in=4, c_out=6),
+], ids=["sp", "ip", "3d-transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_agrees_with_cudnn(case, dtype):
+    t = make_tensors(case, torch.float32)
+    on_gpu = ConvTensors(t.x.to("cuda", dtype), t.coeff.cuda(), _on(t.basis, "cuda"), _on(t.bias, "cuda"))
+    got = op_call(case, on_gpu, ORDER_GPU)
+    ref = dense_conv(case, t.x.to(dtype).float(), dense_weight(case, t), t.bias)
+    assert got.is_cuda and got.dtype == dtype
+    assert_close(got.float().cpu(), ref, 1e-5 if dtype == torch.float32 else 2e-2, error_scale(case, t))
+
+
+@CUDA
+def test_order_zero_on_cuda_takes_the_triton_kernel_for_very_sparse_layers():
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).cuda()
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) > 0.995)
+    fused = SparseIPConv.from_coefficients(conv.weight.reshape(64, 64, 9), None, conv.bias,
+                                           weight_shape=conv.weight.shape, padding=1).cuda()
+    x = torch.randn(2, 64, 16, 16, device="cuda")
+    with torch.no_grad():
+        y = fused(x, ORDER_AUTO)
+    assert torch.allclose(y, conv(x), atol=1e-4)
