@@ -159,7 +159,8 @@ def compare(args, command_line: str) -> None:
 
 
 def _compare(args, command_line: str, started: float) -> None:
-    from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, parallel, plot, sweep
+    from .experiments import (ResultStore, RunSpec, load_dataset, markdown_table, paired_tables, parallel, plot,
+                              sweep)
     from .experiments.accel import Engine
     from .experiments.engine import imp_plan
     from .experiments.models import build_model
@@ -194,6 +195,9 @@ def _compare(args, command_line: str, started: float) -> None:
     if not parallel.is_main():
         return
     table = markdown_table(records)
+    paired = paired_tables(records) if len({r["seed"] for r in records}) > 1 else ""
+    if paired:
+        table += "\n\nPaired by seed (IP minus SP of the same seed), 95% Student-t intervals:\n\n" + paired
     (out / "results.md").write_text(f"Command: `{command_line}`\n\n{table}\n")
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
     print(table)

@@ -91,6 +91,35 @@ def test_markdown_table_reports_mean_spread_and_gap():
     assert "| m | d | snip | 0.9 | 60.00 ± 14.14 | 80.00 ± 0.00 | +20.00 | 2 |" in table
 
 
+def test_t_interval_is_students():
+    from ipfx.experiments.report import t_interval
+
+    mean, half = t_interval([1.0, 2.0, 3.0])  # sd 1, n 3, t(2) = 4.303
+    assert mean == 2.0 and half == pytest.approx(4.303 / 3 ** 0.5)
+    assert t_interval([5.0])[1] != t_interval([5.0])[1]  # nan: one value has no interval
+
+
+def test_paired_tables_pair_by_seed_and_take_the_seed_as_the_unit():
+    from ipfx.experiments import paired_tables
+    from ipfx.experiments.report import paired_gaps
+
+    def rec(method, sparsity, seed, space, acc):
+        return dict(model="m", dataset_name="d", method=method, sparsity=sparsity, seed=seed, space=space,
+                    accuracy=acc)
+
+    rows = [rec("snip", s, seed, space, a) for s, seed, space, a in [
+        (0.9, 0, "sp", 0.50), (0.9, 0, "ip", 0.55), (0.9, 1, "sp", 0.40), (0.9, 1, "ip", 0.48),
+        (0.99, 0, "sp", 0.30), (0.99, 0, "ip", 0.29), (0.99, 1, "sp", 0.20), (0.99, 1, "ip", 0.27),
+        (0.99, 2, "sp", 0.10)]]  # seed 2 has no IP run: not a pair
+    gaps = paired_gaps(rows)
+    assert gaps[("m", "d", "snip", 0.99)] == pytest.approx({0: -1.0, 1: 7.0})
+    table = paired_tables(rows)
+    # per setting: 0.9 -> gaps 5 and 8, mean 6.5, half-width 12.706 * 2.1213 / sqrt(2) = 19.06
+    assert "| snip | 0.9 | +6.50 | [-12.56, +25.56] | 2/2 | 2 |" in table
+    # per method: seed means 2.0 (5, -1) and 7.5 (8, 7); mean 4.75; half-width 12.706 * 3.889 / sqrt(2)
+    assert "| snip | +4.75 | [-30.19, +39.69] | 3/4 | 2 |" in table
+
+
 def test_demo_runs_end_to_end(tmp_path):
     from ipfx.demo import demo
 

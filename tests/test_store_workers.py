@@ -73,6 +73,7 @@ def test_two_workers_give_the_records_of_one_also_after_a_kill_and_resume(tmp_pa
     assert len(records) == 4 and two == one  # same seeds, same thread count: the same numbers
     assert any(r.get("resumed_from_epoch") == 1 for r in records)  # some came back from a checkpoint
     assert not (tmp_path / "two" / "checkpoints").exists()
+    assert "Paired by seed" in (tmp_path / "two" / "results.md").read_text()  # two seeds: the paired tables
 
 
 def _children(pid: int) -> set[int]:

@@ -1,10 +1,18 @@
-"""Tables and plots of SP against IP: mean and spread over seeds, per method and sparsity."""
+"""Tables and plots of SP against IP: mean and spread over seeds, per method and sparsity, and the
+paired comparison (IP minus SP of the same seed) with confidence intervals."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+       20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+       29: 2.045, 30: 2.042}
 
 
 def _group(records):
@@ -69,3 +77,59 @@ def plot(records, path: str | Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def t_interval(values) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95% Student-t interval of the mean (half-width nan for n < 2)."""
+    values = list(values)
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    df = len(values) - 1
+    return mean, T95.get(df, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def paired_gaps(records) -> dict:
+    """``{(model, data, method, sparsity): {seed: IP - SP accuracy points}}`` over the seeds that have both."""
+    acc = defaultdict(dict)
+    for r in records:
+        acc[(r["model"], r["dataset_name"], r["method"], r["sparsity"])][(r["seed"], r["space"])] = 100 * r["accuracy"]
+    gaps = {}
+    for key, runs in sorted(acc.items()):
+        seeds = sorted({seed for seed, _ in runs if (seed, "ip") in runs and (seed, "sp") in runs})
+        if seeds:
+            gaps[key] = {seed: runs[(seed, "ip")] - runs[(seed, "sp")] for seed in seeds}
+    return gaps
+
+
+def paired_tables(records) -> str:
+    """The paired comparison as two markdown tables: per setting, the mean IP - SP gap over seeds with its
+    95% t-interval; per method, the gap averaged over the sparsities, with the interval taken over the
+    seeds (each seed's mean gap is one observation: runs of one seed share their initial weights, so the
+    seed, not the run, is the unit that repeats)."""
+    gaps = paired_gaps(records)
+    if not gaps:
+        return ""
+    lines = ["| method | sparsity | gap IP-SP (points) | 95% interval | IP ahead | seeds |", "|---|---:|---:|---:|---:|---:|"]
+    for (_, _, method, sparsity), by_seed in gaps.items():
+        mean, half = t_interval(by_seed.values())
+        ahead = sum(g > 0 for g in by_seed.values())
+        lines.append(f"| {method} | {sparsity:g} | {mean:+.2f} | {_interval(mean, half)} | {ahead}/{len(by_seed)} "
+                     f"| {len(by_seed)} |")
+    per_method = defaultdict(lambda: defaultdict(list))
+    for (_, _, method, _), by_seed in gaps.items():
+        for seed, gap in by_seed.items():
+            per_method[method][seed].append(gap)
+    lines += ["", "| method | mean gap IP-SP (points) | 95% interval over seeds | IP ahead (runs) | seeds |",
+              "|---|---:|---:|---:|---:|"]
+    for method, by_seed in sorted(per_method.items()):
+        seed_means = [statistics.mean(v) for v in by_seed.values()]
+        mean, half = t_interval(seed_means)
+        every = [g for v in by_seed.values() for g in v]
+        lines.append(f"| {method} | {mean:+.2f} | {_interval(mean, half)} | "
+                     f"{sum(g > 0 for g in every)}/{len(every)} | {len(by_seed)} |")
+    return "\n".join(lines)
+
+
+def _interval(mean: float, half: float) -> str:
+    return "-" if math.isnan(half) else f"[{mean - half:+.2f}, {mean + half:+.2f}]"
