@@ -4,8 +4,8 @@ The default ``torch.fx`` tracer keeps ``nn.Conv2d`` & co. as opaque ``call_modul
 weight never appears in the graph. :class:`WeightTracer` traces *into* the standard conv and linear
 modules whose weight the config wants rewritten: their ``forward`` becomes ``get_attr(weight)`` ->
 ``conv2d``/``linear`` (with the ``pad`` node of a non-zero ``padding_mode``), and the weight can be
-rewritten like any other parameter. Everything else keeps the default leaf rules, plus the leaves the
-user names. The modules traced through are recorded, so lowering can put them back.
+rewritten like any other parameter. Batch norms of other libraries stay whole (their forward updates
+buffers in Python); everything else keeps the default leaf rules, plus the leaves the user names. The modules traced through are recorded, so lowering can put them back.
 
 :func:`trace_modes` traces in train and in eval mode, because a forward that reads ``self.training``
 gives a different graph in each (:mod:`ipfx.modes`).
@@ -48,7 +48,22 @@ class WeightTracer(fx.Tracer):
         if type(m) in STANDARD_TYPES and self._wanted(m, module_qualified_name):
             self.inlined[module_qualified_name] = m
             return False
+        if self._stateful_norm(m, module_qualified_name):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def _stateful_norm(self, m: nn.Module, name: str) -> bool:
+        """A batch norm of a class outside ``torch.nn`` (timm's ``BatchNormAct2d``, ...), kept whole.
+
+        Its Python forward updates buffers in place (``num_batches_tracked.add_(1)``): traced into, that
+        update would run once on the real buffer, at trace time, and be missing from the graph, and the
+        buffer, which no graph node then reads, from the state dict. Kept as a leaf it runs as it is, as
+        ``nn.BatchNorm2d`` does. Not when it holds a conv or linear weight to rewrite.
+        """
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return False
+        return not any(type(sub) in STANDARD_TYPES and self._wanted(sub, f"{name}.{sub_name}" if name else sub_name)
+                       for sub_name, sub in m.named_modules() if sub_name)
 
     def _wanted(self, m: nn.Module, name: str) -> bool:
         weight = m._parameters.get("weight")  # not getattr: the tracer turns that into a graph node

@@ -525,3 +525,49 @@ def test_raw_kernels_of_untraced_code_are_reported_and_captured_by_export():
     t = ipfx.transform(model, example_inputs=(x,))  # export captures the call: w is a kernel
     assert [(w.name, w.capture) for w in ipfx.rewritten_weights(t)] == [("w", "export")]
     assert_close(t(x), model(x), kind="export: raw kernel of untraceable code")
+
+
+class _NormAct(nn.BatchNorm2d):
+    """A batch norm with its own Python forward, as timm's BatchNormAct2d: it counts batches in place."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(y)
+
+
+class _ConvNormAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = _NormAct(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("front", FRONT_ENDS)
+def test_a_batch_norm_with_its_own_forward_keeps_its_counter(front):
+    """Traced into, its in-place ``num_batches_tracked.add_(1)`` ran once at trace time, on the user's
+    model, and was lost: from the graph and from the state dict."""
+    model = _ConvNormAct().train()
+    x = torch.randn(2, 3, 8, 8)
+    t = quiet(ipfx.transform, model, example_inputs=(x,), capture=front)
+    assert int(model.bn.num_batches_tracked) == 0  # the user's model is untouched
+    assert "bn.num_batches_tracked" in t.state_dict()
+    t.train()
+    t(x)
+    t(x)
+    assert int(t.state_dict()["bn.num_batches_tracked"]) == 2
+    dense = ipfx.lower(t, "dense")
+    fresh = _ConvNormAct()
+    fresh.load_state_dict(dense.state_dict(), strict=True)
+    assert int(fresh.bn.num_batches_tracked) == 2
+    fresh.eval()
+    dense.eval()
+    assert torch.allclose(fresh(x), dense(x), atol=1e-5)
