@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ipfx.ops import ORDER_AUTO, ORDER_GPU, SparseIPConv, gpu
-from ipfx.ops.order import _own_kernel
+from ipfx.ops import ORDER_AUTO, ORDER_GPU, gpu, sparse_coefficients
+from ipfx.ops.geometry import _conv_geometry, _output_spatial
+from ipfx.ops.order import resolve_order
 from test_ops_ip_conv import ConvTensors, _case, assert_close, dense_conv, dense_weight, error_scale, make_tensors, op_call
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -33,8 +34,7 @@ def test_triton_kernel_agrees_with_the_dense_conv_under_the_interpreter():
 
 
 def test_cpu_tensors_never_take_the_triton_order():
-    x = torch.randn(1, 4, 6, 5)
-    assert not gpu.supports(x) and _own_kernel(x) != ORDER_GPU
+    assert not gpu.supports(torch.randn(1, 4, 6, 5))
     case = _case(sparsity=0.9)
     t = make_tensors(case, torch.float32)
     # an explicit ORDER_GPU on CPU falls back to order 0 and gives the dense conv's numbers
@@ -54,23 +54,39 @@ def _on(t, device):
           output_padding=(0, 0, 0), transposed=True, groups=2, c_in=4, c_out=6),
 ], ids=["sp", "ip", "3d-transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_kernel_agrees_with_cudnn(case, dtype):
+def test_cuda_kernel_agrees_with_the_dense_conv(case, dtype):
     t = make_tensors(case, torch.float32)
     on_gpu = ConvTensors(t.x.to("cuda", dtype), t.coeff.cuda(), _on(t.basis, "cuda"), _on(t.bias, "cuda"))
     got = op_call(case, on_gpu, ORDER_GPU)
-    ref = dense_conv(case, t.x.to(dtype).float(), dense_weight(case, t), t.bias)
+    ref = dense_conv(case, t.x.to(dtype).double(), dense_weight(case, t).double(), _on(t.bias, torch.float64))
     assert got.is_cuda and got.dtype == dtype
-    assert_close(got.float().cpu(), ref, 1e-5 if dtype == torch.float32 else 2e-2, error_scale(case, t))
+    assert_close(got.double().cpu(), ref, 1e-5 if dtype == torch.float32 else 2e-2, error_scale(case, t))
 
 
 @CUDA
 def test_order_zero_on_cuda_takes_the_triton_kernel_for_very_sparse_layers():
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1).cuda()
-    with torch.no_grad():
-        conv.weight.mul_(torch.rand_like(conv.weight) > 0.995)
-    fused = SparseIPConv.from_coefficients(conv.weight.reshape(64, 64, 9), None, conv.bias,
-                                           weight_shape=conv.weight.shape, padding=1).cuda()
-    x = torch.randn(2, 64, 16, 16, device="cuda")
-    with torch.no_grad():
-        y = fused(x, ORDER_AUTO)
-    assert torch.allclose(y, conv(x), atol=1e-4)
+    case = _case(basis_kind="none", sparsity=0.995, c_in=64, c_out=64, spatial=(16, 16), bias=True)
+    t = make_tensors(case, torch.float32)
+    values, indices = sparse_coefficients(t.coeff.cuda())
+    x = t.x.to("cuda", torch.float32)
+    g = _conv_geometry(x, values, indices, None, None, list(case.weight_shape), list(case.stride),
+                       list(case.padding), list(case.dilation), case.groups, case.transposed,
+                       list(case.output_padding))
+    flat = lambda: indices.long()  # noqa: E731
+    assert resolve_order(ORDER_AUTO, g, x, values, indices, flat, None, _output_spatial(g, x.shape[2:]),
+                         allow_native=True) == ORDER_GPU
+    on_gpu = ConvTensors(x, t.coeff.cuda(), None, t.bias.cuda())
+    ref = dense_conv(case, t.x.double(), dense_weight(case, t).double(), t.bias.double())  # not TF32 cuDNN
+    assert_close(op_call(case, on_gpu, ORDER_AUTO).double().cpu(), ref, 1e-5, error_scale(case, t))
+
+
+@CUDA
+def test_the_kernel_runs_on_the_inputs_gpu_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    case = _case(sparsity=0.9)
+    t = make_tensors(case, torch.float32)
+    on_second = ConvTensors(t.x.to("cuda:1"), t.coeff.to("cuda:1"), t.basis.to("cuda:1"), None)
+    got = op_call(case, on_second, ORDER_GPU)
+    assert got.device == torch.device("cuda:1")
+    assert_close(got.cpu(), dense_conv(case, t.x, dense_weight(case, t), None), 1e-5, error_scale(case, t))

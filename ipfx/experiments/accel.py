@@ -46,14 +46,16 @@ class Engine:
             raise IPFXValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         cuda = device.type == "cuda"
         if precision == "auto":
-            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-        elif precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-            raise IPFXValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; use fp32")
+            precision = "bf16" if cuda and _native_bf16(device) else "fp32"
+        elif precision == "bf16" and cuda and not _native_bf16(device):
+            raise IPFXValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no native bfloat16 "
+                                 "(compute capability 8.0 or newer); use --precision fp32")
         return cls(data_on_device=cuda, precision=precision, channels_last=cuda, compile=compile,
                    cudnn_benchmark=cuda)
 
     def setup(self, device: torch.device) -> None:
-        """Process-wide settings, before the first step."""
+        """Process-wide settings, before the first step. ``cudnn.benchmark`` picks convolution algorithms
+        by timing, so CUDA runs are not bitwise repeatable (and it stays on for the process)."""
         if self.cudnn_benchmark and device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -78,6 +80,14 @@ class Engine:
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """The GPU ``device`` computes in bfloat16 natively (Ampere and newer), not only by emulation."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -22,8 +22,10 @@ The kernel
 One program computes ``BLOCK`` consecutive output positions of one ``(n, o)``: it walks row ``o``,
 gathers the input numbers each entry reads (masked at the borders; contiguous along the output row at
 stride 1, so loads coalesce), accumulates in float32 and writes its block once. 1-d and 2-d convs are
-run as 3-d ones with unit leading dims. float16, bfloat16 and float32 inputs; float64 and other
-devices take the pure-torch orders.
+run as 3-d ones with unit leading dims. float16, bfloat16 and float32 inputs (the folded kernel is kept in
+float32, the sum too, the result rounded once to the input's dtype); float64 and other devices take the
+pure-torch orders, as do launches beyond CUDA's grid limits (:func:`fits`). Where the kernel fails to
+compile or launch, one warning says why and the dense order runs from then on (:func:`broken`).
 
 The Triton source is imported on first use. With ``TRITON_INTERPRET=1`` set before Triton is imported,
 ``triton.jit`` gives Triton's interpreter instead (numpy, on CPU tensors): the tests run the same kernel
@@ -32,8 +34,10 @@ that way on a CPU-only machine, against the reference orders. Which calls run it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -44,6 +48,8 @@ from .storage import _cached, _coupling, _densify, _storage_entry
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 128  # output positions per program
+GRID_MAX = 65535  # CUDA's limit on grid axes 1 and 2 (output channels, batch)
+_state: dict = {}  # "error": why the kernel failed in this process
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,8 +64,9 @@ def available() -> bool:
 
 
 def supports(x: Tensor) -> bool:
-    """The Triton kernel handles this input: a CUDA tensor of a supported dtype, Triton present."""
-    return x.device.type == "cuda" and x.dtype in DTYPES and available()
+    """The Triton kernel handles this input: a CUDA tensor of a supported dtype, Triton present (and it
+    has not failed in this process, :func:`broken`)."""
+    return x.device.type == "cuda" and x.dtype in DTYPES and "error" not in _state and available()
 
 
 def _kernel():
@@ -95,10 +102,19 @@ def folded_operands(g: dict, values: Tensor, indices: Tensor, flat, basis: Optio
     return _cached(_storage_entry(indices), "gpu", key, build)
 
 
-def folded_density(g: dict, operands) -> float:
-    """Nonzeros of the folded kernel over its size: the Triton kernel's multiply-accumulates relative to
-    the dense convolution's."""
-    return operands[1].numel() / max(1, math.prod(g["weight_shape"]))
+def folded_density(g: dict, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor]) -> float:
+    """Nonzeros of the folded kernel over its size, the Triton kernel's multiply-accumulates relative to the
+    dense convolution's, counted without building the kernel (cached per storage): the kept coefficients
+    for SP; for IP every tap of each coupled channel pair, ``pairs * K`` (a basis spreads a coefficient over
+    all ``K`` taps)."""
+
+    def build():
+        K = g["K"]
+        kept = torch.unique(flat()).numel() if basis is None else torch.unique(flat() // K).numel() * K
+        return kept / max(1, math.prod(g["weight_shape"]))
+
+    key = (id(values), values._version, indices._version, basis is None)
+    return _cached(_storage_entry(indices), "gpu_density", key, build)
 
 
 def conv(g: dict, x: Tensor, operands, bias: Optional[Tensor], out_spatial) -> Tensor:
@@ -122,10 +138,26 @@ def conv(g: dict, x: Tensor, operands, bias: Optional[Tensor], out_spatial) -> T
         return y
     has_bias = bias is not None
     b = bias.to(device=x.device, dtype=torch.float32).contiguous() if has_bias else val  # (unread without bias)
-    grid = (n * g["c_out"], triton.cdiv(p_out, BLOCK))
-    _kernel()[grid](
-        x, crow, col, val, b, y,
-        g["c_in"], g["c_out"], *spatial_in, *spatial_out, *kernel, *stride, *padding, *dilation,
-        TRANSPOSED=bool(g["transposed"]), HAS_BIAS=has_bias, BLOCK=BLOCK,
-    )
+    grid = (triton.cdiv(p_out, BLOCK), g["c_out"], n)  # positions on the axis without the 65535 limit
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+        _kernel()[grid](
+            x, crow, col, val, b, y,
+            g["c_in"], g["c_out"], *spatial_in, *spatial_out, *kernel, *stride, *padding, *dilation,
+            TRANSPOSED=bool(g["transposed"]), HAS_BIAS=has_bias, BLOCK=BLOCK,
+        )
     return y
+
+
+def fits(g: dict, x: Tensor) -> bool:
+    """The launch grid fits CUDA's limits: output channels and batch on grid axes of at most 65535."""
+    return g["c_out"] <= GRID_MAX and x.shape[0] <= GRID_MAX
+
+
+def broken(exc: Exception) -> None:
+    """The kernel failed to compile or launch (an unsupported GPU, a missing ``ptxas``, ...): say so once,
+    with the reason, and never try it again in this process; the op runs the dense order instead."""
+    if "error" not in _state:
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"ipfx: the Triton kernel of torch.ops.ipfx.ip_conv failed ({_state['error']}); the dense "
+                      "convolution runs instead. Update Triton, or pass order=3 to choose the dense order yourself.",
+                      RuntimeWarning, stacklevel=3)

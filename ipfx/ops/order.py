@@ -44,6 +44,7 @@ order number. The native order is a candidate only where the native kernel is bu
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -231,7 +232,7 @@ def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatia
     if ref is None or ref() is not indices:  # nowhere to remember a measurement: the model instead
         return _modelled_order(g, x, values, basis, out_spatial, native)
     timings = {}
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    sync = functools.partial(torch.cuda.synchronize, x.device) if x.device.type == "cuda" else (lambda: None)
     for order, run in _candidates(g, x, values, basis, out_spatial, native, gpu).items():
         run(g, x, values, indices, flat, basis, out_spatial)
         sync()
@@ -259,7 +260,7 @@ def resolve_order(order: int, g: dict, x: Tensor, values: Tensor, indices: Tenso
             f"order must be 0 (auto: cost model), -1 (tuned: timed once), 1 (basis first), 2 (coefficients "
             f"first), 3 (dense), 4 (native, CPU) or 5 (Triton, CUDA), got {order}"
         )
-    own = _own_kernel(x) if allow_native and order in (ORDER_AUTO, ORDER_TUNED, ORDER_NATIVE, ORDER_GPU) else None
+    own = _own_kernel(g, x) if allow_native and order in (ORDER_AUTO, ORDER_TUNED, ORDER_NATIVE, ORDER_GPU) else None
     native = own == ORDER_NATIVE
     if order in (ORDER_NATIVE, ORDER_GPU) and own != order:
         order = ORDER_AUTO
@@ -270,8 +271,7 @@ def resolve_order(order: int, g: dict, x: Tensor, values: Tensor, indices: Tenso
     if order == ORDER_AUTO and own == ORDER_GPU:
         from . import gpu
 
-        operands = gpu.folded_operands(g, values, indices, flat, basis, x)
-        return ORDER_GPU if gpu.folded_density(g, operands) <= GPU_DENSITY_MAX else ORDER_DENSE
+        return ORDER_GPU if gpu.folded_density(g, values, indices, flat, basis) <= GPU_DENSITY_MAX else ORDER_DENSE
     if order == ORDER_AUTO:  # a pure function of its key, remembered per storage (the arithmetic costs ~30 us)
         key = (tuple(x.shape), tuple(out_spatial), tuple(g["weight_shape"]), g["groups"], g["transposed"], x.dtype,
                native, basis is None, values.numel())
@@ -284,7 +284,7 @@ def resolve_order(order: int, g: dict, x: Tensor, values: Tensor, indices: Tenso
     return order
 
 
-def _own_kernel(x: Tensor) -> int | None:
+def _own_kernel(g: dict, x: Tensor) -> int | None:
     """The order of the kernel made for ``x``'s device, where it can take ``x``: native (CPU) or Triton (CUDA)."""
     if x.device.type == "cpu":
         from . import native
@@ -293,5 +293,5 @@ def _own_kernel(x: Tensor) -> int | None:
     if x.device.type == "cuda":
         from . import gpu
 
-        return ORDER_GPU if gpu.supports(x) else None
+        return ORDER_GPU if gpu.supports(x) and gpu.fits(g, x) else None
     return None

@@ -15,11 +15,10 @@ def sparse_direct_conv(
     k0, k1, k2, s0, s1, s2, p0, p1, p2, l0, l1, l2,
     TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    no = tl.program_id(0)
-    n = no // c_out
-    o = no % c_out
+    n = tl.program_id(2)
+    o = tl.program_id(1)
     p_out = d_out * h_out * w_out
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = offs < p_out
     od = offs // (h_out * w_out)
     oh = (offs // w_out) % h_out
@@ -55,7 +54,7 @@ def sparse_direct_conv(
             i2 = ow * s2 - p2 + t2 * l2
             ok = (i0 >= 0) & (i1 >= 0) & (i2 >= 0)
         ok = ok & live & (i0 < d_in) & (i1 < h_in) & (i2 < w_in)
-        where = ((i * d_in + i0) * h_in + i1) * w_in + i2
+        where = ((i.to(tl.int64) * d_in + i0) * h_in + i1) * w_in + i2  # int64: large 3-d inputs
         xv = tl.load(x_sample + tl.where(ok, where, 0), mask=ok, other=0.0)
         acc += v * xv.to(tl.float32)
     if HAS_BIAS:
