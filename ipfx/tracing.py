@@ -5,7 +5,8 @@ weight never appears in the graph. :class:`WeightTracer` traces *into* the stand
 modules whose weight the config wants rewritten: their ``forward`` becomes ``get_attr(weight)`` ->
 ``conv2d``/``linear`` (with the ``pad`` node of a non-zero ``padding_mode``), and the weight can be
 rewritten like any other parameter. Batch norms of other libraries stay whole (their forward updates
-buffers in Python); everything else keeps the default leaf rules, plus the leaves the user names. The modules traced through are recorded, so lowering can put them back.
+buffers in Python); everything else keeps the default leaf rules, plus the leaves the user names. The
+modules traced through are recorded, so lowering can put them back.
 
 :func:`trace_modes` traces in train and in eval mode, because a forward that reads ``self.training``
 gives a different graph in each (:mod:`ipfx.modes`).

@@ -169,3 +169,7 @@ def evaluate(model: nn.Module, dataset, device) -> float:
                 correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
     model.train(was_training)
     return int(sum_tensor(correct)) / len(dataset.test_y)
+
+
+__all__ = ["active", "rank", "world", "is_main", "barrier", "init_from_env", "shard", "prepare", "evaluate",
+           "sum_tensor", "GlobalBatchNorm"]
