@@ -69,7 +69,7 @@ ORDER_GPU = 5  # the folded sparse direct conv in Triton (ipfx.ops.gpu), CUDA, w
 
 #: On CUDA, ``order=0`` runs the Triton kernel when the folded kernel's nonzeros (its multiply-accumulates)
 #: are at most this fraction of the dense kernel's, else cuDNN's dense convolution. A guess, not a fit: no
-#: GPU was at hand to calibrate it (``benchmarks/fused.py --device cuda`` measures both).
+#: GPU was at hand to calibrate it (``python benchmarks/fused_gpu.py`` measures both).
 GPU_DENSITY_MAX = 0.05
 
 #: Term names of the cost model, in the order of each row of :data:`COST_CONSTANTS`.
