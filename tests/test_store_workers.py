@@ -111,7 +111,7 @@ def test_workers_end_when_the_sweep_is_killed(tmp_path):
         assert len(workers) >= 2
         os.kill(sweep.pid, signal.SIGKILL)
         sweep.wait()
-        deadline = time.time() + 20
+        deadline = time.time() + 60  # a worker still importing ipfx on a loaded machine ends once it has
         while time.time() < deadline and any(_alive(p) for p in workers):
             time.sleep(0.2)
         assert not any(_alive(p) for p in workers)

@@ -54,7 +54,7 @@ def run_in_pool(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *
 
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
-                               initargs=(dataset, threads_per_worker(workers, threads)))
+                               initargs=(dataset, threads_per_worker(workers, threads), os.getpid()))
     try:
         futures = {pool.submit(_run_one, spec, str(store.path), str(device), command,
                                checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch, engine): spec
@@ -70,24 +70,25 @@ def run_in_pool(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _start_worker(dataset: Dataset, threads: int) -> None:
-    """Worker set-up: keep the dataset, share the cores, end with the sweep."""
+def _start_worker(dataset: Dataset, threads: int, sweep_pid: int | None = None) -> None:
+    """Worker set-up: keep the dataset, share the cores, end with the sweep (process ``sweep_pid``)."""
     global _DATASET
     _DATASET = dataset
     torch.set_num_threads(threads)
-    _exit_with_parent()
+    if sweep_pid is not None:
+        _exit_with_parent(sweep_pid)
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(parent: int) -> None:
     """End this worker as soon as the sweep's process is gone (killed, or ended by a signal the pool never
     saw). A pool's workers would otherwise finish the run they hold and append its record, while the
     rerun that resumes the sweep trains the same run again: a duplicated record. The run's last
-    epoch-end checkpoint is what the rerun resumes from."""
+    epoch-end checkpoint is what the rerun resumes from. ``parent`` comes from the sweep itself: a worker
+    still starting when the sweep died would otherwise take its new parent (init) for the sweep."""
     global _WATCHING
-    if _WATCHING:  # a Ray worker process runs many tasks
+    if _WATCHING:
         return
     _WATCHING = True
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
