@@ -68,22 +68,12 @@ def ip_conv(
     return _run_ip_conv(g, x, values, indices, basis, bias, order)
 
 
-@ip_conv.register_kernel("cpu")
-def _ip_conv_cpu(
+@ip_conv.register_kernel(("cpu", "cuda"))
+def _ip_conv_own_device(
     x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order
 ):
-    """The CPU kernel: as the default one, and the native kernel may run (:mod:`ipfx.ops.native`)."""
-    g = _conv_geometry(
-        x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
-    )
-    return _run_ip_conv(g, x, values, indices, basis, bias, order, allow_native=True)
-
-
-@ip_conv.register_kernel("cuda")
-def _ip_conv_cuda(
-    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order
-):
-    """The CUDA kernel: as the default one, and the Triton kernel may run (:mod:`ipfx.ops.gpu`)."""
+    """The CPU and CUDA kernels: as the default one, and the device's own kernel may run (native on CPU,
+    :mod:`ipfx.ops.native`; Triton on CUDA, :mod:`ipfx.ops.gpu`)."""
     g = _conv_geometry(
         x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
     )
