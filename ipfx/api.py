@@ -6,7 +6,8 @@
       -> rewrite weights (each captured part's kernels -> coeff x mask x basis subgraphs)
       -> parametrize unreached weights (the selected weights no graph reads)
       -> guard fallbacks (the original modules, reading the same coefficients, for call patterns
-         of optional arguments that a symbolic graph was not traced with)
+         of optional arguments that a symbolic graph was not traced with; without example inputs,
+         every traced graph is checked against its module on the first call of each kind)
 
 :func:`lower` is two: lower graphs (fuse, then fold, each graph's subgraphs) -> fold parametrized weights.
 Inputs are copied first, so the caller's model is never changed.
@@ -32,7 +33,7 @@ from .modes import ModeSwitch
 from .parametrize import is_parametrized
 from .passes.capture import FRONT_ENDS, Capture
 from .passes.guard_fallbacks import GuardFallbacks
-from .passes.lower_model import FoldParametrized, LowerGraphs
+from .passes.lower_model import FoldParametrized, LowerGraphs, SettleFirstCallChecks
 from .passes.manager import PassManager
 from .passes.parametrize_unreached import ParametrizeUnreached
 from .passes.rewrite_weights import CoefficientFactory, RewriteParts
@@ -55,6 +56,7 @@ def transform(
     leaf_modules: Sequence[str | type] = (),
     inplace: bool = False,
     partial: bool = True,
+    dynamic_shapes: Any = None,
 ) -> nn.Module:
     """Rewrite every conv (and linear) weight of ``model`` into coefficients x mask x basis.
 
@@ -86,6 +88,10 @@ def transform(
             ``partial`` they are captured on their own.
         inplace: share the model's tensors instead of copying them (saves memory; the original model
             must then not be used for training any more).
+        dynamic_shapes: torch.export's own ``dynamic_shapes`` spec for the example call, for users who
+            know which sizes vary (``{"x": {0: Dim("batch")}}``). By default every dimension of every
+            tensor input is left free where the model allows (``Dim.AUTO``); sizes the model fixes or
+            relates stay guarded: a call that breaks them raises an error naming the input and size.
         partial: when torch.fx cannot trace the whole model, trace its largest traceable parts and keep
             the rest as Python code (:mod:`ipfx.partial`; a warning says what was not traced). With
             ``partial=False`` an untraceable model raises :class:`TraceError` naming the module.
@@ -124,16 +130,22 @@ def transform(
     factory = CoefficientFactory(config)
     pipeline = PassManager([
         Capture(capture, config, args, kwargs, leaf_modules, partial, reference=None if inplace else model,
-                given_graph=exported_program),
+                given_graph=exported_program, dynamic_shapes=dynamic_shapes),
         RewriteParts(config, factory),
         ParametrizeUnreached(config, factory),
-        GuardFallbacks(),
+        GuardFallbacks(check_first_calls=args is None and not exported_program),
     ])
     captured = pipeline(work)
     result, report = captured.model, captured.report
     if captured.fallback:
         warnings.warn(f"torch.export could not capture {type(model).__name__} ({captured.fallback}); "
                       "ipfx.transform captured it by symbolic tracing instead", stacklevel=2)
+    if captured.fixed:
+        warnings.warn(f"torch.export could not leave every input size of {type(model).__name__} free ({captured.fixed}); "
+                      "the transformed model refuses other sizes with an error naming the input. Pass "
+                      "dynamic_shapes=... (torch.export's spec) to say which sizes vary", stacklevel=2)
+    for note in captured.notes:
+        warnings.warn(note, stacklevel=2)
     if not report.whole:
         warnings.warn(f"torch.fx could not trace {type(model).__name__} as a whole; ipfx.transform "
                       f"{report}", stacklevel=2)
@@ -181,7 +193,8 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
         raise IPFXValueError(f"unknown lowering target {target!r}; use one of {', '.join(map(repr, TARGETS))}")
     _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
     out = _copy(model)
-    return PassManager([LowerGraphs(target, _graphs_holding_weights(out)), FoldParametrized()])(out)
+    return PassManager([SettleFirstCallChecks(), LowerGraphs(target, _graphs_holding_weights(out)),
+                        FoldParametrized()])(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +308,7 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 def _warn_lost_hooks(original: dict[str, nn.Module], result: nn.Module) -> None:
     """Hooks live on module objects; a module that is traced through is no longer called as one."""
     kept = {id(m) for m in result.modules()}
-    lost = [f"{name or '<root>'} ({type(m).__name__})" for name, m in original.items()
+    lost = [f"{name or '<root>'} ({getattr(m, 'original_class', type(m)).__name__})" for name, m in original.items()
             if id(m) not in kept and any(getattr(m, h, None) for h in _HOOKS)]
     if lost:
         warnings.warn(

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 
 from .errors import IPFXValueError
+from .inputs import as_args
+from .shapes import dynamic_spec
 
 STATE_DICT_SUFFIX = ".state_dict.pt"
 PROGRAM_SUFFIX = ".pt2"
@@ -36,13 +38,15 @@ def save_state_dict(model: nn.Module, stem: str | os.PathLike) -> Path:
     return path
 
 
-def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tensor) -> Path:
-    """Export ``model`` (in the mode it is in) on ``example`` and write ``<stem>.pt2``.
+def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tensor | tuple) -> Path:
+    """Export ``model`` (in the mode it is in) on ``example`` (one tensor or a tuple of positional
+    arguments) and write ``<stem>.pt2``.
 
-    The first dimension is exported as a free batch size, so the program runs on any batch.
+    Every size the model lets vary (batch, image size, ...) is exported free (``Dim.AUTO``); the sizes
+    it fixes stay fixed, and the program checks them on every call.
     """
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+    args = as_args(example, "example")
+    program = torch.export.export(model, args, dynamic_shapes=dynamic_spec(model.forward, args, {}), strict=False)
     path = Path(f"{stem}{PROGRAM_SUFFIX}")
     torch.export.save(program, path)
     return path

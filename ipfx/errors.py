@@ -30,3 +30,10 @@ class NotTransformedError(IPFXError, ValueError):
 
 class SingularBasisError(IPFXValueError):
     """A filter basis is not invertible, so weights cannot be expressed in it."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"``, for one-line reports of an exception; the type alone for an
+    exception without a message (a bare ``assert``)."""
+    lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(": ")[:limit]

@@ -12,70 +12,136 @@ Export captures one mode: batch norm and dropout are recorded as the model was w
 ``ep.module().eval()`` is refused. :func:`export_modes` therefore exports in each mode and returns a
 :class:`~ipfx.modes.ModeSwitch` over the two graphs when they differ, as symbolic tracing does.
 
-Shapes: every input dimension is exported as ``Dim.AUTO``, so dimensions the model lets vary (batch,
-image size, sequence length) stay symbolic and the graph runs on other sizes; those the model fixes
-are specialised (size 0/1 examples always are: give examples with a batch of 2 or more). Where the
-dynamic export fails, a static one is tried.
+Shapes: every input dimension is exported as ``Dim.AUTO`` (:func:`ipfx.shapes.dynamic_spec`, built for
+the forward's real signature), so dimensions the model lets vary (batch, image size, sequence length)
+stay symbolic and the graph runs on other sizes; those the model fixes or relates are guarded
+(:mod:`ipfx.shape_guards`): a call with another size raises an error naming the input and dimension.
+Where that export fails or takes too long (:data:`DYNAMIC_EXPORT_SECONDS`), one with the batch free alone
+is tried, then a static one; their guards fix the other sizes. A ``dynamic_shapes``
+spec given by the user replaces the automatic one.
 
-The graph module is rebuilt as a plain ``fx.GraphModule`` without export's input guard (a module that
-cannot be pickled or deep-copied) and without export's refusal of ``train()``/``eval()``.
+Export runs the model's Python, which may cache things on its modules (a detection head storing its
+anchors for the shape it saw); every module's attributes are put back afterwards
+(:mod:`ipfx.snapshot`), so no fake tensor or shape is left behind.
+
+The graph module is rebuilt as a plain ``fx.GraphModule`` without export's ``_guards_fn`` (a generated
+function that cannot be pickled; the guards are graph nodes instead) and without export's refusal of
+``train()``/``eval()``.
 """
 
 from __future__ import annotations
 
+import inspect
+import signal
+import threading
+import warnings
+from typing import Any
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .modes import ModeSwitch
+from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards
+from .shapes import dynamic_spec
+from .snapshot import Snapshot
 from .source_attributes import CapturedGraphModule
 
 _GUARDS = "_guards_fn"
 
 
-def export_modes(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule | ModeSwitch:
+def export_modes(model: nn.Module, args: tuple, kwargs: dict,
+                 dynamic_shapes: Any = None) -> tuple[fx.GraphModule | ModeSwitch, str | None]:
     """Export ``model`` in its own mode and in the other; one graph when both are the same.
 
-    The model's training flags are put back afterwards; its tensors are shared by the graphs (export
-    lifts the model's own parameters and buffers), so transform works on a private copy.
+    Returns the graph(s) and, where torch.export could not keep every size free, which sizes are and
+    why. The model's attributes and training flags are put back afterwards; its tensors are
+    shared by the graphs (export lifts the model's own parameters and buffers), so transform works on
+    a private copy.
     """
     own = model.training
     graphs: dict[bool, fx.GraphModule] = {}
-    flags = {m: m.training for m in model.modules()}
-    try:
+    fixed, level = None, 0
+    with Snapshot(model) as saved, warnings.catch_warnings():
+        # a forward that caches a tensor on itself makes torch warn; the snapshot puts the attribute back
+        warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
         for mode in (own, not own):
             model.train(mode)  # what a user's .train()/.eval() does, overrides included
-            graphs[mode] = graph_module_of(_export(model, args, kwargs), type(model).__name__)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+            program, level, reason = _export(model, args, kwargs, dynamic_shapes, level)
+            saved.restore()  # before the next export reads what this one cached (module docstring)
+            fixed = reason or fixed
+            graphs[mode] = graph_module_of(program, type(model).__name__)
     if graphs[True].code == graphs[False].code:
-        return graphs[own].train(own)  # ep.module() comes in train mode whatever the model's was
-    return ModeSwitch(graphs[True], graphs[False], training=own)
+        return graphs[own].train(own), fixed  # ep.module() comes in train mode whatever the model's was
+    return ModeSwitch(graphs[True], graphs[False], training=own), fixed
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+#: Seconds torch.export may take to keep every size free before ipfx keeps only the batch free. Sizes that
+#: feed run-time 'same' padding (TensorFlow-style convolutions) grow symbolic expressions that take torch
+#: minutes to reason about (3-10 minutes for an EfficientNet, against 1-2 s with a free batch alone).
+DYNAMIC_EXPORT_SECONDS = 20.0
+
+_LEVELS = ("every size", "the batch", "no size")
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+            start: int = 0) -> tuple[torch.export.ExportedProgram, int, str | None]:
+    """The program with every size free where the model allows; else with the batch free; else static.
+
+    Returns the program, its level (an index into ``_LEVELS``; the other mode starts there) and, below
+    the first, why sizes are fixed. A user's spec is used as it is.
+    """
+    if dynamic_shapes is not None:
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False), 0, None
+        except Exception as exc:  # the user's own spec: its error is the one to see
+            raise TraceError(f"torch.export could not capture {type(model).__name__} with the dynamic_shapes "
+                             f"given: {first_line(exc)}") from exc
+    reasons = []
+    for level in range(start, len(_LEVELS)):
+        spec = None if level == 2 else dynamic_spec(model.forward, args, kwargs, batch_only=level == 1)
+        try:
+            program = within(DYNAMIC_EXPORT_SECONDS if level == 0 else None,
+                             lambda: torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False))
+        except OverBudget:
+            reasons.append(f"keeping {_LEVELS[level]} free took torch.export over {DYNAMIC_EXPORT_SECONDS:g} s")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a less dynamic export may still succeed
+            if level == len(_LEVELS) - 1:
+                raise TraceError(f"torch.export could not capture {type(model).__name__}: {first_line(exc)}") from exc
+            reasons.append(f"with {_LEVELS[level]} free: {first_line(exc)}")
+            continue
+        fixed = None if level == 0 else (f"{'only the batch is' if level == 1 else 'no size is'} free: "
+                                         + "; ".join(reasons))
+        return program, level, fixed
+    raise AssertionError("unreachable")
+
+
+class OverBudget(BaseException):
+    """Raised into a computation that ran past its time (a BaseException: torch's handlers of Exception
+    must not take it for an export error of their own)."""
+
+
+def within(seconds: float | None, call):
+    """``call()``, interrupted by :class:`OverBudget` after ``seconds`` (by SIGALRM: only in the main
+    thread of a POSIX process; elsewhere, and for ``None``, without a limit)."""
+    if (seconds is None or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()):
+        return call()
+
+    def expire(signum, frame):
+        raise OverBudget()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer = signal.setitimer(signal.ITIMER_REAL, seconds)[0]  # a timer someone else set: put back after
     try:
-        return torch.export.export(model, args, kwargs, dynamic_shapes=_auto_shapes(args, kwargs), strict=False)
-    except Exception:  # noqa: BLE001 - a static export may still succeed; its error is the one reported
-        pass
-    try:
-        return torch.export.export(model, args, kwargs, strict=False)
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-        raise TraceError(f"torch.export could not capture {type(model).__name__}: {reason}") from exc
-
-
-def _auto_shapes(args: tuple, kwargs: dict):
-    """``Dim.AUTO`` for every dimension of every tensor input (``None`` for everything else)."""
-    def spec(value):
-        if isinstance(value, torch.Tensor):
-            return {i: torch.export.Dim.AUTO for i in range(value.dim())}
-        return None
-
-    return (pytree.tree_map(spec, tuple(args)), pytree.tree_map(spec, dict(kwargs)))
+        return call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - seconds, 1e-3))
 
 
 def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "GraphModule") -> fx.GraphModule:
@@ -87,6 +153,10 @@ def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "Gr
             graph.erase_node(node)
     gm = CapturedGraphModule(exported, graph, class_name=class_name)
     gm._tracer_cls = gm.graph._tracer_cls = None
+    try:
+        install_guards(gm, _conditions(program, exported, gm))
+    except UnsupportedGuard as exc:  # rare: capture="auto" then traces symbolically, and says why
+        raise TraceError(f"torch.export recorded a shape condition ipfx cannot keep in the graph ({exc})") from exc
     # GraphModule registers every tensor it copies as a persistent buffer; export's lifted constants
     # (lifted_tensor_N) and the model's non-persistent buffers are not in the state dict, and stay out
     persistent = set(exported.state_dict())
@@ -95,3 +165,21 @@ def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "Gr
             owner, _, leaf = name.rpartition(".")
             gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     return gm
+
+
+def _conditions(program: torch.export.ExportedProgram, exported: nn.Module, gm: fx.GraphModule) -> list:
+    """The guards of ``program`` (:mod:`ipfx.shape_guards`) over ``gm``'s placeholders."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    example = getattr(program, "example_inputs", None)
+    names = None
+    if example is not None:
+        try:
+            signature = inspect.signature(exported.forward)
+        except (TypeError, ValueError):
+            signature = None
+        names = input_names(signature, *example)
+        if len(names) != len(placeholders):
+            names = None
+    if names is None:  # no example recorded: messages name the placeholders, the tracer's guards are unusable
+        return guard_conditions(placeholders, program.range_constraints, [], [(n.name, n.name) for n in placeholders])
+    return guard_conditions(placeholders, program.range_constraints, list(getattr(program, "_guards_code", [])), names)

@@ -68,6 +68,13 @@ class ModeSwitch(SourceAttributes, nn.Module):
     def extra_repr(self) -> str:
         return "one traced graph for train mode and one for eval mode, sharing these modules"
 
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        from .guards import follow_forms  # the graphs are not children: their fallbacks follow here
+
+        follow_forms([self.graph_module(True), self.graph_module(False)])
+        return result
+
     # -- passes over both graphs at once ------------------------------------------------------------
     def combine(self) -> fx.GraphModule:
         """One ``GraphModule`` (sharing this module's tree) whose graph holds both modes' graphs."""

@@ -27,6 +27,7 @@ import torch.nn as nn
 from .reparam import STATE_NAMES, BasisWeight
 
 _CLASSES: dict[type, type] = {}
+_FORM = "_ipfx_form"  # a converted module's form, where it shares another module's tensors
 
 
 class ParametrizedWeight(BasisWeight):
@@ -83,7 +84,26 @@ def parametrize_weight(owner: nn.Module, form: BasisWeight) -> nn.Module:
         owner.register_buffer("basis", form.basis, persistent=True)
     else:
         owner.__dict__["basis"] = None
+    if form is not owner:
+        owner.__dict__[_FORM] = form
     return owner
+
+
+def follow_form(module: nn.Module) -> None:
+    """Point a converted module's ``coeff``/``mask``/``basis`` at its form's tensors again.
+
+    ``Module.to``/``.cuda``/``.half`` replace buffers (``mask``) with new tensors, in the modules they
+    visit only; a module converted to share a graph's form but kept outside the module tree (a guarded
+    graph's fallback, :mod:`ipfx.guards`) would keep the old ones, in the old dtype or device.
+    """
+    form = module.__dict__.get(_FORM)
+    if form is None:
+        return
+    for name in STATE_NAMES:
+        for store in ("_parameters", "_buffers"):
+            table = getattr(form, store)
+            if name in table:
+                getattr(module, store)[name] = table[name]
 
 
 def weight_holders(modules) -> dict[int, list[nn.Module]]:
@@ -117,7 +137,7 @@ def unparametrize(module: ParametrizedWeight, folded: dict | None = None) -> nn.
         module._buffers.pop(name, None)
         module.__dict__.pop(name, None)
     for name in ("weight_shape", "space", "basis_init", "weight_name", "kind", "source", "memory_format",
-                 "aliases", "capture"):
+                 "aliases", "capture", _FORM):
         module.__dict__.pop(name, None)
     module.__class__ = module.original_class
     module.register_parameter("weight", weight)
@@ -129,4 +149,4 @@ def is_parametrized(module: nn.Module) -> bool:
 
 
 __all__ = ["ParametrizedWeight", "parametrize_weight", "parametrize_tied", "weight_holders", "unparametrize",
-           "is_parametrized"]
+           "is_parametrized", "follow_form"]

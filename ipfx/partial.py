@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .config import TransformConfig
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .guards import pattern_for
 from .modes import ModeSwitch, graphs_of
 from .source_attributes import keep_source
@@ -95,7 +95,7 @@ def capture_tree(
             if not partial:
                 raise
             if not failed or failed in auto_leaves:
-                reason = str(exc.__cause__ or exc).splitlines()[0][:200]
+                reason = first_line(exc.__cause__ or exc, 200)
                 report.untraced.append((path, type(module).__name__, reason))
                 for name, child in list(module.named_children()):
                     new, _ = capture_tree(child, config, leaf_modules, partial=partial,

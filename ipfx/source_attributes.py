@@ -47,8 +47,13 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
     """The ``GraphModule`` every ipfx front end returns; calls are checked against the call pattern
     symbolic tracing specialised (:mod:`ipfx.guards`), where there is one."""
 
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        guards.follow_forms([self])
+        return result
+
     def __call__(self, *args, **kwargs):
-        if guards.PATTERN in self.meta:
+        if guards.PATTERN in self.meta or guards.FALLBACK in self.meta:
             return guards.guarded_call(self, super().__call__, args, kwargs)
         return super().__call__(*args, **kwargs)
 

@@ -14,16 +14,19 @@ gives a different graph in each (:mod:`ipfx.modes`).
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize as torch_parametrize
 
 from .attention import attention_call, install_attention_kernels
 from .config import DEFAULT_MODULE_TYPES, TransformConfig
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
+from .snapshot import Snapshot
 from .source_attributes import CapturedGraphModule
 
 STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
@@ -46,7 +49,9 @@ class WeightTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        if type(m) in STANDARD_TYPES and self._wanted(m, module_qualified_name):
+        if isinstance(m, torch_parametrize.ParametrizationList) or ".parametrizations." in f".{module_qualified_name}":
+            return False  # a weight's parametrizations (weight norm): traced into, so its originals are graph nodes
+        if _own_type(m) in STANDARD_TYPES and self._wanted(m, module_qualified_name):
             self.inlined[module_qualified_name] = m
             return False
         if self._stateful_norm(m, module_qualified_name):
@@ -67,7 +72,7 @@ class WeightTracer(fx.Tracer):
                        for sub_name, sub in m.named_modules() if sub_name)
 
     def _wanted(self, m: nn.Module, name: str) -> bool:
-        weight = m._parameters.get("weight")  # not getattr: the tracer turns that into a graph node
+        weight = _kernel_parameter(m)
         if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
             return False
         weight_name = self.name_prefix + (f"{name}.weight" if name else "weight")
@@ -89,12 +94,47 @@ class WeightTracer(fx.Tracer):
             if path not in self.leaf_names and path not in self.attention:
                 self.attention.append(path)
             return attention_call(self, path, m, args, kwargs)
+        _check_call(m, args, kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_module is None:  # innermost module that failed
                 self.failed_module = (self.path_of_module(m), type(m))
             raise
+
+
+def _own_type(m: nn.Module) -> type:
+    """The module's class; for a module with parametrized tensors (``ParametrizedConv1d``), the class
+    torch.nn.utils.parametrize derived it from."""
+    return type(m).__bases__[0] if torch_parametrize.is_parametrized(m) else type(m)
+
+
+def _kernel_parameter(m: nn.Module):
+    """The parameter that holds the module's kernel: ``weight``, or where ``weight`` is parametrized (weight
+    norm: ``weight = g * v / |v|``), the largest original (the direction ``v``), which becomes coefficients.
+    Read from the dictionaries, not by attribute: the tracer turns attribute reads into graph nodes."""
+    weight = m._parameters.get("weight")
+    if weight is None and torch_parametrize.is_parametrized(m, "weight"):
+        originals = list(m._modules["parametrizations"]._modules["weight"]._parameters.values())
+        weight = max(originals, key=lambda p: p.numel(), default=None)
+    return weight
+
+
+def _check_call(m: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise the ``TypeError`` a real call would where the arguments do not fit ``forward``'s signature.
+
+    A leaf becomes a ``call_module`` node without its forward being run, so a call the module refuses
+    (a keyword it does not take) would be recorded as if it ran; code that tries one signature and falls
+    back to another (``try: layer(x, lengths=l) except TypeError: layer(x)``) must see the error here.
+    """
+    try:
+        signature = inspect.signature(m.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{type(m).__name__}.forward(): {exc}") from None
 
 
 def trace(
@@ -142,32 +182,23 @@ def trace_modes(
     """
     # A forward may cache things on its module (torchvision's MultiScaleRoIAlign stores its scales on
     # the first call): a trace would leave proxies there, and the second trace would read them.
-    saved = {m: dict(vars(m)) for m in model.modules()}
+    saved = Snapshot(model)
     try:
         gm, inlined = trace(model, config, leaf_modules, name_prefix, pattern)
-        _restore(saved)
+        saved.restore()
         model.train(not model.training)  # what a user's .train()/.eval() does, overrides included
         other, other_inlined = trace(model, config, leaf_modules, name_prefix, pattern)
     except TraceError as exc:
         if getattr(exc, "module_path", "") or "gm" not in locals():
             raise
-        return gm, inlined, str(exc.__cause__ or exc).splitlines()[0][:200]
+        return gm, inlined, first_line(exc.__cause__ or exc, 200)
     finally:
-        _restore(saved)
+        saved.restore()
     if other.code == gm.code:
         return gm, inlined, None
     copy_module_state(other, model)
     train, eval = (gm, other) if model.training else (other, gm)
     return ModeSwitch(train, eval, training=model.training), {**other_inlined, **inlined}, None
-
-
-def _restore(saved: dict[nn.Module, dict]) -> None:
-    """Put back every module's attributes as they were before tracing (training flags included)."""
-    for module, attributes in saved.items():
-        current = vars(module)
-        if current.keys() != attributes.keys() or any(current[k] is not v for k, v in attributes.items()):
-            vars(module).clear()
-            vars(module).update(attributes)
 
 
 def copy_module_state(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -184,8 +215,7 @@ def copy_module_state(gm: fx.GraphModule, model: nn.Module) -> None:
 
 
 def _trace_failure_message(model: nn.Module, tracer: WeightTracer, exc: Exception) -> str:
-    reason = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    reason = reason[0] if reason else type(exc).__name__
+    reason = first_line(exc, 10_000)
     if tracer.failed_module is not None and tracer.failed_module[0]:
         name, cls = tracer.failed_module
         where = f"module {name!r} ({cls.__name__})"

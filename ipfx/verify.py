@@ -16,27 +16,48 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .snapshot import Snapshot
+
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def run(module: nn.Module, args: tuple, kwargs: dict, training: bool, state_of: nn.Module | None = None) -> Any:
-    """``module(*args, **kwargs)`` in the given mode, leaving every buffer of ``module`` (and of
-    ``state_of``, when the module runs another's graph) as it was."""
-    buffers = {id(b): b for m in (module, state_of) if m is not None for b in m.buffers()}
+    """``module(*args, **kwargs)`` in the given mode, leaving ``module`` (and ``state_of``, when the module
+    runs another's graph) as it was: every buffer's values, and every module's attributes (a forward that
+    caches things on itself at its first call leaves nothing behind: :mod:`ipfx.snapshot`)."""
+
+    def call():
+        module.train(training)
+        return module(*args, **kwargs)
+
+    return isolated(call, module, state_of)
+
+
+def isolated(call, *modules: nn.Module | None) -> Any:
+    """``call()`` without autograd, with the random generator seeded to 0 (dropout draws the same masks
+    on both sides of a comparison) and put back after, leaving every buffer value and module attribute of
+    ``modules`` as it was."""
+    buffers = {id(b): b for m in modules if m is not None for b in m.buffers()}
     saved = {key: b.detach().clone() for key, b in buffers.items()}
-    flags = {m: m.training for m in module.modules()}
-    module.train(training)
+    snapshots = [Snapshot(m) for m in modules if m is not None]
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # values only: no autograd graph
             torch.manual_seed(0)
-            return module(*args, **kwargs)
+            return call()
     finally:
-        for m, flag in flags.items():
-            m.training = flag
+        for snapshot in snapshots:
+            snapshot.restore()  # training flags included
         with torch.no_grad():
             for key, b in buffers.items():
                 if b.shape == saved[key].shape:
                     b.copy_(saved[key])
+
+
+def shapes(args: tuple, kwargs: dict) -> str:
+    """The shapes of the tensor inputs, for messages: ``(2, 3, 32, 32), mask=(2, 16)``."""
+    parts = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
+    parts += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return ", ".join(parts)
 
 
 def difference(actual: Any, expected: Any) -> str | None:

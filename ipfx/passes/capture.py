@@ -9,8 +9,10 @@
 export fails or its graph does not reproduce the model; the :class:`Captured` result says which front
 end captured each part, and why a fallback happened.
 
-:class:`CheckCapture` (with example inputs): the captured graphs must reproduce the model's outputs on
-the example inputs in train and in eval mode before anything is rewritten (:mod:`ipfx.verify`).
+:class:`CheckCapture` (with example inputs): the captured graphs must reproduce the model's outputs in
+train and in eval mode, on the example inputs and on inputs of another shape the graphs admit, before
+anything is rewritten (:mod:`ipfx.verify`). An exported graph keeps torch.export's shape guards
+(:mod:`ipfx.shape_guards`), so a shape it was not captured for is refused, not computed wrongly.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import torch.fx as fx
 import torch.nn as nn
 
+from .. import verify
 from ..config import TransformConfig
-from ..errors import TraceError
+from ..errors import TraceError, first_line
 from ..export import export_modes
 from ..guards import record_patterns
 from ..partial import Part, TraceReport, capture_tree
-from .. import verify
+from ..shape_guards import is_guard_failure
+from ..shapes import batch_of_two, one_more_sample, other_shapes
 from .manager import Pass, PassOutcome
+from .restore_modules import set_submodule
 
 FRONT_ENDS = ("auto", "export", "symbolic")
 
@@ -41,6 +47,9 @@ class Captured:
     original: dict[str, nn.Module]  # the private copy's modules by path, as they were before capture
     front_end: str  # "export" or "symbolic"
     fallback: str | None = None  # why capture="auto" did not use export
+    fixed: str | None = None  # why torch.export fixed some sizes (the graph refuses other values of them)
+    checked: list[str] = dataclasses.field(default_factory=list)  # the calls the capture check compared
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the user should be told
 
     def owners(self, path: str) -> dict[str, nn.Module]:
         """The original modules below ``path``, by path relative to it (for the config's type filter)."""
@@ -62,6 +71,7 @@ class Capture(Pass):
     partial: bool = True
     reference: nn.Module | None = None  # what the check compares with (the user's model, untouched)
     given_graph: bool = False  # the model is already an exported graph (from an ExportedProgram)
+    dynamic_shapes: Any = None  # torch.export's spec, from the user; None: every size free where possible
     name: str = "capture"
 
     def call(self, model: nn.Module) -> PassOutcome:
@@ -72,10 +82,10 @@ class Capture(Pass):
             return PassOutcome(Captured(model, report.parts, report, original, "export"), False)
         if self.front_end in ("auto", "export") and self.args is not None:
             try:
-                holder = export_modes(model, self.args, self.kwargs)
-                CheckCapture(model, self.args, self.kwargs).check(holder)
+                holder, fixed, check = self._export(model)
                 report = TraceReport(traced=[""], parts=[Part("", holder, {}, "export")])
-                return PassOutcome(Captured(holder, report.parts, report, original, "export"), True)
+                return PassOutcome(Captured(holder, report.parts, report, original, "export", fixed=fixed,
+                                            checked=check.checked, notes=check.notes), True)
             except TraceError as exc:
                 if self.front_end == "export":
                     raise
@@ -85,38 +95,153 @@ class Capture(Pass):
             reference = self.reference if self.reference is not None else model
             patterns = record_patterns(reference, lambda: verify.run(reference, self.args, self.kwargs, False))
         result, report = capture_tree(model, self.config, self.leaf_modules, partial=self.partial, patterns=patterns)
+        hold_unreached(result, report.parts, original, self.config.module_types)
+        check = None
         if self.args is not None and self.reference is not None:
+            check = CheckCapture(self.reference, self.args, self.kwargs)
             try:
-                CheckCapture(self.reference, self.args, self.kwargs).check(result)
+                check.check(result)
             except TraceError as exc:
                 raise TraceError(f"{exc}" + (f" (torch.export failed first: {fallback})" if fallback else "")) from exc
-        captured = Captured(result, report.parts, report, original, "symbolic", fallback)
+        captured = Captured(result, report.parts, report, original, "symbolic", fallback,
+                            checked=check.checked if check else [], notes=check.notes if check else [])
         return PassOutcome(captured, True)
+
+    def _export(self, model: nn.Module) -> tuple[nn.Module, str | None, "CheckCapture"]:
+        """Export and check: on two samples where the example holds one (torch.export fixes a size-1
+        batch, and train-mode batch norm cannot run on it), else, or when that graph fails the check
+        (it may not admit one sample), on the example as given. Returns the graphs, why sizes are fixed
+        (if they are), and the check that passed."""
+        two = batch_of_two(self.args, self.kwargs) if self.dynamic_shapes is None else None
+        attempts = ([two] if two is not None else []) + [(self.args, self.kwargs)]
+        for i, inputs in enumerate(attempts):
+            try:
+                holder, fixed = export_modes(model, *inputs, self.dynamic_shapes)
+                check = CheckCapture(model, self.args, self.kwargs, export_inputs=inputs)
+                check.check(holder)
+                return holder, fixed, check
+            except TraceError:
+                if i == len(attempts) - 1:
+                    raise
 
 
 @dataclasses.dataclass
 class CheckCapture(Pass):
-    """The captured model reproduces ``reference`` on the example inputs, in both modes, or raises
-    :class:`TraceError` naming the innermost module whose graph differs."""
+    """The captured model reproduces ``reference`` in both modes, on the example inputs and on inputs of
+    another shape, or raises :class:`TraceError` naming the innermost module whose graph differs.
+
+    Calls compared: the example in eval and train mode (train mode on two samples built from it where the
+    model cannot run train mode on the example, a batch of one before a batch norm: a note says so); then
+    the first inputs of another shape (:func:`ipfx.shapes.other_shapes` for an exported graph, one more
+    sample for a traced one) that both the model and the graph's guards accept, in both modes. A graph
+    that raises where the model computes, or computes something else, fails the check.
+    """
 
     reference: nn.Module
     args: tuple
     kwargs: dict
+    export_inputs: tuple[tuple, dict] | None = None  # what an exported graph was exported on
     name: str = "check capture"
+    checked: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def check(self, captured: nn.Module) -> None:
-        for training in (True, False):
-            expected = verify.run(self.reference, self.args, self.kwargs, training)
-            actual = verify.run(captured, self.args, self.kwargs, training)
-            problem = verify.difference(actual, expected)
-            if problem is not None:
-                mode = "train" if training else "eval"
-                where = verify.localise(self.reference, captured, self.args, self.kwargs, training)
-                raise TraceError(
-                    f"the captured graph of {type(self.reference).__name__} does not reproduce the model in {mode} "
-                    f"mode on the example inputs ({problem})" + (f"; the first module that differs is {where}" if where else "")
-                    + ". Capture it with the other front end (capture='symbolic' or 'export'), or report the model")
+        self.checked, self.notes = [], []
+        self._compare(captured, self.args, self.kwargs, False, "the example inputs")
+        train_inputs = (self.args, self.kwargs)
+        failure = _fails(self.reference, self.args, self.kwargs, True)
+        if failure is not None:
+            two = batch_of_two(self.args, self.kwargs)
+            if two is None:
+                raise TraceError(f"{type(self.reference).__name__} cannot run in train mode on the example inputs "
+                                 f"({failure}); give example inputs it can run on in both modes")
+            train_inputs = two
+            self.notes.append(f"{type(self.reference).__name__} cannot run in train mode on the one-sample example "
+                              f"({failure}); its train mode was captured and checked on two samples built by "
+                              "repeating the example")
+        self._compare(captured, *train_inputs, True, "the example inputs" if failure is None else "two samples")
+        for args, kwargs, what in self._other_shapes(captured):
+            if _fails(self.reference, args, kwargs, False) is not None:
+                continue  # the model itself refuses this shape
+            try:
+                verify.run(captured, args, kwargs, False)
+            except Exception as exc:  # noqa: BLE001 - a guard refusing it is fine; anything else is compared below
+                if is_guard_failure(exc):
+                    continue
+            self._compare(captured, args, kwargs, False, f"inputs of another shape ({what})")
+            if _fails(self.reference, args, kwargs, True) is None:
+                self._compare(captured, args, kwargs, True, f"inputs of another shape ({what})")
+            break
+
+    def _other_shapes(self, captured: nn.Module):
+        graph = captured.graph_module(False) if hasattr(captured, "graph_module") else captured
+        if self.export_inputs is not None and isinstance(graph, fx.GraphModule):
+            yield from other_shapes(graph, *self.export_inputs)
+        else:
+            one_more = one_more_sample(self.args, self.kwargs)
+            if one_more is not None:
+                yield (*one_more, "one more sample")
+
+    def _compare(self, captured: nn.Module, args: tuple, kwargs: dict, training: bool, what: str) -> None:
+        mode = "train" if training else "eval"
+        expected = verify.run(self.reference, args, kwargs, training)
+        try:
+            actual = verify.run(captured, args, kwargs, training)
+        except Exception as exc:  # noqa: BLE001 - the model ran on these inputs, so the graph must too
+            raise TraceError(f"the captured graph of {type(self.reference).__name__} fails in {mode} mode on {what}, "
+                             f"where the model runs ({first_line(exc)}). Capture it with the other front end "
+                             "(capture='symbolic' or 'export'), or report the model") from exc
+        problem = verify.difference(actual, expected)
+        if problem is not None:
+            where = verify.localise(self.reference, captured, args, kwargs, training)
+            raise TraceError(
+                f"the captured graph of {type(self.reference).__name__} does not reproduce the model in {mode} "
+                f"mode on {what} ({problem})" + (f"; the first module that differs is {where}" if where else "")
+                + ". Capture it with the other front end (capture='symbolic' or 'export'), or report the model")
+        self.checked.append(f"{mode}: {what} {verify.shapes(args, kwargs)}")
 
     def call(self, captured: Captured) -> PassOutcome:
         self.check(captured.model)
         return PassOutcome(captured, False)
+
+
+def hold_unreached(model: nn.Module, parts: list[Part], original: dict[str, nn.Module], types: tuple) -> list[str]:
+    """Put into each traced part the conv/linear modules its graph does not use, at their own paths.
+
+    A symbolic graph holds only what its trace touched: a convolution used only when an optional argument
+    is given, or only on a branch the trace did not take, is not in it, so its weight would be neither in
+    the result's state dict nor in coefficient form, while the part's fallback (its original module,
+    :mod:`ipfx.guards`, :mod:`ipfx.first_call`) still calls it. Held by the graph module, the module is
+    converted like every other unreached weight (:class:`~.parametrize_unreached.ParametrizeUnreached`),
+    and the fallback, which holds the same module object, reads those coefficients. Returns the paths added.
+    """
+    present = {id(p) for p in model.parameters()}
+    symbolic = sorted((p for p in parts if p.front_end == "symbolic"), key=lambda p: -len(p.path))
+    added = []
+    for path, module in original.items():
+        weight = module._parameters.get("weight")
+        if not path or not isinstance(module, types) or not isinstance(weight, nn.Parameter) or id(weight) in present:
+            continue
+        part = next((p for p in symbolic if not p.path or path.startswith(p.path + ".")), None)
+        if part is None:
+            continue
+        relative = path[len(part.path) + 1:] if part.path else path
+        holder = part.holder
+        try:
+            holder.get_submodule(relative)
+            continue  # something else stands at that path already
+        except AttributeError:
+            pass
+        set_submodule(holder, relative, module)
+        present.update(id(p) for p in module.parameters())
+        added.append(path)
+    return added
+
+
+def _fails(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> str | None:
+    """Why ``model`` cannot run on these inputs in this mode (None when it can)."""
+    try:
+        verify.run(model, args, kwargs, training)
+    except Exception as exc:  # noqa: BLE001 - any error means: not a call to compare on
+        return first_line(exc, 200)
+    return None

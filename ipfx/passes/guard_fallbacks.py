@@ -9,12 +9,17 @@ module of a rewritten ``<prefix>.weight`` gets the parametrized form sharing the
 ``coeff``/``mask``/``basis``, read by either path, trained by either. The fallback is kept outside the
 module tree (``meta``, so it has no state-dict entries of its own). Where a rewritten weight is not a module's ``weight``
 (a raw ``self.w``), no fallback can read it, so none is given and a non-matching call raises.
+
+With ``check_first_calls`` (a model transformed without example inputs) every traced graph gets its
+fallback, guarded or not, and is marked to be checked against it on the first call of each kind
+(:mod:`ipfx.first_call`): a graph traced down a path the real input does not take is caught there.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from ..first_call import CHECK
 from ..guards import FALLBACK, PATTERN
 from ..modes import graphs_of
 from ..parametrize import is_parametrized, parametrize_tied, weight_holders
@@ -25,15 +30,24 @@ from .manager import Pass, PassOutcome
 class GuardFallbacks(Pass):
     name = "guard fallbacks"
 
+    def __init__(self, check_first_calls: bool = False) -> None:
+        self.check_first_calls = check_first_calls
+
     def call(self, captured) -> PassOutcome:
-        guarded = [(part, gm) for part in captured.parts for gm in graphs_of(part.holder) if PATTERN in gm.meta]
+        guarded = [(part, gm) for part in captured.parts for gm in graphs_of(part.holder)
+                   if PATTERN in gm.meta or (self.check_first_calls and part.front_end == "symbolic")]
         if not guarded:
             return PassOutcome(captured, False, [])
         forms: dict[str, BasisWeight] = {}  # original owner path -> the graph's coefficient weight
         raw = set()  # parts holding a rewritten parameter that is not a module's "weight"
+        paths = [p.path for p in captured.parts]
         for part in captured.parts:
+            nested = [p for p in paths if p != part.path and (not part.path or p.startswith(part.path + "."))]
             for gm in graphs_of(part.holder):
                 for name, m in gm.named_modules():
+                    where = _join(part.path, name)
+                    if any(where == p or where.startswith(p + ".") for p in nested):
+                        continue  # a part captured inside this one: its weights are named relative to it
                     if isinstance(m, BasisWeight) and not is_parametrized(m):
                         if not m.weight_name.endswith(".weight") and m.weight_name != "weight":
                             raw.add(part.path)
@@ -52,6 +66,8 @@ class GuardFallbacks(Pass):
                 continue
             # in meta, not an attribute: no child module, no state-dict entries; meta is copied with the graph
             gm.meta[FALLBACK] = captured.original[part.path]
+            if self.check_first_calls and part.front_end == "symbolic":
+                gm.meta[CHECK] = set()
             given.append(part.path)
         return PassOutcome(captured, bool(given), given)
 

@@ -1,5 +1,7 @@
 """Passes of :func:`ipfx.lower` over a whole transformed model (each graph, then the parametrized weights).
 
+* :class:`SettleFirstCallChecks`: graphs traced without example inputs are checked on first calls no more
+  (:mod:`ipfx.first_call`); what the transformed model settled on stays;
 * :class:`LowerGraphs`: in every graph holding coefficient weights (a ModeSwitch's two graphs at once, on
   its combined graph), :class:`~.lower_fused.LowerFused` (target ``"fused"``) then
   :class:`~.lower_dense.LowerDense`, which folds whatever was not fused;
@@ -13,10 +15,13 @@ Postcondition of the pair: no coefficient weight is left.
 
 from __future__ import annotations
 
+import warnings
+
 import torch.fx as fx
 import torch.nn as nn
 
-from ..guards import FALLBACK
+from ..first_call import CHECK, USE_FORWARD
+from ..guards import FALLBACK, PATTERN
 from ..modes import ModeSwitch, graphs_of
 from ..parametrize import is_parametrized, unparametrize
 from ..reparam import BasisWeight
@@ -50,6 +55,38 @@ class LowerGraphs(Pass):
 def _fallbacks(model: nn.Module) -> list[nn.Module]:
     graphs = [gm for m in model.modules() if isinstance(m, (ModeSwitch, fx.GraphModule)) for gm in graphs_of(m)]
     return [gm.meta[FALLBACK] for gm in graphs if FALLBACK in gm.meta]
+
+
+class SettleFirstCallChecks(Pass):
+    """A lowered graph is checked no more: it runs what the transformed model settled on.
+
+    Without example inputs each traced graph is checked against its own forward on first calls
+    (:mod:`ipfx.first_call`). A lowered model holds the graph's folded or sparse tensors and the forward's
+    folded copy, which no longer share storage (``load_state_dict`` reaches the graph only), so a check
+    after lowering could compare against stale weights. Parts that were found to differ keep running their
+    forward; parts that were checked keep the graph; parts never called before lowering keep the graph
+    unchecked, and a warning says so (call the model once, or transform with example inputs, first).
+    """
+
+    name = "settle first-call checks"
+
+    def call(self, model: nn.Module) -> PassOutcome:
+        unchecked = []
+        for m in model.modules():
+            for gm in graphs_of(m) if isinstance(m, (ModeSwitch, fx.GraphModule)) else ():
+                if CHECK not in gm.meta or USE_FORWARD in gm.meta:
+                    continue
+                if not gm.meta.pop(CHECK):
+                    unchecked.append(type(gm).__name__)
+                if PATTERN not in gm.meta:
+                    gm.meta.pop(FALLBACK, None)
+        if unchecked:
+            warnings.warn(
+                f"ipfx.lower: {len(unchecked)} graph(s) traced without example inputs ({', '.join(sorted(set(unchecked))[:4])}) "
+                "were never called, so never checked against their own forward; the lowered model runs them "
+                "unchecked. Call the transformed model once on real inputs before lowering, or transform it "
+                "with example_inputs=...", stacklevel=4)
+        return PassOutcome(model, bool(unchecked), unchecked)
 
 
 class FoldParametrized(Pass):

@@ -1,0 +1,139 @@
+"""Without example inputs, each traced graph is checked against its module's own forward on first calls.
+
+Symbolic tracing runs ``forward`` on proxies, not on the inputs the model will get: ``isinstance(x,
+torch.Tensor)`` is False for a proxy, so a branch on it is decided at trace time, and so is anything
+else Python decides from its inputs. A graph traced without example inputs may therefore compute
+something else than its module on a real input, or fail where the module runs, and nothing at transform
+time can tell. ``ipfx.transform(model)`` without example inputs therefore keeps, for every traced part,
+the module it was traced from (its weights read the graph's coefficients, :mod:`ipfx.parametrize`, so
+both compute the same function of the same trained tensors), and :func:`checked_call`, on the first call
+of each *kind* (training mode and the structure of the arguments: their types, tensor dtypes and ranks,
+which are ``None``; not their sizes, which a traced graph reads at run time):
+
+1. runs the module's forward and the graph from the same state (buffers and attributes put back after
+   each, the random generator seeded alike, no autograd) and compares the outputs (:mod:`ipfx.verify`);
+2. equal: calls of that kind run the graph, unchecked from then on; different, or the graph fails where
+   the module runs: the part runs its module's forward for every call, with one warning saying so;
+3. then makes the real call (autograd, buffer updates and random draws as usual).
+
+So the first call of each kind costs three forwards of the part; later calls cost nothing extra. The
+user's hooks do not run during the comparison, only for the real call. A
+module that fails on the input fails as the original model would. Calls made while compiling or
+exporting (fake or functional tensors, torch.jit's tracer) are not checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from . import verify
+from .errors import first_line
+
+CHECK = "ipfx_check_first_calls"  # GraphModule.meta: the kinds of call already checked (a set)
+USE_FORWARD = "ipfx_use_forward"  # GraphModule.meta: why the part runs its module's forward instead
+
+
+def kind_of(training: bool, args: tuple, kwargs: dict) -> tuple:
+    """What a traced graph may have specialised about a call (module docstring)."""
+    def leaf(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", value.dtype, value.dim(), value.device.type)
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        return type(value).__name__
+
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    return (bool(training), str(spec), tuple(leaf(v) for v in leaves))
+
+
+def sync_training(fallback: nn.Module, gm: nn.Module) -> None:
+    """Give every module of ``fallback`` the training flag of the graph's module at its path (of the
+    nearest ancestor the graph holds, for modules traced through): ``.train()``/``.eval()`` on the model
+    reach the graph, not the fallback kept outside the tree, and modes may be mixed (a frozen batch norm)."""
+    held = {path: m.training for path, m in gm.named_modules()}
+    for path, module in fallback.named_modules():
+        probe = path
+        while probe not in held and probe:
+            probe = probe.rpartition(".")[0]
+        module.training = held.get(probe, gm.training)
+
+
+def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The call of ``gm`` through ``graph_call`` or through ``forward`` (its module), checked on the first
+    call of each kind (module docstring)."""
+    if USE_FORWARD not in gm.meta and _checkable(args, kwargs):
+        key = kind_of(gm.training, args, kwargs)
+        seen = gm.meta.setdefault(CHECK, set())
+        if key not in seen:
+            seen.add(key)
+            problem = _compare(gm, graph_call, forward, args, kwargs)
+            if problem is not None:
+                gm.meta[USE_FORWARD] = problem
+                warnings.warn(
+                    f"the graph torch.fx traced for {type(forward).__name__} without example inputs "
+                    f"{problem} on its first {'train' if gm.training else 'eval'}-mode call of this kind: "
+                    "tracing took a path this input does not take. That part runs its module's own forward "
+                    "from now on (the same coefficients, pruned and trained alike). Pass example_inputs=... "
+                    "to ipfx.transform to capture it as a graph", stacklevel=4)
+    if USE_FORWARD in gm.meta:
+        sync_training(forward, gm)
+        return forward(*args, **kwargs)
+    return graph_call()
+
+
+def _compare(gm, graph_call, forward: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    def own():
+        sync_training(forward, gm)
+        return forward(*args, **kwargs)
+
+    with _hooks_silenced(gm, forward):  # the user's hooks see the real call only
+        try:
+            expected = verify.isolated(own, gm, forward)
+        except Exception:  # noqa: BLE001 - the module refuses this input: so would the model; nothing to compare
+            return None
+        try:
+            actual = verify.isolated(graph_call, gm, forward)
+        except Exception as exc:  # noqa: BLE001 - the module ran, so the graph must
+            return f"fails ({first_line(exc, 200)}) where the module runs"
+    problem = verify.difference(actual, expected)
+    return None if problem is None else f"computes something else than the module ({problem})"
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _hooks_silenced(*modules: nn.Module):
+    """Every module's hook tables emptied for the duration, and the same tables put back after."""
+    saved, seen = [], set()
+    for root in modules:
+        for m in root.modules():
+            if id(m) in seen:  # a module both hold: its tables once, or the empty ones would be put back
+                continue
+            seen.add(id(m))
+            tables = {k: vars(m)[k] for k in _HOOKS if k in vars(m)}
+            saved.append((m, tables))
+            for key, table in tables.items():
+                vars(m)[key] = type(table)()
+    try:
+        yield
+    finally:
+        for m, tables in saved:
+            vars(m).update(tables)
+
+
+def _checkable(args: tuple, kwargs: dict) -> bool:
+    """Real tensors only: not while torch.compile, torch.export, torch.jit.trace (the TorchScript ONNX
+    exporter) or torch.fx run the model."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    leaves = pytree.tree_leaves((args, kwargs))
+    return not any(isinstance(v, torch.fx.Proxy) for v in leaves) and all(
+        type(v) in (torch.Tensor, nn.Parameter) for v in leaves if isinstance(v, torch.Tensor))

@@ -1,0 +1,115 @@
+"""Input shapes around capture: which dimensions are free, and inputs of other shapes to check with.
+
+* :func:`dynamic_spec`: torch.export's ``dynamic_shapes`` for the call, ``Dim.AUTO`` on every dimension
+  of every tensor input, keyed by the forward's own parameter names (torch.export matches the spec to the
+  forward's signature, not to the ``(args, kwargs)`` pair).
+* :func:`resized`: the example inputs with some dimensions resized by tiling (index ``i`` takes element
+  ``i mod n``), so token ids, masks and class indices stay valid values.
+* :func:`batch_of_two`: where every tensor input has a leading dimension of 1 (one sample), the same
+  inputs with two samples: export specialises a size-1 dimension, and train-mode batch norm cannot run
+  on one sample.
+* :func:`other_shapes`: for a graph exported with free dimensions, inputs of other sizes, each free size
+  changed together with every size torch.export found equal to it, for the capture check to run on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+
+def dynamic_spec(forward, args: tuple, kwargs: dict, batch_only: bool = False) -> dict | tuple:
+    """``Dim.AUTO`` for every dimension of every tensor input (module docstring), or for the first only."""
+
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {i: torch.export.Dim.AUTO for i in range(min(value.dim(), 1) if batch_only else value.dim())}
+        return None
+
+    try:
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(pytree.tree_map(spec, tuple(args))) + tuple(pytree.tree_map(spec, dict(kwargs)).values())
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+
+
+def resized(args: tuple, kwargs: dict, sizes: dict[tuple[int, int], int]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with flat leaf ``i``'s dimension ``d`` resized to ``sizes[(i, d)]`` by tiling."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    out = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            for (j, d), n in sizes.items():
+                if j == i and leaf.shape[d] != n:
+                    index = torch.arange(n, device=leaf.device) % max(leaf.shape[d], 1)
+                    leaf = leaf.index_select(d, index)
+        out.append(leaf)
+    new_args, new_kwargs = pytree.tree_unflatten(out, spec)
+    return tuple(new_args), dict(new_kwargs)
+
+
+def batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with two samples where every tensor input holds one (module docstring), else None."""
+    leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+    found = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not found or any(leaves[i].shape[0] != 1 for i in found):
+        return None
+    return resized(args, kwargs, {(i, 0): 2 for i in found})
+
+
+def other_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, str]]:
+    """Inputs of other sizes that ``gm`` (exported with free dimensions) admits, with what changed.
+
+    Each free size (a symbol of the placeholders' shapes) moves, together with every dimension that
+    shares it: first to half its example size (cheap), then one more (odd sizes), then double; sizes
+    computed from a symbol follow it. Whether the graph's guards and the model accept the inputs is for
+    the caller to find out by running them.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+    if len(placeholders) != len(leaves):
+        return
+    dims: list[tuple[int, int, Any]] = []  # (leaf, dim, sympy expression)
+    hints: dict[Any, int] = {}
+    for i, (node, leaf) in enumerate(zip(placeholders, leaves)):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(leaf, torch.Tensor) or value.dim() != leaf.dim():
+            continue
+        for d, size in enumerate(value.shape):
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                dims.append((i, d, expr))
+                if expr.is_Symbol:
+                    hints[expr] = int(leaf.shape[d])
+    if not hints:
+        return
+    for name, move in (("half", lambda h: h // 2), ("plus one", lambda h: h + 1), ("double", lambda h: 2 * h)):
+        values = {s: move(h) if move(h) >= 2 else h + 1 for s, h in hints.items()}
+        sizes = {}
+        for i, d, expr in dims:
+            if expr.free_symbols <= set(values):
+                size = int(expr.subs(values))
+                if size >= 1:
+                    sizes[(i, d)] = size
+        if sizes:
+            new_args, new_kwargs = resized(args, kwargs, sizes)
+            yield new_args, new_kwargs, name
+
+
+def one_more_sample(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with one more sample where every tensor input has the same leading size, else None
+    (for a traced graph, which records no sizes: the batch is the one size nearly every model frees)."""
+    leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
+    found = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not found or len({leaves[i].shape[0] for i in found}) != 1:
+        return None
+    n = leaves[found[0]].shape[0]
+    return resized(args, kwargs, {(i, 0): n + 1 for i in found})
