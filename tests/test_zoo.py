@@ -53,6 +53,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.models as tvm
 
 import ipfx
@@ -182,9 +183,12 @@ def kernel_weights(model: nn.Module) -> set[str]:
 
 
 def flatten(out: Any, path: str = "out") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor of a nested output (tensors, lists, tuples, dicts), with where it sits."""
+    """Every tensor of a nested output (tensors, lists, tuples, dicts; ``None`` as an empty tensor), with
+    where it sits."""
     if isinstance(out, torch.Tensor):
         return [(path, out)]
+    if out is None:  # an optional output left out (torchaudio's lengths when none were given)
+        return [(path, torch.empty(0))]
     if isinstance(out, dict):
         return [item for key, v in out.items() for item in flatten(v, f"{path}[{key!r}]")]
     if isinstance(out, (list, tuple)):
@@ -479,3 +483,34 @@ def test_detection_float32_backbone_features():
         assert not bad, bad
         out = t(images)  # the whole float32 model runs, with the outputs' structure unchanged
     assert [p for p, _ in flatten(out)] == [p for p, _ in flatten(model(images))]
+
+
+def _second_inputs(s: Spec, inputs: tuple) -> tuple:
+    """One more sample and, for images and clips, a larger frame: what a model meets after its example."""
+    def grow(x):
+        if isinstance(x, list):  # detection: a list of images of their own sizes
+            return [*x, torch.rand(3, 80, 72, dtype=x[0].dtype)]
+        x = x[torch.arange(x.shape[0] + 1) % x.shape[0]]
+        if s.family in ("classification", "segmentation") and s.name not in _VIT_SIZE and s.name != "maxvit_t":
+            x = F.interpolate(x, size=(x.shape[2] + 32, x.shape[3] + 32))
+        return x
+
+    return tuple(grow(x) for x in inputs)
+
+
+@pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
+@pytest.mark.parametrize("name", FAST)
+def test_never_called_model_on_a_second_shape(name, examples):
+    """A freshly built model, transformed with and without example inputs, computes the model's outputs
+    in eval mode on the example and on one more sample in a larger frame."""
+    s = spec(name)
+    torch.manual_seed(0)
+    model = s.build()
+    x = s.make_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = ipfx.transform(model, example_inputs=x, example_kwargs=s.call_kwargs) if examples else ipfx.transform(model)
+        for inputs in (x, _second_inputs(s, x)):
+            with torch.no_grad():
+                _, bad = compare(t(*inputs, **s.call_kwargs), model(*inputs, **s.call_kwargs), "zoo: second shape")
+            assert not bad, f"{name} on {[tuple(getattr(i, 'shape', ())) for i in inputs]}: {bad}"

@@ -27,6 +27,7 @@ torch.fx without ipfx.
 from __future__ import annotations
 
 import collections
+import warnings
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ from torch.nn.utils import parametrize
 import ipfx
 import zoo_libraries
 from helpers import perturb_bases, randomize_masks
+from ipfx.shape_guards import is_guard_failure
 from test_zoo import KERNEL_TYPES, calibrate_batch_norm, compare, randomize_constant_parameters
 from zoo_libraries import ALL, BY_ID, FAST, Entry
 
@@ -199,3 +201,50 @@ def test_library_model(entry: Entry):
     t.train()
     dense.train()
     assert_same(_call(dense, args, kwargs), _call(t, args, kwargs), "lower dense, train")
+
+
+# -- a model never called before, on a second shape, with and without example inputs -------------------------------
+def _outcome(model: nn.Module, args: tuple, kwargs: dict):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _call(model, args, kwargs), None
+    except Exception as exc:  # noqa: BLE001 - what was raised is the outcome
+        return None, exc
+
+
+def _same_outcome(result: nn.Module, model: nn.Module, args: tuple, kwargs: dict, what: str, entry: Entry) -> None:
+    expected, refused = _outcome(model, args, kwargs)
+    got, error = _outcome(result, args, kwargs)
+    if refused is not None:  # the model refuses these inputs: so must the result
+        assert error is not None, f"{what}: the model raises {refused!r}, the result computes"
+    elif error is not None:
+        assert entry.id in zoo_libraries.FIXED_SHAPE and is_guard_failure(error), f"{what}: raises {error!r}"
+    else:
+        assert_same(got, expected, what)
+
+
+@pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
+@pytest.mark.parametrize("entry", _params())
+def test_never_called_library_model_on_a_second_shape(entry: Entry, examples: bool):
+    """A freshly built model (never called: detection heads still have nothing cached) transformed with and
+    without example inputs: every kernel weight rewritten, and the transformed, dense and fused models compute
+    the model's outputs in eval mode on the example and on :func:`zoo_libraries.second_inputs` (one more
+    sample, larger images or sequences), or refuse where the model refuses; entries of
+    :data:`zoo_libraries.FIXED_SHAPE` may refuse the second shape with ipfx's guard error instead."""
+    model, args, kwargs = _build(entry)
+    expected = kernel_weight_names(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = ipfx.transform(model, example_inputs=args, example_kwargs=kwargs) if examples else ipfx.transform(model)
+    rewritten = {w.name for w in ipfx.rewritten_weights(t)}
+    assert rewritten == expected, \
+        f"left dense: {sorted(expected - rewritten)[:8]}; not kernel weights: {sorted(rewritten - expected)[:8]}"
+    second = zoo_libraries.second_inputs(entry, args, kwargs)
+    for inputs, what in (((args, kwargs), "example"), (second, "second shape")):
+        _same_outcome(t, model, *inputs, f"never called, {what}", entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowered = {"dense": ipfx.lower(t, "dense"), "fused": ipfx.lower(t, "fused")}
+    for target, result in lowered.items():
+        _same_outcome(result, model, *second, f"never called, second shape, lower {target}", entry)

@@ -5,7 +5,7 @@ called with: ``build()`` returns ``(model, example_inputs, example_kwargs)``, th
 on the CPU in float32, so that ``model(*example_inputs, **example_kwargs)`` runs in well under a second on
 one thread. Nothing is downloaded: every model comes from a config or a constructor (never
 ``from_pretrained`` or ``pretrained=True``), and :func:`offline` sets ``HF_HUB_OFFLINE=1`` for the Hugging
-Face libraries.
+Face libraries and ``YOLO_OFFLINE=1`` for ultralytics, whose settings file it puts in a temporary directory.
 
 Families (one per library; each library is imported only inside the builders, so the catalogue imports
 without any of them, and :data:`LIBRARY` names the module to ``pytest.importorskip``):
@@ -19,7 +19,13 @@ without any of them, and :data:`LIBRARY` names the module to ``pytest.importorsk
   variant (``StdConv2d``, ``StdConv2dSame``, ``ScaledStdConv2d``, ``ScaledStdConv2dSame``) timm has,
   mixed and conditional convs, and a broad sample of its other architectures;
 * ``monai`` (3-d segmentation networks), ``diffusers`` (UNets, VAE, VQ model), ``smp``
-  (segmentation-models-pytorch encoders and decoders).
+  (segmentation-models-pytorch encoders and decoders);
+* ``ultralytics``: YOLO detection and segmentation models from the yaml files ultralytics ships (YOLOv8,
+  YOLO11, the NMS-free YOLO26), whose heads decode boxes on anchors they cache per input shape;
+* ``torchaudio``: wav2vec2 in both layouts (the group-norm, post-norm one is HuBERT's too), WavLM and the
+  Conformer (depthwise conv1d) from ``torchaudio.models``' constructors, called with and without ``lengths``;
+* ``speechbrain``: the x-vector TDNN and ECAPA-TDNN speaker embedders (dilated conv1d, Res2Net and
+  squeeze-excitation blocks, attentive statistics pooling), called with relative ``lengths``.
 
 A builder raises :class:`Unavailable` when the installed version of its library lacks the model.
 
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -77,14 +84,26 @@ LIBRARY = {
     "monai": "monai",
     "diffusers": "diffusers",
     "smp": "segmentation_models_pytorch",
+    "ultralytics": "ultralytics",
+    "torchaudio": "torchaudio",
+    "speechbrain": "speechbrain",
 }
 
 
 def offline() -> None:
-    """Make the Hugging Face libraries fail rather than reach the network."""
+    """Make the Hugging Face libraries and ultralytics fail rather than reach the network.
+
+    Ultralytics reads its variables when it is first imported: it then writes a settings file into
+    ``YOLO_CONFIG_DIR`` (here a temporary directory, unless one is set), and with ``YOLO_OFFLINE`` it skips
+    its connectivity check.
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+    os.environ.setdefault("YOLO_VERBOSE", "0")
+    os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), f"ipfx-zoo-ultralytics-{os.getuid()}"))
 
 
 def no_randomness(model: nn.Module) -> nn.Module:
@@ -521,8 +540,178 @@ TIMM = [
 ]
 
 
+# -- ultralytics: YOLO detection and segmentation -----------------------------------------------------------
+def _yolo(task: str, cfg: str, size: int = 64) -> Callable[[], Built]:
+    """``ultralytics.nn.tasks.<task>(cfg)`` from a yaml ultralytics ships (the scale letter in ``cfg`` picks
+    the width and depth), 4 classes, random weights, on a batch of ``size`` images. The constructor runs
+    one forward with the head in training mode (to find the strides); the head caches its anchors and the
+    input shape they are for (``Detect.anchors``, ``Detect.shape``) on the first eval-mode call only."""
+
+    def build() -> Built:
+        offline()
+        import ultralytics
+        from ultralytics.nn import tasks
+
+        if not hasattr(tasks, task):
+            raise Unavailable(f"ultralytics {ultralytics.__version__} has no {task}")
+        try:
+            model = getattr(tasks, task)(cfg, ch=3, nc=4, verbose=False)
+        except FileNotFoundError as exc:
+            raise Unavailable(f"ultralytics {ultralytics.__version__} has no {cfg}: {exc}") from exc
+        return no_randomness(model).eval(), (_images(2, 3, size, size),), {}
+
+    return build
+
+
+ULTRALYTICS = [
+    Entry("yolov8n", "ultralytics", _yolo("DetectionModel", "yolov8n.yaml")),
+    Entry("yolov8n_seg", "ultralytics", _yolo("SegmentationModel", "yolov8n-seg.yaml")),
+    Entry("yolo11n", "ultralytics", _yolo("DetectionModel", "yolo11n.yaml", size=96)),  # 2x2 maps: 3e-5 at 64
+    Entry("yolo11n_seg", "ultralytics", _yolo("SegmentationModel", "yolo11n-seg.yaml")),
+    Entry("yolo26n", "ultralytics", _yolo("DetectionModel", "yolo26n.yaml", size=96)),  # NMS-free one-to-one head
+]
+
+
+# -- torchaudio: wav2vec2, WavLM, Conformer ------------------------------------------------------------------
+_TA_W2V = dict(extractor_conv_layer_config=[(8, 10, 5), (8, 3, 2), (8, 3, 2)], encoder_embed_dim=16,
+               encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16, encoder_pos_conv_groups=2,
+               encoder_num_layers=2, encoder_num_heads=2, encoder_attention_dropout=0.0,
+               encoder_ff_interm_features=32, encoder_ff_interm_dropout=0.0, encoder_dropout=0.0,
+               encoder_layer_drop=0.0)
+
+
+def _torchaudio(builder: str, inputs: Callable[[], tuple[tuple, dict]], **config) -> Callable[[], Built]:
+    def build() -> Built:
+        import torchaudio
+        import torchaudio.models as models
+
+        if not hasattr(models, builder):
+            raise Unavailable(f"torchaudio {torchaudio.__version__} has no {builder}")
+        model = no_randomness(getattr(models, builder)(**config)).eval()
+        args, kwargs = inputs()
+        return model, args, kwargs
+
+    return build
+
+
+def _waveforms(samples: int, lengths: bool) -> Callable[[], tuple[tuple, dict]]:
+    """Two waveforms; with ``lengths`` (in samples) the second is padded: the padding mask matters."""
+    def inputs():
+        kwargs = {"lengths": torch.tensor([samples, samples - 200])} if lengths else {}
+        return (torch.randn(2, samples),), kwargs
+
+    return inputs
+
+
+def _conformer_inputs():
+    return (torch.randn(2, 20, 16), torch.tensor([20, 15])), {}
+
+
+TORCHAUDIO = [
+    # the group-norm extractor and post-norm encoder of wav2vec2_base and hubert_base
+    Entry("wav2vec2_base", "torchaudio", _torchaudio("wav2vec2_model", _waveforms(800, lengths=True),
+                                                     extractor_mode="group_norm", extractor_conv_bias=False,
+                                                     encoder_layer_norm_first=False, aux_num_out=None, **_TA_W2V)),
+    # the layer-norm extractor and pre-norm encoder of wav2vec2_large_lv60k, hubert_large and XLS-R, a CTC head
+    Entry("wav2vec2_large_lv60k", "torchaudio", _torchaudio("wav2vec2_model", _waveforms(800, lengths=False),
+                                                            extractor_mode="layer_norm", extractor_conv_bias=True,
+                                                            encoder_layer_norm_first=True, aux_num_out=12,
+                                                            **_TA_W2V)),
+    # without lengths: torchaudio's WavLM self-attention asserts that it gets no attention mask
+    Entry("wavlm", "torchaudio", _torchaudio("wavlm_model", _waveforms(800, lengths=False),
+                                             extractor_mode="group_norm", extractor_conv_bias=False,
+                                             encoder_num_buckets=16, encoder_max_distance=32,
+                                             encoder_layer_norm_first=False, aux_num_out=None, **_TA_W2V)),
+    # depthwise and pointwise conv1d in every block; lengths are required (the padding mask)
+    Entry("conformer", "torchaudio", _torchaudio("Conformer", _conformer_inputs, input_dim=16, num_heads=2,
+                                                 ffn_dim=32, num_layers=2, depthwise_conv_kernel_size=7)),
+]
+
+
+# -- speechbrain: speaker embedders --------------------------------------------------------------------------
+def _speechbrain(module: str, cls: str, lengths: str, **config) -> Callable[[], Built]:
+    """``speechbrain.lobes.models.<module>.<cls>(**config)`` on two sequences of 50 frames of 24 features,
+    the second padded, its relative length (speechbrain's are a fraction of the longest) passed as the
+    forward's keyword ``lengths``."""
+
+    def build() -> Built:
+        import importlib
+
+        import speechbrain
+
+        try:
+            factory = getattr(importlib.import_module(f"speechbrain.lobes.models.{module}"), cls)
+        except (ImportError, AttributeError) as exc:
+            raise Unavailable(f"speechbrain {speechbrain.__version__} has no {module}.{cls}") from exc
+        model = no_randomness(factory(**config))
+        for m in model.modules():
+            if type(m).__name__ == "StatisticsPooling":
+                m.eps = 0.0  # it adds noise of this scale to the mean, in eval mode too
+        return model.eval(), (torch.randn(2, 50, 24),), {lengths: torch.tensor([1.0, 0.8])}
+
+    return build
+
+
+SPEECHBRAIN = [
+    Entry("xvector", "speechbrain", _speechbrain("Xvector", "Xvector", "lens", in_channels=24, tdnn_blocks=3,
+                                                 tdnn_channels=[16, 16, 32], tdnn_kernel_sizes=[5, 3, 1],
+                                                 tdnn_dilations=[1, 2, 1], lin_neurons=16)),
+    Entry("ecapa_tdnn", "speechbrain", _speechbrain("ECAPA_TDNN", "ECAPA_TDNN", "lengths", input_size=24,
+                                                    channels=[16, 16, 16, 16, 48], kernel_sizes=[5, 3, 3, 3, 1],
+                                                    dilations=[1, 2, 3, 4, 1], attention_channels=8,
+                                                    res2net_scale=4, se_channels=8, lin_neurons=16)),
+]
+
+
 # -- the whole catalogue ------------------------------------------------------------------------------------
-ALL: list[Entry] = TRANSFORMERS + TIMM + MONAI + DIFFUSERS + SMP
+# -- a second shape to call every model on -------------------------------------------------------------------
+#: Per family, which dimensions of the first input grow for the second call (the batch always does, in every
+#: tensor that shares it): "spatial" (images, volumes: every dimension after the channels, by half, to a
+#: multiple of 32 from 32 up, as strided backbones need), "length" (dimension 1 of waveforms, token ids,
+#: speechbrain and Conformer features: by half, with every input of that length).
+SECOND_SHAPE = {"transformers": "auto", "timm": "spatial", "monai": "spatial", "diffusers": "spatial",
+                "smp": "spatial", "ultralytics": "spatial", "torchaudio": "length", "speechbrain": "length"}
+
+#: Entries whose result is refused on the second shape by a guard torch.export had to record, and why.
+FIXED_SHAPE = {
+    "speechbrain/ecapa_tdnn": "batch: speechbrain's length_to_mask takes len(lengths), a Python int",
+}
+
+
+def second_inputs(entry: Entry, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The entry's inputs with one more sample and, by :data:`SECOND_SHAPE`, larger images or sequences,
+    built by tiling the example (token ids, masks and lengths stay valid)."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    tensors = [v for v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0]
+    first = tensors[0]
+    batch = first.shape[0]
+    rule = SECOND_SHAPE[entry.family]
+    if rule == "auto":  # transformers: pixel values are images, everything else is a sequence
+        rule = "spatial" if first.is_floating_point() and first.dim() == 4 else "length"
+    grow: dict[int, int] = {}  # old size -> new size, for the grown dimensions of the first input
+    if rule == "spatial" and first.is_floating_point() and first.dim() >= 4:
+        for n in first.shape[2:]:
+            grow[n] = -(-(n + n // 2) // 32) * 32 if n >= 32 else n + max(n // 2, 1)
+    elif rule == "length" and first.dim() >= 2:
+        grow[first.shape[1]] = first.shape[1] + first.shape[1] // 2
+    out = []
+    for v in leaves:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if v.shape[0] == batch:
+                v = v[torch.arange(batch + 1) % batch]
+            dims = range(2, v.dim()) if rule == "spatial" else range(1, min(v.dim(), 2))
+            if v is not None and (v.dim() == first.dim() or rule == "length"):
+                for d in dims:
+                    if v.shape[d] in grow:
+                        v = v.index_select(d, torch.arange(grow[v.shape[d]]) % v.shape[d])
+        out.append(v)
+    new_args, new_kwargs = pytree.tree_unflatten(out, spec)
+    return tuple(new_args), dict(new_kwargs)
+
+
+ALL: list[Entry] = TRANSFORMERS + TIMM + MONAI + DIFFUSERS + SMP + ULTRALYTICS + TORCHAUDIO + SPEECHBRAIN
 BY_ID: dict[str, Entry] = {e.id: e for e in ALL}
 FAMILIES: list[str] = list(LIBRARY)
 
@@ -538,4 +727,7 @@ FAST: list[str] = [
     "diffusers/unet2d_condition",  # cross attention, timestep embedding, transposed/strided convs
     "smp/unet_resnet18",  # outer code reads encoder.output_stride
     "smp/unet_tu_tf_efficientnet_lite0",
+    "ultralytics/yolov8n",  # a detection head that caches its anchors per input shape (about 20 s)
+    "torchaudio/conformer",  # lengths -> padding mask through .item(): export fails, symbolic capture
+    "speechbrain/ecapa_tdnn",  # relative lengths -> attention mask, Res2Net split convs, SE blocks
 ]

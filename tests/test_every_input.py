@@ -1,0 +1,417 @@
+"""Correct on every input, not only the example: other shapes, the plain ``transform(model)``, never-called models.
+
+The property (:func:`test_drawn_models_on_other_shapes`): a drawn model (tests/strategies.py's random graphs:
+residual adds, concatenations, strided and transposed convs, a layer that differs between train and eval
+mode, a global-pool or a flatten head), built and never called, is transformed on its example through each
+front end (torch.export, symbolic tracing with the example, symbolic tracing without one), possibly inside
+a branch on an input size, and called on
+other shapes (batch 1, an odd batch, other spatial sizes), in eval and in train mode. On every call the
+transformed, dense-lowered and fused-lowered models either compute the original's output, or raise where
+the original raises, or (torch.export only) refuse the shape with ipfx's guard error. Nothing else passes.
+
+The other tests pin the cases the property cannot draw: a hand-written global average pool, a ``view``
+before a linear layer, torch.export's own ``dynamic_shapes``, guards that survive pickling and lowering,
+a detection-style head that caches state on its first call, one-sample examples, and the symbolic front
+end's traps (``isinstance`` on a proxy, convolutions behind optional arguments, weight norm, optional
+arguments without a default, ``try/except TypeError`` dispatch, a bare ``assert``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ipfx
+from helpers import assert_close
+from ipfx import verify
+from ipfx.shape_guards import is_guard_failure
+from strategies import random_graph_models
+
+FRONT_ENDS = ("export", "symbolic", "none")
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def transformed(model: nn.Module, x: torch.Tensor, front_end: str) -> nn.Module:
+    if front_end == "none":
+        return quiet(ipfx.transform, model)
+    return quiet(ipfx.transform, model, example_inputs=(x,), capture=front_end)
+
+
+def outcome(module: nn.Module, x: torch.Tensor, training: bool):
+    """``(output, None)`` or ``(None, exception)`` of one call, leaving the module as it was."""
+    try:
+        return quiet(verify.run, module, (x,), {}, training), None
+    except Exception as exc:  # noqa: BLE001 - what was raised is the outcome
+        return None, exc
+
+
+def assert_same_outcome(module, model, x, training: bool, *, guarded: bool, kind: str) -> str:
+    expected, refused = outcome(model, x, training)
+    got, error = outcome(module, x, training)
+    if refused is not None:
+        assert error is not None, f"{kind}: the original raises {refused!r} on {tuple(x.shape)}, the result computes"
+        return "refused"
+    if error is not None:
+        assert guarded and is_guard_failure(error), f"{kind}: raises {error!r} on {tuple(x.shape)}, the original runs"
+        return "guarded"
+    assert_close(got, expected, kind=kind)
+    return "equal"
+
+
+class SizeBranch(nn.Module):
+    """A branch on an input size around a drawn model: torch.export guards it (``x.shape[3] % 2 == 0``);
+    a graph that dropped the guard would compute the even branch on odd sizes."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        if x.shape[3] % 2 == 0:
+            return y * 2
+        return y
+
+
+other_shapes = st.lists(st.tuples(st.sampled_from([1, 2, 3]), st.integers(-2, 6), st.integers(-2, 6)),
+                        min_size=1, max_size=2)
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=random_graph_models(), shapes=other_shapes, size_branch=st.booleans())
+def test_drawn_models_on_other_shapes(front_end, case, shapes, size_branch):
+    model, x = case
+    if size_branch:
+        model = SizeBranch(model).train(model.training)
+    t = transformed(model, x, front_end)
+    dense, fused = ipfx.lower(t, "dense"), quiet(ipfx.lower, t, "fused")
+    n, c, h, w = x.shape
+    seen = []
+    for batch, dh, dw in [(n, 0, 0), (n + 1, 0, 1), *shapes]:  # the example, an odd batch and width, drawn ones
+        y = torch.randn(batch, c, max(h + dh, 1), max(w + dw, 1), dtype=x.dtype, generator=torch.Generator().manual_seed(batch))
+        for training in (False, True):
+            for kind, result in (("transformed", t), ("dense", dense), ("fused", fused)):
+                if kind == "fused" and training:
+                    continue
+                seen.append(assert_same_outcome(result, model, y, training, guarded=front_end == "export",
+                                                kind=f"{front_end}/{kind}/{'train' if training else 'eval'}"))
+    assert seen[0] == "equal"  # the example itself always computes
+
+
+# -- torch.export front end: dynamic shapes and guards ---------------------------------------------------------
+class HandPooled(nn.Module):
+    """A global average pool written by hand: the divisor is Python arithmetic on sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).relu()
+        return self.fc(h.sum((2, 3)) / (h.shape[2] * h.shape[3]))
+
+
+class Viewed(nn.Module):
+    """``x.view(x.size(0), -1)`` before a linear layer: the batch is free, the image size is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_hand_written_pool_is_right_on_every_image_size(size):
+    model = HandPooled().eval()
+    t = quiet(ipfx.transform, model, example_inputs=(torch.randn(4, 3, 16, 16),))
+    x = torch.randn(3, 3, size, size)
+    for result in (t, ipfx.lower(t, "dense"), quiet(ipfx.lower, t, "fused")):
+        assert_close(result(x), model(x), kind="hand-written pool, other size")
+
+
+def test_view_net_takes_any_batch_and_names_the_fixed_size():
+    model = Viewed().eval()
+    t = quiet(ipfx.transform, model, example_inputs=(torch.randn(8, 3, 8, 8),))
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, 3, 8, 8)
+        assert_close(t(x), model(x), kind="view net, other batch")
+    with pytest.raises(AssertionError, match=r"ipfx shape guard: .*x\.shape\[[23]\]"):
+        t(torch.randn(2, 3, 16, 16))
+
+
+def test_guards_survive_pickling_lowering_and_program_saving(tmp_path):
+    model = Viewed().eval()
+    t = quiet(ipfx.transform, model, example_inputs=(torch.randn(4, 3, 8, 8),))
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    dense = ipfx.lower(t, "dense")
+    for result in (loaded, copy.deepcopy(t), dense, quiet(ipfx.lower, t, "fused")):
+        with pytest.raises(AssertionError, match="ipfx shape guard"):
+            result(torch.randn(2, 3, 9, 8))
+    # the dense guards are plain torch: no ipfx function in the graph
+    assert not [n for n in dense.graph.nodes if "ipfx" in str(getattr(n.target, "__module__", ""))]
+    from ipfx import deploy
+
+    path = deploy.save_program(dense, tmp_path / "viewed", torch.randn(2, 3, 8, 8))
+    program = torch.export.load(path).module()
+    x = torch.randn(5, 3, 8, 8)
+    assert_close(program(x), model(x), kind="saved program, other batch")
+
+
+def test_user_dynamic_shapes_spec_is_used():
+    model = HandPooled().eval()
+    batch = torch.export.Dim("batch")
+    t = quiet(ipfx.transform, model, example_inputs=(torch.randn(4, 3, 16, 16),),
+              dynamic_shapes={"x": {0: batch}})
+    x = torch.randn(7, 3, 16, 16)
+    assert_close(t(x), model(x), kind="user spec, another batch")
+    with pytest.raises(AssertionError, match=r"x\.shape\[2\]"):
+        t(torch.randn(2, 3, 32, 32))  # the spec fixed the image size
+    with pytest.raises(ipfx.TraceError, match="dynamic_shapes given"):
+        quiet(ipfx.transform, model, example_inputs=(torch.randn(4, 3, 16, 16),), capture="export",
+              dynamic_shapes={"x": {1: torch.export.Dim("channels")}})
+
+
+# -- capture leaves no trace; never-called models ----------------------------------------------------------------
+class CachingHead(nn.Module):
+    """Caches per-shape tensors on itself at its first call, as popular detection heads do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.shape, self.anchors = None, torch.empty(0)
+
+    def forward(self, x):
+        if self.shape != x.shape:
+            self.anchors = torch.arange(x.shape[2] * x.shape[3], dtype=x.dtype).reshape(1, 1, x.shape[2], x.shape[3])
+            self.shape = x.shape
+        return self.conv(x) + self.anchors
+
+
+def _fake_or_proxy(module: nn.Module) -> list[str]:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    found = []
+    for name, m in module.named_modules():
+        for key, value in vars(m).items():
+            values = value.values() if isinstance(value, dict) else [value]
+            if any(isinstance(v, (FakeTensor, torch.fx.Proxy)) for v in values):
+                found.append(f"{name}.{key}")
+    return found
+
+
+@pytest.mark.parametrize("front_end", ["export", "symbolic"])
+def test_never_called_model_transforms_and_nothing_is_left_behind(front_end):
+    model = CachingHead().eval()
+    attributes = dict(vars(model))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    t = quiet(ipfx.transform, model, example_inputs=(torch.randn(2, 3, 8, 8),), capture=front_end)
+    assert vars(model).keys() == attributes.keys() and all(vars(model)[k] is v for k, v in attributes.items())
+    assert model.shape is None and model.anchors.numel() == 0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not _fake_or_proxy(t)
+    for shape in ((2, 3, 8, 8), (3, 3, 5, 7)):
+        x = torch.randn(*shape)
+        assert_close(t(x), CachingHead.forward(copy.deepcopy(model), x), kind="never-called head")
+
+
+class OneSampleHead(nn.Module):
+    """Train-mode batch norm over a 1x1 map: cannot run on one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.fc(self.conv(x).mean((2, 3))))
+
+
+@pytest.mark.parametrize("front_end", ["export", "symbolic"])
+def test_one_sample_example(front_end):
+    model = OneSampleHead().eval()
+    with pytest.warns(UserWarning, match="two samples"):
+        t = ipfx.transform(model, example_inputs=(torch.randn(1, 3, 8, 8),), capture=front_end)
+    x1, x4 = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    assert_close(quiet(t.eval(), x1), model.eval()(x1), kind="one sample, eval")
+    assert_close(quiet(verify.run, t, (x4,), {}, True), verify.run(model, (x4,), {}, True), kind="train, batch 4")
+
+
+# -- the plain ipfx.transform(model): traps of symbolic tracing ----------------------------------------------------
+class Up(nn.Module):
+    """MONAI-style decoder block: ``isinstance`` on a proxy is False, so tracing takes the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.merge, self.alone = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, x_e):
+        if x_e is not None and isinstance(x_e, torch.Tensor):
+            return self.merge(torch.cat([x, x_e], 1))
+        return self.alone(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.up = nn.Conv2d(3, 4, 3, padding=1), Up()
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.up(h, h)
+
+
+def all_kernel_weights(model: nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))}
+
+
+def test_no_example_isinstance_branch_is_caught_on_first_call():
+    model = Decoder().eval()
+    t = ipfx.transform(model)
+    assert {w.name for w in ipfx.rewritten_weights(t)} == all_kernel_weights(model)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="computes something else"):
+        y = t(x)
+    assert_close(y, model(x), kind="isinstance branch, first call")
+    later = torch.randn(3, 3, 6, 6)
+    assert_close(t(later), model(later), kind="a later call")
+    t.train()
+    quiet(t, x).sum().backward()
+    grads = {n for n, p in t.named_parameters() if p.grad is not None}
+    assert "up.merge.coeff" in grads  # the branch the input takes trains in coefficient form
+    for lowered in (ipfx.lower(t, "dense"), quiet(ipfx.lower, t, "fused")):
+        assert_close(quiet(lowered.eval(), x), model(x), kind="isinstance branch, lowered")
+
+
+class Conditioned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.cond = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 4, 1)
+
+    def forward(self, x, extra=None):
+        y = self.conv(x)
+        if extra is not None:
+            y = y + self.cond(extra)
+        return y
+
+
+def test_no_example_every_weight_in_coefficient_form():
+    model = Conditioned().eval()
+    t = ipfx.transform(model)
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"conv.weight", "cond.weight"}
+    assert {"cond.coeff", "cond.mask"} <= set(t.state_dict())
+    x, e = torch.randn(2, 3, 6, 6), torch.randn(2, 2, 6, 6)
+    assert_close(t(x), model(x), kind="without the optional argument")
+    assert_close(quiet(t, x, e), model(x, e), kind="with it")
+
+
+def test_weight_norm_conv_is_rewritten_symbolically():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 5, padding=2, groups=2), dim=2),
+                          nn.GELU()).eval()
+    t = ipfx.transform(model)
+    assert [w.name for w in ipfx.rewritten_weights(t)] == ["0.parametrizations.weight.original1"]
+    x = torch.randn(2, 4, 12)
+    assert_close(quiet(t, x), model(x), kind="weight norm")
+
+
+class Lengths(nn.Module):
+    """torchaudio-style: an argument without a default, passed None."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 5, stride=5)
+
+    def forward(self, x, length):
+        if length is not None:
+            length = (length - 5) // 5 + 1
+        return self.conv(x), length
+
+
+class DataDependent(nn.Module):
+    """Export fails (a branch on a value), so symbolic tracing captures the parts."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.inner(x)
+
+
+class CallsWithNone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fe = Lengths()
+
+    def forward(self, x):
+        y, _ = self.fe(x, None)
+        return y
+
+
+class TryDispatch(nn.Module):
+    """speechbrain-style: try a keyword each layer may not take, fall back without it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv1d(4, 8, 3), nn.LeakyReLU(), nn.BatchNorm1d(8)])
+
+    def forward(self, x, lengths=None):
+        for layer in self.blocks:
+            try:
+                x = layer(x, lengths=lengths)
+            except TypeError:
+                x = layer(x)
+        return x
+
+
+class BareAssert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3)
+
+    def forward(self, x):
+        assert isinstance(x, torch.Tensor)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: DataDependent(CallsWithNone()), torch.randn(2, 2, 20)),
+    (lambda: DataDependent(TryDispatch()), torch.randn(2, 4, 20)),
+    (lambda: DataDependent(BareAssert()), torch.randn(2, 4, 20)),
+], ids=["optional-without-default", "try-typeerror", "bare-assert"])
+@pytest.mark.parametrize("how", ["auto", "symbolic", "none"])
+def test_fallback_capture_records_the_real_call(make, x, how):
+    model = make().eval()
+    if how == "none":
+        t = quiet(ipfx.transform, model)
+    else:
+        t = quiet(ipfx.transform, model, example_inputs=(x,), capture=how)
+    assert {w.name for w in ipfx.rewritten_weights(t)} == all_kernel_weights(model)
+    for y in (x, torch.cat([x, x.flip(0)])):
+        for training in (False, True):
+            assert_close(quiet(verify.run, t, (y,), {}, training), verify.run(model, (y,), {}, training),
+                         kind=f"fallback capture, {how}")
+
+
+def test_untraceable_forward_reports_a_bare_assert():
+    with pytest.warns(UserWarning, match="AssertionError"):
+        ipfx.transform(DataDependent(BareAssert()).eval())
