@@ -152,14 +152,19 @@ class CheckCapture(Pass):
         failure = _fails(self.reference, self.args, self.kwargs, True)
         if failure is not None:
             two = batch_of_two(self.args, self.kwargs)
-            if two is None:
-                raise TraceError(f"{type(self.reference).__name__} cannot run in train mode on the example inputs "
-                                 f"({failure}); give example inputs it can run on in both modes")
-            train_inputs = two
-            self.notes.append(f"{type(self.reference).__name__} cannot run in train mode on the one-sample example "
-                              f"({failure}); its train mode was captured and checked on two samples built by "
-                              "repeating the example")
-        self._compare(captured, *train_inputs, True, "the example inputs" if failure is None else "two samples")
+            if two is None or _fails(self.reference, *two, True) is not None:
+                self.notes.append(f"{type(self.reference).__name__} cannot run in train mode on the example inputs "
+                                  f"({failure}): train mode was captured but not checked; give example inputs it "
+                                  "can run on in train mode to check it")
+                train_inputs = None
+            else:
+                train_inputs = two
+            if train_inputs is not None:
+                self.notes.append(f"{type(self.reference).__name__} cannot run in train mode on the one-sample "
+                                  f"example ({failure}); its train mode was captured and checked on two samples "
+                                  "built by repeating the example")
+        if train_inputs is not None:
+            self._compare(captured, *train_inputs, True, "the example inputs" if failure is None else "two samples")
         for args, kwargs, what in self._other_shapes(captured):
             if _fails(self.reference, args, kwargs, False) is not None:
                 continue  # the model itself refuses this shape
