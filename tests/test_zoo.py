@@ -505,7 +505,8 @@ def _second_inputs(s: Spec, inputs: tuple) -> tuple:
 
 
 @pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow if n in ("raft_small", "ssdlite320_mobilenet_v3_large")
+                                               else ()) for n in FAST])  # those two take 35 s each with examples
 def test_never_called_model_on_a_second_shape(name, examples):
     """A freshly built model, transformed with and without example inputs, computes the model's outputs
     in eval mode on the example and on one more sample in a larger frame."""
