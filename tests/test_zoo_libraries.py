@@ -14,7 +14,11 @@ example_kwargs=kwargs)``, and :func:`test_library_model` asserts:
     outputs (eval and training mode), and its state dict loads strictly into a freshly built model of the
     original class, which then computes the same outputs too;
 (d) fused lowering: ``ipfx.lower(t, "fused")`` computes ``t``'s outputs (eval mode);
-(e) the input model is unchanged: the same state dict (keys and values) and training flags as before.
+(e) the input model is unchanged: the same state dict (keys and values) and training flags as before;
+(f) :func:`test_never_called_library_model_on_a_second_shape`: a model never called before, transformed with
+    and without example inputs, is fully rewritten, and the transformed, dense and fused models compute its
+    outputs on the example and on a second shape (one more sample, larger images or sequences), or refuse
+    where it refuses; ``zoo_libraries.FIXED_SHAPE`` and ``NO_EXAMPLE_FAILS`` name the known exceptions.
 
 The models are prepared as in tests/test_zoo.py (constant parameters redrawn, batch norms calibrated) so
 that every output depends on every weight, and dropout-like randomness is switched off in the catalogue so
