@@ -37,10 +37,6 @@ def dynamic_spec(forward, args: tuple, kwargs: dict, batch_only: bool = False) -
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
-def tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    return [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
-
-
 def resized(args: tuple, kwargs: dict, sizes: dict[tuple[int, int], int]) -> tuple[tuple, dict]:
     """``(args, kwargs)`` with flat leaf ``i``'s dimension ``d`` resized to ``sizes[(i, d)]`` by tiling."""
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
@@ -56,13 +52,30 @@ def resized(args: tuple, kwargs: dict, sizes: dict[tuple[int, int], int]) -> tup
     return tuple(new_args), dict(new_kwargs)
 
 
-def batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """The inputs with two samples where every tensor input holds one (module docstring), else None."""
+def with_batch(args: tuple, kwargs: dict, size) -> tuple[tuple, dict] | None:
+    """The inputs with the leading dimension of every tensor input resized to ``size(n)``, where they all
+    share one leading size ``n``; else None."""
     leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
     found = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.dim() > 0]
-    if not found or any(leaves[i].shape[0] != 1 for i in found):
+    if not found or len({leaves[i].shape[0] for i in found}) != 1:
         return None
-    return resized(args, kwargs, {(i, 0): 2 for i in found})
+    return resized(args, kwargs, {(i, 0): size(leaves[found[0]].shape[0]) for i in found})
+
+
+def batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with two samples where every tensor input holds one (module docstring), else None."""
+    return with_batch(args, kwargs, lambda n: 2) if _leading_size(args, kwargs) == 1 else None
+
+
+def one_more_sample(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with one more sample where every tensor input has the same leading size, else None
+    (for a traced graph, which records no sizes: the batch is the one size nearly every model frees)."""
+    return with_batch(args, kwargs, lambda n: n + 1)
+
+
+def _leading_size(args: tuple, kwargs: dict) -> int | None:
+    sizes = {v.shape[0] for v in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def other_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, str]]:
@@ -102,14 +115,3 @@ def other_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Iterator[tupl
         if sizes:
             new_args, new_kwargs = resized(args, kwargs, sizes)
             yield new_args, new_kwargs, name
-
-
-def one_more_sample(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """The inputs with one more sample where every tensor input has the same leading size, else None
-    (for a traced graph, which records no sizes: the batch is the one size nearly every model frees)."""
-    leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
-    found = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.dim() > 0]
-    if not found or len({leaves[i].shape[0] for i in found}) != 1:
-        return None
-    n = leaves[found[0]].shape[0]
-    return resized(args, kwargs, {(i, 0): n + 1 for i in found})

@@ -166,14 +166,17 @@ class CheckCapture(Pass):
         if train_inputs is not None:
             self._compare(captured, *train_inputs, True, "the example inputs" if failure is None else "two samples")
         for args, kwargs, what in self._other_shapes(captured):
-            if _fails(self.reference, args, kwargs, False) is not None:
-                continue  # the model itself refuses this shape
             try:
-                verify.run(captured, args, kwargs, False)
-            except Exception as exc:  # noqa: BLE001 - a guard refusing it is fine; anything else is compared below
+                expected = verify.run(self.reference, args, kwargs, False)
+            except Exception:  # noqa: BLE001 - the model itself refuses this shape
+                continue
+            try:
+                actual = verify.run(captured, args, kwargs, False)
+            except Exception as exc:  # noqa: BLE001 - a guard refusing it is fine; anything else fails the check
                 if is_guard_failure(exc):
                     continue
-            self._compare(captured, args, kwargs, False, f"inputs of another shape ({what})")
+                raise self._failed(exc, False, f"inputs of another shape ({what})") from exc
+            self._judge(captured, args, kwargs, False, f"inputs of another shape ({what})", actual, expected)
             if _fails(self.reference, args, kwargs, True) is None:
                 self._compare(captured, args, kwargs, True, f"inputs of another shape ({what})")
             break
@@ -188,14 +191,20 @@ class CheckCapture(Pass):
                 yield (*one_more, "one more sample")
 
     def _compare(self, captured: nn.Module, args: tuple, kwargs: dict, training: bool, what: str) -> None:
-        mode = "train" if training else "eval"
         expected = verify.run(self.reference, args, kwargs, training)
         try:
             actual = verify.run(captured, args, kwargs, training)
         except Exception as exc:  # noqa: BLE001 - the model ran on these inputs, so the graph must too
-            raise TraceError(f"the captured graph of {type(self.reference).__name__} fails in {mode} mode on {what}, "
-                             f"where the model runs ({first_line(exc)}). Capture it with the other front end "
-                             "(capture='symbolic' or 'export'), or report the model") from exc
+            raise self._failed(exc, training, what) from exc
+        self._judge(captured, args, kwargs, training, what, actual, expected)
+
+    def _failed(self, exc: BaseException, training: bool, what: str) -> TraceError:
+        return TraceError(f"the captured graph of {type(self.reference).__name__} fails in "
+                          f"{'train' if training else 'eval'} mode on {what}, where the model runs ({first_line(exc)}). "
+                          "Capture it with the other front end (capture='symbolic' or 'export'), or report the model")
+
+    def _judge(self, captured: nn.Module, args: tuple, kwargs: dict, training: bool, what: str, actual, expected) -> None:
+        mode = "train" if training else "eval"
         problem = verify.difference(actual, expected)
         if problem is not None:
             where = verify.localise(self.reference, captured, args, kwargs, training)
