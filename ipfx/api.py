@@ -219,7 +219,8 @@ class WeightInfo:
 
 
 def rewritten_weights(model: nn.Module) -> list[WeightInfo]:
-    """Every weight ``model`` holds in coefficient form, with its shape, space and kept count."""
+    """Every weight ``model`` holds in coefficient form, with its shape, space and kept count; a weight whose
+    module is registered under two paths is listed under both, as in the state dict."""
     _check_module(model, "rewritten_weights")
     return [
         WeightInfo(qualified_weight_name(prefix, m), prefix, m.weight_shape, m.kind, m.space, m.basis_init, m.trains_basis,
@@ -241,7 +242,9 @@ def sparsity(model: nn.Module) -> float:
 
 # -- helpers --------------------------------------------------------------------------------------
 def _basis_weights(model: nn.Module) -> Iterator[tuple[str, BasisWeight]]:
-    for name, m in model.named_modules():
+    """Every coefficient weight under every path that holds it (a module registered twice, as in the
+    state dict: ``sparsity`` and pruning count each one once)."""
+    for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, BasisWeight):
             yield name, m
 

@@ -46,7 +46,7 @@ from .modes import ModeSwitch
 from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards
 from .shapes import dynamic_spec
 from .snapshot import Snapshot
-from .source_attributes import CapturedGraphModule
+from .source_attributes import CapturedGraphModule, keep_aliases
 
 _GUARDS = "_guards_fn"
 
@@ -72,6 +72,7 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
             saved.restore()  # before the next export reads what this one cached (module docstring)
             fixed = reason or fixed
             graphs[mode] = graph_module_of(program, type(model).__name__)
+            keep_aliases(graphs[mode], model, containers=False)  # a module registered twice: both names
     if graphs[True].code == graphs[False].code:
         return graphs[own].train(own), fixed  # ep.module() comes in train mode whatever the model's was
     return ModeSwitch(graphs[True], graphs[False], training=own), fixed

@@ -26,12 +26,14 @@ import torch.nn as nn
 
 from .reparam import STATE_NAMES, BasisWeight
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, str], type] = {}
 _FORM = "_ipfx_form"  # a converted module's form, where it shares another module's tensors
 
 
 class ParametrizedWeight(BasisWeight):
     """Mixin base of the converted classes (module docstring); never instantiated directly."""
+
+    original_attr = "weight"  # the owner's parameter that became coefficients
 
     def forward(self, *args, **kwargs):  # replaced by the owner's own forward in every subclass
         raise NotImplementedError
@@ -42,27 +44,32 @@ class ParametrizedWeight(BasisWeight):
 
     def __reduce_ex__(self, protocol):
         # the generated class cannot be found by name: rebuild it from the owner's class
-        return (_rebuild, (self.original_class, self.__getstate__()))
+        return (_rebuild, (self.original_class, self.__getstate__(), self.original_attr))
 
 
-def parametrized_class(cls: type) -> type:
-    """The class of a converted ``cls`` module (made once per class)."""
+def parametrized_class(cls: type, attr: str = "weight") -> type:
+    """The class of a converted ``cls`` module whose parameter ``attr`` became coefficients (made once per
+    class and name). Where ``attr`` is not ``weight`` (``nn.MultiheadAttention.in_proj_weight``), reading
+    ``attr`` composes the weight too."""
     if issubclass(cls, ParametrizedWeight):
         return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Coefficient{cls.__name__}", (ParametrizedWeight, cls),
-                             {"forward": cls.forward, "original_class": cls, "__module__": __name__})
-    return _CLASSES[cls]
+    if (cls, attr) not in _CLASSES:
+        members = {"forward": cls.forward, "original_class": cls, "original_attr": attr, "__module__": __name__}
+        if attr != "weight":
+            members[attr] = property(BasisWeight.compose, doc=f"The composed {attr} (module docstring).")
+        _CLASSES[cls, attr] = type(f"Coefficient{cls.__name__}", (ParametrizedWeight, cls), members)
+    return _CLASSES[cls, attr]
 
 
-def _rebuild(cls: type, state: dict) -> nn.Module:
-    module = parametrized_class(cls).__new__(parametrized_class(cls))
+def _rebuild(cls: type, state: dict, attr: str = "weight") -> nn.Module:
+    module = parametrized_class(cls, attr).__new__(parametrized_class(cls, attr))
     module.__setstate__(state)
     return module
 
 
-def parametrize_weight(owner: nn.Module, form: BasisWeight) -> nn.Module:
-    """Convert ``owner`` (holding parameter ``weight``) to hold ``form``'s coefficients (module docstring).
+def parametrize_weight(owner: nn.Module, form: BasisWeight, attr: str = "weight") -> nn.Module:
+    """Convert ``owner`` (holding parameter ``attr``, ``weight`` but for an attention layer's
+    ``in_proj_weight``) to hold ``form``'s coefficients (module docstring).
 
     ``form`` is the :class:`BasisWeight` the rewrite pass would have installed for this weight; its
     state moves onto ``owner``. Returns ``owner``, converted.
@@ -70,8 +77,8 @@ def parametrize_weight(owner: nn.Module, form: BasisWeight) -> nn.Module:
     clash = [n for n in STATE_NAMES if n in owner._parameters or n in owner._buffers or n in owner._modules]
     if clash:
         raise ValueError(f"{type(owner).__name__} already has attribute(s) {clash}")
-    del owner._parameters["weight"]
-    owner.__class__ = parametrized_class(type(owner))
+    del owner._parameters[attr]
+    owner.__class__ = parametrized_class(type(owner), attr)
     for name, value in vars(form).items():
         if name.startswith("_") or name == "training":
             continue
@@ -109,7 +116,7 @@ def follow_form(module: nn.Module) -> None:
 def weight_holders(modules) -> dict[int, list[nn.Module]]:
     """Modules holding each ``weight`` parameter, by the parameter's id (more than one: a tie)."""
     holders: dict[int, list[nn.Module]] = {}
-    for module in modules:
+    for module in {id(m): m for m in modules}.values():  # a module listed twice (held under two paths) once
         weight = module._parameters.get("weight")
         if isinstance(weight, nn.Parameter):
             holders.setdefault(id(weight), []).append(module)
@@ -139,8 +146,9 @@ def unparametrize(module: ParametrizedWeight, folded: dict | None = None) -> nn.
     for name in ("weight_shape", "space", "basis_init", "weight_name", "kind", "source", "memory_format",
                  "aliases", "capture", _FORM):
         module.__dict__.pop(name, None)
+    attr = module.original_attr
     module.__class__ = module.original_class
-    module.register_parameter("weight", weight)
+    module.register_parameter(attr, weight)
     return module
 
 

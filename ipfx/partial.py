@@ -8,7 +8,9 @@ Strategy, per module (starting at the root):
    pass) and recurse into every submodule that had to become a leaf, replacing it inside the graph
    module by its own captured version;
 3. when the module's *own* forward cannot be traced, keep it as Python code and recurse into its
-   children instead.
+   children instead; a child ``nn.Sequential`` of such code is opened the same way, since that code
+   may iterate it and call its entries itself. Modules without any convolution, linear or attention
+   layer are left as they are: they have nothing to rewrite.
 
 Every weight reached by some trace is rewritten there; weights read directly by untraceable Python code
 get the parametrized coefficient form (:mod:`ipfx.parametrize`). The result computes what the model
@@ -27,7 +29,10 @@ from .errors import TraceError, first_line
 from .guards import pattern_for
 from .modes import ModeSwitch, graphs_of
 from .source_attributes import keep_source
-from .tracing import STANDARD_TYPES, trace_modes
+from .tracing import STANDARD_TYPES, own_type, trace_modes
+
+
+OPENED = "an nn.Sequential reached from Python code, which may iterate it: its entries are captured one by one"
 
 
 @dataclasses.dataclass
@@ -71,13 +76,19 @@ def capture_tree(
     path: str = "",
     report: TraceReport | None = None,
     patterns: dict[str, frozenset[str]] | None = None,
+    opened: bool = False,
 ) -> tuple[nn.Module, TraceReport]:
     """Capture ``module`` (already a private copy) as described in the module docstring."""
     report = report if report is not None else TraceReport()
-    if path and type(module) in STANDARD_TYPES:
+    if path and (type(module) in STANDARD_TYPES or not _holds_kernels(module)):
         # A lone conv/linear reached from Python code: a graph of it would hold its coefficients as a child
         # named "weight" where callers read a tensor. It stays a module; its weight gets the parametrized
-        # coefficient form (ipfx.parametrize), read as a tensor like before.
+        # coefficient form (ipfx.parametrize), read as a tensor like before. A module without any kernel
+        # (an activation, a norm, a pooling block) has nothing to rewrite: it stays as it is.
+        return module, report
+    if opened:
+        report.untraced.append((path, type(module).__name__, OPENED))
+        _capture_children(module, config, leaf_modules, partial, path, report, patterns)
         return module, report
     user_leaves = [m for m in leaf_modules if not isinstance(m, str)] + [
         m[len(path) + 1 :] if path and m.startswith(path + ".") else m
@@ -97,11 +108,7 @@ def capture_tree(
             if not failed or failed in auto_leaves:
                 reason = first_line(exc.__cause__ or exc, 200)
                 report.untraced.append((path, type(module).__name__, reason))
-                for name, child in list(module.named_children()):
-                    new, _ = capture_tree(child, config, leaf_modules, partial=partial,
-                                          path=_join(path, name), report=report, patterns=patterns)
-                    keep_source(new, child)
-                    setattr(module, name, new)
+                _capture_children(module, config, leaf_modules, partial, path, report, patterns)
                 return module, report
             auto_leaves.append(failed)
     if one_mode is not None:
@@ -128,6 +135,23 @@ def capture_tree(
         keep_source(new, child)
         setattr(parent, name, new)
     return traced, report
+
+
+def _capture_children(module: nn.Module, config: TransformConfig, leaf_modules, partial: bool, path: str,
+                      report: TraceReport, patterns) -> None:
+    """Capture each child of ``module``, kept as Python code, in place. A child ``nn.Sequential`` is opened
+    (its own children captured, it kept): Python code may iterate or index it and call its entries itself
+    (ultralytics: ``for m in self.model: x = m(x)``), which a graph of the whole would not answer."""
+    for name, child in list(module.named_children()):
+        new, _ = capture_tree(child, config, leaf_modules, partial=partial, path=_join(path, name), report=report,
+                              patterns=patterns, opened=isinstance(child, nn.Sequential))
+        keep_source(new, child)
+        setattr(module, name, new)
+
+
+def _holds_kernels(module: nn.Module) -> bool:
+    """Whether ``module`` holds a convolution, linear or attention layer (whose weights a trace exposes)."""
+    return any(own_type(m) in STANDARD_TYPES or isinstance(m, nn.MultiheadAttention) for m in module.modules())
 
 
 def _join(path: str, name: str) -> str:

@@ -186,6 +186,9 @@ def qualified_weight_name(path: str, module: BasisWeight) -> str:
     ``weight_name`` is relative to the traced graph holding the module, which is a submodule of the
     model when the model was traced in parts; the module sits at the parameter's prefix.
     """
+    attr = getattr(module, "original_attr", None)  # a module converted in place (ipfx.parametrize)
+    if attr is not None and attr != "weight":
+        return f"{path}.{attr}" if path else attr
     return f"{path}.weight" if module.weight_name.endswith(".weight") else path
 
 

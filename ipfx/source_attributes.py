@@ -11,6 +11,7 @@ Both survive ``copy.deepcopy`` (torch.fx's user-preserved attributes for a ``Gra
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch.fx as fx
@@ -57,6 +58,16 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
             return guards.guarded_call(self, super().__call__, args, kwargs)
         return super().__call__(*args, **kwargs)
 
+    def __deepcopy__(self, memo):
+        """torch.fx rebuilds a copied GraphModule from its distinct children, dropping a child held under
+        a second name (:func:`keep_aliases`): put every name back, on the same copied object. (Unpickling
+        drops such a second name of a direct child too; it must stay torch's own, to load without ipfx.)"""
+        result = super().__deepcopy__(memo)
+        for name, child in self._modules.items():
+            if child is not None and name not in result._modules:
+                result._modules[name] = copy.deepcopy(child, memo)
+        return result
+
 
 def plain_attributes(old: nn.Module, new: nn.Module) -> dict:
     """``old``'s plain instance attributes (``out_channels``, ``_depth``, ...) that ``new`` lacks."""
@@ -75,3 +86,73 @@ def keep_source(new: nn.Module, old: nn.Module) -> None:
         new.__dict__[key] = value
         if preserved is not None and isinstance(new, fx.GraphModule):
             new.meta.setdefault(preserved, {})[key] = value
+
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def keep_containers(gm: fx.GraphModule, source: nn.Module) -> None:
+    """Give the containers inside ``gm`` back their class and their entries.
+
+    ``torch.fx`` rebuilds every module on the way to a node's target as a bare ``nn.Module`` holding only
+    what the graph reads, so an ``nn.ModuleList`` of blocks becomes an object without ``len()``, indexing or
+    iteration. Code outside the graph reads them all the same (diffusers: ``len(block.resnets)``). Each
+    such module whose original in ``source`` is a ``ModuleList``, ``ModuleDict`` or ``Sequential`` (or a
+    subclass) becomes an instance of that class again, with the original's entries in the original's
+    order: those the graph holds as the graph holds them, the others as they were (never called by the
+    graph; their weights are converted like any other weight no graph reads). Its plain attributes come
+    along.
+    """
+    for path, bare in list(gm.named_modules()):
+        if not path or type(bare) is not nn.Module:
+            continue
+        try:
+            old = source.get_submodule(path)
+        except AttributeError:
+            continue
+        if not isinstance(old, _CONTAINERS):
+            continue
+        new = type(old).__new__(type(old))
+        new.__dict__.update(vars(bare))
+        held = bare._modules
+        new.__dict__["_modules"] = {**{name: held.get(name, child) for name, child in old._modules.items()},
+                                    **{name: child for name, child in held.items() if name not in old._modules}}
+        new.__dict__.update(plain_attributes(old, new))
+        parent_path, _, name = path.rpartition(".")
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+        parent._modules[name] = new
+
+
+def keep_aliases(gm: fx.GraphModule, source: nn.Module, containers: bool = True) -> None:
+    """Give ``gm`` every other path under which ``source`` holds a module ``gm`` holds.
+
+    A module registered under two names (MONAI's DynUNet holds its blocks in lists and again in a chain
+    of skip layers) appears in the state dict under both, but ``torch.fx`` keeps the path its trace met
+    first. The other path is put back, pointing at the same object of ``gm`` (parents created bare on the
+    way, containers with their class), so the state dict keeps every key of the model's, the lowered model
+    loads into the model's class, and a rewrite under one path is seen under both. ``containers``: then
+    :func:`keep_containers` (a traced part, whose containers code outside the graph may read).
+    """
+    first: dict[int, str] = {}
+    for path, module in source.named_modules(remove_duplicate=False):
+        if not path:
+            continue
+        canonical = first.setdefault(id(module), path)
+        if canonical == path or _resolves(gm, path) or not _resolves(gm, canonical):
+            continue
+        parent = gm
+        *parents, leaf = path.split(".")
+        for name in parents:
+            if name not in parent._modules:
+                parent.add_module(name, nn.Module())
+            parent = parent._modules[name]
+        parent._modules[leaf] = gm.get_submodule(canonical)
+    if containers:
+        keep_containers(gm, source)
+
+
+def _resolves(gm: nn.Module, path: str) -> bool:
+    module = gm
+    for name in path.split("."):
+        module = module._modules.get(name) if module is not None else None
+    return module is not None

@@ -27,7 +27,7 @@ from .errors import TraceError, first_line
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .snapshot import Snapshot
-from .source_attributes import CapturedGraphModule
+from .source_attributes import CapturedGraphModule, keep_aliases
 
 STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
 
@@ -51,7 +51,7 @@ class WeightTracer(fx.Tracer):
             return True
         if isinstance(m, torch_parametrize.ParametrizationList) or ".parametrizations." in f".{module_qualified_name}":
             return False  # a weight's parametrizations (weight norm): traced into, so its originals are graph nodes
-        if _own_type(m) in STANDARD_TYPES and self._wanted(m, module_qualified_name):
+        if own_type(m) in STANDARD_TYPES and self._wanted(m, module_qualified_name):
             self.inlined[module_qualified_name] = m
             return False
         if self._stateful_norm(m, module_qualified_name):
@@ -103,7 +103,7 @@ class WeightTracer(fx.Tracer):
             raise
 
 
-def _own_type(m: nn.Module) -> type:
+def own_type(m: nn.Module) -> type:
     """The module's class; for a module with parametrized tensors (``ParametrizedConv1d``), the class
     torch.nn.utils.parametrize derived it from."""
     return type(m).__bases__[0] if torch_parametrize.is_parametrized(m) else type(m)
@@ -163,6 +163,7 @@ def trace(
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
     gm._tracer_cls = gm.graph._tracer_cls = None
     install_attention_kernels(gm, tracer.attention)
+    keep_aliases(gm, model)
     copy_module_state(gm, model)
     if pattern is not None:
         gm.meta[PATTERN] = pattern.as_tuple()

@@ -173,12 +173,21 @@ def test_onnx_export_of_the_dense_lowering_runs_in_onnxruntime(dynamo):
 
 
 # -- state, copies, pickling ---------------------------------------------------------------------------------
+class Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 class Untraceable(nn.Module):
     """Control flow in the root's own forward (kept as Python), which reads a plain attribute of a child."""
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.body = Body()
         self.body.out_channels = 4  # a plain attribute, read by untraced code (like RAFT's hidden_state_size)
         self.head = nn.Conv2d(4, 2, 3, padding=1)
 
@@ -526,7 +535,11 @@ def test_shared_weights_and_modules_called_twice_are_transformed_once():
     model = SharedWeights().eval()
     x = torch.randn(2, 3, 6, 6)
     t = quiet(ipfx.transform, model)
-    assert {w.name for w in ipfx.rewritten_weights(t)} == {"a.weight", "c.weight"}
+    # c's module under both its names, as in the state dict; one set of coefficients
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"a.weight", "c.weight", "alias.weight"}
+    assert t.get_submodule("alias") is t.get_submodule("c")
+    other = copy.deepcopy(t)  # torch.fx would drop the second name
+    assert other.get_submodule("alias") is other.get_submodule("c")
     assert "b.coeff" not in t.state_dict()  # b reads a's coefficients: the weights stay tied in training
     with torch.no_grad():
         assert_close(t(x), model(x), kind="shared: transform")
@@ -541,13 +554,14 @@ def test_shared_weights_and_modules_called_twice_are_transformed_once():
 
 
 def test_dense_lowering_restores_shared_weights_as_shared():
-    """The lowered model looks like a plain torch.fx trace of the original: ``b`` is a Conv2d again,
-    whose weight is ``a``'s (one tensor), and the state_dict has the original keys (torch.fx itself drops
-    the second name ``alias``)."""
+    """The lowered model holds what the original holds: ``b`` is a Conv2d again, whose weight is ``a``'s
+    (one tensor), ``alias`` is ``c`` again (torch.fx itself drops that second name), and the state_dict has
+    the original's keys and loads strictly into the original class."""
     model = SharedWeights().eval()
     dense = ipfx.lower(prepared(model))
-    assert set(dense.state_dict()) == set(fx.symbolic_trace(model).state_dict())
-    assert isinstance(dense.b, nn.Conv2d) and dense.b.weight is dense.a.weight
+    assert set(dense.state_dict()) == set(model.state_dict())
+    assert isinstance(dense.b, nn.Conv2d) and dense.b.weight is dense.a.weight and dense.alias is dense.c
+    SharedWeights().load_state_dict(dense.state_dict(), strict=True)
 
 
 class TiedEmbedding(nn.Module):

@@ -36,10 +36,19 @@ class Loop(nn.Module):
         return [self.cls(F.relu(self.conv(f))) for f in feats]
 
 
+class Stem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x)
+
+
 class Detector(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.stem = Stem()
         self.gate = Gate()
         self.head = Loop()
         self.fc = nn.Linear(4, 3)
@@ -82,7 +91,7 @@ def test_the_report_says_what_was_traced():
     assert set(report.traced) == {"stem"}  # lone conv/linear children stay modules, parametrized
     t = ipfx.transform(Detector())
     captures = {w.name: w.capture for w in ipfx.rewritten_weights(t)}
-    assert captures == {"stem.0.weight": "symbolic", "gate.conv.weight": "parametrized",
+    assert captures == {"stem.body.0.weight": "symbolic", "gate.conv.weight": "parametrized",
                         "head.conv.weight": "parametrized", "head.cls.weight": "parametrized",
                         "fc.weight": "parametrized"}
     assert {path for path, _, _ in report.untraced} == {"", "gate", "head"}  # control flow, list iteration
@@ -93,3 +102,193 @@ def test_config_patterns_see_full_names_in_partial_traces():
     t = ipfx.transform(Detector(), config=ipfx.TransformConfig(exclude=["head.*"]))
     names = {w.name for w in ipfx.rewritten_weights(t)}
     assert "head.conv.weight" not in names and "gate.conv.weight" in names
+
+
+class Blocks(nn.Module):
+    """A block list whose length the parent reads (diffusers' ``len(block.resnets)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnets = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)])
+        self.unused = nn.ModuleList([nn.Conv2d(4, 4, 1)])
+
+    def forward(self, x):
+        for conv in self.resnets:
+            x = F.relu(conv(x))
+        return x
+
+
+class Iterating(nn.Module):
+    """Python code that iterates a Sequential and calls its entries itself (ultralytics' ``_predict_once``),
+    indexes it, and reads the length of a ModuleList inside a traced child."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Blocks(), nn.Conv2d(4, 2, 1))
+        self.model[2].f = -1  # a plain attribute the loop reads, as ultralytics' layers carry
+
+    def forward(self, x):
+        outs = []
+        for i, m in enumerate(self.model):
+            x = m(x)
+            if i == 2:
+                x = x * len(m.resnets) + len(m.unused)
+            outs.append(x)
+        if outs[-1].sum() > 1e9:  # control flow: the forward is not traced
+            return outs[0]
+        return self.model[-1](outs[-2]) + outs[-1]
+
+
+def test_python_code_iterating_and_indexing_containers_keeps_them():
+    """An ``nn.Sequential`` reached from Python code is opened (its entries captured one by one, it kept),
+    and the containers inside a traced part keep their class and every entry."""
+    torch.manual_seed(0)
+    model = Iterating().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = ipfx.transform(model)
+    assert type(t.model) is nn.Sequential and len(t.model) == 4
+    blocks = t.model[2]
+    assert isinstance(blocks, torch.fx.GraphModule) and type(blocks.resnets) is nn.ModuleList
+    assert len(blocks.resnets) == 2 and len(blocks.unused) == 1 and blocks.f == -1
+    names = {w.name for w in ipfx.rewritten_weights(t)}
+    assert names == {n for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
+    assert_close(t(x), model(x), kind="partial: containers")
+    for target in ("dense", "fused"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            lowered = ipfx.lower(t, target)
+        assert_close(lowered(x), model(x), kind=f"partial: containers, lower {target}")
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # untraceable: kept as Python code, its child captured on its own
+            return x
+        return self.inner(x)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mid = Branchy()
+
+    def forward(self, x):
+        return self.mid(self.conv(x))
+
+
+def test_a_graph_below_python_code_below_a_graph_lowers():
+    """graph (root) -> Python code (a leaf of it) -> graph: each graph lowers its own weights only."""
+    torch.manual_seed(0)
+    model = Outer().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = ipfx.transform(model)
+    assert isinstance(t, torch.fx.GraphModule) and isinstance(t.mid.inner, torch.fx.GraphModule)
+    assert {w.capture for w in ipfx.rewritten_weights(t)} == {"symbolic"}
+    randomize_masks(t, 0.5)
+    y = t(x)
+    for target in ("dense", "fused"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            lowered = ipfx.lower(t, target)
+        assert_close(lowered(x), y, kind=f"partial: nested graphs, lower {target}")
+        assert not any(isinstance(m, ipfx.BasisWeight) for m in lowered.modules())
+
+
+class ReadsProjection(nn.Module):
+    """Python code (control flow) that reads an attention layer's packed projection without calling it
+    (torchaudio's WavLM attention), and code that calls another attention layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.called = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            return x
+        q, k, v = F.linear(x, self.attention.in_proj_weight, self.attention.in_proj_bias).chunk(3, -1)
+        y = self.attention.out_proj(F.scaled_dot_product_attention(q, k, v))
+        return self.called(y, y, y, need_weights=False)[0]
+
+
+def test_attention_projection_read_by_python_code_is_rewritten():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = ReadsProjection().eval()
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = ipfx.transform(model)
+    names = {w.name: w.capture for w in ipfx.rewritten_weights(t)}
+    assert names["attention.in_proj_weight"] == names["called.in_proj_weight"] == "parametrized"
+    assert "attention.in_proj_weight" not in dict(t.named_parameters())
+    assert_close(t(x), model(x), kind="partial: attention projection")
+    randomize_masks(t, 0.5)
+    y = t(x)
+    for other in (copy.deepcopy(t), pickle.loads(pickle.dumps(t))):
+        assert_close(other(x), y, kind="partial: attention projection, copied")
+    for target in ("dense", "fused"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            lowered = ipfx.lower(t, target)
+        assert type(lowered.attention) is nn.MultiheadAttention
+        assert isinstance(lowered.attention._parameters["in_proj_weight"], nn.Parameter)
+        assert_close(lowered(x), y, kind=f"partial: attention projection, lower {target}")
+
+
+class TwiceHeld(nn.Module):
+    """Blocks registered twice: in a list and again in a chain the forward uses (MONAI's DynUNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)])
+        self.chain = nn.Module()
+        self.chain.first = self.blocks[0]
+        self.chain.then = nn.Module()
+        self.chain.then.second = self.blocks[1]
+
+    def forward(self, x):
+        return self.chain.then.second(F.relu(self.chain.first(x)))
+
+
+@pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
+def test_a_module_held_under_two_paths_keeps_one_set_of_coefficients(examples):
+    """Both front ends: each weight is listed under both its names (as in the state dict) with one set of
+    coefficients; the lowered model loads strictly into the model's class and computes the pruned model."""
+    torch.manual_seed(0)
+    model = TwiceHeld().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = ipfx.transform(model, example_inputs=(x,)) if examples else ipfx.transform(model)
+    weights = ipfx.rewritten_weights(t)
+    assert {w.name for w in weights} == {"blocks.0.weight", "blocks.1.weight", "chain.first.weight",
+                                         "chain.then.second.weight"}
+    coeffs = {n: m.coeff for n, m in t.named_modules(remove_duplicate=False) if isinstance(m, ipfx.BasisWeight)}
+    assert len({id(c) for c in coeffs.values()}) == 2
+    randomize_masks(t, 0.5)
+    y = t(x)
+    lowered = ipfx.lower(t, "dense")
+    fresh = TwiceHeld().eval()
+    fresh.load_state_dict(lowered.state_dict(), strict=True)
+    assert_close(fresh(x), y, kind="partial: module held twice, lowered into its class")

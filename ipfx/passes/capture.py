@@ -31,6 +31,7 @@ from ..guards import record_patterns
 from ..partial import Part, TraceReport, capture_tree
 from ..shape_guards import is_guard_failure
 from ..shapes import batch_of_two, one_more_sample, other_shapes
+from ..source_attributes import keep_containers
 from .manager import Pass, PassOutcome
 from .restore_modules import set_submodule
 
@@ -44,7 +45,7 @@ class Captured:
     model: nn.Module  # the result tree (a GraphModule / ModeSwitch, or the model holding captured parts)
     parts: list[Part]
     report: TraceReport
-    original: dict[str, nn.Module]  # the private copy's modules by path, as they were before capture
+    original: dict[str, nn.Module]  # the private copy's modules by every path, as they were before capture
     front_end: str  # "export" or "symbolic"
     fallback: str | None = None  # why capture="auto" did not use export
     fixed: str | None = None  # why torch.export fixed some sizes (the graph refuses other values of them)
@@ -75,7 +76,7 @@ class Capture(Pass):
     name: str = "capture"
 
     def call(self, model: nn.Module) -> PassOutcome:
-        original = dict(model.named_modules())
+        original = dict(model.named_modules(remove_duplicate=False))  # a module held twice: under both paths
         fallback = None
         if self.given_graph:
             report = TraceReport(traced=[""], parts=[Part("", model, {}, "export")])
@@ -231,7 +232,7 @@ def hold_unreached(model: nn.Module, parts: list[Part], original: dict[str, nn.M
     """
     present = {id(p) for p in model.parameters()}
     symbolic = sorted((p for p in parts if p.front_end == "symbolic"), key=lambda p: -len(p.path))
-    added = []
+    added, touched = [], {}
     for path, module in original.items():
         weight = module._parameters.get("weight")
         if not path or not isinstance(module, types) or not isinstance(weight, nn.Parameter) or id(weight) in present:
@@ -249,6 +250,9 @@ def hold_unreached(model: nn.Module, parts: list[Part], original: dict[str, nn.M
         set_submodule(holder, relative, module)
         present.update(id(p) for p in module.parameters())
         added.append(path)
+        touched[part.path] = part.holder
+    for path, holder in touched.items():  # containers created on the way are bare modules: give back their class
+        keep_containers(holder, original[path])
     return added
 
 

@@ -8,7 +8,9 @@ module of a rewritten ``<prefix>.weight`` gets the parametrized form sharing the
 :class:`~ipfx.reparam.BasisWeight` tensors (:func:`ipfx.parametrize.parametrize_weight`): one
 ``coeff``/``mask``/``basis``, read by either path, trained by either. The fallback is kept outside the
 module tree (``meta``, so it has no state-dict entries of its own). Where a rewritten weight is not a module's ``weight``
-(a raw ``self.w``), no fallback can read it, so none is given and a non-matching call raises.
+(a raw ``self.w``, weight norm's direction ``parametrizations.weight.original1``), its owner is
+converted for that parameter name (reading ``self.w`` composes it); an owner with two such kernels
+cannot be, so that part gets no fallback and a non-matching call raises.
 
 With ``check_first_calls`` (a model transformed without example inputs) every traced graph gets its
 fallback, guarded or not, and is marked to be checked against it on the first call of each kind
@@ -22,7 +24,7 @@ import torch.nn as nn
 from ..first_call import CHECK
 from ..guards import FALLBACK, PATTERN
 from ..modes import graphs_of
-from ..parametrize import is_parametrized, parametrize_tied, weight_holders
+from ..parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
 from ..reparam import BasisWeight
 from .manager import Pass, PassOutcome
 
@@ -49,17 +51,20 @@ class GuardFallbacks(Pass):
                     if any(where == p or where.startswith(p + ".") for p in nested):
                         continue  # a part captured inside this one: its weights are named relative to it
                     if isinstance(m, BasisWeight) and not is_parametrized(m):
-                        if not m.weight_name.endswith(".weight") and m.weight_name != "weight":
-                            raw.add(part.path)
-                        owner = m.weight_name.rpartition(".")[0] if m.weight_name != "weight" else ""
-                        forms[_join(part.path, owner)] = m
+                        owner, _, attr = m.weight_name.rpartition(".")
+                        forms[_join(part.path, owner), attr] = (part.path, m)
         holders = weight_holders(captured.original.values())
-        for path, form in forms.items():
+        for (path, attr), (part_path, form) in forms.items():
             original = captured.original.get(path)
-            weight = None if original is None else original._parameters.get("weight")
+            weight = None if original is None else original._parameters.get(attr)
             if original is form or not isinstance(weight, nn.Parameter) or tuple(weight.shape) != form.weight_shape:
                 continue
-            parametrize_tied(holders, weight, form)  # tied modules read one set of coefficients
+            if attr == "weight":
+                parametrize_tied(holders, weight, form)  # tied modules read one set of coefficients
+            elif is_parametrized(original):  # a second raw kernel of one module: no fallback can read both
+                raw.add(part_path)
+            else:  # a raw kernel (self.w), or weight norm's direction (parametrizations.weight.original1)
+                parametrize_weight(original, form, attr)
         given = []
         for part, gm in guarded:
             if any(not part.path or p == part.path or p.startswith(part.path + ".") for p in raw):

@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..attention import restore_attention
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
-from .restore_modules import restore_module_calls, set_submodule
+from .restore_modules import replace_module, restore_module_calls, set_submodule
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
@@ -83,6 +83,7 @@ def _replace_module(gm, prefix: str, param_name: str, module: BasisWeight, weigh
             new.weight = weight
         adopt_attributes(new, module, skip=STATE_NAMES)
         new.training = module.training  # adopted children keep their own flags
+        replace_module(gm, module, new)  # under every name it has (a module registered twice)
         setattr(parent, leaf, new)
     else:  # the parameter had its own name: put it back on the parent
         delattr(parent, leaf)

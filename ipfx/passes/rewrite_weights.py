@@ -47,7 +47,7 @@ from ..source_attributes import plain_attributes
 from .find_weights import KernelSite, find_kernel_sites
 from ..modes import ModeSwitch
 from .manager import Pass, PassOutcome
-from .restore_modules import restore_module_calls, set_submodule
+from .restore_modules import replace_module, restore_module_calls, set_submodule
 
 
 def state_prefix(param_name: str) -> str:
@@ -161,6 +161,8 @@ class RewriteWeights(PassBase):
             delattr(parent, attr)
             module.training = parent.training
         parent = gm.get_submodule(parent_path) if parent_path else gm
+        if prefix == owner_path:  # the owner under every other name too (a module registered twice)
+            replace_module(gm, old, module)
         setattr(parent, leaf, module)
 
     # -- the graph ---------------------------------------------------------------------------

@@ -31,10 +31,27 @@ class ComposeSubgraph:
 
 
 def basis_weights(gm) -> dict[str, BasisWeight]:
-    """The BasisWeights ``gm``'s graph reads (not the parametrized modules, which compose themselves)."""
+    """The BasisWeights ``gm``'s graph reads: not the parametrized modules, which compose themselves, nor
+    those of another graph ``gm`` holds (a part captured below Python code that ``gm`` calls as a leaf),
+    which that graph reads and lowers."""
+    from ..modes import ModeSwitch
     from ..parametrize import is_parametrized
 
-    return {name: m for name, m in gm.named_modules() if isinstance(m, BasisWeight) and not is_parametrized(m)}
+    found: dict[str, BasisWeight] = {}
+    seen: set[int] = set()
+
+    def visit(module, prefix: str) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen or isinstance(child, (fx.GraphModule, ModeSwitch)):
+                continue
+            seen.add(id(child))  # a module held twice: at its first path, as named_modules() gives it
+            if isinstance(child, BasisWeight) and not is_parametrized(child):
+                found[prefix + name] = child
+            else:
+                visit(child, f"{prefix}{name}.")
+
+    visit(gm, "")
+    return found
 
 
 def compose_subgraphs(gm: fx.GraphModule) -> list[ComposeSubgraph]:
