@@ -10,7 +10,9 @@ here need no unpickling of code:
   with ``torch.export.load(path)``. A dense lowering holds only ATen ops and runs without ipfx; a fused
   one calls ``torch.ops.ipfx.ip_conv`` / ``sparse_linear``, registered by ``import ipfx``.
 
-:func:`load` opens either kind the same safe way and refuses any other pickle unless ``trust=True``.
+:func:`load` opens either kind the same safe way and refuses any other pickle unless ``trust=True``; a
+``.pt2`` is checked before torch reads it (:mod:`ipfx.program_files`), since ``torch.export.load``
+unpickles parts of some archives in full.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tenso
 def load(path: str | os.PathLike, *, trust: bool = False):
     """Open a saved file without running code from it.
 
-    ``.pt2``: ``torch.export.load`` (an ``ExportedProgram``). Anything else: ``torch.load`` with
+    ``.pt2``: ``torch.export.load`` (an ``ExportedProgram``), after :func:`ipfx.program_files.check_program`
+    (``trust`` does not lift it: such a file is not a program ipfx makes). Anything else: ``torch.load`` with
     ``weights_only=True`` (tensors, containers, numbers, strings); a pickle that needs more raises
     :class:`~ipfx.errors.IPFXValueError` saying so, unless ``trust=True``, which loads it in full
     (unpickling runs the code the file names: only for files you trust).
@@ -79,7 +82,12 @@ def load(path: str | os.PathLike, *, trust: bool = False):
 
 def _load_program(path: Path):
     from . import ops  # noqa: F401  registers ipfx::ip_conv and ipfx::sparse_linear, which fused programs call
+    from .program_files import check_program
 
+    try:
+        check_program(path)  # torch.export.load unpickles parts of some archives in full: refuse those first
+    except OSError as exc:
+        raise IPFXValueError(f"{path} could not be read: {exc.strerror or exc}") from None
     try:
         return torch.export.load(path)
     except Exception as exc:

@@ -347,7 +347,7 @@ def test_inspect_says_when_a_file_is_not_a_torch_file(tmp_path, capsys):
     (tmp_path / "broken.pt2").write_text("hello")
     code, err = run_cli(["inspect", str(tmp_path / "broken.pt2")], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith(
-        f"ipfx inspect: error: {tmp_path / 'broken.pt2'} could not be read as a torch.export program (.pt2)")
+        f"ipfx inspect: error: {tmp_path / 'broken.pt2'} is refused: it is not a zip archive")
 
 
 def test_engine_validates_specs(digits):

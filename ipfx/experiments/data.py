@@ -161,17 +161,19 @@ def _torchvision(name: str, root: Path) -> Dataset:
 def _image_folder(root: Path, cache_dir: str | None) -> Dataset:
     cache = _cache_path(root, cache_dir)
     if cache is not None and cache.exists():
-        d = torch.load(cache)
-        return _finish(d["name"], d["train_x"], d["train_y"], d["test_x"], d["test_y"], d["num_classes"])
+        try:
+            d = torch.load(cache, weights_only=True)
+            return _finish(d["name"], d["train_x"], d["train_y"], d["test_x"], d["test_y"], d["num_classes"])
+        except Exception:  # noqa: BLE001 - a cache cut short or written by something else: read the folder again
+            pass
     import torchvision
-    from torchvision.io import ImageReadMode, read_image
 
     parts = []
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise IPFXValueError(f"{str(root / split)!r} is missing. " + _where("folder"))
         folder = torchvision.datasets.ImageFolder(str(root / split))
-        images = [read_image(path, mode=ImageReadMode.RGB) for path, _ in folder.samples]
+        images = [_rgb(path) for path, _ in folder.samples]
         shapes = {tuple(im.shape) for im in images}
         if len(shapes) != 1:
             raise IPFXValueError(f"images under {str(root / split)!r} have different sizes {sorted(shapes)[:3]}; "
@@ -181,17 +183,41 @@ def _image_folder(root: Path, cache_dir: str | None) -> Dataset:
     name = "cifar10" if len(classes) == 10 and parts[0].shape[-1] == 32 else f"folder:{root.name}"
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # whole or not at all: a kill leaves no cache
         torch.save({"name": name, "train_x": parts[0], "train_y": parts[1], "test_x": parts[2],
-                    "test_y": parts[3], "num_classes": len(classes)}, cache)
+                    "test_y": parts[3], "num_classes": len(classes)}, partial)
+        os.replace(partial, cache)
     return _finish(name, *parts, len(classes))
+
+
+def _rgb(path: str) -> torch.Tensor:
+    """One image file as a uint8 (3, H, W) tensor (PIL: torchvision's own image decoding is deprecated)."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    with Image.open(path) as image:
+        return pil_to_tensor(image.convert("RGB"))
 
 
 def _cache_path(root: Path, cache_dir: str | None) -> Path | None:
     if cache_dir == "":
         return None
     base = Path(cache_dir or os.environ.get("IPFX_CACHE", Path.home() / ".cache" / "ipfx"))
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return base / f"images-{root.name}-{key}.pt"
+    return base / f"images-{root.name}-{folder_fingerprint(root)[:16]}.pt"
+
+
+def folder_fingerprint(root: Path) -> str:
+    """What an image folder holds, as a hash of every file's path below ``root``, size and modification
+    time: a file added, removed, replaced or edited gives another fingerprint (the cache key, and the
+    data's identity in a run's key)."""
+    digest = hashlib.sha1(str(root.resolve()).encode())
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            stat = path.stat()
+            digest.update(f"\0{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def _finish(name, train_x, train_y, test_x, test_y, num_classes) -> Dataset:

@@ -1,0 +1,116 @@
+"""A ``torch.export`` program file (``.pt2``) checked before torch opens it: nothing in it can run code.
+
+``torch.export.load`` reads a zip archive, and unpickles some of its members in full
+(``weights_only=False``, which runs whatever the pickle names): a weight or tensor constant whose
+config says ``use_pickle``, the sample inputs when they do not load as plain tensors, a custom or opaque
+object constant, the older archive layouts. :func:`check_program` reads the archive itself (``zipfile``
+and ``json``, no unpickling but one ``weights_only=True`` load) and refuses, with one line saying why:
+
+* a file that is not a zip archive of the ``pt2`` format (the older layouts are read with full pickles);
+* a member whose size as declared, or the members' sizes together, exceed the file's own size (what
+  ``torch.save`` writes is stored, not compressed: more is a zip bomb);
+* members torch.export would load as code or native libraries: AOTInductor, ExecuTorch, MTIA and
+  external-weights folders, legacy ``.pt`` weight or constant files, non-tensor constants;
+* a weight or constant entry that says ``use_pickle``, or declares a tensor larger than the file;
+* sample inputs that ``torch.load(..., weights_only=True)`` does not read (torch would fall back to a
+  full unpickle).
+
+What passes holds JSON, raw tensor bytes and tensors-only pickles, which torch.export reads without
+running code from the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import IPFXValueError
+
+_FORMAT = "archive_format"
+_NOT_READ = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")
+_WEIGHTS_CONFIG = "_weights_config.json"
+_CONSTANTS_CONFIG = "_constants_config.json"
+_SAMPLE_INPUTS = "data/sample_inputs/"
+
+
+class UnsafeProgram(IPFXValueError):
+    """The file is not a program ipfx opens: it could run code, or claims more than it holds."""
+
+
+def check_program(path: str | os.PathLike) -> None:
+    """Raise :class:`UnsafeProgram` unless ``torch.export.load(path)`` would run no code from the file
+    (module docstring)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        raise _refuse(path, "it is not a zip archive, as torch.export.save writes")
+    with zipfile.ZipFile(path) as archive:
+        members = {_relative(info.filename): info for info in archive.infolist() if not info.is_dir()}
+        declared = sum(info.file_size for info in members.values())
+        if declared > size or any(info.file_size > size for info in members.values()):
+            raise _refuse(path, f"its members declare {declared} bytes in a file of {size} (a zip bomb?)")
+        if _FORMAT not in members or archive.read(members[_FORMAT]).strip() != b"pt2":
+            raise _refuse(path, "it is not in the pt2 archive format (older torch.export layouts unpickle in full); "
+                                "save it again with torch.export.save")
+        for name, info in members.items():
+            if name.startswith(_NOT_READ):
+                raise _refuse(path, f"it holds {name!r}, which torch would load as code or native library")
+            if name.startswith(("data/weights/", "data/constants/")) and name.endswith(".pt"):
+                raise _refuse(path, f"it holds {name!r}, a legacy pickled weight file")
+            if name.endswith((_WEIGHTS_CONFIG, _CONSTANTS_CONFIG)):
+                _check_config(path, name, _json(path, archive, info), size)
+            elif name.startswith(_SAMPLE_INPUTS):
+                _check_sample_inputs(path, name, archive.read(info))
+
+
+def _relative(name: str) -> str:
+    """A member's name below the archive's root folder (``<stem>/data/...`` -> ``data/...``)."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def _json(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo):
+    try:
+        return json.loads(archive.read(info))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _refuse(path, f"{_relative(info.filename)!r} is not JSON ({exc})") from None
+
+
+def _check_config(path: Path, name: str, config, size: int) -> None:
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise _refuse(path, f"{name!r} has no 'config' table")
+    for key, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise _refuse(path, f"{name!r}: entry {key!r} is not a table")
+        if entry.get("use_pickle"):
+            raise _refuse(path, f"{name!r}: {key!r} is stored as a pickle, which torch.export.load unpickles "
+                                "in full (it could run code)")
+        if name.endswith(_CONSTANTS_CONFIG) and not str(entry.get("path_name", "")).startswith("tensor_"):
+            raise _refuse(path, f"{name!r}: {key!r} is not a tensor constant (an object torch would unpickle)")
+        numel = 1
+        for dim in (entry.get("tensor_meta") or {}).get("sizes", []):
+            value = dim.get("as_int") if isinstance(dim, dict) else None
+            if not isinstance(value, int) or value < 0:
+                raise _refuse(path, f"{name!r}: {key!r} declares a size that is not a whole number")
+            numel *= value
+        if numel > size:  # one byte per element at the least
+            raise _refuse(path, f"{name!r}: {key!r} declares {numel} elements in a file of {size} bytes")
+
+
+def _check_sample_inputs(path: Path, name: str, data: bytes) -> None:
+    if not data:
+        return
+    try:
+        torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - anything but plain tensors and containers: torch would unpickle it
+        raise _refuse(path, f"its sample inputs {name!r} are not plain tensors ({type(exc).__name__}); torch would "
+                            "unpickle them in full") from None
+
+
+def _refuse(path: Path, why: str) -> UnsafeProgram:
+    return UnsafeProgram(f"{path} is refused: {why}. ipfx opens only programs that run no code when read")

@@ -1,0 +1,183 @@
+"""Crafted ``.pt2`` archives: each kind that would make ``torch.export.load`` run code (or unpack far more
+than the file holds) is refused by ``ipfx.deploy.load`` and ``ipfx inspect`` with one line, and runs nothing.
+
+Every crafted file is first shown to be a real attack where that is safe to show: plain
+``torch.export.load`` runs its payload (a marker file appears), so a refusal here is not vacuous.
+"""
+
+import io
+import json
+import pathlib
+import zipfile
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ipfx.deploy
+from ipfx.cli import main
+from ipfx.program_files import UnsafeProgram, check_program
+
+
+class Payload:
+    """Unpickling this creates ``marker``: what a malicious file would do, made harmless."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def _pickled(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def program(tmp_path) -> pathlib.Path:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    return ipfx.deploy.save_program(model, tmp_path / "good", torch.randn(2, 3, 8, 8))
+
+
+def _rewrite(source: pathlib.Path, target: pathlib.Path, change, add=(), compress=None) -> pathlib.Path:
+    """A copy of the archive with member bytes changed by ``change(relative name, bytes) -> bytes | None``
+    (None drops the member) and members added (``(relative name, bytes)``)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        root = old.namelist()[0].split("/", 1)[0]
+        for info in old.infolist():
+            relative = info.filename.split("/", 1)[1]
+            data = change(relative, old.read(info))
+            if data is not None:
+                new.writestr(info.filename, data, compress_type=compress(relative) if compress else zipfile.ZIP_STORED)
+        for relative, data in add:
+            new.writestr(f"{root}/{relative}", data)
+    return target
+
+
+def _weights_with_pickle(payload: bytes):
+    def change(name, data):
+        if name.endswith("_weights_config.json"):
+            config = json.loads(data)
+            entry = config["config"]["0.weight"]
+            entry["use_pickle"] = True
+            entry["path_name"] = "weight_evil"
+            return json.dumps(config).encode()
+        return data
+    return change, [("data/weights/weight_evil", payload)]
+
+
+def _assert_refused(path: pathlib.Path, marker: pathlib.Path, why: str, capsys) -> None:
+    capsys.readouterr()  # what torch logged while the test showed the attack
+    with pytest.raises(UnsafeProgram, match=why):
+        ipfx.deploy.load(path)
+    with pytest.raises(UnsafeProgram):
+        ipfx.deploy.load(path, trust=True)  # trust is for pickles ipfx refuses, not for crafted programs
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is refused" in err and "Traceback" not in err
+    assert not marker.exists(), "the payload ran"
+
+
+def test_a_program_ipfx_saved_passes_and_loads(program):
+    check_program(program)
+    loaded = ipfx.deploy.load(program)
+    x = torch.randn(3, 3, 8, 8)
+    assert loaded.module()(x).shape == (3, 4, 6, 6)
+
+
+def test_a_weight_stored_as_a_pickle_is_refused(program, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    change, add = _weights_with_pickle(_pickled(Payload(marker)))
+    evil = _rewrite(program, tmp_path / "evil.pt2", change, add)
+    try:
+        torch.export.load(evil)
+    except Exception:  # noqa: BLE001 - the payload is not a tensor; what matters is that it ran
+        pass
+    assert marker.exists(), "the crafted weight is not an attack on torch.export.load: the test proves nothing"
+    marker.unlink()
+    _assert_refused(evil, marker, "stored as a pickle", capsys)
+
+
+def test_sample_inputs_that_are_not_plain_tensors_are_refused(program, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = _rewrite(program, tmp_path / "evil.pt2",
+                    lambda name, data: _pickled(Payload(marker)) if name.startswith("data/sample_inputs/") else data)
+    try:
+        torch.export.load(evil)
+    except Exception:  # noqa: BLE001
+        pass
+    assert marker.exists(), "the crafted sample inputs are not an attack on torch.export.load"
+    marker.unlink()
+    _assert_refused(evil, marker, "sample inputs", capsys)
+
+
+def test_object_constants_and_legacy_weight_files_are_refused(program, tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    def opaque(name, data):
+        if name.endswith("_constants_config.json"):
+            return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
+                                                "use_pickle": True, "tensor_meta": None}}}).encode()
+        return data
+    evil = _rewrite(program, tmp_path / "opaque.pt2", opaque, [("data/constants/opaque_obj_0", b"cos\nsystem\n.")])
+    _assert_refused(evil, marker, "stored as a pickle|not a tensor constant", capsys)
+    legacy = _rewrite(program, tmp_path / "legacy.pt2", lambda n, d: d, [("data/weights/model.pt", b"x")])
+    _assert_refused(legacy, marker, "legacy pickled weight file", capsys)
+    native = _rewrite(program, tmp_path / "aoti.pt2", lambda n, d: d, [("data/aotinductor/model/model.so", b"\x7fELF")])
+    _assert_refused(native, marker, "native library", capsys)
+
+
+def test_an_archive_that_unpacks_to_more_than_it_holds_is_refused(program, tmp_path, capsys):
+    huge = bytes(64 << 20)  # 64 MiB of zeros: deflates to about 64 KiB
+    bomb = _rewrite(program, tmp_path / "bomb.pt2", lambda name, data: huge if name == "data/weights/weight_0" else data,
+                    compress=lambda name: zipfile.ZIP_DEFLATED if name == "data/weights/weight_0" else zipfile.ZIP_STORED)
+    assert bomb.stat().st_size < len(huge) // 100
+    _assert_refused(bomb, tmp_path / "ran", "zip bomb", capsys)
+
+    def claims(name, data):
+        if name.endswith("_weights_config.json"):
+            config = json.loads(data)
+            config["config"]["0.weight"]["tensor_meta"]["sizes"] = [{"as_int": 1 << 30}]
+            return json.dumps(config).encode()
+        return data
+    _assert_refused(_rewrite(program, tmp_path / "claims.pt2", claims), tmp_path / "ran", "declares", capsys)
+
+
+def test_files_that_are_not_pt2_archives_are_refused(program, tmp_path, capsys):
+    text = tmp_path / "notes.pt2"
+    text.write_text("hello")
+    _assert_refused(text, tmp_path / "ran", "not a zip archive", capsys)
+    old = _rewrite(program, tmp_path / "old.pt2", lambda name, data: None if name == "archive_format" else data)
+    _assert_refused(old, tmp_path / "ran", "pt2 archive format", capsys)
+    broken = _rewrite(program, tmp_path / "broken.pt2",
+                      lambda name, data: b"{nope" if name.endswith("_weights_config.json") else data)
+    _assert_refused(broken, tmp_path / "ran", "is not JSON", capsys)
+
+
+def test_the_image_folder_cache_follows_the_folders_contents(tmp_path):
+    """The cache of an image folder is keyed by what the folder holds, not by its path: images added after
+    a first read are read (the old cache served 40 of 120), and a cache cut short is read past."""
+    from PIL import Image
+
+    from ipfx.experiments import load_dataset
+
+    def add(n: int, start: int) -> None:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                folder = tmp_path / "data" / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(start, start + n):
+                    Image.new("RGB", (8, 8), (i % 255, 0, 0)).save(folder / f"{i}.png")
+
+    add(10, 0)
+    cache = tmp_path / "cache"
+    first = load_dataset("folder", tmp_path / "data", cache_dir=str(cache))
+    assert len(first.train_x) == 20
+    add(20, 10)
+    second = load_dataset("folder", tmp_path / "data", cache_dir=str(cache))
+    assert len(second.train_x) == 60
+    for path in cache.iterdir():
+        path.write_bytes(path.read_bytes()[:100])  # a cache cut short (a kill while writing, a full disk)
+    assert len(load_dataset("folder", tmp_path / "data", cache_dir=str(cache)).train_x) == 60
