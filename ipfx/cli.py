@@ -164,6 +164,7 @@ def _compare(args, command_line: str, started: float) -> None:
     from .experiments.accel import Engine
     from .experiments.engine import imp_plan
     from .experiments.models import build_model
+    from .experiments.outputs import claim
     from .experiments.sweep import grid
 
     say = print if parallel.is_main() else (lambda *a, **k: None)
@@ -184,6 +185,7 @@ def _compare(args, command_line: str, started: float) -> None:
             imp_plan(spec, used // args.batch_size)
             break
     out = Path(args.out)
+    claim(out, "compare")  # never a folder holding the demo's or other files (ipfx.experiments.outputs)
     store = ResultStore(out / "results.jsonl")
     say(f"{len(specs)} runs of {args.model} on {dataset.name} ({used} of {len(dataset.train_y)} training images, "
           f"{len(dataset.test_y)} test); results in {store.path}")

@@ -97,7 +97,7 @@ def fraction_list(text: str) -> list[float]:
     bad = [v for v, f in zip(items, values) if not 0 <= f < 1]  # also catches nan
     if bad:
         raise Error(f"every value must be in [0, 1), got {', '.join(bad)}")
-    return values
+    return _distinct(items, values)
 
 
 def seed_list(text: str) -> list[int]:
@@ -110,6 +110,16 @@ def seed_list(text: str) -> list[int]:
     bad = [v for v in values if v < 0]
     if bad:
         raise Error(f"seeds must be integers >= 0, got {', '.join(map(str, bad))}")
+    return _distinct(items, values)
+
+
+def _distinct(items: list[str], values: list) -> list:
+    """``values`` when no two are equal: ``0.9,0.90`` or ``1,01`` spell one value twice, which would run
+    (and record) the same runs twice."""
+    repeated = [f"{a} and {b}" for i, (a, x) in enumerate(zip(items, values))
+                for b, y in zip(items[i + 1:], values[i + 1:]) if x == y]
+    if repeated:
+        raise Error(f"{', '.join(repeated)} are the same value; give each value once")
     return values
 
 

@@ -19,6 +19,7 @@ import torch
 from . import deploy
 from .api import lower
 from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, run
+from .experiments.outputs import claim
 from .experiments.sweep import grid
 
 METHODS = ("random", "snip", "synflow")
@@ -30,7 +31,7 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
          methods=METHODS, progress: bool = True) -> dict:
     """Run the demo into folder ``out``; ``quick`` runs one seed and two sparsities."""
     started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, "demo")  # never a folder holding another command's results (ipfx.experiments.outputs)
     dataset = load_dataset("digits")
     base = RunSpec(model="cnn", data="digits", epochs=epochs, batch_size=64, lr=0.05, weight_decay=1e-4, width=16)
     seeds = (0,) if quick else (0, 1)

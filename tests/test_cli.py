@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -125,6 +126,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     for stale in ("lowered_dense.pt", "lowered_fused.pt"):  # whole-module pickles of an earlier version
         (tmp_path / stale).write_bytes(b"old")
+    (tmp_path / "results.jsonl").write_text(json.dumps({"command": "ipfx demo --quick"}) + "\n")  # its store
     lines = []
     result = demo(tmp_path, quick=True, epochs=1, methods=("random",), progress=False, log=lines.append)
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "results.md").exists()
@@ -431,3 +433,46 @@ def test_compare_refuses_executor_options_that_cannot_apply(extra, message, tmp_
     code, err = run_cli(["compare", *TINY, "--out", str(tmp_path), *extra], capsys)
     assert code == 2 and err.startswith(f"ipfx compare: error: {message}"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "results.jsonl").exists()
+
+
+def test_commands_never_write_into_another_commands_folder(tmp_path, capsys):
+    """A sweep's folder is refused by the demo before anything is written (the demo used to delete its
+    records), the demo's by a sweep, a folder of other files by both; each in one line, exit 2."""
+    sweep_out = tmp_path / "sweep"
+    assert main(["compare", *TINY, "--methods", "random", "--out", str(sweep_out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in sweep_out.iterdir() if p.is_file()}
+    for marker_kept in (True, False):  # also a sweep written before folders were marked
+        if not marker_kept:
+            (sweep_out / ".ipfx-output.json").unlink()
+        code, err = run_cli(["demo", "--quick", "--out", str(sweep_out)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "holds the results of `ipfx compare`" in err
+        assert {p.name: p.read_bytes() for p in sweep_out.iterdir() if p.is_file() and p.name in before} == \
+            {k: v for k, v in before.items() if k != ".ipfx-output.json" or marker_kept}
+    demo_out = tmp_path / "demo"
+    demo_out.mkdir()
+    (demo_out / ".ipfx-output.json").write_text('{"command": "demo"}')
+    code, err = run_cli(["compare", *TINY, "--methods", "random", "--out", str(demo_out)], capsys)
+    assert code == 2 and "holds the results of `ipfx demo`" in err and not (demo_out / "results.jsonl").exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "results.md").write_text("my own notes")
+    for command in (["demo", "--quick"], ["compare", *TINY, "--methods", "random"]):
+        code, err = run_cli([*command, "--out", str(other)], capsys)
+        assert code == 2 and "files ipfx did not write" in err
+    assert (other / "results.md").read_text() == "my own notes"
+
+
+def test_a_command_claims_its_own_folder_again():
+    import tempfile
+
+    from ipfx.experiments.outputs import claim, owner_of
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = pathlib.Path(d) / "new" / "out"
+        assert owner_of(folder) is None
+        claim(folder, "demo")
+        claim(folder, "demo")  # its own: used again
+        assert owner_of(folder) == "demo"
+        with pytest.raises(IPFXValueError, match="holds the results of `ipfx demo`"):
+            claim(folder, "compare")

@@ -324,3 +324,24 @@ def test_untransformed_model():
 def test_synflow_without_an_input_shape():
     with pytest.raises(IPFXValueError, match="example_inputs"):
         ipfx.prune(ipfx.transform(small_cnn()), "synflow", 0.5)
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow"])
+def test_scores_from_no_data_or_malformed_data_are_refused_and_leave_the_masks(method):
+    """A DataLoader with drop_last=True and fewer samples than one batch yields nothing: a data-driven score
+    from it would be all zeros (SNIP kept 1 of 216 weights of a layer). Each bad input is one clear error,
+    and the masks stay as they were."""
+    t = ipfx.transform(small_cnn())
+    before = [m.clone() for m in masks(t)]
+    x, y = batches(1, batch=3)[0]
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, drop_last=True)
+    cases = [(empty, F.cross_entropy, "gave no batches"), ([], F.cross_entropy, "gave no batches"),
+             ([x], F.cross_entropy, "must yield \\(inputs, targets\\) pairs, got a Tensor"),
+             ([(x, y, y)], F.cross_entropy, "pairs, got a tuple of 3 items")]
+    if method != "synflow":  # synflow uses the data for the input shape only
+        cases.append(([(x, y)], lambda out, target: F.cross_entropy(out, target, reduction="none"),
+                      "loss_fn must return one number"))
+    for data, loss_fn, message in cases:
+        with pytest.raises(IPFXValueError, match=message):
+            ipfx.prune(t, method, 0.5, data=data, loss_fn=loss_fn)
+        assert all(torch.equal(a, b) for a, b in zip(masks(t), before))

@@ -119,3 +119,37 @@ def test_workers_end_when_the_sweep_is_killed(tmp_path):
         if sweep.poll() is None:
             sweep.kill()
     assert not (tmp_path / "s" / "results.jsonl").exists() or not (tmp_path / "s" / "results.jsonl").read_text()
+
+
+def test_two_identical_sweeps_at_once_train_and_store_each_run_once(tmp_path):
+    """Two `ipfx compare` processes started together on one --out: each run is claimed by one of them
+    (.claims/), so the store holds each run once and the two logs report each run once in all."""
+    out = tmp_path / "out"
+    args = ["compare", *[a if a != "0,1" else "0,1,2" for a in TINY], "--out", str(out)]
+    command = [sys.executable, "-m", "ipfx", *args]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    keys = [(r["method"], r["space"], r["sparsity"], r["seed"]) for r in records]
+    assert len(keys) == 6 and len(set(keys)) == 6  # 3 seeds x 2 spaces, once each
+    trained = [line for log in logs for line in log.splitlines() if line.startswith("[")]
+    assert len(trained) == 6, logs
+
+
+def test_a_run_recorded_twice_is_counted_once(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    record = {"method": "random", "space": "ip", "sparsity": 0.9, "seed": 0, "accuracy": 0.5}
+    store.append(record)
+    store.append(record)
+    store.append({**record, "seed": 1})
+    with pytest.warns(UserWarning, match="1 record\\(s\\) repeat a run recorded before; each run is counted once"):
+        assert [r["seed"] for r in store.records()] == [0, 1]
+
+
+def test_one_value_spelt_twice_is_refused(capsys):
+    for option, value in (("--sparsities", "0.9,0.90"), ("--seeds", "1,01")):
+        with pytest.raises(SystemExit):
+            main(["compare", *TINY, option, value])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "are the same value; give each value once" in err, err

@@ -56,13 +56,28 @@ class ResultStore:
         if bad:
             warnings.warn(f"{self.path}: line {', '.join(map(str, bad))} is cut or not a record (a run killed while "
                           f"writing?); skipped, so that run is redone", stacklevel=2)
+        return self._once(out)
+
+    def _once(self, records: list[dict]) -> list[dict]:
+        """Each run's first record: a run recorded twice (a line copied by hand, two sweeps of a version
+        without run claims) is counted once, with a warning, never as a second seed."""
+        fields = _key_fields()
+        seen, out, repeated = set(), [], 0
+        for record in records:
+            key = tuple(_hashable(record.get(k)) for k in fields)
+            if "method" in record and key in seen:
+                repeated += 1
+                continue
+            seen.add(key)
+            out.append(record)
+        if repeated:
+            warnings.warn(f"{self.path}: {repeated} record(s) repeat a run recorded before; each run is counted once",
+                          stacklevel=3)
         return out
 
     def done(self) -> set[tuple]:
         """The keys (:meth:`RunSpec.key`) of the runs the store holds."""
-        from .engine import RunSpec  # here, not at the top: writing records needs neither torch nor the engine
-
-        fields = [f.name for f in dataclasses.fields(RunSpec)]
+        fields = _key_fields()
         return {tuple(r.get(k) for k in fields) for r in self.records()}
 
     def append(self, record: dict) -> None:
@@ -96,3 +111,13 @@ def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+def _key_fields() -> list[str]:
+    from .engine import RunSpec  # here, not at the top: writing records needs neither torch nor the engine
+
+    return [f.name for f in dataclasses.fields(RunSpec)]
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value

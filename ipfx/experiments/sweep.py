@@ -8,10 +8,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from . import checkpoint as ckpt
+from .claims import Claims
 from .data import Dataset
 from . import parallel
 from .engine import RunSpec, run
 from .store import ResultStore
+
+
+#: The folder, next to the store, of the runs' claims (:mod:`.claims`).
+CLAIMS = ".claims"
 
 
 def grid(base: RunSpec, methods: Sequence[str], sparsities: Sequence[float], spaces: Sequence[str],
@@ -65,37 +70,68 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
             for spec in specs:
                 if spec.key() in done:
                     ckpt.remove(checkpoint_path(checkpoints, spec))
+    # another sweep on this folder trains what it has claimed (.claims); under torchrun every rank trains
+    # every run and rank 0 alone writes, so that one sweep owns its folder
+    claims = None if parallel.active() else Claims(store.path.parent / CLAIMS)
+    held: list[RunSpec] = []
+    if claims is not None and todo:
+        mine = [s for s in todo if claims.take(s)]
+        done = store.done()  # read again: a run finished and released just before it was claimed is done
+        held = [s for s in todo if s not in mine]
+        todo = [s for s in mine if s.key() not in done]
+        for spec in mine:
+            if spec.key() in done:
+                claims.release(spec)
+        if held:
+            log(f"{len(held)} run(s) are being trained by another sweep on {store.path.parent}: running the others "
+                "first, then waiting for those")
     finished = 0
 
     def report(spec: RunSpec, record: dict) -> None:
         nonlocal finished
         finished += 1
-        log(f"[{finished}/{len(todo)}] {spec.method:9s} {spec.space} sparsity {spec.sparsity:<6g} seed {spec.seed}: "
-            f"accuracy {100 * record['accuracy']:.2f}% ({record['seconds']:.0f} s)")
+        if claims is not None:
+            claims.release(spec)  # its record is stored
+        log(f"[{finished}/{len(todo) + len(held)}] {spec.method:9s} {spec.space} sparsity {spec.sparsity:<6g} "
+            f"seed {spec.seed}: accuracy {100 * record['accuracy']:.2f}% ({record['seconds']:.0f} s)")
 
-    if executor == "ray" and todo:
-        from .executors import run_on_ray
+    def run_here(spec: RunSpec) -> None:
+        path = checkpoint_path(checkpoints, spec)
+        record = run(spec, dataset, device=device, progress=progress, command=command, checkpoint=path,
+                     log=log, stop_after_epoch=stop_after_epoch, engine=engine)
+        if main:
+            store.append(record)
+            if not keep_checkpoints:
+                ckpt.remove(path)
+        report(spec, record)
 
-        run_on_ray(todo, dataset, store, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                   threads=threads, device=device, command=command, checkpoints=checkpoints,
-                   keep_checkpoints=keep_checkpoints, stop_after_epoch=stop_after_epoch, engine=engine,
-                   on_record=report)
-    elif workers > 1 and len(todo) > 1:
-        from .executors import run_in_pool
+    try:
+        if executor == "ray" and todo:
+            from .executors import run_on_ray
 
-        run_in_pool(todo, dataset, store, workers=min(workers, len(todo)), threads=threads, device=device,
-                    command=command, checkpoints=checkpoints, keep_checkpoints=keep_checkpoints,
-                    stop_after_epoch=stop_after_epoch, engine=engine, on_record=report)
-    else:
-        for spec in todo:
-            path = checkpoint_path(checkpoints, spec)
-            record = run(spec, dataset, device=device, progress=progress, command=command, checkpoint=path,
-                         log=log, stop_after_epoch=stop_after_epoch, engine=engine)
-            if main:
-                store.append(record)
-                if not keep_checkpoints:
-                    ckpt.remove(path)
-            report(spec, record)
+            run_on_ray(todo, dataset, store, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                       threads=threads, device=device, command=command, checkpoints=checkpoints,
+                       keep_checkpoints=keep_checkpoints, stop_after_epoch=stop_after_epoch, engine=engine,
+                       on_record=report)
+        elif workers > 1 and len(todo) > 1:
+            from .executors import run_in_pool
+
+            run_in_pool(todo, dataset, store, workers=min(workers, len(todo)), threads=threads, device=device,
+                        command=command, checkpoints=checkpoints, keep_checkpoints=keep_checkpoints,
+                        stop_after_epoch=stop_after_epoch, engine=engine, on_record=report)
+        else:
+            for spec in todo:
+                run_here(spec)
+        for spec in held:  # claimed by another sweep: its record comes from there, unless that sweep died
+            claims.take(spec, wait=True)
+            if spec.key() in store.done():
+                claims.release(spec)
+            else:
+                log(f"the sweep that claimed {ckpt.run_name(spec)} ended without its record: running it here")
+                run_here(spec)
+    finally:
+        if claims is not None:
+            claims.release_all()
     parallel.barrier()  # rank 0's records are all in the store
     return [r for r in store.records() if tuple(r.get(k) for k in RunSpec.__dataclass_fields__) in
             {s.key() for s in specs}]

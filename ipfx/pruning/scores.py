@@ -61,7 +61,7 @@ def snip_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     grads = [torch.zeros_like(p) for p in params]
     with _preserved(ctx.model):
         for inputs, labels in _batches(ctx):
-            loss = ctx.loss_fn(_forward(ctx.model, inputs), labels)
+            loss = _loss(ctx, _forward(ctx.model, inputs), labels)
             for g, d in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                 if d is not None:
                     g.add_(d)
@@ -75,14 +75,14 @@ def grasp_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     with _preserved(ctx.model):
         g = [torch.zeros_like(p) for p in params]
         for inputs, labels in batches:
-            loss = ctx.loss_fn(_forward(ctx.model, inputs) / ctx.temperature, labels)
+            loss = _loss(ctx, _forward(ctx.model, inputs) / ctx.temperature, labels)
             for acc, d in zip(g, torch.autograd.grad(loss, params, allow_unused=True)):
                 if d is not None:
                     acc.add_(d)
         ctx.reduce(g)
         hg = [torch.zeros_like(p) for p in params]
         for inputs, labels in batches:
-            loss = ctx.loss_fn(_forward(ctx.model, inputs) / ctx.temperature, labels)
+            loss = _loss(ctx, _forward(ctx.model, inputs) / ctx.temperature, labels)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             z = sum((d * v).sum() for d, v in zip(grads, g) if d is not None)
             for acc, d in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
@@ -153,8 +153,33 @@ def _row_norms(t: Target) -> torch.Tensor:
 
 
 def _batches(ctx: ScoreContext):
-    for inputs, labels in itertools.islice(iter(ctx.data), ctx.batches):
+    """The first ``ctx.batches`` ``(inputs, targets)`` pairs of ``ctx.data``; a score from no data at all
+    would be all zeros and prune arbitrarily, so none is an error, as is an item that is not a pair."""
+    if ctx.data is None:
+        raise IPFXValueError("this pruning method scores on data: pass data=<an iterable of (inputs, targets) batches>")
+    seen = 0
+    for item in itertools.islice(iter(ctx.data), ctx.batches):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise IPFXValueError(
+                "data must yield (inputs, targets) pairs, got "
+                + (f"a {type(item).__name__} of {len(item)} items" if isinstance(item, (tuple, list))
+                   else f"a {type(item).__name__}"))
+        seen += 1
+        inputs, labels = item
         yield _to(inputs, ctx.model), _to(labels, ctx.model)
+    if not seen:
+        raise IPFXValueError(
+            "data gave no batches to score on (an empty dataset, or a DataLoader with drop_last=True and fewer "
+            "samples than one batch); pass data with at least one (inputs, targets) batch")
+
+
+def _loss(ctx: ScoreContext, output, labels) -> torch.Tensor:
+    loss = ctx.loss_fn(output, labels)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise IPFXValueError(f"loss_fn must return one number (a scalar tensor) to score on, got {shape}; "
+                             "reduce it (reduction='mean')")
+    return loss.reshape(())
 
 
 def _forward(model: nn.Module, inputs):

@@ -1,0 +1,78 @@
+"""Output folders: each belongs to the command that first wrote into it, and no other command writes there.
+
+``ipfx demo`` starts its store afresh and overwrites its table, plot and deployment files; ``ipfx compare``
+appends to its store and resumes. Pointed at each other's folder, the demo would delete a sweep's records
+and the sweep would count the demo's runs as its own. So a command *claims* its folder before it writes
+anything: a marker file (:data:`MARKER`, JSON ``{"command": ...}``) names the owner. A folder that is
+missing or empty is claimed; a folder claimed by the same command is used; anything else is refused with
+one line saying what is there and what to do. Folders written before markers existed are recognised by
+their store: a ``results.jsonl`` whose records all name ``ipfx demo`` is the demo's, any other store a
+sweep's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import IPFXValueError
+
+MARKER = ".ipfx-output.json"
+COMMANDS = ("demo", "compare")
+
+
+def claim(folder: Path, command: str) -> None:
+    """Make ``folder`` ``command``'s output folder, or raise :class:`IPFXValueError` (module docstring)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise IPFXValueError(f"--out {str(folder)!r} is a file, not a folder; name a folder")
+    owner = owner_of(folder)
+    if owner is not None and owner != command:
+        what = "files ipfx did not write" if owner == "unknown" else f"the results of `ipfx {owner}`"
+        raise IPFXValueError(f"--out {str(folder)!r} holds {what}; `ipfx {command}` would overwrite or mix with "
+                             "them. Pass another --out (a new or empty folder)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f"{MARKER}.{os.getpid()}.tmp"  # whole or not at all: other processes read it
+        partial.write_text(json.dumps({"command": command}) + "\n")
+        os.replace(partial, folder / MARKER)
+    except OSError as exc:
+        raise IPFXValueError(f"cannot write into --out {str(folder)!r} ({exc.strerror or exc}); "
+                             "pass a folder you can write to") from None
+
+
+def owner_of(folder: Path) -> str | None:
+    """The command that owns ``folder``: from its marker, else from its store; ``None`` for a missing or
+    empty folder, ``"unknown"`` for a folder holding files of neither."""
+    if not folder.is_dir():
+        return None
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            owner = json.loads(marker.read_text()).get("command")
+        except (ValueError, OSError, AttributeError):
+            owner = None
+        return owner if owner in COMMANDS else "unknown"
+    store = folder / "results.jsonl"
+    if store.is_file():
+        return "demo" if _all_demo(store) else "compare"
+    if (folder / "checkpoints").is_dir():  # a sweep stopped before its first record
+        return "compare"
+    return "unknown" if any(folder.iterdir()) else None
+
+
+def _all_demo(store: Path) -> bool:
+    commands = []
+    try:
+        with store.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    commands.append(str(json.loads(line).get("command", "")))
+                except (ValueError, AttributeError):
+                    return False
+    except OSError:
+        return False
+    return bool(commands) and all(c.startswith("ipfx demo") for c in commands)
