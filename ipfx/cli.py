@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=arg.output_folder, default="ipfx-demo",
                       help="output folder (default: ./ipfx-demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller sweep (about 1 minute)")
-    demo.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
+    demo.add_argument("--threads", type=arg.thread_count, default=None, help="torch threads (default: torch's choice)")
 
     cmp_ = sub.add_parser("compare", help="SP vs IP sweep over methods, sparsities and seeds (resumable)",
                           description="Run every (method, sparsity, space, seed) combination, append one record per "
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "--epochs budget as every method: one run is rewind + round steps, trained rounds + 1 "
                            "times after the rewind point")
     cmp_.add_argument("--device", type=arg.device, default="cpu", help="cpu, cuda, cuda:1, ...")
-    cmp_.add_argument("--threads", type=arg.positive_int, default=None, help="torch threads (default: torch's choice)")
+    cmp_.add_argument("--threads", type=arg.thread_count, default=None, help="torch threads (default: torch's choice)")
     cmp_.add_argument("--precision", type=arg.one_of(PRECISIONS, "precision"), default="auto",
                       help="fp32, or bf16 (autocast of the forward pass; weights and optimizer stay fp32); default "
                            "auto: bf16 on a CUDA device that has it, else fp32")

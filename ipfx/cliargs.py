@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,6 +34,16 @@ def positive_int(text: str) -> int:
     value = _number(text, int, "a positive integer")
     if value < 1:
         raise Error(f"must be a positive integer, got {value}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """A torch thread count: 1 up to 4 per core (torch crashes on a count far past the machine's; more
+    threads than cores only slow a run down)."""
+    value = positive_int(text)
+    limit = 4 * (os.cpu_count() or 1)
+    if value > limit:
+        raise Error(f"must be at most {limit} (4 per core on this machine), got {value}")
     return value
 
 

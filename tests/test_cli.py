@@ -476,3 +476,10 @@ def test_a_command_claims_its_own_folder_again():
         assert owner_of(folder) == "demo"
         with pytest.raises(IPFXValueError, match="holds the results of `ipfx demo`"):
             claim(folder, "compare")
+
+
+def test_a_thread_count_far_past_the_cores_is_refused(capsys):
+    """torch.set_num_threads(100000) crashed the process (a segfault after a misleading message)."""
+    for command in (["demo"], ["compare", *TINY]):
+        code, line = parse_error([*command, "--threads", "100000"], capsys)
+        assert code == 2 and "argument --threads: must be at most" in line and "4 per core" in line

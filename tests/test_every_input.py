@@ -233,6 +233,45 @@ def test_never_called_model_transforms_and_nothing_is_left_behind(front_end):
         assert_close(t(x), CachingHead.forward(copy.deepcopy(model), x), kind="never-called head")
 
 
+class HookedOnFirstCall(nn.Module):
+    """Installs a hook on its first call and marks itself done (Hugging Face's output capturing), and caches
+    a tensor per device in a dict it fills in place (LeViT's attention biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.cache: dict = {}
+        self.recorded: list = []
+
+    def forward(self, x):
+        if not getattr(self, "_hooks_installed", False):
+            self.conv.register_forward_hook(lambda m, i, out: self.recorded.append(out))
+            self._hooks_installed = True
+        self.recorded.clear()
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.head.bias.detach() * 0 + 1
+        h = self.conv(x)
+        return self.head(torch.cat(self.recorded, 1)[:, :4] + h) * self.cache[key].reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("front_end", ["export", "symbolic"])
+def test_state_a_first_call_installs_is_taken_back_whole(front_end):
+    """The transform's calls of a never-called model leave no hook, mark or cache entry on it: with the mark
+    taken back but the hook kept, the model's next call installed a second hook and recorded every output
+    twice (a Hugging Face SegFormer then failed with a shape mismatch)."""
+    model = HookedOnFirstCall().eval()
+    x = torch.randn(2, 3, 8, 8)
+    t = quiet(ipfx.transform, model, example_inputs=(x,), capture=front_end)
+    assert not model.conv._forward_hooks and not model.cache and not hasattr(model, "_hooks_installed")
+    assert not _fake_or_proxy(t)
+    expected = HookedOnFirstCall.forward(copy.deepcopy(model), x)
+    assert_close(model(x), expected, kind="first-call state")
+    assert len(model.conv._forward_hooks) == 1
+    assert_close(t(x), expected, kind="first-call state, transformed")
+
+
 class OneSampleHead(nn.Module):
     """Train-mode batch norm over a 1x1 map: cannot run on one sample."""
 

@@ -678,6 +678,9 @@ FIXED_SHAPE = {
     "timm/tf_efficientnet_lite0": "image size: run-time 'same' padding makes a free size take torch.export "
                                   "minutes; past ipfx.export.DYNAMIC_EXPORT_SECONDS only the batch is free",
     "smp/unet_tu_tf_efficientnet_lite0": "image size: the same 'same'-padding encoder (timm tf_efficientnet_lite0)",
+    "monai/swin_unetr": "image size: each stage pads to whole windows with int(np.ceil(size / window)) and builds its "
+                        "shifted-window mask from those Python ints (monai's compute_mask), which torch.export "
+                        "specialises",
 }
 
 #: Entries the plain ``ipfx.transform(model)`` (no example inputs) still gets wrong, and why (open work: none
