@@ -88,6 +88,16 @@ class WeightTracer(fx.Tracer):
         return name not in self.leaf_names and isinstance(out, nn.Parameter) and self.config.settings_for(
             f"{self.name_prefix}{name}.out_proj.weight", type(m.out_proj), (), True) is not None
 
+    def create_arg(self, a):
+        """A mapping of a dict subclass built from keywords (Hugging Face's ``ModelOutput`` dataclasses) is
+        rebuilt in the graph as that class: torch.fx records it as a plain dict, and code outside the graph
+        reads its fields as attributes (``outputs.last_hidden_state``)."""
+        if isinstance(a, dict) and type(a) is not dict and _keyword_mapping(type(a)) and all(
+                isinstance(k, str) and k.isidentifier() for k in a):
+            fields = {k: super(WeightTracer, self).create_arg(v) for k, v in a.items()}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
+
     def call_module(self, m, forward, args, kwargs):
         if type(m) is nn.MultiheadAttention and self._attention_wanted(m):
             path = self.path_of_module(m)
@@ -101,6 +111,17 @@ class WeightTracer(fx.Tracer):
             if self.failed_module is None:  # innermost module that failed
                 self.failed_module = (self.path_of_module(m), type(m))
             raise
+
+
+def _keyword_mapping(cls: type) -> bool:
+    """A dict subclass that ``cls(**fields)`` rebuilds: a dataclass (``ModelOutput``) or an ``OrderedDict``
+    without an ``__init__`` of its own."""
+    import collections
+    import dataclasses
+
+    if dataclasses.is_dataclass(cls):
+        return True
+    return issubclass(cls, collections.OrderedDict) and cls.__init__ is collections.OrderedDict.__init__
 
 
 def own_type(m: nn.Module) -> type:

@@ -62,8 +62,9 @@ def shapes(args: tuple, kwargs: dict) -> str:
 
 def difference(actual: Any, expected: Any) -> str | None:
     """None when ``actual`` matches ``expected`` (module docstring), else what differs."""
-    got, got_spec = pytree.tree_flatten(actual)
-    want, want_spec = pytree.tree_flatten(expected)
+    got, got_spec = pytree.tree_flatten(actual, is_leaf=_unregistered_mapping)
+    want, want_spec = pytree.tree_flatten(expected, is_leaf=_unregistered_mapping)
+    got, want = _open_mappings(got), _open_mappings(want)
     if len(got) != len(want):
         return f"{len(got)} output values instead of {len(want)}"
     for i, (a, e) in enumerate(zip(got, want)):
@@ -80,6 +81,21 @@ def difference(actual: Any, expected: Any) -> str | None:
         elif a != e and not (isinstance(a, float) and isinstance(e, float) and abs(a - e) <= 1e-6 * abs(e)):
             return f"{where}: {a!r} instead of {e!r}"
     return None
+
+
+def _unregistered_mapping(value: Any) -> bool:
+    """A dict subclass pytree does not know (a model's own output class): compared as its items."""
+    return isinstance(value, dict) and type(value) not in pytree.SUPPORTED_NODES
+
+
+def _open_mappings(leaves: list) -> list:
+    out = []
+    for leaf in leaves:
+        if _unregistered_mapping(leaf):
+            out += _open_mappings(pytree.tree_leaves(dict(leaf), is_leaf=_unregistered_mapping))
+        else:
+            out.append(leaf)
+    return out
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,5 +1,7 @@
 """Partial tracing: models torch.fx cannot trace as a whole still get every reachable weight rewritten."""
 
+import collections
+import dataclasses
 import warnings
 
 import pytest
@@ -292,3 +294,54 @@ def test_a_module_held_under_two_paths_keeps_one_set_of_coefficients(examples):
     fresh = TwiceHeld().eval()
     fresh.load_state_dict(lowered.state_dict(), strict=True)
     assert_close(fresh(x), y, kind="partial: module held twice, lowered into its class")
+
+
+@dataclasses.dataclass
+class Output(collections.OrderedDict):
+    """A keyword-built mapping with attribute access (Hugging Face's ModelOutput)."""
+
+    hidden: torch.Tensor = None
+    pooled: torch.Tensor = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) is not None:
+                self[field.name] = getattr(self, field.name)
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return Output(hidden=h, pooled=h.mean((2, 3)))
+
+
+class ReadsFields(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder()
+
+    def forward(self, x):
+        out = self.encoder(x)
+        if out.hidden.sum() > 1e9:  # untraceable: the encoder is captured on its own
+            return out.pooled
+        return out.hidden.relu().mean((2, 3)) + out.pooled
+
+
+def test_a_traced_part_returns_its_output_class():
+    """torch.fx records a returned ModelOutput-like mapping as a plain dict; the graph rebuilds the class, so
+    untraced code that reads ``out.hidden`` runs."""
+    torch.manual_seed(0)
+    model = ReadsFields().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = ipfx.transform(model)
+    assert isinstance(t.encoder, torch.fx.GraphModule) and type(t.encoder(x)) is Output
+    assert_close(t(x), model(x), kind="partial: output class")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert_close(ipfx.lower(t, "dense")(x), model(x), kind="partial: output class, lowered")

@@ -18,7 +18,7 @@ example_kwargs=kwargs)``, and :func:`test_library_model` asserts:
 (f) :func:`test_never_called_library_model_on_a_second_shape`: a model never called before, transformed with
     and without example inputs, is fully rewritten, and the transformed, dense and fused models compute its
     outputs on the example and on a second shape (one more sample, larger images or sequences), or refuse
-    where it refuses; ``zoo_libraries.FIXED_SHAPE`` and ``NO_EXAMPLE_FAILS`` name the known exceptions.
+    where it refuses; ``zoo_libraries.FIXED_SHAPE`` and ``KNOWN_FAILS`` name the known exceptions.
 
 The models are prepared as in tests/test_zoo.py (constant parameters redrawn, batch norms calibrated) so
 that every output depends on every weight, and dropout-like randomness is switched off in the catalogue so
@@ -237,8 +237,9 @@ def test_never_called_library_model_on_a_second_shape(entry: Entry, examples: bo
     the model's outputs in eval mode on the example and on :func:`zoo_libraries.second_inputs` (one more
     sample, larger images or sequences), or refuse where the model refuses; entries of
     :data:`zoo_libraries.FIXED_SHAPE` may refuse the second shape with ipfx's guard error instead."""
-    if not examples and entry.id in zoo_libraries.NO_EXAMPLE_FAILS:
-        pytest.xfail(zoo_libraries.NO_EXAMPLE_FAILS[entry.id])
+    known = zoo_libraries.KNOWN_FAILS.get((entry.id, "example-inputs" if examples else "no-example"))
+    if known:
+        pytest.xfail(known)
     model, args, kwargs = _build(entry)
     expected = kernel_weight_names(model)
     with warnings.catch_warnings():

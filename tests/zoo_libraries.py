@@ -672,20 +672,39 @@ SPEECHBRAIN = [
 SECOND_SHAPE = {"transformers": "auto", "timm": "spatial", "monai": "spatial", "diffusers": "spatial",
                 "smp": "spatial", "ultralytics": "spatial", "torchaudio": "length", "speechbrain": "length"}
 
+_GUARDED = ("size: the model computes sizes in Python from the input's, and torch.export keeps the example's "
+            "relation as the guard ")  # not investigated further, model by model
+
 #: Entries whose result is refused on the second shape by a guard torch.export had to record, and why.
 FIXED_SHAPE = {
     "speechbrain/ecapa_tdnn": "batch: speechbrain's length_to_mask takes len(lengths), a Python int",
     "timm/tf_efficientnet_lite0": "image size: run-time 'same' padding makes a free size take torch.export "
                                   "minutes; past ipfx.export.DYNAMIC_EXPORT_SECONDS only the batch is free",
     "smp/unet_tu_tf_efficientnet_lite0": "image size: the same 'same'-padding encoder (timm tf_efficientnet_lite0)",
+    "transformers/beit": _GUARDED + "`-1 + 2 * (pixel_values.shape[2] // 8) == 7`",
+    "transformers/dinov2": _GUARDED + "`pixel_values.shape[2] // 8 * (pixel_values.shape[3] // 8) == 16`",
+    "transformers/swin": _GUARDED + "`pixel_values.shape[2] == 32`",
+    "transformers/mobilenet_v1": _GUARDED + "`pixel_values.shape[2] == 33`",
+    "transformers/mobilenet_v2": _GUARDED + "`33 == pixel_values.shape[2]`",
+    "transformers/mobilevit": _GUARDED + "`2 * math.ceil((1 + (-1 + pixel_values.shape[2]) // 8) / 2) == 8`",
+    "transformers/efficientnet": _GUARDED + "`pixel_values.shape[3] // 32 == 1`",
+    "transformers/poolformer": _GUARDED + "`1 + (-3 + pixel_values.shape[3]) // 32 == 1`",
+    "transformers/cvt": _GUARDED + "`pixel_values.shape[3] <= 34`",
+    "transformers/segformer": _GUARDED + "`pixel_values.shape[2] <= 32`",
+    "transformers/canine": _GUARDED + "`32 == input_ids.shape[1]`",
+    "transformers/dpt": _GUARDED + "`math.trunc(torch.sym_float(pixel_values.shape[2] // 8 * "
+                                   "(pixel_values.shape[3] // 8)) ** 0.5) == 4`",
     "monai/swin_unetr": "image size: each stage pads to whole windows with int(np.ceil(size / window)) and builds its "
                         "shifted-window mask from those Python ints (monai's compute_mask), which torch.export "
                         "specialises",
 }
 
-#: Entries the plain ``ipfx.transform(model)`` (no example inputs) still gets wrong, and why (open work: none
-#: at present; an entry here is an expected failure of the never-called test without example inputs).
-NO_EXAMPLE_FAILS: dict[str, str] = {}
+#: Never-called tests that still fail, by entry and mode ("example-inputs" or "no-example"), and why (open
+#: work; each is an expected failure of that test).
+KNOWN_FAILS: dict[tuple[str, str], str] = {
+    ("transformers/dpt", "no-example"): "the traced backbone does not return the hidden states Hugging Face records "
+                                        "with hooks at run time, and the untraced neck raises on their number",
+}
 
 #: The entries whose never-called, second-shape test runs by default (one or two per family, the cheap ones).
 NEVER_CALLED_FAST = ["transformers/vit", "transformers/wav2vec2", "timm/test_nfnet", "monai/basic_unet",
