@@ -118,9 +118,10 @@ def keep_containers(gm: fx.GraphModule, source: nn.Module) -> None:
         new.__dict__["_modules"] = {**{name: held.get(name, child) for name, child in old._modules.items()},
                                     **{name: child for name, child in held.items() if name not in old._modules}}
         new.__dict__.update(plain_attributes(old, new))
-        parent_path, _, name = path.rpartition(".")
-        parent = gm.get_submodule(parent_path) if parent_path else gm
-        parent._modules[name] = new
+        for holder in list(gm.modules()):  # under every path that holds it (keep_aliases): one object still
+            for name, child in list(holder._modules.items()):
+                if child is bare:
+                    holder._modules[name] = new
 
 
 def keep_aliases(gm: fx.GraphModule, source: nn.Module, containers: bool = True) -> None:

@@ -30,27 +30,34 @@ class ComposeSubgraph:
     output: fx.Node | None  # None when the weight is never used
 
 
-def basis_weights(gm) -> dict[str, BasisWeight]:
+def basis_weights(gm, used: set[str] | frozenset = frozenset()) -> dict[str, BasisWeight]:
     """The BasisWeights ``gm``'s graph reads: not the parametrized modules, which compose themselves, nor
     those of another graph ``gm`` holds (a part captured below Python code that ``gm`` calls as a leaf),
-    which that graph reads and lowers."""
+    which that graph reads and lowers. A module held under several paths (a module registered twice) is
+    given once, at the path whose ``coeff`` the graph reads (``used``: ``get_attr`` targets), else at its
+    first."""
     from ..modes import ModeSwitch
     from ..parametrize import is_parametrized
 
-    found: dict[str, BasisWeight] = {}
-    seen: set[int] = set()
+    paths: dict[int, list[str]] = {}
+    modules: dict[int, BasisWeight] = {}
 
-    def visit(module, prefix: str) -> None:
+    def visit(module, prefix: str, inside: set[int]) -> None:
         for name, child in module._modules.items():
-            if child is None or id(child) in seen or isinstance(child, (fx.GraphModule, ModeSwitch)):
+            if child is None or id(child) in inside or isinstance(child, (fx.GraphModule, ModeSwitch)):
                 continue
-            seen.add(id(child))  # a module held twice: at its first path, as named_modules() gives it
+            path = prefix + name
             if isinstance(child, BasisWeight) and not is_parametrized(child):
-                found[prefix + name] = child
+                paths.setdefault(id(child), []).append(path)
+                modules[id(child)] = child
             else:
-                visit(child, f"{prefix}{name}.")
+                visit(child, f"{path}.", inside | {id(child)})
 
-    visit(gm, "")
+    visit(gm, "", {id(gm)})
+    found = {}
+    for key, module in modules.items():
+        read = [p for p in paths[key] if f"{p}.coeff" in used]
+        found[(read or paths[key])[0]] = module
     return found
 
 
@@ -59,7 +66,7 @@ def compose_subgraphs(gm: fx.GraphModule) -> list[ComposeSubgraph]:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             getattrs.setdefault(node.target, []).append(node)
-    return [_match(prefix, module, getattrs) for prefix, module in basis_weights(gm).items()]
+    return [_match(prefix, module, getattrs) for prefix, module in basis_weights(gm, set(getattrs)).items()]
 
 
 def _match(prefix: str, module: BasisWeight, getattrs) -> ComposeSubgraph:
