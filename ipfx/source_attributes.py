@@ -134,20 +134,21 @@ def keep_aliases(gm: fx.GraphModule, source: nn.Module, containers: bool = True)
     loads into the model's class, and a rewrite under one path is seen under both. ``containers``: then
     :func:`keep_containers` (a traced part, whose containers code outside the graph may read).
     """
-    first: dict[int, str] = {}
+    groups: dict[int, list[str]] = {}
     for path, module in source.named_modules(remove_duplicate=False):
-        if not path:
-            continue
-        canonical = first.setdefault(id(module), path)
-        if canonical == path or _resolves(gm, path) or not _resolves(gm, canonical):
-            continue
+        if path:
+            groups.setdefault(id(module), []).append(path)
+    for path in [p for paths in groups.values() if len(paths) > 1 for p in paths]:
+        anchor = next((p for p in groups[id(source.get_submodule(path))] if _resolves(gm, p)), None)
+        if anchor is None or _resolves(gm, path):
+            continue  # the graph holds it under no name (or under this one already)
         parent = gm
         *parents, leaf = path.split(".")
         for name in parents:
             if name not in parent._modules:
                 parent.add_module(name, nn.Module())
             parent = parent._modules[name]
-        parent._modules[leaf] = gm.get_submodule(canonical)
+        parent._modules[leaf] = gm.get_submodule(anchor)
     if containers:
         keep_containers(gm, source)
 

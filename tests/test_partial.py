@@ -345,3 +345,55 @@ def test_a_traced_part_returns_its_output_class():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         assert_close(ipfx.lower(t, "dense")(x), model(x), kind="partial: output class, lowered")
+
+
+class ConvList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_list = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)])
+
+    def forward(self, x):
+        return sum(conv(x) for conv in self.conv_list)
+
+
+class SharedContainer(nn.Module):
+    """A module holding a ModuleList, registered at the top and again inside each block (timm's CoaT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.crpe = ConvList()
+        self.blocks = nn.ModuleList([nn.Module(), nn.Module()])
+        for block in self.blocks:
+            block.crpe = self.crpe
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = F.relu(block.crpe(h))
+        return h
+
+
+@pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
+def test_a_shared_module_holding_a_container_transforms_and_lowers(examples):
+    torch.manual_seed(0)
+    model = SharedContainer().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = ipfx.transform(model, example_inputs=(x,)) if examples else ipfx.transform(model)
+    for i in range(2):  # one set of coefficients under every name (one object, or tied forms under export)
+        coeffs = {id(t.get_submodule(f"{prefix}conv_list.{i}").coeff) for prefix in ("crpe.", "blocks.0.crpe.",
+                                                                                      "blocks.1.crpe.")}
+        assert len(coeffs) == 1
+    randomize_masks(t, 0.5)
+    y = t(x)
+    for target in ("dense", "fused"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            lowered = ipfx.lower(t, target)
+        assert_close(lowered(x), y, kind=f"partial: shared container, lower {target}")
+    dense = ipfx.lower(t, "dense")
+    fresh = SharedContainer().eval()
+    fresh.load_state_dict(dense.state_dict(), strict=True)
+    assert_close(fresh(x), y, kind="partial: shared container, into its class")
