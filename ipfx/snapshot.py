@@ -26,6 +26,9 @@ _CONTAINERS = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forwar
 
 
 _PLAIN = (dict, list, set)
+# a GraphModule's meta: what the first-call check decided about a part (ipfx.first_call) stays decided,
+# also when it was decided during a call whose state is put back
+_OWN = ("meta",)
 
 
 class Snapshot:
@@ -38,7 +41,7 @@ class Snapshot:
         # plain dicts, lists and sets a forward may fill in place (LeViT caches its attention biases per
         # device in a dict: under torch.export, a fake tensor), by content
         self.contents = {id(v): (v, copy.copy(v)) for m in self.saved for k, v in vars(m).items()
-                         if k not in _CONTAINERS and type(v) in _PLAIN}
+                         if k not in _CONTAINERS and k not in _OWN and type(v) in _PLAIN}
 
     def restore(self) -> None:
         for value, content in self.contents.values():
