@@ -118,10 +118,14 @@ def seed_list(text: str) -> list[int]:
         values = [int(v) for v in items]
     except ValueError:
         raise Error(f"must be comma-separated integers >= 0, got {text!r}") from None
-    bad = [v for v in values if v < 0]
+    bad = [v for v in values if not 0 <= v < MAX_SEED]
     if bad:
-        raise Error(f"seeds must be integers >= 0, got {', '.join(map(str, bad))}")
+        raise Error(f"seeds must be integers from 0 to 2**63 - 1 (torch's generators take 64 bits), got "
+                    f"{', '.join(map(str, bad))}")
     return _distinct(items, values)
+
+
+MAX_SEED = 2**63
 
 
 def _distinct(items: list[str], values: list) -> list:

@@ -202,7 +202,8 @@ def parse_error(args, capsys) -> tuple[int, str]:
     ("--sparsities", "0.9,1.2", "every value must be in [0, 1), got 1.2"),
     ("--sparsities", ",", "must be a comma-separated list of numbers in [0, 1), got ','"),
     ("--sparsities", "0.9,0.9", "lists 0.9 more than once; give each value once"),
-    ("--seeds", "0,-1", "seeds must be integers >= 0, got -1"),
+    ("--seeds", "0,-1", "seeds must be integers from 0 to 2**63 - 1 (torch's generators take 64 bits), got -1"),
+    ("--seeds", "18446744073709551616", "seeds must be integers from 0 to 2**63 - 1"),
     ("--seeds", "0,x", "must be comma-separated integers >= 0, got '0,x'"),
     ("--methods", "snipp", "unknown snipp; choose from random, magnitude, snip"),
     ("--spaces", "ip,dp", "unknown dp; choose from sp, ip"),
@@ -483,3 +484,9 @@ def test_a_thread_count_far_past_the_cores_is_refused(capsys):
     for command in (["demo"], ["compare", *TINY]):
         code, line = parse_error([*command, "--threads", "100000"], capsys)
         assert code == 2 and "argument --threads: must be at most" in line and "4 per core" in line
+
+
+def test_engine_refuses_a_seed_torch_cannot_take(digits):
+    for seed in (2**64, -1, 1.5):
+        with pytest.raises(IPFXValueError, match="seed must be an integer from 0 to 2\\*\\*63 - 1"):
+            run(RunSpec(seed=seed), digits)

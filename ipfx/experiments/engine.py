@@ -90,6 +90,9 @@ class RunSpec:
             raise IPFXValueError(f"unknown space {self.space!r}; use 'ip' or 'sp'")
         if not 0.0 <= self.sparsity < 1.0:
             raise IPFXValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise IPFXValueError(f"seed must be an integer from 0 to 2**63 - 1 (torch's generators take 64 bits), "
+                                 f"got {self.seed!r}")
         if self.lr_schedule not in ("cosine", "constant", "step"):
             raise IPFXValueError(f"unknown lr schedule {self.lr_schedule!r}; use cosine, step or constant")
         if self.method in ITERATIVE:
