@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import platform
 import sys
@@ -90,7 +91,7 @@ class RunSpec:
             raise IPFXValueError(f"unknown space {self.space!r}; use 'ip' or 'sp'")
         if not 0.0 <= self.sparsity < 1.0:
             raise IPFXValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**63:
             raise IPFXValueError(f"seed must be an integer from 0 to 2**63 - 1 (torch's generators take 64 bits), "
                                  f"got {self.seed!r}")
         if self.lr_schedule not in ("cosine", "constant", "step"):
