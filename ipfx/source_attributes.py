@@ -91,6 +91,15 @@ def keep_source(new: nn.Module, old: nn.Module) -> None:
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``root``'s tree holds ``old`` (a module registered under two names is one
+    object; it stays one)."""
+    for holder in list(root.modules()):
+        for name, child in list(holder._modules.items()):
+            if child is old:
+                holder._modules[name] = new
+
+
 def keep_containers(gm: fx.GraphModule, source: nn.Module) -> None:
     """Give the containers inside ``gm`` back their class and their entries.
 
@@ -118,10 +127,7 @@ def keep_containers(gm: fx.GraphModule, source: nn.Module) -> None:
         new.__dict__["_modules"] = {**{name: held.get(name, child) for name, child in old._modules.items()},
                                     **{name: child for name, child in held.items() if name not in old._modules}}
         new.__dict__.update(plain_attributes(old, new))
-        for holder in list(gm.modules()):  # under every path that holds it (keep_aliases): one object still
-            for name, child in list(holder._modules.items()):
-                if child is bare:
-                    holder._modules[name] = new
+        replace_module(gm, bare, new)  # under every path that holds it (keep_aliases): one object still
 
 
 def keep_aliases(gm: fx.GraphModule, source: nn.Module, containers: bool = True) -> None:

@@ -20,7 +20,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..attention import restore_attention
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
-from .restore_modules import replace_module, restore_module_calls, set_submodule
+from ..source_attributes import replace_module
+from .restore_modules import restore_module_calls, set_submodule
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 

@@ -24,15 +24,6 @@ def restore_module_calls(gm: fx.GraphModule, path: str, spec: ModuleSpec, weight
         _restore_call(gm.graph, call, weight, path, spec)
 
 
-def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``root``'s tree holds ``old`` (a module registered under two names is one
-    object; it stays one)."""
-    for holder in list(root.modules()):
-        for name, child in list(holder._modules.items()):
-            if child is old:
-                holder._modules[name] = new
-
-
 def set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
     """Put ``module`` at ``path``, creating empty parent modules where the graph module has none."""
     parent = gm

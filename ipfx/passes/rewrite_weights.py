@@ -43,11 +43,11 @@ from ..compose import emit_compose
 from ..config import TransformConfig, WeightSettings
 from ..errors import IPFXValueError
 from ..reparam import BasisWeight, ModuleSpec, adopt_attributes
-from ..source_attributes import plain_attributes
+from ..source_attributes import plain_attributes, replace_module
 from .find_weights import KernelSite, find_kernel_sites
 from ..modes import ModeSwitch
 from .manager import Pass, PassOutcome
-from .restore_modules import replace_module, restore_module_calls, set_submodule
+from .restore_modules import restore_module_calls, set_submodule
 
 
 def state_prefix(param_name: str) -> str:
