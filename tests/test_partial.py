@@ -397,3 +397,90 @@ def test_a_shared_module_holding_a_container_transforms_and_lowers(examples):
     fresh = SharedContainer().eval()
     fresh.load_state_dict(dense.state_dict(), strict=True)
     assert_close(fresh(x), y, kind="partial: shared container, into its class")
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).relu() + x
+
+
+class Layers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer() for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+_RECORDED: list = []  # the active collector (Hugging Face keeps it in a context variable)
+
+
+def _record(module, args, output):
+    _RECORDED.append(output)
+
+
+class Recording(nn.Module):
+    """Records each Layer's output with forward hooks it installs at its first call, as Hugging Face models
+    do for hidden states (``_can_record_outputs``)."""
+
+    _can_record_outputs = {"hidden_states": Layer}
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = Layers()
+
+    def forward(self, x):
+        if not getattr(self, "hooked", False):
+            for m in self.modules():
+                if isinstance(m, Layer):
+                    m.register_forward_hook(_record)
+            self.hooked = True
+        _RECORDED.clear()
+        last = self.body(self.stem(x))
+        if last.sum() > 1e9:  # untraceable as a whole: the body is captured on its own
+            return last
+        return last.mean((2, 3)), torch.stack([h.mean() for h in _RECORDED])
+
+
+def test_classes_a_library_hooks_at_run_time_stay_module_calls():
+    """A graph traced through a module does not call it, so hooks installed on it at run time would never run:
+    a class listed in ``_can_record_outputs`` is kept as a module (its children captured, its weights
+    rewritten), and the transformed model records what the original records."""
+    torch.manual_seed(0)
+    model = Recording().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = ipfx.transform(model)
+    assert all(type(layer) is Layer for layer in t.body.layers)
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {n for n, p in model.named_parameters() if p.dim() == 4}
+    with torch.no_grad():
+        expected = model(x)
+        assert_close(t(x), expected, kind="partial: hooked classes")
+        assert_close(ipfx.lower(t, "dense")(x), expected, kind="partial: hooked classes, lowered")
+
+
+def test_hugging_face_hidden_states_without_example_inputs():
+    """``output_hidden_states=True`` on a model transformed without example inputs returns every hidden state."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=32)
+    model = transformers.ViTModel(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = ipfx.transform(model)
+        with torch.no_grad():
+            got = t(x, output_hidden_states=True).hidden_states
+            expected = model(x, output_hidden_states=True).hidden_states
+    assert len(got) == len(expected) == 3
+    assert_close(got, expected, kind="partial: Hugging Face hidden states")

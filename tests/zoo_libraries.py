@@ -720,10 +720,7 @@ FIXED_SHAPE = {
 
 #: Never-called tests that still fail, by entry and mode ("example-inputs" or "no-example"), and why (open
 #: work; each is an expected failure of that test).
-KNOWN_FAILS: dict[tuple[str, str], str] = {
-    ("transformers/dpt", "no-example"): "the traced backbone does not return the hidden states Hugging Face records "
-                                        "with hooks at run time, and the untraced neck raises on their number",
-}
+KNOWN_FAILS: dict[tuple[str, str], str] = {}
 
 #: The entries whose never-called, second-shape test runs by default (one or two per family, the cheap ones).
 NEVER_CALLED_FAST = ["transformers/vit", "transformers/wav2vec2", "timm/test_nfnet", "monai/basic_unet",
