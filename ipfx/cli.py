@@ -13,12 +13,23 @@ from . import cliargs as arg
 from .errors import IPFXError
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (argparse prints its usage, up to 14 lines, first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"ipfx: warning: {message}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import DATASETS, METHODS
     from .experiments.accel import PRECISIONS
     from .experiments.engine import IMP_REWIND, IMP_ROUNDS
 
-    parser = argparse.ArgumentParser(prog="ipfx", description="Interspace pruning for PyTorch.")
+    parser = Parser(prog="ipfx", description="Interspace pruning for PyTorch.")
     parser.add_argument("--version", action="version", version=f"ipfx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,inspect}")
 
@@ -51,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--seeds", type=arg.seed_list, default=[0], help="comma-separated integers >= 0")
     cmp_.add_argument("--epochs", type=arg.positive_int, default=10)
     cmp_.add_argument("--batch-size", type=arg.positive_int, default=128)
-    cmp_.add_argument("--lr", type=arg.positive_float, default=0.1)
+    cmp_.add_argument("--lr", type=arg.rate, default=0.1)
     cmp_.add_argument("--momentum", type=arg.fraction, default=0.9, help="SGD momentum, in [0, 1)")
     cmp_.add_argument("--weight-decay", type=arg.non_negative_float, default=5e-4)
     cmp_.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine")
@@ -112,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .experiments.engine import StopRequested
 
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     command_line = "ipfx " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -119,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # one line, as errors are
     try:
         if args.command == "demo":
             from .demo import demo
@@ -140,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as exc:  # the --_stop-after-epoch test hook: a kill, simulated
         print(f"ipfx {args.command}: {exc}; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 
@@ -174,7 +190,7 @@ def _compare(args, command_line: str, started: float) -> None:
     if args.batch_size > used:  # the engine would find out only inside the first run
         raise _error(f"argument --batch-size: must be at most the number of training images ({used}), "
                      f"got {args.batch_size}")
-    build_model(args.model, dataset.num_classes, dataset.in_channels, args.width)  # before the first run
+    _check_model_on_data(args.model, args.width, dataset)  # before the first run, not inside it
     base = RunSpec(model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                    momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
                    train_subset=args.train_subset, width=args.width)
@@ -204,6 +220,32 @@ def _compare(args, command_line: str, started: float) -> None:
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
     print(table)
     print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'} ({time.time() - started:.0f} s)")
+
+
+def _check_model_on_data(name: str, width: int | None, dataset) -> None:
+    """The model takes two of the dataset's images and returns one row of class scores for each, in
+    training and in evaluation mode (a model for larger images fails on digits' 8x8; one that returns
+    auxiliary outputs when training cannot be trained by the engine)."""
+    import torch
+
+    from .errors import first_line
+    from .experiments.models import build_model
+
+    model = build_model(name, dataset.num_classes, dataset.in_channels, width)
+    x = dataset.normalise(dataset.test_x[:2])
+    h, w = x.shape[2:]
+    for training in (True, False):
+        try:
+            with torch.no_grad():
+                out = model.train(training)(x)
+        except Exception as exc:  # noqa: BLE001 - any failure here is the model not fitting the data
+            raise _error(f"argument --model: {name} cannot take the {h}x{w} images of {dataset.name} "
+                         f"({first_line(exc, 150)}); use a model for images of that size (cnn, resnet20)") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, dataset.num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise _error(f"argument --model: {name} returns {got} in {'training' if training else 'evaluation'} "
+                         f"mode, not one row of {dataset.num_classes} class scores per image; use a plain "
+                         "classifier")
 
 
 def _check_imp_options(args) -> None:

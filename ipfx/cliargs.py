@@ -55,11 +55,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def rate(text: str) -> float:
+    """A learning rate: a positive number that float32 holds (the optimizer multiplies float32 tensors by it;
+    past 3.4e38 torch fails in the first step, after the data and the model were loaded)."""
+    value = positive_float(text)
+    if value > FLOAT32_MAX:
+        raise Error(f"must be at most 3.4e38 (float32), got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (weight decay)."""
     value = _number(text, float, "a non-negative number")
     if value < 0:
         raise Error(f"must be a non-negative number, got {text}")
+    if value > FLOAT32_MAX:
+        raise Error(f"must be at most 3.4e38 (float32), got {text}")
     return value
 
 

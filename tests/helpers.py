@@ -117,3 +117,10 @@ def graph_modules(model: torch.nn.Module) -> dict[bool, fx.GraphModule]:
     if isinstance(model, ipfx.ModeSwitch):
         return {mode: model.graph_module(mode) for mode in (True, False)}
     return {True: model, False: model}
+
+
+def store_record(**fields) -> dict:
+    """A well-formed result-store record (every run key field, an accuracy), with ``fields`` changed."""
+    from ipfx.experiments import RunSpec
+
+    return {**dataclasses.asdict(RunSpec()), "accuracy": 0.5, "dataset_name": "cifar10", **fields}

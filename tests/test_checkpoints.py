@@ -7,7 +7,7 @@ import torch
 
 from ipfx.cli import main
 from ipfx.experiments import RunSpec, load_dataset, run
-from ipfx.experiments.engine import StopRequested
+from ipfx.experiments.engine import StopRequested, for_data
 
 TINY = ["--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "3", "--batch-size", "128",
         "--sparsities", "0.9", "--seeds", "0", "--spaces", "ip", "--no-progress"]
@@ -49,7 +49,7 @@ def test_a_checkpoint_opens_with_weights_only_and_names_its_run(digits, tmp_path
     with pytest.raises(StopRequested):
         run(spec, digits, progress=False, checkpoint=tmp_path / "c.pt", stop_after_epoch=1)
     state = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert state["key"] == list(spec.key()) and state["epoch"] == 1 and state["schedule"]["schedule"] == "RigL"
+    assert state["key"] == list(for_data(spec, digits).key()) and state["epoch"] == 1 and state["schedule"]["schedule"] == "RigL"
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was moved into place
     other = RunSpec(model="cnn", width=4, data="digits", method="rigl", sparsity=0.8, epochs=2, batch_size=128)
     with pytest.warns(UserWarning, match="belongs to another run"):  # never resume another run's state
@@ -86,3 +86,88 @@ def test_a_checkpoint_left_by_a_run_that_was_stored_is_cleaned_up(tmp_path):
     assert list((out / "checkpoints").glob("*.pt"))  # as if killed between the record and the deletion
     assert main(["compare", *TINY, "--epochs", "2", "--methods", "random", "--out", str(out)]) == 0
     assert not (out / "checkpoints").exists() and len((out / "results.jsonl").read_text().splitlines()) == 1
+
+
+def _corrupt(state: dict, how: str) -> None:
+    if how.startswith("no "):
+        del state[how[3:]]
+    elif how == "a coefficient of another shape":
+        state["model"]["conv1.coeff"] = torch.zeros(3, 3)
+    elif how == "a mask missing":
+        del state["model"]["conv1.mask"]
+    elif how == "a step that is text":
+        state["step"] = "x"
+    elif how == "a negative epoch":
+        state["epoch"] = -5
+    elif how == "a step past the run":
+        state["step"] = 10**6
+    elif how == "a random state of the wrong type":
+        state["rng"]["torch"] = torch.zeros(3)
+    elif how == "an empty optimizer state":
+        state["optimizer"] = {}
+    elif how == "a data order cut short":
+        state["data_order"] = state["data_order"][:3]
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["no model", "no rng", "no schedule", "a coefficient of another shape", "a mask missing",
+                                 "a step that is text", "a negative epoch", "a step past the run",
+                                 "a random state of the wrong type", "an empty optimizer state",
+                                 "a data order cut short"])
+def test_a_checkpoint_that_does_not_fit_is_reported_and_the_run_starts_over(how, digits, tmp_path):
+    """A checkpoint of this run's key whose contents do not fit (edited, or written by a broken program) is
+    never a crash and never half-restored: the run warns, starts over, and ends as an uninterrupted run."""
+    spec = RunSpec(model="cnn", width=4, data="digits", method="gmp", sparsity=0.9, epochs=2, batch_size=128)
+    whole = run(spec, digits, progress=False)
+    path = tmp_path / "run.pt"
+    with pytest.raises(StopRequested):
+        run(spec, digits, progress=False, checkpoint=path, stop_after_epoch=1)
+    state = torch.load(path, weights_only=True)
+    _corrupt(state, how)
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="does not fit this run .*; the run starts over"):
+        again = run(spec, digits, progress=False, checkpoint=path)
+    assert "resumed_from_epoch" not in again
+    assert (again["accuracy"], again["final_train_loss"]) == (whole["accuracy"], whole["final_train_loss"])
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_deleted(digits, tmp_path):
+    """A checkpoint write killed midway leaves ``.<name>.<host>.<pid>.tmp``; the next save or the removal of
+    the run's checkpoint deletes it (its writer is dead), and never a live writer's."""
+    import socket
+    import subprocess
+    import sys
+
+    from ipfx.experiments import checkpoint as ckpt
+
+    path = tmp_path / "checkpoints" / "run.pt"
+    path.parent.mkdir()
+    dead = subprocess_pid()
+    stale = path.with_name(f".run.pt.{ckpt._HOST}.{dead}.tmp")
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live writer
+    live = path.with_name(f".run.pt.{ckpt._HOST}.{writer.pid}.tmp")
+    elsewhere = path.with_name(".run.pt.another-host.1.tmp")
+    for f in (stale, live, elsewhere):
+        f.write_bytes(b"partial")
+    spec = RunSpec(model="cnn", width=4, data="digits", method="gmp", sparsity=0.9, epochs=2, batch_size=128)
+    try:
+        with pytest.raises(StopRequested):
+            run(spec, digits, progress=False, checkpoint=path, stop_after_epoch=1)
+        assert not stale.exists() and live.exists() and elsewhere.exists() and path.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    ckpt.remove(path)  # the run is done: its checkpoint and the dead writer's temporary go
+    assert not path.exists() and not live.exists() and elsewhere.exists()
+    assert socket.gethostname()  # the host names temporaries, so a shared folder's other writers are left alone
+
+
+def subprocess_pid() -> int:
+    """The pid of a process that has ended."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid

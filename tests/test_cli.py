@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ipfx
+from helpers import store_record
 from ipfx.cli import main
 from ipfx.errors import IPFXValueError
 from ipfx.experiments import ResultStore, RunSpec, load_dataset, markdown_table, run
@@ -58,10 +59,10 @@ def test_compare_writes_records_table_and_plot_and_resumes(tmp_path, capsys):
 
 def test_a_killed_run_leaves_a_cut_line_that_is_redone(tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
-    store.append({"method": "random"})
+    store.append(store_record(method="random"))
     with store.path.open("a") as f:
         f.write('{"method": "sni')  # the process died while writing
-    with pytest.warns(UserWarning, match="line 2 is cut"):
+    with pytest.warns(UserWarning, match="line 2: cut or not JSON"):
         assert len(store.records()) == 1
 
 
@@ -384,7 +385,7 @@ def test_imp_options_belong_to_imp_runs_only():
 
 def test_imp_records_from_an_older_store_resume(tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
-    old = {k: v for k, v in dataclasses.asdict(RunSpec(method="snip")).items() if not k.startswith("imp_")}
+    old = {k: v for k, v in store_record(method="snip").items() if not k.startswith("imp_")}
     store.append(old)
     assert RunSpec(method="snip").key() in store.done()
 
@@ -490,3 +491,26 @@ def test_engine_refuses_a_seed_torch_cannot_take(digits):
     for seed in (2**64, -1, 1.5):
         with pytest.raises(IPFXValueError, match="seed must be an integer from 0 to 2\\*\\*63 - 1"):
             run(RunSpec(seed=seed), digits)
+
+
+@pytest.mark.parametrize("model, message", [("inception_v3", "cannot take the 8x8 images of digits"),
+                                            ("googlenet", "cannot take the 8x8 images of digits")])
+def test_a_model_that_cannot_take_the_data_is_refused_before_any_run(model, message, tmp_path, capsys):
+    code, err = run_cli(["compare", "--model", model, "--data", "digits", "--epochs", "1", "--sparsities", "0.9",
+                         "--methods", "random", "--no-progress", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_a_learning_rate_float32_cannot_hold_is_refused(capsys):
+    code, err = parse_error(["compare", "--lr", "1e308"], capsys)
+    assert code == 2 and "argument --lr: must be at most 3.4e38 (float32), got 1e308" in err
+    code, err = parse_error(["compare", "--weight-decay", "1e39"], capsys)
+    assert code == 2 and "argument --weight-decay: must be at most 3.4e38" in err
+
+
+def test_an_argument_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.strip() == "ipfx compare: error: argument --epochs: must be a positive integer, got 0"

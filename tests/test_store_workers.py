@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from helpers import store_record
 from ipfx.cli import main
 from ipfx.experiments import ResultStore
 from ipfx.experiments import store as store_module
@@ -41,15 +42,15 @@ def test_concurrent_appends_lose_and_duplicate_nothing(tmp_path):
 
 def test_a_cut_last_line_is_reported_skipped_and_not_glued_to_the_next_record(tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
-    store.append({"method": "random"})
+    store.append(store_record(method="random"))
     with store.path.open("a") as f:
         f.write('{"method": "sn')  # the writer was killed halfway through the line
-    with pytest.warns(UserWarning, match=r"line 2 is cut .* that run is redone"):
+    with pytest.warns(UserWarning, match=r"line 2: cut or not JSON.* those runs are redone"):
         assert [r["method"] for r in store.records()] == ["random"]
-    store.append({"method": "gmp"})
-    with pytest.warns(UserWarning, match="line 2 is cut"):
+    store.append(store_record(method="gmp"))
+    with pytest.warns(UserWarning, match="line 2: cut or not JSON"):
         assert [r["method"] for r in store.records()] == ["random", "gmp"]
-    assert store.path.read_text().splitlines()[2] == '{"method": "gmp"}'
+    assert json.loads(store.path.read_text().splitlines()[2])["method"] == "gmp"
 
 
 def test_two_workers_give_the_records_of_one_also_after_a_kill_and_resume(tmp_path, capsys):
@@ -139,7 +140,7 @@ def test_two_identical_sweeps_at_once_train_and_store_each_run_once(tmp_path):
 
 def test_a_run_recorded_twice_is_counted_once(tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
-    record = {"method": "random", "space": "ip", "sparsity": 0.9, "seed": 0, "accuracy": 0.5}
+    record = store_record(method="random", space="ip", sparsity=0.9, seed=0)
     store.append(record)
     store.append(record)
     store.append({**record, "seed": 1})
@@ -153,3 +154,81 @@ def test_one_value_spelt_twice_is_refused(capsys):
             main(["compare", *TINY, option, value])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "are the same value; give each value once" in err, err
+
+
+def _image_folder(root, shade: int) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, cls in enumerate(("a", "b")):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(8):
+                Image.new("RGB", (8, 8), ((shade + 40 * c + i) % 255, i, c)).save(folder / f"{i}.png")
+
+
+def test_a_rerun_on_other_data_is_another_run(tmp_path, capsys, monkeypatch):
+    """The data's identity is in the run key: the same --out with another --data-root trains again and
+    reports that data's result, not the record of the first; the first data again resumes; changing a file
+    of the folder makes it other data."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    _image_folder(a, 0)
+    _image_folder(b, 100)
+    args = ["compare", "--model", "cnn", "--width", "4", "--data", "folder", "--epochs", "1", "--batch-size", "8",
+            "--sparsities", "0.9", "--seeds", "0", "--methods", "random", "--spaces", "ip", "--no-progress",
+            "--threads", "1", "--out", str(out)]
+    monkeypatch.setenv("IPFX_CACHE", str(tmp_path / "cache"))
+    logs = []
+    for root in (a, b, a):
+        assert main([*args, "--data-root", str(root)]) in (None, 0)
+        logs.append(capsys.readouterr().out)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[0]["data_id"] != records[1]["data_id"]
+    assert "already" not in logs[1] and "resuming: 1 of 1 runs already" in logs[2]
+    assert f"{100 * records[1]['accuracy']:.2f}" in logs[1]
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(a / "train" / "a" / "0.png")  # one image changed
+    assert main([*args, "--data-root", str(a)]) in (None, 0)
+    assert "already" not in capsys.readouterr().out
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_spec_for_other_data_is_refused():
+    import dataclasses
+
+    from ipfx.errors import IPFXValueError
+    from ipfx.experiments import RunSpec, load_dataset, run
+
+    digits = load_dataset("digits")
+    other = dataclasses.replace(digits, train_y=digits.train_y.flip(0), fingerprint=None)
+    assert digits.identity != other.identity and digits.identity == load_dataset("digits").identity
+    spec = RunSpec(model="cnn", width=4, data="digits", data_id=digits.identity)
+    with pytest.raises(IPFXValueError, match="specified for data"):
+        run(spec, other, progress=False)
+
+
+@pytest.mark.parametrize("line", [b"\xff\xfe not text", b"[1, 2]", b'{"method": {"a": 1}, "space": 3}',
+                                  b"accuracy: 'high'", b"missing accuracy", b"seed 'zero'", b"sparsity [1]",
+                                  b"accuracy 7", b"no model"])
+def test_a_store_line_that_is_not_a_record_is_reported_skipped_and_redone(tmp_path, capsys, line):
+    """A line of results.jsonl that is not text, not JSON, not an object, lacks a field or holds one of the
+    wrong type is reported (the line and why) and skipped, and its run is redone: never a traceback after the
+    runs have trained."""
+    out = tmp_path / "out"
+    args = ["compare", *TINY, "--seeds", "0", "--out", str(out)]
+    assert main(args) == 0
+    good = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    edits = {b"accuracy: 'high'": {"accuracy": "high"}, b"seed 'zero'": {"seed": "zero"},
+             b"sparsity [1]": {"sparsity": [1]}, b"accuracy 7": {"accuracy": 7}}
+    if line in edits:
+        line = json.dumps({**good, **edits[line]}).encode()
+    elif line in (b"missing accuracy", b"no model"):
+        field = "accuracy" if line == b"missing accuracy" else "model"
+        line = json.dumps({k: v for k, v in good.items() if k != field}).encode()
+    (out / "results.jsonl").write_bytes(line + b"\n")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="line 1: .*skipped, so those runs are redone"):
+        assert main(args) == 0
+    assert "[2/2]" in capsys.readouterr().out  # both runs trained again
+    assert len(ResultStore(out / "results.jsonl").records()) == 2

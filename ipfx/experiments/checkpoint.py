@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -64,9 +65,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: Path, state: dict) -> None:
-    """Write ``state`` atomically: a temporary file next to ``path``, fsynced, then ``os.replace``."""
+    """Write ``state`` atomically: a temporary file next to ``path``, fsynced, then ``os.replace``. The
+    temporaries of writers killed midway are deleted first (:func:`remove_stale_temporaries`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
         torch.save({"format": FORMAT, **state}, f)
         f.flush()
@@ -94,11 +97,35 @@ def load(path: Path, key: tuple) -> dict | None:
     return state
 
 
+_HOST = socket.gethostname().replace(".", "_").replace(os.sep, "_")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` left by writers of this machine that are no longer alive (a
+    kill while writing). A live writer's file, or one written on another machine, is left alone."""
+    prefix = f".{path.name}.{_HOST}."
+    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+        pid = tmp.name[len(prefix):-len(".tmp")] if tmp.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def remove(path: Path | None) -> None:
-    """Delete a finished run's checkpoint (and the folder, once empty)."""
+    """Delete a finished run's checkpoint and its stale temporaries (and the folder, once empty)."""
     if path is None:
         return
     path.unlink(missing_ok=True)
+    remove_stale_temporaries(path)
     try:
         path.parent.rmdir()
     except OSError:  # other runs' checkpoints are still there

@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..api import sparsity as model_sparsity
 from ..api import transform
-from ..errors import IPFXValueError
+from ..errors import IPFXValueError, first_line
 from ..pruning import prune
 from . import accel
 from . import checkpoint as ckpt
@@ -71,6 +72,10 @@ class RunSpec:
     width: int | None = None
     imp_rounds: int | None = None
     imp_rewind: float | None = None
+    # the data's identity (Dataset.identity), filled from the dataset by run() and sweep(): a store's
+    # record of the same settings on other data (another --data-root, a folder whose files changed) is
+    # another run. Records written before it existed have none and are not taken for any data's.
+    data_id: str | None = None
 
     def __post_init__(self) -> None:
         # Only IMP runs carry the IMP options (filled with the defaults when not given). For every other
@@ -175,6 +180,7 @@ def run(
     log: Callable[[str], None] = print,
     stop_after_epoch: int | None = None,
     engine: Engine | None = None,
+    resume: bool = True,
 ) -> dict:
     """Train one configuration and return its record (a JSON-serialisable dict).
 
@@ -183,8 +189,10 @@ def run(
     removes the file once the record is safe (:func:`ipfx.experiments.checkpoint.remove`).
     ``stop_after_epoch`` is a test hook: raise :class:`StopRequested` after that epoch's checkpoint.
     ``engine``: how the run uses its device (:class:`~.accel.Engine`; default: the fast engine on CUDA,
-    the plain one elsewhere).
+    the plain one elsewhere). A checkpoint that does not fit the run (a field missing or out of range,
+    tensors of other shapes) is reported and the run starts over; ``resume=False`` starts over always.
     """
+    spec = for_data(spec, dataset)
     spec.validate()
     device = torch.device(device)
     engine = engine if engine is not None else Engine.for_device(device)
@@ -215,9 +223,16 @@ def run(
     lr_at = _lr_schedule(spec, plan.run_steps if plan else total_steps)
     path = Path(checkpoint) if checkpoint is not None else None
     at = _Position()
-    saved = ckpt.load(path, spec.key()) if path is not None else None
+    saved = ckpt.load(path, spec.key()) if path is not None and resume else None
     if saved is not None:
-        schedule = _restore(saved, spec, model, optimizer, schedule, generator, plan, at)
+        try:
+            schedule = _restore(saved, spec, model, optimizer, schedule, generator, plan, at, steps)
+        except Exception as exc:  # noqa: BLE001 - a checkpoint that does not fit this run: start over, never crash
+            warnings.warn(f"checkpoint {path} does not fit this run ({first_line(exc, 200)}); the run starts over",
+                          stacklevel=2)
+            return run(spec, dataset, device=device, progress=progress, command=command, keep_model=keep_model,
+                       checkpoint=checkpoint, log=log, stop_after_epoch=stop_after_epoch, engine=engine,
+                       resume=False)  # set up afresh: the failed restore may have written into the model
         log(f"resuming {describe(spec)} from its checkpoint after epoch {at.epoch} (step {at.step} of {steps})")
     net = parallel.prepare(model, device) if ranks > 1 else model  # train through net; save model
     net = engine.wrap(net)
@@ -291,6 +306,16 @@ def run(
     return record
 
 
+def for_data(spec: RunSpec, dataset: Dataset) -> RunSpec:
+    """``spec`` with ``dataset``'s identity (:attr:`RunSpec.data_id`); a spec made for other data is refused."""
+    if spec.data_id is None:
+        return dataclasses.replace(spec, data_id=dataset.identity)
+    if spec.data_id != dataset.identity:
+        raise IPFXValueError(f"this run was specified for data {spec.data_id}, but the dataset given is "
+                             f"{dataset.identity} ({dataset.name}); pass the data it was made for, or data_id=None")
+    return spec
+
+
 def describe(spec: RunSpec) -> str:
     """One run in a few words, for log lines."""
     return f"run {spec.method} {spec.space} sparsity {spec.sparsity:g} seed {spec.seed}"
@@ -325,13 +350,20 @@ def _snapshot(spec, model, optimizer, schedule, generator, device, at: _Position
     }
 
 
-def _restore(saved, spec, model, optimizer, schedule, generator, plan, at: _Position):
+def _restore(saved, spec, model, optimizer, schedule, generator, plan, at: _Position, steps: int):
     """Load a checkpoint into a run set up as from scratch; returns the schedule to use from here on.
 
     The setup (model, one-shot pruning, schedule) is redone first, so that every object exists, then
     every state is overwritten by the saved one. IMP's schedule only exists after the rewind point, so
-    it is built here when the saved run had one.
+    it is built here when the saved run had one. Raises on a checkpoint that does not fit (the caller
+    starts over).
     """
+    for field in dataclasses.fields(at):
+        value = saved[field.name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{field.name} is {value!r}")
+    if not saved["step"] < steps or not isinstance(saved["step"], int) or not isinstance(saved["epoch"], int):
+        raise ValueError(f"step {saved['step']!r} of {steps}, epoch {saved['epoch']!r}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     if saved["schedule"] is not None:

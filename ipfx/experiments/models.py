@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -116,7 +118,9 @@ def build_model(name: str, num_classes: int, in_channels: int, width: int | None
     import torchvision
 
     check_model_name(name)
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    with warnings.catch_warnings():  # "the default weight initialization ... will be changed" (inception, googlenet)
+        warnings.filterwarnings("ignore", message="The default weight initialization", category=UserWarning)
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if in_channels != 3:
         return nn.Sequential(_RepeatChannels(3), model)
     return model

@@ -39,23 +39,24 @@ class ResultStore:
         if not self.path.exists():
             return []
         out, bad = [], []
-        with self.path.open() as f:
+        with self.path.open("rb") as f:
             for number, line in enumerate(f, 1):
-                text = line.strip()
-                if not text:
+                if not line.strip():
                     continue
                 try:
-                    record = json.loads(text)
-                except json.JSONDecodeError:
-                    bad.append(number)
+                    record = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    bad.append((number, "cut or not JSON"))
                     continue
-                if not isinstance(record, dict):
-                    bad.append(number)
+                wrong = problem(record)
+                if wrong is not None:
+                    bad.append((number, wrong))
                     continue
                 out.append(record)
         if bad:
-            warnings.warn(f"{self.path}: line {', '.join(map(str, bad))} is cut or not a record (a run killed while "
-                          f"writing?); skipped, so that run is redone", stacklevel=2)
+            shown = "; ".join(f"line {n}: {why}" for n, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+            warnings.warn(f"{self.path}: {len(bad)} line(s) are not records ({shown}); skipped, so those runs are "
+                          f"redone (a run killed while writing leaves a cut line)", stacklevel=2)
         return self._once(out)
 
     def _once(self, records: list[dict]) -> list[dict]:
@@ -111,6 +112,50 @@ def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+#: What the readers of a record use besides its key and its ``dataset_name``: the result, a number (a
+#: fraction of the test set).
+RESULTS = {"accuracy": (0.0, 1.0)}
+
+
+def problem(record) -> str | None:
+    """Why ``record`` (a parsed line) cannot be used, or None: it must be a JSON object whose run key
+    fields (:class:`~.engine.RunSpec`) have their types and whose results (:data:`RESULTS`) are numbers in
+    range. A line edited by hand, or written by another program, is then skipped rather than failing a
+    table after every run has trained."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for name, kinds in _key_types().items():
+        value = record.get(name)
+        if name not in record and type(None) in kinds:
+            continue  # an optional field, absent in records written before it existed
+        if name not in record:
+            return f"no {name!r}"
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"{name!r} is {value!r}, not {' or '.join(k.__name__ for k in kinds)}"
+    if not isinstance(record.get("dataset_name"), str):
+        return f"'dataset_name' is {record.get('dataset_name')!r}, not a name"
+    for name, (low, high) in RESULTS.items():
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            return f"{name!r} is {value!r}, not a number in [{low:g}, {high:g}]"
+    return None
+
+
+def _key_types() -> dict[str, tuple[type, ...]]:
+    """Each run key field and the JSON types it may hold (an int where a float is declared: 0 for 0.0)."""
+    import typing
+
+    from .engine import RunSpec
+
+    hints = typing.get_type_hints(RunSpec)
+    out = {}
+    for f in dataclasses.fields(RunSpec):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        kinds = tuple({int: (int,), float: (int, float), str: (str,), type(None): (type(None),)}[a] for a in args)
+        out[f.name] = tuple(k for group in kinds for k in group)
+    return out
 
 
 def _key_fields() -> list[str]:

@@ -11,7 +11,7 @@ from . import checkpoint as ckpt
 from .claims import Claims
 from .data import Dataset
 from . import parallel
-from .engine import RunSpec, run
+from .engine import RunSpec, for_data, run
 from .store import ResultStore
 
 
@@ -53,7 +53,7 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     ``stop_after_epoch`` is a test hook passed to :func:`~.engine.run`; ``engine`` (an
     :class:`~.accel.Engine`, default: the device's) reaches every run.
     """
-    specs = list(specs)
+    specs = [for_data(s, dataset) for s in specs]  # the data's identity is part of every run's key
     main = parallel.is_main()  # under torchrun every rank trains every run; rank 0 alone writes
     if not main:
         log = lambda line: None  # noqa: E731
