@@ -495,6 +495,10 @@ FIXED_SHAPE = {
     "alexnet": "height and width: on the 64x64 example the last feature map is 1x1; torch's contiguity check "
                "guards that size being 1 and torch.export cannot solve the guard for the input size, so the "
                "dynamic export fails and the example's size is kept (a 96x96 example exports with free sizes)",
+    **{name: "height and width: torchvision's shifted-window attention pads each map to whole windows and "
+             "compares the padded size with the window in Python (`if window_size >= pad_H: shift = 0`); "
+             "torch.export specialises those decisions to the example's size"
+       for name in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")},
 }
 
 

@@ -119,7 +119,7 @@ def build_model(name: str, num_classes: int, in_channels: int, width: int | None
 
     check_model_name(name)
     with warnings.catch_warnings():  # "the default weight initialization ... will be changed" (inception, googlenet)
-        warnings.filterwarnings("ignore", message="The default weight initialization", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The default weight initialization")
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if in_channels != 3:
         return nn.Sequential(_RepeatChannels(3), model)
