@@ -117,6 +117,21 @@ class BasisWeight(nn.Module):
             weight = weight.contiguous(memory_format=getattr(torch, self.memory_format))
         return weight
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A loaded mask must hold 0s and 1s only: a 0.5 or a NaN would scale or poison the weight silently
+        (reported as a load error, as torch reports a shape mismatch)."""
+        mask = state_dict.get(prefix + "mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == self.mask.shape:
+            binary = (mask == 0) | (mask == 1)
+            if not bool(binary.all()):
+                value = mask[~binary].flatten()[0].item()
+                error_msgs.append(f"{prefix}mask: a mask holds only 0 (pruned) and 1 (kept), but the state dict's "
+                                  f"holds {value!r}; load a state dict saved from an ipfx model")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # -- the algebra ------------------------------------------------------------------------
     def compose(self) -> torch.Tensor:
         """``W = reshape((mask * coeff) @ basis, weight_shape)``; ``mask * coeff`` in SP form

@@ -155,3 +155,19 @@ def test_uncopyable_model_says_how_to_proceed():
         ipfx.transform(Uncopyable())
     t = ipfx.transform(Uncopyable(), inplace=True)
     assert len(ipfx.rewritten_weights(t)) == 1
+
+
+@pytest.mark.parametrize("value", [0.5, float("nan"), 2.0])
+def test_a_mask_that_is_not_zeros_and_ones_is_refused_on_load(value):
+    """A state dict whose mask holds anything but 0 and 1 would scale or poison its weight silently."""
+    model = ipfx.transform(nn.Sequential(nn.Conv2d(3, 4, 3)), example_inputs=(torch.randn(1, 3, 8, 8),))
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("mask"))
+    before = state[key].clone()
+    bad = {**state, key: torch.full_like(state[key], value)}
+    with pytest.raises(RuntimeError, match="a mask holds only 0 \\(pruned\\) and 1 \\(kept\\)"):
+        model.load_state_dict(bad)
+    assert torch.equal(model.state_dict()[key], before)
+    missing = {k: v for k, v in state.items() if k != key}
+    with pytest.raises(RuntimeError, match=f"Missing key\\(s\\) in state_dict: \"{key}\""):
+        model.load_state_dict(missing)
