@@ -104,3 +104,23 @@ def test_torchrun_refuses_with_one_line(tmp_path, extra, message, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_torchrun_sweeps_at_once_train_each_run_once(tmp_path):
+    """Rank 0 claims runs for its group (the other ranks follow its decisions): two data-parallel sweeps
+    started together on one --out store each run once."""
+    out = tmp_path / "out"
+    args = [*[a if a != "snip,gmp" else "snip,gmp,random" for a in ARGS], "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--rdzv-id={i}",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{29600 + i}",
+                               "--nproc-per-node=2", "-m", "ipfx", *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    methods = [r["method"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())]
+    assert sorted(methods) == ["gmp", "random", "snip"], logs
+    trained = [line for log in logs for line in log.splitlines() if line.startswith("[")]
+    assert len(trained) == 3, logs

@@ -42,6 +42,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(value):
+    """Rank 0's ``value`` on every rank (any picklable object; ``value`` itself outside torchrun): the
+    ranks of a data-parallel sweep train the same runs in the same order, so rank 0 decides for all."""
+    if not active():
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def launched_world() -> int:
     """The number of processes torchrun started (1 when not started by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

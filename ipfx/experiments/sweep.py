@@ -70,9 +70,9 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
             for spec in specs:
                 if spec.key() in done:
                     ckpt.remove(checkpoint_path(checkpoints, spec))
-    # another sweep on this folder trains what it has claimed (.claims); under torchrun every rank trains
-    # every run and rank 0 alone writes, so that one sweep owns its folder
-    claims = None if parallel.active() else Claims(store.path.parent / CLAIMS)
+    # another sweep on this folder trains what it has claimed (.claims); under torchrun rank 0 claims for
+    # its group and every rank follows its decisions (parallel.from_main)
+    claims = Claims(store.path.parent / CLAIMS) if main else None
     held: list[RunSpec] = []
     if claims is not None and todo:
         mine = [s for s in todo if claims.take(s)]
@@ -85,6 +85,7 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
         if held:
             log(f"{len(held)} run(s) are being trained by another sweep on {store.path.parent}: running the others "
                 "first, then waiting for those")
+    todo, held = parallel.from_main((todo, held))
     finished = 0
 
     def report(spec: RunSpec, record: dict) -> None:
@@ -123,10 +124,13 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
             for spec in todo:
                 run_here(spec)
         for spec in held:  # claimed by another sweep: its record comes from there, unless that sweep died
-            claims.take(spec, wait=True)
-            if spec.key() in store.done():
-                claims.release(spec)
-            else:
+            orphan = None
+            if claims is not None:
+                claims.take(spec, wait=True)
+                orphan = spec.key() not in store.done()
+                if not orphan:
+                    claims.release(spec)
+            if parallel.from_main(orphan):
                 log(f"the sweep that claimed {ckpt.run_name(spec)} ended without its record: running it here")
                 run_here(spec)
     finally:
