@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -143,6 +144,7 @@ def problem(record) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _key_types() -> dict[str, tuple[type, ...]]:
     """Each run key field and the JSON types it may hold (an int where a float is declared: 0 for 0.0)."""
     import typing
