@@ -15,6 +15,7 @@ Inputs are copied first, so the caller's model is never changed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -297,12 +298,41 @@ def _check_module(model, what: str) -> None:
 
 def _copy(model: nn.Module) -> nn.Module:
     try:
-        return copy.deepcopy(model)
+        with _old_weight_norms_set_aside(model) as recompute:
+            result = copy.deepcopy(model)
+        recompute(result)
+        return result
     except Exception as exc:
         raise IPFXTypeError(
             f"could not copy {type(model).__name__} ({type(exc).__name__}: {exc}); ipfx copies the model "
             "so the original stays untouched. Make it deep-copyable, or pass inplace=True to transform"
         ) from exc
+
+
+@contextlib.contextmanager
+def _old_weight_norms_set_aside(model: nn.Module):
+    """Let ``copy.deepcopy`` copy a model using the deprecated hook-based ``torch.nn.utils.weight_norm``.
+
+    Its forward pre-hook stores the normalised weight as a plain tensor attribute computed from ``g`` and
+    ``v`` (not a leaf, so torch refuses to deep-copy it). The attributes are taken off for the copy and put
+    back; the caller recomputes them on the copy (they are a function of the copied ``g`` and ``v``)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    held = [(m, hook.name, m.__dict__.pop(hook.name)) for m in model.modules()
+            for hook in m._forward_pre_hooks.values() if isinstance(hook, WeightNorm) and hook.name in m.__dict__]
+
+    def recompute(copied: nn.Module) -> None:
+        for m in copied.modules():
+            for hook in m._forward_pre_hooks.values():
+                if isinstance(hook, WeightNorm) and hook.name not in m.__dict__ and hook.name not in m._parameters:
+                    with torch.no_grad():
+                        setattr(m, hook.name, hook.compute_weight(m))
+
+    try:
+        yield recompute
+    finally:
+        for m, name, value in held:
+            m.__dict__[name] = value
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

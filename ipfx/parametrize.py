@@ -57,8 +57,26 @@ def parametrized_class(cls: type, attr: str = "weight") -> type:
         members = {"forward": cls.forward, "original_class": cls, "original_attr": attr, "__module__": __name__}
         if attr != "weight":
             members[attr] = property(BasisWeight.compose, doc=f"The composed {attr} (module docstring).")
+            members["weight"] = _OWN_WEIGHT  # the owner's own ``weight``, if it has one, stays its own
         _CLASSES[cls, attr] = type(f"Coefficient{cls.__name__}", (ParametrizedWeight, cls), members)
     return _CLASSES[cls, attr]
+
+
+def _own_weight(self):
+    try:
+        return self.__dict__["weight"]
+    except KeyError:
+        raise AttributeError("weight") from None
+
+
+def _set_own_weight(self, value) -> None:
+    self.__dict__["weight"] = value
+
+
+#: ``weight`` of a converted module whose coefficients replaced another parameter: a plain attribute, as
+#: the owner had it (the deprecated hook-based weight norm composes ``weight`` from ``weight_g`` and the
+#: converted ``weight_v`` and sets it before every call).
+_OWN_WEIGHT = property(_own_weight, _set_own_weight)
 
 
 def _rebuild(cls: type, state: dict, attr: str = "weight") -> nn.Module:

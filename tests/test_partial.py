@@ -484,3 +484,34 @@ def test_hugging_face_hidden_states_without_example_inputs():
             expected = model(x, output_hidden_states=True).hidden_states
     assert len(got) == len(expected) == 3
     assert_close(got, expected, kind="partial: Hugging Face hidden states")
+
+
+def _old_weight_norm_net() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        return nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.ReLU(),
+                             torch.nn.utils.weight_norm(nn.Conv1d(4, 4, 5, padding=2)))
+
+
+@pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
+def test_the_deprecated_hook_based_weight_norm_is_copied_and_rewritten(examples):
+    """``torch.nn.utils.weight_norm`` keeps the weight as a computed tensor that deepcopy refuses, and
+    recomputes it from ``weight_g`` and ``weight_v`` before every call: the model is copied, ``weight_v``
+    is in coefficient form (pruning it changes the output), and both lowerings compute the same."""
+    torch.manual_seed(0)
+    model = _old_weight_norm_net().eval()
+    x, other = torch.randn(2, 4, 16), torch.randn(3, 4, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = ipfx.transform(model, example_inputs=(x,)) if examples else ipfx.transform(model)
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"0.weight", "2.weight_v"}
+    with torch.no_grad():
+        for inputs in (x, other):
+            assert_close(t(inputs), model(inputs), kind="partial: old weight norm")
+        randomize_masks(t, keep=0.5)
+        pruned = t(other)
+        assert not torch.allclose(pruned, model(other))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for target in ("dense", "fused"):
+                assert_close(ipfx.lower(t, target)(other), pruned, kind=f"partial: old weight norm, {target}")

@@ -5,7 +5,8 @@ graph reads as a kernel: its module is kept as Python code (partial tracing), is
 the weight is not used in forward at all. Each one the config selects is converted in place by
 :func:`ipfx.parametrize.parametrize_weight` (reading ``module.weight`` composes it), so that a weight is
 left dense only because the config says so. So is the packed input projection of an
-``nn.MultiheadAttention`` that code reads without calling the layer. A module a graph reads under
+``nn.MultiheadAttention`` that code reads without calling the layer, and the direction ``weight_v`` of a
+module under the deprecated hook-based weight norm (its hook composes the weight from it on every call). A module a graph reads under
 another path (a module registered twice) gets the graph's coefficients, not a second set. A weight tied to other modules (an embedding sharing its
 matrix with the output layer) is converted in every module holding it, all with the same
 coefficients, so the tie holds. Postcondition: no selected weight is left.
@@ -51,7 +52,7 @@ class ParametrizeUnreached(Pass):
             if isinstance(original, nn.MultiheadAttention):
                 attr, kind = "in_proj_weight", "linear"
             elif isinstance(original, self.config.module_types):
-                attr, kind = "weight", _kind(original)
+                attr, kind = _old_weight_norm(original) or "weight", _kind(original)
             else:
                 continue
             weight = module._parameters.get(attr)
@@ -88,6 +89,15 @@ class ParametrizeUnreached(Pass):
         left = [name for name, *_ in self.selected(captured)]
         if left:  # every selected weight is a parameter of some module, so this means a bug
             raise RuntimeError(f"ipfx.transform left selected weights dense: {left}")
+
+
+def _old_weight_norm(module: nn.Module) -> str | None:
+    """The direction ``weight_v`` of a module under the deprecated hook-based ``torch.nn.utils.weight_norm``
+    (its ``weight`` is then a tensor the hook recomputes from ``weight_g`` and ``weight_v`` on every call)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    names = [hook.name for hook in module._forward_pre_hooks.values() if isinstance(hook, WeightNorm)]
+    return "weight_v" if "weight" in names else None
 
 
 def _graph_forms(captured) -> dict[int, BasisWeight]:
