@@ -32,3 +32,7 @@ def pytest_terminal_summary(terminalreporter):
         for kind, (count, worst) in sorted(ledger.by_kind.items()):
             terminalreporter.write_line(f"{kind:40s} {count:6d} comparisons, worst relative error {worst:.3g}")
         terminalreporter.write_line(f"{'all':40s} {ledger.count:6d} comparisons, worst relative error {ledger.worst:.3g}")
+    faults = getattr(sys.modules.get("test_faults"), "INJECTED", None)
+    if faults and any(faults.values()):
+        terminalreporter.write_line(f"fault suite: {faults['kills']} SIGKILLs and {faults['corrupt files']} corrupt "
+                                    "files injected (each test asserts its store ended as an uninterrupted sweep's)")

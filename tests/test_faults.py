@@ -12,14 +12,18 @@ between storing a record and deleting its checkpoint). The default run injects a
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+import ipfx.cli  # noqa: F401 - imported once here, inherited by every forked sweep
+import ipfx.experiments.sweep  # noqa: F401
 
 SWEEP = ["compare", "--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "2", "--batch-size", "128",
          "--sparsities", "0.9", "--seeds", "0", "--methods", "random,gmp", "--spaces", "sp,ip", "--no-progress",
@@ -67,37 +71,54 @@ store.ResultStore.append = append
 }
 
 
-INJECTED = {"kills": 0, "corrupt files": 0}  # what this session injected (reported at the module's end)
+INJECTED = {"kills": 0, "corrupt files": 0}  # what this session injected (conftest reports it at the end)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _report(request):
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and any(INJECTED.values()):
-        reporter.write_line(f"fault suite: {INJECTED['kills']} SIGKILLs and {INJECTED['corrupt files']} corrupt "
-                            "files injected; every store ended equal to an uninterrupted sweep's")
+def _child(out: Path, fault: str, extra: list[str], log: Path) -> None:
+    """The sweep, in a process forked from this one (no second import of torch and ipfx): its own process
+    group (a kill takes any workers too), its output to ``log``, the fault installed, then the CLI."""
+    os.setsid()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = os.fdopen(fd, "w", buffering=1)
+    try:
+        exec(FAULTS[fault], {})
+        from ipfx.cli import main
+
+        code = main([*SWEEP, *extra, "--out", str(out)])
+    except BaseException:  # noqa: BLE001 - reported in the log, seen as exit 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)
 
 
-def _command(out: Path, fault: str, extra: list[str]) -> list[str]:
-    code = FAULTS[fault] + f"\nfrom ipfx.cli import main\nraise SystemExit(main({[*SWEEP, *extra, '--out', str(out)]!r}))"
-    return [sys.executable, "-c", code]
+def _start(out: Path, fault: str = "none", extra: list[str] = ()) -> multiprocessing.Process:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(out, fault, list(extra),
+                                                                            out.parent / "sweeps.log"))
+    proc.start()
+    return proc
+
+
+def _wait(proc: multiprocessing.Process, out: Path, kill_after: float | None = None) -> int:
+    """The exit status of ``proc`` once it ends, or after a SIGKILL at ``kill_after`` seconds."""
+    proc.join(600 if kill_after is None else kill_after)
+    if proc.is_alive():
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and any workers it started
+        proc.join()
+    log = (out.parent / "sweeps.log").read_text(errors="replace") if (out.parent / "sweeps.log").exists() else ""
+    assert proc.exitcode in (0, -signal.SIGKILL), log[-3000:]
+    INJECTED["kills"] += proc.exitcode == -signal.SIGKILL
+    return proc.exitcode
 
 
 def _sweep(out: Path, fault: str = "none", extra: list[str] = (), kill_after: float | None = None) -> int:
     """Run one sweep to its end, its fault, or ``kill_after`` seconds (a SIGKILL from outside)."""
-    proc = subprocess.Popen(_command(out, fault, list(extra)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        import os
-
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and any workers it started
-        log, _ = proc.communicate()
-    assert proc.returncode in (0, -signal.SIGKILL), log[-3000:]
-    INJECTED["kills"] += proc.returncode == -signal.SIGKILL
-    return proc.returncode
+    return _wait(_start(out, fault, extra), out, kill_after)
 
 
 def _records(out: Path) -> list[dict]:
@@ -183,16 +204,9 @@ def test_two_sweeps_at_once_then_a_kill_of_one(reference, tmp_path):
     killed one's runs (their claims die with it), and the store holds each run once."""
     numbers, seconds = reference
     out = tmp_path / "out"
-    first = subprocess.Popen(_command(out, "none", []), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    second = subprocess.Popen(_command(out, "none", []), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        first.communicate(timeout=seconds / 2)
-    except subprocess.TimeoutExpired:
-        first.kill()
-        first.communicate()
-        INJECTED["kills"] += 1
-    log, _ = second.communicate(timeout=600)
-    assert second.returncode == 0, log[-3000:]
+    first, second = _start(out), _start(out)
+    _wait(first, out, kill_after=seconds / 2)
+    assert _wait(second, out) == 0
     assert _compare(out, numbers) == {"lost": 0, "duplicated": 0, "changed": 0}
 
 
@@ -236,9 +250,13 @@ def test_each_corrupt_file_alone(what, reference, tmp_path):
     assert _sweep(out, "after a record") == -signal.SIGKILL
     _corrupt(out, what)
     if what == "output marker":
-        proc = subprocess.run(_command(out, "none", []), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        log = out.parent / "sweeps.log"
+        log.unlink()
+        proc = _start(out)
+        proc.join(600)
+        assert proc.exitcode == 2, log.read_text(errors="replace")
+        lines = log.read_text().strip().splitlines()
+        assert len(lines) == 1 and ": error: " in lines[0], lines
         return
     _finish(out, numbers)
 
