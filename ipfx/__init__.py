@@ -4,7 +4,7 @@
     ... train, prune (masks live in coefficient space) ...
     deployable = ipfx.lower(model, target="dense")   # or "fused"
 
-See DESIGN.md in the project for the math.
+The math and the public contract: docs/design.md in the repository.
 """
 
 from .api import WeightInfo, lower, rewritten_weights, sparsity, transform

@@ -47,25 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
                                       "finished run to OUT/results.jsonl (a rerun resumes), then write "
                                       "OUT/results.md and OUT/accuracy.png.")
     cmp_.add_argument("--model", type=arg.model_name, default="resnet20",
-                      help="resnet20, resnet32, resnet56, vgg16, cnn, or a torchvision model name")
-    cmp_.add_argument("--width", type=arg.positive_int, default=None, help="base width of the built-in models")
+                      help="resnet20, resnet32, resnet56, vgg16, cnn, or a torchvision model name (default: resnet20)")
+    cmp_.add_argument("--width", type=arg.positive_int, default=None,
+                      help="base width of the built-in models (default: cnn 32, CIFAR ResNets 16)")
     cmp_.add_argument("--data", type=arg.one_of(DATASETS, "dataset"), default="cifar10",
-                      help=f"one of {', '.join(DATASETS)}")
-    cmp_.add_argument("--data-root", default=None, help="where the data is (not needed for digits)")
+                      help=f"one of {', '.join(DATASETS)} (default: cifar10)")
+    cmp_.add_argument("--data-root", default=None,
+                      help="where the data is; ipfx never downloads (default: none, which only digits needs)")
     cmp_.add_argument("--train-subset", type=arg.positive_int, default=None,
-                      help="use only this many training images")
+                      help="use only this many training images (default: all)")
     cmp_.add_argument("--methods", type=arg.name_list(METHODS), default=["random", "snip", "synflow"],
-                      help=f"comma-separated, from {', '.join(METHODS)}")
+                      help=f"comma-separated, from {', '.join(METHODS)} (default: random,snip,synflow)")
     cmp_.add_argument("--sparsities", type=arg.fraction_list, default=[0.9, 0.95, 0.98, 0.99],
-                      help="comma-separated, each in [0, 1)")
-    cmp_.add_argument("--spaces", type=arg.name_list(("sp", "ip")), default=["sp", "ip"])
-    cmp_.add_argument("--seeds", type=arg.seed_list, default=[0], help="comma-separated integers >= 0")
-    cmp_.add_argument("--epochs", type=arg.positive_int, default=10)
-    cmp_.add_argument("--batch-size", type=arg.positive_int, default=128)
-    cmp_.add_argument("--lr", type=arg.rate, default=0.1)
-    cmp_.add_argument("--momentum", type=arg.fraction, default=0.9, help="SGD momentum, in [0, 1)")
-    cmp_.add_argument("--weight-decay", type=arg.non_negative_float, default=5e-4)
-    cmp_.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine")
+                      help="comma-separated, each in [0, 1) (default: 0.9,0.95,0.98,0.99)")
+    cmp_.add_argument("--spaces", type=arg.name_list(("sp", "ip")), default=["sp", "ip"],
+                      help="comma-separated: sp (spatial basis, fixed: ordinary unstructured pruning), ip (adaptive "
+                           "DCT-initialised basis) (default: sp,ip)")
+    cmp_.add_argument("--seeds", type=arg.seed_list, default=[0], help="comma-separated integers >= 0 (default: 0)")
+    cmp_.add_argument("--epochs", type=arg.positive_int, default=10,
+                      help="training epochs of every run; every method gets the same number of steps (default: 10)")
+    cmp_.add_argument("--batch-size", type=arg.positive_int, default=128,
+                      help="training batch (the global batch under torchrun) (default: 128)")
+    cmp_.add_argument("--lr", type=arg.rate, default=0.1, help="SGD learning rate at the start (default: 0.1)")
+    cmp_.add_argument("--momentum", type=arg.fraction, default=0.9, help="SGD momentum, in [0, 1) (default: 0.9)")
+    cmp_.add_argument("--weight-decay", type=arg.non_negative_float, default=5e-4,
+                      help="SGD weight decay, on the coefficients and bases (default: 5e-4)")
+    cmp_.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine",
+                      help="learning-rate schedule over the run (default: cosine)")
     cmp_.add_argument("--imp-rounds", type=arg.positive_int, default=None,
                       help=f"imp: prune-and-rewind rounds (default {IMP_ROUNDS}); the same fraction of the remaining "
                            "coefficients is pruned each round, so the last round reaches the sparsity")
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "0 rewinds to the initialisation, the original lottery ticket). IMP spends the same "
                            "--epochs budget as every method: one run is rewind + round steps, trained rounds + 1 "
                            "times after the rewind point")
-    cmp_.add_argument("--device", type=arg.device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    cmp_.add_argument("--device", type=arg.device, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     cmp_.add_argument("--threads", type=arg.thread_count, default=None, help="torch threads (default: torch's choice)")
     cmp_.add_argument("--precision", type=arg.one_of(PRECISIONS, "precision"), default="auto",
                       help="fp32, or bf16 (autocast of the forward pass; weights and optimizer stay fp32); default "
@@ -90,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "default an equal share of the cores")
     cmp_.add_argument("--executor", type=arg.one_of(("local", "ray"), "executor"), default="local",
                       help="local (this machine: one process, or --workers processes) or ray (Ray tasks on a local "
-                           "Ray or the cluster at --ray-address; needs the ray extra: pip install 'ipfx[ray]')")
+                           "Ray or the cluster at --ray-address; needs the ray extra: pip install 'ipfx[ray]') "
+                           "(default: local)")
     cmp_.add_argument("--cpus-per-run", type=arg.positive_float, default=None,
                       help="ray: CPUs each run asks for (default 1; also its torch threads unless --threads)")
     cmp_.add_argument("--gpus-per-run", type=arg.non_negative_count, default=None,
@@ -309,10 +318,15 @@ def inspect_model(args) -> None:
     from .deploy import load
 
     path = Path(args.model).expanduser()
-    if not path.is_file():
+    if path.is_dir() or (path.is_file() and _kind_of_file(path) == "results"):
+        lines = describe.describe_store(path / "results.jsonl" if path.is_dir() else path)
+    elif not path.is_file():
         from .experiments.models import build_model
 
         lines = describe.describe_module(build_model(args.model, args.num_classes, 3), args.space)
+    elif path.suffix != ".pt2" and _kind_of_file(path) != "torch":  # a .pt2 archive's check says what is wrong
+        raise _error(f"{path} is {_kind_of_file(path)}, not a model file: pass a torch.export program (.pt2), a "
+                     "file saved with torch.save, a model name, or a folder or results.jsonl of ipfx compare")
     else:
         loaded = load(path, trust=args.trust)
         if isinstance(loaded, torch.export.ExportedProgram):
@@ -322,6 +336,18 @@ def inspect_model(args) -> None:
         else:
             lines = describe.describe_state(path.name, loaded)
     print("\n".join(lines))
+
+
+#: What a file is, by its first bytes (``ipfx inspect`` says so rather than calling every file a pickle).
+_MAGIC = ((b"PK\x03\x04", "torch"), (b"\x80", "torch"), (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"%PDF", "a PDF document"), (b"{", "results"))
+
+
+def _kind_of_file(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(64).lstrip()
+    kind = next((what for magic, what in _MAGIC if head.startswith(magic)), "a file of another kind")
+    return "a JSON file" if kind == "results" and path.suffix == ".json" else kind
 
 
 def _error(message: str) -> IPFXError:

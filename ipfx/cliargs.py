@@ -235,8 +235,11 @@ def file_or_model(text: str) -> str:
     path = Path(text).expanduser()
     if path.is_file():
         return text
+    if (path / "results.jsonl").is_file():
+        return text  # the output folder of ipfx compare or ipfx demo: its results are shown
     if path.exists():
-        raise Error(f"{text!r} is a folder; pass a saved file (.pt2, .pt) or a model name")
+        raise Error(f"{text!r} is a folder without results.jsonl; pass a saved file (.pt2, .pt), a model name, "
+                    "or an output folder of ipfx compare")
     if path.suffix or len(path.parts) > 1:
         raise Error(f"no such file {text!r}; pass an existing file (.pt2, .pt) or a model name")
     return model_name(text)

@@ -1,6 +1,6 @@
 """The compose algebra, defined once: ``W = reshape((mask * coeff) @ basis, weight_shape)``.
 
-``space="sp"`` fixes ``basis = I`` (DESIGN.md) and ``C @ I = C`` exactly, so SP skips the product:
+``space="sp"`` fixes ``basis = I`` (docs/design.md) and ``C @ I = C`` exactly, so SP skips the product:
 ``W = reshape(mask * coeff)``, one elementwise op as in ``torch.nn.utils.prune``. Linear weights and
 ``K = 1`` kernels have no basis at all (SP form): ``W = mask * coeff``.
 

@@ -70,6 +70,19 @@ def describe_state(name: str, obj) -> list[str]:
     return lines
 
 
+def describe_store(path) -> list[str]:
+    """An ``ipfx compare`` result store: how many runs it holds, and their table (lines that are not
+    records are reported by the store and left out)."""
+    from .experiments import ResultStore, markdown_table
+
+    records = ResultStore(path).records()
+    if not records:
+        return [f"{path}: a result store with no records"]
+    runs = {(r["model"], r["dataset_name"]) for r in records}
+    return [f"{path}: a result store of {len(records)} run(s) ({', '.join(sorted(f'{m} on {d}' for m, d in runs))})",
+            "", markdown_table(records)]
+
+
 def describe_program(name: str, program: torch.export.ExportedProgram) -> list[str]:
     """An exported program's kernel calls and, per conv/linear weight, its stored nonzeros.
 

@@ -1,5 +1,6 @@
 """The command line and the experiment engine behind it, on tiny budgets."""
 
+import argparse
 import dataclasses
 import json
 import math
@@ -347,7 +348,7 @@ def test_inspect_runs_no_code_from_a_file_without_trust(tmp_path, capsys):
 def test_inspect_says_when_a_file_is_not_a_torch_file(tmp_path, capsys):
     (tmp_path / "notes.pt").write_text("hello")
     code, err = run_cli(["inspect", str(tmp_path / "notes.pt")], capsys)
-    assert code == 2 and "could not be read with torch.load" in err and "torch.save or torch.export.save" in err
+    assert code == 2 and "is a file of another kind, not a model file" in err and "saved with torch.save" in err
     (tmp_path / "broken.pt2").write_text("hello")
     code, err = run_cli(["inspect", str(tmp_path / "broken.pt2")], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith(
@@ -514,3 +515,33 @@ def test_an_argument_error_is_one_line(capsys):
         main(["compare", "--epochs", "0"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.strip() == "ipfx compare: error: argument --epochs: must be a positive integer, got 0"
+
+
+def test_inspect_says_what_a_file_is(tmp_path, capsys):
+    """A sweep's folder or results.jsonl is shown as its table; an image or any other file that is not a
+    model is named for what it is, in one line (never "a pickle ... --trust")."""
+    out = tmp_path / "out"
+    assert main(["compare", "--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "1", "--batch-size",
+                 "256", "--sparsities", "0.9", "--methods", "random", "--no-progress", "--out", str(out)]) == 0
+    capsys.readouterr()
+    for target in (out, out / "results.jsonl"):
+        assert main(["inspect", str(target)]) == 0
+        shown = capsys.readouterr().out
+        assert "a result store of 2 run(s) (cnn on digits)" in shown and "| cnn | digits | random |" in shown
+    (tmp_path / "notes.txt").write_text("hello")
+    for path, kind in ((out / "accuracy.png", "a PNG image"), (tmp_path / "notes.txt", "a file of another kind")):
+        code, err = run_cli(["inspect", str(path)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"is {kind}, not a model file" in err, err
+    code, line = parse_error(["inspect", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder without results.jsonl" in line
+
+
+def test_every_compare_option_has_help_with_its_default():
+    from ipfx.cli import build_parser
+
+    parser = build_parser()
+    compare = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["compare"]
+    for action in compare._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings or action.nargs == 0:
+            continue
+        assert action.help and "default" in action.help, action.option_strings
