@@ -18,6 +18,17 @@ from . import ops  # registers torch.ops.ipfx.*: torch.export.load of a fused pr
 
 __version__ = "0.1.0"
 
+#: Submodules reachable as ``ipfx.<name>`` after ``import ipfx``, imported at first use (they pull in more).
+_LAZY = ("deploy", "experiments", "integrations")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ipfx' has no attribute {name!r}")
+
 __all__ = [
     "transform",
     "lower",
@@ -34,5 +45,6 @@ __all__ = [
     "NotTransformedError",
     "SingularBasisError",
     "TraceError",
+    "deploy",
     "__version__",
 ]

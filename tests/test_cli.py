@@ -545,3 +545,9 @@ def test_every_compare_option_has_help_with_its_default():
         if action.help == argparse.SUPPRESS or not action.option_strings or action.nargs == 0:
             continue
         assert action.help and "default" in action.help, action.option_strings
+
+
+def test_submodules_are_reachable_after_import_ipfx():
+    code = "import ipfx; print(ipfx.deploy.save_program.__name__, ipfx.experiments.RunSpec.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["save_program", "RunSpec"], out.stderr[-2000:]
