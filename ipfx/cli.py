@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="ipfx", description="Interspace pruning for PyTorch.")
     parser.add_argument("--version", action="version", version=f"ipfx {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,inspect,build-native}")
 
     demo = sub.add_parser("demo", help="IP vs SP on scikit-learn's digits in a few minutes, no network",
                           description="Train a small CNN pruned to high sparsity in SP and in IP (same seeds and "
@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--_stop-after-epoch", dest="stop_after_epoch", type=arg.positive_int, default=None,
                       help=argparse.SUPPRESS)  # test hook: stop every run after this epoch, as a kill would
 
+    sub.add_parser("build-native", help="build the native CPU kernel of the fused ops now (else at first use)",
+                   description="Compile the native CPU kernel that ipfx.lower(model, 'fused') models call (15-45 s, "
+                               "once per CPU kind, torch build and compiler), so that the first fused call does not "
+                               "wait for it. Needs a C++ compiler and ninja (pip install 'ipfx[native]').")
+
     ins = sub.add_parser("inspect", help="what transform rewrites, per-layer sparsity and parameter counts",
                          description="MODEL is a model name (built-in or torchvision), a torch.export program "
                                      "(.pt2, opened with torch.export.load) or a file saved with torch.save, "
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             demo(Path(args.out), quick=args.quick, command=command_line)
         elif args.command == "compare":
             compare(args, command_line)
+        elif args.command == "build-native":
+            build_native()
         else:
             inspect_model(args)
     except IPFXError as exc:
@@ -307,6 +314,25 @@ def _check_executor_options(args) -> None:
     except ImportError:
         raise _error("--executor ray needs Ray, which is not installed; pip install 'ipfx[ray]' "
                      "(or pip install ray)") from None
+
+
+def build_native() -> None:
+    """Build (or find) the native kernel and say where it is; a failed build is a one-line error."""
+    import warnings
+
+    from .ops import native
+
+    if native.disabled():
+        raise _error("IPFX_NATIVE=0 turns the native kernel off; unset it to build")
+    started = time.time()
+    cached = native.library_path() is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reason comes as the error below
+        ok = native.available()
+    if not ok:
+        raise _error(f"the native kernel could not be built ({native._state.get('error')}); install a C++ compiler "
+                     "and ninja (pip install 'ipfx[native]')")
+    print(f"native kernel {'found' if cached else 'built'} in {time.time() - started:.1f} s: {native.library_path()}")
 
 
 def inspect_model(args) -> None:

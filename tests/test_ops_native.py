@@ -171,3 +171,33 @@ def test_torch_compile_sees_one_op_and_runs_the_cpu_kernel():
         compiled = torch.compile(m, backend=backend, fullgraph=True)
         assert torch.equal(compiled(t.x), m(t.x))
     assert len(ops) == 1 and ops[0].startswith("ipfx.ip_conv"), ops  # dynamo graphs name the overload packet
+
+
+def test_build_native_command(capsys, monkeypatch):
+    from ipfx.cli import main
+
+    assert main(["build-native"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("native kernel ") and out.strip().endswith(".so")
+    monkeypatch.setenv("IPFX_NATIVE", "0")
+    assert main(["build-native"]) == 2
+    assert capsys.readouterr().err.strip() == "ipfx build-native: error: IPFX_NATIVE=0 turns the native kernel off; " \
+                                             "unset it to build"
+
+
+@pytest.mark.slow
+def test_processes_started_at_once_build_the_kernel_once(tmp_path):
+    """A fresh extension directory, two processes: one compiles (and says so in one line), the other waits
+    on the lock and loads its library; both then have the kernel."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    code = "import ipfx.ops.native as n; print(n.available())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [out.strip() for out, _ in results] == ["True", "True"], results
+    said = [err for _, err in results if "compiling the native CPU kernel once" in err]
+    assert len(said) == 1, results

@@ -17,19 +17,26 @@ Every output element sums its CSR row in storage order in one thread: results do
 thread count or the tiling, and equal the torch orders up to float rounding.
 
 Build: ``torch.utils.cpp_extension.load`` (JIT; needs a C++ compiler and ``ninja``, ``pip install
-ninja`` or ``pip install "ipfx[native]"``) with ``-O3 -march=native -fopenmp``, compiled once (about 15 s)
-and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``, one build per kind of CPU); later processes load the cached library (~1 s). Where the build fails the
+ninja`` or ``pip install "ipfx[native]"``) with ``-O3 -march=native -fopenmp``, compiled once (15-45 s,
+with one line on stderr saying so) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``). The cache key (:func:`library_name`) holds what the library depends on:
+the kind of CPU, the torch build, the compiler and the source, so environments with other torch builds
+sharing the directory keep their own builds instead of rebuilding each other's. A file lock makes
+processes that start at once build it once (the others wait, then load it). Later processes load the
+cached library (~1 s); ``ipfx build-native`` builds it ahead of time. Where the build fails the
 pure-torch path runs and one warning says how to get the fast path. ``IPFX_NATIVE=0`` turns the native
 kernel off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 import warnings
 from typing import Optional
@@ -53,7 +60,30 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
-_NAME = f"ipfx_native_v1_{_cpu_tag()}"
+def _compiler() -> str:
+    """The C++ compiler's version line (``CXX``, default ``c++``), or "" where there is none."""
+    import subprocess
+
+    try:
+        out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build_key() -> str:
+    """What the built library depends on besides the CPU (module docstring): hashed into its name."""
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    parts = [torch.__version__, str(torch.version.git_version), str(torch.version.cuda), _compiler(),
+             " ".join(_FLAGS), hashlib.sha1(source).hexdigest()]
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=None)
+def library_name() -> str:
+    """The built library's name, which is its cache key (module docstring); computed at the first build."""
+    return f"ipfx_native_v1_{_cpu_tag()}_{_build_key()}"
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once tried; "error": str
@@ -77,17 +107,34 @@ def available() -> bool:
     return _state["ok"]
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" log on CPU machines."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _build() -> bool:
     try:
         log = logging.getLogger("torch.utils.cpp_extension")
         level = log.level
-        log.setLevel(logging.ERROR)  # its import logs "No CUDA runtime is found" on CPU-only machines
-        from torch.utils import cpp_extension
+        log.setLevel(logging.ERROR)  # it logs "No CUDA runtime is found" on CPU-only machines
+        cpp_extension = _cpp_extension()
 
         try:
-            with warnings.catch_warnings():
+            name = library_name()
+            folder = cpp_extension._get_build_directory(name, verbose=False)
+            with warnings.catch_warnings(), _build_lock(folder):
                 warnings.simplefilter("ignore")
-                cpp_extension.load(name=_NAME, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                if not os.path.exists(os.path.join(folder, f"{name}.so")):
+                    print(f"ipfx: compiling the native CPU kernel once (15-45 s) into {folder}; later processes "
+                          "load it (`ipfx build-native` builds it ahead of time)", file=sys.stderr, flush=True)
+                cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                                    is_python_module=False, verbose=False)
         finally:
             log.setLevel(level)
@@ -104,6 +151,32 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
+
+
+@contextlib.contextmanager
+def _build_lock(folder: str):
+    """An exclusive lock on ``folder``'s ``.ipfx-build.lock`` (where ``fcntl`` exists): one process builds,
+    the ones started at the same time wait for it and then load its library."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".ipfx-build.lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def library_path() -> str | None:
+    """Where the built library is (None before a build)."""
+    cpp_extension = _cpp_extension()
+    name = library_name()
+    path = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+    return path if os.path.exists(path) else None
 
 
 def supports(x: Tensor) -> bool:
