@@ -247,3 +247,31 @@ def test_hf_errors(tmp_path):
     trainer2.create_optimizer()
     with pytest.raises(ipfx.IPFXError, match="already holds an optimizer"):
         IPFXTrainerCallback().attach(trainer2)
+
+
+def _plan(schedule: str, **schedule_kwargs):
+    from ipfx.integrations._core import Plan
+
+    return Plan(owner="test", space="ip", example_inputs=None, example_kwargs=None, transform_kwargs=None,
+                prune=None, sparsity=0.8, data=None, loss_fn=None, prune_kwargs=None, schedule=schedule,
+                schedule_kwargs=schedule_kwargs, lower=None)
+
+
+def test_schedule_defaults_follow_the_run_and_late_schedules_warn():
+    """Without frequency or end step, masks change about ten times up to 75% of the run (a 30-step run with
+    the fixed default of 100 steps pruned only at its last step); numbers that leave one pruning step, or
+    no training after the last, warn."""
+    import warnings
+
+    model = ipfx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
+                           example_inputs=(torch.randn(2, 3, 8, 8),))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = _plan("gmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan.build_schedule(model, optimizer, total_steps=30)
+    assert (plan.schedule.end_step, plan.schedule.frequency) == (22, 2)
+    with pytest.warns(UserWarning, match="changes masks only at step 22 .* one pruning step"):
+        _plan("gmp", frequency=100).build_schedule(model, optimizer, total_steps=30)
+    with pytest.warns(UserWarning, match="changes masks until step 30 of a 30-step run, so nothing trains after"):
+        _plan("gmp", end_step=30).build_schedule(model, optimizer, total_steps=30)

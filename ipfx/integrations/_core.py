@@ -7,6 +7,7 @@ from their own hooks.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -124,17 +125,34 @@ class Plan:
             kwargs[first] = self.sparsity
         if "optimizer" in params and "optimizer" not in kwargs:
             kwargs["optimizer"] = optimizer
+        # defaults from the run's length: masks change until 75% of training (GMP's last pruning step, RigL's
+        # and SET's last update), about ten times on the way, so the network trains after each change
         if cls is GMP:
             kwargs.setdefault("start_step", 0)
-            if "end_step" not in kwargs:
-                kwargs["end_step"] = self._total(total_steps, cls, 1.0)
-        elif "end_step" in params and "end_step" not in kwargs:
-            kwargs["end_step"] = self._total(total_steps, cls, 0.75)  # RigL/SET: updates stop at 75% of training
+        if "end_step" in params and "end_step" not in kwargs:
+            kwargs["end_step"] = self._total(total_steps, cls, 0.75)
+        if "frequency" in params and "frequency" not in kwargs and "end_step" in kwargs:
+            kwargs["frequency"] = max(1, (kwargs["end_step"] - kwargs.get("start_step", 0)) // 10)
+        if "frequency" in kwargs and "end_step" in kwargs:
+            self._warn_if_late(cls, kwargs, total_steps)
         if cls is RigL:
             if "data" not in kwargs:
                 kwargs["data"] = self.data if self.data is not None else data
             kwargs.setdefault("loss_fn", self.loss_fn)
         return kwargs
+
+    def _warn_if_late(self, cls, kwargs: dict, total_steps: int | None) -> None:
+        """A schedule whose masks change only at its last step, or at the run's very end, trains nothing after
+        pruning: say so (the user's own numbers, or a run too short for them)."""
+        start, end, every = kwargs.get("start_step", 0), kwargs["end_step"], kwargs["frequency"]
+        if every >= end - start and end > start:
+            warnings.warn(f"{self.owner}: {cls.__name__} with frequency {every} changes masks only at step {end} "
+                          f"(start {start}, end {end}): there is one pruning step; pass a smaller frequency "
+                          f"(schedule_kwargs={{'frequency': ...}}) for a gradual schedule", stacklevel=4)
+        if total_steps and end >= total_steps:
+            warnings.warn(f"{self.owner}: {cls.__name__} changes masks until step {end} of a {total_steps}-step run, "
+                          "so nothing trains after its last change; end it earlier (schedule_kwargs={'end_step': "
+                          f"{max(1, int(0.75 * total_steps))}}})", stacklevel=4)
 
     def _total(self, total_steps, cls, fraction: float) -> int:
         if total_steps is None or total_steps <= 0:
