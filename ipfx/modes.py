@@ -25,6 +25,8 @@ every node of its mode plus everything those nodes read (shared weight subgraphs
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Callable
 
 import torch.fx as fx
@@ -35,6 +37,34 @@ from .source_attributes import SourceAttributes
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 _MODE = "ipfx_mode"  # node.meta key: True (train graph) / False (eval graph)
 _PLACEHOLDER = "ipfx_placeholder"  # node.meta key: (target, args) of a placeholder renamed in the combined graph
+
+
+class _SignedForward:
+    """``ModeSwitch.forward``, with the signature of its graphs' ``forward`` (the model's argument names and
+    defaults) instead of ``(*args, **kwargs)``: ``inspect.signature`` and torch.export's ``dynamic_shapes``
+    (matched to the forward's parameters: ``({0: batch},)`` for ``forward(x)``) see the model's arguments."""
+
+    def __get__(self, switch, cls=None):
+        if switch is None:
+            return ModeSwitch._forward
+
+        def forward(*args, **kwargs):
+            return ModeSwitch._forward(switch, *args, **kwargs)
+
+        signature = switch.__dict__.get("_ipfx_signature")
+        if signature is None:
+            signature = switch.__dict__["_ipfx_signature"] = _graph_signature(switch.graph_module(True))
+        if signature is not False:
+            forward.__signature__ = signature
+        return forward
+
+
+def _graph_signature(gm: fx.GraphModule):
+    """The signature of ``gm.forward`` without ``self``, or False where it has none to read."""
+    try:
+        return inspect.signature(gm.forward)
+    except (TypeError, ValueError):
+        return False
 
 
 class ModeSwitch(SourceAttributes, nn.Module):
@@ -60,10 +90,12 @@ class ModeSwitch(SourceAttributes, nn.Module):
             share_tree(gm, self)  # a deep copy or unpickling rebuilt the graph module's containers
         return gm
 
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         gm = self.graph_module(self.training)
         gm.training = self.training  # what a guard's fallback runs in (ipfx.guards)
         return gm(*args, **kwargs)
+
+    forward = _SignedForward()
 
     def extra_repr(self) -> str:
         return "one traced graph for train mode and one for eval mode, sharing these modules"

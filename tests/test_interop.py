@@ -645,3 +645,42 @@ def test_a_hook_that_changes_the_output_is_part_of_the_graph():
     with torch.no_grad():
         assert_close(t(x), model(x), kind="hooks: output-changing hook")
         assert_close(ipfx.lower(t)(x), model(x), kind="hooks: output-changing hook, lowered")
+
+
+class TwoModes(nn.Module):
+    """A forward that reads ``self.training`` in Python: each mode gets its own graph (an ipfx.ModeSwitch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, scale: float = 1.0):
+        h = self.conv(x).relu()
+        if self.training:
+            h = h * 0.5
+        return self.head(h.mean((2, 3))) * scale
+
+
+@pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
+def test_every_result_form_exports_the_standard_way(examples):
+    """``torch.export.export(result, (x,), dynamic_shapes=({0: batch},))`` on the transformed model and both
+    lowerings, mode switches included: their forward shows the model's own arguments, not (*args, **kwargs)."""
+    import inspect
+
+    torch.manual_seed(0)
+    model = TwoModes().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = ipfx.transform(model, example_inputs=(x,)) if examples else ipfx.transform(model)
+        t.eval()(x)
+        results = {"transformed": t, "dense": ipfx.lower(t, "dense"), "fused": ipfx.lower(t, "fused")}
+    assert isinstance(t, ipfx.ModeSwitch)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    for name, result in results.items():
+        assert list(inspect.signature(result.forward).parameters)[0] == "x", (name, type(result))
+        with torch.no_grad():
+            program = torch.export.export(result.eval(), (x,), dynamic_shapes=({0: batch},))
+            other = torch.randn(5, 3, 8, 8)
+            assert_close(program.module()(other), model(other), kind=f"export standard form: {name}")
