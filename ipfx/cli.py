@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=arg.output_folder, default="ipfx-demo",
                       help="output folder (default: ./ipfx-demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller sweep (about 1 minute)")
-    demo.add_argument("--threads", type=arg.thread_count, default=None, help="torch threads (default: torch's choice)")
+    demo.add_argument("--threads", type=arg.thread_count, default=1,
+                      help="torch threads (default: 1; the demo's small convolutions gain little from more, and "
+                           "on a machine whose cores are busy more threads slow it down many times over)")
 
     cmp_ = sub.add_parser("compare", help="SP vs IP sweep over methods, sparsities and seeds (resumable)",
                           description="Run every (method, sparsity, space, seed) combination, append one record per "

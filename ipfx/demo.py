@@ -37,13 +37,16 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
     seeds = (0,) if quick else (0, 1)
     specs = grid(base, methods, QUICK_SPARSITIES if quick else SPARSITIES, ("sp", "ip"), seeds)
     log(f"ipfx demo: a small CNN on scikit-learn's digits ({len(dataset.train_y)} train / {len(dataset.test_y)} "
-        f"test images), pruned at initialisation with {', '.join(METHODS)}; {len(specs)} runs (SP and IP, "
+        f"test images), pruned at initialisation with {', '.join(methods)}; {len(specs)} runs (SP and IP, "
         f"seeds {', '.join(map(str, seeds))}, {base.epochs} epochs each)")
     store = ResultStore(out / "results.jsonl")
     store.path.unlink(missing_ok=True)
-    records = []
+    deployed = dataclasses.replace(specs[-1], space="ip")  # the sparsest IP model, kept from its run below
+    records, model = [], None
     for i, spec in enumerate(specs, 1):
-        record = run(spec, dataset, progress=progress, command=command)
+        record = run(spec, dataset, progress=progress, command=command, keep_model=spec == deployed)
+        if "_model" in record:
+            model, kept = record.pop("_model").eval(), record
         store.append(record)
         records.append(record)
         log(f"  [{i:2d}/{len(specs)}] {spec.method:8s} {spec.space} sparsity {spec.sparsity:<5g} seed {spec.seed}: "
@@ -53,10 +56,9 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
     png = plot(records, out / "accuracy.png", title="small CNN on digits: SP (dashed) vs IP (solid)")
     log("\n" + table + "\n")
 
-    # deploy the sparsest IP model: retrain it once more, keep it, lower it and check the outputs
-    spec = dataclasses.replace(specs[-1], space="ip")
-    record = run(spec, dataset, progress=False, command=command, keep_model=True)
-    model = record.pop("_model").eval()
+    # deploy the sparsest IP model (kept from its run): lower it, check the outputs, save it
+    spec, record = deployed, kept
+    log(f"lowering and saving the IP {spec.method} model at sparsity {spec.sparsity:g} ...")
     x = next(dataset.test_batches(64))[0]
     with torch.no_grad():
         y = model(x)

@@ -551,3 +551,16 @@ def test_submodules_are_reachable_after_import_ipfx():
     code = "import ipfx; print(ipfx.deploy.save_program.__name__, ipfx.experiments.RunSpec.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split() == ["save_program", "RunSpec"], out.stderr[-2000:]
+
+
+def test_plots_do_not_zoom_noise_and_say_what_their_bars_are(tmp_path):
+    from ipfx.experiments.report import accuracy_range, bars_caption, plot
+
+    bottom, top = accuracy_range([95.1, 96.8])  # 1.7 points of seed noise
+    assert top - bottom >= 20 and bottom <= 95.1 and top >= 96.8 and 0 <= bottom and top <= 100
+    assert accuracy_range([8.0, 99.0])[0] <= 8.0 and accuracy_range([8.0, 99.0])[1] == 100.0
+    assert bars_caption([2, 2]) == "bars: ±1 standard deviation over 2 seeds"
+    assert bars_caption([1]) == "one seed per point: no error bars"
+    records = [store_record(method="snip", space=space, seed=seed, accuracy=0.95 + 0.01 * seed)
+               for space in ("sp", "ip") for seed in (0, 1)]
+    assert plot(records, tmp_path / "a.png", title="t").stat().st_size > 1000

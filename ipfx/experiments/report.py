@@ -44,8 +44,14 @@ def markdown_table(records) -> str:
     return "\n".join(lines)
 
 
+#: The smallest accuracy range a plot's axis shows, in points: a closer zoom draws seed noise as a trend.
+MIN_SPAN = 20.0
+
+
 def plot(records, path: str | Path, title: str = "") -> Path:
-    """Accuracy against sparsity, one panel per method, SP dashed and IP solid, error bars = std."""
+    """Accuracy against sparsity, one panel per method, SP dashed and IP solid; error bars are one standard
+    deviation over the seeds (said on the figure, with the seed count); the accuracy axis spans at least
+    :data:`MIN_SPAN` points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,6 +59,8 @@ def plot(records, path: str | Path, title: str = "") -> Path:
 
     groups = _group(records)
     methods = sorted({k[2] for k in groups})
+    values = [a for acc in groups.values() for space in acc.values() for a in space]
+    seeds = sorted({len(space) for acc in groups.values() for space in acc.values() if space})
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False, sharey=True)
     for ax, method in zip(axes[0], methods):
         for space, style in (("sp", "--o"), ("ip", "-s")):
@@ -69,14 +77,33 @@ def plot(records, path: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel("test accuracy (%)")
-    if title:
-        fig.suptitle(title)
+    if values:
+        axes[0][0].set_ylim(*accuracy_range(values))
+    bars = bars_caption(seeds)
+    fig.suptitle(f"{title}\n{bars}" if title else bars, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def accuracy_range(values) -> tuple[float, float]:
+    """The accuracy axis (percent): around the values, at least :data:`MIN_SPAN` points wide plus a margin,
+    within [0, 100]."""
+    low, high = min(values), max(values)
+    span = max(high - low, MIN_SPAN) + 2.0
+    bottom = max(0.0, min((low + high - span) / 2, 100.0 - span))
+    return bottom, min(100.0, bottom + span)
+
+
+def bars_caption(seeds) -> str:
+    """What a plot's error bars are, given the seed counts of its points."""
+    seeds = sorted(set(seeds))
+    if not seeds or max(seeds) < 2:
+        return "one seed per point: no error bars"
+    return f"bars: ±1 standard deviation over {'/'.join(map(str, seeds))} seeds"
 
 
 def t_interval(values) -> tuple[float, float]:
