@@ -82,25 +82,18 @@ TORCH_KERNELS: dict[object, Schema] = _torch_table()
 ATEN_KERNELS: dict[object, Schema] = _aten_table()
 
 
-def _wrapped_linear_kernels() -> dict[object, tuple[int, ...]]:
-    """Leaf functions (``torch.fx.wrap``) that take linear weights as arguments: target -> positions.
-
-    torchvision's shifted-window attention (Swin, Swin3D) is one call in a symbolic trace receiving the
-    ``qkv`` and ``proj`` weights; each is an ``(out, in)`` matrix used by ``F.linear`` inside.
-    """
-    table: dict[object, tuple[int, ...]] = {}
-    try:
-        from torchvision.models import swin_transformer
-        from torchvision.models.video import swin_transformer as swin3d
-    except ImportError:  # torchvision is optional for this table
-        return table
-    table[swin_transformer.shifted_window_attention] = (1, 2)
-    table[swin3d.shifted_window_attention_3d] = (1, 2)
-    return table
+#: Leaf functions (``torch.fx.wrap``) that take linear weights as arguments, by qualified name: positions.
+#: torchvision's shifted-window attention (Swin, Swin3D) is one call in a symbolic trace receiving the
+#: ``qkv`` and ``proj`` weights; each is an ``(out, in)`` matrix used by ``F.linear`` inside. Keyed by name,
+#: so that ``import ipfx`` does not import ``torchvision.models`` (about 1.5 s) to build the table.
+LINEAR_KERNEL_CALLS: dict[str, tuple[int, ...]] = {
+    "torchvision.models.swin_transformer.shifted_window_attention": (1, 2),
+    "torchvision.models.video.swin_transformer.shifted_window_attention_3d": (1, 2),
+}
 
 
-#: call_function targets that take linear kernels at these argument positions
-LINEAR_KERNEL_CALLS: dict[object, tuple[int, ...]] = _wrapped_linear_kernels()
+def _qualified_name(target) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
 
 
 def _linear_kernel_modules() -> dict[type, tuple[int, ...]]:
@@ -188,10 +181,7 @@ def kernel_inputs(gm: fx.GraphModule, node: fx.Node) -> Iterator[tuple[str, int,
         return
     positions = ()
     if node.op == "call_function":
-        try:
-            positions = LINEAR_KERNEL_CALLS.get(node.target, ())
-        except TypeError:
-            positions = ()
+        positions = LINEAR_KERNEL_CALLS.get(_qualified_name(node.target), ())
     elif node.op == "call_module":
         try:
             module = gm.get_submodule(node.target)
