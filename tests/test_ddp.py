@@ -77,6 +77,7 @@ def _engine_run(rank: int, spec):
     return {"accuracy": record["accuracy"], "masks": [t.mask.clone() for t in targets(model)]}
 
 
+@pytest.mark.slow  # 15 s; test_two_processes_equal_one_process covers the same path by default
 def test_every_rank_ends_with_the_one_process_masks(tmp_path):
     from ipfx.experiments import RunSpec, load_dataset, run
 

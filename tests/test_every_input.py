@@ -454,3 +454,22 @@ def test_fallback_capture_records_the_real_call(make, x, how):
 def test_untraceable_forward_reports_a_bare_assert():
     with pytest.warns(UserWarning, match="AssertionError"):
         ipfx.transform(DataDependent(BareAssert()).eval())
+
+
+def test_an_export_over_its_time_budget_keeps_the_batch_free(monkeypatch):
+    """Where keeping every size free takes torch.export past DYNAMIC_EXPORT_SECONDS (timm's 'same' padding
+    takes minutes), ipfx exports with the batch free alone: another batch runs, another image size is
+    refused with the guard error, never computed wrong."""
+    from ipfx import export as export_module
+
+    monkeypatch.setattr(export_module, "DYNAMIC_EXPORT_SECONDS", 1e-4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = ipfx.transform(model, example_inputs=(torch.randn(2, 3, 8, 8),))
+    with torch.no_grad():
+        other_batch = torch.randn(5, 3, 8, 8)
+        assert_close(t(other_batch), model(other_batch), kind="every input: over budget, other batch")
+        with pytest.raises(AssertionError, match="ipfx shape guard"):
+            t(torch.randn(2, 3, 12, 12))

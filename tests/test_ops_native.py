@@ -107,7 +107,7 @@ def test_without_a_compiler_the_torch_path_runs_with_one_warning(monkeypatch, tm
     computes the same numbers by the torch orders."""
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native, "_SOURCE", "/nonexistent/ip_conv.cpp")
-    monkeypatch.setattr(native, "_NAME", "ipfx_native_missing")
+    monkeypatch.setattr(native, "library_name", lambda: "ipfx_native_missing")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # leave no build folder behind
     case = _case()
     t = make_tensors(case)

@@ -122,6 +122,7 @@ def test_workers_end_when_the_sweep_is_killed(tmp_path):
     assert not (tmp_path / "s" / "results.jsonl").exists() or not (tmp_path / "s" / "results.jsonl").read_text()
 
 
+@pytest.mark.slow  # 14 s; test_faults.test_two_sweeps_at_once_then_a_kill_of_one covers it by default
 def test_two_identical_sweeps_at_once_train_and_store_each_run_once(tmp_path):
     """Two `ipfx compare` processes started together on one --out: each run is claimed by one of them
     (.claims/), so the store holds each run once and the two logs report each run once in all."""

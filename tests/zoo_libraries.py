@@ -770,7 +770,6 @@ FAST: list[str] = [
     "transformers/vit",  # untraced code reads the patch embedding's weight.dtype
     "transformers/wav2vec2",  # conv1d feature extractor, weight-norm positional conv
     "transformers/convbert",  # separable conv1d in a text model, optional-argument branches
-    "timm/tf_efficientnet_lite0",  # Conv2dSame: 'same' padding computed with math.ceil on the input size
     "timm/test_nfnet",  # ScaledStdConv2d: weight standardisation in forward
     "monai/basic_unet",  # isinstance checks on optional skip inputs in the decoder
     "diffusers/unet2d_condition",  # cross attention, timestep embedding, transposed/strided convs
