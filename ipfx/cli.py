@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "write a plot and the lowered model.")
     demo.add_argument("--out", type=arg.output_folder, default="ipfx-demo",
                       help="output folder (default: ./ipfx-demo)")
-    demo.add_argument("--quick", action="store_true", help="a smaller sweep (about 1 minute)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smaller sweep: one seed, two sparsities (about 45 s on one core; the whole demo "
+                           "about 2 minutes)")
     demo.add_argument("--threads", type=arg.thread_count, default=1,
                       help="torch threads (default: 1; the demo's small convolutions gain little from more, and "
                            "on a machine whose cores are busy more threads slow it down many times over)")
