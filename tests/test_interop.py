@@ -437,6 +437,7 @@ def _ddp_train(rank: int) -> dict:
     }
 
 
+@pytest.mark.slow  # 12 s; tests/test_ddp.py trains data-parallel over two gloo processes by default
 def test_ddp_training_with_two_gloo_processes(tmp_path):
     results = run_on_ranks(_ddp_train, str(tmp_path), WORLD)
     for r in results:
