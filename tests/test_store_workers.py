@@ -45,7 +45,7 @@ def test_a_cut_last_line_is_reported_skipped_and_not_glued_to_the_next_record(tm
     store.append(store_record(method="random"))
     with store.path.open("a") as f:
         f.write('{"method": "sn')  # the writer was killed halfway through the line
-    with pytest.warns(UserWarning, match=r"line 2: cut or not JSON.* those runs are redone"):
+    with pytest.warns(UserWarning, match=r"line 2: cut or not JSON.* a sweep on this store runs them again"):
         assert [r["method"] for r in store.records()] == ["random"]
     store.append(store_record(method="gmp"))
     with pytest.warns(UserWarning, match="line 2: cut or not JSON"):
@@ -229,7 +229,7 @@ def test_a_store_line_that_is_not_a_record_is_reported_skipped_and_redone(tmp_pa
         line = json.dumps({k: v for k, v in good.items() if k != field}).encode()
     (out / "results.jsonl").write_bytes(line + b"\n")
     capsys.readouterr()
-    with pytest.warns(UserWarning, match="line 1: .*skipped, so those runs are redone"):
+    with pytest.warns(UserWarning, match="line 1: .*skipped: a sweep on this store runs them again"):
         assert main(args) == 0
     assert "[2/2]" in capsys.readouterr().out  # both runs trained again
     with pytest.warns(UserWarning, match="line 1: "):  # the bad line is still there, reported on every read

@@ -56,8 +56,8 @@ class ResultStore:
                 out.append(record)
         if bad:
             shown = "; ".join(f"line {n}: {why}" for n, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
-            warnings.warn(f"{self.path}: {len(bad)} line(s) are not records ({shown}); skipped, so those runs are "
-                          f"redone (a run killed while writing leaves a cut line)", stacklevel=2)
+            warnings.warn(f"{self.path}: {len(bad)} line(s) are not records ({shown}); skipped: a sweep on this "
+                          f"store runs them again (a run killed while writing leaves a cut line)", stacklevel=2)
         return self._once(out)
 
     def _once(self, records: list[dict]) -> list[dict]:
