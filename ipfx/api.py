@@ -82,7 +82,9 @@ def transform(
         example_inputs: a tuple of positional arguments (a bare tensor is accepted), as for
             ``torch.export``; with them the model is captured by torch.export in both training modes
             and the capture is checked against the model on them.
-        example_kwargs: keyword arguments of the example call.
+        example_kwargs: keyword arguments of the example call (alone, or with ``example_inputs``). Other
+            call patterns keep working: a model captured with ``labels=y`` may be called without them
+            and the other way round; such calls run the model's own forward on the same coefficients.
         capture: ``"auto"`` (torch.export with example inputs, falling back to symbolic tracing;
             symbolic tracing without), ``"export"`` or ``"symbolic"``.
         leaf_modules: module names or types torch.fx must not trace into (symbolic front end); with
@@ -105,6 +107,8 @@ def transform(
         ``<prefix>`` is its name without ``.weight``.
     """
     args, kwargs = as_args(example_inputs), as_kwargs(example_kwargs)
+    if args is None and kwargs:  # an example given by keyword alone is an example all the same
+        args = ()
     if capture not in FRONT_ENDS:
         raise IPFXValueError(f"unknown capture={capture!r}; use one of {', '.join(map(repr, FRONT_ENDS))}")
     if capture == "export" and args is None and not isinstance(model, torch.export.ExportedProgram):

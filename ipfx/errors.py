@@ -7,6 +7,11 @@ exception a user would catch anyway (``TypeError``/``ValueError``/``RuntimeError
 
 from __future__ import annotations
 
+import os
+import sys
+
+import torch
+
 
 class IPFXError(Exception):
     """Base class of every ipfx error."""
@@ -37,3 +42,15 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     exception without a message (a bare ``assert``)."""
     lines = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return (lines[0] if lines else type(exc).__name__).rstrip(": ")[:limit]
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by this function's caller at the first frame outside
+    ipfx and torch: the user's line, however deep the call (module hooks, graph modules, mode switches)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -20,6 +20,11 @@ Where that export fails or takes too long (:data:`DYNAMIC_EXPORT_SECONDS`), one 
 is tried, then a static one; their guards fix the other sizes. A ``dynamic_shapes``
 spec given by the user replaces the automatic one.
 
+Export fixes the call too: the graph takes the example's arguments in the example's layout, and fixes
+every non-tensor argument. The example call is recorded on the graphs (:class:`ipfx.guards.ExampleCall`);
+calls of another pattern (``labels`` left out where the example gave them) run the model's own forward
+on the same coefficients.
+
 Export runs the model's Python, which may cache things on its modules (a detection head storing its
 anchors for the shape it saw); every module's attributes are put back afterwards
 (:mod:`ipfx.snapshot`), so no fake tensor or shape is left behind.
@@ -42,6 +47,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import TraceError, first_line
+from .guards import PATTERN, ExampleCall
 from .modes import ModeSwitch
 from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards
 from .shapes import dynamic_spec
@@ -73,6 +79,11 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
             fixed = reason or fixed
             graphs[mode] = graph_module_of(program, type(model).__name__)
             keep_aliases(graphs[mode], model, containers=False)  # a module registered twice: both names
+    _copy_training_flags(model, graphs.values())
+    pattern = ExampleCall.record(model.forward, args, kwargs)  # the call the graphs take (ipfx.guards)
+    for gm in graphs.values():
+        if pattern is not None:
+            gm.meta[PATTERN] = pattern.as_tuple()
     if graphs[True].code == graphs[False].code:
         return graphs[own].train(own), fixed  # ep.module() comes in train mode whatever the model's was
     return ModeSwitch(graphs[True], graphs[False], training=own), fixed
@@ -117,6 +128,17 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
                                          + "; ".join(reasons))
         return program, level, fixed
     raise AssertionError("unreachable")
+
+
+def _copy_training_flags(model: nn.Module, graphs) -> None:
+    """Give each graph's modules the training flag of the model's module at their path. ``ep.module()``
+    builds them in train mode; the exported graphs do not read the flags (each mode is its own graph), but
+    the model's own forward, run for calls of another pattern (:mod:`ipfx.guards`), takes them from here."""
+    flags = {path: m.training for path, m in model.named_modules()}
+    for gm in graphs:
+        for path, module in gm.named_modules():
+            if path in flags:
+                module.training = flags[path]
 
 
 class OverBudget(BaseException):

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from . import verify
-from .errors import first_line
+from .errors import first_line, user_stacklevel
 
 CHECK = "ipfx_check_first_calls"  # GraphModule.meta: the kinds of call already checked (a set)
 USE_FORWARD = "ipfx_use_forward"  # GraphModule.meta: why the part runs its module's forward instead
@@ -80,7 +80,7 @@ def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tu
                     f"{problem} on its first {'train' if gm.training else 'eval'}-mode call of this kind: "
                     "tracing took a path this input does not take. That part runs its module's own forward "
                     "from now on (the same coefficients, pruned and trained alike). Pass example_inputs=... "
-                    "to ipfx.transform to capture it as a graph", stacklevel=4)
+                    "to ipfx.transform to capture it as a graph", stacklevel=user_stacklevel())
     if USE_FORWARD in gm.meta:
         sync_training(forward, gm)
         return forward(*args, **kwargs)

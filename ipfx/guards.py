@@ -16,6 +16,19 @@ an optional argument is never ``None``, and a graph traced with it present compu
 
 Forwards with ``*args``/``**kwargs`` are traced as before (no pattern): their optional arguments
 cannot be named.
+
+torch.export specialises the same way, and more: an exported graph takes exactly the arguments of the
+example call, in its layout (positional or keyword), and fixes every non-tensor argument's value. A
+Hugging Face classifier exported with ``labels`` computes the loss and needs ``labels`` on every call;
+exported without, it has no ``labels`` input. The export front end therefore records the example call
+(:class:`ExampleCall`): which arguments were given (not left at their default) and, for each, its form
+(a tensor, or a structure of tensors and constants, the constants by value). A call that gives the same
+arguments in the same forms runs the graph, rearranged into the example's layout; any other call runs the
+fallback, as above. Forwards with ``**kwargs`` are covered (the extra names are arguments like any other).
+
+Either kind of graph reports the original forward's signature (:func:`sign`), so ``inspect.signature``,
+torch.export's ``dynamic_shapes`` and a trainer that picks dataset columns by the forward's argument names
+see the model's arguments, ``labels=None`` included.
 """
 
 from __future__ import annotations
@@ -25,9 +38,12 @@ import inspect
 import warnings
 from typing import Any
 
+import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from . import first_call
+from .errors import user_stacklevel
 
 PATTERN = "ipfx_call_pattern"  # GraphModule.meta key
 FALLBACK = "ipfx_fallback"  # GraphModule.meta key: the module whose forward runs for other patterns
@@ -64,10 +80,136 @@ class CallPattern:
         return (all(bound.get(n) is None for n in self.none)
                 and all(bound.get(n) is not None for n in self.present))
 
+    def bind(self, args: tuple, kwargs: dict) -> dict | None:
+        """The call's arguments by name; None where it is not a call of this signature."""
+        bound = dict(zip(self.names, args))
+        bound.update(kwargs)
+        return bound if len(args) <= len(self.names) and not set(bound) - set(self.names) else None
+
+    def graph_call(self, bound: dict) -> tuple[list, dict]:
+        return self.positional(bound), {}
+
+    def describe(self, bound: dict) -> str:
+        return ", ".join(f"{n}={'None' if bound.get(n) is None else 'given'}" for n in self.names
+                         if n in self.none | self.present)
+
     def __str__(self) -> str:
         parts = [f"{n}=None" for n in self.names if n in self.none]
         parts += [f"{n} given" for n in self.names if n in self.present]
         return ", ".join(parts)
+
+
+_CONSTANTS = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device)
+_TENSOR = "<tensor>"
+
+
+def _form(value) -> tuple | None:
+    """What an exported graph fixes about an argument: its pytree structure, tensors as such and every
+    other leaf by value; None where a leaf is neither a tensor nor a plain constant (not recordable)."""
+    leaves, spec = tree_flatten(value)
+    if any(not isinstance(leaf, (torch.Tensor, *_CONSTANTS)) for leaf in leaves):
+        return None
+    return (str(spec), tuple(_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleCall:
+    """The call a graph was exported with (module docstring): the forward's named parameters, the layout
+    the graph takes (its first ``positional`` names positionally, then ``keywords``), the form of every
+    argument given, and the value the example had for the layout's other arguments (``None`` or the
+    default), which the graph receives whenever a call leaves them out too."""
+
+    names: tuple[str, ...]
+    var_keyword: bool  # the forward has **kwargs: other names are arguments too
+    defaults: tuple  # (name, default) of every named parameter with a default
+    positional: int
+    keywords: tuple[str, ...]
+    given: tuple  # (name, form) of the example's given arguments
+    filled: tuple  # (name, value) of the layout's arguments the example left at None or the default
+
+    def as_tuple(self) -> tuple:
+        return ("export", self.names, self.var_keyword, self.defaults, self.positional, self.keywords,
+                self.given, self.filled)
+
+    @classmethod
+    def record(cls, forward, args: tuple, kwargs: dict) -> "ExampleCall | None":
+        """The example call of ``forward`` (a bound method); None where it cannot be recorded (``*args``
+        beyond the named parameters, keyword-only parameters, an argument that is neither tensors nor
+        plain constants)."""
+        try:
+            params = list(inspect.signature(forward).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        kinds = {p.kind for p in params}
+        if kinds - {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_KEYWORD}:
+            return None
+        named = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        names = tuple(p.name for p in named)
+        defaults = tuple((p.name, p.default) for p in named if p.default is not inspect.Parameter.empty)
+        if len(args) > len(names):
+            return None
+        pattern = cls(names, inspect.Parameter.VAR_KEYWORD in kinds, defaults, len(args), tuple(kwargs), (), ())
+        bound = pattern.bind(args, kwargs)
+        if bound is None:
+            return None
+        given = pattern._given(bound)
+        if given is None:
+            return None
+        layout = names[: len(args)] + tuple(kwargs)
+        filled = tuple((n, bound[n]) for n in layout if n not in given)
+        return dataclasses.replace(pattern, given=tuple(given.items()), filled=filled)
+
+    @classmethod
+    def of(cls, value: tuple) -> "ExampleCall":
+        return cls(*value[1:])
+
+    def bind(self, args: tuple, kwargs: dict) -> dict | None:
+        bound = dict(zip(self.names, args))
+        if len(args) > len(self.names) or set(bound) & set(kwargs):
+            return None
+        bound.update(kwargs)
+        if not self.var_keyword and set(bound) - set(self.names):
+            return None
+        return bound
+
+    def _given(self, bound: dict) -> dict | None:
+        """Name -> form of the arguments ``bound`` gives: not left at the default (``None`` counts as left
+        out for a parameter whose default is ``None`` and for a ``**kwargs`` name)."""
+        defaults = dict(self.defaults)
+        given = {}
+        for name, value in bound.items():
+            if name in defaults:
+                default, form = defaults[name], _form(value)
+                if value is default or (type(value) is type(default) and form is not None
+                                        and _TENSOR not in form[1] and form == _form(default)):
+                    continue
+            elif name not in self.names and value is None:
+                continue
+            form = _form(value)
+            if form is None:
+                return None
+            given[name] = form
+        return given
+
+    def matches(self, bound: dict) -> bool:
+        return self._given(bound) == dict(self.given)
+
+    def graph_call(self, bound: dict) -> tuple[list, dict]:
+        filled = dict(self.filled)
+        value = lambda n: bound[n] if n in dict(self.given) else filled[n]  # noqa: E731
+        return [value(n) for n in self.names[: self.positional]], {k: value(k) for k in self.keywords}
+
+    def describe(self, bound: dict) -> str:
+        given = self._given(bound)
+        return f"({', '.join(given)}) given" if given else "no argument given"
+
+    def __str__(self) -> str:
+        return f"({', '.join(n for n, _ in self.given)}) given" if self.given else "no argument given"
+
+
+def pattern_of(value: tuple) -> CallPattern | ExampleCall:
+    """The pattern stored on a graph (``meta[PATTERN]``), of either kind."""
+    return ExampleCall.of(value) if value and value[0] == "export" else CallPattern.of(value)
 
 
 def optional_parameters(module: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...], tuple] | None:
@@ -131,6 +273,29 @@ def record_patterns(model: nn.Module, run) -> dict[str, frozenset[str]]:
     return seen
 
 
+def signature_of(gm) -> inspect.Signature | None:
+    """The signature of the forward ``gm`` was captured from (its fallback's), or None without a fallback."""
+    fallback = gm.__dict__.get("meta", {}).get(FALLBACK)
+    if fallback is None:
+        return None
+    try:
+        return inspect.signature(fallback.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def sign(gm) -> None:
+    """Make ``gm.forward`` report the captured forward's signature (module docstring). The generated
+    ``forward`` lives on the graph module's own class (torch.fx makes one per instance) and is replaced by
+    every recompile, so this runs again after each (:class:`ipfx.source_attributes.CapturedGraphModule`)."""
+    signature = signature_of(gm)
+    forward = type(gm).__dict__.get("forward")
+    if signature is None or forward is None:
+        return
+    own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[own, *signature.parameters.values()])
+
+
 def follow_forms(graphs) -> None:
     """After ``Module._apply`` (``.to()``, ``.cuda()``, ``.half()``): the fallbacks of ``graphs``, kept outside
     the module tree, read the graphs' converted tensors again (:func:`ipfx.parametrize.follow_form`)."""
@@ -150,12 +315,12 @@ def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:
     stored = gm.meta.get(PATTERN)
     graph_call = lambda: call(*args, **kwargs)  # noqa: E731
     if stored is not None:
-        pattern = CallPattern.of(stored)
-        bound = dict(zip(pattern.names, args))
-        bound.update(kwargs)
-        if len(args) <= len(pattern.names) and not set(bound) - set(pattern.names):
+        pattern = pattern_of(stored)
+        bound = pattern.bind(args, kwargs)
+        if bound is not None:
             if pattern.matches(bound):
-                graph_call = lambda: call(*pattern.positional(bound))  # noqa: E731
+                graph_args, graph_kwargs = pattern.graph_call(bound)
+                graph_call = lambda: call(*graph_args, **graph_kwargs)  # noqa: E731
             else:
                 return _other_pattern(gm, pattern, bound, fallback, args, kwargs)
         # else: not a call of this signature; let the graph say what is wrong
@@ -164,18 +329,17 @@ def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:
     return graph_call()
 
 
-def _other_pattern(gm, pattern: CallPattern, bound: dict, fallback, args: tuple, kwargs: dict) -> Any:
-    given = ", ".join(f"{n}={'None' if bound.get(n) is None else 'given'}" for n in pattern.names
-                      if n in pattern.none | pattern.present)
+def _other_pattern(gm, pattern, bound: dict, fallback, args: tuple, kwargs: dict) -> Any:
+    given = pattern.describe(bound)
     if fallback is None:
         raise RuntimeError(
-            f"this graph of {type(gm).__name__} was traced with {pattern} but called with {given}, and it has "
+            f"this graph of {type(gm).__name__} was captured with {pattern} but called with {given}, and it has "
             "no fallback; transform the model with example inputs of this call (example_inputs=...)")
     if not gm.__dict__.get("_ipfx_warned"):
         gm.__dict__["_ipfx_warned"] = True
         warnings.warn(
-            f"{type(gm).__name__} was traced with {pattern} but is called with {given}: running its own forward "
+            f"{type(gm).__name__} was captured with {pattern} but is called with {given}: running its own forward "
             "(same coefficients, no graph) for such calls. To capture this call pattern, transform with "
-            "example_inputs of it", stacklevel=4)
+            "example_inputs of it", stacklevel=user_stacklevel())
     first_call.sync_training(fallback, gm)
     return fallback(*args, **kwargs)

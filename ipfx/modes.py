@@ -32,6 +32,7 @@ from typing import Callable
 import torch.fx as fx
 import torch.nn as nn
 
+from .guards import FALLBACK, signature_of
 from .source_attributes import SourceAttributes
 
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
@@ -51,16 +52,23 @@ class _SignedForward:
         def forward(*args, **kwargs):
             return ModeSwitch._forward(switch, *args, **kwargs)
 
-        signature = switch.__dict__.get("_ipfx_signature")
-        if signature is None:
-            signature = switch.__dict__["_ipfx_signature"] = _graph_signature(switch.graph_module(True))
+        gm = switch.graph_module(True)
+        key = id(gm.meta.get(FALLBACK))  # the captured forward's signature, once there is a fallback
+        cached = switch.__dict__.get("_ipfx_signature")
+        if cached is None or cached[0] != key:
+            cached = switch.__dict__["_ipfx_signature"] = (key, _graph_signature(gm))
+        signature = cached[1]
         if signature is not False:
             forward.__signature__ = signature
         return forward
 
 
 def _graph_signature(gm: fx.GraphModule):
-    """The signature of ``gm.forward`` without ``self``, or False where it has none to read."""
+    """The signature of the forward ``gm`` was captured from, else of ``gm.forward``, without ``self``; or
+    False where it has none to read."""
+    captured = signature_of(gm)
+    if captured is not None:
+        return captured
     try:
         return inspect.signature(gm.forward)
     except (TypeError, ValueError):

@@ -53,6 +53,11 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
         guards.follow_forms([self])
         return result
 
+    def recompile(self):
+        result = super().recompile()
+        guards.sign(self)  # the new forward reports the captured signature again
+        return result
+
     def __call__(self, *args, **kwargs):
         if guards.PATTERN in self.meta or guards.FALLBACK in self.meta:
             return guards.guarded_call(self, super().__call__, args, kwargs)
@@ -66,6 +71,7 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
         for name, child in self._modules.items():
             if child is not None and name not in result._modules:
                 result._modules[name] = copy.deepcopy(child, memo)
+        guards.sign(result)  # meta (with the fallback) is copied after torch.fx's recompile
         return result
 
 

@@ -8,6 +8,7 @@ the same outputs. Then the model code that broke symbolic capture (issue 10), ea
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 
@@ -424,7 +425,7 @@ def test_a_symbolic_graph_guards_the_optional_arguments_it_was_traced_without():
     t = ipfx.transform(model)  # no example inputs: traced with skip=None
     assert_close(t(x), model(x), kind="guard: traced pattern")
     assert_close(t(x, None, 3.0), model(x, None, 3.0), kind="guard: traced pattern, other scale")
-    with pytest.warns(UserWarning, match="traced with skip=None but is called with skip=given"):
+    with pytest.warns(UserWarning, match="captured with skip=None but is called with skip=given"):
         assert_close(t(x, x), model(x, x), kind="guard: fallback")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning per graph
@@ -479,6 +480,107 @@ def test_parts_traced_with_the_observed_pattern_fall_back_on_the_other(traced_wi
     assert {w.name for w in ipfx.rewritten_weights(t)} == {"embeddings.proj.weight", "out.weight"}
     for call in ({}, {"token_type_ids": tokens}):
         assert_close(quiet(t, x, **call), model(x, **call), kind="guard: partial part, both patterns")
+
+
+# -- call patterns of an exported graph: the example call, other calls through the forward ---------------------
+class Classifier(nn.Module):
+    """A Hugging Face-like head: a loss when labels are given, options through ``**kwargs``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, pixel_values=None, labels=None, scale: float = 1.0, **kwargs):
+        features = self.bn(self.conv(pixel_values)).relu().mean((2, 3))
+        logits = self.head(features) * scale
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        if kwargs.get("output_features"):
+            out["features"] = features
+        return out
+
+
+def _same_output(a: dict, b: dict, kind: str) -> None:
+    assert set(a) == set(b), f"{kind}: keys {sorted(a)} != {sorted(b)}"
+    for key in a:
+        assert_close(a[key], b[key], kind=f"{kind}: {key}")
+
+
+CALLS = {
+    "pixels": lambda x, y: {"pixel_values": x},
+    "labels=None": lambda x, y: {"pixel_values": x, "labels": None},
+    "labels": lambda x, y: {"pixel_values": x, "labels": y},
+    "positional labels": lambda x, y: {"args": (x, y)},
+    "scale": lambda x, y: {"pixel_values": x, "scale": 2.0},
+    "**kwargs option": lambda x, y: {"pixel_values": x, "output_features": True},
+}
+
+
+def _call(model, x, y, name):
+    call = dict(CALLS[name](x, y))
+    return quiet(model, *call.pop("args", ()), **call)
+
+
+@pytest.mark.parametrize("example", ["pixels", "labels", "positional labels", "**kwargs option"])
+def test_an_exported_graph_takes_every_call_pattern_of_the_forward(example):
+    model, x, y = Classifier().eval(), torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    call = dict(CALLS[example](x, y))
+    t = ipfx.transform(model, example_inputs=call.pop("args", ()), example_kwargs=call)
+    assert {w.capture for w in ipfx.rewritten_weights(t)} == {"export"}
+    assert inspect.signature(t.forward) == inspect.signature(model.forward)  # labels=None, **kwargs included
+    other = (torch.randn(3, 3, 10, 10), torch.tensor([1, 1, 0]))
+    for form in ("transformed", "dense", "fused"):
+        result = t if form == "transformed" else quiet(ipfx.lower, t, form)
+        assert inspect.signature(result.forward) == inspect.signature(model.forward), form
+        for name in CALLS:
+            for inputs in ((x, y), other):
+                _same_output(_call(result, *inputs, name), _call(model, *inputs, name), f"{form}, {name}")
+
+
+def test_a_call_of_another_pattern_warns_once_and_trains_the_same_coefficients():
+    model, x, y = Classifier(), torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    t = ipfx.transform(model, example_inputs=(x,), example_kwargs={"labels": y})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t(x, labels=y)  # the example's own pattern: the graph, no warning
+    with pytest.warns(UserWarning, match=r"captured with \(pixel_values, labels\) given but is called with \(pixel_values\) given"):
+        t(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per graph
+        t(pixel_values=x, labels=None)
+    t.conv.coeff.grad = None
+    t(x)["logits"].sum().backward()
+    assert t.conv.coeff.grad is not None and t.conv.coeff.grad.abs().sum() > 0
+
+
+def test_an_example_given_by_keyword_alone_is_exported():
+    model, x = Classifier().eval(), torch.randn(2, 3, 8, 8)
+    t = ipfx.transform(model, example_kwargs={"pixel_values": x})
+    assert {w.capture for w in ipfx.rewritten_weights(t)} == {"export"}
+    _same_output(t(pixel_values=x), model(pixel_values=x), "keyword example")
+
+
+def test_the_example_call_records_what_export_fixes():
+    from ipfx.guards import ExampleCall
+
+    forward = Classifier().forward
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    pattern = ExampleCall.record(forward, (x,), {"labels": y, "scale": 1.0})
+    assert dict(pattern.given).keys() == {"pixel_values", "labels"}  # scale at its default is left out
+    assert pattern.graph_call({"pixel_values": x, "labels": y}) == ([x], {"labels": y, "scale": 1.0})
+    bind = pattern.bind
+    assert pattern.matches(bind((x, y), {}))
+    assert not pattern.matches(bind((x,), {}))
+    assert not pattern.matches(bind((x, y), {"scale": 2.0}))  # a constant export fixed: another value
+    assert not pattern.matches(bind((x, y), {"output_features": True}))
+    assert pattern.matches(bind((x, y), {"output_features": None}))  # None through **kwargs: left out
+    assert not pattern.matches(bind((x, (y, y)), {}))  # another structure
+    assert bind((x,), {"pixel_values": x}) is None  # not a call of this signature: the graph says so
+    assert ExampleCall.record(forward, (x,), {"labels": object()}) is None  # nothing export could fix
 
 
 class Plain(nn.Module):

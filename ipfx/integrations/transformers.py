@@ -24,8 +24,9 @@ Pruning methods that need data (SNIP, GraSP) and RigL take ``data`` (``(inputs, 
 and ``loss_fn(outputs, targets)`` from the options: a Trainer's batches are dicts, which ``ipfx.prune``
 does not guess how to split. A model called with keyword arguments (``model(pixel_values=...,
 labels=...)``) is best transformed with ``example_kwargs`` of that call, so the traced graph takes the
-arguments the Trainer passes. Set ``remove_unused_columns=False`` in the ``TrainingArguments`` when
-the dataset is not a ``datasets.Dataset`` with the forward's column names.
+arguments the Trainer passes; the transformed model keeps the forward's signature, so the Trainer's
+``remove_unused_columns`` keeps the columns it names (``labels`` included), and calls without ``labels``
+(evaluation, the lowered model) run too (:mod:`ipfx.guards`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..first_call import CHECK
-from ..guards import FALLBACK, PATTERN
+from ..guards import FALLBACK, PATTERN, sign
 from ..modes import graphs_of
 from ..parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
 from ..reparam import BasisWeight
@@ -71,6 +71,7 @@ class GuardFallbacks(Pass):
                 continue
             # in meta, not an attribute: no child module, no state-dict entries; meta is copied with the graph
             gm.meta[FALLBACK] = captured.original[part.path]
+            sign(gm)  # the graph reports the forward's own signature, optional arguments included
             if self.check_first_calls and part.front_end == "symbolic":
                 gm.meta[CHECK] = set()
             given.append(part.path)

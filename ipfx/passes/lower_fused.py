@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..compose import compose_weight
+from ..errors import user_stacklevel
 from ..ops import SparseIPConv, SparseLinear
 from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
 from ..kernels import kernel_call
@@ -58,7 +59,7 @@ class LowerFused(PassBase):
         if self.warn and self.not_fused:
             listed = ", ".join(f"{p} ({r})" for p, r in list(self.not_fused.items())[:6])
             warnings.warn(f"lower(target='fused') kept {len(self.not_fused)} weight(s) dense: {listed}",
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
         return PassResult(gm, bool(self.fused))
 
     def _fuse(self, gm: fx.GraphModule, sub: ComposeSubgraph) -> str | None:

@@ -20,6 +20,7 @@ import warnings
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import user_stacklevel
 from ..first_call import CHECK, USE_FORWARD
 from ..guards import FALLBACK, PATTERN
 from ..modes import ModeSwitch, graphs_of
@@ -85,7 +86,7 @@ class SettleFirstCallChecks(Pass):
                 f"ipfx.lower: {len(unchecked)} graph(s) traced without example inputs ({', '.join(sorted(set(unchecked))[:4])}) "
                 "were never called, so never checked against their own forward; the lowered model runs them "
                 "unchecked. Call the transformed model once on real inputs before lowering, or transform it "
-                "with example_inputs=...", stacklevel=4)
+                "with example_inputs=...", stacklevel=user_stacklevel())
         return PassOutcome(model, bool(unchecked), unchecked)
 
 
