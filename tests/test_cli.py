@@ -335,6 +335,7 @@ class _Opens:
         return open, (self.path, "w")
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # --trust runs the payload: it opens a file and drops it
 def test_inspect_runs_no_code_from_a_file_without_trust(tmp_path, capsys):
     marker = tmp_path / "ran"
     torch.save({"weights": torch.ones(2), "payload": _Opens(marker)}, tmp_path / "hostile.pt")

@@ -83,9 +83,11 @@ def lightning_module(record: dict):
     return pl, Classifier()
 
 
-def fit_lightning(callback, steps: int = 12, tmp_path=None):
+def fit_lightning(callback, steps: int = 12, tmp_path=None, prepare=None):
     record: dict = {}
     pl, module = lightning_module(record)
+    if prepare is not None:
+        prepare(module)
     x, y = random_digits()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     from lightning.pytorch.loggers import CSVLogger
@@ -111,6 +113,19 @@ def test_lightning_prune_at_init(tmp_path, space):
     assert_trained_and_masked(record["before"], coefficients(module.model))
     assert trainer.logged_metrics["ipfx/sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert_lowered_matches(module.model, cb.lowered, x)
+
+
+def test_lightning_optimizer_built_before_the_transform_is_refused_at_the_start(tmp_path):
+    pytest.importorskip("lightning")
+    from ipfx.integrations.lightning import IPFXCallback
+
+    def stale_optimizer(module):  # built on the parameters the callback's transform replaces
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        module.configure_optimizers = lambda: optimizer
+
+    with pytest.raises(ipfx.IPFXError, match="optimizer does not train the model's coefficients.*configure_optimizers"):
+        fit_lightning(IPFXCallback("model", prune="random", sparsity=0.5), steps=2, tmp_path=tmp_path,
+                      prepare=stale_optimizer)
 
 
 def test_lightning_gmp(tmp_path):
@@ -160,11 +175,13 @@ def hf_trainer(tmp_path, steps: int = 12):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     x, y = random_digits()
-    dataset = [{"pixel_values": x[i], "labels": y[i]} for i in range(len(x))]
+    # an extra column: the Trainer drops what the forward's signature does not name (remove_unused_columns,
+    # its default), so the transformed model must keep the signature, labels included
+    dataset = [{"pixel_values": x[i], "labels": y[i], "index": i} for i in range(len(x))]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16, learning_rate=0.2,
         optim="sgd", lr_scheduler_type="constant", logging_steps=2, save_strategy="no", report_to=[],
-        use_cpu=True, remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
     )
     return transformers.Trainer(model=HFClassifier(), args=args, train_dataset=dataset), x, y
 
@@ -243,6 +260,12 @@ def test_hf_errors(tmp_path):
     trainer.add_callback(IPFXTrainerCallback(prune="random", sparsity=0.5))  # not attached: nothing transformed
     with pytest.raises(ipfx.IPFXError, match="not attached"):
         trainer.train()
+    trainer3, _, _ = hf_trainer(tmp_path, steps=1)
+    stale = torch.optim.SGD(trainer3.model.parameters(), lr=0.1)  # the model's parameters before the transform
+    IPFXTrainerCallback(prune="random", sparsity=0.5).attach(trainer3)
+    trainer3.optimizer = stale
+    with pytest.raises(ipfx.IPFXError, match="optimizer does not train the model's coefficients"):
+        trainer3.train()
     trainer2, _, _ = hf_trainer(tmp_path, steps=1)
     trainer2.create_optimizer()
     with pytest.raises(ipfx.IPFXError, match="already holds an optimizer"):

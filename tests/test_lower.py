@@ -107,6 +107,19 @@ def test_lowering_functional_kernels(case, keep):
         assert_close(quiet(quiet(ipfx.lower, t, "fused"), x), y.detach(), kind="lower: fused, functional")
 
 
+def test_lowering_a_graph_never_called_warns_once_and_names_the_line():
+    model = TinyResNet(seed=0)
+    t = ipfx.transform(model)  # no example inputs: each graph is checked on its first call, which never came
+    with pytest.warns(UserWarning, match=r"1 graph\(s\) traced without example inputs .* were never called") as record:
+        ipfx.lower(t)
+    assert [w.filename for w in record if "never called" in str(w.message)] == [__file__]  # the user's line
+    x = model.example_input(batch=2)
+    t(x)  # called once: checked, so lowering has nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ipfx.lower(t)
+
+
 def test_dense_lowering_restores_modules_and_names():
     model = TinyResNet(seed=0)
     dense = ipfx.lower(prepared(model, "ip", 0.3))
