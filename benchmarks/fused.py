@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 import ipfx  # noqa: E402
-from ipfx.bases import dct_basis  # noqa: E402
+from ipfx.form.bases import dct_basis  # noqa: E402
 from ipfx.ops import SparseIPConv, native  # noqa: E402
 from ipfx.ops.geometry import _conv_geometry, _output_spatial  # noqa: E402
 from ipfx.ops.order import _modelled_order  # noqa: E402

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from ipfx.bases import dct_basis  # noqa: E402
+from ipfx.form.bases import dct_basis  # noqa: E402
 from ipfx.ops import ORDER_AUTO, ORDER_GPU, SparseIPConv, gpu  # noqa: E402
 from ipfx.ops.geometry import _conv_geometry, _output_spatial  # noqa: E402
 

@@ -25,22 +25,31 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .bases import BasisSpec
+from .form.bases import BasisSpec
 from .config import TransformConfig
 from .errors import IPFXTypeError, IPFXValueError, NotTransformedError
-from .export import graph_module_of
+from .capture.export import graph_module_of
 from .inputs import as_args, as_kwargs
-from .modes import ModeSwitch
-from .parametrize import is_parametrized
-from .passes.capture import FRONT_ENDS, Capture
+from .capture.modes import ModeSwitch
+from .form.parametrize import is_parametrized
+from .capture.pipeline import FRONT_ENDS, capture as capture_graphs
 from .passes.guard_fallbacks import GuardFallbacks
 from .passes.lower_model import FoldParametrized, LowerGraphs, SettleFirstCallChecks
 from .passes.manager import PassManager
 from .passes.parametrize_unreached import ParametrizeUnreached
 from .passes.rewrite_weights import CoefficientFactory, RewriteParts
-from .reparam import BasisWeight, qualified_weight_name
+from .form.reparam import BasisWeight, is_transformed, qualified_weight_name
 
 TARGETS = ("dense", "fused")
+
+
+def transform_passes(config: TransformConfig, factory: CoefficientFactory, check_first_calls: bool) -> PassManager:
+    """The passes :func:`transform` runs on what :func:`ipfx.capture.pipeline.capture` returns, in order."""
+    return PassManager([
+        RewriteParts(config, factory),
+        ParametrizeUnreached(config, factory),
+        GuardFallbacks(check_first_calls=check_first_calls),
+    ])
 
 
 def transform(
@@ -96,7 +105,7 @@ def transform(
             tensor input is left free where the model allows (``Dim.AUTO``); sizes the model fixes or
             relates stay guarded: a call that breaks them raises an error naming the input and size.
         partial: when torch.fx cannot trace the whole model, trace its largest traceable parts and keep
-            the rest as Python code (:mod:`ipfx.partial`; a warning says what was not traced). With
+            the rest as Python code (:mod:`ipfx.capture.partial`; a warning says what was not traced). With
             ``partial=False`` an untraceable model raises :class:`TraceError` naming the module.
 
     Returns:
@@ -118,7 +127,7 @@ def transform(
     if exported_program:
         model, capture, args, inplace = graph_module_of(model, "ExportedProgram"), "export", None, False
     _check_module(model, "transform")
-    if any(isinstance(m, BasisWeight) for m in model.modules()):
+    if is_transformed(model):
         raise IPFXValueError(
             f"this {type(model).__name__} was already transformed by ipfx (it holds coefficient "
             "weights); use it as it is, or call ipfx.lower(model) first to get a plain model back"
@@ -133,14 +142,10 @@ def transform(
     work = model if inplace else _copy(model)
     original = dict(work.named_modules())
     factory = CoefficientFactory(config)
-    pipeline = PassManager([
-        Capture(capture, config, args, kwargs, leaf_modules, partial, reference=None if inplace else model,
-                given_graph=exported_program, dynamic_shapes=dynamic_shapes),
-        RewriteParts(config, factory),
-        ParametrizeUnreached(config, factory),
-        GuardFallbacks(check_first_calls=args is None and not exported_program),
-    ])
-    captured = pipeline(work)
+    captured = capture_graphs(work, capture, config, args, kwargs, leaf_modules=leaf_modules, partial=partial,
+                              reference=None if inplace else model, given_graph=exported_program,
+                              dynamic_shapes=dynamic_shapes)
+    captured = transform_passes(config, factory, check_first_calls=args is None and not exported_program)(captured)
     result, report = captured.model, captured.report
     if captured.fallback:
         warnings.warn(f"torch.export could not capture {type(model).__name__} ({captured.fallback}); "

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch.nn as nn
 
-from .bases import BASIS_NAMES, BasisSpec
+from .form.bases import BASIS_NAMES, BasisSpec
 from .errors import IPFXTypeError, IPFXValueError
 
 #: Names accepted as ``space=``.

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .errors import IPFXValueError
 from .inputs import as_args
-from .shapes import dynamic_spec
+from .capture.shapes import dynamic_spec
 
 STATE_DICT_SUFFIX = ".state_dict.pt"
 PROGRAM_SUFFIX = ".pt2"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ipfx.cli import main
+from ipfx.cli.main import main
 from ipfx.experiments import Dataset, RunSpec, run
 from ipfx.experiments.accel import Engine, LossMeter
 from ipfx.experiments.data import _crop_flip

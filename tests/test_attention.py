@@ -1,4 +1,4 @@
-"""nn.MultiheadAttention: its projection weights become coefficient subgraphs too (ipfx.attention)."""
+"""nn.MultiheadAttention: its projection weights become coefficient subgraphs too (ipfx.capture.attention)."""
 
 import torch
 import torch.fx as fx

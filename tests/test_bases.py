@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from ipfx.bases import (
+from ipfx.form.bases import (
     coefficients_in_basis,
     dct_1d,
     dct_basis,

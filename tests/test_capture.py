@@ -337,7 +337,7 @@ def test_export_takes_the_branch_the_real_call_takes_and_the_check_catches_a_wro
         def forward(self, x):
             return model.block.conv(x + 1)
 
-    from ipfx.passes.capture import CheckCapture
+    from ipfx.capture.pipeline import CheckCapture
 
     with pytest.raises(ipfx.TraceError, match="does not reproduce the model"):
         CheckCapture(model, (x,), {}).check(Wrong())
@@ -565,7 +565,7 @@ def test_an_example_given_by_keyword_alone_is_exported():
 
 
 def test_the_example_call_records_what_export_fixes():
-    from ipfx.guards import ExampleCall
+    from ipfx.capture.guards import ExampleCall
 
     forward = Classifier().forward
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ipfx.cli import main
+from ipfx.cli.main import main
 from ipfx.experiments import RunSpec, load_dataset, run
 from ipfx.experiments.engine import StopRequested, for_data
 

@@ -13,7 +13,7 @@ import torch
 
 import ipfx
 from helpers import store_record
-from ipfx.cli import main
+from ipfx.cli.main import main
 from ipfx.errors import IPFXValueError
 from ipfx.experiments import ResultStore, RunSpec, load_dataset, markdown_table, run
 
@@ -124,7 +124,7 @@ def test_paired_tables_pair_by_seed_and_take_the_seed_as_the_unit():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from ipfx.demo import demo
+    from ipfx.cli.demo import demo
 
     for stale in ("lowered_dense.pt", "lowered_fused.pt"):  # whole-module pickles of an earlier version
         (tmp_path / stale).write_bytes(b"old")
@@ -538,7 +538,7 @@ def test_inspect_says_what_a_file_is(tmp_path, capsys):
 
 
 def test_every_compare_option_has_help_with_its_default():
-    from ipfx.cli import build_parser
+    from ipfx.cli.main import build_parser
 
     parser = build_parser()
     compare = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["compare"]

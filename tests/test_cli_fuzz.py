@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ipfx.cli import main
+from ipfx.cli.main import main
 
 #: Per option, spellings a user may type: valid ones (small, so that a valid draw trains in seconds) and
 #: invalid ones (wrong type, out of range, repeated, empty, absurd).

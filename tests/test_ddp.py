@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gloo import run_on_ranks
-from ipfx.cli import main
+from ipfx.cli.main import main
 from ipfx.pruning.targets import targets
 
 ROOT = Path(__file__).resolve().parents[1]

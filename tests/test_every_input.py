@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 import ipfx
 from helpers import assert_close
-from ipfx import verify
-from ipfx.shape_guards import is_guard_failure
+from ipfx.capture import verify
+from ipfx.capture.shape_guards import is_guard_failure
 from strategies import random_graph_models
 
 FRONT_ENDS = ("export", "symbolic", "none")
@@ -460,7 +460,7 @@ def test_an_export_over_its_time_budget_keeps_the_batch_free(monkeypatch):
     """Where keeping every size free takes torch.export past DYNAMIC_EXPORT_SECONDS (timm's 'same' padding
     takes minutes), ipfx exports with the batch free alone: another batch runs, another image size is
     refused with the guard error, never computed wrong."""
-    from ipfx import export as export_module
+    from ipfx.capture import export as export_module
 
     monkeypatch.setattr(export_module, "DYNAMIC_EXPORT_SECONDS", 1e-4)
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-import ipfx.cli  # noqa: F401 - imported once here, inherited by every forked sweep
+import ipfx.cli.main  # noqa: F401 - imported once here, inherited by every forked sweep
 import ipfx.experiments.sweep  # noqa: F401
 
 SWEEP = ["compare", "--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "2", "--batch-size", "128",
@@ -84,7 +84,7 @@ def _child(out: Path, fault: str, extra: list[str], log: Path) -> None:
     sys.stdout = sys.stderr = os.fdopen(fd, "w", buffering=1)
     try:
         exec(FAULTS[fault], {})
-        from ipfx.cli import main
+        from ipfx.cli.main import main
 
         code = main([*SWEEP, *extra, "--out", str(out)])
     except BaseException:  # noqa: BLE001 - reported in the log, seen as exit 1

@@ -174,7 +174,7 @@ def test_torch_compile_sees_one_op_and_runs_the_cpu_kernel():
 
 
 def test_build_native_command(capsys, monkeypatch):
-    from ipfx.cli import main
+    from ipfx.cli.main import main
 
     assert main(["build-native"]) == 0
     out = capsys.readouterr().out

@@ -85,7 +85,7 @@ def test_untraceable_model_gets_every_weight_rewritten():
 
 def test_the_report_says_what_was_traced():
     from ipfx.config import TransformConfig
-    from ipfx.partial import capture_tree
+    from ipfx.capture.partial import capture_tree
 
     import copy
 

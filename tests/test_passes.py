@@ -11,11 +11,11 @@ import torch.nn as nn
 
 import ipfx
 from helpers import assert_close, randomize_masks
-from ipfx.compose import compose_weight, emit_compose
+from ipfx.form.compose import compose_weight, emit_compose
 from ipfx.config import TransformConfig
-from ipfx.kernels import kernel_call
-from ipfx.partial import Part, TraceReport
-from ipfx.passes.capture import Captured
+from ipfx.passes.kernels import kernel_call
+from ipfx.capture.partial import Part, TraceReport
+from ipfx.capture.pipeline import Captured
 from ipfx.passes.lower_dense import LowerDense
 from ipfx.passes.manager import Pass, PassManager, PassOutcome
 from ipfx.passes.parametrize_unreached import ParametrizeUnreached
@@ -211,16 +211,24 @@ def test_pass_manager_runs_in_order_and_checks_conditions():
 
 
 def test_transform_runs_the_named_pipeline():
-    from ipfx.passes.capture import Capture
+    from ipfx.api import transform_passes
+    from ipfx.capture.pipeline import capture
 
     model, x = Untraced(), torch.randn(2, 3, 5, 5)
     config = TransformConfig()
-    factory = CoefficientFactory(config)
-    from ipfx.passes.rewrite_weights import RewriteParts
-
-    manager = PassManager([Capture("symbolic", config), RewriteParts(config, factory), ParametrizeUnreached(config, factory)])
-    captured = manager(copy.deepcopy(model))
-    assert [n for n, _ in manager.log] == ["capture", "rewrite weights", "parametrize unreached weights"]
-    assert manager.outcome("rewrite weights").changed and not manager.outcome("parametrize unreached weights").changed
+    captured = capture(copy.deepcopy(model), "symbolic", config)
     assert isinstance(captured.parts[0], Part)
+    manager = transform_passes(config, CoefficientFactory(config), check_first_calls=True)  # what transform runs
+    captured = manager(captured)
+    assert [n for n, _ in manager.log] == ["rewrite weights", "parametrize unreached weights", "guard fallbacks"]
+    assert manager.outcome("rewrite weights").changed and not manager.outcome("parametrize unreached weights").changed
+    assert manager.outcome("guard fallbacks").changed  # traced without example inputs: checked on first calls
     assert_close(captured.model(x), model(x), kind="pass: pipeline")
+
+
+def test_classes_pickled_under_the_old_module_paths_still_load():
+    import pickle
+
+    assert pickle.loads(b"cipfx.modes\nModeSwitch\n.") is ipfx.ModeSwitch
+    assert pickle.loads(b"cipfx.reparam\nBasisWeight\n.") is ipfx.BasisWeight
+    assert pickle.loads(b"cipfx.source_attributes\nCapturedGraphModule\n.").__module__ == "ipfx.capture.source_attributes"

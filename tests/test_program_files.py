@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import ipfx.deploy
-from ipfx.cli import main
+from ipfx.cli.main import main
 from ipfx.program_files import UnsafeProgram, check_program
 
 

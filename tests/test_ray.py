@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ipfx.cli import main
+from ipfx.cli.main import main
 
 pytest.importorskip("ray")
 

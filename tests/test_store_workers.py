@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import store_record
-from ipfx.cli import main
+from ipfx.cli.main import main
 from ipfx.experiments import ResultStore
 from ipfx.experiments import store as store_module
 

@@ -140,7 +140,7 @@ def test_spaces_and_basis_options():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, (1, 3)))
     ip = ipfx.transform(model)
     assert all(isinstance(ip.get_submodule(i).basis, nn.Parameter) for i in "012")
-    assert torch.allclose(ip.get_submodule("0").basis, ipfx.bases.dct_basis((3, 3)).float())
+    assert torch.allclose(ip.get_submodule("0").basis, ipfx.form.bases.dct_basis((3, 3)).float())
     sp = ipfx.transform(model, space="sp")
     for i in "012":
         m = sp.get_submodule(i)

@@ -59,7 +59,7 @@ import torchvision.models as tvm
 
 import ipfx
 from ipfx import ModeSwitch
-from ipfx.shape_guards import is_guard_failure
+from ipfx.capture.shape_guards import is_guard_failure
 from helpers import LEDGER, graph_modules, perturb_bases, randomize_masks, relative_error
 
 KERNEL_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 import ipfx
 import zoo_libraries
 from helpers import perturb_bases, randomize_masks
-from ipfx.shape_guards import is_guard_failure
+from ipfx.capture.shape_guards import is_guard_failure
 from test_zoo import KERNEL_TYPES, calibrate_batch_norm, compare, randomize_constant_parameters
 from zoo_libraries import ALL, BY_ID, FAST, Entry
 

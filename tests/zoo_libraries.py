@@ -679,7 +679,7 @@ _GUARDED = ("size: the model computes sizes in Python from the input's, and torc
 FIXED_SHAPE = {
     "speechbrain/ecapa_tdnn": "batch: speechbrain's length_to_mask takes len(lengths), a Python int",
     "timm/tf_efficientnet_lite0": "image size: run-time 'same' padding makes a free size take torch.export "
-                                  "minutes; past ipfx.export.DYNAMIC_EXPORT_SECONDS only the batch is free",
+                                  "minutes; past ipfx.capture.export.DYNAMIC_EXPORT_SECONDS only the batch is free",
     "smp/unet_tu_tf_efficientnet_lite0": "image size: the same 'same'-padding encoder (timm tf_efficientnet_lite0)",
     "transformers/beit": _GUARDED + "`-1 + 2 * (pixel_values.shape[2] // 8) == 7`",
     "transformers/dinov2": _GUARDED + "`pixel_values.shape[2] // 8 * (pixel_values.shape[3] // 8) == 16`",

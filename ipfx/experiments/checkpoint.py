@@ -36,6 +36,11 @@ def run_name(spec) -> str:
     return f"{readable}-{digest}".replace("/", "_").replace(os.sep, "_")
 
 
+def checkpoint_path(folder: str | os.PathLike | None, spec) -> Path | None:
+    """Where ``spec``'s checkpoint lives in ``folder`` (None: no checkpoints)."""
+    return None if folder is None else Path(folder) / f"{run_name(spec)}.pt"
+
+
 def rng_state(device: torch.device) -> dict:
     """The global random states, as tensors and plain values (for ``weights_only`` loading)."""
     version, internal, gauss = random.getstate()

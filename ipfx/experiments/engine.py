@@ -36,6 +36,8 @@ from .. import __version__
 from ..api import sparsity as model_sparsity
 from ..api import transform
 from ..errors import IPFXValueError, first_line
+from ..config import SPACES
+from ..pruning import METHODS as ONE_SHOT
 from ..pruning import prune
 from . import accel
 from . import checkpoint as ckpt
@@ -44,7 +46,6 @@ from .accel import Engine
 from .data import Dataset
 from .models import build_model
 
-ONE_SHOT = ("random", "magnitude", "snip", "grasp", "synflow")
 GRADUAL = ("gmp", "rigl", "set")
 ITERATIVE = ("imp",)
 METHODS = (*ONE_SHOT, *GRADUAL, *ITERATIVE)
@@ -92,7 +93,7 @@ class RunSpec:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise IPFXValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.space not in ("ip", "sp"):
+        if self.space not in SPACES:
             raise IPFXValueError(f"unknown space {self.space!r}; use 'ip' or 'sp'")
         if not 0.0 <= self.sparsity < 1.0:
             raise IPFXValueError(f"sparsity must be in [0, 1), got {self.sparsity}")

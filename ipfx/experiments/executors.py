@@ -50,14 +50,13 @@ def run_in_pool(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *
     The first run that fails stops the sweep: runs not yet started are cancelled, the ones under way
     are waited for (their records and checkpoints are kept), and the error is raised here.
     """
-    from .sweep import checkpoint_path
 
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
                                initargs=(dataset, threads_per_worker(workers, threads), os.getpid()))
     try:
         futures = {pool.submit(_run_one, spec, str(store.path), str(device), command,
-                               checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch, engine): spec
+                               ckpt.checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch, engine): spec
                    for spec in todo}
         pending = set(futures)
         while pending:
@@ -123,7 +122,6 @@ def run_on_ray(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *,
     """
     import ray
 
-    from .sweep import checkpoint_path
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -134,7 +132,7 @@ def run_on_ray(todo: Sequence[RunSpec], dataset: Dataset, store: ResultStore, *,
         data = ray.put(dataset)
         threads = threads or max(1, int(cpus_per_run))
         refs = {task.remote(spec, data, threads, str(store.path), str(device), command,
-                            checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch, engine): spec
+                            ckpt.checkpoint_path(checkpoints, spec), keep_checkpoints, stop_after_epoch, engine): spec
                 for spec in todo}
         pending = list(refs)
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from . import checkpoint as ckpt
@@ -69,7 +68,7 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
         if not keep_checkpoints and main:  # a kill between storing a record and deleting the checkpoint leaves one behind
             for spec in specs:
                 if spec.key() in done:
-                    ckpt.remove(checkpoint_path(checkpoints, spec))
+                    ckpt.remove(ckpt.checkpoint_path(checkpoints, spec))
     # another sweep on this folder trains what it has claimed (.claims); under torchrun rank 0 claims for
     # its group and every rank follows its decisions (parallel.from_main)
     claims = Claims(store.path.parent / CLAIMS) if main else None
@@ -97,7 +96,7 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
             f"seed {spec.seed}: accuracy {100 * record['accuracy']:.2f}% ({record['seconds']:.0f} s)")
 
     def run_here(spec: RunSpec) -> None:
-        path = checkpoint_path(checkpoints, spec)
+        path = ckpt.checkpoint_path(checkpoints, spec)
         record = run(spec, dataset, device=device, progress=progress, command=command, checkpoint=path,
                      log=log, stop_after_epoch=stop_after_epoch, engine=engine)
         if main:
@@ -140,7 +139,3 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     return [r for r in store.records() if tuple(r.get(k) for k in RunSpec.__dataclass_fields__) in
             {s.key() for s in specs}]
 
-
-def checkpoint_path(folder: str | os.PathLike | None, spec: RunSpec) -> Path | None:
-    """Where ``spec``'s checkpoint lives in ``folder`` (None: no checkpoints)."""
-    return None if folder is None else Path(folder) / f"{ckpt.run_name(spec)}.pt"

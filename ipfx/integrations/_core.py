@@ -14,18 +14,14 @@ import torch
 import torch.nn as nn
 
 from .. import api
+from ..config import SPACES
 from ..errors import IPFXTypeError, IPFXValueError
 from ..pruning import GMP, IMP, METHODS, SET, RigL, Schedule
 from ..pruning import prune as one_shot_prune
-from ..reparam import BasisWeight
+from ..form.reparam import is_transformed
 
 SCHEDULES: dict[str, type[Schedule]] = {"gmp": GMP, "imp": IMP, "rigl": RigL, "set": SET}
-SPACES = ("ip", "sp")
 LOWER_TARGETS = (None, "dense", "fused")
-
-
-def is_transformed(model: nn.Module) -> bool:
-    return any(isinstance(m, BasisWeight) for m in model.modules())
 
 
 class Plan:

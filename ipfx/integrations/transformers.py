@@ -26,7 +26,7 @@ does not guess how to split. A model called with keyword arguments (``model(pixe
 labels=...)``) is best transformed with ``example_kwargs`` of that call, so the traced graph takes the
 arguments the Trainer passes; the transformed model keeps the forward's signature, so the Trainer's
 ``remove_unused_columns`` keeps the columns it names (``labels`` included), and calls without ``labels``
-(evaluation, the lowered model) run too (:mod:`ipfx.guards`).
+(evaluation, the lowered model) run too (:mod:`ipfx.capture.guards`).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..compose import compose_weight
+from ..form.compose import compose_weight
 from .storage import _cached, _coupling, _densify, _storage_entry
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..compose import compose_weight
+from ..form.compose import compose_weight
 from .geometry import _identity_unfold_applies
 from .storage import _cached, _coupling, _densify, _sparse_matrix, _storage_entry
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..compose import compose_weight
+from ..form.compose import compose_weight
 from ..errors import IPFXValueError
 from . import native
 from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _output_spatial, _tuple

@@ -20,7 +20,7 @@ import operator
 import torch.fx as fx
 import torch.nn as nn
 
-from ..kernels import kernel_inputs
+from .kernels import kernel_inputs
 
 
 @dataclasses.dataclass

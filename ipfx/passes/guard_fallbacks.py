@@ -1,11 +1,11 @@
 """Pass: give every guarded graph its fallback, the original module, reading the graph's coefficients.
 
-A symbolically traced graph assumes one pattern of optional arguments (:mod:`ipfx.guards`); a call
+A symbolically traced graph assumes one pattern of optional arguments (:mod:`ipfx.capture.guards`); a call
 with another runs the module's own forward instead. That forward is the original module object (the
 private copy's, as it was before capture): for it to compute what the graph computes, every weight the
 graph holds as coefficients must read as those same coefficients there too. So each original owner
 module of a rewritten ``<prefix>.weight`` gets the parametrized form sharing the graph's
-:class:`~ipfx.reparam.BasisWeight` tensors (:func:`ipfx.parametrize.parametrize_weight`): one
+:class:`~ipfx.form.reparam.BasisWeight` tensors (:func:`ipfx.form.parametrize.parametrize_weight`): one
 ``coeff``/``mask``/``basis``, read by either path, trained by either. The fallback is kept outside the
 module tree (``meta``, so it has no state-dict entries of its own). Where a rewritten weight is not a module's ``weight``
 (a raw ``self.w``, weight norm's direction ``parametrizations.weight.original1``), its owner is
@@ -14,18 +14,18 @@ cannot be, so that part gets no fallback and a non-matching call raises.
 
 With ``check_first_calls`` (a model transformed without example inputs) every traced graph gets its
 fallback, guarded or not, and is marked to be checked against it on the first call of each kind
-(:mod:`ipfx.first_call`): a graph traced down a path the real input does not take is caught there.
+(:mod:`ipfx.capture.first_call`): a graph traced down a path the real input does not take is caught there.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from ..first_call import CHECK
-from ..guards import FALLBACK, PATTERN, sign
-from ..modes import graphs_of
-from ..parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
-from ..reparam import BasisWeight
+from ..capture.first_call import CHECK
+from ..capture.guards import FALLBACK, PATTERN, sign
+from ..capture.modes import graphs_of
+from ..form.parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
+from ..form.reparam import BasisWeight
 from .manager import Pass, PassOutcome
 
 

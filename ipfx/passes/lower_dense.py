@@ -18,25 +18,24 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..attention import restore_attention
-from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
-from ..source_attributes import replace_module
-from .restore_modules import restore_module_calls, set_submodule
+from ..capture.attention import restore_attention
+from ..form.reparam import STATE_NAMES, BasisWeight, adopt_attributes
+from ..capture.source_attributes import replace_module
+from ..capture.source_attributes import set_submodule
+from .restore_modules import restore_module_calls
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
 class LowerDense(PassBase):
-    """Fold the compose subgraphs selected by ``only`` (all when ``None``) into dense weights."""
+    """Fold every compose subgraph into a dense weight."""
 
-    def __init__(self, only: set[str] | None = None) -> None:
-        self.only = only
+    def __init__(self) -> None:
         self.lowered: list[str] = []
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         for sub in compose_subgraphs(gm):
-            if self.only is None or sub.prefix in self.only:
-                fold_subgraph(gm, sub)
-                self.lowered.append(sub.prefix)
+            fold_subgraph(gm, sub)
+            self.lowered.append(sub.prefix)
         if restore_attention(gm) or self.lowered:
             gm.graph.lint()
             gm.recompile()

@@ -29,20 +29,19 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..compose import compose_weight
+from ..form.compose import compose_weight
+from ..capture.source_attributes import set_submodule
 from ..errors import user_stacklevel
 from ..ops import SparseIPConv, SparseLinear
-from ..reparam import STATE_NAMES, BasisWeight, adopt_attributes
-from ..kernels import kernel_call
-from .restore_modules import set_submodule
+from ..form.reparam import STATE_NAMES, BasisWeight, adopt_attributes
+from .kernels import kernel_call
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
 class LowerFused(PassBase):
     """Fuse every eligible compose subgraph + conv into a sparse IP conv (module docstring)."""
 
-    def __init__(self, warn: bool = True) -> None:
-        self.warn = warn
+    def __init__(self) -> None:
         self.fused: list[str] = []
         self.not_fused: dict[str, str] = {}  # prefix -> reason
 
@@ -56,7 +55,7 @@ class LowerFused(PassBase):
         if self.fused:
             gm.graph.lint()
             gm.recompile()
-        if self.warn and self.not_fused:
+        if self.not_fused:
             listed = ", ".join(f"{p} ({r})" for p, r in list(self.not_fused.items())[:6])
             warnings.warn(f"lower(target='fused') kept {len(self.not_fused)} weight(s) dense: {listed}",
                           stacklevel=user_stacklevel())

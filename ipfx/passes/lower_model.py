@@ -1,14 +1,14 @@
 """Passes of :func:`ipfx.lower` over a whole transformed model (each graph, then the parametrized weights).
 
 * :class:`SettleFirstCallChecks`: graphs traced without example inputs are checked on first calls no more
-  (:mod:`ipfx.first_call`); what the transformed model settled on stays;
+  (:mod:`ipfx.capture.first_call`); what the transformed model settled on stays;
 * :class:`LowerGraphs`: in every graph holding coefficient weights (a ModeSwitch's two graphs at once, on
   its combined graph), :class:`~.lower_fused.LowerFused` (target ``"fused"``) then
   :class:`~.lower_dense.LowerDense`, which folds whatever was not fused;
-* :class:`FoldParametrized`: every module in the parametrized form (:mod:`ipfx.parametrize`) gets its
+* :class:`FoldParametrized`: every module in the parametrized form (:mod:`ipfx.form.parametrize`) gets its
   own class back with ``weight = compose(coeff, mask, basis)`` folded (tied modules share one folded
   parameter). Untraced code reads these weights, so they are folded for either target; so are the
-  fallbacks of guarded graphs (:mod:`ipfx.guards`).
+  fallbacks of guarded graphs (:mod:`ipfx.capture.guards`).
 
 Postcondition of the pair: no coefficient weight is left.
 """
@@ -21,11 +21,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import user_stacklevel
-from ..first_call import CHECK, USE_FORWARD
-from ..guards import FALLBACK, PATTERN
-from ..modes import ModeSwitch, graphs_of
-from ..parametrize import is_parametrized, unparametrize
-from ..reparam import BasisWeight
+from ..capture.first_call import CHECK, USE_FORWARD
+from ..capture.guards import FALLBACK, PATTERN
+from ..capture.modes import ModeSwitch, graphs_of
+from ..form.parametrize import is_parametrized, unparametrize
+from ..form.reparam import BasisWeight
 from .lower_dense import LowerDense
 from .manager import Pass, PassOutcome
 
@@ -62,7 +62,7 @@ class SettleFirstCallChecks(Pass):
     """A lowered graph is checked no more: it runs what the transformed model settled on.
 
     Without example inputs each traced graph is checked against its own forward on first calls
-    (:mod:`ipfx.first_call`). A lowered model holds the graph's folded or sparse tensors and the forward's
+    (:mod:`ipfx.capture.first_call`). A lowered model holds the graph's folded or sparse tensors and the forward's
     folded copy, which no longer share storage (``load_state_dict`` reaches the graph only), so a check
     after lowering could compare against stale weights. Parts that were found to differ keep running their
     forward; parts that were checked keep the graph; parts never called before lowering keep the graph
@@ -100,7 +100,7 @@ class FoldParametrized(Pass):
             if is_parametrized(module):  # a module listed twice is converted once
                 unparametrize(module, folded)
                 names.append(name)
-        for fallback in _fallbacks(model):  # what guarded graphs run for other call patterns (ipfx.guards)
+        for fallback in _fallbacks(model):  # what guarded graphs run for other call patterns (ipfx.capture.guards)
             for module in fallback.modules(remove_duplicate=False):
                 if is_parametrized(module):
                     unparametrize(module, folded)

@@ -3,7 +3,7 @@
 After the rewrite, a conv/linear ``weight`` parameter still in the model's module tree is one that no
 graph reads as a kernel: its module is kept as Python code (partial tracing), is called as a leaf, or
 the weight is not used in forward at all. Each one the config selects is converted in place by
-:func:`ipfx.parametrize.parametrize_weight` (reading ``module.weight`` composes it), so that a weight is
+:func:`ipfx.form.parametrize.parametrize_weight` (reading ``module.weight`` composes it), so that a weight is
 left dense only because the config says so. So is the packed input projection of an
 ``nn.MultiheadAttention`` that code reads without calling the layer, and the direction ``weight_v`` of a
 module under the deprecated hook-based weight norm (its hook composes the weight from it on every call). A module a graph reads under
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..config import TransformConfig
-from ..parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
-from ..reparam import BasisWeight
+from ..form.parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
+from ..form.reparam import BasisWeight
 from .manager import Pass, PassOutcome
 
 

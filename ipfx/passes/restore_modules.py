@@ -1,6 +1,6 @@
 """Pass helpers: put standard modules back where the transform traced through them.
 
-Where :class:`~ipfx.tracing.WeightTracer` traced *through* an ``nn.ConvNd``/``nn.Linear``, its forward
+Where :class:`~ipfx.capture.tracing.WeightTracer` traced *through* an ``nn.ConvNd``/``nn.Linear``, its forward
 became ``[pad(x) ->] conv(x, weight, bias, <the module's own geometry>)``. Replacing such a call by
 ``call_module(path, x)`` of a module of the original type holding the same weight and bias computes
 the same thing (it is that module's forward), and gives back the graph a plain torch.fx trace of the
@@ -11,28 +11,16 @@ is still correct.
 from __future__ import annotations
 
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reparam import ModuleSpec
-from ..kernels import kernel_call
+from ..form.reparam import ModuleSpec
+from .kernels import kernel_call
 
 
 def restore_module_calls(gm: fx.GraphModule, path: str, spec: ModuleSpec, weight: fx.Node) -> None:
     """Every ``[pad(x) ->] conv(x, weight, <path>.bias, <spec's geometry>)`` -> ``call_module(path, x)``."""
     for call in list(weight.users):
         _restore_call(gm.graph, call, weight, path, spec)
-
-
-def set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path``, creating empty parent modules where the graph module has none."""
-    parent = gm
-    *parents, leaf = path.split(".")
-    for name in parents:
-        if not hasattr(parent, name):
-            parent.add_module(name, nn.Module())
-        parent = getattr(parent, name)
-    setattr(parent, leaf, module)
 
 
 def _restore_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix: str, spec: ModuleSpec) -> None:

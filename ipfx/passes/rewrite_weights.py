@@ -23,7 +23,7 @@ conv itself, a second call of the same module, weight standardisation) consumes 
 
 Invariant (function preservation): at transform time ``mask = 1`` and ``coeff = P_flat @ inv(basis)``,
 so ``weight == P`` up to float rounding and the graph computes what it computed before. The state
-lives in a :class:`~ipfx.reparam.BasisWeight` placed at ``<prefix>``, which adopts the other
+lives in a :class:`~ipfx.form.reparam.BasisWeight` placed at ``<prefix>``, which adopts the other
 attributes of the module that owned ``P``.
 """
 
@@ -38,16 +38,17 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..bases import coefficients_in_basis, make_basis
-from ..compose import emit_compose
+from ..form.bases import coefficients_in_basis, make_basis
+from ..form.compose import emit_compose
 from ..config import TransformConfig, WeightSettings
 from ..errors import IPFXValueError
-from ..reparam import BasisWeight, ModuleSpec, adopt_attributes
-from ..source_attributes import plain_attributes, replace_module
+from ..form.reparam import BasisWeight, ModuleSpec, adopt_attributes
+from ..capture.source_attributes import plain_attributes, replace_module
 from .find_weights import KernelSite, find_kernel_sites
-from ..modes import ModeSwitch
+from ..capture.modes import ModeSwitch
 from .manager import Pass, PassOutcome
-from .restore_modules import restore_module_calls, set_submodule
+from ..capture.source_attributes import set_submodule
+from .restore_modules import restore_module_calls
 
 
 def state_prefix(param_name: str) -> str:

@@ -1,6 +1,6 @@
 """Analysis shared by the lowering passes: locate each weight's compose subgraph in a graph.
 
-The subgraph of a :class:`~ipfx.reparam.BasisWeight` at ``prefix`` is matched from the graph alone (no
+The subgraph of a :class:`~ipfx.form.reparam.BasisWeight` at ``prefix`` is matched from the graph alone (no
 node metadata, which does not survive pickling) as the exact chain the rewrite pass emits::
 
     mul(get_attr prefix.coeff, get_attr prefix.mask) [-> matmul(., get_attr prefix.basis)] [-> reshape]
@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import IPFXValueError
-from ..reparam import BasisWeight
+from ..form.reparam import BasisWeight
 
 
 @dataclasses.dataclass
@@ -36,8 +36,8 @@ def basis_weights(gm, used: set[str] | frozenset = frozenset()) -> dict[str, Bas
     which that graph reads and lowers. A module held under several paths (a module registered twice) is
     given once, at the path whose ``coeff`` the graph reads (``used``: ``get_attr`` targets), else at its
     first."""
-    from ..modes import ModeSwitch
-    from ..parametrize import is_parametrized
+    from ..capture.modes import ModeSwitch
+    from ..form.parametrize import is_parametrized
 
     paths: dict[int, list[str]] = {}
     modules: dict[int, BasisWeight] = {}

@@ -1,7 +1,7 @@
 """``ipfx.prune``: one-shot pruning in coefficient space.
 
 The same call prunes SP and IP models: scores are computed on ``coeff``; allocation turns them into
-masks (:mod:`.allocation`); masks are written to every :class:`~ipfx.reparam.BasisWeight` and the
+masks (:mod:`.allocation`); masks are written to every :class:`~ipfx.form.reparam.BasisWeight` and the
 coefficients they remove are zeroed. Invariant: afterwards ``ipfx.sparsity(model)`` equals
 ``round((1 - sparsity) N)`` kept out of ``N`` exactly, and no previously masked coefficient returns.
 """

@@ -1,7 +1,7 @@
 """The prunable tensors of a transformed model: one :class:`Target` per coefficient tensor.
 
 Pruning never looks at weights: it reads ``coeff`` and writes ``mask`` of each
-:class:`~ipfx.reparam.BasisWeight`, so SP and IP are pruned by the same code, differing only in the
+:class:`~ipfx.form.reparam.BasisWeight`, so SP and IP are pruned by the same code, differing only in the
 basis that turns coefficients into weights.
 """
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import NotTransformedError
-from ..reparam import BasisWeight, qualified_weight_name
+from ..form.reparam import BasisWeight, qualified_weight_name
 
 
 @dataclasses.dataclass

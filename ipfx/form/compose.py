@@ -6,7 +6,7 @@
 
 :func:`compose_weight` is written with torch functions only (``torch.mul``, ``torch.matmul``,
 ``torch.reshape``), so the same function serves every form: called on tensors it is the eager weight
-(:class:`~ipfx.reparam.BasisWeight`, the parametrized form, both lowerings, the pruning scores, the
+(:class:`~ipfx.form.reparam.BasisWeight`, the parametrized form, both lowerings, the pruning scores, the
 fused ops' dense rebuild); called
 on ``torch.fx`` proxies (:func:`emit_compose`) it records the rewrite pass's subgraph, whose exact chain
 :mod:`ipfx.passes.subgraphs` matches again.

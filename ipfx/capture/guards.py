@@ -11,7 +11,7 @@ an optional argument is never ``None``, and a graph traced with it present compu
 2. records the pattern on the graph (:class:`CallPattern`), and checks every call against it
    (:func:`guarded_call`): a call that matches runs the graph; one that does not runs the module's own
    forward instead, with one warning per graph. That fallback is the original module, whose weights
-   share the graph's coefficients (:mod:`ipfx.parametrize`), so both paths compute the same function
+   share the graph's coefficients (:mod:`ipfx.form.parametrize`), so both paths compute the same function
    of the same trained tensors.
 
 Forwards with ``*args``/``**kwargs`` are traced as before (no pattern): their optional arguments
@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from . import first_call
-from .errors import user_stacklevel
+from ..errors import user_stacklevel
 
 PATTERN = "ipfx_call_pattern"  # GraphModule.meta key
 FALLBACK = "ipfx_fallback"  # GraphModule.meta key: the module whose forward runs for other patterns
@@ -287,7 +287,7 @@ def signature_of(gm) -> inspect.Signature | None:
 def sign(gm) -> None:
     """Make ``gm.forward`` report the captured forward's signature (module docstring). The generated
     ``forward`` lives on the graph module's own class (torch.fx makes one per instance) and is replaced by
-    every recompile, so this runs again after each (:class:`ipfx.source_attributes.CapturedGraphModule`)."""
+    every recompile, so this runs again after each (:class:`ipfx.capture.source_attributes.CapturedGraphModule`)."""
     signature = signature_of(gm)
     forward = type(gm).__dict__.get("forward")
     if signature is None or forward is None:
@@ -298,8 +298,8 @@ def sign(gm) -> None:
 
 def follow_forms(graphs) -> None:
     """After ``Module._apply`` (``.to()``, ``.cuda()``, ``.half()``): the fallbacks of ``graphs``, kept outside
-    the module tree, read the graphs' converted tensors again (:func:`ipfx.parametrize.follow_form`)."""
-    from .parametrize import follow_form
+    the module tree, read the graphs' converted tensors again (:func:`ipfx.form.parametrize.follow_form`)."""
+    from ..form.parametrize import follow_form
 
     for gm in graphs:
         fallback = gm.meta.get(FALLBACK)
@@ -310,7 +310,7 @@ def follow_forms(graphs) -> None:
 
 def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:
     """Run ``call`` (the graph) when the arguments match its pattern, else the fallback (module docstring);
-    where the graph was traced without example inputs, checked on first calls (:mod:`ipfx.first_call`)."""
+    where the graph was traced without example inputs, checked on first calls (:mod:`ipfx.capture.first_call`)."""
     fallback = gm.meta.get(FALLBACK)
     stored = gm.meta.get(PATTERN)
     graph_call = lambda: call(*args, **kwargs)  # noqa: E731

@@ -23,10 +23,10 @@ def describe_module(model: nn.Module, space: str = "ip") -> list[str]:
     A module with nothing to rewrite (a fused lowering: its kernels are sparse ops) is shown by its
     tensors instead.
     """
-    from .api import rewritten_weights, sparsity, transform
-    from .reparam import BasisWeight
+    from ..api import rewritten_weights, sparsity, transform
+    from ..form.reparam import is_transformed
 
-    transformed = any(isinstance(m, BasisWeight) for m in model.modules())
+    transformed = is_transformed(model)
     view = model if transformed else transform(model, space=space)
     infos = rewritten_weights(view)
     if not infos:
@@ -73,7 +73,7 @@ def describe_state(name: str, obj) -> list[str]:
 def describe_store(path) -> list[str]:
     """An ``ipfx compare`` result store: how many runs it holds, and their table (lines that are not
     records are reported by the store and left out)."""
-    from .experiments import ResultStore, markdown_table
+    from ..experiments import ResultStore, markdown_table
 
     records = ResultStore(path).records()
     if not records:

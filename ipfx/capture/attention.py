@@ -21,7 +21,7 @@ import types
 import torch.fx as fx
 import torch.nn as nn
 
-from .reparam import adopt_attributes
+from ..form.reparam import adopt_attributes
 
 #: Positions of the kernel arguments in an AttentionKernels call: in_proj, out_proj, q/k/v projections.
 KERNEL_POSITIONS = (3, 4, 5, 6, 7)

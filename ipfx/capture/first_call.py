@@ -5,13 +5,13 @@ torch.Tensor)`` is False for a proxy, so a branch on it is decided at trace time
 else Python decides from its inputs. A graph traced without example inputs may therefore compute
 something else than its module on a real input, or fail where the module runs, and nothing at transform
 time can tell. ``ipfx.transform(model)`` without example inputs therefore keeps, for every traced part,
-the module it was traced from (its weights read the graph's coefficients, :mod:`ipfx.parametrize`, so
+the module it was traced from (its weights read the graph's coefficients, :mod:`ipfx.form.parametrize`, so
 both compute the same function of the same trained tensors), and :func:`checked_call`, on the first call
 of each *kind* (training mode and the structure of the arguments: their types, tensor dtypes and ranks,
 which are ``None``; not their sizes, which a traced graph reads at run time):
 
 1. runs the module's forward and the graph from the same state (buffers and attributes put back after
-   each, the random generator seeded alike, no autograd) and compares the outputs (:mod:`ipfx.verify`);
+   each, the random generator seeded alike, no autograd) and compares the outputs (:mod:`ipfx.capture.verify`);
 2. equal: calls of that kind run the graph, unchecked from then on; different, or the graph fails where
    the module runs: the part runs its module's forward for every call, with one warning saying so;
 3. then makes the real call (autograd, buffer updates and random draws as usual).
@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from . import verify
-from .errors import first_line, user_stacklevel
+from ..errors import first_line, user_stacklevel
 
 CHECK = "ipfx_check_first_calls"  # GraphModule.meta: the kinds of call already checked (a set)
 USE_FORWARD = "ipfx_use_forward"  # GraphModule.meta: why the part runs its module's forward instead

@@ -46,7 +46,7 @@ class SourceAttributes:
 
 class CapturedGraphModule(SourceAttributes, fx.GraphModule):
     """The ``GraphModule`` every ipfx front end returns; calls are checked against the call pattern
-    symbolic tracing specialised (:mod:`ipfx.guards`), where there is one."""
+    symbolic tracing specialised (:mod:`ipfx.capture.guards`), where there is one."""
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
@@ -104,6 +104,17 @@ def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
         for name, child in list(holder._modules.items()):
             if child is old:
                 holder._modules[name] = new
+
+
+def set_submodule(gm: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path``, creating empty parent modules where the graph module has none."""
+    parent = gm
+    *parents, leaf = path.split(".")
+    for name in parents:
+        if not hasattr(parent, name):
+            parent.add_module(name, nn.Module())
+        parent = getattr(parent, name)
+    setattr(parent, leaf, module)
 
 
 def keep_containers(gm: fx.GraphModule, source: nn.Module) -> None:

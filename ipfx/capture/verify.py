@@ -24,7 +24,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, tor
 def run(module: nn.Module, args: tuple, kwargs: dict, training: bool, state_of: nn.Module | None = None) -> Any:
     """``module(*args, **kwargs)`` in the given mode, leaving ``module`` (and ``state_of``, when the module
     runs another's graph) as it was: every buffer's values, and every module's attributes (a forward that
-    caches things on itself at its first call leaves nothing behind: :mod:`ipfx.snapshot`)."""
+    caches things on itself at its first call leaves nothing behind: :mod:`ipfx.capture.snapshot`)."""
 
     def call():
         module.train(training)

@@ -100,7 +100,7 @@ class ModeSwitch(SourceAttributes, nn.Module):
 
     def _forward(self, *args, **kwargs):
         gm = self.graph_module(self.training)
-        gm.training = self.training  # what a guard's fallback runs in (ipfx.guards)
+        gm.training = self.training  # what a guard's fallback runs in (ipfx.capture.guards)
         return gm(*args, **kwargs)
 
     forward = _SignedForward()

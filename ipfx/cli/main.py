@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from . import cliargs as arg
-from .errors import IPFXError
+from .. import __version__
+from . import args as arg
+from ..config import SPACES
+from ..errors import IPFXError
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,9 +26,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments import DATASETS, METHODS
-    from .experiments.accel import PRECISIONS
-    from .experiments.engine import IMP_REWIND, IMP_ROUNDS
+    from ..experiments import DATASETS, METHODS
+    from ..experiments.accel import PRECISIONS
+    from ..experiments.engine import IMP_REWIND, IMP_ROUNDS
 
     parser = Parser(prog="ipfx", description="Interspace pruning for PyTorch.")
     parser.add_argument("--version", action="version", version=f"ipfx {__version__}")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"comma-separated, from {', '.join(METHODS)} (default: random,snip,synflow)")
     cmp_.add_argument("--sparsities", type=arg.fraction_list, default=[0.9, 0.95, 0.98, 0.99],
                       help="comma-separated, each in [0, 1) (default: 0.9,0.95,0.98,0.99)")
-    cmp_.add_argument("--spaces", type=arg.name_list(("sp", "ip")), default=["sp", "ip"],
+    cmp_.add_argument("--spaces", type=arg.name_list(SPACES), default=["sp", "ip"],
                       help="comma-separated: sp (spatial basis, fixed: ordinary unstructured pruning), ip (adaptive "
                            "DCT-initialised basis) (default: sp,ip)")
     cmp_.add_argument("--seeds", type=arg.seed_list, default=[0], help="comma-separated integers >= 0 (default: 0)")
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "opened with torch.load(weights_only=True): tensors only, no code runs. "
                                      "A pickle that needs more (a whole module) is refused unless --trust.")
     ins.add_argument("model", type=arg.file_or_model, help="a model name or a saved file (.pt2, .pt)")
-    ins.add_argument("--space", choices=("ip", "sp"), default="ip",
+    ins.add_argument("--space", choices=SPACES, default="ip",
                      help="the space transform uses to show a model that is not transformed")
     ins.add_argument("--num-classes", type=arg.positive_int, default=1000, help="for a model name")
     ins.add_argument("--trust", action="store_true",
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .experiments.engine import StopRequested
+    from ..experiments.engine import StopRequested
 
     import warnings
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             inspect_model(args)
     except IPFXError as exc:
-        from .experiments.parallel import launched_rank
+        from ..experiments.parallel import launched_rank
 
         if launched_rank() == 0:  # under torchrun, one line from rank 0 rather than one per process
             print(f"ipfx {args.command}: error: {exc}", file=sys.stderr)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(args, command_line: str) -> None:
-    from .experiments import parallel
+    from ..experiments import parallel
 
     started = time.time()
     _check_imp_options(args)
@@ -195,13 +196,12 @@ def compare(args, command_line: str) -> None:
 
 
 def _compare(args, command_line: str, started: float) -> None:
-    from .experiments import (ResultStore, RunSpec, load_dataset, markdown_table, paired_tables, parallel, plot,
+    from ..experiments import (ResultStore, RunSpec, load_dataset, markdown_table, paired_tables, parallel, plot,
                               sweep)
-    from .experiments.accel import Engine
-    from .experiments.engine import imp_plan
-    from .experiments.models import build_model
-    from .experiments.outputs import claim
-    from .experiments.sweep import grid
+    from ..experiments.accel import Engine
+    from ..experiments.engine import imp_plan
+    from ..experiments.outputs import claim
+    from ..experiments.sweep import grid
 
     say = print if parallel.is_main() else (lambda *a, **k: None)
     engine = Engine.for_device(args.device, args.precision, args.compile)
@@ -248,8 +248,8 @@ def _check_model_on_data(name: str, width: int | None, dataset) -> None:
     auxiliary outputs when training cannot be trained by the engine)."""
     import torch
 
-    from .errors import first_line
-    from .experiments.models import build_model
+    from ..errors import first_line
+    from ..experiments.models import build_model
 
     model = build_model(name, dataset.num_classes, dataset.in_channels, width)
     x = dataset.normalise(dataset.test_x[:2])
@@ -280,7 +280,7 @@ def _check_imp_options(args) -> None:
 def _check_parallel_options(args) -> None:
     """Under torchrun (WORLD_SIZE > 1) every run is data-parallel over all the processes: the global
     --batch-size must split into equal shards, and the runs of the sweep go one after another."""
-    from .experiments.parallel import launched_world
+    from ..experiments.parallel import launched_world
 
     n = launched_world()
     if n <= 1:
@@ -324,7 +324,7 @@ def build_native() -> None:
     """Build (or find) the native kernel and say where it is; a failed build is a one-line error."""
     import warnings
 
-    from .ops import native
+    from ..ops import native
 
     if native.disabled():
         raise _error("IPFX_NATIVE=0 turns the native kernel off; unset it to build")
@@ -344,14 +344,14 @@ def inspect_model(args) -> None:
     code from it (:func:`ipfx.deploy.load`) and shown by what it holds."""
     import torch
 
-    from . import describe
-    from .deploy import load
+    from . import inspect as describe
+    from ..deploy import load
 
     path = Path(args.model).expanduser()
     if path.is_dir() or (path.is_file() and _kind_of_file(path) == "results"):
         lines = describe.describe_store(path / "results.jsonl" if path.is_dir() else path)
     elif not path.is_file():
-        from .experiments.models import build_model
+        from ..experiments.models import build_model
 
         lines = describe.describe_module(build_model(args.model, args.num_classes, 3), args.space)
     elif path.suffix != ".pt2" and _kind_of_file(path) != "torch":  # a .pt2 archive's check says what is wrong
@@ -381,7 +381,7 @@ def _kind_of_file(path: Path) -> str:
 
 
 def _error(message: str) -> IPFXError:
-    from .errors import IPFXValueError
+    from ..errors import IPFXValueError
 
     return IPFXValueError(message)
 

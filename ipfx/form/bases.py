@@ -22,7 +22,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from .errors import IPFXValueError, SingularBasisError
+from ..errors import IPFXValueError, SingularBasisError
 
 BasisSpec = Union[str, torch.Tensor, Callable[[Sequence[int]], torch.Tensor]]
 

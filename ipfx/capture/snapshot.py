@@ -26,7 +26,7 @@ _CONTAINERS = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forwar
 
 
 _PLAIN = (dict, list, set)
-# a GraphModule's meta: what the first-call check decided about a part (ipfx.first_call) stays decided,
+# a GraphModule's meta: what the first-call check decided about a part (ipfx.capture.first_call) stays decided,
 # also when it was decided during a call whose state is put back
 _OWN = ("meta",)
 

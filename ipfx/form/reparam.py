@@ -135,7 +135,7 @@ class BasisWeight(nn.Module):
     # -- the algebra ------------------------------------------------------------------------
     def compose(self) -> torch.Tensor:
         """``W = reshape((mask * coeff) @ basis, weight_shape)``; ``mask * coeff`` in SP form
-        (:func:`ipfx.compose.compose_weight`, the one definition)."""
+        (:func:`ipfx.form.compose.compose_weight`, the one definition)."""
         return compose_weight(self.coeff, self.mask, self.basis, self.weight_shape if self.has_basis else None,
                               self.multiplies_basis)
 
@@ -149,10 +149,6 @@ class BasisWeight(nn.Module):
         return self.compose()
 
     # -- facts ------------------------------------------------------------------------------
-    @property
-    def kernel_size(self) -> tuple[int, ...]:
-        return self.weight_shape[2:]
-
     @property
     def has_basis(self) -> bool:
         return self.basis is not None
@@ -201,7 +197,7 @@ def qualified_weight_name(path: str, module: BasisWeight) -> str:
     ``weight_name`` is relative to the traced graph holding the module, which is a submodule of the
     model when the model was traced in parts; the module sits at the parameter's prefix.
     """
-    attr = getattr(module, "original_attr", None)  # a module converted in place (ipfx.parametrize)
+    attr = getattr(module, "original_attr", None)  # a module converted in place (ipfx.form.parametrize)
     if attr is not None and attr != "weight":
         return f"{path}.{attr}" if path else attr
     return f"{path}.weight" if module.weight_name.endswith(".weight") else path
@@ -227,3 +223,8 @@ def adopt_attributes(new: nn.Module, old: nn.Module, *, skip=()) -> None:
 
 #: The attributes a BasisWeight adds; lowering drops them.
 STATE_NAMES = ("coeff", "mask", "basis")
+
+
+def is_transformed(model: nn.Module) -> bool:
+    """Whether ``model`` holds coefficient weights (what :func:`ipfx.transform` made of it)."""
+    return any(isinstance(m, BasisWeight) for m in model.modules())

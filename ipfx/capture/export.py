@@ -6,28 +6,28 @@ take the branch the real call takes, and parametrizations (weight norm) are trac
 result, ``ep.module()``, is a ``GraphModule`` whose parameters and buffers are ``get_attr`` nodes at
 their original qualified names and whose kernels are ATen ops (``aten.conv2d.default``,
 ``aten.linear.default``, ...): the same ``get_attr -> kernel`` pattern a symbolic trace has, read through
-:mod:`ipfx.kernels`, so one rewrite pass serves both front ends.
+:mod:`ipfx.passes.kernels`, so one rewrite pass serves both front ends.
 
 Export captures one mode: batch norm and dropout are recorded as the model was when exported, and
 ``ep.module().eval()`` is refused. :func:`export_modes` therefore exports in each mode and returns a
-:class:`~ipfx.modes.ModeSwitch` over the two graphs when they differ, as symbolic tracing does.
+:class:`~ipfx.capture.modes.ModeSwitch` over the two graphs when they differ, as symbolic tracing does.
 
-Shapes: every input dimension is exported as ``Dim.AUTO`` (:func:`ipfx.shapes.dynamic_spec`, built for
+Shapes: every input dimension is exported as ``Dim.AUTO`` (:func:`ipfx.capture.shapes.dynamic_spec`, built for
 the forward's real signature), so dimensions the model lets vary (batch, image size, sequence length)
 stay symbolic and the graph runs on other sizes; those the model fixes or relates are guarded
-(:mod:`ipfx.shape_guards`): a call with another size raises an error naming the input and dimension.
+(:mod:`ipfx.capture.shape_guards`): a call with another size raises an error naming the input and dimension.
 Where that export fails or takes too long (:data:`DYNAMIC_EXPORT_SECONDS`), one with the batch free alone
 is tried, then a static one; their guards fix the other sizes. A ``dynamic_shapes``
 spec given by the user replaces the automatic one.
 
 Export fixes the call too: the graph takes the example's arguments in the example's layout, and fixes
-every non-tensor argument. The example call is recorded on the graphs (:class:`ipfx.guards.ExampleCall`);
+every non-tensor argument. The example call is recorded on the graphs (:class:`ipfx.capture.guards.ExampleCall`);
 calls of another pattern (``labels`` left out where the example gave them) run the model's own forward
 on the same coefficients.
 
 Export runs the model's Python, which may cache things on its modules (a detection head storing its
 anchors for the shape it saw); every module's attributes are put back afterwards
-(:mod:`ipfx.snapshot`), so no fake tensor or shape is left behind.
+(:mod:`ipfx.capture.snapshot`), so no fake tensor or shape is left behind.
 
 The graph module is rebuilt as a plain ``fx.GraphModule`` without export's ``_guards_fn`` (a generated
 function that cannot be pickled; the guards are graph nodes instead) and without export's refusal of
@@ -46,7 +46,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import TraceError, first_line
+from ..errors import TraceError, first_line
 from .guards import PATTERN, ExampleCall
 from .modes import ModeSwitch
 from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards
@@ -80,7 +80,7 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
             graphs[mode] = graph_module_of(program, type(model).__name__)
             keep_aliases(graphs[mode], model, containers=False)  # a module registered twice: both names
     _copy_training_flags(model, graphs.values())
-    pattern = ExampleCall.record(model.forward, args, kwargs)  # the call the graphs take (ipfx.guards)
+    pattern = ExampleCall.record(model.forward, args, kwargs)  # the call the graphs take (ipfx.capture.guards)
     for gm in graphs.values():
         if pattern is not None:
             gm.meta[PATTERN] = pattern.as_tuple()
@@ -133,7 +133,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
 def _copy_training_flags(model: nn.Module, graphs) -> None:
     """Give each graph's modules the training flag of the model's module at their path. ``ep.module()``
     builds them in train mode; the exported graphs do not read the flags (each mode is its own graph), but
-    the model's own forward, run for calls of another pattern (:mod:`ipfx.guards`), takes them from here."""
+    the model's own forward, run for calls of another pattern (:mod:`ipfx.capture.guards`), takes them from here."""
     flags = {path: m.training for path, m in model.named_modules()}
     for gm in graphs:
         for path, module in gm.named_modules():
@@ -191,7 +191,7 @@ def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "Gr
 
 
 def _conditions(program: torch.export.ExportedProgram, exported: nn.Module, gm: fx.GraphModule) -> list:
-    """The guards of ``program`` (:mod:`ipfx.shape_guards`) over ``gm``'s placeholders."""
+    """The guards of ``program`` (:mod:`ipfx.capture.shape_guards`) over ``gm``'s placeholders."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     example = getattr(program, "example_inputs", None)
     names = None

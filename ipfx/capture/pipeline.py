@@ -1,8 +1,8 @@
-"""Pass: capture a model as graphs, by one of two front ends, and check what was captured.
+"""Capture a model as graphs, by one of two front ends, and check what was captured: :func:`capture`.
 
-* ``export``: :func:`ipfx.export.export_modes` (torch.export, non-strict, both training modes): one
+* ``export``: :func:`ipfx.capture.export.export_modes` (torch.export, non-strict, both training modes): one
   ATen-level graph for the whole model. Needs example inputs.
-* ``symbolic``: :func:`ipfx.partial.capture_tree` (torch.fx symbolic tracing, both modes; the largest
+* ``symbolic``: :func:`ipfx.capture.partial.capture_tree` (torch.fx symbolic tracing, both modes; the largest
   traceable parts when the model does not trace as a whole). Needs no inputs.
 
 ``capture="auto"`` uses export when example inputs are given and falls back to symbolic tracing when
@@ -11,8 +11,8 @@ end captured each part, and why a fallback happened.
 
 :class:`CheckCapture` (with example inputs): the captured graphs must reproduce the model's outputs in
 train and in eval mode, on the example inputs and on inputs of another shape the graphs admit, before
-anything is rewritten (:mod:`ipfx.verify`). An exported graph keeps torch.export's shape guards
-(:mod:`ipfx.shape_guards`), so a shape it was not captured for is refused, not computed wrongly.
+anything is rewritten (:mod:`ipfx.capture.verify`). An exported graph keeps torch.export's shape guards
+(:mod:`ipfx.capture.shape_guards`), so a shape it was not captured for is refused, not computed wrongly.
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from typing import Any, Sequence
 import torch.fx as fx
 import torch.nn as nn
 
-from .. import verify
+from . import verify
 from ..config import TransformConfig
 from ..errors import TraceError, first_line
-from ..export import export_modes
-from ..guards import record_patterns
-from ..partial import Part, TraceReport, capture_tree
-from ..shape_guards import is_guard_failure
-from ..shapes import batch_of_two, one_more_sample, other_shapes
-from ..source_attributes import keep_containers
-from .manager import Pass, PassOutcome
-from .restore_modules import set_submodule
+from .export import export_modes
+from .guards import record_patterns
+from .partial import Part, TraceReport, capture_tree
+from .shape_guards import is_guard_failure
+from .shapes import batch_of_two, one_more_sample, other_shapes
+from .source_attributes import keep_containers, set_submodule
 
 FRONT_ENDS = ("auto", "export", "symbolic")
 
@@ -60,9 +58,17 @@ class Captured:
         return {"": self.original[path], **{k[len(head):]: v for k, v in self.original.items() if k.startswith(head)}}
 
 
+def capture(model: nn.Module, front_end: str, config: TransformConfig, args: tuple | None = None,
+            kwargs: dict | None = None, **options) -> Captured:
+    """``model`` (a private copy, changed in place) as graphs, by ``front_end`` (``"auto"``, ``"export"``
+    or ``"symbolic"``), checked against ``options["reference"]`` on the example where one is given; the
+    one entry point of this package (module docstring). ``options``: those of :class:`Capture`."""
+    return Capture(front_end, config, args, kwargs or {}, **options).run(model)
+
+
 @dataclasses.dataclass
-class Capture(Pass):
-    """Module -> :class:`Captured` by the chosen front end (module docstring)."""
+class Capture:
+    """What to capture and how; :meth:`run` does it (module docstring)."""
 
     front_end: str
     config: TransformConfig
@@ -73,20 +79,19 @@ class Capture(Pass):
     reference: nn.Module | None = None  # what the check compares with (the user's model, untouched)
     given_graph: bool = False  # the model is already an exported graph (from an ExportedProgram)
     dynamic_shapes: Any = None  # torch.export's spec, from the user; None: every size free where possible
-    name: str = "capture"
 
-    def call(self, model: nn.Module) -> PassOutcome:
+    def run(self, model: nn.Module) -> Captured:
         original = dict(model.named_modules(remove_duplicate=False))  # a module held twice: under both paths
         fallback = None
         if self.given_graph:
             report = TraceReport(traced=[""], parts=[Part("", model, {}, "export")])
-            return PassOutcome(Captured(model, report.parts, report, original, "export"), False)
+            return Captured(model, report.parts, report, original, "export")
         if self.front_end in ("auto", "export") and self.args is not None:
             try:
                 holder, fixed, check = self._export(model)
                 report = TraceReport(traced=[""], parts=[Part("", holder, {}, "export")])
-                return PassOutcome(Captured(holder, report.parts, report, original, "export", fixed=fixed,
-                                            checked=check.checked, notes=check.notes), True)
+                return Captured(holder, report.parts, report, original, "export", fixed=fixed,
+                                checked=check.checked, notes=check.notes)
             except TraceError as exc:
                 if self.front_end == "export":
                     raise
@@ -104,9 +109,8 @@ class Capture(Pass):
                 check.check(result)
             except TraceError as exc:
                 raise TraceError(f"{exc}" + (f" (torch.export failed first: {fallback})" if fallback else "")) from exc
-        captured = Captured(result, report.parts, report, original, "symbolic", fallback,
-                            checked=check.checked if check else [], notes=check.notes if check else [])
-        return PassOutcome(captured, True)
+        return Captured(result, report.parts, report, original, "symbolic", fallback,
+                        checked=check.checked if check else [], notes=check.notes if check else [])
 
     def _export(self, model: nn.Module) -> tuple[nn.Module, str | None, "CheckCapture"]:
         """Export and check: on two samples where the example holds one (torch.export fixes a size-1
@@ -127,13 +131,13 @@ class Capture(Pass):
 
 
 @dataclasses.dataclass
-class CheckCapture(Pass):
+class CheckCapture:
     """The captured model reproduces ``reference`` in both modes, on the example inputs and on inputs of
     another shape, or raises :class:`TraceError` naming the innermost module whose graph differs.
 
     Calls compared: the example in eval and train mode (train mode on two samples built from it where the
     model cannot run train mode on the example, a batch of one before a batch norm: a note says so); then
-    the first inputs of another shape (:func:`ipfx.shapes.other_shapes` for an exported graph, one more
+    the first inputs of another shape (:func:`ipfx.capture.shapes.other_shapes` for an exported graph, one more
     sample for a traced one) that both the model and the graph's guards accept, in both modes. A graph
     that raises where the model computes, or computes something else, fails the check.
     """
@@ -142,7 +146,6 @@ class CheckCapture(Pass):
     args: tuple
     kwargs: dict
     export_inputs: tuple[tuple, dict] | None = None  # what an exported graph was exported on
-    name: str = "check capture"
     checked: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -215,10 +218,6 @@ class CheckCapture(Pass):
                 + ". Capture it with the other front end (capture='symbolic' or 'export'), or report the model")
         self.checked.append(f"{mode}: {what} {verify.shapes(args, kwargs)}")
 
-    def call(self, captured: Captured) -> PassOutcome:
-        self.check(captured.model)
-        return PassOutcome(captured, False)
-
 
 def hold_unreached(model: nn.Module, parts: list[Part], original: dict[str, nn.Module], types: tuple) -> list[str]:
     """Put into each traced part the conv/linear modules its graph does not use, at their own paths.
@@ -226,7 +225,7 @@ def hold_unreached(model: nn.Module, parts: list[Part], original: dict[str, nn.M
     A symbolic graph holds only what its trace touched: a convolution used only when an optional argument
     is given, or only on a branch the trace did not take, is not in it, so its weight would be neither in
     the result's state dict nor in coefficient form, while the part's fallback (its original module,
-    :mod:`ipfx.guards`, :mod:`ipfx.first_call`) still calls it. Held by the graph module, the module is
+    :mod:`ipfx.capture.guards`, :mod:`ipfx.capture.first_call`) still calls it. Held by the graph module, the module is
     converted like every other unreached weight (:class:`~.parametrize_unreached.ParametrizeUnreached`),
     and the fallback, which holds the same module object, reads those coefficients. Returns the paths added.
     """

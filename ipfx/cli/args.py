@@ -178,8 +178,8 @@ def one_of(valid: Sequence[str], what: str) -> Callable[[str], str]:
 
 def model_name(text: str) -> str:
     """A built-in model or a torchvision classification model (only then is torchvision's list read)."""
-    from .errors import IPFXValueError
-    from .experiments.models import check_model_name
+    from ..errors import IPFXValueError
+    from ..experiments.models import check_model_name
 
     try:
         check_model_name(text)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import deploy
-from .api import lower
-from .experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, run
-from .experiments.outputs import claim
-from .experiments.sweep import grid
+from .. import deploy
+from ..api import lower
+from ..experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, run
+from ..experiments.outputs import claim
+from ..experiments.sweep import grid
 
 METHODS = ("random", "snip", "synflow")
 SPARSITIES = (0.9, 0.95, 0.98, 0.99)

@@ -9,9 +9,9 @@ silently skip it. :func:`parametrize_weight` converts the module that owns it in
   for ``K > 1``, ``basis``, registered on the module itself, so the state dict reads
   ``<prefix>.coeff``/``.mask``/``.basis`` as for a rewritten weight;
 * the module's class becomes a subclass of :class:`ParametrizedWeight` (itself a
-  :class:`~ipfx.reparam.BasisWeight`) and of its own class, keeping the own ``forward``: reading
+  :class:`~ipfx.form.reparam.BasisWeight`) and of its own class, keeping the own ``forward``: reading
   ``module.weight`` computes ``compose(coeff, mask, basis)`` on every read
-  (:func:`ipfx.compose.compose_weight`), as a registered parametrization would, so the module's own
+  (:func:`ipfx.form.compose.compose_weight`), as a registered parametrization would, so the module's own
   code and any other reader run unchanged and gradients reach the coefficients.
 
 Since the module *is* a ``BasisWeight``, pruning, ``ipfx.sparsity`` and ``ipfx.rewritten_weights`` see
@@ -119,7 +119,7 @@ def follow_form(module: nn.Module) -> None:
 
     ``Module.to``/``.cuda``/``.half`` replace buffers (``mask``) with new tensors, in the modules they
     visit only; a module converted to share a graph's form but kept outside the module tree (a guarded
-    graph's fallback, :mod:`ipfx.guards`) would keep the old ones, in the old dtype or device.
+    graph's fallback, :mod:`ipfx.capture.guards`) would keep the old ones, in the old dtype or device.
     """
     form = module.__dict__.get(_FORM)
     if form is None:

@@ -8,7 +8,7 @@ ops (``aten.conv2d.default``, ``aten.linear.default``, ``aten.convolution.defaul
 
 What a call means is data, not code: one :class:`Schema` per target, in a table per dialect
 (:data:`TORCH_KERNELS`, :data:`ATEN_KERNELS`). Calls that take linear kernels among other arguments
-(torchvision's Swin attention, ``nn.MultiheadAttention`` recorded by :mod:`ipfx.attention`) are entries of
+(torchvision's Swin attention, ``nn.MultiheadAttention`` recorded by :mod:`ipfx.capture.attention`) are entries of
 :data:`LINEAR_KERNEL_CALLS` / :data:`LINEAR_KERNEL_MODULES`: their weights are kernels for the rewrite, but
 they are not convolutions a lowering could fuse. Model-specific knowledge belongs in these tables.
 """
@@ -97,7 +97,7 @@ def _qualified_name(target) -> str:
 
 
 def _linear_kernel_modules() -> dict[type, tuple[int, ...]]:
-    from .attention import KERNEL_POSITIONS, AttentionKernels
+    from ..capture.attention import KERNEL_POSITIONS, AttentionKernels
 
     return {AttentionKernels: KERNEL_POSITIONS}
 

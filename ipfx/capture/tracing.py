@@ -9,7 +9,7 @@ buffers in Python); everything else keeps the default leaf rules, plus the leave
 modules traced through are recorded, so lowering can put them back.
 
 :func:`trace_modes` traces in train and in eval mode, because a forward that reads ``self.training``
-gives a different graph in each (:mod:`ipfx.modes`).
+gives a different graph in each (:mod:`ipfx.capture.modes`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from .attention import attention_call, install_attention_kernels
-from .config import DEFAULT_MODULE_TYPES, TransformConfig
-from .errors import TraceError, first_line
+from ..config import DEFAULT_MODULE_TYPES, TransformConfig
+from ..errors import TraceError, first_line
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .snapshot import Snapshot
@@ -168,10 +168,10 @@ def trace(
     flag of the module it stands for) and the standard modules that were traced through, by path.
     Raises :class:`TraceError` naming the module that failed and how to get past it; its ``module_path``
     is the failing submodule's path ("" when the model's own forward failed). ``pattern``: the optional
-    arguments traced as ``None`` (:mod:`ipfx.guards`), recorded on the graph.
+    arguments traced as ``None`` (:mod:`ipfx.capture.guards`), recorded on the graph.
     """
     tracer = WeightTracer(config, leaf_modules, name_prefix)
-    # optional arguments that are None are traced as None, and the graph checks each call (ipfx.guards)
+    # optional arguments that are None are traced as None, and the graph checks each call (ipfx.capture.guards)
     concrete = {name: None for name in pattern.none} if pattern is not None else None
     try:
         graph = tracer.trace(model, concrete_args=concrete)
@@ -195,7 +195,7 @@ def trace_modes(
     model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = "",
     pattern: CallPattern | None = None,
 ) -> tuple[fx.GraphModule | ModeSwitch, dict[str, nn.Module], str | None]:
-    """:func:`trace` in the model's own mode and in the other one (:mod:`ipfx.modes`).
+    """:func:`trace` in the model's own mode and in the other one (:mod:`ipfx.capture.modes`).
 
     Returns the ``GraphModule`` when both graphs are the same (most models), else a :class:`ModeSwitch`
     holding both; the inlined modules of both traces; and, when only the model's own mode can be

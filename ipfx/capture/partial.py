@@ -17,7 +17,7 @@ Strategy, per module (starting at the root):
    not call it, so the hooks would never run and the outputs they record would be missing.
 
 Every weight reached by some trace is rewritten there; weights read directly by untraceable Python code
-get the parametrized coefficient form (:mod:`ipfx.parametrize`). The result computes what the model
+get the parametrized coefficient form (:mod:`ipfx.form.parametrize`). The result computes what the model
 computed: untraced code calls the same children, now captured, and each traced part preserves its outputs.
 """
 
@@ -29,8 +29,8 @@ from typing import Callable, Iterable
 import torch.fx as fx
 import torch.nn as nn
 
-from .config import TransformConfig
-from .errors import TraceError, first_line
+from ..config import TransformConfig
+from ..errors import TraceError, first_line
 from .guards import pattern_for
 from .modes import ModeSwitch, graphs_of
 from .source_attributes import keep_source
@@ -118,7 +118,7 @@ def capture_tree(
     if path and (type(module) in STANDARD_TYPES or not _holds_kernels(module)):
         # A lone conv/linear reached from Python code: a graph of it would hold its coefficients as a child
         # named "weight" where callers read a tensor. It stays a module; its weight gets the parametrized
-        # coefficient form (ipfx.parametrize), read as a tensor like before. A module without any kernel
+        # coefficient form (ipfx.form.parametrize), read as a tensor like before. A module without any kernel
         # (an activation, a norm, a pooling block) has nothing to rewrite: it stays as it is.
         return module, report
     if opened or (partial and hooked(path, module)):
