@@ -208,7 +208,7 @@ def parse_error(args, capsys) -> tuple[int, str]:
     ("--seeds", "18446744073709551616", "seeds must be integers from 0 to 2**63 - 1"),
     ("--seeds", "0,x", "must be comma-separated integers >= 0, got '0,x'"),
     ("--methods", "snipp", "unknown snipp; choose from random, magnitude, snip"),
-    ("--spaces", "ip,dp", "unknown dp; choose from sp, ip"),
+    ("--spaces", "ip,dp", "unknown dp; choose from ip, sp"),
     ("--data", "imagenet", "unknown dataset 'imagenet'; choose from digits, mnist, cifar10"),
     ("--model", "resnet21", "unknown model 'resnet21'; built-in: cnn, resnet20"),
     ("--device", "potato", "must be a torch device such as cpu, cuda or cuda:1, got 'potato'"),
