@@ -19,7 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,7 @@ from .passes.lower_model import FoldParametrized, LowerGraphs, SettleFirstCallCh
 from .passes.manager import PassManager
 from .passes.parametrize_unreached import ParametrizeUnreached
 from .passes.rewrite_weights import CoefficientFactory, RewriteParts
-from .form.reparam import BasisWeight, is_transformed, qualified_weight_name
+from .form.reparam import BasisWeight, coefficient_weights, is_transformed, qualified_weight_name
 
 TARGETS = ("dense", "fused")
 
@@ -235,14 +235,14 @@ def rewritten_weights(model: nn.Module) -> list[WeightInfo]:
     return [
         WeightInfo(qualified_weight_name(prefix, m), prefix, m.weight_shape, m.kind, m.space, m.basis_init, m.trains_basis,
                    m.kept(), m.mask.numel(), m.capture or "symbolic")
-        for prefix, m in _basis_weights(model)
+        for prefix, m in coefficient_weights(model)
     ]
 
 
 def sparsity(model: nn.Module) -> float:
     """Fraction of masked coefficients over every prunable tensor of a transformed model."""
     _check_module(model, "sparsity")
-    weights = list({id(m.coeff): m for _, m in _basis_weights(model)}.values())  # tied aliases once
+    weights = [m for _, m in coefficient_weights(model, each_once=True)]  # tied aliases once
     if not weights:
         raise NotTransformedError(_not_transformed(model, "sparsity"))
     total = sum(m.mask.numel() for m in weights)
@@ -251,14 +251,6 @@ def sparsity(model: nn.Module) -> float:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _basis_weights(model: nn.Module) -> Iterator[tuple[str, BasisWeight]]:
-    """Every coefficient weight under every path that holds it (a module registered twice, as in the
-    state dict: ``sparsity`` and pruning count each one once)."""
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, BasisWeight):
-            yield name, m
-
-
 def _graphs_holding_weights(model: nn.Module) -> list[fx.GraphModule | ModeSwitch]:
     """The GraphModules (or ModeSwitches) that directly hold the model's BasisWeights (usually the model)."""
     holders: dict[int, fx.GraphModule | ModeSwitch] = {}

@@ -28,6 +28,7 @@ from .reparam import STATE_NAMES, BasisWeight
 
 _CLASSES: dict[tuple[type, str], type] = {}
 _FORM = "_ipfx_form"  # a converted module's form, where it shares another module's tensors
+_COPIED = "_ipfx_copied"  # the plain attributes a conversion copied from the form, taken away when folded
 
 
 class ParametrizedWeight(BasisWeight):
@@ -97,10 +98,11 @@ def parametrize_weight(owner: nn.Module, form: BasisWeight, attr: str = "weight"
         raise ValueError(f"{type(owner).__name__} already has attribute(s) {clash}")
     del owner._parameters[attr]
     owner.__class__ = parametrized_class(type(owner), attr)
-    for name, value in vars(form).items():
-        if name.startswith("_") or name == "training":
-            continue
-        owner.__dict__[name] = value
+    copied = [name for name in vars(form) if not name.startswith("_") and name != "training"]
+    added = tuple(name for name in copied if name not in owner.__dict__)  # what unparametrize takes away again
+    for name in copied:
+        owner.__dict__[name] = form.__dict__[name]
+    owner.__dict__[_COPIED] = added
     owner.register_parameter("coeff", form.coeff)
     owner.register_buffer("mask", form.mask, persistent=True)
     if isinstance(form.basis, nn.Parameter):
@@ -161,8 +163,7 @@ def unparametrize(module: ParametrizedWeight, folded: dict | None = None) -> nn.
         module._parameters.pop(name, None)
         module._buffers.pop(name, None)
         module.__dict__.pop(name, None)
-    for name in ("weight_shape", "space", "basis_init", "weight_name", "kind", "source", "memory_format",
-                 "aliases", "capture", _FORM):
+    for name in (*module.__dict__.get(_COPIED, ()), _COPIED, _FORM):
         module.__dict__.pop(name, None)
     attr = module.original_attr
     module.__class__ = module.original_class

@@ -22,7 +22,7 @@ used by lowering and by pruning.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -228,3 +228,16 @@ STATE_NAMES = ("coeff", "mask", "basis")
 def is_transformed(model: nn.Module) -> bool:
     """Whether ``model`` holds coefficient weights (what :func:`ipfx.transform` made of it)."""
     return any(isinstance(m, BasisWeight) for m in model.modules())
+
+
+def coefficient_weights(model: nn.Module, *, each_once: bool = False) -> Iterator[tuple[str, BasisWeight]]:
+    """``(path, module)`` of every :class:`BasisWeight` in ``model``, in module order: under every path that
+    holds it (a module registered twice: both, as in the state dict), or with ``each_once`` each set of
+    coefficients once (at its first path; modules tied to one weight share their ``coeff``)."""
+    seen = set()
+    for path, m in model.named_modules(remove_duplicate=each_once):
+        if isinstance(m, BasisWeight):
+            if each_once and id(m.coeff) in seen:
+                continue
+            seen.add(id(m.coeff))
+            yield path, m

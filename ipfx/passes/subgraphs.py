@@ -14,11 +14,12 @@ with the weight afterwards (weight standardisation, ...) is not part of it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import torch
 import torch.fx as fx
 
 from ..errors import IPFXValueError
+from ..form.compose import emit_compose
 from ..form.reparam import BasisWeight
 
 
@@ -75,16 +76,14 @@ def _match(prefix: str, module: BasisWeight, getattrs) -> ComposeSubgraph:
     bases = getattrs.get(f"{prefix}.basis", [])
     if not coeffs and not masks:
         return ComposeSubgraph(prefix, module, [], None)
+    state = {"coeff": coeffs, "mask": masks, "basis": bases}
     nodes = [*coeffs, *masks, *bases]
-    chain = _only_user(coeffs, lambda n: n.target is torch.mul and n.args[1] in masks)
-    if chain is not None:
+    chain = coeffs[0] if len(coeffs) == 1 else None
+    for target, arguments in _chain(module.multiplies_basis, module.has_basis):
+        chain = _only_user(chain, target, arguments, state)
+        if chain is None:
+            break
         nodes.append(chain)
-        if module.multiplies_basis:
-            chain = _only_user([chain], lambda n: n.target is torch.matmul and n.args[1] in bases)
-            nodes.append(chain)
-        if module.has_basis and chain is not None:
-            chain = _only_user([chain], lambda n: n.target is torch.reshape)
-            nodes.append(chain)
     if chain is None or len(coeffs) != 1 or len(masks) != 1 or len(bases) != int(module.multiplies_basis):
         raise IPFXValueError(
             f"the compose subgraph of {prefix!r} (mul(coeff, mask) -> matmul(basis) -> reshape) was "
@@ -93,11 +92,39 @@ def _match(prefix: str, module: BasisWeight, getattrs) -> ComposeSubgraph:
     return ComposeSubgraph(prefix, module, nodes, chain if chain.users else None)
 
 
-def _only_user(nodes: list[fx.Node], accept) -> fx.Node | None:
-    if len(nodes) != 1 or len(nodes[0].users) != 1:
+@functools.lru_cache(maxsize=None)
+def _chain(multiplies_basis: bool, has_basis: bool) -> tuple:
+    """The calls :func:`~ipfx.form.compose.emit_compose` writes for a weight of this form, in order: each
+    call's function and, per argument, ``"chain"`` (the previous call, or the ``coeff`` read), the state it
+    reads (``"mask"``, ``"basis"``) or ``None`` (a constant). Taken from an emitted template, so the
+    matcher follows the algebra's one definition rather than a copy of it."""
+    graph = fx.Graph()
+    emit_compose(graph, "w", multiplies_basis, has_basis, (1, 1, 1, 1))
+    steps, previous = [], None
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            previous = node if node.target == "w.coeff" else previous
+            continue
+        arguments = tuple("chain" if a is previous else a.target[2:] if isinstance(a, fx.Node) else None
+                          for a in node.args)
+        steps.append((node.target, arguments))
+        previous = node
+    return tuple(steps)
+
+
+def _only_user(node: fx.Node | None, target, arguments: tuple, state: dict) -> fx.Node | None:
+    """The one user of ``node`` when it is the call ``target`` with ``arguments`` (see :func:`_chain`)."""
+    if node is None or len(node.users) != 1:
         return None
-    user = next(iter(nodes[0].users))
-    return user if user.op == "call_function" and accept(user) else None
+    user = next(iter(node.users))
+    if user.op != "call_function" or user.target is not target or len(user.args) != len(arguments):
+        return None
+    for argument, expected in zip(user.args, arguments):
+        if expected == "chain" and argument is not node:
+            return None
+        if expected not in ("chain", None) and argument not in state[expected]:
+            return None
+    return user
 
 
 def erase_nodes(graph: fx.Graph, ordered_nodes) -> None:

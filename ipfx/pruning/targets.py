@@ -8,13 +8,12 @@ basis that turns coefficients into weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from ..errors import NotTransformedError
-from ..form.reparam import BasisWeight, qualified_weight_name
+from ..form.reparam import BasisWeight, coefficient_weights, qualified_weight_name
 
 
 @dataclasses.dataclass
@@ -54,7 +53,7 @@ class Target:
 
 def targets(model: nn.Module, what: str = "prune") -> list[Target]:
     """Every BasisWeight of ``model`` in module order; raises if there is none."""
-    found = [Target(qualified_weight_name(path, m), m) for path, m in _unique_basis_weights(model)]
+    found = [Target(qualified_weight_name(path, m), m) for path, m in coefficient_weights(model, each_once=True)]
     if not found:
         raise NotTransformedError(
             f"ipfx.{what} needs a model returned by ipfx.transform, but this {type(model).__name__} holds no "
@@ -62,13 +61,3 @@ def targets(model: nn.Module, what: str = "prune") -> list[Target]:
             "Call ipfx.transform(model) first."
         )
     return found
-
-
-def _unique_basis_weights(model: nn.Module) -> Iterator[tuple[str, BasisWeight]]:
-    """Each coefficient tensor once: named_modules visits each module once, and modules tied to one
-    weight (parametrized aliases) share their ``coeff``."""
-    seen = set()
-    for path, m in model.named_modules():
-        if isinstance(m, BasisWeight) and id(m.coeff) not in seen:
-            seen.add(id(m.coeff))
-            yield path, m
