@@ -1,15 +1,17 @@
 """The public entry points: :func:`transform`, :func:`lower` and the helpers that inspect their result.
 
-:func:`transform` is a short pipeline of named passes run by :class:`~ipfx.passes.manager.PassManager`:
+:func:`transform` captures the model (:func:`ipfx.capture.pipeline.capture`: torch.export or symbolic
+tracing, checked against the model on example inputs), then runs a short list of named passes
+(:class:`~ipfx.passes.manager.PassManager`, one contract for all of them):
 
-    capture (torch.export or symbolic tracing; checked against the model on example inputs)
-      -> rewrite weights (each captured part's kernels -> coeff x mask x basis subgraphs)
+    rewrite weights (each captured part's kernels -> coeff x mask x basis subgraphs)
       -> parametrize unreached weights (the selected weights no graph reads)
       -> guard fallbacks (the original modules, reading the same coefficients, for call patterns
          of optional arguments that a symbolic graph was not traced with; without example inputs,
          every traced graph is checked against its module on the first call of each kind)
 
-:func:`lower` is two: lower graphs (fuse, then fold, each graph's subgraphs) -> fold parametrized weights.
+:func:`lower`: settle first-call checks -> lower fused (target ``"fused"``) -> lower dense -> fold
+parametrized weights. What the passes skipped comes back as one warning per kind, here at the API boundary.
 Inputs are copied first, so the caller's model is never changed.
 """
 
@@ -34,10 +36,12 @@ from .capture.modes import ModeSwitch
 from .form.parametrize import is_parametrized
 from .capture.pipeline import FRONT_ENDS, capture as capture_graphs
 from .passes.guard_fallbacks import GuardFallbacks
-from .passes.lower_model import FoldParametrized, LowerGraphs, SettleFirstCallChecks
+from .passes.lower_dense import LowerDense
+from .passes.lower_fused import LowerFused
+from .passes.lower_model import FoldParametrized, SettleFirstCallChecks
 from .passes.manager import PassManager
 from .passes.parametrize_unreached import ParametrizeUnreached
-from .passes.rewrite_weights import CoefficientFactory, RewriteParts
+from .passes.rewrite_weights import CoefficientFactory, RewriteWeights
 from .form.reparam import BasisWeight, coefficient_weights, is_transformed, qualified_weight_name
 
 TARGETS = ("dense", "fused")
@@ -46,10 +50,24 @@ TARGETS = ("dense", "fused")
 def transform_passes(config: TransformConfig, factory: CoefficientFactory, check_first_calls: bool) -> PassManager:
     """The passes :func:`transform` runs on what :func:`ipfx.capture.pipeline.capture` returns, in order."""
     return PassManager([
-        RewriteParts(config, factory),
+        RewriteWeights(config, factory),
         ParametrizeUnreached(config, factory),
         GuardFallbacks(check_first_calls=check_first_calls),
-    ])
+    ], sites=_part_sites)
+
+
+def _part_sites(captured) -> list:
+    """The graphs of a captured model for the graph passes: each part's holder and where it sits."""
+    return [(part.holder, dict(path=part.path, owners=captured.owners(part.path), inlined=part.inlined,
+                               front_end=part.front_end)) for part in captured.parts]
+
+
+def lower_passes(target: str, graphs: Sequence[fx.GraphModule | ModeSwitch]) -> PassManager:
+    """The passes :func:`lower` runs on a copy of the transformed model, in order; ``graphs``: those of the
+    copy that hold coefficient weights (found once, before any pass folds them)."""
+    sites = [(holder, {}) for holder in graphs]
+    return PassManager([SettleFirstCallChecks(), *([LowerFused()] if target == "fused" else []), LowerDense(),
+                        FoldParametrized()], sites=lambda model: sites)
 
 
 def transform(
@@ -145,7 +163,11 @@ def transform(
     captured = capture_graphs(work, capture, config, args, kwargs, leaf_modules=leaf_modules, partial=partial,
                               reference=None if inplace else model, given_graph=exported_program,
                               dynamic_shapes=dynamic_shapes)
-    captured = transform_passes(config, factory, check_first_calls=args is None and not exported_program)(captured)
+    passes = transform_passes(config, factory, check_first_calls=args is None and not exported_program)
+    passes(captured)
+    for path, reason in passes.result(GuardFallbacks.name).skipped.items():
+        warnings.warn(f"{path}: {reason}; transform with example inputs of each call pattern the model is "
+                      "called with", stacklevel=2)
     result, report = captured.model, captured.report
     if captured.fallback:
         warnings.warn(f"torch.export could not capture {type(model).__name__} ({captured.fallback}); "
@@ -203,8 +225,20 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
         raise IPFXValueError(f"unknown lowering target {target!r}; use one of {', '.join(map(repr, TARGETS))}")
     _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
     out = _copy(model)
-    return PassManager([SettleFirstCallChecks(), LowerGraphs(target, _graphs_holding_weights(out)),
-                        FoldParametrized()])(out)
+    passes = lower_passes(target, _graphs_holding_weights(out))
+    passes(out)
+    unchecked = passes.result(SettleFirstCallChecks.name).skipped
+    if unchecked:
+        warnings.warn(
+            f"ipfx.lower: {len(unchecked)} graph(s) traced without example inputs ({', '.join(sorted(unchecked)[:4])}) "
+            "were never called, so never checked against their own forward; the lowered model runs them "
+            "unchecked. Call the transformed model once on real inputs before lowering, or transform it "
+            "with example_inputs=...", stacklevel=2)
+    dense = passes.result(LowerFused.name).skipped if target == "fused" else {}
+    if dense:
+        listed = ", ".join(f"{p} ({r})" for p, r in list(dense.items())[:6])
+        warnings.warn(f"lower(target='fused') kept {len(dense)} weight(s) dense: {listed}", stacklevel=2)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -332,3 +332,11 @@ def test_onnx_export_of_a_lowered_switch_in_eval_mode(net, dynamo):
     (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert_close(torch.from_numpy(y), dense(x), kind="modes: onnx")
+
+
+def test_a_mode_switch_is_a_module_like_any_other_for_apply(net):
+    model, x = net
+    t = ipfx.transform(model)
+    seen = []
+    assert t.apply(lambda m: seen.append(m)) is t  # nn.Module.apply: every module, then the switch itself
+    assert seen[-1] is t and sum(isinstance(m, ipfx.BasisWeight) for m in seen) == len(ipfx.rewritten_weights(t))

@@ -17,7 +17,7 @@ from ipfx.passes.kernels import kernel_call
 from ipfx.capture.partial import Part, TraceReport
 from ipfx.capture.pipeline import Captured
 from ipfx.passes.lower_dense import LowerDense
-from ipfx.passes.manager import Pass, PassManager, PassOutcome
+from ipfx.passes.manager import GraphPass, Pass, PassManager, PassResult
 from ipfx.passes.parametrize_unreached import ParametrizeUnreached
 from ipfx.passes.rewrite_weights import CoefficientFactory, RewriteWeights
 from ipfx.passes.subgraphs import compose_subgraphs
@@ -70,9 +70,16 @@ def test_addmm_over_a_transposed_weight_is_a_linear_call_that_is_not_fusable():
 
 
 # -- the rewrite ---------------------------------------------------------------------------------------------
+def run_graph_pass(graph_pass, gm, **where) -> PassResult:
+    """One graph pass on one graph, as the manager runs it (lint and recompile included)."""
+    manager = PassManager([graph_pass], sites=lambda _: [(gm, where)])
+    manager(gm)
+    return manager.results[0][1]
+
+
 def rewrite(gm, config=TransformConfig()):
     owners = {"conv": nn.Conv2d(3, 4, 3)}  # the type the config filters by
-    return RewriteWeights(config, owners, {}, factory=CoefficientFactory(config))(gm)
+    return run_graph_pass(RewriteWeights(config, CoefficientFactory(config)), gm, owners=owners)
 
 
 def test_rewrite_fires_on_an_aten_graph_and_preserves_it():
@@ -140,8 +147,7 @@ def test_parametrize_fires_on_untraced_weights_and_preserves_outputs():
     model, x = Untraced(), torch.randn(2, 3, 5, 5)
     expected = model(x)
     captured, p = captured_as_python(model)
-    outcome = p(captured)
-    assert outcome.changed and outcome.details == ["conv.weight", "fc.weight"]
+    assert p.run(captured).changed == ["conv.weight", "fc.weight"]
     assert isinstance(model.conv, ipfx.BasisWeight) and isinstance(model.conv, nn.Conv2d)
     assert "weight" not in model.conv._parameters and {"conv.coeff", "conv.mask", "conv.basis"} <= set(model.state_dict())
     assert_close(model(x), expected, kind="pass: parametrize")
@@ -152,9 +158,9 @@ def test_parametrize_fires_on_untraced_weights_and_preserves_outputs():
 def test_parametrize_does_not_fire_on_excluded_weights_and_is_idempotent():
     model = Untraced()
     captured, p = captured_as_python(model, TransformConfig(exclude=["fc.*"]))
-    assert p(captured).details == ["conv.weight"]
+    assert p.run(captured).changed == ["conv.weight"]
     assert isinstance(model.fc.weight, nn.Parameter)  # the config said so
-    assert not p(captured).changed  # idempotent
+    assert not p.run(captured).modified  # idempotent
 
 
 def test_parametrized_modules_copy_pickle_and_lower():
@@ -162,7 +168,7 @@ def test_parametrized_modules_copy_pickle_and_lower():
 
     model, x = Untraced(), torch.randn(2, 3, 5, 5)
     captured, p = captured_as_python(model)
-    p(captured)
+    p.run(captured)
     randomize_masks(model, 0.5)
     y = model(x)
     buffer = io.BytesIO()
@@ -184,30 +190,53 @@ def test_lower_dense_fires_once_and_is_idempotent():
     x = torch.randn(2, 3, 6, 6)
     randomize_masks(gm, 0.5)
     expected = gm(x)
-    assert LowerDense()(gm).modified
+    assert run_graph_pass(LowerDense(), gm).changed == ["conv"]
     assert_close(gm(x), expected, kind="pass: lower dense aten graph")
     assert isinstance(gm.conv.weight, nn.Parameter)
-    assert not LowerDense()(gm).modified
+    assert not run_graph_pass(LowerDense(), gm).modified
 
 
 def test_pass_manager_runs_in_order_and_checks_conditions():
-    class Add(Pass):
+    class Append(Pass):
         def __init__(self, k):
-            self.k, self.name = k, f"add {k}"
+            self.k, self.name = k, f"append {k}"
 
         def requires(self, obj):
-            if obj < 0:
+            if obj and obj[-1] < 0:
                 raise ValueError("negative")
 
-        def call(self, obj):
-            return PassOutcome(obj + self.k, self.k != 0, self.k)
+        def run(self, obj):
+            if self.k:
+                obj.append(self.k)
+            return PassResult([str(self.k)] if self.k else [], {} if self.k else {"0": "nothing to add"})
 
-    manager = PassManager([Add(1), Add(0), Add(2)])
-    assert manager(1) == 4
-    assert [(n, o.changed) for n, o in manager.log] == [("add 1", True), ("add 0", False), ("add 2", True)]
-    assert manager.outcome("add 2").details == 2
+    manager = PassManager([Append(1), Append(0), Append(2)])
+    assert manager([]) == [1, 2]
+    assert [(n, r.modified) for n, r in manager.results] == [("append 1", True), ("append 0", False), ("append 2", True)]
+    assert manager.result("append 2").changed == ["2"] and manager.skipped() == {"0": "nothing to add"}
     with pytest.raises(ValueError, match="negative"):
-        manager(-5)
+        manager([-5])
+
+
+def test_graph_passes_get_each_graph_and_the_manager_recompiles_what_changed():
+    class Negate(GraphPass):
+        name = "negate outputs"
+
+        def run_graph(self, site):
+            output = next(n for n in site.gm.graph.nodes if n.op == "output")
+            with site.gm.graph.inserting_before(output):
+                negated = site.gm.graph.call_function(torch.neg, (output.args[0],))
+            output.args = (negated,)
+            return PassResult([site.path])
+
+    graphs = [fx.symbolic_trace(nn.Identity()), fx.symbolic_trace(nn.Identity())]
+    manager = PassManager([Negate()], sites=lambda _: [(gm, {"path": f"part{i}"}) for i, gm in enumerate(graphs)])
+    manager(None)
+    assert manager.result("negate outputs").changed == ["part0", "part1"]
+    x = torch.randn(3)
+    assert all(torch.equal(gm(x), -x) for gm in graphs)  # recompiled by the manager, not the pass
+    with pytest.raises(TypeError, match="sites"):
+        PassManager([Negate()])(None)
 
 
 def test_transform_runs_the_named_pipeline():
@@ -220,9 +249,10 @@ def test_transform_runs_the_named_pipeline():
     assert isinstance(captured.parts[0], Part)
     manager = transform_passes(config, CoefficientFactory(config), check_first_calls=True)  # what transform runs
     captured = manager(captured)
-    assert [n for n, _ in manager.log] == ["rewrite weights", "parametrize unreached weights", "guard fallbacks"]
-    assert manager.outcome("rewrite weights").changed and not manager.outcome("parametrize unreached weights").changed
-    assert manager.outcome("guard fallbacks").changed  # traced without example inputs: checked on first calls
+    assert [n for n, _ in manager.results] == ["rewrite weights", "parametrize unreached weights", "guard fallbacks"]
+    assert manager.result("rewrite weights").changed == ["conv", "fc"]
+    assert not manager.result("parametrize unreached weights").modified
+    assert manager.result("guard fallbacks").modified  # traced without example inputs: checked on first calls
     assert_close(captured.model(x), model(x), kind="pass: pipeline")
 
 

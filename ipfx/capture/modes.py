@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import inspect
 
-from typing import Callable
-
 import torch.fx as fx
 import torch.nn as nn
 
@@ -151,12 +149,6 @@ class ModeSwitch(SourceAttributes, nn.Module):
         for index, mode in enumerate((True, False)):
             gm = self.graph_module(mode)
             gm.graph = _half(combined.graph, mode, index, gm.graph)
-
-    def apply(self, transform: Callable[[fx.GraphModule], object]) -> None:
-        """Run ``transform`` (a pass) on the combined graph and split the result back."""
-        combined = self.combine()
-        transform(combined)
-        self.split(combined)
 
 
 def graphs_of(holder: fx.GraphModule | ModeSwitch) -> list[fx.GraphModule]:

@@ -26,7 +26,7 @@ from ..capture.guards import FALLBACK, PATTERN, sign
 from ..capture.modes import graphs_of
 from ..form.parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
 from ..form.reparam import BasisWeight
-from .manager import Pass, PassOutcome
+from .manager import Pass, PassResult
 
 
 class GuardFallbacks(Pass):
@@ -35,11 +35,11 @@ class GuardFallbacks(Pass):
     def __init__(self, check_first_calls: bool = False) -> None:
         self.check_first_calls = check_first_calls
 
-    def call(self, captured) -> PassOutcome:
+    def run(self, captured) -> PassResult:
         guarded = [(part, gm) for part in captured.parts for gm in graphs_of(part.holder)
                    if PATTERN in gm.meta or (self.check_first_calls and part.front_end == "symbolic")]
         if not guarded:
-            return PassOutcome(captured, False, [])
+            return PassResult()
         forms: dict[str, BasisWeight] = {}  # original owner path -> the graph's coefficient weight
         raw = set()  # parts holding a rewritten parameter that is not a module's "weight"
         paths = [p.path for p in captured.parts]
@@ -65,17 +65,19 @@ class GuardFallbacks(Pass):
                 raw.add(part_path)
             else:  # a raw kernel (self.w), or weight norm's direction (parametrizations.weight.original1)
                 parametrize_weight(original, form, attr)
-        given = []
+        result = PassResult()
         for part, gm in guarded:
             if any(not part.path or p == part.path or p.startswith(part.path + ".") for p in raw):
+                result.skipped[part.path or "<model>"] = ("a module holds two raw kernels, which no forward can "
+                                                          "read as coefficients: a call of another pattern raises")
                 continue
             # in meta, not an attribute: no child module, no state-dict entries; meta is copied with the graph
             gm.meta[FALLBACK] = captured.original[part.path]
             sign(gm)  # the graph reports the forward's own signature, optional arguments included
             if self.check_first_calls and part.front_end == "symbolic":
                 gm.meta[CHECK] = set()
-            given.append(part.path)
-        return PassOutcome(captured, bool(given), given)
+            result.changed.append(part.path or "<model>")
+        return result
 
 
 def _join(path: str, name: str) -> str:

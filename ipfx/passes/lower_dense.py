@@ -16,30 +16,29 @@ from __future__ import annotations
 
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..capture.attention import restore_attention
+from ..capture.source_attributes import replace_module, set_submodule
 from ..form.reparam import STATE_NAMES, BasisWeight, adopt_attributes
-from ..capture.source_attributes import replace_module
-from ..capture.source_attributes import set_submodule
+from .manager import GraphPass, GraphSite, PassResult
 from .restore_modules import restore_module_calls
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
-class LowerDense(PassBase):
-    """Fold every compose subgraph into a dense weight."""
+class LowerDense(GraphPass):
+    """Fold every compose subgraph into a dense weight. Changed: the prefixes folded (and
+    ``nn.MultiheadAttention`` calls restored)."""
 
-    def __init__(self) -> None:
-        self.lowered: list[str] = []
+    name = "lower dense"
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        for sub in compose_subgraphs(gm):
-            fold_subgraph(gm, sub)
-            self.lowered.append(sub.prefix)
-        if restore_attention(gm) or self.lowered:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(self.lowered))
+    def run_graph(self, site: GraphSite) -> PassResult:
+        changed = []
+        for sub in compose_subgraphs(site.gm):
+            fold_subgraph(site.gm, sub)
+            changed.append(sub.prefix)
+        if restore_attention(site.gm):
+            changed.append("attention calls")
+        return PassResult(changed)
 
 
 def fold_subgraph(gm: fx.GraphModule, sub: ComposeSubgraph) -> None:

@@ -22,44 +22,35 @@ and the rest after, as torch does; an asymmetric remainder becomes an explicit `
 from __future__ import annotations
 
 import operator
-import warnings
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..form.compose import compose_weight
 from ..capture.source_attributes import set_submodule
-from ..errors import user_stacklevel
-from ..ops import SparseIPConv, SparseLinear
+from ..form.compose import compose_weight
 from ..form.reparam import STATE_NAMES, BasisWeight, adopt_attributes
+from ..ops import SparseIPConv, SparseLinear
 from .kernels import kernel_call
+from .manager import GraphPass, GraphSite, PassResult
 from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
 
 
-class LowerFused(PassBase):
-    """Fuse every eligible compose subgraph + conv into a sparse IP conv (module docstring)."""
+class LowerFused(GraphPass):
+    """Fuse every eligible compose subgraph + conv into a sparse IP conv (module docstring). Changed: the
+    prefixes fused; skipped: those left for the dense lowering, with the reason."""
 
-    def __init__(self) -> None:
-        self.fused: list[str] = []
-        self.not_fused: dict[str, str] = {}  # prefix -> reason
+    name = "lower fused"
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        for sub in compose_subgraphs(gm):
-            reason = self._fuse(gm, sub)
+    def run_graph(self, site: GraphSite) -> PassResult:
+        result = PassResult()
+        for sub in compose_subgraphs(site.gm):
+            reason = self._fuse(site.gm, sub)
             if reason is None:
-                self.fused.append(sub.prefix)
+                result.changed.append(sub.prefix)
             else:
-                self.not_fused[sub.prefix] = reason
-        if self.fused:
-            gm.graph.lint()
-            gm.recompile()
-        if self.not_fused:
-            listed = ", ".join(f"{p} ({r})" for p, r in list(self.not_fused.items())[:6])
-            warnings.warn(f"lower(target='fused') kept {len(self.not_fused)} weight(s) dense: {listed}",
-                          stacklevel=user_stacklevel())
-        return PassResult(gm, bool(self.fused))
+                result.skipped[sub.prefix] = reason
+        return result
 
     def _fuse(self, gm: fx.GraphModule, sub: ComposeSubgraph) -> str | None:
         if sub.output is None:

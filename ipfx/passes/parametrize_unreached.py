@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..config import TransformConfig
 from ..form.parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
 from ..form.reparam import BasisWeight
-from .manager import Pass, PassOutcome
+from .manager import Pass, PassResult
 
 
 def _kind(module: nn.Module) -> str:
@@ -66,7 +66,7 @@ class ParametrizeUnreached(Pass):
                 found.append((name, module, kind, settings, attr))
         return found
 
-    def call(self, captured) -> PassOutcome:
+    def run(self, captured) -> PassResult:
         converted = []
         holders = weight_holders(captured.model.modules())
         in_graphs = _graph_forms(captured)
@@ -83,7 +83,7 @@ class ParametrizeUnreached(Pass):
             else:
                 parametrize_weight(module, form, attr)
             converted.append(name)
-        return PassOutcome(captured, bool(converted), converted)
+        return PassResult(converted)
 
     def ensures(self, captured) -> None:
         left = [name for name, *_ in self.selected(captured)]

@@ -29,25 +29,21 @@ attributes of the module that owned ``P``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..form.bases import coefficients_in_basis, make_basis
-from ..form.compose import emit_compose
+from ..capture.source_attributes import plain_attributes, replace_module, set_submodule
 from ..config import TransformConfig, WeightSettings
 from ..errors import IPFXValueError
+from ..form.bases import coefficients_in_basis, make_basis
+from ..form.compose import emit_compose
 from ..form.reparam import BasisWeight, ModuleSpec, adopt_attributes
-from ..capture.source_attributes import plain_attributes, replace_module
 from .find_weights import KernelSite, find_kernel_sites
-from ..capture.modes import ModeSwitch
-from .manager import Pass, PassOutcome
-from ..capture.source_attributes import set_submodule
+from .manager import GraphPass, GraphSite, PassResult
 from .restore_modules import restore_module_calls
 
 
@@ -56,41 +52,49 @@ def state_prefix(param_name: str) -> str:
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
-@dataclasses.dataclass
-class SkippedWeight:
-    name: str
-    reason: str
+class RewriteWeights(GraphPass):
+    """Rewrite the kernel parameters ``config`` selects in each captured graph (module docstring), with one
+    :class:`CoefficientFactory` for all of them. Changed: the prefixes rewritten, as named in the model;
+    skipped: kernels of a module the graph calls as a leaf (the parametrize-unreached pass takes those)."""
 
+    name = "rewrite weights"
 
-class RewriteWeights(PassBase):
-    """Rewrite the kernel parameters selected by ``config`` (see module docstring).
-
-    ``owners`` maps module paths to the original modules (for the config's type filter) and
-    ``inlined`` the standard modules the tracer traced through (recorded so lowering can rebuild them).
-    After :meth:`call`, ``self.rewritten`` lists the new :class:`BasisWeight` modules by prefix and
-    ``self.skipped`` the kernels left alone, with the reason.
-    """
-
-    def __init__(self, config: TransformConfig, owners: dict[str, nn.Module], inlined: dict[str, nn.Module],
-                 name_prefix: str = "", factory: "CoefficientFactory | None" = None):
+    def __init__(self, config: TransformConfig, factory: "CoefficientFactory | None" = None) -> None:
         self.config = config
         self.factory = factory if factory is not None else CoefficientFactory(config)
-        self.name_prefix = name_prefix  # the traced module's path in the user's model, for config patterns
-        self.owners = owners
-        self.inlined = inlined
-        self.rewritten: dict[str, BasisWeight] = {}
-        self.skipped: list[SkippedWeight] = []
-        self.rewritten_params: list[nn.Parameter] = []  # the original parameters, by identity
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
+    def run_graph(self, site: GraphSite) -> PassResult:
+        rewrite = _GraphRewrite(self.config, self.factory, site)
+        rewrite.run()
+        for module in rewrite.rewritten.values():
+            module.capture = site.front_end
+        changed = [site.name_prefix + prefix for prefix in rewrite.rewritten]
+        if rewrite.restored and not changed:
+            changed = [f"{site.name_prefix or '<model>'} (modules restored)"]
+        return PassResult(changed, rewrite.skipped)
+
+
+class _GraphRewrite:
+    """The rewrite of one graph: which weights became which :class:`BasisWeight` (``rewritten``, by prefix
+    in the graph), which were left and why (``skipped``, by name in the model), and whether standard
+    modules went back to being modules (``restored``)."""
+
+    def __init__(self, config: TransformConfig, factory: "CoefficientFactory", site: GraphSite) -> None:
+        self.config, self.factory, self.gm = config, factory, site.gm
+        self.name_prefix = site.name_prefix  # the traced module's path in the user's model, for config patterns
+        self.owners = site.owners  # module path -> the original module (for the config's type filter)
+        self.inlined = site.inlined  # standard modules traced through (so lowering can rebuild them)
+        self.rewritten: dict[str, BasisWeight] = {}
+        self.skipped: dict[str, str] = {}
+        self.rewritten_params: list[nn.Parameter] = []  # the original parameters, by identity
+        self.restored = False
+
+    def run(self) -> None:
+        gm = self.gm
         called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # the rewrite adds none
         for site in find_kernel_sites(gm):
             self._rewrite(gm, site, called)
-        restored = self._restore_untouched(gm)
-        if self.rewritten or restored:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(self.rewritten))
+        self.restored = self._restore_untouched(gm)
 
     def _restore_untouched(self, gm: fx.GraphModule) -> bool:
         """Standard modules traced through whose weight was left alone go back to being modules.
@@ -131,7 +135,7 @@ class RewriteWeights(PassBase):
             return  # excluded by the config: leave it exactly as it was
         prefix = state_prefix(site.name)
         if prefix in called:
-            self.skipped.append(SkippedWeight(self.name_prefix + site.name, f"module {prefix!r} is called as a leaf"))
+            self.skipped[self.name_prefix + site.name] = f"module {prefix!r} is called as a leaf"
             return
         source = (ModuleSpec.of(self.inlined[owner_path])
                   if owner_path in self.inlined and site.name.endswith(".weight") else None)
@@ -174,32 +178,6 @@ class RewriteWeights(PassBase):
         for node in site.getattrs:
             node.replace_all_uses_with(weight)
             graph.erase_node(node)
-
-
-class RewriteParts(Pass):
-    """Run :class:`RewriteWeights` on every captured part (a ModeSwitch's on its combined graph, so a
-    weight is rewritten once for both modes), sharing one :class:`CoefficientFactory`."""
-
-    name = "rewrite weights"
-
-    def __init__(self, config: TransformConfig, factory: "CoefficientFactory") -> None:
-        self.config = config
-        self.factory = factory
-
-    def call(self, captured) -> PassOutcome:
-        rewrites = []
-        for part in captured.parts:
-            holder = part.holder
-            gm = holder.combine() if isinstance(holder, ModeSwitch) else holder
-            rewrite = RewriteWeights(self.config, captured.owners(part.path), part.inlined,
-                                     name_prefix=f"{part.path}." if part.path else "", factory=self.factory)
-            rewrite(gm)
-            for module in rewrite.rewritten.values():
-                module.capture = part.front_end
-            if isinstance(holder, ModeSwitch):
-                holder.split(gm)
-            rewrites.append(rewrite)
-        return PassOutcome(captured, any(r.rewritten for r in rewrites), rewrites)
 
 
 class CoefficientFactory:
