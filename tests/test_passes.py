@@ -179,6 +179,7 @@ def test_parametrized_modules_copy_pickle_and_lower():
     assert_close(copy.deepcopy(model)(x), y, kind="pass: parametrized deepcopy")
     lowered = ipfx.lower(model)
     assert type(lowered.conv) is nn.Conv2d and isinstance(lowered.conv.weight, nn.Parameter)
+    assert not {"space", "weight_shape", "kind", "_ipfx_copied"} & set(vars(lowered.conv))  # nothing of the form left
     Untraced().load_state_dict(lowered.state_dict(), strict=True)
     assert_close(lowered(x), y, kind="pass: parametrized lowered")
 
