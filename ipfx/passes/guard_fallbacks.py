@@ -68,8 +68,10 @@ class GuardFallbacks(Pass):
         result = PassResult()
         for part, gm in guarded:
             if any(not part.path or p == part.path or p.startswith(part.path + ".") for p in raw):
-                result.skipped[part.path or "<model>"] = ("a module holds two raw kernels, which no forward can "
-                                                          "read as coefficients: a call of another pattern raises")
+                result.skipped[part.path or "<model>"] = (
+                    "a module in it holds two or more raw kernels, which its own forward cannot read as "
+                    "coefficients, so the graph has no fallback: a call of another pattern of optional "
+                    "arguments raises, and without example inputs its first calls are not checked")
                 continue
             # in meta, not an attribute: no child module, no state-dict entries; meta is copied with the graph
             gm.meta[FALLBACK] = captured.original[part.path]
