@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .form.bases import BasisSpec
 from .config import TransformConfig
-from .errors import IPFXTypeError, IPFXValueError, NotTransformedError
+from .errors import IPFXTypeError, IPFXValueError, NotTransformedError, user_stacklevel
 from .capture.export import graph_module_of
 from .inputs import as_args, as_kwargs
 from .capture.modes import ModeSwitch
@@ -233,11 +233,12 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
             f"ipfx.lower: {len(unchecked)} graph(s) traced without example inputs ({', '.join(sorted(unchecked)[:4])}) "
             "were never called, so never checked against their own forward; the lowered model runs them "
             "unchecked. Call the transformed model once on real inputs before lowering, or transform it "
-            "with example_inputs=...", stacklevel=2)
+            "with example_inputs=...", stacklevel=user_stacklevel())
     dense = passes.result(LowerFused.name).skipped if target == "fused" else {}
     if dense:
         listed = ", ".join(f"{p} ({r})" for p, r in list(dense.items())[:6])
-        warnings.warn(f"lower(target='fused') kept {len(dense)} weight(s) dense: {listed}", stacklevel=2)
+        warnings.warn(f"lower(target='fused') kept {len(dense)} weight(s) dense: {listed}",
+                      stacklevel=user_stacklevel())
     return out
 
 
