@@ -20,8 +20,9 @@ Build: ``torch.utils.cpp_extension.load`` (JIT; needs a C++ compiler and ``ninja
 ninja`` or ``pip install "ipfx[native]"``) with ``-O3 -march=native -fopenmp``, compiled once (15-45 s,
 with one line on stderr saying so) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). The cache key (:func:`library_name`) holds what the library depends on:
-the kind of CPU, the torch build, the compiler and the source, so environments with other torch builds
-sharing the directory keep their own builds instead of rebuilding each other's. A file lock makes
+the kind of CPU, the torch build and where it is installed, the compiler, and the source and where it is,
+so environments sharing the directory (virtual environments, clones) keep their own builds instead of
+rebuilding each other's on every load. A file lock makes
 processes that start at once build it once (the others wait, then load it). Later processes load the
 cached library (~1 s); ``ipfx build-native`` builds it ahead of time. Where the build fails the
 pure-torch path runs and one warning says how to get the fast path. ``IPFX_NATIVE=0`` turns the native
@@ -37,6 +38,7 @@ import logging
 import os
 import platform
 import sys
+import sysconfig
 import threading
 import warnings
 from typing import Optional
@@ -75,8 +77,13 @@ def _build_key() -> str:
     """What the built library depends on besides the CPU (module docstring): hashed into its name."""
     with open(_SOURCE, "rb") as f:
         source = f.read()
+    # where torch and the source are: the build file cpp_extension writes names both (include paths, the
+    # source path), so an environment elsewhere, even with the same torch build, would rebuild this one's
+    # library on every load, and the other way round; each environment keeps its own build instead
+    where = [os.path.realpath(os.path.dirname(torch.__file__)), os.path.realpath(_SOURCE),
+             sysconfig.get_paths()["include"]]
     parts = [torch.__version__, str(torch.version.git_version), str(torch.version.cuda), _compiler(),
-             " ".join(_FLAGS), hashlib.sha1(source).hexdigest()]
+             " ".join(_FLAGS), hashlib.sha1(source).hexdigest(), *where]
     return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:8]
 
 
