@@ -201,3 +201,18 @@ def test_processes_started_at_once_build_the_kernel_once(tmp_path):
     assert [out.strip() for out, _ in results] == ["True", "True"], results
     said = [err for _, err in results if "compiling the native CPU kernel once" in err]
     assert len(said) == 1, results
+
+
+def test_the_cache_key_tells_apart_environments_and_copies_of_the_source(monkeypatch, tmp_path):
+    """Two environments sharing the extension folder must not rebuild each other's library: the build file
+    names torch's and the source's paths, so the key holds them (and what the code is)."""
+    key = native._build_key()
+    copy = tmp_path / "ip_conv.cpp"
+    copy.write_bytes(open(native._SOURCE, "rb").read())
+    monkeypatch.setattr(native, "_SOURCE", str(copy))  # the same source in another clone
+    assert native._build_key() != key
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "torch" / "__init__.py"))  # torch installed elsewhere
+    moved = native._build_key()
+    assert moved not in (key,) and len(moved) == 8
+    copy.write_bytes(b"// changed\n" + copy.read_bytes())
+    assert native._build_key() != moved  # another source: another build
