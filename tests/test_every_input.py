@@ -456,6 +456,22 @@ def test_untraceable_forward_reports_a_bare_assert():
         ipfx.transform(DataDependent(BareAssert()).eval())
 
 
+def test_the_export_budget_counts_cpu_time_so_a_busy_machine_captures_the_same():
+    import time
+
+    from ipfx.capture.export import OverBudget, within
+
+    assert within(0.05, lambda: time.sleep(0.3) or "slept") == "slept"  # waiting (another job running) is free
+
+    def spin():
+        end = time.process_time() + 5.0
+        while time.process_time() < end:
+            pass
+
+    with pytest.raises(OverBudget):  # computing is not: interrupted (spin would return after 5 s)
+        within(0.1, spin)
+
+
 def test_an_export_over_its_time_budget_keeps_the_batch_free(monkeypatch):
     """Where keeping every size free takes torch.export past DYNAMIC_EXPORT_SECONDS (timm's 'same' padding
     takes minutes), ipfx exports with the batch free alone: another batch runs, another image size is

@@ -89,9 +89,10 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
     return ModeSwitch(graphs[True], graphs[False], training=own), fixed
 
 
-#: Seconds torch.export may take to keep every size free before ipfx keeps only the batch free. Sizes that
-#: feed run-time 'same' padding (TensorFlow-style convolutions) grow symbolic expressions that take torch
-#: minutes to reason about (3-10 minutes for an EfficientNet, against 1-2 s with a free batch alone).
+#: Seconds of this process's CPU time torch.export may take to keep every size free before ipfx keeps only
+#: the batch free. Sizes that feed run-time 'same' padding (TensorFlow-style convolutions) grow symbolic
+#: expressions that take torch minutes to reason about (3-10 minutes for an EfficientNet, against 1-2 s
+#: with a free batch alone). CPU time, not wall time: a busy machine must not change what is captured.
 DYNAMIC_EXPORT_SECONDS = 20.0
 
 _LEVELS = ("every size", "the batch", "no size")
@@ -117,7 +118,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
             program = within(DYNAMIC_EXPORT_SECONDS if level == 0 else None,
                              lambda: torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False))
         except OverBudget:
-            reasons.append(f"keeping {_LEVELS[level]} free took torch.export over {DYNAMIC_EXPORT_SECONDS:g} s")
+            reasons.append(f"keeping {_LEVELS[level]} free took torch.export over {DYNAMIC_EXPORT_SECONDS:g} s of CPU time")
             continue
         except Exception as exc:  # noqa: BLE001 - a less dynamic export may still succeed
             if level == len(_LEVELS) - 1:
@@ -147,7 +148,8 @@ class OverBudget(BaseException):
 
 
 def within(seconds: float | None, call):
-    """``call()``, interrupted by :class:`OverBudget` after ``seconds`` (by SIGALRM: only in the main
+    """``call()``, interrupted by :class:`OverBudget` after ``seconds`` of this process's CPU time (by
+    SIGPROF, so the same model gets the same capture on a quiet and on a busy machine: only in the main
     thread of a POSIX process; elsewhere, and for ``None``, without a limit)."""
     if (seconds is None or not hasattr(signal, "setitimer")
             or threading.current_thread() is not threading.main_thread()):
@@ -156,15 +158,15 @@ def within(seconds: float | None, call):
     def expire(signum, frame):
         raise OverBudget()
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    outer = signal.setitimer(signal.ITIMER_REAL, seconds)[0]  # a timer someone else set: put back after
+    previous = signal.signal(signal.SIGPROF, expire)
+    outer = signal.setitimer(signal.ITIMER_PROF, seconds)[0]  # a timer someone else set: put back after
     try:
         return call()
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
         if outer:
-            signal.setitimer(signal.ITIMER_REAL, max(outer - seconds, 1e-3))
+            signal.setitimer(signal.ITIMER_PROF, max(outer - seconds, 1e-3))
 
 
 def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "GraphModule") -> fx.GraphModule:
