@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=arg.output_folder, default="ipfx-demo",
                       help="output folder (default: ./ipfx-demo)")
     demo.add_argument("--quick", action="store_true",
-                      help="a smaller sweep: one seed, two sparsities (about 45 s on one core; the whole demo "
-                           "about 2 minutes)")
+                      help="a smaller sweep: one seed, two sparsities (about 50 s on one core; the whole demo "
+                           "about 3 minutes)")
     demo.add_argument("--threads", type=arg.thread_count, default=1,
                       help="torch threads (default: 1; the demo's small convolutions gain little from more, and "
                            "on a machine whose cores are busy more threads slow it down many times over)")
