@@ -33,7 +33,7 @@ def triton_call(case: ConvCase, t, dtype=torch.float32) -> torch.Tensor:
     return _order_gpu(g, x, values, indices, flat, basis, out, t.bias)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=int(os.environ.get("IPFX_TRITON_EXAMPLES", "20")), deadline=None)
 @given(case=conv_cases())
 def test_triton_kernel_agrees_with_the_dense_conv(case: ConvCase):
     """1/2/3-d, transposed, groups, stride, dilation, padding, output padding, odd sizes, nnz = 0, empty rows."""

@@ -24,9 +24,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 HERE = Path(__file__).parent
 
 
-def test_triton_kernel_agrees_with_the_dense_conv_under_the_interpreter():
+@pytest.mark.parametrize("drawn", [pytest.param(5, id="5 drawn cases"),
+                                   pytest.param(20, id="20 drawn cases", marks=pytest.mark.slow)])
+def test_triton_kernel_agrees_with_the_dense_conv_under_the_interpreter(drawn):
+    """The interpreter runs the kernel slowly (about 5 s a drawn case on 2 cores): the default run draws 5
+    convolutions besides the chosen geometries, the slow run 20."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "IPFX_TRITON_EXAMPLES": str(drawn)}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "gpu_interpreted.py")],
                           cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
