@@ -34,8 +34,10 @@ see the model's arguments, ``labels=None`` included.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -163,6 +165,14 @@ class ExampleCall:
     def of(cls, value: tuple) -> "ExampleCall":
         return cls(*value[1:])
 
+    @functools.cached_property
+    def _defaults(self) -> dict:
+        return dict(self.defaults)
+
+    @functools.cached_property
+    def _given_forms(self) -> dict:
+        return dict(self.given)
+
     def bind(self, args: tuple, kwargs: dict) -> dict | None:
         bound = dict(zip(self.names, args))
         if len(args) > len(self.names) or set(bound) & set(kwargs):
@@ -175,7 +185,7 @@ class ExampleCall:
     def _given(self, bound: dict) -> dict | None:
         """Name -> form of the arguments ``bound`` gives: not left at the default (``None`` counts as left
         out for a parameter whose default is ``None`` and for a ``**kwargs`` name)."""
-        defaults = dict(self.defaults)
+        defaults = self._defaults
         given = {}
         for name, value in bound.items():
             if name in defaults:
@@ -192,11 +202,11 @@ class ExampleCall:
         return given
 
     def matches(self, bound: dict) -> bool:
-        return self._given(bound) == dict(self.given)
+        return self._given(bound) == self._given_forms
 
     def graph_call(self, bound: dict) -> tuple[list, dict]:
-        filled = dict(self.filled)
-        value = lambda n: bound[n] if n in dict(self.given) else filled[n]  # noqa: E731
+        given, filled = self._given_forms, dict(self.filled)
+        value = lambda n: bound[n] if n in given else filled[n]  # noqa: E731
         return [value(n) for n in self.names[: self.positional]], {k: value(k) for k in self.keywords}
 
     def describe(self, bound: dict) -> str:
@@ -315,7 +325,7 @@ def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:
     stored = gm.meta.get(PATTERN)
     graph_call = lambda: call(*args, **kwargs)  # noqa: E731
     if stored is not None:
-        pattern = pattern_of(stored)
+        pattern = _parsed(gm, stored)
         bound = pattern.bind(args, kwargs)
         if bound is not None:
             if pattern.matches(bound):
@@ -327,6 +337,18 @@ def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:
     if fallback is not None and first_call.CHECK in gm.meta:
         return first_call.checked_call(gm, graph_call, fallback, args, kwargs)
     return graph_call()
+
+
+_PARSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # graph -> (stored tuple, its pattern)
+
+
+def _parsed(gm, stored: tuple) -> CallPattern | ExampleCall:
+    """The pattern stored on ``gm``, parsed once per graph. Kept beside the graph, not on it: a saved graph
+    holds the plain tuple only, and loads without ipfx."""
+    cached = _PARSED.get(gm)
+    if cached is None or cached[0] is not stored:
+        cached = _PARSED[gm] = (stored, pattern_of(stored))
+    return cached[1]
 
 
 def _other_pattern(gm, pattern, bound: dict, fallback, args: tuple, kwargs: dict) -> Any:
