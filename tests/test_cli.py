@@ -369,8 +369,17 @@ def test_imp_splits_the_common_budget_into_equal_rounds():
     plan = imp_plan(spec, steps_per_epoch=11)  # a budget of 22 steps
     assert (plan.rewind_step, plan.round_steps) == (1, 6)  # one run = 1 + 6 steps, rewind at 1/7 ~ 0.2 of it
     assert plan.steps == 1 + 3 * 6 <= 22
-    # the learning-rate schedule restarts at the rewind point after each round
-    assert [plan.lr_position(t) for t in range(plan.steps)] == [0, 1, 2, 3, 4, 5, 6] + [1, 2, 3, 4, 5, 6] * 2
+    # the learning-rate schedule restarts at the rewind point after each round: the run's IMP schedule says so
+    from ipfx.experiments.engine import _imp
+
+    model = ipfx.transform(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), space="sp")
+    schedule = _imp(dataclasses.replace(spec, sparsity=0.5), model, plan, torch.optim.SGD(model.parameters(), 0.1))
+    positions = [schedule.run_position]
+    for _ in range(plan.steps - 1):
+        schedule.step()
+        positions.append(schedule.run_position)
+    assert positions == [0, 1, 2, 3, 4, 5, 6] + [1, 2, 3, 4, 5, 6] * 2
+    assert schedule.rounds_done == plan.rounds
     assert imp_plan(RunSpec(method="imp", epochs=2, imp_rounds=2, imp_rewind=0.0), 11).rewind_step == 0
     with pytest.raises(IPFXValueError, match="IMP with 30 rounds trains its ticket 31 times, but the budget is only 22"):
         imp_plan(RunSpec(method="imp", epochs=2, imp_rounds=30), 11)

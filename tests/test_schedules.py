@@ -151,17 +151,20 @@ def test_imp_prunes_and_rewinds_exactly(space):
     n = total(model)
     saved = None
     previous = masks(model)
-    for t in range(1, 16):
+    positions = []
+    for t in range(1, 19):
         train_step(model, opt, data[t % 2])
         before = snapshot(model)
         changed = sched.step()
+        positions.append(sched.run_position)
         if t == rewind:
             saved = snapshot(model)
             assert not changed
-        is_round_end = t % per_round == 0 and t // per_round <= rounds
+        # every round retrains from the rewind point for as long as the first run did after it
+        is_round_end = t > rewind and (t - rewind) % per_round == 0 and (t - rewind) // per_round <= rounds
         assert changed == is_round_end
         if is_round_end:
-            r = t // per_round
+            r = (t - rewind) // per_round
             assert kept(model) == round((1 - fraction) ** r * n)
             assert sched.rounds_done == r
             assert not opt.state, "optimizer state must be cleared at a rewind"
@@ -180,6 +183,8 @@ def test_imp_prunes_and_rewinds_exactly(space):
             assert all(torch.equal(a, b) for a, b in zip(masks(model), previous))
         previous = masks(model)
     assert kept(model) == round((1 - fraction) ** rounds * n)
+    # where a learning-rate schedule reads: back to the rewind point at every round's end
+    assert positions == [1, 2, 3, 4, 5] + [2, 3, 4, 5] * 3 + [2]
 
 
 def test_imp_rewind_step_zero_restores_the_initial_weights():
@@ -423,7 +428,7 @@ def tiny():
     (lambda m: schedules.IMP(m, rounds=2, steps_per_round=5, fraction=1.0), "fraction must be a number in \\(0, 1\\)"),
     (lambda m: schedules.IMP(m, rounds=2, steps_per_round=5, fraction=0.0), "fraction"),
     (lambda m: schedules.IMP(m, rounds=0, steps_per_round=5), "rounds must be an integer >= 1"),
-    (lambda m: schedules.IMP(m, rounds=2, steps_per_round=5, rewind_step=5), "rewind_step \\(5\\) must come before"),
+    (lambda m: schedules.IMP(m, rounds=2, steps_per_round=5, rewind_step=-1), "rewind_step must be an integer"),
     (lambda m: schedules.RigL(m, 0.5, end_step=10), "needs data and loss_fn"),
     (lambda m: schedules.RigL(m, 0.5, end_step=10, data=[]), "needs loss_fn"),
     (lambda m: schedules.RigL(m, 1.5, end_step=10, data=[], loss_fn=F.mse_loss), "sparsity must be a number"),

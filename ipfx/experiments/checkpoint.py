@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 1  # bump when the layout changes: an older checkpoint is then ignored, not misread
+# Bump when the layout changes: an older checkpoint is then ignored, not misread.
+# 2: an IMP run's schedule exists from step 0 (it was built at the rewind point).
+FORMAT = 2
 
 
 def run_name(spec) -> str:

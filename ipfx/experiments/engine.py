@@ -135,14 +135,9 @@ class IMPPlan:
 
     @property
     def run_steps(self) -> int:
-        """Length of one training run: the horizon of the learning-rate schedule."""
+        """Length of one training run: the horizon of the learning-rate schedule (which
+        :attr:`ipfx.pruning.IMP.run_position` rewinds with the model)."""
         return self.rewind_step + self.round_steps
-
-    def lr_position(self, t: int) -> int:
-        """Where step ``t`` sits in the learning-rate schedule: a rewind restarts it at the rewind point."""
-        if t < self.rewind_step:
-            return t
-        return self.rewind_step + (t - self.rewind_step) % self.round_steps
 
 
 def imp_plan(spec: RunSpec, steps_per_epoch: int) -> IMPPlan:
@@ -221,13 +216,15 @@ def run(
 
     schedule = _prune_at_start(spec, model, data, device, generator, total_steps)
     optimizer = _optimizer(spec, model)
+    if plan is not None:
+        schedule = _imp(spec, model, plan, optimizer)
     lr_at = _lr_schedule(spec, plan.run_steps if plan else total_steps)
     path = Path(checkpoint) if checkpoint is not None else None
     at = _Position()
     saved = ckpt.load(path, spec.key()) if path is not None and resume else None
     if saved is not None:
         try:
-            schedule = _restore(saved, spec, model, optimizer, schedule, generator, plan, at, steps)
+            _restore(saved, model, optimizer, schedule, generator, at, steps)
         except Exception as exc:  # noqa: BLE001 - a checkpoint that does not fit this run: start over, never crash
             warnings.warn(f"checkpoint {path} does not fit this run ({first_line(exc, 200)}); the run starts over",
                           stacklevel=2)
@@ -244,10 +241,8 @@ def run(
     model.train()
     while at.step < steps:
         for x, y in data.train_batches(spec.batch_size, generator):
-            if plan is not None and at.step == plan.rewind_step:
-                schedule = _imp(spec, model, plan, optimizer)  # saves the rewind point
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(plan.lr_position(at.step) if plan else at.step)
+                group["lr"] = lr_at(schedule.run_position if plan else at.step)
             if ranks > 1:
                 x, y = parallel.shard(x, y)
             x, y = engine.inputs(accel.to_device(x, device)), accel.to_device(y, device)
@@ -351,12 +346,11 @@ def _snapshot(spec, model, optimizer, schedule, generator, device, at: _Position
     }
 
 
-def _restore(saved, spec, model, optimizer, schedule, generator, plan, at: _Position, steps: int):
-    """Load a checkpoint into a run set up as from scratch; returns the schedule to use from here on.
+def _restore(saved, model, optimizer, schedule, generator, at: _Position, steps: int) -> None:
+    """Load a checkpoint into a run set up as from scratch.
 
     The setup (model, one-shot pruning, schedule) is redone first, so that every object exists, then
-    every state is overwritten by the saved one. IMP's schedule only exists after the rewind point, so
-    it is built here when the saved run had one. Raises on a checkpoint that does not fit (the caller
+    every state is overwritten by the saved one. Raises on a checkpoint that does not fit (the caller
     starts over).
     """
     for field in dataclasses.fields(at):
@@ -367,15 +361,14 @@ def _restore(saved, spec, model, optimizer, schedule, generator, plan, at: _Posi
         raise ValueError(f"step {saved['step']!r} of {steps}, epoch {saved['epoch']!r}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    if saved["schedule"] is not None:
-        if schedule is None and plan is not None:
-            schedule = _imp(spec, model, plan, optimizer)
+    if (saved["schedule"] is None) != (schedule is None):
+        raise ValueError("the checkpoint's pruning schedule does not match the run's")
+    if schedule is not None:
         schedule.load_state_dict(saved["schedule"])
     generator.set_state(saved["data_order"])
     ckpt.set_rng_state(saved["rng"])
     for field in dataclasses.fields(at):
         setattr(at, field.name, type(getattr(at, field.name))(saved[field.name]))
-    return schedule
 
 
 @torch.no_grad()
@@ -397,17 +390,17 @@ def versions() -> dict:
 
 
 def _imp(spec: RunSpec, model: nn.Module, plan: IMPPlan, optimizer: torch.optim.Optimizer):
-    """The IMP schedule, built at the rewind point (so that its checkpoint is the rewind point) with the
-    per-round fraction that reaches ``spec.sparsity`` after the last round."""
+    """The IMP schedule of ``plan``, with the per-round fraction that reaches ``spec.sparsity`` after the
+    last round; it saves the rewind point, prunes, rewinds and says where the learning rate stands."""
     from .. import pruning
 
     fraction = 1.0 - (1.0 - spec.sparsity) ** (1.0 / plan.rounds)
     return pruning.IMP(model, rounds=plan.rounds, steps_per_round=plan.round_steps, fraction=fraction,
-                       rewind_step=0, optimizer=optimizer)
+                       rewind_step=plan.rewind_step, optimizer=optimizer)
 
 
 def _prune_at_start(spec, model, data, device, generator, total_steps):
-    if spec.sparsity == 0 or spec.method in ITERATIVE:  # IMP starts dense; its schedule comes at the rewind point
+    if spec.sparsity == 0 or spec.method in ITERATIVE:  # IMP starts dense and prunes at its rounds' ends
         return None
     if spec.method in ONE_SHOT:
         batch = [(x.to(device), y.to(device)) for x, y in _first_batches(data, spec, 1)]

@@ -218,22 +218,25 @@ class IMP(Schedule):
     al. 2020 ("Linear Mode Connectivity and the Lottery Ticket Hypothesis") rewind to an early
     training step ``k`` (``rewind_step``). Here:
 
-    * at ``t == rewind_step`` every parameter and buffer of the model except the masks is saved: the
-      coefficients, and, in IP, the basis, and batch-norm parameters/statistics and biases
-      (``rewind_step=0``: at construction, the original lottery ticket);
-    * a round is ``steps_per_round`` steps; at the end of round ``r`` (``t = r * steps_per_round``,
-      ``r = 1..rounds``) a fraction ``fraction`` of the remaining coefficients is pruned by
-      magnitude ``|coeff_j| * ||F_j||``, so that ``round(d_0 (1 - fraction)^r N)`` coefficients are
-      kept (``d_0``: the density at construction), and then every saved tensor is restored
-      (rewound); pruned coefficients stay zero. If an ``optimizer`` is given its state (momentum,
-      Adam moments) is cleared, as training restarts from the checkpoint.
+    * at ``t == rewind_step`` (``k``) every parameter and buffer of the model except the masks is saved:
+      the coefficients, and, in IP, the basis, and batch-norm parameters/statistics and biases
+      (``k = 0``: at construction, the original lottery ticket);
+    * one *training run* is ``k + steps_per_round`` steps; the first ends at ``t = k + steps_per_round``
+      and round ``r`` (``r = 1..rounds``) ends at ``t = k + r * steps_per_round``, so that every
+      retraining from the rewind point is as long as the first run after it. At the end of round ``r``
+      a fraction ``fraction`` of the remaining coefficients is pruned by magnitude
+      ``|coeff_j| * ||F_j||``, so that ``round(d_0 (1 - fraction)^r N)`` coefficients are kept
+      (``d_0``: the density at construction), and then every saved tensor is restored (rewound);
+      pruned coefficients stay zero. If an ``optimizer`` is given its state (momentum, Adam moments)
+      is cleared, as training restarts from the checkpoint.
 
     After the last round the masks no longer change; keep training the rewound ticket. Learning-rate
-    schedules are not rewound here (rewind them yourself if the round should replay them).
+    schedules are not rewound here: index yours by :attr:`run_position` (the step of the training run
+    that step ``t`` replays) and every round replays it from the rewind point.
 
     Args:
         rounds: number of prune-and-rewind rounds (``>= 1``).
-        steps_per_round: training steps per round (``> rewind_step``).
+        steps_per_round: training steps of each round, from the rewind point to the next prune.
         fraction: fraction of the remaining coefficients pruned per round, in ``(0, 1)``.
         rewind_step: the step whose values are restored after each round.
         scope: ``"global"`` (as in the papers), ``"layerwise"`` or ``"erk"``.
@@ -259,11 +262,6 @@ class IMP(Schedule):
                 f"got {fraction!r}"
             )
         _check_int("rewind_step", rewind_step, minimum=0)
-        if rewind_step >= steps_per_round:
-            raise IPFXValueError(
-                f"rewind_step ({rewind_step}) must come before the end of the first round "
-                f"(steps_per_round={steps_per_round}): the checkpoint has to exist when the first round ends"
-            )
         _check_scope(scope)
         super().__init__(model)
         self.rounds = int(rounds)
@@ -280,7 +278,16 @@ class IMP(Schedule):
     @property
     def rounds_done(self) -> int:
         """Completed rounds."""
-        return min(self.t // self.steps_per_round, self.rounds)
+        return min(max(self.t - self.rewind_step, 0) // self.steps_per_round, self.rounds)
+
+    @property
+    def run_position(self) -> int:
+        """The step of one training run that the model stands at now: ``t`` before the rewind point,
+        then ``k + (t - k) mod steps_per_round``: a rewind sends it back to ``k``. The step to read a
+        learning-rate schedule at, so that every round replays it from the rewind point."""
+        if self.t < self.rewind_step:
+            return self.t
+        return self.rewind_step + (self.t - self.rewind_step) % self.steps_per_round
 
     def target_sparsity(self, r: int) -> float:
         """Sparsity after round ``r``: ``1 - d_0 (1 - fraction)^r``."""
@@ -289,9 +296,10 @@ class IMP(Schedule):
     def _on_step(self) -> bool:
         if self.t == self.rewind_step:
             self._save()
-        if self.t % self.steps_per_round or not 1 <= self.t // self.steps_per_round <= self.rounds:
+        since = self.t - self.rewind_step
+        if since <= 0 or since % self.steps_per_round or since // self.steps_per_round > self.rounds:
             return False
-        r = self.t // self.steps_per_round
+        r = since // self.steps_per_round
         sparsity = self.target_sparsity(r)
         sizes = [t.numel for t in self.targets]
         changed = sum(t.kept() for t in self.targets) > allocation.kept_total(sizes, sparsity)
@@ -316,7 +324,7 @@ class IMP(Schedule):
 
     @torch.no_grad()
     def _rewind(self) -> None:
-        if self.checkpoint is None:  # cannot happen: rewind_step < steps_per_round
+        if self.checkpoint is None:  # cannot happen: every round ends after the rewind point
             raise RuntimeError("IMP has no checkpoint to rewind to")
         for name, v in self._tensors().items():
             v.copy_(self.checkpoint[name])
