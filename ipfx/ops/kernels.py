@@ -202,14 +202,16 @@ def _native_operands(g: dict, values: Tensor, indices: Tensor, flat, like: Tenso
 
 
 def _order_native(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,
-                  bias: Optional[Tensor] = None) -> Tensor:
-    """Order (a) tile by tile in the native CPU kernel (:mod:`ipfx.ops.native`); adds ``bias`` itself."""
+                  bias: Optional[Tensor] = None, residual: Optional[Tensor] = None, activation: int = 0) -> Tensor:
+    """Order (a) tile by tile in the native CPU kernel (:mod:`ipfx.ops.native`); adds ``bias`` itself and
+    applies the epilogue (``residual``, ``activation``: :mod:`ipfx.ops.epilogue`'s number) in the tile."""
     from . import native
 
     crow, col, vals, used = _native_operands(g, values, indices, flat, x)
     b = None if basis is None else basis.to(dtype=x.dtype).contiguous()
     bias = None if bias is None else bias.to(dtype=x.dtype).contiguous()
-    return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial)
+    residual = None if residual is None else residual.to(dtype=x.dtype).contiguous()
+    return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial, residual, activation)
 
 
 def _order_gpu(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import IPFXValueError
-from . import native
+from . import epilogue, native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
 from .kernels import _CONV, _CONV_T, _spmm
 from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, resolve_order
@@ -46,6 +46,8 @@ def ip_conv(
     transposed: bool,
     output_padding: list[int],
     order: int,
+    residual: Optional[Tensor] = None,
+    activation: str = "none",
 ) -> Tensor:
     """Convolution with kernel ``W = reshape(C @ basis, weight_shape)``, ``C`` given sparsely, computed by linearity.
 
@@ -61,32 +63,41 @@ def ip_conv(
     float32/64, where the kernel is built; else the cost model's choice), 5 = Triton (CUDA, float16/bfloat16/
     float32, where Triton is; else ``order=0``). ``values``, ``basis`` and
     ``bias`` are cast to ``x.dtype``. Input is (N, C, *spatial) or unbatched (C, *spatial).
+
+    The epilogue (:mod:`ipfx.ops.epilogue`): the op returns ``act(conv + bias + residual)``, ``+`` torch's
+    broadcasting addition, ``residual`` a tensor or None and ``activation`` one of ``none, relu, relu6,
+    silu, gelu, hardswish``; the native kernel applies it while each tile is in registers where the
+    residual has the output's shape and dtype.
     """
     g = _conv_geometry(
         x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
     )
-    return _run_ip_conv(g, x, values, indices, basis, bias, order)
+    return _run_ip_conv(g, x, values, indices, basis, bias, order, residual=residual, activation=activation)
 
 
 @ip_conv.register_kernel(("cpu", "cuda"))
 def _ip_conv_own_device(
-    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order
+    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order,
+    residual=None, activation="none",
 ):
     """The CPU and CUDA kernels: as the default one, and the device's own kernel may run (native on CPU,
     :mod:`ipfx.ops.native`; Triton on CUDA, :mod:`ipfx.ops.gpu`)."""
     g = _conv_geometry(
         x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
     )
-    return _run_ip_conv(g, x, values, indices, basis, bias, order, allow_native=True)
+    return _run_ip_conv(g, x, values, indices, basis, bias, order, allow_native=True, residual=residual,
+                        activation=activation)
 
 
 def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor],
-                 bias: Optional[Tensor], order: int, allow_native: bool = False) -> Tensor:
+                 bias: Optional[Tensor], order: int, allow_native: bool = False, residual: Optional[Tensor] = None,
+                 activation: str = "none") -> Tensor:
     """The body of ``ip_conv`` once the geometry ``g`` (:func:`_conv_geometry`) is known.
 
     ``allow_native``: the device's own kernel may run (native on CPU, Triton on CUDA: the op's CPU and CUDA
-    kernels, and the modules' eager path).
+    kernels, and the modules' eager path). ``residual``, ``activation``: the epilogue (:mod:`.epilogue`).
     """
+    epilogue.check(activation)
     numel = math.prod(g["weight_shape"])
     _cached(_storage_entry(indices), "checked", (indices._version, numel), lambda: _check_index_range(indices, numel))
     unbatched = x.dim() == g["d"] + 1
@@ -100,21 +111,30 @@ def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Opt
     flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731  (only when a matrix is built)
     x = x.contiguous()
     order = resolve_order(order, g, x, values, indices, flat, basis, out_spatial, allow_native)
-    if order in (ORDER_NATIVE, ORDER_DENSE, ORDER_GPU):  # these add the bias themselves
+    if unbatched and residual is not None and residual.dim() == g["d"] + 1:
+        residual = residual.unsqueeze(0)  # (a residual of fewer dims broadcasts as it is)
+    if order == ORDER_NATIVE and epilogue.in_kernel(residual, (x.shape[0], g["c_out"], *out_spatial), x.dtype):
+        y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial, bias, residual,
+                            epilogue.code(activation))  # bias and epilogue in the kernel
+        residual, activation, bias = None, "none", None
+    elif order in (ORDER_NATIVE, ORDER_DENSE, ORDER_GPU):  # these add the bias themselves
         y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial, bias)
         bias = None
     else:
         y = _RUNNERS[order](g, x, values, indices, flat, basis, out_spatial)
     if bias is not None:
         y = y + bias.to(dtype=y.dtype, device=y.device).reshape(1, -1, *([1] * g["d"]))
-    if unbatched:
+    if not epilogue.is_identity(residual, activation):
+        y = epilogue.apply(y, residual, activation)
+    if unbatched and y.dim() == g["d"] + 2:
         y = y.squeeze(0)
     return y.contiguous()
 
 
 @ip_conv.register_fake
 def _ip_conv_fake(
-    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order
+    x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding, order,
+    residual=None, activation="none",
 ):
     g = _conv_geometry(
         x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
@@ -122,8 +142,11 @@ def _ip_conv_fake(
     # Shape inference by the dense conv itself on fake tensors (handles symbolic shapes and unbatched input).
     w = x.new_empty(g["weight_shape"])
     if g["transposed"]:
-        return _CONV_T[g["d"]](x, w, None, g["stride"], g["padding"], g["output_padding"], g["groups"], g["dilation"])
-    return _CONV[g["d"]](x, w, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+        y = _CONV_T[g["d"]](x, w, None, g["stride"], g["padding"], g["output_padding"], g["groups"], g["dilation"])
+    else:
+        y = _CONV[g["d"]](x, w, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+    epilogue.check(activation)
+    return y if residual is None else epilogue.apply(y, residual, activation)
 
 
 def _no_backward_conv(ctx, grad):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..form.compose import compose_weight
 from ..errors import IPFXValueError
-from . import native
+from . import epilogue, native
 from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _output_spatial, _tuple
 from .kernels import _dense_conv_partial, _dense_weight, _native_operands
 from .library import _run_ip_conv
@@ -59,6 +59,10 @@ def _eager_inference(x) -> bool:
     resnet50); with autograd on (the ops raise on backward) or under torch.compile/export/fx they call the
     registered op, so graphs show ``ipfx::ip_conv`` and the inference-only guard stays."""
     return type(x) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _with_residual(run, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    return run(x, residual=residual)
 
 
 class SparseIPConv(_SparseStorageMixin, nn.Module):
@@ -107,6 +111,7 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         self.register_buffer("indices", indices.detach().clone())
         self.register_buffer("basis", None if basis is None else basis.detach().clone())
         self.bias = _as_bias(bias)
+        self.activation = "none"  # the epilogue's (ipfx.ops.epilogue); set by ipfx.lower(..., freeze=True)
 
     @classmethod
     def from_coefficients(
@@ -159,9 +164,11 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         basis = None if self.basis is None else self.basis.to(c.dtype)
         return compose_weight(c, None, basis, self.weight_shape, basis is not None)
 
-    def forward(self, x: Tensor, order: int = ORDER_AUTO) -> Tensor:
-        if _eager_inference(x):  # same computation, without the dispatcher and re-checking the geometry
-            return self._plan(x, order)(x)
+    def forward(self, x: Tensor, order: int = ORDER_AUTO, residual: Optional[Tensor] = None) -> Tensor:
+        """``act(conv(x, W) + bias + residual)``, ``act`` the module's ``activation`` (the op's epilogue)."""
+        activation = self.__dict__.get("activation", "none")  # (modules pickled before the epilogue existed)
+        if _eager_inference(x) and (residual is None or type(residual) is torch.Tensor):
+            return self._plan(x, order, activation)(x, residual)
         return torch.ops.ipfx.ip_conv(
             x,
             self.values,
@@ -176,19 +183,29 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
             self.transposed,
             list(self.output_padding),
             order,
+            residual,
+            activation,
         )
 
-    def _plan(self, x: Tensor, order: int):
+    def __getstate__(self):
+        """Copies and pickles leave the plan cache behind (it holds closures; the copy rebuilds its own)."""
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)
+        return state
+
+    def _plan(self, x: Tensor, order: int, activation: str = "none"):
         """The computation for inputs like ``x`` in eager inference, worked out once per input shape and storage.
 
         The same kernels with the same arguments as ``torch.ops.ipfx.ip_conv`` (so the same numbers), minus the
         per-call work: argument checks, the order choice, cache look-ups. Rebuilt when the shape, dtype, order,
-        ``IPFX_AUTOTUNE`` or a stored tensor (identity or in-place version) changes.
+        ``IPFX_AUTOTUNE``, the activation or a stored tensor (identity or in-place version) changes. The
+        plan is called as ``plan(x, residual)``.
         """
         buffers = self._buffers
         values, indices, basis = buffers["values"], buffers["indices"], buffers["basis"]
         bias = self.bias
-        key = (x.shape, x.dtype, x.device, order, os.environ.get("IPFX_AUTOTUNE"), id(values), values._version,
+        key = (x.shape, x.dtype, x.device, order, activation, os.environ.get("IPFX_AUTOTUNE"), id(values),
+               values._version,
                id(indices), indices._version, None if basis is None else (id(basis), basis._version),
                None if bias is None else (id(bias), bias._version))
         plan = self.__dict__.get("_plan_cache")
@@ -196,8 +213,9 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
             return plan[1]
         g = _conv_geometry(x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding,
                            self.dilation, self.groups, self.transposed, self.output_padding)
-        run = functools.partial(_run_ip_conv, g, values=values, indices=indices, basis=basis, bias=bias, order=order,
-                                allow_native=x.device.type in ("cpu", "cuda"))
+        generic = functools.partial(_run_ip_conv, g, values=values, indices=indices, basis=basis, bias=bias,
+                                    order=order, allow_native=x.device.type in ("cpu", "cuda"), activation=activation)
+        run = run_generic = functools.partial(_with_residual, generic)
         batched = x if x.dim() == g["d"] + 2 else x.unsqueeze(0)
         out_spatial = _output_spatial(g, batched.shape[2:])
         numel = math.prod(g["weight_shape"])
@@ -207,20 +225,31 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
             resolved = resolve_order(order, g, batched.contiguous(), values, indices, flat, basis, out_spatial,
                                      allow_native=x.device.type in ("cpu", "cuda"))
             b = None if bias is None else bias.to(dtype=x.dtype, device=x.device)
-            if resolved == ORDER_DENSE:  # the dense conv itself, bound (no Python frame per call)
+            run = run_generic = functools.partial(_with_residual, functools.partial(generic, order=resolved))
+            unbatched = x.dim() == g["d"] + 1
+            out_shape = (g["c_out"], *out_spatial) if unbatched else (x.shape[0], g["c_out"], *out_spatial)
+            if resolved == ORDER_DENSE:  # the dense conv itself, bound
                 weight = _dense_weight(g, values, indices, flat, basis, x)
-                run = _dense_conv_partial(g, weight, b)
+                conv = _dense_conv_partial(g, weight, b)
+
+                def run(x, residual=None):
+                    if residual is None and activation == "none":
+                        return conv(x)
+                    return epilogue.apply(conv(x), residual, activation)
             elif resolved == ORDER_NATIVE:
                 operands = _native_operands(g, values, indices, flat, x)
                 nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()
                 nbias = None if b is None else b.contiguous()
+                code = epilogue.code(activation)
 
-                def run(x, unbatched=x.dim() == g["d"] + 1):
+                def run(x, residual=None):
+                    if not epilogue.in_kernel(residual, out_shape, x.dtype):
+                        return run_generic(x, residual)
+                    if residual is not None:
+                        residual = (residual.unsqueeze(0) if unbatched else residual).contiguous()
                     y = native.conv(x.unsqueeze(0).contiguous() if unbatched else x.contiguous(), *operands[:3], nb,
-                                    nbias, operands[3], g, out_spatial)
+                                    nbias, operands[3], g, out_spatial, residual, code)
                     return y.squeeze(0) if unbatched else y
-            else:
-                run = functools.partial(run, order=resolved)
         self.__dict__["_plan_cache"] = (key, run)
         return run
 
@@ -234,7 +263,8 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         if self.transposed and any(self.output_padding):
             s += f", output_padding={self.output_padding}"
         s += f", basis={'identity' if self.basis is None else tuple(self.basis.shape)}, bias={self.bias is not None}"
-        return s
+        activation = self.__dict__.get("activation", "none")
+        return s if activation == "none" else s + f", activation={activation}"
 
 
 class SparseLinear(_SparseStorageMixin, nn.Module):

@@ -200,11 +200,13 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 
 
 def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
-         used: Tensor, g: dict, out_spatial) -> Tensor:
-    """Run the native conv (``x`` batched and contiguous; CSR of ``A[o, i*K + j]``; see the module docstring)."""
+         used: Tensor, g: dict, out_spatial, residual: Optional[Tensor] = None, activation: int = 0) -> Tensor:
+    """Run the native conv (``x`` batched and contiguous; CSR of ``A[o, i*K + j]``; see the module docstring),
+    ending in the epilogue ``act(y + residual)`` (:mod:`ipfx.ops.epilogue`; ``residual`` contiguous, y's shape)."""
     return torch.ops.ipfx_native.conv(
         x, crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]), list(g["padding"]),
-        list(g["dilation"]), g["transposed"], list(out_spatial), tile_for(g["c_in"], g["K"], x.element_size()))
+        list(g["dilation"]), g["transposed"], list(out_spatial), tile_for(g["c_in"], g["K"], x.element_size()),
+        residual, activation)
 
 
 def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:

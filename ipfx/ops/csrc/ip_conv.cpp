@@ -12,7 +12,8 @@
 //      (K x K), two basis rows per patch load, giving the tile's basis responses R[i*K + j][p]; rows that no
 //      kept coefficient reads are skipped (and, without a basis, not even gathered);
 //   2. for every output channel accumulates its CSR row, acc[p] += C * R[col][p], in registers (GCC vector
-//      extensions: AVX-512 or AVX2, whatever -march=native offers), and writes the tile once (plus bias).
+//      extensions: AVX-512 or AVX2, whatever -march=native offers), and writes the tile once, through the epilogue:
+//      act(acc + bias + residual) (ipfx/ops/epilogue.py), while the tile is in registers.
 // Without a basis (SP, identity) step 1 is the gather alone: a direct sparse convolution on the patch.
 // Tiles go to threads (at::parallel_for); with fewer tiles than 2 per thread (small images at batch 1) the
 // threads split each tile's input channels, then its output channels. Offsets also express a transposed
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <cstdint>
 #include <vector>
@@ -314,11 +316,26 @@ void basis_responses(const scalar_t* __restrict__ xi, const Run* runs, const int
   }
 }
 
-// y[o][p0 + p] = bias[o] + sum_e vals[e] * R[col[e]][p] for one output channel's CSR row.
+// The epilogue's activations, numbered as ipfx/ops/epilogue.py's ACTIVATIONS.
+template <typename scalar_t>
+inline scalar_t activate(scalar_t v, int64_t activation) {
+  switch (activation) {
+    case 1: return v > scalar_t(0) ? v : scalar_t(0);
+    case 2: return std::min(std::max(v, scalar_t(0)), scalar_t(6));
+    case 3: return v / (scalar_t(1) + std::exp(-v));
+    case 4: return scalar_t(0.5) * v * (scalar_t(1) + std::erf(v * scalar_t(0.70710678118654752440)));
+    case 5: return v * std::min(std::max(v + scalar_t(3), scalar_t(0)), scalar_t(6)) / scalar_t(6);
+    default: return v;
+  }
+}
+
+// y[o][p0 + p] = act(bias[o] + sum_e vals[e] * R[col[e]][p] + res[o][p0 + p]) for one output channel's CSR
+// row (res: the residual at y's position, or null; activation 0: none).
 template <typename scalar_t, int TP>
 inline void contract_row(const int64_t* __restrict__ crow, const int64_t* __restrict__ col,
                          const scalar_t* __restrict__ vals, const scalar_t* __restrict__ R, int64_t o, scalar_t bias,
-                         scalar_t* __restrict__ yo, int64_t valid) {
+                         scalar_t* __restrict__ yo, int64_t valid, const scalar_t* __restrict__ res,
+                         int64_t activation) {
   using V = typename Lane<scalar_t>::V;
   constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
   V acc[NV];
@@ -330,21 +347,32 @@ inline void contract_row(const int64_t* __restrict__ crow, const int64_t* __rest
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
   }
-  if (valid == TP) {
+  if (res == nullptr && activation == 0 && valid == TP) {
     V* y = reinterpret_cast<V*>(yo);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) y[v] = acc[v] + bias;
-  } else {
-    scalar_t tmp[TP];
-    std::memcpy(tmp, acc, sizeof(tmp));
-    for (int64_t p = 0; p < valid; ++p) yo[p] = tmp[p] + bias;
+    return;
   }
+  scalar_t tmp[TP];
+  std::memcpy(tmp, acc, sizeof(tmp));
+  if (res != nullptr)
+    for (int64_t p = 0; p < valid; ++p) tmp[p] += bias + res[p];
+  else
+    for (int64_t p = 0; p < valid; ++p) tmp[p] += bias;
+  switch (activation) {  // one loop per activation, so that each vectorises
+    case 0: break;
+    case 1: for (int64_t p = 0; p < valid; ++p) tmp[p] = activate<scalar_t>(tmp[p], 1); break;
+    case 2: for (int64_t p = 0; p < valid; ++p) tmp[p] = activate<scalar_t>(tmp[p], 2); break;
+    default: for (int64_t p = 0; p < valid; ++p) tmp[p] = activate<scalar_t>(tmp[p], activation); break;
+  }
+  std::memcpy(yo, tmp, valid * sizeof(scalar_t));
 }
 
 template <typename scalar_t, int TP>
 void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
                 const c10::optional<at::Tensor>& basis_t, const c10::optional<at::Tensor>& bias_t,
-                const at::Tensor& used_t, const Geometry& g, at::Tensor& y) {
+                const at::Tensor& used_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
+                const Geometry& g, at::Tensor& y) {
   const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
   const int64_t ntiles = (g.p_out + TP - 1) / TP;
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -354,6 +382,7 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
   const scalar_t* basis = basis_t.has_value() ? basis_t->data_ptr<scalar_t>() : nullptr;
   const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
   const uint8_t* used = used_t.data_ptr<uint8_t>();
+  const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t units = N * ntiles;
   const int64_t threads = at::get_num_threads();
@@ -386,7 +415,8 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
                                         js.data() + i * K, nj[i], K, g.p_in, patch.data(), R.data() + i * K * TP);
         for (int64_t o = 0; o < c_out; ++o)
           contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
-                                     yp + (n * c_out + o) * g.p_out + p0, valid);
+                                     yp + (n * c_out + o) * g.p_out + p0, valid,
+                                     rp ? rp + (n * c_out + o) * g.p_out + p0 : nullptr, activation);
       }
     });
     return;
@@ -406,19 +436,22 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
     at::parallel_for(0, c_out, 1, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o)
         contract_row<scalar_t, TP>(crow, col, vals, R.data(), o, bias ? bias[o] : scalar_t(0),
-                                   yp + (n * c_out + o) * g.p_out + p0, valid);
+                                   yp + (n * c_out + o) * g.p_out + p0, valid,
+                                   rp ? rp + (n * c_out + o) * g.p_out + p0 : nullptr, activation);
     });
   }
 }
 
 // ipfx_native::conv(x, crow, col, vals, basis?, bias?, used, c_out, kernel, stride, padding, dilation,
-//                   transposed, out_spatial, tile) -> y
+//                   transposed, out_spatial, tile, residual?, activation) -> y = act(conv + bias + residual)
 //   x: (N, c_in, *in_spatial) contiguous; crow/col/vals: CSR of A[o, i*K + j] (int64, int64, x.dtype);
-//   used: uint8 (c_in*K,), 1 where some kept coefficient reads R row i*K + j; tile: 16, 32 or 64.
+//   used: uint8 (c_in*K,), 1 where some kept coefficient reads R row i*K + j; tile: 16, 32 or 64;
+//   residual: contiguous, y's shape and dtype; activation: 0-5 (ipfx/ops/epilogue.py).
 at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                 const c10::optional<at::Tensor>& basis, const c10::optional<at::Tensor>& bias, const at::Tensor& used,
                 int64_t c_out, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial, int64_t tile) {
+                at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial, int64_t tile,
+                const c10::optional<at::Tensor>& residual, int64_t activation) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ipfx native: x must be a contiguous CPU tensor");
   TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
   TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
@@ -432,14 +465,19 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   std::vector<int64_t> shape{x.size(0), c_out};
   shape.insert(shape.end(), out_spatial.begin(), out_spatial.end());
   at::Tensor y = at::empty(shape, x.options());
+  TORCH_CHECK(activation >= 0 && activation <= 5, "ipfx native: activation must be 0 to 5");
+  if (residual.has_value())
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous() &&
+                    residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
+                "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
     switch (tile) {
-      case 16: conv_tiled<scalar_t, 16>(x, crow, col, vals, basis, bias, used, g, y); break;
-      case 32: conv_tiled<scalar_t, 32>(x, crow, col, vals, basis, bias, used, g, y); break;
-      case 64: conv_tiled<scalar_t, 64>(x, crow, col, vals, basis, bias, used, g, y); break;
+      case 16: conv_tiled<scalar_t, 16>(x, crow, col, vals, basis, bias, used, residual, activation, g, y); break;
+      case 32: conv_tiled<scalar_t, 32>(x, crow, col, vals, basis, bias, used, residual, activation, g, y); break;
+      case 64: conv_tiled<scalar_t, 64>(x, crow, col, vals, basis, bias, used, residual, activation, g, y); break;
       default: TORCH_CHECK(false, "ipfx native: tile must be 16, 32 or 64");
     }
   });
@@ -507,8 +545,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 
 TORCH_LIBRARY(ipfx_native, m) {
   m.def("conv(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? basis, Tensor? bias, Tensor used, int c_out, "
-        "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile) "
-        "-> Tensor");
+        "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile, "
+        "Tensor? residual, int activation) -> Tensor");
   m.def("linear(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? bias) -> Tensor");
 }
 
