@@ -32,9 +32,11 @@ from .config import TransformConfig
 from .errors import IPFXTypeError, IPFXValueError, NotTransformedError, user_stacklevel
 from .capture.export import graph_module_of
 from .inputs import as_args, as_kwargs
-from .capture.modes import ModeSwitch
+from .capture.modes import ModeSwitch, keep_eval_graphs
 from .form.parametrize import is_parametrized
 from .capture.pipeline import FRONT_ENDS, capture as capture_graphs
+from .passes.fold_batch_norm import FoldBatchNorm
+from .passes.fuse_epilogue import FuseEpilogue
 from .passes.guard_fallbacks import GuardFallbacks
 from .passes.lower_dense import LowerDense
 from .passes.lower_fused import LowerFused
@@ -62,12 +64,15 @@ def _part_sites(captured) -> list:
                                front_end=part.front_end)) for part in captured.parts]
 
 
-def lower_passes(target: str, graphs: Sequence[fx.GraphModule | ModeSwitch]) -> PassManager:
+def lower_passes(target: str, graphs: Sequence[fx.GraphModule | ModeSwitch], freeze: bool = False) -> PassManager:
     """The passes :func:`lower` runs on a copy of the transformed model, in order; ``graphs``: those of the
-    copy that hold coefficient weights (found once, before any pass folds them)."""
+    copy that hold coefficient weights (found once, before any pass folds them). ``freeze``: the graphs are
+    eval-mode graphs only, and what eval mode makes constant is folded into the fused ops."""
     sites = [(holder, {}) for holder in graphs]
-    return PassManager([SettleFirstCallChecks(), *([LowerFused()] if target == "fused" else []), LowerDense(),
-                        FoldParametrized()], sites=lambda model: sites)
+    fused = [LowerFused()] if target == "fused" else []
+    frozen = [FoldBatchNorm(), FuseEpilogue()] if freeze and target == "fused" else []
+    return PassManager([SettleFirstCallChecks(), *fused, LowerDense(), FoldParametrized(), *frozen],
+                       sites=lambda model: sites)
 
 
 def transform(
@@ -210,7 +215,7 @@ def _warn_raw_kernels(captured) -> None:
             "pass example_inputs=... so torch.export can capture that code, or make it traceable", stacklevel=3)
 
 
-def lower(model: nn.Module, target: str = "dense") -> nn.Module:
+def lower(model: nn.Module, target: str = "dense", *, freeze: bool = False) -> nn.Module:
     """Fold the coefficient subgraphs of a transformed model back for deployment.
 
     ``target="dense"``: every weight is folded once, ``W = reshape((mask * coeff) @ basis)``, and
@@ -219,13 +224,27 @@ def lower(model: nn.Module, target: str = "dense") -> nn.Module:
     becomes a sparse IP convolution storing only the kept coefficients and the basis
     (``torch.ops.ipfx.ip_conv``), linear layers a sparse linear; the others are folded as for
     ``"dense"``. Outputs equal the transformed model's up to float rounding. ``model`` is not changed.
+
+    ``freeze=True`` (deployment, ``target="fused"``): the result computes the model's *eval-mode* function
+    only, in eval mode, and folds what that makes constant: every eval-mode batch norm after a fused
+    convolution into its coefficients and bias, then a following residual ``add`` and activation (relu,
+    relu6, silu, gelu, hardswish) into the op's epilogue, applied while each output tile is in cache. It
+    keeps no train-mode graph (``.train()`` changes nothing a folded layer does): lower without ``freeze``
+    for a model that is still to be trained or calibrated.
     """
     _check_module(model, "lower")
     if target not in TARGETS:
         raise IPFXValueError(f"unknown lowering target {target!r}; use one of {', '.join(map(repr, TARGETS))}")
+    if not isinstance(freeze, bool):
+        raise IPFXTypeError(f"freeze must be True or False, got {freeze!r}")
+    if freeze and target != "fused":
+        raise IPFXValueError("freeze=True folds batch norms into the fused ops: use it with target='fused' (a dense "
+                             "lowering is plain torch: torch.ao.quantization.fuse_modules or an exporter folds those)")
     _graphs_holding_weights(model)  # raises NotTransformedError before any copy is made
     out = _copy(model)
-    passes = lower_passes(target, _graphs_holding_weights(out))
+    if freeze:
+        out = keep_eval_graphs(out)
+    passes = lower_passes(target, _graphs_holding_weights(out), freeze)
     passes(out)
     unchecked = passes.result(SettleFirstCallChecks.name).skipped
     if unchecked:

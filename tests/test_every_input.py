@@ -99,13 +99,14 @@ def test_drawn_models_on_other_shapes(front_end, case, shapes, size_branch):
         model = SizeBranch(model).train(model.training)
     t = transformed(model, x, front_end)
     dense, fused = ipfx.lower(t, "dense"), quiet(ipfx.lower, t, "fused")
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)  # eval mode only: batch norms folded, epilogues fused
     n, c, h, w = x.shape
     seen = []
     for batch, dh, dw in [(n, 0, 0), (n + 1, 0, 1), *shapes]:  # the example, an odd batch and width, drawn ones
         y = torch.randn(batch, c, max(h + dh, 1), max(w + dw, 1), dtype=x.dtype, generator=torch.Generator().manual_seed(batch))
         for training in (False, True):
-            for kind, result in (("transformed", t), ("dense", dense), ("fused", fused)):
-                if kind == "fused" and training:
+            for kind, result in (("transformed", t), ("dense", dense), ("fused", fused), ("frozen", frozen)):
+                if kind in ("fused", "frozen") and training:
                     continue
                 seen.append(assert_same_outcome(result, model, y, training, guarded=front_end == "export",
                                                 kind=f"{front_end}/{kind}/{'train' if training else 'eval'}"))

@@ -151,6 +151,19 @@ class ModeSwitch(SourceAttributes, nn.Module):
             gm.graph = _half(combined.graph, mode, index, gm.graph)
 
 
+def keep_eval_graphs(model: nn.Module) -> nn.Module:
+    """``model`` with every ModeSwitch in it (``model`` itself included) replaced by its eval-mode graph
+    module, in eval mode: what computes the model's eval-mode function and nothing else (for a deployment
+    that folds what eval mode makes constant). Returns the new root where ``model`` was a switch."""
+    if isinstance(model, ModeSwitch):
+        return keep_eval_graphs(model.graph_module(False)).eval()
+    for name, child in list(model.named_children()):
+        replaced = keep_eval_graphs(child)
+        if replaced is not child:
+            setattr(model, name, replaced)
+    return model.eval()
+
+
 def graphs_of(holder: fx.GraphModule | ModeSwitch) -> list[fx.GraphModule]:
     """The graph modules ``holder`` runs: a ModeSwitch's two, or the graph module itself."""
     if isinstance(holder, ModeSwitch):

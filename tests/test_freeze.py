@@ -1,0 +1,229 @@
+"""``ipfx.lower(model, "fused", freeze=True)``: eval-mode batch norms folded into the fused convolutions, a
+residual add and an activation in the op's epilogue (ipfx/passes/fold_batch_norm.py, fuse_epilogue.py,
+ipfx/ops/epilogue.py). The frozen model must compute the eval-mode function of the original on every input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ipfx
+from helpers import assert_close, randomize_masks
+from ipfx.errors import IPFXTypeError, IPFXValueError
+from ipfx.ops import SparseIPConv, native
+from ipfx.ops.epilogue import ACTIVATIONS
+
+ORDERS = [0, 1, 2, 3] + ([4] if native.available() else [])
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def fused_convs(model: nn.Module) -> list[SparseIPConv]:
+    return [m for m in model.modules() if isinstance(m, SparseIPConv)]
+
+
+def batch_norm_calls(model) -> int:
+    graph = model.graph
+    return sum(1 for n in graph.nodes if "batch_norm" in str(n.target) or
+               (n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)))
+
+
+# -- the op's epilogue ------------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(activation=st.sampled_from(list(ACTIVATIONS)), order=st.sampled_from(ORDERS), unbatched=st.booleans(),
+       residual=st.sampled_from(["none", "same", "channel", "float64"]), identity=st.booleans(),
+       size=st.tuples(st.integers(3, 12), st.integers(3, 12)), stride=st.integers(1, 2), seed=st.integers(0, 99))
+def test_the_epilogue_is_act_of_conv_plus_residual(activation, order, unbatched, residual, identity, size, stride,
+                                                   seed):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(6, 4, 9, generator=g) * (torch.rand(6, 4, 9, generator=g) < 0.4)
+    basis = None if identity else torch.randn(9, 9, generator=g)
+    conv = SparseIPConv.from_coefficients(c, basis, torch.randn(6, generator=g), weight_shape=(6, 4, 3, 3),
+                                          stride=stride, padding=1)
+    conv.activation = activation
+    x = torch.randn(2, 4, *size, generator=g)
+    weight = conv.to_dense_weight()
+    z = F.conv2d(x, weight, conv.bias, stride=stride, padding=1)
+    r = {"none": None, "same": torch.randn(z.shape, generator=g), "channel": torch.randn(6, 1, 1, generator=g),
+         "float64": torch.randn(z.shape, generator=g, dtype=torch.float64)}[residual]
+    expected = ACTIVATIONS[activation][1](z if r is None else z + r)
+    if unbatched:
+        x, expected = x[0], expected[0]
+        r = r[0] if r is not None and r.dim() == 4 else r
+    with torch.no_grad():
+        eager = conv(x, order, r)
+    op = torch.ops.ipfx.ip_conv(x, conv.values, conv.indices, conv.basis, conv.bias, [6, 4, 3, 3], [stride] * 2,
+                                [1, 1], [1, 1], 1, False, [0, 0], order, r, activation)
+    for got in (eager, op):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert_close(got, expected, kind="epilogue", rtol=1e-5)
+
+
+def test_the_op_refuses_an_unknown_activation():
+    conv = SparseIPConv.from_coefficients(torch.ones(2, 1, 1), weight_shape=(2, 1, 1, 1))
+    with pytest.raises(IPFXValueError, match="unknown epilogue activation 'tanh'"):
+        torch.ops.ipfx.ip_conv(torch.ones(1, 1, 2, 2), conv.values, conv.indices, None, None, [2, 1, 1, 1], [1, 1],
+                               [0, 0], [1, 1], 1, False, [0, 0], 0, None, "tanh")
+
+
+def test_a_called_fused_module_copies_and_pickles():
+    conv = SparseIPConv.from_coefficients(torch.randn(4, 2, 9), torch.randn(9, 9), weight_shape=(4, 2, 3, 3))
+    with torch.no_grad():
+        conv(torch.randn(1, 2, 6, 6))  # caches a plan (closures)
+    buffer = io.BytesIO()
+    torch.save(conv, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 2, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), conv(x))
+
+
+# -- the frozen lowering ----------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """conv -> bn -> (+ identity) -> activation, in the forms the captured graphs hold them."""
+
+    def __init__(self, activation: str, residual: bool, functional: bool, c: int = 6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "gelu": nn.GELU(),
+                    "hardswish": nn.Hardswish(), "none": nn.Identity()}[activation]
+        self.activation, self.residual, self.functional = activation, residual, functional
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        y = F.batch_norm(y, self.bn2.running_mean, self.bn2.running_var, self.bn2.weight, self.bn2.bias, False,
+                         0.1, self.bn2.eps) if self.functional else self.bn2(y)
+        if self.residual:
+            y = y + x
+        return self.act(y)
+
+
+def calibrated(model: nn.Module, *shape) -> nn.Module:
+    """Batch norms with statistics of their own inputs (random ones make the folded scale meaningless)."""
+    model.train()
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = None
+                nn.init.uniform_(bn.weight, 0.5, 1.5)
+                nn.init.uniform_(bn.bias, -0.5, 0.5)
+        for _ in range(3):
+            model(torch.randn(*shape))
+    return model.eval()
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu", "hardswish", "none"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_frozen_blocks_fold_every_batch_norm_and_fuse_the_epilogue(activation, residual, example):
+    torch.manual_seed(0)
+    model = calibrated(Block(activation, residual, functional=activation == "gelu"), 4, 6, 10, 10)
+    x = torch.randn(2, 6, 10, 10)
+    t = quiet(ipfx.transform, model, example_inputs=(x,)) if example else ipfx.transform(model)
+    if not example:
+        t(x)
+    randomize_masks(t, 0.5)
+    t.eval()
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)
+    assert not frozen.training and batch_norm_calls(frozen) == 0
+    convs = fused_convs(frozen)
+    assert len(convs) == 2 and convs[0].activation == "relu"
+    assert convs[1].activation == activation
+    residual_calls = [n for n in frozen.graph.nodes if n.op == "call_module" and "residual" in n.kwargs]
+    assert len(residual_calls) == int(residual)
+    for shape in [(2, 6, 10, 10), (3, 6, 7, 13), (1, 6, 1, 1)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            assert_close(frozen(y), t(y), kind="frozen block")
+
+
+class Guarded(nn.Module):
+    """Chains the passes must leave alone: an in-place write into the residual between the convolution and
+    the add, an add with alpha, a convolution read twice, a batch norm without running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        r = x * 1.0
+        y = self.a(x)
+        r.mul_(2.0)  # the residual changes after the convolution: the add must see the new value
+        y = F.relu(y + r)
+        z = torch.add(self.b(y), y, alpha=0.5).relu()
+        w = self.c(z)
+        v = F.relu(w) + w  # the convolution's output read twice
+        return F.relu(self.bn(self.d(v)))
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
+def test_freezing_leaves_what_it_cannot_fold_and_stays_exact(example):
+    torch.manual_seed(1)
+    model = Guarded().eval()
+    x = torch.randn(2, 4, 8, 8)
+    t = quiet(ipfx.transform, model, example_inputs=(x,)) if example else ipfx.transform(model)
+    if not example:
+        t(x)
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)
+    by_name = dict(frozen.named_modules())
+    assert by_name["b"].activation == "none" and by_name["c"].activation == "none"
+    assert batch_norm_calls(frozen) == 1  # batch statistics: not foldable
+    for shape in [(2, 4, 8, 8), (1, 4, 5, 9)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            assert_close(frozen(y), model(y), kind="frozen, guarded chains")
+
+
+def test_freeze_checks_its_arguments():
+    t = ipfx.transform(nn.Sequential(nn.Conv2d(1, 2, 3)), example_inputs=(torch.randn(1, 1, 5, 5),))
+    with pytest.raises(IPFXValueError, match="use it with target='fused'"):
+        ipfx.lower(t, "dense", freeze=True)
+    with pytest.raises(IPFXTypeError, match="freeze must be True or False"):
+        ipfx.lower(t, "fused", freeze="yes")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_frozen_torchvision_models_compute_the_eval_function(name, tmp_path):
+    torch.manual_seed(0)
+    model = calibrated(getattr(torchvision.models, name)(num_classes=10), 4, 3, 64, 64)
+    x = torch.randn(1, 3, 64, 64)
+    t = quiet(ipfx.transform, model, example_inputs=(x,))
+    randomize_masks(t, 0.2)  # (global magnitude pruning empties mobilenet's small-initialised classifier)
+    t.eval()
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)
+    assert batch_norm_calls(frozen) == 0
+    convs = fused_convs(frozen)
+    with_act = sum(c.activation != "none" for c in convs)
+    assert with_act >= {"resnet18": 17, "mobilenet_v3_small": 30}[name], with_act
+    for shape in [(1, 3, 64, 64), (2, 3, 72, 56)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            expected = t(y)
+            assert expected.abs().max() > 1e-3  # an output that says something
+            assert_close(frozen(y), expected, kind=f"frozen {name}", rtol=1e-4)
+    # the deployment file: a torch.export program, loaded with ipfx's safe loader
+    from ipfx import deploy
+
+    path = deploy.save_program(frozen, tmp_path / name, torch.randn(2, 3, 64, 64))  # (batch 1 would be fixed)
+    program = deploy.load(path).module()
+    assert any("ipfx.ip_conv" in str(n.target) for n in program.graph.nodes)
+    y = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(program(y), t(y), kind=f"frozen {name} program", rtol=1e-4)
