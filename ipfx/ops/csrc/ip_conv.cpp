@@ -442,6 +442,128 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
   }
 }
 
+
+// Direct sparse convolution (SP: no basis; stride 1; not transposed), vectorised over output positions.
+//
+// The input is read in place, without a gather: with the input zero-padded (xp, dims ip[a] = in[a] + 2 pad[a];
+// x itself where there is no padding), output position (o0, o1, o2) of a "wide" grid laid over the padded
+// input, q = (o0 ip1 + o1) ip2 + o2, reads tap (k0, k1, k2) at xp[q + (k0 d0 ip1 + k1 d1) ip2 + k2 d2]: the
+// offset is the tap's alone, so a tile of TP consecutive q is one unaligned vector load per kept coefficient:
+//   acc[p] += C[o, i, t] * xp_i[q0 + p + off(t)],
+// nnz * TP multiply-adds per tile, nothing else. Grid positions outside the output (o1 >= out1 or
+// o2 >= out2, the padding columns) are computed and dropped at the write; the padded buffer has slack past
+// its end for the last tile's reads (without padding x is read in place, and the one tile that could read past
+// its end, the last sample's last, checks its loads). Threads split (sample, tile, block of output channels): no state is
+// shared between output channels, so small maps (7x7, 14x14 at batch 1) still feed every thread.
+template <typename scalar_t, int TP>
+void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
+                 const c10::optional<at::Tensor>& bias_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
+                 const Geometry& g, at::Tensor& y) {
+  using V = typename Lane<scalar_t>::V;
+  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
+  int64_t ip[3];
+  bool padded = false;
+  for (int a = 0; a < 3; ++a) {
+    ip[a] = g.in[a] + 2 * g.pad[a];
+    padded = padded || g.pad[a] != 0;
+  }
+  const int64_t plane = ip[0] * ip[1] * ip[2];
+  const int64_t Q = ((g.out[0] - 1) * ip[1] + g.out[1] - 1) * ip[2] + g.out[2];  // last output position + 1
+  const int64_t ntiles = (Q + TP - 1) / TP;
+  // tap offsets in the padded layout
+  std::vector<int64_t> off(K);
+  {
+    int64_t t = 0;
+    for (int64_t k0 = 0; k0 < g.k[0]; ++k0)
+      for (int64_t k1 = 0; k1 < g.k[1]; ++k1)
+        for (int64_t k2 = 0; k2 < g.k[2]; ++k2, ++t)
+          off[t] = (k0 * g.dil[0] * ip[1] + k1 * g.dil[1]) * ip[2] + k2 * g.dil[2];
+  }
+  // every tile reads [q0 + off, q0 + off + TP): past the plane by at most TP - 1 + (Q .. tile end) numbers
+  const int64_t stride_c = plane + TP + L;  // per-channel stride of the padded copy, with slack for the last tile
+  at::Tensor xp_t;
+  const scalar_t* xbase;
+  int64_t cstride;
+  if (padded) {
+    xp_t = at::zeros({N * c_in * stride_c}, x.options());
+    scalar_t* xp = xp_t.data_ptr<scalar_t>();
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    at::parallel_for(0, N * c_in, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc)
+        for (int64_t i0 = 0; i0 < g.in[0]; ++i0)
+          for (int64_t i1 = 0; i1 < g.in[1]; ++i1)
+            std::memcpy(xp + nc * stride_c + ((i0 + g.pad[0]) * ip[1] + i1 + g.pad[1]) * ip[2] + g.pad[2],
+                        xs + nc * g.p_in + (i0 * g.in[1] + i1) * g.in[2], g.in[2] * sizeof(scalar_t));
+    });
+    xbase = xp;
+    cstride = stride_c;
+  } else {
+    xbase = x.data_ptr<scalar_t>();
+    cstride = g.p_in;
+  }
+  // where each grid position lands in y (-1: outside the output), per tile
+  std::vector<int32_t> dest(ntiles * TP);
+  for (int64_t q = 0; q < ntiles * TP; ++q) {
+    const int64_t o2 = q % ip[2], o01 = q / ip[2], o1 = o01 % ip[1], o0 = o01 / ip[1];
+    dest[q] = (q < Q && o2 < g.out[2] && o1 < g.out[1] && o0 < g.out[0])
+                  ? static_cast<int32_t>((o0 * g.out[1] + o1) * g.out[2] + o2) : -1;
+  }
+  const int64_t* crow = crow_t.data_ptr<int64_t>();
+  const int64_t* col = col_t.data_ptr<int64_t>();
+  const scalar_t* vals = vals_t.data_ptr<scalar_t>();
+  const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* xend = xbase + (N - 1) * c_in * cstride + (c_in - 1) * cstride + (padded ? stride_c : g.p_in);
+  // the column of A[o, i*K + t] as the offset of its first read from the sample's channel 0
+  std::vector<int64_t> src(col_t.numel());
+  for (int64_t e = 0; e < col_t.numel(); ++e) src[e] = (col[e] / K) * cstride + off[col[e] % K];
+  constexpr int64_t OB = 16;  // output channels per work unit
+  const int64_t oblocks = (c_out + OB - 1) / OB;
+  at::parallel_for(0, N * ntiles * oblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t ob = u % oblocks, tile = (u / oblocks) % ntiles, n = u / (oblocks * ntiles);
+      const int64_t q0 = tile * TP;
+      const scalar_t* xs = xbase + n * c_in * cstride + q0;
+      const int32_t* d = dest.data() + q0;
+      const bool checked = !padded && n == N - 1 && tile == ntiles - 1;  // loads that could pass x's end
+      for (int64_t o = ob * OB; o < std::min(c_out, (ob + 1) * OB); ++o) {
+        scalar_t tmp[TP];
+        if (!checked) {
+          V acc[NV];
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[v] = V{};
+          for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+            const scalar_t w = vals[e];
+            const V* r = reinterpret_cast<const V*>(xs + src[e]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
+          }
+          std::memcpy(tmp, acc, sizeof(tmp));
+        } else {
+          for (int p = 0; p < TP; ++p) tmp[p] = scalar_t(0);
+          for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+            const scalar_t w = vals[e];
+            const scalar_t* r = xs + src[e];
+            const int64_t n_ok = std::min<int64_t>(TP, xend - r);
+            for (int64_t p = 0; p < n_ok; ++p) tmp[p] += w * r[p];
+          }
+        }
+        const scalar_t b = bias ? bias[o] : scalar_t(0);
+        scalar_t* yo = yp + (n * c_out + o) * g.p_out;
+        const scalar_t* ro = rp ? rp + (n * c_out + o) * g.p_out : nullptr;
+        for (int p = 0; p < TP; ++p) {
+          if (d[p] < 0) continue;
+          scalar_t v = tmp[p] + b;
+          if (ro) v += ro[d[p]];
+          yo[d[p]] = activation ? activate<scalar_t>(v, activation) : v;
+        }
+      }
+    }
+  });
+}
+
 // ipfx_native::conv(x, crow, col, vals, basis?, bias?, used, c_out, kernel, stride, padding, dilation,
 //                   transposed, out_spatial, tile, residual?, activation) -> y = act(conv + bias + residual)
 //   x: (N, c_in, *in_spatial) contiguous; crow/col/vals: CSR of A[o, i*K + j] (int64, int64, x.dtype);
@@ -471,9 +593,15 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
                     residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
                 "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
   if (y.numel() == 0) return y;
+  const bool direct = !basis.has_value() && !transposed && g.stride[0] == 1 && g.stride[1] == 1 &&
+                      g.stride[2] == 1;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
+    if (direct) {  // SP at stride 1: the direct sparse convolution
+      conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, g, y);
+      return;
+    }
     switch (tile) {
       case 16: conv_tiled<scalar_t, 16>(x, crow, col, vals, basis, bias, used, residual, activation, g, y); break;
       case 32: conv_tiled<scalar_t, 32>(x, crow, col, vals, basis, bias, used, residual, activation, g, y); break;
