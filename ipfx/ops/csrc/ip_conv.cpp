@@ -443,12 +443,15 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
 }
 
 
-// Direct sparse convolution (SP: no basis; stride 1; not transposed), vectorised over output positions.
+// Direct sparse convolution (SP: no basis; not transposed), vectorised over output positions.
 //
-// The input is read in place, without a gather: with the input zero-padded (xp, dims ip[a] = in[a] + 2 pad[a];
-// x itself where there is no padding), output position (o0, o1, o2) of a "wide" grid laid over the padded
-// input, q = (o0 ip1 + o1) ip2 + o2, reads tap (k0, k1, k2) at xp[q + (k0 d0 ip1 + k1 d1) ip2 + k2 d2]: the
-// offset is the tap's alone, so a tile of TP consecutive q is one unaligned vector load per kept coefficient:
+// The input is read in place, without a gather. Stride 1: with the input zero-padded (xp, dims ip[a] =
+// in[a] + 2 pad[a]; x itself where there is no padding), output position (o0, o1, o2) of a "wide" grid laid
+// over the padded input, q = (o0 ip1 + o1) ip2 + o2, reads tap (k0, k1, k2) at xp[q + (k0 d0 ip1 + k1 d1) ip2
+// + k2 d2]. Stride s: the padded input is split into its s0 s1 s2 phases (padded coordinate c = o s + k d is
+// position o + (k d) div s of phase (k d) mod s), each a plane of pp = ceil(ip / s), and the grid runs over
+// a phase plane: tap t reads phase(t)'s plane at q + offset(t). Either way the offset is the tap's alone,
+// so a tile of TP consecutive q is one unaligned vector load per kept coefficient:
 //   acc[p] += C[o, i, t] * xp_i[q0 + p + off(t)],
 // nnz * TP multiply-adds per tile, nothing else. Grid positions outside the output (o1 >= out1 or
 // o2 >= out2, the padding columns) are computed and dropped at the write; the padded buffer has slack past
@@ -462,39 +465,59 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   using V = typename Lane<scalar_t>::V;
   constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
   const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
-  int64_t ip[3];
-  bool padded = false;
+  // padded input dims ip, stride phases s, phase planes pp = ceil(ip / s)
+  int64_t ip[3], pp[3];
+  bool copied = false;
   for (int a = 0; a < 3; ++a) {
     ip[a] = g.in[a] + 2 * g.pad[a];
-    padded = padded || g.pad[a] != 0;
+    pp[a] = (ip[a] + g.stride[a] - 1) / g.stride[a];
+    copied = copied || g.pad[a] != 0 || g.stride[a] != 1;
   }
-  const int64_t plane = ip[0] * ip[1] * ip[2];
-  const int64_t Q = ((g.out[0] - 1) * ip[1] + g.out[1] - 1) * ip[2] + g.out[2];  // last output position + 1
+  const int64_t phase_plane = pp[0] * pp[1] * pp[2];
+  const int64_t phases = g.stride[0] * g.stride[1] * g.stride[2];
+  const int64_t plane = phases * phase_plane;
+  const int64_t Q = ((g.out[0] - 1) * pp[1] + g.out[1] - 1) * pp[2] + g.out[2];  // last output position + 1
   const int64_t ntiles = (Q + TP - 1) / TP;
-  // tap offsets in the padded layout
+  // tap offsets: padded coordinate o s + k d is phase (k d) mod s, position o + (k d) div s in that phase
   std::vector<int64_t> off(K);
   {
     int64_t t = 0;
     for (int64_t k0 = 0; k0 < g.k[0]; ++k0)
       for (int64_t k1 = 0; k1 < g.k[1]; ++k1)
-        for (int64_t k2 = 0; k2 < g.k[2]; ++k2, ++t)
-          off[t] = (k0 * g.dil[0] * ip[1] + k1 * g.dil[1]) * ip[2] + k2 * g.dil[2];
+        for (int64_t k2 = 0; k2 < g.k[2]; ++k2, ++t) {
+          const int64_t c0 = k0 * g.dil[0], c1 = k1 * g.dil[1], c2 = k2 * g.dil[2];
+          const int64_t phase = ((c0 % g.stride[0]) * g.stride[1] + c1 % g.stride[1]) * g.stride[2] + c2 % g.stride[2];
+          off[t] = phase * phase_plane + ((c0 / g.stride[0]) * pp[1] + c1 / g.stride[1]) * pp[2] + c2 / g.stride[2];
+        }
   }
   // every tile reads [q0 + off, q0 + off + TP): past the plane by at most TP - 1 + (Q .. tile end) numbers
-  const int64_t stride_c = plane + TP + L;  // per-channel stride of the padded copy, with slack for the last tile
+  const int64_t stride_c = plane + TP + L;  // per-channel stride of the copy, with slack for the last tile
   at::Tensor xp_t;
   const scalar_t* xbase;
   int64_t cstride;
-  if (padded) {
+  if (copied) {  // zero padding and stride phases laid out once per call
     xp_t = at::zeros({N * c_in * stride_c}, x.options());
     scalar_t* xp = xp_t.data_ptr<scalar_t>();
     const scalar_t* xs = x.data_ptr<scalar_t>();
+    const bool rows = g.stride[2] == 1;  // whole input rows stay contiguous
     at::parallel_for(0, N * c_in, 1, [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc)
         for (int64_t i0 = 0; i0 < g.in[0]; ++i0)
-          for (int64_t i1 = 0; i1 < g.in[1]; ++i1)
-            std::memcpy(xp + nc * stride_c + ((i0 + g.pad[0]) * ip[1] + i1 + g.pad[1]) * ip[2] + g.pad[2],
-                        xs + nc * g.p_in + (i0 * g.in[1] + i1) * g.in[2], g.in[2] * sizeof(scalar_t));
+          for (int64_t i1 = 0; i1 < g.in[1]; ++i1) {
+            const int64_t c0 = i0 + g.pad[0], c1 = i1 + g.pad[1];
+            scalar_t* dst = xp + nc * stride_c +
+                            ((c0 % g.stride[0]) * g.stride[1] + c1 % g.stride[1]) * g.stride[2] * phase_plane +
+                            ((c0 / g.stride[0]) * pp[1] + c1 / g.stride[1]) * pp[2];
+            const scalar_t* src = xs + nc * g.p_in + (i0 * g.in[1] + i1) * g.in[2];
+            if (rows) {
+              std::memcpy(dst + g.pad[2], src, g.in[2] * sizeof(scalar_t));
+            } else {
+              for (int64_t i2 = 0; i2 < g.in[2]; ++i2) {
+                const int64_t c2 = i2 + g.pad[2];
+                dst[(c2 % g.stride[2]) * phase_plane + c2 / g.stride[2]] = src[i2];
+              }
+            }
+          }
     });
     xbase = xp;
     cstride = stride_c;
@@ -505,7 +528,7 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   // where each grid position lands in y (-1: outside the output), per tile
   std::vector<int32_t> dest(ntiles * TP);
   for (int64_t q = 0; q < ntiles * TP; ++q) {
-    const int64_t o2 = q % ip[2], o01 = q / ip[2], o1 = o01 % ip[1], o0 = o01 / ip[1];
+    const int64_t o2 = q % pp[2], o01 = q / pp[2], o1 = o01 % pp[1], o0 = o01 / pp[1];
     dest[q] = (q < Q && o2 < g.out[2] && o1 < g.out[1] && o0 < g.out[0])
                   ? static_cast<int32_t>((o0 * g.out[1] + o1) * g.out[2] + o2) : -1;
   }
@@ -515,7 +538,7 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
-  const scalar_t* xend = xbase + (N - 1) * c_in * cstride + (c_in - 1) * cstride + (padded ? stride_c : g.p_in);
+  const scalar_t* xend = xbase + (N - 1) * c_in * cstride + (c_in - 1) * cstride + (copied ? stride_c : g.p_in);
   // the column of A[o, i*K + t] as the offset of its first read from the sample's channel 0
   std::vector<int64_t> src(col_t.numel());
   for (int64_t e = 0; e < col_t.numel(); ++e) src[e] = (col[e] / K) * cstride + off[col[e] % K];
@@ -527,7 +550,7 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
       const int64_t q0 = tile * TP;
       const scalar_t* xs = xbase + n * c_in * cstride + q0;
       const int32_t* d = dest.data() + q0;
-      const bool checked = !padded && n == N - 1 && tile == ntiles - 1;  // loads that could pass x's end
+      const bool checked = !copied && n == N - 1 && tile == ntiles - 1;  // loads that could pass x's end
       for (int64_t o = ob * OB; o < std::min(c_out, (ob + 1) * OB); ++o) {
         scalar_t tmp[TP];
         if (!checked) {
@@ -593,12 +616,11 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
                     residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
                 "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
   if (y.numel() == 0) return y;
-  const bool direct = !basis.has_value() && !transposed && g.stride[0] == 1 && g.stride[1] == 1 &&
-                      g.stride[2] == 1;
+  const bool direct = !basis.has_value() && !transposed;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
-    if (direct) {  // SP at stride 1: the direct sparse convolution
+    if (direct) {  // SP: the direct sparse convolution
       conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, g, y);
       return;
     }
