@@ -227,3 +227,25 @@ def test_frozen_torchvision_models_compute_the_eval_function(name, tmp_path):
     y = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert_close(program(y), t(y), kind=f"frozen {name} program", rtol=1e-4)
+
+
+def test_the_readme_deployment_block_runs(tmp_path, monkeypatch):
+    """README, "Which form to deploy": the block as written, on a small transformed model."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("**Which form to deploy.**"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    model = calibrated(torchvision.models.resnet18(num_classes=10), 4, 3, 64, 64)
+    ip = quiet(ipfx.transform, model, example_inputs=(torch.randn(2, 3, 64, 64),))
+    randomize_masks(ip, 0.1)
+    images = torch.randn(3, 3, 64, 64)
+    monkeypatch.chdir(tmp_path)
+    scope = {"ipfx": ipfx, "torch": torch, "ip": ip, "images": images}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(block.replace("224, 224", "64, 64"), scope)
+    assert (tmp_path / "net.pt2").exists()
+    with torch.no_grad():
+        assert_close(scope["y"], ip.eval()(images), kind="README deployment block", rtol=1e-4)
