@@ -8,6 +8,7 @@ native tests are skipped after checking that the fallback warns once and compute
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -46,6 +47,22 @@ def test_native_agrees_with_the_torch_path(case: ConvCase, dtype):
     assert_close(native_path, torch_path, 1e-10 if dtype == torch.float64 else 1e-5, scale)
     assert_close(native_path, dense_conv(case, t.x, dense_weight(case, t), t.bias),
                  1e-10 if dtype == torch.float64 else 1e-5, scale)
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(case=conv_cases(), dtype=st.sampled_from([torch.float64, torch.float32]), direct=st.booleans())
+def test_both_native_sp_paths_agree_with_the_dense_conv(case: ConvCase, dtype, direct):
+    """SP runs as a direct sparse convolution or through the gather by a size rule (ipfx.ops.native.direct_applies);
+    each path is forced here on every SP geometry, strided and grouped ones included (the direct path lays the
+    padded input out by stride phases)."""
+    if case.basis_kind != "none" or case.transposed:
+        return
+    t = make_tensors(case, dtype)
+    with mock.patch.object(native, "direct_applies", lambda *args: direct):
+        y = op_call(case, t, ORDER_NATIVE)
+    assert_close(y, dense_conv(case, t.x, dense_weight(case, t), t.bias),
+                 1e-10 if dtype == torch.float64 else 1e-5, error_scale(case, t))
 
 
 @needs_native

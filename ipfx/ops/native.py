@@ -199,6 +199,27 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
     return 16
 
 
+#: The direct sparse convolution (SP: every kept coefficient one vector load of the padded input, no gather)
+#: against the tiled gather, per layer at 2 threads, batch 1 (ratio of times, direct / gather): 0.6 on
+#: 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28, 0.56-0.98 on 14x14 at 95-99% but 1.3 at 90%,
+#: 1.3 on 7x7 at 90-95% and 1.4-1.6 on 1x1 14x14 at 90-95% (its loads straddle cache lines, the gather's
+#: rows are contiguous), 1.15-2.4 strided (the phase copy). So: stride 1, ungrouped, and a map of at least
+#: DIRECT_MIN_POSITIONS output positions or at most DIRECT_MAX_DENSITY of the coefficients kept.
+DIRECT_MIN_POSITIONS = 784
+DIRECT_MAX_DENSITY = 0.015
+
+
+def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> bool:
+    """Whether the native kernel runs ``g`` as a direct sparse convolution (:data:`DIRECT_MIN_POSITIONS`)."""
+    if basis is not None or g["transposed"] or g["groups"] != 1 or any(s != 1 for s in g["stride"]):
+        return False
+    positions = 1
+    for s in out_spatial:
+        positions *= int(s)
+    density = nnz / max(1, g["c_out"] * g["c_in"] * g["K"])
+    return positions >= DIRECT_MIN_POSITIONS or density <= DIRECT_MAX_DENSITY
+
+
 def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
          used: Tensor, g: dict, out_spatial, residual: Optional[Tensor] = None, activation: int = 0) -> Tensor:
     """Run the native conv (``x`` batched and contiguous; CSR of ``A[o, i*K + j]``; see the module docstring),
@@ -206,7 +227,7 @@ def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Ten
     return torch.ops.ipfx_native.conv(
         x, crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]), list(g["padding"]),
         list(g["dilation"]), g["transposed"], list(out_spatial), tile_for(g["c_in"], g["K"], x.element_size()),
-        residual, activation)
+        residual, activation, direct_applies(g, vals.numel(), basis, out_spatial))
 
 
 def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:

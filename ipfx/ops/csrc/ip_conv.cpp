@@ -511,10 +511,12 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
             const scalar_t* src = xs + nc * g.p_in + (i0 * g.in[1] + i1) * g.in[2];
             if (rows) {
               std::memcpy(dst + g.pad[2], src, g.in[2] * sizeof(scalar_t));
-            } else {
-              for (int64_t i2 = 0; i2 < g.in[2]; ++i2) {
-                const int64_t c2 = i2 + g.pad[2];
-                dst[(c2 % g.stride[2]) * phase_plane + c2 / g.stride[2]] = src[i2];
+            } else {  // phase r of the row: the inputs i2 with (i2 + pad) mod s = r, at (i2 + pad) div s
+              const int64_t s2 = g.stride[2];
+              for (int64_t r = 0; r < s2; ++r) {
+                const int64_t first = ((r - g.pad[2]) % s2 + s2) % s2;  // first i2 >= 0 of this phase
+                scalar_t* d = dst + r * phase_plane + (first + g.pad[2]) / s2;
+                for (int64_t i2 = first; i2 < g.in[2]; i2 += s2) *d++ = src[i2];
               }
             }
           }
@@ -525,13 +527,30 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
     xbase = x.data_ptr<scalar_t>();
     cstride = g.p_in;
   }
-  // where each grid position lands in y (-1: outside the output), per tile
-  std::vector<int32_t> dest(ntiles * TP);
-  for (int64_t q = 0; q < ntiles * TP; ++q) {
-    const int64_t o2 = q % pp[2], o01 = q / pp[2], o1 = o01 % pp[1], o0 = o01 / pp[1];
-    dest[q] = (q < Q && o2 < g.out[2] && o1 < g.out[1] && o0 < g.out[0])
-                  ? static_cast<int32_t>((o0 * g.out[1] + o1) * g.out[2] + o2) : -1;
+  // where each tile's grid positions land in y: runs (tile position, y position, length) of output row
+  // segments, tile u's in out_runs[run_first[u] .. run_first[u + 1])
+  struct OutRun {
+    int32_t p, dst, len;
+  };
+  std::vector<OutRun> out_runs;
+  std::vector<int32_t> run_first(ntiles + 1, 0);
+  for (int64_t u = 0; u < ntiles; ++u) {
+    run_first[u] = static_cast<int32_t>(out_runs.size());
+    for (int64_t p = 0; p < TP;) {
+      const int64_t q = u * TP + p;
+      const int64_t o2 = q % pp[2], o01 = q / pp[2], o1 = o01 % pp[1], o0 = o01 / pp[1];
+      const int64_t row_left = pp[2] - o2;  // grid positions to the end of this grid row
+      if (q >= Q || o0 >= g.out[0] || o1 >= g.out[1] || o2 >= g.out[2]) {
+        p += std::min<int64_t>(row_left, TP - p);
+        continue;
+      }
+      const int64_t len = std::min<int64_t>({g.out[2] - o2, TP - p, Q - q});
+      out_runs.push_back({static_cast<int32_t>(p), static_cast<int32_t>((o0 * g.out[1] + o1) * g.out[2] + o2),
+                          static_cast<int32_t>(len)});
+      p += len;
+    }
   }
+  run_first[ntiles] = static_cast<int32_t>(out_runs.size());
   const int64_t* crow = crow_t.data_ptr<int64_t>();
   const int64_t* col = col_t.data_ptr<int64_t>();
   const scalar_t* vals = vals_t.data_ptr<scalar_t>();
@@ -549,7 +568,8 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
       const int64_t ob = u % oblocks, tile = (u / oblocks) % ntiles, n = u / (oblocks * ntiles);
       const int64_t q0 = tile * TP;
       const scalar_t* xs = xbase + n * c_in * cstride + q0;
-      const int32_t* d = dest.data() + q0;
+      const OutRun* runs_begin = out_runs.data() + run_first[tile];
+      const OutRun* runs_end = out_runs.data() + run_first[tile + 1];
       const bool checked = !copied && n == N - 1 && tile == ntiles - 1;  // loads that could pass x's end
       for (int64_t o = ob * OB; o < std::min(c_out, (ob + 1) * OB); ++o) {
         scalar_t tmp[TP];
@@ -576,11 +596,22 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
         const scalar_t b = bias ? bias[o] : scalar_t(0);
         scalar_t* yo = yp + (n * c_out + o) * g.p_out;
         const scalar_t* ro = rp ? rp + (n * c_out + o) * g.p_out : nullptr;
-        for (int p = 0; p < TP; ++p) {
-          if (d[p] < 0) continue;
-          scalar_t v = tmp[p] + b;
-          if (ro) v += ro[d[p]];
-          yo[d[p]] = activation ? activate<scalar_t>(v, activation) : v;
+        for (const OutRun* run = runs_begin; run != runs_end; ++run) {  // contiguous: each loop vectorises
+          const scalar_t* __restrict__ t = tmp + run->p;
+          scalar_t* __restrict__ yr = yo + run->dst;
+          const int32_t len = run->len;
+          if (ro != nullptr) {
+            const scalar_t* __restrict__ rr = ro + run->dst;
+            for (int32_t p = 0; p < len; ++p) yr[p] = t[p] + b + rr[p];
+          } else {
+            for (int32_t p = 0; p < len; ++p) yr[p] = t[p] + b;
+          }
+          switch (activation) {
+            case 0: break;
+            case 1: for (int32_t p = 0; p < len; ++p) yr[p] = activate<scalar_t>(yr[p], 1); break;
+            case 2: for (int32_t p = 0; p < len; ++p) yr[p] = activate<scalar_t>(yr[p], 2); break;
+            default: for (int32_t p = 0; p < len; ++p) yr[p] = activate<scalar_t>(yr[p], activation); break;
+          }
         }
       }
     }
@@ -591,12 +622,13 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
 //                   transposed, out_spatial, tile, residual?, activation) -> y = act(conv + bias + residual)
 //   x: (N, c_in, *in_spatial) contiguous; crow/col/vals: CSR of A[o, i*K + j] (int64, int64, x.dtype);
 //   used: uint8 (c_in*K,), 1 where some kept coefficient reads R row i*K + j; tile: 16, 32 or 64;
-//   residual: contiguous, y's shape and dtype; activation: 0-5 (ipfx/ops/epilogue.py).
+//   residual: contiguous, y's shape and dtype; activation: 0-5 (ipfx/ops/epilogue.py); direct: SP (no basis,
+//   not transposed) by the direct sparse convolution instead of the gather (ipfx/ops/native.py decides).
 at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                 const c10::optional<at::Tensor>& basis, const c10::optional<at::Tensor>& bias, const at::Tensor& used,
                 int64_t c_out, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                 at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial, int64_t tile,
-                const c10::optional<at::Tensor>& residual, int64_t activation) {
+                const c10::optional<at::Tensor>& residual, int64_t activation, bool direct) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ipfx native: x must be a contiguous CPU tensor");
   TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
   TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
@@ -616,7 +648,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
                     residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
                 "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
   if (y.numel() == 0) return y;
-  const bool direct = !basis.has_value() && !transposed;
+  TORCH_CHECK(!direct || (!basis.has_value() && !transposed), "ipfx native: the direct path is for SP convolutions");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
@@ -696,7 +728,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 TORCH_LIBRARY(ipfx_native, m) {
   m.def("conv(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? basis, Tensor? bias, Tensor used, int c_out, "
         "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile, "
-        "Tensor? residual, int activation) -> Tensor");
+        "Tensor? residual, int activation, bool direct) -> Tensor");
   m.def("linear(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? bias) -> Tensor");
 }
 
