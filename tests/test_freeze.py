@@ -128,9 +128,10 @@ def calibrated(model: nn.Module, *shape) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
-@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu", "hardswish", "none"])
-@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("activation, residual, example", [
+    *[(a, r, True) for a in ("relu", "relu6", "silu", "gelu", "hardswish", "none") for r in (True, False)],
+    ("relu", True, False), ("silu", False, False),  # captured by symbolic tracing: call_module batch norms
+], ids=lambda v: {True: "T", False: "F"}.get(v, v) if isinstance(v, bool) else v)
 def test_frozen_blocks_fold_every_batch_norm_and_fuse_the_epilogue(activation, residual, example):
     torch.manual_seed(0)
     model = calibrated(Block(activation, residual, functional=activation == "gelu"), 4, 6, 10, 10)
@@ -199,8 +200,8 @@ def test_freeze_checks_its_arguments():
         ipfx.lower(t, "fused", freeze="yes")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
-def test_frozen_torchvision_models_compute_the_eval_function(name, tmp_path):
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
+def test_frozen_torchvision_models_compute_the_eval_function(name):
     torch.manual_seed(0)
     model = calibrated(getattr(torchvision.models, name)(num_classes=10), 4, 3, 64, 64)
     x = torch.randn(1, 3, 64, 64)
@@ -218,16 +219,7 @@ def test_frozen_torchvision_models_compute_the_eval_function(name, tmp_path):
             expected = t(y)
             assert expected.abs().max() > 1e-3  # an output that says something
             assert_close(frozen(y), expected, kind=f"frozen {name}", rtol=1e-4)
-    # the deployment file: a torch.export program, loaded with ipfx's safe loader
-    from ipfx import deploy
-
-    path = deploy.save_program(frozen, tmp_path / name, torch.randn(2, 3, 64, 64))  # (batch 1 would be fixed)
-    program = deploy.load(path).module()
-    assert any("ipfx.ip_conv" in str(n.target) for n in program.graph.nodes)
-    y = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        assert_close(program(y), t(y), kind=f"frozen {name} program", rtol=1e-4)
-
+    # the deployment file (save_program, deploy.load): test_the_readme_deployment_block_runs
 
 def test_the_readme_deployment_block_runs(tmp_path, monkeypatch):
     """README, "Which form to deploy": the block as written, on a small transformed model."""
@@ -247,5 +239,8 @@ def test_the_readme_deployment_block_runs(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         exec(block.replace("224, 224", "64, 64"), scope)
     assert (tmp_path / "net.pt2").exists()
+    program = scope["program"]
+    assert any("ipfx.ip_conv" in str(n.target) for n in program.graph.nodes)  # the fused op, not a dense conv
+    assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)  # folded
     with torch.no_grad():
         assert_close(scope["y"], ip.eval()(images), kind="README deployment block", rtol=1e-4)
