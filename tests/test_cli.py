@@ -139,10 +139,10 @@ def test_demo_runs_end_to_end(tmp_path):
     x = load_dataset("digits").normalise(load_dataset("digits").test_x[:7])
     with torch.no_grad():
         y = torch.export.load(tmp_path / "lowered_dense.pt2").module()(x)
-        # the state dicts hold tensors only, and load into plain (dense) and fused modules of the same model
+        # the state dicts hold tensors only, and load into plain (dense) and frozen fused modules of the same model
         plain = ipfx.experiments.build_model("cnn", 10, 1, 16).eval()
         plain.load_state_dict(torch.load(tmp_path / "lowered_dense.state_dict.pt", weights_only=True))
-        fused = ipfx.lower(ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 16)), "fused").eval()
+        fused = ipfx.lower(ipfx.transform(ipfx.experiments.build_model("cnn", 10, 1, 16)).eval(), "fused", freeze=True)
         fused.load_state_dict(torch.load(tmp_path / "lowered_fused.state_dict.pt", weights_only=True))
         for name, out in (("plain", plain(x)), ("fused", fused(x)),
                           ("fused program", torch.export.load(tmp_path / "lowered_fused.pt2").module()(x))):

@@ -62,7 +62,7 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
     x = next(dataset.test_batches(64))[0]
     with torch.no_grad():
         y = model(x)
-        dense, fused = lower(model, "dense"), lower(model, "fused")
+        dense, fused = lower(model, "dense"), lower(model.eval(), "fused", freeze=True)  # the deployment form
         for name, lowered in (("dense", dense), ("fused", fused)):
             diff = (lowered(x) - y).abs().max().item()
             if diff > 1e-3 * max(1.0, y.abs().max().item()):
