@@ -26,7 +26,8 @@ norms calibrated again on the pruned weights) and timed, at ``--threads`` thread
       .deepsparse-venv/bin/pip install deepsparse==1.8.0 "numpy<2" onnx
 
 - ipfx fused: ``ipfx.lower(t, target="fused", freeze=True)`` (plain ``target="fused"`` where this ipfx has
-  no ``freeze`` option; the table says which), eval mode, ``torch.inference_mode()``.
+  no ``freeze`` option; the table says which), eval mode, ``torch.inference_mode()``; with ``--compile``
+  also ``torch.compile`` of it (Inductor keeps the ``ipfx::ip_conv`` calls and compiles what lies between).
 
 onnxruntime, openvino and DeepSparse are optional: a missing one is skipped with a note. Every engine's
 output on the timed input is checked against torch eager dense: max |y - y_ref| / max |y_ref| (flagged
@@ -76,7 +77,8 @@ except ImportError:  # optional peer
     ov = None
 
 TORCH, ORT, OV, DS, FUSED = "torch eager dense", "onnxruntime", "openvino f32", "deepsparse", "ipfx fused"
-ENGINES = (TORCH, ORT, OV, DS, FUSED)
+COMPILED = "ipfx fused, torch.compile"  # with --compile: Inductor compiles around the fused ops
+ENGINES = (TORCH, ORT, OV, DS, FUSED, COMPILED)
 DENSE = (TORCH, ORT, OV)  # the per-round reference is the fastest of these
 TOLERANCE = 1e-3
 DEEPSPARSE_PYTHON = os.environ.get("IPFX_DEEPSPARSE_PYTHON") or os.path.join(
@@ -439,6 +441,11 @@ def run_case(dense: nn.Module, fused: nn.Module, x: torch.Tensor, args, workdir:
         except Exception as e:  # noqa: BLE001 - a peer that cannot load this model is skipped, not fatal
             case["skipped"][name] = f"{type(e).__name__}: {str(e)[:300]}"
     engines[FUSED] = torch_engine(fused, x)
+    if args.compile:
+        started = time.perf_counter()
+        engines[COMPILED] = torch_engine(torch.compile(fused), x)
+        engines[COMPILED].output()  # compiles
+        case["compile_seconds"] = round(time.perf_counter() - started, 1)
     if DS in engines:
         case["deepsparse_supported_ops"] = engines[DS].supported
     for name, why in case["skipped"].items():
@@ -669,6 +676,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-load", type=float, default=0.5, help="wait for a 1-minute load average below this")
     parser.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for it before a round")
     parser.add_argument("--quick", action="store_true", help="one sparsity (95%%), batch 1, 3 rounds")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of ipfx's deployment form (minutes of compiling per case)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deepsparse-python", default=DEEPSPARSE_PYTHON)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers.md"))
