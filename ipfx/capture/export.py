@@ -157,13 +157,19 @@ def within(seconds: float | None, call):
             or threading.current_thread() is not threading.main_thread()):
         return call()
 
+    expired = []
+
     def expire(signum, frame):
+        expired.append(True)
         raise OverBudget()
 
     previous = signal.signal(signal.SIGPROF, expire)
     outer = signal.setitimer(signal.ITIMER_PROF, seconds)[0]  # a timer someone else set: put back after
     try:
-        return call()
+        result = call()
+        if expired:  # raised where the callee caught it (a handler of BaseException) and went on: still over
+            raise OverBudget()
+        return result
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
         signal.signal(signal.SIGPROF, previous)
