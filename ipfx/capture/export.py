@@ -167,7 +167,10 @@ def within(seconds: float | None, call):
     outer = signal.setitimer(signal.ITIMER_PROF, seconds)[0]  # a timer someone else set: put back after
     try:
         result = call()
-        if expired:  # raised where the callee caught it (a handler of BaseException) and went on: still over
+        left = signal.setitimer(signal.ITIMER_PROF, 0)[0]
+        # expired: the interruption was caught by the callee (a handler of BaseException), or its signal is
+        # still pending (Python runs handlers between bytecodes): over budget all the same
+        if expired or left == 0:
             raise OverBudget()
         return result
     finally:
