@@ -108,6 +108,7 @@ def test_torchrun_refuses_with_one_line(tmp_path, extra, message, monkeypatch, c
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # ~20 s: the default run stays near 10 minutes on 2 cores
 def test_two_torchrun_sweeps_at_once_train_each_run_once(tmp_path):
     """Rank 0 claims runs for its group (the other ranks follow its decisions): two data-parallel sweeps
     started together on one --out store each run once."""

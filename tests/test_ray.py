@@ -18,6 +18,7 @@ def by_run(folder):
     return {(r["seed"], r["space"]): (r["accuracy"], r["final_train_loss"]) for r in records}
 
 
+@pytest.mark.slow  # ~20 s: the default run stays near 10 minutes on 2 cores
 def test_a_ray_sweep_gives_the_records_of_one_process(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:

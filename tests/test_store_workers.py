@@ -53,6 +53,7 @@ def test_a_cut_last_line_is_reported_skipped_and_not_glued_to_the_next_record(tm
     assert json.loads(store.path.read_text().splitlines()[2])["method"] == "gmp"
 
 
+@pytest.mark.slow  # ~20 s: the default run stays near 10 minutes on 2 cores
 def test_two_workers_give_the_records_of_one_also_after_a_kill_and_resume(tmp_path, capsys):
     threads = torch.get_num_threads()
     two = ["compare", *TINY, "--out", str(tmp_path / "two"), "--workers", "2"]

@@ -724,7 +724,7 @@ KNOWN_FAILS: dict[tuple[str, str], str] = {}
 
 #: The entries whose never-called, second-shape test runs by default (one or two per family, the cheap ones).
 NEVER_CALLED_FAST = ["transformers/vit", "transformers/wav2vec2", "timm/test_nfnet", "monai/basic_unet",
-                     "diffusers/unet2d_condition", "smp/unet_resnet18", "ultralytics/yolov8n",
+                     "smp/unet_resnet18",
                      "torchaudio/conformer", "torchaudio/wavlm", "speechbrain/ecapa_tdnn"]
 
 
