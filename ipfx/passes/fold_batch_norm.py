@@ -21,7 +21,6 @@ at run time.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.fx as fx
@@ -29,6 +28,7 @@ import torch.nn as nn
 
 from ..ops import SparseIPConv
 from .manager import GraphPass, GraphSite, PassResult
+from .subgraphs import constant_tensor
 
 _BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -88,7 +88,7 @@ def batch_norm_constants(gm: fx.GraphModule, node: fx.Node, source: fx.Node):
     mean, var, weight, bias, training, eps = args
     if training is not False:
         return "training"
-    values = [_constant(gm, v) for v in (mean, var, weight, bias)]
+    values = [constant_tensor(gm, v) for v in (mean, var, weight, bias)]
     if any(v is False for v in values) or values[0] is None or values[1] is None:
         return "computed"
     return (*values, float(eps))
@@ -119,16 +119,6 @@ def _bn_nodes(node: fx.Node) -> list[fx.Node]:
     if node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
         return [node, *node.users]
     return [node]
-
-
-def _constant(gm: fx.GraphModule, value):
-    """The tensor a ``get_attr`` node names, None for None, False for anything computed at run time."""
-    if value is None:
-        return None
-    if isinstance(value, fx.Node) and value.op == "get_attr":
-        found = operator.attrgetter(value.target)(gm)
-        return found if isinstance(found, torch.Tensor) else False
-    return False
 
 
 @torch.no_grad()

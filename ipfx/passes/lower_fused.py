@@ -21,7 +21,6 @@ and the rest after, as torch does; an asymmetric remainder becomes an explicit `
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
@@ -33,7 +32,7 @@ from ..form.reparam import STATE_NAMES, BasisWeight, adopt_attributes
 from ..ops import SparseIPConv, SparseLinear
 from .kernels import kernel_call
 from .manager import GraphPass, GraphSite, PassResult
-from .subgraphs import ComposeSubgraph, compose_subgraphs, erase_nodes
+from .subgraphs import ComposeSubgraph, compose_subgraphs, constant_tensor, erase_nodes
 
 
 class LowerFused(GraphPass):
@@ -64,7 +63,7 @@ class LowerFused(GraphPass):
         geometry = geometry[0]
         if any(isinstance(v, fx.Node) for k, v in geometry.items() if k != "bias"):
             return "geometry computed at run time"
-        bias = _constant_tensor(gm, geometry["bias"])
+        bias = constant_tensor(gm, geometry["bias"])
         if bias is False:
             return "bias computed at run time"
         module = sub.module
@@ -131,14 +130,4 @@ def _per_dim(value, d: int) -> tuple:
         return (value,) * d
     value = tuple(int(v) for v in value)
     return value * d if len(value) == 1 else value
-
-
-def _constant_tensor(gm: fx.GraphModule, node):
-    """The tensor a bias argument names (None stays None); False when it is computed at run time."""
-    if node is None:
-        return None
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        value = operator.attrgetter(node.target)(gm)
-        return value if isinstance(value, torch.Tensor) else False
-    return False
 

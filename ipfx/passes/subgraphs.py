@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
+import torch
 import torch.fx as fx
 
 from ..errors import IPFXValueError
@@ -132,3 +134,13 @@ def erase_nodes(graph: fx.Graph, ordered_nodes) -> None:
     for node in reversed(list(ordered_nodes)):
         if not node.users:
             graph.erase_node(node)
+
+
+def constant_tensor(gm: fx.GraphModule, value):
+    """The tensor a ``get_attr`` node names (None stays None); False for anything computed at run time."""
+    if value is None:
+        return None
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        found = operator.attrgetter(value.target)(gm)
+        return found if isinstance(found, torch.Tensor) else False
+    return False
