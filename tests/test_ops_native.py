@@ -65,6 +65,23 @@ def test_both_native_sp_paths_agree_with_the_dense_conv(case: ConvCase, dtype, d
                  1e-10 if dtype == torch.float64 else 1e-5, error_scale(case, t))
 
 
+@pytest.mark.parametrize("kernel, stride, out_spatial, nnz, expected", [
+    ((7, 7), (2, 2), (112, 112), 500, True),  # a 7x7/2 stem: 12 taps read each input number
+    ((3, 3), (2, 2), (28, 28), 5000, False),  # 3x3/2: 2.25 taps per phase
+    ((1, 1), (2, 2), (28, 28), 5000, False),  # 1x1/2: three phases of four copied for nothing
+    ((3, 3), (1, 1), (56, 56), 5000, True),  # stride 1, a large map
+    ((3, 3), (1, 1), (7, 7), 5000, False),  # stride 1, a small map at 95%
+    ((3, 3), (1, 1), (7, 7), 100, True),  # stride 1, a small map at 99.6%
+])
+def test_the_direct_path_rule(kernel, stride, out_spatial, nnz, expected):
+    """Which SP convolutions the native kernel runs directly (ipfx.ops.native.direct_applies, its measurements)."""
+    K = kernel[0] * kernel[1]
+    g = {"transposed": False, "groups": 1, "stride": stride, "K": K, "c_out": 64, "c_in": 64 if K < 49 else 3}
+    assert native.direct_applies(g, nnz, None, out_spatial) is expected
+    assert native.direct_applies({**g, "groups": 2}, nnz, None, out_spatial) is False
+    assert native.direct_applies(g, nnz, torch.eye(K), out_spatial) is False
+
+
 @needs_native
 @pytest.mark.parametrize("case", [
     _case(c_in=40, c_out=24, spatial=(23, 31), batch=1),  # few tiles: threads over channels

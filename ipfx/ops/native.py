@@ -203,16 +203,28 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 #: against the tiled gather, per layer at 2 threads, batch 1 (ratio of times, direct / gather): 0.6 on
 #: 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28, 0.56-0.98 on 14x14 at 95-99% but 1.3 at 90%,
 #: 1.3 on 7x7 at 90-95% and 1.4-1.6 on 1x1 14x14 at 90-95% (its loads straddle cache lines, the gather's
-#: rows are contiguous), 1.15-2.4 strided (the phase copy). So: stride 1, ungrouped, and a map of at least
-#: DIRECT_MIN_POSITIONS output positions or at most DIRECT_MAX_DENSITY of the coefficients kept.
+#: rows are contiguous). So, stride 1: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output
+#: positions or at most DIRECT_MAX_DENSITY of the coefficients kept.
 DIRECT_MIN_POSITIONS = 784
 DIRECT_MAX_DENSITY = 0.015
+#: Strided: the direct path first lays the padded input out as its stride phases (one copy of the input), the
+#: gather copies every tap's strided positions one number at a time (c_in*K*P_out numbers, about K/phases
+#: times the input). Measured (resnet50 at 95%, batch 1, 2 threads, direct / gather): 0.31 on the 7x7/2
+#: stem (3 channels, K/phases = 12), 1.0-1.1 on 3x3/2 (2.25), 2.8 on 1x1/2 (0.25). So direct where each
+#: input number is read by at least DIRECT_MIN_TAPS_PER_PHASE taps on average (K / phases).
+DIRECT_MIN_TAPS_PER_PHASE = 4
 
 
 def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> bool:
-    """Whether the native kernel runs ``g`` as a direct sparse convolution (:data:`DIRECT_MIN_POSITIONS`)."""
-    if basis is not None or g["transposed"] or g["groups"] != 1 or any(s != 1 for s in g["stride"]):
+    """Whether the native kernel runs ``g`` as a direct sparse convolution (:data:`DIRECT_MIN_POSITIONS`,
+    :data:`DIRECT_MIN_TAPS_PER_PHASE`)."""
+    if basis is not None or g["transposed"] or g["groups"] != 1:
         return False
+    phases = 1
+    for s in g["stride"]:
+        phases *= int(s)
+    if phases > 1:
+        return g["K"] >= DIRECT_MIN_TAPS_PER_PHASE * phases
     positions = 1
     for s in out_spatial:
         positions *= int(s)
