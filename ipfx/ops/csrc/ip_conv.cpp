@@ -463,8 +463,9 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
 // nnz * TP multiply-adds per tile, nothing else. Grid positions outside the output (o1 >= out1 or
 // o2 >= out2, the padding columns) are computed and dropped at the write; the padded buffer has slack past
 // its end for the last tile's reads (without padding x is read in place, and the one tile that could read past
-// its end, the last sample's last, checks its loads). Threads split (sample, tile, block of output channels): no state is
-// shared between output channels, so small maps (7x7, 14x14 at batch 1) still feed every thread.
+// its end, the last sample's last, checks its loads). Threads split (sample, tile, block of output
+// channels): no state is shared between output channels, so small maps (7x7, 14x14 at batch 1) still feed
+// every thread.
 template <typename scalar_t, int TP>
 void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
                  const c10::optional<at::Tensor>& bias_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
@@ -499,9 +500,9 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   }
   // every tile reads [q0 + off, q0 + off + TP): past the plane by at most TP - 1 + (Q .. tile end) numbers
   const int64_t stride_c = plane + TP + L;  // per-channel stride of the copy, with slack for the last tile
-  at::Tensor xp_t;
   const scalar_t* xbase;
   int64_t cstride;
+  at::Tensor xp_t;
   if (copied) {  // zero padding and stride phases laid out once per call
     xp_t = at::zeros({N * c_in * stride_c}, x.options());
     scalar_t* xp = xp_t.data_ptr<scalar_t>();
@@ -565,9 +566,15 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* xend = xbase + (N - 1) * c_in * cstride + (c_in - 1) * cstride + (copied ? stride_c : g.p_in);
-  // the column of A[o, i*K + t] as the offset of its first read from the sample's channel 0
-  std::vector<int64_t> src(col_t.numel());
-  for (int64_t e = 0; e < col_t.numel(); ++e) src[e] = (col[e] / K) * cstride + off[col[e] % K];
+  // the column c = i*K + t of A as the offset of its first read from the sample's channel 0, by table (a
+  // 64-bit division per kept coefficient cost more than the convolution on small maps)
+  const int64_t ncol = c_in * K;
+  std::vector<int64_t> col_src(ncol);
+  for (int64_t i = 0; i < c_in; ++i)
+    for (int64_t t = 0; t < K; ++t) col_src[i * K + t] = i * cstride + off[t];
+  const int64_t nnz = col_t.numel();
+  std::vector<int64_t> src(nnz);
+  for (int64_t e = 0; e < nnz; ++e) src[e] = col_src[col[e]];
   constexpr int64_t OB = 16;  // output channels per work unit
   const int64_t oblocks = (c_out + OB - 1) / OB;
   at::parallel_for(0, N * ntiles * oblocks, 1, [&](int64_t begin, int64_t end) {
@@ -575,12 +582,14 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
       const int64_t ob = u % oblocks, tile = (u / oblocks) % ntiles, n = u / (oblocks * ntiles);
       const int64_t q0 = tile * TP;
       const scalar_t* xs = xbase + n * c_in * cstride + q0;
+      // x read in place: the last sample's last tile may read past x's end
+      const bool checked = !copied && n == N - 1 && tile == ntiles - 1;
+      const int64_t o_begin = ob * OB, o_end = std::min(c_out, (ob + 1) * OB);
       const OutRun* runs_begin = out_runs.data() + run_first[tile];
       const OutRun* runs_end = out_runs.data() + run_first[tile + 1];
-      const bool checked = !copied && n == N - 1 && tile == ntiles - 1;  // loads that could pass x's end
-      for (int64_t o = ob * OB; o < std::min(c_out, (ob + 1) * OB); ++o) {
-        scalar_t tmp[TP];
-        if (!checked) {
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        alignas(64) scalar_t tmp[TP];
+        if (!checked) {  // the accumulators in registers
           V acc[NV];
 #pragma GCC unroll 8
           for (int v = 0; v < NV; ++v) acc[v] = V{};
@@ -591,13 +600,18 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
             for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
           }
           std::memcpy(tmp, acc, sizeof(tmp));
-        } else {
-          for (int p = 0; p < TP; ++p) tmp[p] = scalar_t(0);
+        } else {  // in memory, the loads that would pass x's end cut short (same sums, same order)
+          V* acc = reinterpret_cast<V*>(tmp);
+          for (int v = 0; v < NV; ++v) acc[v] = V{};
           for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
             const scalar_t w = vals[e];
             const scalar_t* r = xs + src[e];
-            const int64_t n_ok = std::min<int64_t>(TP, xend - r);
-            for (int64_t p = 0; p < n_ok; ++p) tmp[p] += w * r[p];
+            if (r + TP <= xend) {
+              const V* rv = reinterpret_cast<const V*>(r);
+              for (int v = 0; v < NV; ++v) acc[v] += w * rv[v];
+            } else {
+              for (int64_t p = 0; p < xend - r; ++p) tmp[p] += w * r[p];
+            }
           }
         }
         const scalar_t b = bias ? bias[o] : scalar_t(0);
