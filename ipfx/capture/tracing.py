@@ -14,6 +14,7 @@ gives a different graph in each (:mod:`ipfx.capture.modes`).
 
 from __future__ import annotations
 
+import builtins
 import inspect
 from typing import Iterable, Sequence
 
@@ -158,6 +159,29 @@ def _check_call(m: nn.Module, args: tuple, kwargs: dict) -> None:
         raise TypeError(f"{type(m).__name__}.forward(): {exc}") from None
 
 
+def _drop_unpatchable_wraps() -> None:
+    """Forget torch.fx leaf-function registrations that no trace can honour.
+
+    torch.fx keeps every ``torch.fx.wrap`` registration as (the registering module's globals, a name) and,
+    at the start of each trace, looks the name up in those globals. Loading a pickled ``GraphModule``
+    whose code checks an argument traced as ``None`` (``torch.fx._symbolic_trace._assert_is_none``, which
+    ipfx's guarded graphs use) executes a ``wrap`` of that dotted name with the generated code's globals,
+    where no such key exists; from then on every trace in the process fails with a ``KeyError`` (seen
+    with torch 2.14: ``torch.load`` of a lowered model, then ``ipfx.transform`` of another model left it
+    untraced). Such an entry could never be patched, so dropping it changes nothing else.
+    """
+    from torch.fx import _symbolic_trace
+
+    registry = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)
+    if not isinstance(registry, dict):
+        return
+    for key, frame_dict in list(registry.items()):
+        name = key[1] if isinstance(key, tuple) and len(key) == 2 else None
+        if isinstance(name, str) and isinstance(frame_dict, dict) and name not in frame_dict \
+                and not hasattr(builtins, name):
+            del registry[key]
+
+
 def trace(
     model: nn.Module, config: TransformConfig, leaf_modules: Sequence[str | type] = (), name_prefix: str = "",
     pattern: CallPattern | None = None,
@@ -170,6 +194,7 @@ def trace(
     is the failing submodule's path ("" when the model's own forward failed). ``pattern``: the optional
     arguments traced as ``None`` (:mod:`ipfx.capture.guards`), recorded on the graph.
     """
+    _drop_unpatchable_wraps()
     tracer = WeightTracer(config, leaf_modules, name_prefix)
     # optional arguments that are None are traced as None, and the graph checks each call (ipfx.capture.guards)
     concrete = {name: None for name in pattern.none} if pattern is not None else None
