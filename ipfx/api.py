@@ -36,6 +36,7 @@ from .capture.modes import ModeSwitch, keep_eval_graphs
 from .form.parametrize import is_parametrized
 from .capture.pipeline import FRONT_ENDS, capture as capture_graphs
 from .passes.fold_batch_norm import FoldBatchNorm
+from .passes.drop_fallbacks import DropFallbacks
 from .passes.fuse_epilogue import FuseEpilogue
 from .passes.guard_fallbacks import GuardFallbacks
 from .passes.lower_dense import LowerDense
@@ -70,7 +71,7 @@ def lower_passes(target: str, graphs: Sequence[fx.GraphModule | ModeSwitch], fre
     eval-mode graphs only, and what eval mode makes constant is folded into the fused ops."""
     sites = [(holder, {}) for holder in graphs]
     fused = [LowerFused()] if target == "fused" else []
-    frozen = [FoldBatchNorm(), FuseEpilogue()] if freeze and target == "fused" else []
+    frozen = [FoldBatchNorm(), FuseEpilogue(), DropFallbacks()] if freeze and target == "fused" else []
     return PassManager([SettleFirstCallChecks(), *fused, LowerDense(), FoldParametrized(), *frozen],
                        sites=lambda model: sites)
 
@@ -230,7 +231,9 @@ def lower(model: nn.Module, target: str = "dense", *, freeze: bool = False) -> n
     convolution into its coefficients and bias, then a following residual ``add`` and activation (relu,
     relu6, silu, gelu, hardswish) into the op's epilogue, applied while each output tile is in cache. It
     keeps no train-mode graph (``.train()`` changes nothing a folded layer does): lower without ``freeze``
-    for a model that is still to be trained or calibrated.
+    for a model that is still to be trained or calibrated. Nor does it keep a graph's fallback (the module's
+    own forward, with a dense copy of every weight, for calls of another pattern of optional arguments:
+    :mod:`ipfx.passes.drop_fallbacks`): call it as it was captured; such a call raises.
     """
     _check_module(model, "lower")
     if target not in TARGETS:

@@ -4,6 +4,8 @@ ipfx/ops/epilogue.py). The frozen model must compute the eval-mode function of t
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
 import warnings
 
@@ -244,3 +246,53 @@ def test_the_readme_deployment_block_runs(tmp_path, monkeypatch):
     assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)  # folded
     with torch.no_grad():
         assert_close(scope["y"], ip.eval()(images), kind="README deployment block", rtol=1e-4)
+
+
+class Scaled(nn.Module):
+    """A forward with an optional argument: its graph is guarded, with a fallback for the other pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(32, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+
+    def forward(self, x, scale=None):
+        y = F.relu(self.bn(self.conv(x)))
+        return y if scale is None else y * scale
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
+def test_the_frozen_form_keeps_no_dense_fallback(example):
+    """The fallback of a guarded graph holds every weight folded dense; the frozen form drops it, keeps the
+    captured signature (through copies and pickles), and refuses a call of another pattern, saying why."""
+    torch.manual_seed(2)
+    model = calibrated(Scaled(), 4, 32, 8, 8)
+    x = torch.randn(2, 32, 8, 8)
+    t = quiet(ipfx.transform, model, example_inputs=(x,)) if example else ipfx.transform(model)
+    if not example:
+        t(x)
+    randomize_masks(t, 0.9)
+    t.eval()
+    fused = quiet(ipfx.lower, t, "fused")
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)
+
+    pickled = lambda m: len(_saved(m))  # noqa: E731
+    dense_bytes = model.conv.weight.numel() * 4
+    assert pickled(fused) > dense_bytes  # lowered without freeze: the fallback's dense copy is kept
+    assert pickled(frozen) < pickled(fused) - dense_bytes // 2
+    with torch.no_grad():
+        assert_close(frozen(x), t(x), kind="frozen, no fallback")
+        assert_close(fused(x, torch.tensor(2.0)), t(x, torch.tensor(2.0)), kind="fused, fallback")
+        for m in (frozen, copy.deepcopy(frozen)):
+            assert list(inspect.signature(m.forward).parameters) == ["x", "scale"]
+            with pytest.raises(RuntimeError, match="freeze=True"):
+                m(x, torch.tensor(2.0))
+        # a pickled graph loads as torch's own GraphModule (no ipfx needed): torch's check refuses the call
+        with pytest.raises(Exception, match="specialized"):
+            torch.load(io.BytesIO(_saved(frozen)), weights_only=False)(x, torch.tensor(2.0))
+
+
+def _saved(m) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    return buffer.getvalue()

@@ -49,6 +49,8 @@ from ..errors import user_stacklevel
 
 PATTERN = "ipfx_call_pattern"  # GraphModule.meta key
 FALLBACK = "ipfx_fallback"  # GraphModule.meta key: the module whose forward runs for other patterns
+SIGNATURE = "ipfx_signature"  # GraphModule.meta key: the captured forward's signature, kept without a fallback
+NO_FALLBACK = "ipfx_no_fallback"  # GraphModule.meta key: why a guarded graph has no fallback (for its error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +286,12 @@ def record_patterns(model: nn.Module, run) -> dict[str, frozenset[str]]:
 
 
 def signature_of(gm) -> inspect.Signature | None:
-    """The signature of the forward ``gm`` was captured from (its fallback's), or None without a fallback."""
-    fallback = gm.__dict__.get("meta", {}).get(FALLBACK)
+    """The signature of the forward ``gm`` was captured from (its fallback's, or the one kept when the
+    fallback was dropped), or None without either."""
+    meta = gm.__dict__.get("meta", {})
+    if meta.get(SIGNATURE) is not None:
+        return meta[SIGNATURE]
+    fallback = meta.get(FALLBACK)
     if fallback is None:
         return None
     try:
@@ -354,9 +360,10 @@ def _parsed(gm, stored: tuple) -> CallPattern | ExampleCall:
 def _other_pattern(gm, pattern, bound: dict, fallback, args: tuple, kwargs: dict) -> Any:
     given = pattern.describe(bound)
     if fallback is None:
+        why = gm.meta.get(NO_FALLBACK) or "transform the model with example inputs of this call (example_inputs=...)"
         raise RuntimeError(
             f"this graph of {type(gm).__name__} was captured with {pattern} but called with {given}, and it has "
-            "no fallback; transform the model with example inputs of this call (example_inputs=...)")
+            f"no fallback; {why}")
     if not gm.__dict__.get("_ipfx_warned"):
         gm.__dict__["_ipfx_warned"] = True
         warnings.warn(
