@@ -62,7 +62,7 @@ def _pad_kind(cfg: ConvConfig) -> str:
 # ---- ConvConfig --------------------------------------------------------------------------------------------
 
 
-@settings(FAST, max_examples=300)
+@settings(FAST, max_examples=150)
 @given(conv_configs())
 def test_conv_config_builds_and_runs(cfg: ConvConfig):
     event(f"{cfg.module_class.__name__}")
