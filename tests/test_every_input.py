@@ -336,7 +336,8 @@ def test_no_example_isinstance_branch_is_caught_on_first_call():
     quiet(t, x).sum().backward()
     grads = {n for n, p in t.named_parameters() if p.grad is not None}
     assert "up.merge.coeff" in grads  # the branch the input takes trains in coefficient form
-    for lowered in (ipfx.lower(t, "dense"), quiet(ipfx.lower, t, "fused")):
+    for lowered in (ipfx.lower(t, "dense"), quiet(ipfx.lower, t, "fused"),
+                    quiet(ipfx.lower, t.eval(), "fused", freeze=True)):  # the part runs its forward: kept
         assert_close(quiet(lowered.eval(), x), model(x), kind="isinstance branch, lowered")
 
 

@@ -6,7 +6,9 @@ fused graph that stores only the kept coefficients, a second, dense copy of ever
 resnet18 at 95% pickled to 52 MB, its state 5 MB). The frozen form is the deployment form, called the
 way it was captured, so it keeps the graph alone: the captured forward's signature stays on the graph
 (``inspect.signature``, ``torch.export``'s ``dynamic_shapes`` read it), and a call of another pattern
-raises, saying how to keep the fallback (lower without ``freeze``).
+raises, saying how to keep the fallback (lower without ``freeze``). It returns early for a graph whose
+first call (traced without example inputs) found it computing something else: that part runs its forward
+(:mod:`ipfx.capture.first_call`), so the forward is the computation, not a fallback, and stays.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.first_call import USE_FORWARD
 from ..capture.guards import FALLBACK, NO_FALLBACK, SIGNATURE, sign, signature_of
 from ..capture.modes import ModeSwitch, graphs_of
 from .manager import Pass, PassResult
@@ -31,7 +34,7 @@ class DropFallbacks(Pass):
         result = PassResult()
         for path, m in model.named_modules():
             for gm in graphs_of(m) if isinstance(m, (ModeSwitch, fx.GraphModule)) else ():
-                if FALLBACK not in gm.meta:
+                if FALLBACK not in gm.meta or USE_FORWARD in gm.meta:
                     continue
                 gm.meta[SIGNATURE] = signature_of(gm)
                 del gm.meta[FALLBACK]
@@ -42,6 +45,6 @@ class DropFallbacks(Pass):
 
     def ensures(self, model: nn.Module) -> None:
         left = [path for path, m in model.named_modules() if isinstance(m, (ModeSwitch, fx.GraphModule))
-                for gm in graphs_of(m) if FALLBACK in gm.meta]
+                for gm in graphs_of(m) if FALLBACK in gm.meta and USE_FORWARD not in gm.meta]
         if left:
             raise RuntimeError(f"ipfx.lower(freeze=True) left fallbacks behind: {left}")
