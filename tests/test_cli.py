@@ -574,3 +574,22 @@ def test_plots_do_not_zoom_noise_and_say_what_their_bars_are(tmp_path):
     records = [store_record(method="snip", space=space, seed=seed, accuracy=0.95 + 0.01 * seed)
                for space in ("sp", "ip") for seed in (0, 1)]
     assert plot(records, tmp_path / "a.png", title="t").stat().st_size > 1000
+
+
+def test_a_claim_in_progress_leaves_the_folder_unclaimed(tmp_path):
+    """Two sweeps started at once: one saw the other's temporary marker (written, not yet renamed into
+    place) and refused the folder as holding files ipfx did not write (a flaky two-sweeps fault test)."""
+    from ipfx.experiments.outputs import MARKER, claim, owner_of
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / f"{MARKER}.12345.tmp").write_text('{"command": "compare"}\n')
+    assert owner_of(folder) is None
+    claim(folder, "compare")
+    assert owner_of(folder) == "compare"
+    (folder / "notes.txt").write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    (other / f"{MARKER}.1.tmp").write_text("")
+    assert owner_of(other) == "unknown"  # a temporary marker does not hide someone else's files

@@ -61,7 +61,10 @@ def owner_of(folder: Path) -> str | None:
         return "demo" if _all_demo(store) else "compare"
     if (folder / "checkpoints").is_dir():  # a sweep stopped before its first record
         return "compare"
-    return "unknown" if any(folder.iterdir()) else None
+    # a claim in progress (another process between writing its marker and renaming it into place) leaves
+    # only its temporary marker: that folder is still unclaimed, not someone else's
+    others = [p for p in folder.iterdir() if not (p.name.startswith(f"{MARKER}.") and p.name.endswith(".tmp"))]
+    return "unknown" if others else None
 
 
 def _all_demo(store: Path) -> bool:
