@@ -130,6 +130,15 @@ def calibrated(model: nn.Module, *shape) -> nn.Module:
     return model.eval()
 
 
+def transformed(model: nn.Module, x: torch.Tensor, example: bool) -> nn.Module:
+    """``model`` transformed with ``x`` as example input, or without one and then called once on ``x``."""
+    if example:
+        return quiet(ipfx.transform, model, example_inputs=(x,))
+    t = ipfx.transform(model)
+    t(x)
+    return t
+
+
 @pytest.mark.parametrize("activation, residual, example", [
     *[(a, r, True) for a in ("relu", "relu6", "silu", "gelu", "hardswish", "none") for r in (True, False)],
     ("relu", True, False), ("silu", False, False),  # captured by symbolic tracing: call_module batch norms
@@ -138,9 +147,7 @@ def test_frozen_blocks_fold_every_batch_norm_and_fuse_the_epilogue(activation, r
     torch.manual_seed(0)
     model = calibrated(Block(activation, residual, functional=activation == "gelu"), 4, 6, 10, 10)
     x = torch.randn(2, 6, 10, 10)
-    t = quiet(ipfx.transform, model, example_inputs=(x,)) if example else ipfx.transform(model)
-    if not example:
-        t(x)
+    t = transformed(model, x, example)
     randomize_masks(t, 0.5)
     t.eval()
     frozen = quiet(ipfx.lower, t, "fused", freeze=True)
@@ -181,9 +188,7 @@ def test_freezing_leaves_what_it_cannot_fold_and_stays_exact(example):
     torch.manual_seed(1)
     model = Guarded().eval()
     x = torch.randn(2, 4, 8, 8)
-    t = quiet(ipfx.transform, model, example_inputs=(x,)) if example else ipfx.transform(model)
-    if not example:
-        t(x)
+    t = transformed(model, x, example)
     frozen = quiet(ipfx.lower, t, "fused", freeze=True)
     by_name = dict(frozen.named_modules())
     assert by_name["b"].activation == "none" and by_name["c"].activation == "none"
@@ -268,9 +273,7 @@ def test_the_frozen_form_keeps_no_dense_fallback(example):
     torch.manual_seed(2)
     model = calibrated(Scaled(), 4, 32, 8, 8)
     x = torch.randn(2, 32, 8, 8)
-    t = quiet(ipfx.transform, model, example_inputs=(x,)) if example else ipfx.transform(model)
-    if not example:
-        t(x)
+    t = transformed(model, x, example)
     randomize_masks(t, 0.9)
     t.eval()
     fused = quiet(ipfx.lower, t, "fused")

@@ -171,6 +171,15 @@ def graphs_of(holder: fx.GraphModule | ModeSwitch) -> list[fx.GraphModule]:
     return [holder]
 
 
+def graphs_in(model: nn.Module):
+    """``(path, graph module)`` for every graph ``model`` holds, a ModeSwitch's two included (path "" for the
+    model itself)."""
+    for path, m in model.named_modules():
+        if isinstance(m, (ModeSwitch, fx.GraphModule)):
+            for gm in graphs_of(m):
+                yield path, gm
+
+
 def _constant_key(node: fx.Node, env: dict, shared: set) -> tuple | None:
     """A key equal for equal computations from weights only (``get_attr`` and what is computed from them).
 

@@ -13,12 +13,11 @@ first call (traced without example inputs) found it computing something else: th
 
 from __future__ import annotations
 
-import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.first_call import USE_FORWARD
 from ..capture.guards import FALLBACK, NO_FALLBACK, SIGNATURE, sign, signature_of
-from ..capture.modes import ModeSwitch, graphs_of
+from ..capture.modes import graphs_in
 from .manager import Pass, PassResult
 
 REASON = ("the model was lowered with freeze=True, which keeps no fallback (a dense copy of every weight); "
@@ -32,19 +31,17 @@ class DropFallbacks(Pass):
 
     def run(self, model: nn.Module) -> PassResult:
         result = PassResult()
-        for path, m in model.named_modules():
-            for gm in graphs_of(m) if isinstance(m, (ModeSwitch, fx.GraphModule)) else ():
-                if FALLBACK not in gm.meta or USE_FORWARD in gm.meta:
-                    continue
-                gm.meta[SIGNATURE] = signature_of(gm)
-                del gm.meta[FALLBACK]
-                gm.meta[NO_FALLBACK] = REASON
-                sign(gm)
-                result.changed.append(path or f"<{type(gm).__name__}>")
+        for path, gm in graphs_in(model):
+            if FALLBACK not in gm.meta or USE_FORWARD in gm.meta:
+                continue
+            gm.meta[SIGNATURE] = signature_of(gm)
+            del gm.meta[FALLBACK]
+            gm.meta[NO_FALLBACK] = REASON
+            sign(gm)
+            result.changed.append(path or f"<{type(gm).__name__}>")
         return result
 
     def ensures(self, model: nn.Module) -> None:
-        left = [path for path, m in model.named_modules() if isinstance(m, (ModeSwitch, fx.GraphModule))
-                for gm in graphs_of(m) if FALLBACK in gm.meta and USE_FORWARD not in gm.meta]
+        left = [path for path, gm in graphs_in(model) if FALLBACK in gm.meta and USE_FORWARD not in gm.meta]
         if left:
             raise RuntimeError(f"ipfx.lower(freeze=True) left fallbacks behind: {left}")

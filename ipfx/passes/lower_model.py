@@ -14,20 +14,18 @@ Postcondition of the pair: no coefficient weight is left.
 
 from __future__ import annotations
 
-import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.first_call import CHECK, USE_FORWARD
 from ..capture.guards import FALLBACK, PATTERN
-from ..capture.modes import ModeSwitch, graphs_of
+from ..capture.modes import graphs_in
 from ..form.parametrize import is_parametrized, unparametrize
 from ..form.reparam import BasisWeight
 from .manager import Pass, PassResult
 
 
 def _fallbacks(model: nn.Module) -> list[nn.Module]:
-    graphs = [gm for m in model.modules() if isinstance(m, (ModeSwitch, fx.GraphModule)) for gm in graphs_of(m)]
-    return [gm.meta[FALLBACK] for gm in graphs if FALLBACK in gm.meta]
+    return [gm.meta[FALLBACK] for _, gm in graphs_in(model) if FALLBACK in gm.meta]
 
 
 class SettleFirstCallChecks(Pass):
@@ -46,17 +44,16 @@ class SettleFirstCallChecks(Pass):
 
     def run(self, model: nn.Module) -> PassResult:
         result = PassResult()
-        for path, m in model.named_modules():
-            for gm in graphs_of(m) if isinstance(m, (ModeSwitch, fx.GraphModule)) else ():
-                if CHECK not in gm.meta or USE_FORWARD in gm.meta:
-                    continue
-                where = path or f"<{type(gm).__name__}>"
-                if gm.meta.pop(CHECK):
-                    result.changed.append(where)
-                else:
-                    result.skipped[where] = "never called, so never checked against its own forward"
-                if PATTERN not in gm.meta:
-                    gm.meta.pop(FALLBACK, None)
+        for path, gm in graphs_in(model):
+            if CHECK not in gm.meta or USE_FORWARD in gm.meta:
+                continue
+            where = path or f"<{type(gm).__name__}>"
+            if gm.meta.pop(CHECK):
+                result.changed.append(where)
+            else:
+                result.skipped[where] = "never called, so never checked against its own forward"
+            if PATTERN not in gm.meta:
+                gm.meta.pop(FALLBACK, None)
         return result
 
 
