@@ -36,3 +36,17 @@ def pytest_terminal_summary(terminalreporter):
     if faults and any(faults.values()):
         terminalreporter.write_line(f"fault suite: {faults['kills']} SIGKILLs and {faults['corrupt files']} corrupt "
                                     "files injected (each test asserts its store ended as an uninterrupted sweep's)")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_fx_registry_left_clean():
+    """After each test, torch.fx's leaf-function registry holds nothing a trace cannot honour: loading a
+    pickled guarded graph leaves such an entry (torch 2.14), which ipfx's own tracing drops
+    (ipfx.capture.tracing) but a test calling torch.fx.symbolic_trace directly would trip over."""
+    yield
+    from ipfx.capture.tracing import _drop_unpatchable_wraps
+
+    _drop_unpatchable_wraps()
