@@ -414,6 +414,9 @@ def test_cost_model_hand_computed_cases():
     # dense wins when the sparse orders' basis work exceeds the dense MACs (depthwise)
     dw = dict(c_in=64, c_out=64, K=9, nnz=64 * 9, p_in=100, p_out=100, groups=64)
     assert choose_order(constants=UNIT, **dw) == 3
+    # a grouped SP conv run directly: one copy of the input, the sparse MACs, a row visit per 64 positions
+    dw_direct = dict(dw, nnz=64, identity=True, direct=True)
+    assert order_costs(constants=UNIT, native=True, **dw_direct)[4] == 0.5 * 64 * 100 + 64 * 2
     # batch multiplies every term but t0; identity with a copy-only basis stage drops the basis term
     assert order_costs(constants=UNIT, batch=2, **kw)[1] == 1 + 2 * (64 * 81 * 100 + 1843 * 100)
     assert order_costs(constants=UNIT, cheap_identity=True, **kw)[1] == 1 + 1843 * 100

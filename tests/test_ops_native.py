@@ -76,10 +76,30 @@ def test_both_native_sp_paths_agree_with_the_dense_conv(case: ConvCase, dtype, d
 def test_the_direct_path_rule(kernel, stride, out_spatial, nnz, expected):
     """Which SP convolutions the native kernel runs directly (ipfx.ops.native.direct_applies, its measurements)."""
     K = kernel[0] * kernel[1]
-    g = {"transposed": False, "groups": 1, "stride": stride, "K": K, "c_out": 64, "c_in": 64 if K < 49 else 3}
+    g = {"transposed": False, "groups": 1, "stride": stride, "K": K, "c_out": 64, "c_in": 64 if K < 49 else 3,
+         "kernel": kernel, "dilation": (1, 1)}
     assert native.direct_applies(g, nnz, None, out_spatial) is expected
-    assert native.direct_applies({**g, "groups": 2}, nnz, None, out_spatial) is False
     assert native.direct_applies(g, nnz, torch.eye(K), out_spatial) is False
+    assert native.direct_applies({**g, "transposed": True}, nnz, None, out_spatial) is False
+
+
+@pytest.mark.parametrize("c_in, groups, kernel, stride, out_spatial, expected", [
+    (672, 672, (3, 3), (1, 1), (14, 14), True),  # depthwise 14x14: a 16x16 padded plane per group
+    (960, 960, (5, 5), (1, 1), (7, 7), True),
+    (672, 672, (5, 5), (2, 2), (7, 7), True),  # strided: a 19x19 plane split into its phases
+    (72, 72, (3, 3), (1, 1), (56, 56), True),  # 58x58 = 3364 numbers
+    (16, 16, (3, 3), (1, 1), (112, 112), False),  # 114x114 = 12996 numbers: past L1, the gather
+    (64, 2, (3, 3), (1, 1), (28, 28), False),  # 32 channels of 30x30 per group
+    (64, 16, (3, 3), (1, 1), (14, 14), True),  # 4 channels of 16x16 per group
+])
+def test_the_grouped_direct_path_rule(c_in, groups, kernel, stride, out_spatial, expected):
+    """Grouped SP convolutions run directly a group at a time where the group's padded input planes fit
+    DIRECT_GROUP_MAX_NUMBERS (ipfx.ops.native.direct_applies)."""
+    K = kernel[0] * kernel[1]
+    g = {"transposed": False, "groups": groups, "stride": stride, "K": K, "c_out": c_in, "c_in": c_in,
+         "kernel": kernel, "dilation": (1, 1)}
+    assert native.direct_applies(g, c_in * K // 20, None, out_spatial) is expected
+    assert native.direct_applies(g, c_in * K // 20, torch.eye(K), out_spatial) is False
 
 
 @needs_native

@@ -215,11 +215,26 @@ DIRECT_MAX_DENSITY = 0.015
 DIRECT_MIN_TAPS_PER_PHASE = 4
 
 
+#: Grouped (depthwise above all): the direct path takes a (sample, group) at a time and lays the group's
+#: input channels out padded in a buffer of the thread's own, read from cache by each of the group's output
+#: channels; the dense depthwise conv and the gather both cost more than that one read of the input
+#: (mobilenet_v3_large's depthwise layers at 95%, batch 1, 2 threads, direct / dense conv: see
+#: benchmarks/fused-2threads.md). So direct for every grouped SP conv whose group buffer (its input channels'
+#: padded planes) holds at most DIRECT_GROUP_MAX_NUMBERS numbers (256 KiB of float32, in L2); larger groups
+#: take the gather.
+DIRECT_GROUP_MAX_NUMBERS = 8192
+
+
 def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> bool:
     """Whether the native kernel runs ``g`` as a direct sparse convolution (:data:`DIRECT_MIN_POSITIONS`,
-    :data:`DIRECT_MIN_TAPS_PER_PHASE`)."""
-    if basis is not None or g["transposed"] or g["groups"] != 1:
+    :data:`DIRECT_MIN_TAPS_PER_PHASE`, :data:`DIRECT_GROUP_MAX_NUMBERS`)."""
+    if basis is not None or g["transposed"]:
         return False
+    if g["groups"] != 1:
+        padded = 1  # the padded input plane, from the output's size (up to stride - 1 more per dim)
+        for out, k, s, d in zip(out_spatial, g["kernel"], g["stride"], g["dilation"]):
+            padded *= int(out) * int(s) + int(d) * (int(k) - 1)
+        return g["c_in"] // g["groups"] * padded <= DIRECT_GROUP_MAX_NUMBERS
     phases = 1
     for s in g["stride"]:
         phases *= int(s)
@@ -239,7 +254,7 @@ def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Ten
     return torch.ops.ipfx_native.conv(
         x, crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]), list(g["padding"]),
         list(g["dilation"]), g["transposed"], list(out_spatial), tile_for(g["c_in"], g["K"], x.element_size()),
-        residual, activation, direct_applies(g, vals.numel(), basis, out_spatial))
+        residual, activation, direct_applies(g, vals.numel(), basis, out_spatial), g["groups"])
 
 
 def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:

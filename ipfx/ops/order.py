@@ -55,7 +55,7 @@ from torch import Tensor
 from ..errors import IPFXValueError
 from .geometry import _identity_unfold_applies
 from .kernels import _order_a, _order_b, _order_dense, _order_gpu, _order_native
-from .native import tile_for
+from .native import direct_applies, tile_for
 from .storage import _MATRICES, _storage_entry
 
 #: ``order`` argument of :func:`ipfx.ops.ip_conv`.
@@ -115,11 +115,16 @@ def cost_terms(
     identity: bool = False,
     itemsize: int = 4,
     width: int = 0,
+    direct: bool = False,
 ) -> dict[int, tuple[float, ...]]:
     """The work terms (``COST_TERMS``, without scaling) of each order; see the module docstring.
 
     ``identity``: the basis is the identity (SP); ``cheap_identity``: besides, order (a)'s basis stage is a copy.
-    ``width``: the innermost output size (0: ``p_out``, a 1-d conv).
+    ``width``: the innermost output size (0: ``p_out``, a 1-d conv). ``direct``: the native kernel runs this
+    grouped SP conv directly (:func:`ipfx.ops.native.direct_applies`), a group at a time from a padded copy
+    in cache: its terms are that one copy of the input (maps ``N c_in P_in``), the sparse MACs (``N nnz
+    P_out``) and the row visits (``N c_out ceil(P_out / 64)``); no gathered taps or runs. (An ungrouped SP conv that runs
+    directly is still costed by the gather's terms, an upper bound, until the constants are refitted.)
     """
     n = batch
     pb = p_in if transposed else p_out
@@ -135,7 +140,9 @@ def cost_terms(
     segments = -(-tile // max(1, min(width or p_out, p_out))) + 1
     gathered = used if identity else c_in * K
     runs = n * gathered * tiles * segments
-    if identity:
+    if direct:  # tiles of 64 positions of the output grid (about the output)
+        native = (1.0, 0.0, n * c_in * p_in, n * nnz * p_out, 0.0, 0.0, 0.0, 0.0, n * c_out * -(-p_out // 64), 0.0)
+    elif identity:
         native = (1.0, 0.0, n * used * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows, runs)
     else:
         native = (1.0, n * used * K * p_out, n * c_in * K * p_out, n * nnz * p_out, 0.0, 0.0, 0.0, taps, rows, runs)
@@ -186,10 +193,11 @@ def choose_order(*, itemsize: int = 4, native: bool = False, constants: dict | N
 
 def _problem(g: dict, x: Tensor, values: Tensor, basis, out_spatial) -> dict:
     """The arguments of :func:`cost_terms` for one call (``x`` batched)."""
+    direct = g["groups"] > 1 and direct_applies(g, values.numel(), basis, out_spatial)
     return dict(c_in=g["c_in"], c_out=g["c_out"], K=g["K"], nnz=values.numel(), p_in=math.prod(x.shape[2:]),
                 p_out=math.prod(out_spatial), batch=x.shape[0], groups=g["groups"], transposed=g["transposed"],
                 identity=basis is None, cheap_identity=_identity_unfold_applies(g, basis is None),
-                width=int(out_spatial[-1]))
+                width=int(out_spatial[-1]), direct=direct)
 
 
 def _modelled_order(g: dict, x: Tensor, values: Tensor, basis, out_spatial, native: bool) -> int:

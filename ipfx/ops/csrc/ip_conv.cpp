@@ -462,33 +462,50 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
 //   acc[p] += C[o, i, t] * xp_i[q0 + p + off(t)],
 // nnz * TP multiply-adds per tile, nothing else. Grid positions outside the output (o1 >= out1 or
 // o2 >= out2, the padding columns) are computed and dropped at the write; the padded buffer has slack past
-// its end for the last tile's reads (without padding x is read in place, and the one tile that could read past
-// its end, the last sample's last, checks its loads). Threads split (sample, tile, block of output
-// channels): no state is shared between output channels, so small maps (7x7, 14x14 at batch 1) still feed
-// every thread.
+// its end for the last tile's reads.
+//
+// Ungrouped (conv_direct): the padded, phase-split copy of the whole input is made once per call (without
+// padding and stride x is read in place, and the one tile that could read past its end, the last sample's
+// last, checks its loads); threads split (sample, tile, block of output channels): no state is shared between
+// output channels, so small maps (7x7, 14x14 at batch 1) still feed every thread.
+// Grouped (conv_direct_grouped; depthwise above all): output channel o reads only its group's c_in/groups
+// input channels, so a thread takes a (sample, group) at a time, lays that group's channels out padded in a
+// buffer of its own (in L1/L2 for a depthwise channel) and runs the group's output channels over every tile
+// from there: the input is read once, no whole-input copy, no pass between copy and use. A group without
+// kept coefficients writes act(bias + residual) without reading its input.
 template <typename scalar_t, int TP>
-void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
-                 const c10::optional<at::Tensor>& bias_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
-                 const Geometry& g, at::Tensor& y) {
-  using V = typename Lane<scalar_t>::V;
-  constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
-  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
-  // padded input dims ip, stride phases s, phase planes pp = ceil(ip / s)
-  int64_t ip[3], pp[3];
-  bool copied = false;
-  for (int a = 0; a < 3; ++a) {
-    ip[a] = g.in[a] + 2 * g.pad[a];
-    pp[a] = (ip[a] + g.stride[a] - 1) / g.stride[a];
-    copied = copied || g.pad[a] != 0 || g.stride[a] != 1;
-  }
-  const int64_t phase_plane = pp[0] * pp[1] * pp[2];
-  const int64_t phases = g.stride[0] * g.stride[1] * g.stride[2];
-  const int64_t plane = phases * phase_plane;
-  const int64_t Q = ((g.out[0] - 1) * pp[1] + g.out[1] - 1) * pp[2] + g.out[2];  // last output position + 1
-  const int64_t ntiles = (Q + TP - 1) / TP;
-  // tap offsets: padded coordinate o s + k d is phase (k d) mod s, position o + (k d) div s in that phase
-  std::vector<int64_t> off(K);
-  {
+struct DirectPlan {
+  struct OutRun {
+    int32_t p, dst, len;
+  };
+  int64_t ip[3], pp[3], phase_plane, plane, Q, ntiles;
+  int64_t stride_c;  // per-channel stride of a padded copy: the phase planes, with slack for the last tile
+  bool copied;       // padding or stride: x cannot be read in place
+  std::vector<int64_t> off;  // tap t's offset from a grid position
+  // where each tile's grid positions land in y: runs (tile position, y position, length) of output row
+  // segments, tile u's in out_runs[run_first[u] .. run_first[u + 1])
+  std::vector<OutRun> out_runs;
+  std::vector<int32_t> run_first;
+  // copy_channel's tables: input row (i0, i1)'s first padded position (stride phases of dims 0 and 1
+  // included); for a strided last dim, phase ph's first input i2 and its offset in the row
+  std::vector<int64_t> row_dst, phase_first, phase_dst;
+
+  explicit DirectPlan(const Geometry& g) {
+    constexpr int64_t L = 64 / sizeof(scalar_t);
+    copied = false;
+    for (int a = 0; a < 3; ++a) {
+      ip[a] = g.in[a] + 2 * g.pad[a];
+      pp[a] = (ip[a] + g.stride[a] - 1) / g.stride[a];
+      copied = copied || g.pad[a] != 0 || g.stride[a] != 1;
+    }
+    phase_plane = pp[0] * pp[1] * pp[2];
+    plane = g.stride[0] * g.stride[1] * g.stride[2] * phase_plane;
+    Q = ((g.out[0] - 1) * pp[1] + g.out[1] - 1) * pp[2] + g.out[2];  // last output position + 1
+    ntiles = (Q + TP - 1) / TP;
+    // every tile reads [q0 + off, q0 + off + TP): past the plane by at most TP - 1 + (Q .. tile end) numbers
+    stride_c = plane + TP + L;
+    // tap offsets: padded coordinate o s + k d is phase (k d) mod s, position o + (k d) div s in that phase
+    off.resize(g.K);
     int64_t t = 0;
     for (int64_t k0 = 0; k0 < g.k[0]; ++k0)
       for (int64_t k1 = 0; k1 < g.k[1]; ++k1)
@@ -497,81 +514,155 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
           const int64_t phase = ((c0 % g.stride[0]) * g.stride[1] + c1 % g.stride[1]) * g.stride[2] + c2 % g.stride[2];
           off[t] = phase * phase_plane + ((c0 / g.stride[0]) * pp[1] + c1 / g.stride[1]) * pp[2] + c2 / g.stride[2];
         }
+    run_first.assign(ntiles + 1, 0);
+    for (int64_t u = 0; u < ntiles; ++u) {
+      run_first[u] = static_cast<int32_t>(out_runs.size());
+      for (int64_t p = 0; p < TP;) {
+        const int64_t q = u * TP + p;
+        const int64_t o2 = q % pp[2], o01 = q / pp[2], o1 = o01 % pp[1], o0 = o01 / pp[1];
+        const int64_t row_left = pp[2] - o2;  // grid positions to the end of this grid row
+        if (q >= Q || o0 >= g.out[0] || o1 >= g.out[1] || o2 >= g.out[2]) {
+          p += std::min<int64_t>(row_left, TP - p);
+          continue;
+        }
+        const int64_t len = std::min<int64_t>({g.out[2] - o2, TP - p, Q - q});
+        out_runs.push_back({static_cast<int32_t>(p), static_cast<int32_t>((o0 * g.out[1] + o1) * g.out[2] + o2),
+                            static_cast<int32_t>(len)});
+        p += len;
+      }
+    }
+    run_first[ntiles] = static_cast<int32_t>(out_runs.size());
+    row_dst.resize(g.in[0] * g.in[1]);
+    for (int64_t i0 = 0; i0 < g.in[0]; ++i0)
+      for (int64_t i1 = 0; i1 < g.in[1]; ++i1) {
+        const int64_t c0 = i0 + g.pad[0], c1 = i1 + g.pad[1];
+        row_dst[i0 * g.in[1] + i1] =
+            ((c0 % g.stride[0]) * g.stride[1] + c1 % g.stride[1]) * g.stride[2] * phase_plane +
+            ((c0 / g.stride[0]) * pp[1] + c1 / g.stride[1]) * pp[2] + (g.stride[2] == 1 ? g.pad[2] : 0);
+      }
+    const int64_t s2 = g.stride[2];
+    for (int64_t ph = 0; ph < s2; ++ph) {  // the inputs i2 with (i2 + pad) mod s = ph sit at (i2 + pad) div s
+      const int64_t first = ((ph - g.pad[2]) % s2 + s2) % s2;
+      phase_first.push_back(first);
+      phase_dst.push_back(ph * phase_plane + (first + g.pad[2]) / s2);
+    }
   }
-  // every tile reads [q0 + off, q0 + off + TP): past the plane by at most TP - 1 + (Q .. tile end) numbers
-  const int64_t stride_c = plane + TP + L;  // per-channel stride of the copy, with slack for the last tile
+
+  // One input channel (g.p_in numbers at src) into its padded phase planes at dst, whose padding positions
+  // are zero (they are never written here, so a buffer zeroed once stays valid for every channel). Where
+  // each input row goes is worked out once per call (row_dst; phase_first/phase_dst for a strided last dim).
+  void copy_channel(const Geometry& g, const scalar_t* __restrict__ src, scalar_t* __restrict__ dst) const {
+    const int64_t n2 = g.in[2], rows = g.in[0] * g.in[1];
+    if (g.stride[2] == 1) {  // whole input rows stay contiguous
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* __restrict__ s = src + r * n2;
+        scalar_t* __restrict__ d = dst + row_dst[r];
+        for (int64_t p = 0; p < n2; ++p) d[p] = s[p];
+      }
+      return;
+    }
+    const int64_t s2 = g.stride[2];
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* __restrict__ s = src + r * n2;
+      for (int64_t ph = 0; ph < s2; ++ph) {  // phase ph of the row: the inputs i2 = phase_first[ph] + m s2
+        scalar_t* __restrict__ d = dst + row_dst[r] + phase_dst[ph];
+        const scalar_t* __restrict__ sp = s + phase_first[ph];
+        const int64_t count = (n2 - phase_first[ph] + s2 - 1) / s2;
+        if (s2 == 2) {  // a constant step vectorises (the strided loads ran one number at a time)
+          for (int64_t m = 0; m < count; ++m) d[m] = sp[2 * m];
+        } else {
+          for (int64_t m = 0; m < count; ++m) d[m] = sp[m * s2];
+        }
+      }
+    }
+  }
+
+  // Output channel o's part of tile `tile`: acc = sum over its CSR row [e0, e1) of vals[e] * xs[src[e] ..
+  // + TP), xs the tile's first grid position in the (padded) input; then y = act(acc + b + res) along the
+  // tile's runs into yo (the channel's output map; ro its residual or null). xend: where the readable input
+  // ends, for the one tile that may read past x's end (loads cut short there: same sums, same order), or null.
+  void channel(const scalar_t* __restrict__ xs, const int64_t* __restrict__ src, const scalar_t* __restrict__ vals,
+               int64_t e0, int64_t e1, const scalar_t* xend, scalar_t b, scalar_t* __restrict__ yo,
+               const scalar_t* __restrict__ ro, int64_t tile, int64_t activation) const {
+    using V = typename Lane<scalar_t>::V;
+    constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
+    alignas(64) scalar_t tmp[TP];
+    if (xend == nullptr) {  // the accumulators in registers
+      V acc[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = V{};
+      for (int64_t e = e0; e < e1; ++e) {
+        const scalar_t w = vals[e];
+        const V* r = reinterpret_cast<const V*>(xs + src[e]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
+      }
+      std::memcpy(tmp, acc, sizeof(tmp));
+    } else {  // in memory, the loads that would pass x's end cut short
+      V* acc = reinterpret_cast<V*>(tmp);
+      for (int v = 0; v < NV; ++v) acc[v] = V{};
+      for (int64_t e = e0; e < e1; ++e) {
+        const scalar_t w = vals[e];
+        const scalar_t* r = xs + src[e];
+        if (r + TP <= xend) {
+          const V* rv = reinterpret_cast<const V*>(r);
+          for (int v = 0; v < NV; ++v) acc[v] += w * rv[v];
+        } else {
+          for (int64_t p = 0; p < xend - r; ++p) tmp[p] += w * r[p];
+        }
+      }
+    }
+    const OutRun* end = out_runs.data() + run_first[tile + 1];
+    for (const OutRun* run = out_runs.data() + run_first[tile]; run != end; ++run) {  // each loop vectorises
+      const scalar_t* __restrict__ t = tmp + run->p;
+      scalar_t* __restrict__ yr = yo + run->dst;
+      const int32_t len = run->len;
+      if (ro != nullptr) {
+        const scalar_t* __restrict__ rr = ro + run->dst;
+        for (int32_t p = 0; p < len; ++p) yr[p] = t[p] + b + rr[p];
+      } else {
+        for (int32_t p = 0; p < len; ++p) yr[p] = t[p] + b;
+      }
+      activate_run<scalar_t>(yr, len, activation);
+    }
+  }
+};
+
+template <typename scalar_t, int TP>
+void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
+                 const c10::optional<at::Tensor>& bias_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
+                 const Geometry& g, at::Tensor& y) {
+  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
+  const DirectPlan<scalar_t, TP> plan(g);
+  const int64_t ntiles = plan.ntiles;
   const scalar_t* xbase;
   int64_t cstride;
   at::Tensor xp_t;
-  if (copied) {  // zero padding and stride phases laid out once per call
-    xp_t = at::zeros({N * c_in * stride_c}, x.options());
+  if (plan.copied) {  // zero padding and stride phases laid out once per call
+    xp_t = at::zeros({N * c_in * plan.stride_c}, x.options());
     scalar_t* xp = xp_t.data_ptr<scalar_t>();
     const scalar_t* xs = x.data_ptr<scalar_t>();
-    const bool rows = g.stride[2] == 1;  // whole input rows stay contiguous
     at::parallel_for(0, N * c_in, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc)
-        for (int64_t i0 = 0; i0 < g.in[0]; ++i0)
-          for (int64_t i1 = 0; i1 < g.in[1]; ++i1) {
-            const int64_t c0 = i0 + g.pad[0], c1 = i1 + g.pad[1];
-            scalar_t* dst = xp + nc * stride_c +
-                            ((c0 % g.stride[0]) * g.stride[1] + c1 % g.stride[1]) * g.stride[2] * phase_plane +
-                            ((c0 / g.stride[0]) * pp[1] + c1 / g.stride[1]) * pp[2];
-            const scalar_t* src = xs + nc * g.p_in + (i0 * g.in[1] + i1) * g.in[2];
-            if (rows) {
-              std::memcpy(dst + g.pad[2], src, g.in[2] * sizeof(scalar_t));
-            } else {  // phase r of the row: the inputs i2 with (i2 + pad) mod s = r, at (i2 + pad) div s
-              const int64_t s2 = g.stride[2];
-              for (int64_t r = 0; r < s2; ++r) {
-                const int64_t first = ((r - g.pad[2]) % s2 + s2) % s2;  // first i2 >= 0 of this phase
-                scalar_t* d = dst + r * phase_plane + (first + g.pad[2]) / s2;
-                for (int64_t i2 = first; i2 < g.in[2]; i2 += s2) *d++ = src[i2];
-              }
-            }
-          }
+      for (int64_t nc = begin; nc < end; ++nc) plan.copy_channel(g, xs + nc * g.p_in, xp + nc * plan.stride_c);
     });
     xbase = xp;
-    cstride = stride_c;
+    cstride = plan.stride_c;
   } else {
     xbase = x.data_ptr<scalar_t>();
     cstride = g.p_in;
   }
-  // where each tile's grid positions land in y: runs (tile position, y position, length) of output row
-  // segments, tile u's in out_runs[run_first[u] .. run_first[u + 1])
-  struct OutRun {
-    int32_t p, dst, len;
-  };
-  std::vector<OutRun> out_runs;
-  std::vector<int32_t> run_first(ntiles + 1, 0);
-  for (int64_t u = 0; u < ntiles; ++u) {
-    run_first[u] = static_cast<int32_t>(out_runs.size());
-    for (int64_t p = 0; p < TP;) {
-      const int64_t q = u * TP + p;
-      const int64_t o2 = q % pp[2], o01 = q / pp[2], o1 = o01 % pp[1], o0 = o01 / pp[1];
-      const int64_t row_left = pp[2] - o2;  // grid positions to the end of this grid row
-      if (q >= Q || o0 >= g.out[0] || o1 >= g.out[1] || o2 >= g.out[2]) {
-        p += std::min<int64_t>(row_left, TP - p);
-        continue;
-      }
-      const int64_t len = std::min<int64_t>({g.out[2] - o2, TP - p, Q - q});
-      out_runs.push_back({static_cast<int32_t>(p), static_cast<int32_t>((o0 * g.out[1] + o1) * g.out[2] + o2),
-                          static_cast<int32_t>(len)});
-      p += len;
-    }
-  }
-  run_first[ntiles] = static_cast<int32_t>(out_runs.size());
   const int64_t* crow = crow_t.data_ptr<int64_t>();
   const int64_t* col = col_t.data_ptr<int64_t>();
   const scalar_t* vals = vals_t.data_ptr<scalar_t>();
   const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
-  const scalar_t* xend = xbase + (N - 1) * c_in * cstride + (c_in - 1) * cstride + (copied ? stride_c : g.p_in);
+  const scalar_t* xend = xbase + (N * c_in - 1) * cstride + (plan.copied ? plan.stride_c : g.p_in);
   // the column c = i*K + t of A as the offset of its first read from the sample's channel 0, by table (a
   // 64-bit division per kept coefficient cost more than the convolution on small maps)
-  const int64_t ncol = c_in * K;
-  std::vector<int64_t> col_src(ncol);
+  std::vector<int64_t> col_src(c_in * K);
   for (int64_t i = 0; i < c_in; ++i)
-    for (int64_t t = 0; t < K; ++t) col_src[i * K + t] = i * cstride + off[t];
+    for (int64_t t = 0; t < K; ++t) col_src[i * K + t] = i * cstride + plan.off[t];
   const int64_t nnz = col_t.numel();
   std::vector<int64_t> src(nnz);
   for (int64_t e = 0; e < nnz; ++e) src[e] = col_src[col[e]];
@@ -580,71 +671,70 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   at::parallel_for(0, N * ntiles * oblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t ob = u % oblocks, tile = (u / oblocks) % ntiles, n = u / (oblocks * ntiles);
-      const int64_t q0 = tile * TP;
-      const scalar_t* xs = xbase + n * c_in * cstride + q0;
+      const scalar_t* xs = xbase + n * c_in * cstride + tile * TP;
       // x read in place: the last sample's last tile may read past x's end
-      const bool checked = !copied && n == N - 1 && tile == ntiles - 1;
-      const int64_t o_begin = ob * OB, o_end = std::min(c_out, (ob + 1) * OB);
-      const OutRun* runs_begin = out_runs.data() + run_first[tile];
-      const OutRun* runs_end = out_runs.data() + run_first[tile + 1];
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        alignas(64) scalar_t tmp[TP];
-        if (!checked) {  // the accumulators in registers
-          V acc[NV];
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[v] = V{};
-          for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
-            const scalar_t w = vals[e];
-            const V* r = reinterpret_cast<const V*>(xs + src[e]);
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[v] += w * r[v];
-          }
-          std::memcpy(tmp, acc, sizeof(tmp));
-        } else {  // in memory, the loads that would pass x's end cut short (same sums, same order)
-          V* acc = reinterpret_cast<V*>(tmp);
-          for (int v = 0; v < NV; ++v) acc[v] = V{};
-          for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
-            const scalar_t w = vals[e];
-            const scalar_t* r = xs + src[e];
-            if (r + TP <= xend) {
-              const V* rv = reinterpret_cast<const V*>(r);
-              for (int v = 0; v < NV; ++v) acc[v] += w * rv[v];
-            } else {
-              for (int64_t p = 0; p < xend - r; ++p) tmp[p] += w * r[p];
-            }
-          }
-        }
-        const scalar_t b = bias ? bias[o] : scalar_t(0);
-        scalar_t* yo = yp + (n * c_out + o) * g.p_out;
-        const scalar_t* ro = rp ? rp + (n * c_out + o) * g.p_out : nullptr;
-        for (const OutRun* run = runs_begin; run != runs_end; ++run) {  // contiguous: each loop vectorises
-          const scalar_t* __restrict__ t = tmp + run->p;
-          scalar_t* __restrict__ yr = yo + run->dst;
-          const int32_t len = run->len;
-          if (ro != nullptr) {
-            const scalar_t* __restrict__ rr = ro + run->dst;
-            for (int32_t p = 0; p < len; ++p) yr[p] = t[p] + b + rr[p];
-          } else {
-            for (int32_t p = 0; p < len; ++p) yr[p] = t[p] + b;
-          }
-          activate_run<scalar_t>(yr, len, activation);
-        }
-      }
+      const bool checked = !plan.copied && n == N - 1 && tile == ntiles - 1;
+      for (int64_t o = ob * OB; o < std::min(c_out, (ob + 1) * OB); ++o)
+        plan.channel(xs, src.data(), vals, crow[o], crow[o + 1], checked ? xend : nullptr, bias ? bias[o] : scalar_t(0),
+                     yp + (n * c_out + o) * g.p_out, rp ? rp + (n * c_out + o) * g.p_out : nullptr, tile, activation);
+    }
+  });
+}
+
+template <typename scalar_t, int TP>
+void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t,
+                         const at::Tensor& vals_t, const c10::optional<at::Tensor>& bias_t,
+                         const c10::optional<at::Tensor>& res_t, int64_t activation, int64_t groups,
+                         const Geometry& g, at::Tensor& y) {
+  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
+  const int64_t cin_g = c_in / groups, cout_g = c_out / groups;
+  const DirectPlan<scalar_t, TP> plan(g);
+  const int64_t* crow = crow_t.data_ptr<int64_t>();
+  const int64_t* col = col_t.data_ptr<int64_t>();
+  const scalar_t* vals = vals_t.data_ptr<scalar_t>();
+  const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  // column c = i*K + t (i the global input channel) as an offset into its group's buffer: per kept
+  // coefficient, in 32 bits (c < 2^31; a depthwise conv keeps fewer coefficients than a table of c_in*K has)
+  const int64_t nnz = col_t.numel();
+  std::vector<int64_t> src(nnz);
+  const uint32_t uK = static_cast<uint32_t>(K), ucin_g = static_cast<uint32_t>(cin_g);
+  for (int64_t e = 0; e < nnz; ++e) {
+    const uint32_t c = static_cast<uint32_t>(col[e]);
+    src[e] = static_cast<int64_t>(c / uK % ucin_g) * plan.stride_c + plan.off[c % uK];
+  }
+  at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> buf(cin_g * plan.stride_c, scalar_t(0));  // padding stays zero (copy_channel)
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / groups, gi = u % groups;
+      const int64_t o_begin = gi * cout_g, o_end = o_begin + cout_g;
+      if (crow[o_end] > crow[o_begin])
+        for (int64_t i = 0; i < cin_g; ++i)
+          plan.copy_channel(g, xp + (n * c_in + gi * cin_g + i) * g.p_in, buf.data() + i * plan.stride_c);
+      for (int64_t tile = 0; tile < plan.ntiles; ++tile)
+        for (int64_t o = o_begin; o < o_end; ++o)
+          plan.channel(buf.data() + tile * TP, src.data(), vals, crow[o], crow[o + 1], nullptr,
+                       bias ? bias[o] : scalar_t(0), yp + (n * c_out + o) * g.p_out,
+                       rp ? rp + (n * c_out + o) * g.p_out : nullptr, tile, activation);
     }
   });
 }
 
 // ipfx_native::conv(x, crow, col, vals, basis?, bias?, used, c_out, kernel, stride, padding, dilation,
-//                   transposed, out_spatial, tile, residual?, activation) -> y = act(conv + bias + residual)
+//                   transposed, out_spatial, tile, residual?, activation, direct, groups)
+//                   -> y = act(conv + bias + residual)
 //   x: (N, c_in, *in_spatial) contiguous; crow/col/vals: CSR of A[o, i*K + j] (int64, int64, x.dtype);
 //   used: uint8 (c_in*K,), 1 where some kept coefficient reads R row i*K + j; tile: 16, 32 or 64;
 //   residual: contiguous, y's shape and dtype; activation: 0-5 (ipfx/ops/epilogue.py); direct: SP (no basis,
-//   not transposed) by the direct sparse convolution instead of the gather (ipfx/ops/native.py decides).
+//   not transposed) by the direct sparse convolution instead of the gather (ipfx/ops/native.py decides);
+//   groups: the conv's groups (A is block-diagonal either way; the direct path runs a group at a time).
 at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                 const c10::optional<at::Tensor>& basis, const c10::optional<at::Tensor>& bias, const at::Tensor& used,
                 int64_t c_out, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                 at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial, int64_t tile,
-                const c10::optional<at::Tensor>& residual, int64_t activation, bool direct) {
+                const c10::optional<at::Tensor>& residual, int64_t activation, bool direct, int64_t groups) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ipfx native: x must be a contiguous CPU tensor");
   TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
   TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
@@ -655,6 +745,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   const Geometry g = make_geometry(x.sizes().slice(2), out_spatial, kernel, stride, padding, dilation, transposed);
   TORCH_CHECK(used.numel() == x.size(1) * g.K && used.scalar_type() == at::kByte, "ipfx native: bad used flags");
   TORCH_CHECK(g.p_in < (int64_t(1) << 31), "ipfx native: input maps of 2^31 or more positions");
+  TORCH_CHECK(x.size(1) * g.K < (int64_t(1) << 31), "ipfx native: c_in * K of 2^31 or more");
   std::vector<int64_t> shape{x.size(0), c_out};
   shape.insert(shape.end(), out_spatial.begin(), out_spatial.end());
   at::Tensor y = at::empty(shape, x.options());
@@ -665,9 +756,15 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
                 "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
   if (y.numel() == 0) return y;
   TORCH_CHECK(!direct || (!basis.has_value() && !transposed), "ipfx native: the direct path is for SP convolutions");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && c_out % groups == 0,
+              "ipfx native: groups must divide c_in and c_out");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
+    if (direct && groups > 1) {  // SP, grouped: the direct sparse convolution a group at a time
+      conv_direct_grouped<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, groups, g, y);
+      return;
+    }
     if (direct) {  // SP: the direct sparse convolution
       conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, g, y);
       return;
@@ -744,7 +841,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 TORCH_LIBRARY(ipfx_native, m) {
   m.def("conv(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? basis, Tensor? bias, Tensor used, int c_out, "
         "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile, "
-        "Tensor? residual, int activation, bool direct) -> Tensor");
+        "Tensor? residual, int activation, bool direct, int groups=1) -> Tensor");
   m.def("linear(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? bias) -> Tensor");
 }
 
