@@ -417,6 +417,14 @@ def test_cost_model_hand_computed_cases():
     # a grouped SP conv run directly: one copy of the input, the sparse MACs, a row visit per 64 positions
     dw_direct = dict(dw, nnz=64, identity=True, direct=True)
     assert order_costs(constants=UNIT, native=True, **dw_direct)[4] == 0.5 * 64 * 100 + 64 * 2
+    # a pointwise SP conv on single-position maps at batch <= 4: a sparse matrix-vector product, the native
+    # kernel's alone where it may run
+    se = dict(c_in=960, c_out=240, K=1, nnz=11520, p_in=1, p_out=1, identity=True, cheap_identity=True)
+    assert set(order_costs(native=True, **se)) == {4}
+    assert set(order_costs(native=True, batch=4, **se)) == {4}
+    assert 3 in order_costs(native=True, batch=5, **se)
+    assert 3 in order_costs(native=False, **se)
+    assert 3 in order_costs(native=True, **dict(se, p_in=4, p_out=4))
     # batch multiplies every term but t0; identity with a copy-only basis stage drops the basis term
     assert order_costs(constants=UNIT, batch=2, **kw)[1] == 1 + 2 * (64 * 81 * 100 + 1843 * 100)
     assert order_costs(constants=UNIT, cheap_identity=True, **kw)[1] == 1 + 1843 * 100

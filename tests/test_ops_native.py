@@ -270,3 +270,42 @@ def test_the_cache_key_tells_apart_environments_and_copies_of_the_source(monkeyp
     assert moved not in (key,) and len(moved) == 8
     copy.write_bytes(b"// changed\n" + copy.read_bytes())
     assert native._build_key() != moved  # another source: another build
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3, 4, 6])
+@pytest.mark.parametrize("activation", ["none", "relu", "hardswish"])
+def test_a_pointwise_conv_on_single_position_maps_is_a_sparse_matrix_vector_product(batch, activation):
+    """A squeeze-excitation's 1x1 convs on 1x1 maps run as a sparse matrix times the batch's vectors (four
+    samples per pass over the matrix), with the epilogue; the same numbers as the dense conv, by the module,
+    the op and every thread count, and the cost model picks it up to batch 4 (ipfx.ops.order.MATVEC_MAX_BATCH)."""
+    from ipfx.ops import epilogue
+    from ipfx.ops.order import MATVEC_MAX_BATCH, ORDER_AUTO
+    from ipfx.ops.storage import _storage_entry
+
+    gen = torch.Generator().manual_seed(batch)
+    w = torch.randn(24, 40, 1, 1, generator=gen) * (torch.rand(24, 40, 1, 1, generator=gen) < 0.3)
+    w[3] = 0  # an output channel without kept coefficients: bias (and residual) alone
+    bias = torch.randn(24, generator=gen)
+    m = SparseIPConv.from_coefficients(w.reshape(24, 40, 1), weight_shape=w.shape, bias=bias, stride=2)
+    m.activation = activation
+    x = torch.randn(batch, 40, 1, 1, generator=gen)
+    residual = torch.randn(batch, 24, 1, 1, generator=gen)
+    expected = epilogue.apply(F.conv2d(x, w, bias, 2), residual, activation)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                outs.append(m(x, ORDER_NATIVE, residual=residual))
+        with torch.inference_mode():
+            auto = m(x, ORDER_AUTO, residual=residual)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    assert_close(outs[0], expected, 1e-5, float((x.abs().flatten(1) @ w.abs().flatten(1).T).max()) + 5.0)
+    assert torch.equal(outs[0][:, 3], epilogue.apply(bias[3] + residual[:, 3], None, activation))
+    assert_close(auto, expected, 1e-5, float((x.abs().flatten(1) @ w.abs().flatten(1).T).max()) + 5.0)
+    if batch <= MATVEC_MAX_BATCH:  # the cost model's pick, remembered per storage
+        assert _storage_entry(m.indices)["auto"][1] == ORDER_NATIVE

@@ -722,6 +722,41 @@ void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at
   });
 }
 
+// y[m, o] = act(bias[o] + sum_e vals[e] x[m, col[e]] + res[m, o]) for the M rows of x (M x in_f; y, res:
+// M x out_f), four rows of x per pass over a CSR row: the form for a few rows (a linear layer at batch 1, a
+// pointwise conv on single-position maps such as a squeeze-excitation's), where linear_blocked's tiles and
+// the conv's 64-position tiles would be mostly padding. Each output sums its CSR row in storage order, then
+// adds the bias (as linear_blocked does); threads split the output features.
+template <typename scalar_t>
+void linear_rows(const scalar_t* __restrict__ x, int64_t M, int64_t in_f, const int64_t* __restrict__ crow,
+                 const int64_t* __restrict__ col, const scalar_t* __restrict__ vals, const scalar_t* bias,
+                 const scalar_t* res, int64_t activation, int64_t out_f, scalar_t* __restrict__ y) {
+  at::parallel_for(0, out_f, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, M - m0);
+      const scalar_t* xm = x + m0 * in_f;
+      for (int64_t o = begin; o < end; ++o) {
+        scalar_t acc[4] = {scalar_t(0), scalar_t(0), scalar_t(0), scalar_t(0)};
+        if (rows == 1) {
+          for (int64_t e = crow[o]; e < crow[o + 1]; ++e) acc[0] += vals[e] * xm[col[e]];
+        } else {
+          for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+            const scalar_t w = vals[e];
+            const int64_t c = col[e];
+            for (int64_t m = 0; m < rows; ++m) acc[m] += w * xm[m * in_f + c];
+          }
+        }
+        const scalar_t b = bias ? bias[o] : scalar_t(0);
+        for (int64_t m = 0; m < rows; ++m) {
+          const int64_t at = (m0 + m) * out_f + o;
+          y[at] = res ? acc[m] + b + res[at] : acc[m] + b;
+        }
+      }
+      for (int64_t m = 0; m < rows; ++m) activate_run<scalar_t>(y + (m0 + m) * out_f + begin, end - begin, activation);
+    }
+  });
+}
+
 // ipfx_native::conv(x, crow, col, vals, basis?, bias?, used, c_out, kernel, stride, padding, dilation,
 //                   transposed, out_spatial, tile, residual?, activation, direct, groups)
 //                   -> y = act(conv + bias + residual)
@@ -761,6 +796,15 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
+    if (!basis.has_value() && !transposed && g.K == 1 && g.p_in == 1 && g.p_out == 1) {
+      // pointwise on single-position maps: the sparse matrix times the batch's (N, c_in) inputs
+      linear_rows<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.size(1), crow.data_ptr<int64_t>(),
+                            col.data_ptr<int64_t>(), vals.data_ptr<scalar_t>(),
+                            bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                            residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr, activation, c_out,
+                            y.data_ptr<scalar_t>());
+      return;
+    }
     if (direct && groups > 1) {  // SP, grouped: the direct sparse convolution a group at a time
       conv_direct_grouped<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, groups, g, y);
       return;
@@ -817,6 +861,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
   TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
   TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
   const int64_t out_f = crow.numel() - 1, M = x.size(0);
+  if (M <= 4) {  // a few rows: one pass over the matrix per four rows, no transposes
+    TORCH_CHECK(x.is_contiguous(), "ipfx native: x must be contiguous");
+    at::Tensor y = at::empty({M, out_f}, x.options());
+    if (y.numel() == 0) return y;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_linear_rows", [&] {
+      if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
+      linear_rows<scalar_t>(x.data_ptr<scalar_t>(), M, x.size(1), crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                            vals.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                            nullptr, 0, out_f, y.data_ptr<scalar_t>());
+    });
+    return y;
+  }
   const int64_t TP = M <= 8 ? 16 : 64;  // x^T rows padded with zeros to whole tiles: full-vector loads
   const int64_t Mp = (M + TP - 1) / TP * TP;
   at::Tensor xt = at::zeros({x.size(1), Mp}, x.options());
