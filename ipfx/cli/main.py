@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=argparse.SUPPRESS)  # test hook: stop every run after this epoch, as a kill would
 
     sub.add_parser("build-native", help="build the native CPU kernel of the fused ops now (else at first use)",
-                   description="Compile the native CPU kernel that ipfx.lower(model, 'fused') models call (15-45 s, "
+                   description="Compile the native CPU kernel that ipfx.lower(model, 'fused') models call (30-90 s, "
                                "once per CPU kind, torch build and compiler), so that the first fused call does not "
                                "wait for it. Needs a C++ compiler and ninja (pip install 'ipfx[native]').")
 

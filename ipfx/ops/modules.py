@@ -241,14 +241,17 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
                 nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()
                 nbias = None if b is None else b.contiguous()
                 code = epilogue.code(activation)
+                kernel = native.bind_conv(*operands[:3], nb, nbias, operands[3], g, out_spatial, x.element_size())
 
                 def run(x, residual=None):
+                    if residual is None:
+                        if unbatched:
+                            return kernel(x.unsqueeze(0).contiguous(), None, code).squeeze(0)
+                        return kernel(x.contiguous(), None, code)
                     if not epilogue.in_kernel(residual, out_shape, x.dtype):
                         return run_generic(x, residual)
-                    if residual is not None:
-                        residual = (residual.unsqueeze(0) if unbatched else residual).contiguous()
-                    y = native.conv(x.unsqueeze(0).contiguous() if unbatched else x.contiguous(), *operands[:3], nb,
-                                    nbias, operands[3], g, out_spatial, residual, code)
+                    residual = (residual.unsqueeze(0) if unbatched else residual).contiguous()
+                    y = kernel(x.unsqueeze(0).contiguous() if unbatched else x.contiguous(), residual, code)
                     return y.squeeze(0) if unbatched else y
         self.__dict__["_plan_cache"] = (key, run)
         return run

@@ -16,8 +16,9 @@ at most ``c_in*K``; none for SP) + ``c_in*K*P_out`` gathered numbers + ``nnz*P_o
 Every output element sums its CSR row in storage order in one thread: results do not depend on the
 thread count or the tiling, and equal the torch orders up to float rounding.
 
-Build: ``torch.utils.cpp_extension.load`` (JIT; needs a C++ compiler and ``ninja``, ``pip install
-ninja`` or ``pip install "ipfx[native]"``) with ``-O3 -march=native -fopenmp``, compiled once (15-45 s,
+Build: ``torch.utils.cpp_extension.load`` (JIT, as a Python module: pybind11 calls cost a third of
+``torch.ops``'s; needs a C++ compiler, Python's headers and ``ninja``, ``pip install ninja`` or ``pip install
+"ipfx[native]"``) with ``-O3 -march=native -fopenmp``, compiled once (30-90 s,
 with one line on stderr saying so) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). The cache key (:func:`library_name`) holds what the library depends on:
 the kind of CPU, the torch build and where it is installed, the compiler, and the source and where it is,
@@ -93,7 +94,7 @@ def library_name() -> str:
     return f"ipfx_native_v1_{_cpu_tag()}_{_build_key()}"
 
 _lock = threading.Lock()
-_state: dict = {}  # "ok": bool once tried; "error": str
+_state: dict = {}  # "ok": bool once tried; "error": str; "module": the built library as a Python module
 
 
 def disabled() -> bool:
@@ -139,20 +140,22 @@ def _build() -> bool:
             with warnings.catch_warnings(), _build_lock(folder):
                 warnings.simplefilter("ignore")
                 if not os.path.exists(os.path.join(folder, f"{name}.so")):
-                    print(f"ipfx: compiling the native CPU kernel once (15-45 s) into {folder}; later processes "
+                    print(f"ipfx: compiling the native CPU kernel once (30-90 s) into {folder}; later processes "
                           "load it (`ipfx build-native` builds it ahead of time)", file=sys.stderr, flush=True)
-                cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                                   is_python_module=False, verbose=False)
+                module = cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_FLAGS,
+                                            extra_ldflags=["-fopenmp"], is_python_module=True, verbose=False)
         finally:
             log.setLevel(level)
         torch.ops.ipfx_native.conv  # noqa: B018  (raises if the library did not register)
+        _state["module"] = module
         return True
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch path runs
         _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         warnings.warn(
             "ipfx: the native CPU kernel of torch.ops.ipfx.ip_conv / sparse_linear could not be built "
             f"({_state['error']}); the slower pure-torch evaluation orders run instead. For the fast path "
-            "install a C++ compiler and ninja (e.g. `apt-get install g++` and `pip install ninja`, or "
+            "install a C++ compiler, Python's headers and ninja (e.g. `apt-get install g++ python3-dev` and "
+            "`pip install ninja`, or "
             "`pip install \"ipfx[native]\"`), then restart Python; set IPFX_NATIVE=0 to silence this.",
             RuntimeWarning,
             stacklevel=3,
@@ -247,16 +250,31 @@ def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> b
     return positions >= DIRECT_MIN_POSITIONS or density <= DIRECT_MAX_DENSITY
 
 
+def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
+              used: Tensor, g: dict, out_spatial, itemsize: int):
+    """The native conv for one geometry and storage with every argument but the input worked out once:
+    ``run(x, residual, activation) -> y`` (``x`` batched and contiguous, ``itemsize`` its element size; CSR of
+    ``A[o, i*K + j]``, see the module docstring), ending in the epilogue ``act(y + residual)``
+    (:mod:`ipfx.ops.epilogue`; ``residual`` contiguous, y's shape, or None; ``activation`` its number).
+    A deployed module's plan keeps this, so a call costs the op's dispatch and nothing else."""
+    op = _state["module"].conv  # (pybind11: a third of torch.ops's per-call cost)
+    head = (crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]),
+            list(g["padding"]), list(g["dilation"]), g["transposed"], list(out_spatial),
+            tile_for(g["c_in"], g["K"], itemsize))
+    tail = (direct_applies(g, vals.numel(), basis, out_spatial), g["groups"])
+
+    def run(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
+        return op(x, *head, residual, activation, *tail)
+
+    return run
+
+
 def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
          used: Tensor, g: dict, out_spatial, residual: Optional[Tensor] = None, activation: int = 0) -> Tensor:
-    """Run the native conv (``x`` batched and contiguous; CSR of ``A[o, i*K + j]``; see the module docstring),
-    ending in the epilogue ``act(y + residual)`` (:mod:`ipfx.ops.epilogue`; ``residual`` contiguous, y's shape)."""
-    return torch.ops.ipfx_native.conv(
-        x, crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]), list(g["padding"]),
-        list(g["dilation"]), g["transposed"], list(out_spatial), tile_for(g["c_in"], g["K"], x.element_size()),
-        residual, activation, direct_applies(g, vals.numel(), basis, out_spatial), g["groups"])
+    """Run the native conv once (:func:`bind_conv`, whose arguments these are, then the call)."""
+    return bind_conv(crow, col, vals, basis, bias, used, g, out_spatial, x.element_size())(x, residual, activation)
 
 
 def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``y = x @ W^T + bias`` for a 2-d ``x`` and ``W`` as CSR (int64 crow/col, values of x's dtype)."""
-    return torch.ops.ipfx_native.linear(x, crow, col, vals, bias)
+    return _state["module"].linear(x, crow, col, vals, bias)

@@ -23,6 +23,7 @@
 // on the number of threads or on the tiling.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -904,4 +905,12 @@ TORCH_LIBRARY(ipfx_native, m) {
 TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
   m.impl("conv", conv);
   m.impl("linear", linear);
+}
+
+// The same two functions as a Python module, which ipfx/ops/native.py calls: a call through torch.ops parses
+// its arguments by the schema and dispatches (about 15 us a call here, 5 us through pybind11), and the eager
+// path calls these once per layer per forward.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv", &conv);
+  m.def("linear", &linear);
 }
