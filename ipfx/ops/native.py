@@ -220,11 +220,12 @@ DIRECT_MIN_TAPS_PER_PHASE = 4
 
 #: Grouped (depthwise above all): the direct path takes a (sample, group) at a time and lays the group's
 #: input channels out padded in a buffer of the thread's own, read from cache by each of the group's output
-#: channels; the dense depthwise conv and the gather both cost more than that one read of the input
-#: (mobilenet_v3_large's depthwise layers at 95%, batch 1, 2 threads, direct / dense conv: see
-#: benchmarks/fused-2threads.md). So direct for every grouped SP conv whose group buffer (its input channels'
-#: padded planes) holds at most DIRECT_GROUP_MAX_NUMBERS numbers (256 KiB of float32, in L2); larger groups
-#: take the gather.
+#: channels. mobilenet_v3_large's depthwise layers at 95%, batch 1, 2 threads (interleaved, min of 300 calls;
+#: direct / F.conv2d, gather / F.conv2d): 672@14 3x3 0.54 / 0.90, 960@7 5x5 0.57 / 1.43, 672@14 5x5/2
+#: 0.70 / 1.05, 72@56 3x3 0.31 / 0.36; but 16@112 3x3 0.59 / 0.42 and 64@112 3x3/2 0.45 / 0.44, where a
+#: channel's padded plane (13k numbers) no longer fits L1. So direct for every grouped SP conv whose group
+#: buffer (its input channels' padded planes) holds at most DIRECT_GROUP_MAX_NUMBERS numbers (32 KiB of
+#: float32); larger groups take the gather.
 DIRECT_GROUP_MAX_NUMBERS = 8192
 
 
