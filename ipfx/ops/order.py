@@ -139,8 +139,9 @@ def cost_terms(
     ``width``: the innermost output size (0: ``p_out``, a 1-d conv). ``direct``: the native kernel runs this
     grouped SP conv directly (:func:`ipfx.ops.native.direct_applies`), a group at a time from a padded copy
     in cache: its terms are that one copy of the input (maps ``N c_in P_in``), the sparse MACs (``N nnz
-    P_out``) and the row visits (``N c_out ceil(P_out / 64)``); no gathered taps or runs. (An ungrouped SP conv that runs
-    directly is still costed by the gather's terms, an upper bound, until the constants are refitted.)
+    P_out``) and the row visits (``N c_out ceil(P_out / 64)``); no gathered taps or runs. (An ungrouped SP
+    conv that runs directly is still costed by the gather's terms, an upper bound, until the constants are
+    refitted.)
     """
     n = batch
     pb = p_in if transposed else p_out
