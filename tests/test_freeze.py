@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import ipfx
 from helpers import assert_close, randomize_masks
+from ipfx.capture.modes import graphs_in
 from ipfx.errors import IPFXTypeError, IPFXValueError
 from ipfx.ops import SparseIPConv, native
 from ipfx.ops.epilogue import ACTIVATIONS
@@ -157,6 +158,8 @@ def test_frozen_blocks_fold_every_batch_norm_and_fuse_the_epilogue(activation, r
     assert convs[1].activation == activation
     residual_calls = [n for n in frozen.graph.nodes if n.op == "call_module" and "residual" in n.kwargs]
     assert len(residual_calls) == int(residual)
+    # the folded statistics are read by nothing: no attribute read left behind (a getattr chain per call)
+    assert [n.target for _, gm in graphs_in(frozen) for n in gm.graph.nodes if n.op == "get_attr" and not n.users] == []
     for shape in [(2, 6, 10, 10), (3, 6, 7, 13), (1, 6, 1, 1)]:
         y = torch.randn(*shape)
         with torch.no_grad():

@@ -62,8 +62,12 @@ class FoldBatchNorm(GraphPass):
                 result.skipped[name] = reason
                 continue
             user.replace_all_uses_with(node)
+            constants = [arg for arg in user.all_input_nodes if arg.op == "get_attr"]
             for dead in reversed(_bn_nodes(user)):
                 gm.graph.erase_node(dead)
+            for arg in constants:  # the statistics' reads, read by nothing now (each a getattr chain per call)
+                if not arg.users:
+                    gm.graph.erase_node(arg)
             result.changed.append(name)
         return result
 
