@@ -309,3 +309,25 @@ def test_a_pointwise_conv_on_single_position_maps_is_a_sparse_matrix_vector_prod
     assert_close(auto, expected, 1e-5, float((x.abs().flatten(1) @ w.abs().flatten(1).T).max()) + 5.0)
     if batch <= MATVEC_MAX_BATCH:  # the cost model's pick, remembered per storage
         assert _storage_entry(m.indices)["auto"][1] == ORDER_NATIVE
+
+
+def test_a_sparse_linear_module_plans_once_per_input_shape_and_follows_its_storage():
+    """SparseLinear in eager inference runs sparse_linear's implementation planned per input shape and storage:
+    the same numbers as the op, a new plan for another shape or an in-place change of its values, none
+    carried into a copy."""
+    import copy
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(30, 20, generator=gen) * (torch.rand(30, 20, generator=gen) < 0.2)
+    b = torch.randn(30, generator=gen)
+    m = SparseLinear.from_weight(w, b)
+    x = torch.randn(1, 20, generator=gen)
+    scale = float((x.abs() @ w.abs().T).max()) + float(b.abs().max())
+    with torch.no_grad():
+        assert_close(m(x), F.linear(x, w, b), 1e-5, scale)
+        assert_close(m(x), torch.ops.ipfx.sparse_linear(x, m.values, m.indices, m.bias, [30, 20]), 1e-6, scale)
+        x3 = torch.randn(3, 4, 20, generator=gen)
+        assert_close(m(x3), F.linear(x3, w, b), 1e-5, 10 * scale)
+        m.values.mul_(2.0)
+        assert_close(m(x), F.linear(x, 2 * w, b), 1e-5, 2 * scale)
+    assert "_plan_cache" in m.__dict__ and "_plan_cache" not in copy.deepcopy(m).__dict__

@@ -176,26 +176,40 @@ def _sparse_linear_cpu(x, values, indices, bias, weight_shape):
 
 def _run_sparse_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
                        allow_native: bool) -> Tensor:
+    return _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native)(x)
+
+
+def _sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
+                        allow_native: bool):
+    """``sparse_linear`` for inputs like ``x`` (shape, dtype, device) and this storage, as ``run(x) -> y``: the
+    checks, the sparse matrix and the kernel's choice made once (a deployed ``SparseLinear`` keeps it per
+    input shape). ``allow_native``: the CPU kernel may run the native one (:mod:`ipfx.ops.native`)."""
     out_f, in_f = _check_linear(x, values, indices, bias, weight_shape)
     _cached(_storage_entry(indices), "checked", (indices._version, out_f * in_f),
             lambda: _check_index_range(indices, out_f * in_f))
-    lead = x.shape[:-1]
-    rhs = x.reshape(-1, in_f).t()
+    lead = tuple(x.shape[:-1])
 
     def coords():
         flat = indices.to(device=x.device, dtype=torch.int64)
         return flat // in_f, flat % in_f
 
-    matrix = _sparse_matrix(values, indices, "linear", (out_f, in_f), coords, rhs)
+    matrix = _sparse_matrix(values, indices, "linear", (out_f, in_f), coords, x.reshape(-1, in_f).t())
     if allow_native and matrix.layout == torch.sparse_csr and native.supports(x):
         b = None if bias is None else bias.to(dtype=x.dtype).contiguous()
-        y = native.linear(x.reshape(-1, in_f).contiguous(), matrix.crow_indices(), matrix.col_indices(),
-                          matrix.values(), b)
-        return y.reshape(*lead, out_f)
-    y = _spmm(matrix, rhs).t()
-    if bias is not None:
-        y = y + bias.to(dtype=y.dtype, device=y.device)
-    return y.reshape(*lead, out_f).contiguous()
+        crow, col, vals = matrix.crow_indices(), matrix.col_indices(), matrix.values()
+
+        def run_native(x: Tensor) -> Tensor:
+            return native.linear(x.reshape(-1, in_f).contiguous(), crow, col, vals, b).reshape(*lead, out_f)
+
+        return run_native
+
+    def run(x: Tensor) -> Tensor:
+        y = _spmm(matrix, x.reshape(-1, in_f).t()).t()
+        if bias is not None:
+            y = y + bias.to(dtype=y.dtype, device=y.device)
+        return y.reshape(*lead, out_f).contiguous()
+
+    return run
 
 
 @sparse_linear.register_fake

@@ -19,7 +19,7 @@ from ..errors import IPFXValueError
 from . import epilogue, native
 from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _output_spatial, _tuple
 from .kernels import _dense_conv_partial, _dense_weight, _native_operands
-from .library import _run_ip_conv
+from .library import _run_ip_conv, _sparse_linear_plan
 from .order import ORDER_AUTO, ORDER_DENSE, ORDER_NATIVE, resolve_order
 from .storage import _densify, sparse_coefficients
 
@@ -309,7 +309,25 @@ class SparseLinear(_SparseStorageMixin, nn.Module):
         return _densify(self.values, self.indices, math.prod(self.weight_shape)).reshape(self.weight_shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
+        """``x @ W^T + bias``: ``torch.ops.ipfx.sparse_linear``, or in eager inference (:func:`_eager_inference`)
+        its implementation, planned once per input shape and storage (as :meth:`SparseIPConv._plan`)."""
+        if not _eager_inference(x):
+            return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
+        values, indices, bias = self._buffers["values"], self._buffers["indices"], self.bias
+        key = (x.shape, x.dtype, x.device, id(values), values._version, id(indices), indices._version,
+               None if bias is None else (id(bias), bias._version))
+        plan = self.__dict__.get("_plan_cache")
+        if plan is None or plan[0] != key:
+            plan = (key, _sparse_linear_plan(x, values, indices, bias, self.weight_shape,
+                                             allow_native=x.device.type == "cpu"))
+            self.__dict__["_plan_cache"] = plan
+        return plan[1](x)
+
+    def __getstate__(self):
+        """Copies and pickles leave the plan cache behind (it holds closures; the copy rebuilds its own)."""
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)
+        return state
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)

@@ -723,11 +723,35 @@ void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at
   });
 }
 
+// sum_{e in [e, e_end)} vals[e] x[col[e]] as eight partial sums (entry e into sum e mod 8, added pairwise):
+// one chain of dependent multiply-adds waited 4 cycles a number. Scalar on purpose: GCC's vectorised form of
+// this loop (gathers and shuffles) ran slower than the eight independent scalar chains.
+template <typename scalar_t>
+__attribute__((optimize("no-tree-vectorize"))) scalar_t sparse_dot(const scalar_t* __restrict__ vals,
+                                                                    const int64_t* __restrict__ col, int64_t e,
+                                                                    int64_t e_end, const scalar_t* __restrict__ x) {
+  scalar_t p0 = 0, p1 = 0, p2 = 0, p3 = 0, p4 = 0, p5 = 0, p6 = 0, p7 = 0;
+  for (; e + 8 <= e_end; e += 8) {
+    p0 += vals[e] * x[col[e]];
+    p1 += vals[e + 1] * x[col[e + 1]];
+    p2 += vals[e + 2] * x[col[e + 2]];
+    p3 += vals[e + 3] * x[col[e + 3]];
+    p4 += vals[e + 4] * x[col[e + 4]];
+    p5 += vals[e + 5] * x[col[e + 5]];
+    p6 += vals[e + 6] * x[col[e + 6]];
+    p7 += vals[e + 7] * x[col[e + 7]];
+  }
+  scalar_t* tail[8] = {&p0, &p1, &p2, &p3, &p4, &p5, &p6, &p7};
+  for (int l = 0; e < e_end; ++e, ++l) *tail[l] += vals[e] * x[col[e]];
+  return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7));
+}
+
 // y[m, o] = act(bias[o] + sum_e vals[e] x[m, col[e]] + res[m, o]) for the M rows of x (M x in_f; y, res:
 // M x out_f), four rows of x per pass over a CSR row: the form for a few rows (a linear layer at batch 1, a
 // pointwise conv on single-position maps such as a squeeze-excitation's), where linear_blocked's tiles and
-// the conv's 64-position tiles would be mostly padding. Each output sums its CSR row in storage order, then
-// adds the bias (as linear_blocked does); threads split the output features.
+// the conv's 64-position tiles would be mostly padding. Each output sums its CSR row in a fixed order (one
+// row of x: sparse_dot's; more rows: in storage order), then
+// adds the bias; threads split the output features, so results do not depend on the thread count.
 template <typename scalar_t>
 void linear_rows(const scalar_t* __restrict__ x, int64_t M, int64_t in_f, const int64_t* __restrict__ crow,
                  const int64_t* __restrict__ col, const scalar_t* __restrict__ vals, const scalar_t* bias,
@@ -739,7 +763,7 @@ void linear_rows(const scalar_t* __restrict__ x, int64_t M, int64_t in_f, const 
       for (int64_t o = begin; o < end; ++o) {
         scalar_t acc[4] = {scalar_t(0), scalar_t(0), scalar_t(0), scalar_t(0)};
         if (rows == 1) {
-          for (int64_t e = crow[o]; e < crow[o + 1]; ++e) acc[0] += vals[e] * xm[col[e]];
+          acc[0] = sparse_dot(vals, col, crow[o], crow[o + 1], xm);
         } else {
           for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
             const scalar_t w = vals[e];
