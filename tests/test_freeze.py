@@ -231,6 +231,39 @@ def test_frozen_torchvision_models_compute_the_eval_function(name):
             assert_close(frozen(y), expected, kind=f"frozen {name}", rtol=1e-4)
     # the deployment file (save_program, deploy.load): test_the_readme_deployment_block_runs
 
+@pytest.mark.slow  # 138 s for the eight models, both capture paths
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
+                                  "regnet_y_400mf", "resnext50_32x4d", "mnasnet0_5", "shufflenet_v2_x1_0"])
+@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
+def test_fused_sp_lowering_of_grouped_and_depthwise_models(name, example):
+    """The native kernel's grouped/depthwise direct path and its squeeze-excitation product, end to end: SP
+    models full of grouped, depthwise and 1x1-map convs, pruned, lowered to the fused form with and without
+    freeze, compute the transformed model's function on the captured shape and another batch and size."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    with torch.no_grad():  # unit-std weights: global magnitude pruning then leaves every layer some weights
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.div_(m.weight.std().clamp_min(1e-12))
+    model = calibrated(model, 4, 3, 96, 96)
+    x = torch.randn(1, 3, 96, 96)
+    if example:
+        t = quiet(ipfx.transform, model, space="sp", example_inputs=(x,))
+    else:
+        t = quiet(ipfx.transform, model, space="sp")
+        t(x)
+    quiet(ipfx.prune, t, "magnitude", 0.9)
+    t.eval()
+    for freeze in (False, True):
+        fused = quiet(ipfx.lower, t, "fused", freeze=freeze)
+        for shape in [(1, 3, 96, 96), (3, 3, 64, 80)]:
+            y = torch.randn(*shape)
+            with torch.no_grad():
+                expected = t(y)
+                assert expected.std() > 1e-2  # an output that says something
+                assert_close(fused(y), expected, kind=f"fused {name} freeze={freeze}", rtol=1e-4)
+
+
 def test_the_readme_deployment_block_runs(tmp_path, monkeypatch):
     """README, "Which form to deploy": the block as written, on a small transformed model."""
     import pathlib
