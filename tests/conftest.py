@@ -8,6 +8,7 @@ summary); the issue notes quote these figures.
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -36,9 +37,6 @@ def pytest_terminal_summary(terminalreporter):
     if faults and any(faults.values()):
         terminalreporter.write_line(f"fault suite: {faults['kills']} SIGKILLs and {faults['corrupt files']} corrupt "
                                     "files injected (each test asserts its store ended as an uninterrupted sweep's)")
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -131,11 +131,12 @@ def calibrated(model: nn.Module, *shape) -> nn.Module:
     return model.eval()
 
 
-def transformed(model: nn.Module, x: torch.Tensor, example: bool) -> nn.Module:
-    """``model`` transformed with ``x`` as example input, or without one and then called once on ``x``."""
+def transformed(model: nn.Module, x: torch.Tensor, example: bool, **options) -> nn.Module:
+    """``model`` transformed (``options``: ``ipfx.transform``'s) with ``x`` as example input, or without one and
+    then called once on ``x``."""
     if example:
-        return quiet(ipfx.transform, model, example_inputs=(x,))
-    t = ipfx.transform(model)
+        return quiet(ipfx.transform, model, example_inputs=(x,), **options)
+    t = quiet(ipfx.transform, model, **options)
     t(x)
     return t
 
@@ -231,6 +232,7 @@ def test_frozen_torchvision_models_compute_the_eval_function(name):
             assert_close(frozen(y), expected, kind=f"frozen {name}", rtol=1e-4)
     # the deployment file (save_program, deploy.load): test_the_readme_deployment_block_runs
 
+
 @pytest.mark.slow  # 138 s for the eight models, both capture paths
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
                                   "regnet_y_400mf", "resnext50_32x4d", "mnasnet0_5", "shufflenet_v2_x1_0"])
@@ -246,12 +248,7 @@ def test_fused_sp_lowering_of_grouped_and_depthwise_models(name, example):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.div_(m.weight.std().clamp_min(1e-12))
     model = calibrated(model, 4, 3, 96, 96)
-    x = torch.randn(1, 3, 96, 96)
-    if example:
-        t = quiet(ipfx.transform, model, space="sp", example_inputs=(x,))
-    else:
-        t = quiet(ipfx.transform, model, space="sp")
-        t(x)
+    t = transformed(model, torch.randn(1, 3, 96, 96), example, space="sp")
     quiet(ipfx.prune, t, "magnitude", 0.9)
     t.eval()
     for freeze in (False, True):
