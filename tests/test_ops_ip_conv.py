@@ -643,3 +643,54 @@ def test_the_modules_eager_inference_path_is_the_registered_op():
             m(wrong)
     graph = torch.fx.symbolic_trace(m)  # tracing sees the op, not its implementation
     assert any(n.target in (torch.ops.ipfx.ip_conv, torch.ops.ipfx.ip_conv.default) for n in graph.graph.nodes)
+
+
+def test_the_op_plans_once_per_storage_and_kind_of_input_for_modules_and_loaded_programs(tmp_path):
+    """The op's own kernel keeps one plan per storage and kind of input (what a loaded ``.pt2`` program or a
+    graph compiled by ``torch.compile`` calls): the module's eager path and the op share it, another input shape or an
+    in-place change of the coefficients plans anew with the right numbers, and the plans do not keep the
+    storage alive."""
+    import gc
+    import weakref
+    from unittest import mock
+
+    import ipfx
+    from ipfx.ops import library
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 4, 3, 3, generator=gen) * (torch.rand(6, 4, 3, 3, generator=gen) < 0.4)
+    m = SparseIPConv.from_coefficients(w.reshape(6, 4, 9), weight_shape=w.shape, bias=torch.randn(6, generator=gen),
+                                       padding=1).eval()
+    x = torch.randn(2, 4, 7, 7, generator=gen)
+
+    def op(x, order=0):
+        return torch.ops.ipfx.ip_conv(x, m.values, m.indices, m.basis, m.bias, list(m.weight_shape), list(m.stride),
+                                      list(m.padding), list(m.dilation), m.groups, m.transposed,
+                                      list(m.output_padding), order)
+
+    with mock.patch.object(library, "_build_conv_plan", wraps=library._build_conv_plan) as build:
+        with torch.no_grad():
+            assert torch.allclose(op(x), F.conv2d(x, w, m.bias, padding=1), atol=1e-5)
+            op(x)
+            assert torch.equal(m(x), op(x))  # the module's eager path: the same plan
+            assert build.call_count == 1
+            x2 = torch.randn(3, 4, 5, 9, generator=gen)
+            assert torch.allclose(op(x2), F.conv2d(x2, w, m.bias, padding=1), atol=1e-5)
+            assert build.call_count == 2
+            m.values.mul_(2.0)  # in place: the plans built on the old numbers are stale
+            assert torch.allclose(op(x), F.conv2d(x, 2 * w, m.bias, padding=1), atol=1e-5)
+            assert build.call_count == 3
+            for order in (1, 2, 4):  # plans that fall back on the op's generic path, which reads the storage
+                assert torch.allclose(op(x, order), F.conv2d(x, 2 * w, m.bias, padding=1), atol=1e-5)
+        ipfx.deploy.save_program(m, tmp_path / "conv", x)  # the deployment file, loaded: one plan, then reused
+        program = ipfx.deploy.load(tmp_path / "conv.pt2").module()
+        calls = build.call_count
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.allclose(program(x2), F.conv2d(x2, 2 * w, m.bias, padding=1), atol=1e-5)
+        assert build.call_count == calls + 1
+        build.reset_mock()  # (a mock keeps the arguments of its calls)
+    storage = weakref.ref(m.indices)
+    del m, program
+    gc.collect()
+    assert storage() is None  # the plans live beside the storage, never keep it

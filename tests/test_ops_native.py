@@ -313,9 +313,11 @@ def test_a_pointwise_conv_on_single_position_maps_is_a_sparse_matrix_vector_prod
 
 def test_a_sparse_linear_module_plans_once_per_input_shape_and_follows_its_storage():
     """SparseLinear in eager inference runs sparse_linear's implementation planned per input shape and storage:
-    the same numbers as the op, a new plan for another shape or an in-place change of its values, none
-    carried into a copy."""
+    the same numbers as the op (which keeps the same plans), a new plan for another shape or an in-place change
+    of its values, none carried into a copy."""
     import copy
+
+    from ipfx.ops.storage import _storage_entry
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(30, 20, generator=gen) * (torch.rand(30, 20, generator=gen) < 0.2)
@@ -330,4 +332,5 @@ def test_a_sparse_linear_module_plans_once_per_input_shape_and_follows_its_stora
         assert_close(m(x3), F.linear(x3, w, b), 1e-5, 10 * scale)
         m.values.mul_(2.0)
         assert_close(m(x), F.linear(x, 2 * w, b), 1e-5, 2 * scale)
-    assert "_plan_cache" in m.__dict__ and "_plan_cache" not in copy.deepcopy(m).__dict__
+    assert len(_storage_entry(m.indices)["plans"]) == 3  # (1, 20), (3, 4, 20), then (1, 20) on the new values
+    assert "plans" not in _storage_entry(copy.deepcopy(m).indices)

@@ -12,6 +12,8 @@ that raises: the ops are inference-only.
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from typing import Optional
 
 import torch
@@ -20,7 +22,7 @@ from torch import Tensor
 from ..errors import IPFXValueError
 from . import epilogue, native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
-from .kernels import _CONV, _CONV_T, _spmm
+from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_operands, _spmm
 from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, resolve_order
 from .storage import _cached, _sparse_matrix, _storage_entry
 
@@ -81,12 +83,12 @@ def _ip_conv_own_device(
     residual=None, activation="none",
 ):
     """The CPU and CUDA kernels: as the default one, and the device's own kernel may run (native on CPU,
-    :mod:`ipfx.ops.native`; Triton on CUDA, :mod:`ipfx.ops.gpu`)."""
-    g = _conv_geometry(
-        x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
-    )
-    return _run_ip_conv(g, x, values, indices, basis, bias, order, allow_native=True, residual=residual,
-                        activation=activation)
+    :mod:`ipfx.ops.native`; Triton on CUDA, :mod:`ipfx.ops.gpu`). Planned once per storage and kind of input
+    (:func:`conv_plan`), so a deployed program (a loaded ``.pt2``, a graph compiled by ``torch.compile``) pays the
+    per-call work once, as the modules' eager path does."""
+    plan = conv_plan(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed,
+                     output_padding, order, activation)
+    return plan(x, residual).contiguous()  # (the fake kernel's layout: Inductor lays out what follows by it)
 
 
 def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor],
@@ -129,6 +131,110 @@ def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Opt
     if unbatched and y.dim() == g["d"] + 2:
         y = y.squeeze(0)
     return y.contiguous()
+
+
+#: Plans kept per sparse storage, one per kind of input (shape, dtype, order, activation, ...); a storage
+#: called with more kinds (a head shared by the levels of a feature pyramid) drops its oldest plan.
+PLANS_PER_STORAGE = 8
+
+
+def _planned(indices: Tensor, key: tuple, build, keep: tuple):
+    """The plan ``build()`` made for ``key``, kept beside the matrices of the storage of ``indices``
+    (:func:`ipfx.ops.storage._storage_entry`, dropped with that tensor). ``keep``: the tensors whose
+    identity ``key`` names, held with the plan so that no other tensor takes their ``id`` while it lives."""
+    plans = _storage_entry(indices).setdefault("plans", {})
+    hit = plans.get(key)
+    if hit is not None:
+        return hit[0]
+    if len(plans) >= PLANS_PER_STORAGE:
+        del plans[next(iter(plans))]
+    plan = build()
+    plans[key] = (plan, keep)
+    return plan
+
+
+def _identity(t: Optional[Tensor]):
+    return None if t is None else (id(t), t._version)
+
+
+def conv_plan(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
+              weight_shape, stride, padding, dilation, groups: int, transposed: bool, output_padding, order: int,
+              activation: str = "none"):
+    """``ip_conv`` for inputs like ``x`` and this storage as ``run(x, residual=None) -> y``: the argument checks,
+    the order choice and the kernel's operands worked out once, then kept per storage (:func:`_planned`).
+
+    The same kernels with the same arguments as :func:`_run_ip_conv` (so the same numbers). A new plan where
+    the input's shape, dtype or device, the order, ``IPFX_AUTOTUNE``, the activation, the geometry, or a
+    stored tensor (identity, or in-place version) differs. Used by the op's CPU/CUDA kernel and by
+    :class:`ipfx.ops.modules.SparseIPConv` in eager inference.
+    """
+    key = ("conv", x.shape, x.dtype, x.device, order, activation, os.environ.get("IPFX_AUTOTUNE"),
+           tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
+           tuple(output_padding), _identity(values), indices._version, _identity(basis), _identity(bias))
+    return _planned(indices, key, lambda: _build_conv_plan(
+        x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding,
+        order, activation), (values, basis, bias))
+
+
+def _build_conv_plan(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed,
+                     output_padding, order, activation):
+    epilogue.check(activation)
+    g = _conv_geometry(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed,
+                       output_padding)
+    own = x.device.type in ("cpu", "cuda")
+    try:  # the plan lives beside the storage of ``indices``: it must not keep that tensor alive
+        storage = weakref.ref(indices)
+    except TypeError:  # (not weakly referable: then nothing is cached, and a strong reference is harmless)
+        storage = lambda: indices  # noqa: E731
+
+    def generic(x, residual=None, order=order):
+        return _run_ip_conv(g, x, values, storage(), basis, bias, order, allow_native=own, residual=residual,
+                            activation=activation)
+
+    batched = x if x.dim() == g["d"] + 2 else x.unsqueeze(0)
+    out_spatial = _output_spatial(g, batched.shape[2:])
+    _check_index_range(indices, math.prod(g["weight_shape"]))
+    if any(s <= 0 for s in out_spatial):  # the generic path raises the error
+        return generic
+    flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731  (while planning only)
+    resolved = resolve_order(order, g, batched.contiguous(), values, indices, flat, basis, out_spatial,
+                             allow_native=own)
+
+    def run_generic(x, residual=None):
+        return generic(x, residual, resolved)
+
+    b = None if bias is None else bias.to(dtype=x.dtype, device=x.device)
+    unbatched = x.dim() == g["d"] + 1
+    out_shape = (g["c_out"], *out_spatial) if unbatched else (x.shape[0], g["c_out"], *out_spatial)
+    if resolved == ORDER_DENSE:  # the dense conv itself, bound
+        conv = _dense_conv_partial(g, _dense_weight(g, values, indices, flat, basis, x), b)
+
+        def run_dense(x, residual=None):
+            if residual is None and activation == "none":
+                return conv(x)
+            return epilogue.apply(conv(x), residual, activation)
+
+        return run_dense
+    if resolved != ORDER_NATIVE:
+        return run_generic
+    operands = _native_operands(g, values, indices, flat, x)
+    nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()
+    kernel = native.bind_conv(*operands[:3], nb, None if b is None else b.contiguous(), operands[3], g, out_spatial,
+                              x.element_size())
+    code = epilogue.code(activation)
+
+    def run_native(x, residual=None):
+        if residual is None:
+            if unbatched:
+                return kernel(x.unsqueeze(0).contiguous(), None, code).squeeze(0)
+            return kernel(x.contiguous(), None, code)
+        if not epilogue.in_kernel(residual, out_shape, x.dtype):
+            return run_generic(x, residual)
+        residual = (residual.unsqueeze(0) if unbatched else residual).contiguous()
+        y = kernel(x.unsqueeze(0).contiguous() if unbatched else x.contiguous(), residual, code)
+        return y.squeeze(0) if unbatched else y
+
+    return run_native
 
 
 @ip_conv.register_fake
@@ -176,7 +282,16 @@ def _sparse_linear_cpu(x, values, indices, bias, weight_shape):
 
 def _run_sparse_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
                        allow_native: bool) -> Tensor:
-    return _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native)(x)
+    return sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native)(x)
+
+
+def sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
+                       allow_native: bool):
+    """:func:`_sparse_linear_plan`, kept per storage and kind of input (:func:`_planned`; as :func:`conv_plan`)."""
+    key = ("linear", x.shape, x.dtype, x.device, allow_native, tuple(weight_shape), _identity(values),
+           indices._version, _identity(bias))
+    return _planned(indices, key, lambda: _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native),
+                    (values, bias))
 
 
 def _sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,

@@ -6,9 +6,7 @@ They hold the sparse storage (:mod:`ipfx.ops.storage`) as buffers and call ``tor
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -16,11 +14,9 @@ from torch import Tensor, nn
 
 from ..form.compose import compose_weight
 from ..errors import IPFXValueError
-from . import epilogue, native
-from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _conv_geometry, _output_spatial, _tuple
-from .kernels import _dense_conv_partial, _dense_weight, _native_operands
-from .library import _run_ip_conv, _sparse_linear_plan
-from .order import ORDER_AUTO, ORDER_DENSE, ORDER_NATIVE, resolve_order
+from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _tuple
+from .library import conv_plan, sparse_linear_plan
+from .order import ORDER_AUTO
 from .storage import _densify, sparse_coefficients
 
 
@@ -59,10 +55,6 @@ def _eager_inference(x) -> bool:
     resnet50); with autograd on (the ops raise on backward) or under torch.compile/export/fx they call the
     registered op, so graphs show ``ipfx::ip_conv`` and the inference-only guard stays."""
     return type(x) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _with_residual(run, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    return run(x, residual=residual)
 
 
 class SparseIPConv(_SparseStorageMixin, nn.Module):
@@ -187,74 +179,13 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
             activation,
         )
 
-    def __getstate__(self):
-        """Copies and pickles leave the plan cache behind (it holds closures; the copy rebuilds its own)."""
-        state = self.__dict__.copy()
-        state.pop("_plan_cache", None)
-        return state
-
     def _plan(self, x: Tensor, order: int, activation: str = "none"):
-        """The computation for inputs like ``x`` in eager inference, worked out once per input shape and storage.
-
-        The same kernels with the same arguments as ``torch.ops.ipfx.ip_conv`` (so the same numbers), minus the
-        per-call work: argument checks, the order choice, cache look-ups. Rebuilt when the shape, dtype, order,
-        ``IPFX_AUTOTUNE``, the activation or a stored tensor (identity or in-place version) changes. The
-        plan is called as ``plan(x, residual)``.
-        """
+        """The computation for inputs like ``x`` in eager inference, worked out once per input shape and storage
+        (:func:`ipfx.ops.library.conv_plan`, which the op's own kernel uses too), called as ``plan(x, residual)``."""
         buffers = self._buffers
-        values, indices, basis = buffers["values"], buffers["indices"], buffers["basis"]
-        bias = self.bias
-        key = (x.shape, x.dtype, x.device, order, activation, os.environ.get("IPFX_AUTOTUNE"), id(values),
-               values._version,
-               id(indices), indices._version, None if basis is None else (id(basis), basis._version),
-               None if bias is None else (id(bias), bias._version))
-        plan = self.__dict__.get("_plan_cache")
-        if plan is not None and plan[0] == key:
-            return plan[1]
-        g = _conv_geometry(x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding,
-                           self.dilation, self.groups, self.transposed, self.output_padding)
-        generic = functools.partial(_run_ip_conv, g, values=values, indices=indices, basis=basis, bias=bias,
-                                    order=order, allow_native=x.device.type in ("cpu", "cuda"), activation=activation)
-        run = run_generic = functools.partial(_with_residual, generic)
-        batched = x if x.dim() == g["d"] + 2 else x.unsqueeze(0)
-        out_spatial = _output_spatial(g, batched.shape[2:])
-        numel = math.prod(g["weight_shape"])
-        _check_index_range(indices, numel)
-        if all(s > 0 for s in out_spatial):  # (otherwise the generic path raises the error)
-            flat = lambda: indices.to(device=x.device, dtype=torch.int64)  # noqa: E731
-            resolved = resolve_order(order, g, batched.contiguous(), values, indices, flat, basis, out_spatial,
-                                     allow_native=x.device.type in ("cpu", "cuda"))
-            b = None if bias is None else bias.to(dtype=x.dtype, device=x.device)
-            run = run_generic = functools.partial(_with_residual, functools.partial(generic, order=resolved))
-            unbatched = x.dim() == g["d"] + 1
-            out_shape = (g["c_out"], *out_spatial) if unbatched else (x.shape[0], g["c_out"], *out_spatial)
-            if resolved == ORDER_DENSE:  # the dense conv itself, bound
-                weight = _dense_weight(g, values, indices, flat, basis, x)
-                conv = _dense_conv_partial(g, weight, b)
-
-                def run(x, residual=None):
-                    if residual is None and activation == "none":
-                        return conv(x)
-                    return epilogue.apply(conv(x), residual, activation)
-            elif resolved == ORDER_NATIVE:
-                operands = _native_operands(g, values, indices, flat, x)
-                nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()
-                nbias = None if b is None else b.contiguous()
-                code = epilogue.code(activation)
-                kernel = native.bind_conv(*operands[:3], nb, nbias, operands[3], g, out_spatial, x.element_size())
-
-                def run(x, residual=None):
-                    if residual is None:
-                        if unbatched:
-                            return kernel(x.unsqueeze(0).contiguous(), None, code).squeeze(0)
-                        return kernel(x.contiguous(), None, code)
-                    if not epilogue.in_kernel(residual, out_shape, x.dtype):
-                        return run_generic(x, residual)
-                    residual = (residual.unsqueeze(0) if unbatched else residual).contiguous()
-                    y = kernel(x.unsqueeze(0).contiguous() if unbatched else x.contiguous(), residual, code)
-                    return y.squeeze(0) if unbatched else y
-        self.__dict__["_plan_cache"] = (key, run)
-        return run
+        return conv_plan(x, buffers["values"], buffers["indices"], buffers["basis"], self.bias, self.weight_shape,
+                         self.stride, self.padding, self.dilation, self.groups, self.transposed, self.output_padding,
+                         order, activation)
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)
@@ -313,21 +244,8 @@ class SparseLinear(_SparseStorageMixin, nn.Module):
         its implementation, planned once per input shape and storage (as :meth:`SparseIPConv._plan`)."""
         if not _eager_inference(x):
             return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
-        values, indices, bias = self._buffers["values"], self._buffers["indices"], self.bias
-        key = (x.shape, x.dtype, x.device, id(values), values._version, id(indices), indices._version,
-               None if bias is None else (id(bias), bias._version))
-        plan = self.__dict__.get("_plan_cache")
-        if plan is None or plan[0] != key:
-            plan = (key, _sparse_linear_plan(x, values, indices, bias, self.weight_shape,
-                                             allow_native=x.device.type == "cpu"))
-            self.__dict__["_plan_cache"] = plan
-        return plan[1](x)
-
-    def __getstate__(self):
-        """Copies and pickles leave the plan cache behind (it holds closures; the copy rebuilds its own)."""
-        state = self.__dict__.copy()
-        state.pop("_plan_cache", None)
-        return state
+        return sparse_linear_plan(x, self._buffers["values"], self._buffers["indices"], self.bias, self.weight_shape,
+                                  allow_native=x.device.type == "cpu")(x)
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)
