@@ -25,8 +25,10 @@ norms calibrated again on the pruned weights) and timed, at ``--threads`` thread
       python3 -m venv .deepsparse-venv
       .deepsparse-venv/bin/pip install deepsparse==1.8.0 "numpy<2" onnx
 
-- ipfx fused: ``ipfx.lower(t, target="fused", freeze=True)`` (plain ``target="fused"`` where this ipfx has
-  no ``freeze`` option; the table says which), eval mode, ``torch.inference_mode()``; with ``--compile``
+- ipfx fused: the deployment form as the README deploys it, ``ipfx.lower(t, target="fused", freeze=True)``
+  written by ``ipfx.deploy.save_program`` and opened by ``ipfx.deploy.load_module`` (plain ``target="fused"``
+  where this ipfx has no ``freeze`` option, the lowered module where it has no ``load_module``; the table says
+  which), eval mode, ``torch.inference_mode()``; with ``--compile``
   also ``torch.compile`` of it (Inductor keeps the ``ipfx::ip_conv`` calls and compiles what lies between).
 
 onnxruntime, openvino and DeepSparse are optional: a missing one is skipped with a note. Every engine's
@@ -213,8 +215,10 @@ def recalibrate(t: nn.Module, model: nn.Module, size: int, seed: int) -> nn.Modu
     return pruned
 
 
-def lower_fused(t: nn.Module) -> tuple[nn.Module, str, list[str]]:
-    """``ipfx.lower(t, target="fused", freeze=True)``, or without ``freeze`` where this ipfx lacks it."""
+def lower_fused(t: nn.Module, workdir: str, size: int) -> tuple[nn.Module, str, list[str]]:
+    """ipfx's deployment form, as the README deploys it: ``ipfx.lower(t, target="fused", freeze=True)``, saved
+    by ``ipfx.deploy.save_program`` (an example batch of 2) and opened by ``ipfx.deploy.load_module``. Where
+    this ipfx lacks ``freeze``, plain ``target="fused"``; where it lacks ``load_module``, the lowered module."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -223,7 +227,13 @@ def lower_fused(t: nn.Module) -> tuple[nn.Module, str, list[str]]:
             if "freeze" not in str(e):
                 raise
             fused, form = ipfx.lower(t, target="fused"), 'lower(target="fused") (this ipfx has no freeze=)'
-    return fused.eval(), form, [str(w.message) for w in caught if "fused" in str(w.message)]
+        notes = [str(w.message) for w in caught if "fused" in str(w.message)]
+        fused.eval()
+        if hasattr(ipfx.deploy, "load_module"):  # (a program's module keeps the mode it was saved in)
+            stem = os.path.join(workdir, "ipfx-fused")
+            ipfx.deploy.save_program(fused, stem, torch.randn(2, 3, size, size))
+            fused, form = ipfx.deploy.load_module(stem + ".pt2"), form + ", save_program, load_module"
+    return fused, form, notes
 
 
 def export_onnx(model: nn.Module, x: torch.Tensor, path: str) -> str:
@@ -539,7 +549,7 @@ def run(args, worker: DeepSparseWorker, workdir: str, notes: list[str]) -> list[
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 dense = ipfx.lower(t, target="dense").eval()
-            fused, form, fused_notes = lower_fused(t)
+            fused, form, fused_notes = lower_fused(t, workdir, args.size)
             for batch in args.batches:
                 gen = torch.Generator().manual_seed(args.seed + batch)
                 x = torch.randn(batch, 3, args.size, args.size, generator=gen)

@@ -12,7 +12,9 @@ here need no unpickling of code:
 
 :func:`load` opens either kind the same safe way and refuses any other pickle unless ``trust=True``; a
 ``.pt2`` is checked before torch reads it (:mod:`ipfx.program_files`), since ``torch.export.load``
-unpickles parts of some archives in full.
+unpickles parts of some archives in full. :func:`load_module` opens a ``.pt2`` as a module to call, the
+deployment form: the program's graph with its fused op calls run by ipfx's modules
+(:mod:`ipfx.passes.fused_modules`), each planned once per kind of input.
 """
 
 from __future__ import annotations
@@ -78,6 +80,24 @@ def load(path: str | os.PathLike, *, trust: bool = False):
         raise _unreadable(path, exc) from None
     except Exception as exc:  # torch.load's errors on a file that is not a torch file vary: KeyError, RuntimeError
         raise _unreadable(path, exc) from None
+
+
+def load_module(path: str | os.PathLike) -> nn.Module:
+    """The ``.pt2`` program at ``path`` as a module to call: ``load(path).module()`` (the same checks; the
+    program's own checks of its inputs' sizes on every call), with each fused op call on the program's
+    tensors run by :class:`~ipfx.ops.SparseIPConv` / :class:`~ipfx.ops.SparseLinear`, which compute that op
+    and in eager inference keep its plan (:mod:`ipfx.passes.fused_modules`): the same numbers, without a
+    getattr chain and the dispatcher's Python per call."""
+    from .passes.fused_modules import FusedOpsAsModules
+    from .passes.manager import PassManager
+
+    path = Path(path)
+    if path.suffix != PROGRAM_SUFFIX:
+        raise IPFXValueError(f"{path} is not a torch.export program (.pt2); load_module opens those only "
+                             "(ipfx.deploy.load opens state dicts)")
+    module = load(path).module()
+    PassManager([FusedOpsAsModules()], sites=lambda m: [(m, {})])(module)
+    return module
 
 
 def _load_program(path: Path):

@@ -161,10 +161,21 @@ def test_frozen_blocks_fold_every_batch_norm_and_fuse_the_epilogue(activation, r
     assert len(residual_calls) == int(residual)
     # the folded statistics are read by nothing: no attribute read left behind (a getattr chain per call)
     assert [n.target for _, gm in graphs_in(frozen) for n in gm.graph.nodes if n.op == "get_attr" and not n.users] == []
+    assert unread_state(frozen) == []  # nor the batch norms' modules (saved, and fetched by an exported program)
     for shape in [(2, 6, 10, 10), (3, 6, 7, 13), (1, 6, 1, 1)]:
         y = torch.randn(*shape)
         with torch.no_grad():
             assert_close(frozen(y), t(y), kind="frozen block")
+
+
+def unread_state(model: nn.Module) -> list[str]:
+    """The state-dict entries of ``model``'s graphs that no node of them calls or reads."""
+    unread = []
+    for _, gm in graphs_in(model):
+        used = [(n.target, n.op == "call_module") for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
+        unread += [key for key in gm.state_dict()
+                   if not any(key == t or (module and key.startswith(t + ".")) for t, module in used)]
+    return unread
 
 
 class Guarded(nn.Module):
@@ -220,7 +231,7 @@ def test_frozen_torchvision_models_compute_the_eval_function(name):
     randomize_masks(t, 0.2)  # (global magnitude pruning empties mobilenet's small-initialised classifier)
     t.eval()
     frozen = quiet(ipfx.lower, t, "fused", freeze=True)
-    assert batch_norm_calls(frozen) == 0
+    assert batch_norm_calls(frozen) == 0 and unread_state(frozen) == []
     convs = fused_convs(frozen)
     with_act = sum(c.activation != "none" for c in convs)
     assert with_act >= {"resnet18": 17, "mobilenet_v3_small": 30}[name], with_act
@@ -280,10 +291,59 @@ def test_the_readme_deployment_block_runs(tmp_path, monkeypatch):
         exec(block.replace("224, 224", "64, 64"), scope)
     assert (tmp_path / "net.pt2").exists()
     program = scope["program"]
-    assert any("ipfx.ip_conv" in str(n.target) for n in program.graph.nodes)  # the fused op, not a dense conv
+    assert len(fused_convs(program)) == 20  # the fused op, run by its module (not a dense conv)
     assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)  # folded
     with torch.no_grad():
         assert_close(scope["y"], ip.eval()(images), kind="README deployment block", rtol=1e-4)
+
+
+def _op_calls(gm) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("ipfx.")]
+
+
+@pytest.mark.parametrize("activation, residual", [("relu", True), ("hardswish", False)])
+def test_a_loaded_program_runs_its_fused_op_calls_as_modules(tmp_path, activation, residual):
+    """deploy.load_module: every fused op call on the program's tensors becomes a call of the module holding
+    them, with the same state dict, the same numbers on other shapes and the program's own input checks; a
+    call whose tensors something else reads too stays an op call, and says why."""
+    from ipfx.passes.fused_modules import FusedOpsAsModules
+    from ipfx.passes.manager import PassManager
+
+    torch.manual_seed(4)
+    model = calibrated(Block(activation, residual, functional=False), 4, 6, 10, 10)
+    x = torch.randn(2, 6, 10, 10)
+    t = transformed(model, x, True)
+    randomize_masks(t, 0.5)
+    frozen = quiet(ipfx.lower, t.eval(), "fused", freeze=True)
+    quiet(ipfx.deploy.save_program, frozen, tmp_path / "net", x)
+    plain = ipfx.deploy.load(tmp_path / "net.pt2").module()
+    loaded = ipfx.deploy.load_module(tmp_path / "net.pt2")
+    assert len(_op_calls(plain)) == 2 and _op_calls(loaded) == []
+    assert len(fused_convs(loaded)) == 2 and [c.activation for c in fused_convs(loaded)] == ["relu", activation]
+    assert not any(n.op == "get_attr" for n in loaded.graph.nodes)
+    assert plain.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in plain.state_dict().items())
+    for shape in [(2, 6, 10, 10), (3, 6, 7, 13), (1, 6, 1, 1)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.equal(loaded(y), plain(y))
+            assert_close(loaded(y), frozen(y), kind="load_module", rtol=1e-5)
+    with pytest.raises(Exception, match="6"):  # the program still checks its input's fixed sizes
+        loaded(torch.randn(2, 5, 10, 10))
+
+    shared = ipfx.deploy.load(tmp_path / "net.pt2").module()  # a crafted program: one call's values read twice
+    first = _op_calls(shared)[0]
+    with shared.graph.inserting_after(first.args[1]):
+        shared.graph.call_function(torch.ops.aten.sum.default, (first.args[1],))
+    shared.recompile()
+    passes = PassManager([FusedOpsAsModules()], sites=lambda m: [(m, {})])
+    passes(shared)
+    assert _op_calls(shared) == [first] and len(fused_convs(shared)) == 1
+    assert "read by it alone" in next(iter(passes.skipped().values()))
+    with torch.no_grad():
+        assert torch.equal(shared(x), plain(x))
+    with pytest.raises(IPFXValueError, match="not a torch.export program"):
+        ipfx.deploy.load_module(tmp_path / "net.state_dict.pt")
 
 
 class Scaled(nn.Module):

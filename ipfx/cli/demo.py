@@ -89,7 +89,7 @@ def _save_lowered(model: torch.nn.Module, stem: Path, x: torch.Tensor, y: torch.
             f"saved its state dict only")
         return paths
     with torch.no_grad():
-        diff = (deploy.load(program).module()(x) - y).abs().max().item()
+        diff = (deploy.load_module(program)(x) - y).abs().max().item()
     if diff > 1e-3 * max(1.0, y.abs().max().item()):
         raise RuntimeError(f"the exported {stem.name} differs from the trained model by {diff}")
     return [*paths, program]
