@@ -25,7 +25,7 @@ MAY_IMPORT = {
     "ops": {"errors", "inputs", "form"},
     "passes": {"errors", "inputs", "config", "form", "capture", "ops"},
     "pruning": {"errors", "inputs", "form"},
-    "deploy": {"errors", "inputs", "program_files", "capture", "ops"},
+    "deploy": {"errors", "inputs", "program_files", "capture", "ops", "passes"},  # load_module runs a pass
     "api": {"errors", "inputs", "config", "form", "capture", "ops", "passes", "pruning"},
     "ipfx": {"api", "errors", "config", "form", "capture", "ops", "pruning"},  # ipfx/__init__.py: the public names
     "integrations": {"api", "errors", "inputs", "config", "form", "pruning"},
