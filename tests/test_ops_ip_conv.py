@@ -677,9 +677,10 @@ def test_the_op_plans_once_per_storage_and_kind_of_input_for_modules_and_loaded_
             x2 = torch.randn(3, 4, 5, 9, generator=gen)
             assert torch.allclose(op(x2), F.conv2d(x2, w, m.bias, padding=1), atol=1e-5)
             assert build.call_count == 2
-            m.values.mul_(2.0)  # in place: the plans built on the old numbers are stale
+            assert len(library._storage_entry(m.indices)["plans"]) == 2
+            m.values.mul_(2.0)  # in place: the plans built on the old numbers are stale, and dropped
             assert torch.allclose(op(x), F.conv2d(x, 2 * w, m.bias, padding=1), atol=1e-5)
-            assert build.call_count == 3
+            assert build.call_count == 3 and len(library._storage_entry(m.indices)["plans"]) == 1
             for order in (1, 2, 4):  # plans that fall back on the op's generic path, which reads the storage
                 assert torch.allclose(op(x, order), F.conv2d(x, 2 * w, m.bias, padding=1), atol=1e-5)
         ipfx.deploy.save_program(m, tmp_path / "conv", x)  # the deployment file, loaded: one plan, then reused

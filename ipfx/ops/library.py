@@ -138,18 +138,22 @@ def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Opt
 PLANS_PER_STORAGE = 8
 
 
-def _planned(indices: Tensor, key: tuple, build, keep: tuple):
-    """The plan ``build()`` made for ``key``, kept beside the matrices of the storage of ``indices``
-    (:func:`ipfx.ops.storage._storage_entry`, dropped with that tensor). ``keep``: the tensors whose
-    identity ``key`` names, held with the plan so that no other tensor takes their ``id`` while it lives."""
+def _planned(indices: Tensor, kind: tuple, state: tuple, build, keep: tuple):
+    """The plan ``build()`` made for inputs of ``kind`` and the stored tensors' ``state`` (identities and
+    in-place versions), kept beside the matrices of the storage of ``indices`` (:func:`ipfx.ops.storage.
+    _storage_entry`, dropped with that tensor). A new state drops the plans of the old one (a version never
+    comes back). ``keep``: the tensors whose identity ``state`` names, held with the plan so that no other
+    tensor takes their ``id`` while it lives."""
     plans = _storage_entry(indices).setdefault("plans", {})
-    hit = plans.get(key)
+    hit = plans.get((kind, state))
     if hit is not None:
         return hit[0]
+    for stale in [key for key in plans if key[1] != state]:
+        del plans[stale]
     if len(plans) >= PLANS_PER_STORAGE:
         del plans[next(iter(plans))]
     plan = build()
-    plans[key] = (plan, keep)
+    plans[(kind, state)] = (plan, keep)
     return plan
 
 
@@ -168,10 +172,11 @@ def conv_plan(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor
     stored tensor (identity, or in-place version) differs. Used by the op's CPU/CUDA kernel and by
     :class:`ipfx.ops.modules.SparseIPConv` in eager inference.
     """
-    key = ("conv", x.shape, x.dtype, x.device, order, activation, os.environ.get("IPFX_AUTOTUNE"),
-           tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
-           tuple(output_padding), _identity(values), indices._version, _identity(basis), _identity(bias))
-    return _planned(indices, key, lambda: _build_conv_plan(
+    kind = ("conv", x.shape, x.dtype, x.device, order, activation, os.environ.get("IPFX_AUTOTUNE"),
+            tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
+            tuple(output_padding))
+    state = (_identity(values), indices._version, _identity(basis), _identity(bias))
+    return _planned(indices, kind, state, lambda: _build_conv_plan(
         x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding,
         order, activation), (values, basis, bias))
 
@@ -288,9 +293,9 @@ def _run_sparse_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optiona
 def sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
                        allow_native: bool):
     """:func:`_sparse_linear_plan`, kept per storage and kind of input (:func:`_planned`; as :func:`conv_plan`)."""
-    key = ("linear", x.shape, x.dtype, x.device, allow_native, tuple(weight_shape), _identity(values),
-           indices._version, _identity(bias))
-    return _planned(indices, key, lambda: _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native),
+    kind = ("linear", x.shape, x.dtype, x.device, allow_native, tuple(weight_shape))
+    state = (_identity(values), indices._version, _identity(bias))
+    return _planned(indices, kind, state, lambda: _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native),
                     (values, bias))
 
 
