@@ -228,9 +228,20 @@ def _same_outcome(result: nn.Module, model: nn.Module, args: tuple, kwargs: dict
         assert_same(got, expected, what)
 
 
-@pytest.mark.parametrize("examples", [True, False], ids=["example-inputs", "no-example"])
-@pytest.mark.parametrize("entry", [pytest.param(e, id=e.id, marks=() if e.id in zoo_libraries.NEVER_CALLED_FAST
-                                                else pytest.mark.slow) for e in ALL])
+def _never_called_params() -> list:
+    """Every entry in both modes; by default only :data:`zoo_libraries.NEVER_CALLED_FAST`, and of the entries
+    in :data:`zoo_libraries.NEVER_CALLED_FAST_NO_EXAMPLE` only the mode without example inputs."""
+    params = []
+    for e in ALL:
+        for examples in (True, False):
+            fast = e.id in zoo_libraries.NEVER_CALLED_FAST and not (
+                examples and e.id in zoo_libraries.NEVER_CALLED_FAST_NO_EXAMPLE)
+            params.append(pytest.param(e, examples, id=f"{e.id}-{'example-inputs' if examples else 'no-example'}",
+                                       marks=() if fast else pytest.mark.slow))
+    return params
+
+
+@pytest.mark.parametrize("entry, examples", _never_called_params())
 def test_never_called_library_model_on_a_second_shape(entry: Entry, examples: bool):
     """A freshly built model (never called: detection heads still have nothing cached) transformed with and
     without example inputs: every kernel weight rewritten, and the transformed, dense and fused models compute

@@ -726,6 +726,9 @@ KNOWN_FAILS: dict[tuple[str, str], str] = {}
 NEVER_CALLED_FAST = ["transformers/vit", "transformers/wav2vec2", "timm/test_nfnet", "monai/basic_unet",
                      "smp/unet_resnet18",
                      "torchaudio/conformer", "torchaudio/wavlm", "speechbrain/ecapa_tdnn"]
+#: Of those, the ones whose default run takes the mode without example inputs only (the example-inputs mode
+#: took 12-14 s each on two cores; both modes run with -m slow).
+NEVER_CALLED_FAST_NO_EXAMPLE = ["monai/basic_unet", "smp/unet_resnet18"]
 
 
 def second_inputs(entry: Entry, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
