@@ -72,7 +72,8 @@ def lower_passes(target: str, graphs: Sequence[fx.GraphModule | ModeSwitch], fre
     eval-mode graphs only, and what eval mode makes constant is folded into the fused ops."""
     sites = [(holder, {}) for holder in graphs]
     fused = [LowerFused()] if target == "fused" else []
-    frozen = [FoldBatchNorm(), FuseEpilogue(), DropFallbacks(), DropUnreadState()] if freeze and target == "fused" else []
+    frozen = [FoldBatchNorm(), FuseEpilogue(), DropFallbacks(), DropUnreadState()]
+    frozen = frozen if freeze and target == "fused" else []
     return PassManager([SettleFirstCallChecks(), *fused, LowerDense(), FoldParametrized(), *frozen],
                        sites=lambda model: sites)
 

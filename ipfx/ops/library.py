@@ -295,8 +295,8 @@ def sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optiona
     """:func:`_sparse_linear_plan`, kept per storage and kind of input (:func:`_planned`; as :func:`conv_plan`)."""
     kind = ("linear", x.shape, x.dtype, x.device, allow_native, tuple(weight_shape))
     state = (_identity(values), indices._version, _identity(bias))
-    return _planned(indices, kind, state, lambda: _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native),
-                    (values, bias))
+    return _planned(indices, kind, state,
+                    lambda: _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native), (values, bias))
 
 
 def _sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
