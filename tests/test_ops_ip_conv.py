@@ -695,3 +695,39 @@ def test_the_op_plans_once_per_storage_and_kind_of_input_for_modules_and_loaded_
     del m, program
     gc.collect()
     assert storage() is None  # the plans live beside the storage, never keep it
+
+
+def test_threads_calling_one_storage_with_more_input_kinds_than_it_keeps_plans_for_get_the_right_numbers():
+    """Four threads call one conv (module and op alternately) with twelve input shapes, more than
+    ``PLANS_PER_STORAGE``: plans are built, dropped and rebuilt under each other, and every result is the
+    conv of its own input."""
+    import threading
+
+    from ipfx.ops.library import PLANS_PER_STORAGE
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 4, 3, 3, generator=gen) * (torch.rand(8, 4, 3, 3, generator=gen) < 0.4)
+    m = SparseIPConv.from_coefficients(w.reshape(8, 4, 9), weight_shape=w.shape, padding=1).eval()
+    xs = [torch.randn(1 + i % 2, 4, 5 + i, 6 + i, generator=gen) for i in range(PLANS_PER_STORAGE + 4)]
+    refs = [F.conv2d(x, w, padding=1) for x in xs]
+    wrong: list = []
+
+    def work(k: int) -> None:
+        try:
+            with torch.no_grad():
+                for r in range(120):
+                    i = (r * 7 + k) % len(xs)
+                    y = m(xs[i]) if r % 2 else torch.ops.ipfx.ip_conv(
+                        xs[i], m.values, m.indices, None, None, [8, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1, False,
+                        [0, 0], 0)
+                    if not torch.allclose(y, refs[i], atol=1e-5):
+                        wrong.append(i)
+        except Exception as exc:  # noqa: BLE001  (reported below, with the thread's input)
+            wrong.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

@@ -148,10 +148,10 @@ def _planned(indices: Tensor, kind: tuple, state: tuple, build, keep: tuple):
     hit = plans.get((kind, state))
     if hit is not None:
         return hit[0]
-    for stale in [key for key in plans if key[1] != state]:
-        del plans[stale]
-    if len(plans) >= PLANS_PER_STORAGE:
-        del plans[next(iter(plans))]
+    for stale in [key for key in list(plans) if key[1] != state]:
+        plans.pop(stale, None)  # (pop: another thread calling the same model may have dropped it already)
+    for oldest in list(plans)[:max(0, len(plans) + 1 - PLANS_PER_STORAGE)]:
+        plans.pop(oldest, None)
     plan = build()
     plans[(kind, state)] = (plan, keep)
     return plan
