@@ -692,7 +692,7 @@ def test_the_op_plans_once_per_storage_and_kind_of_input_for_modules_and_loaded_
         assert build.call_count == calls + 1
         build.reset_mock()  # (a mock keeps the arguments of its calls)
     storage = weakref.ref(m.indices)
-    del m, program
+    m = program = None  # (the closure `op` reads m: rebinding, not del)
     gc.collect()
     assert storage() is None  # the plans live beside the storage, never keep it
 
