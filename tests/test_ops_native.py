@@ -65,6 +65,32 @@ def test_both_native_sp_paths_agree_with_the_dense_conv(case: ConvCase, dtype, d
                  1e-10 if dtype == torch.float64 else 1e-5, error_scale(case, t))
 
 
+@needs_native
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("kernel, dtype", [(1, torch.float32), (3, torch.float32), (3, torch.float64)])
+def test_every_row_length_sums_right_on_both_sp_paths(kernel, dtype, direct):
+    """Output channel o keeps o coefficients (0 to 19): every remainder of a CSR row over the kernel's
+    accumulator chains (1 to 8 of them), on a map read in place (no padding), whose last tile reads past the
+    input's end and takes a zero-padded copy there. Against the dense conv in float64."""
+    torch.manual_seed(0)
+    c_in, c_out = 20, 20
+    weight = torch.zeros(c_out, c_in, kernel, kernel, dtype=torch.float64)
+    for o in range(c_out):
+        flat = weight[o].view(-1)
+        flat[torch.randperm(flat.numel())[:o]] = torch.randn(o, dtype=torch.float64)
+    bias = torch.randn(c_out, dtype=torch.float64)
+    x = torch.randn(2, c_in, 9, 13, dtype=torch.float64)
+    module = SparseIPConv.from_coefficients(weight.reshape(c_out, c_in, -1).to(dtype), None, bias.to(dtype),
+                                            weight_shape=weight.shape)
+    with mock.patch.object(native, "direct_applies", lambda *args: direct), torch.no_grad():
+        y = module(x.to(dtype), order=ORDER_NATIVE)
+    expected = F.conv2d(x, weight, bias)
+    assert y.dtype == dtype and y.shape == expected.shape
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.allclose(y.double(), expected, rtol=tol, atol=tol), (y.double() - expected).abs().max()
+    assert torch.equal(y[:, 0], bias[0].to(dtype).expand_as(y[:, 0]))  # an empty row: the bias alone
+
+
 @pytest.mark.parametrize("kernel, stride, out_spatial, nnz, expected", [
     ((7, 7), (2, 2), (112, 112), 500, True),  # a 7x7/2 stem: 12 taps read each input number
     ((3, 3), (2, 2), (28, 28), 5000, False),  # 3x3/2: 2.25 taps per phase
@@ -72,6 +98,7 @@ def test_both_native_sp_paths_agree_with_the_dense_conv(case: ConvCase, dtype, d
     ((3, 3), (1, 1), (56, 56), 5000, True),  # stride 1, a large map
     ((3, 3), (1, 1), (7, 7), 5000, False),  # stride 1, a small map at 95%
     ((3, 3), (1, 1), (7, 7), 100, True),  # stride 1, a small map at 99.6%
+    ((3, 3), (1, 1), (14, 14), 700, True),  # stride 1, a small map at 98%: direct since the accumulator chains
 ])
 def test_the_direct_path_rule(kernel, stride, out_spatial, nnz, expected):
     """Which SP convolutions the native kernel runs directly (ipfx.ops.native.direct_applies, its measurements)."""

@@ -13,8 +13,9 @@ other dtypes and devices take the pure-torch orders.
 
 Work per batch: ``used*K*P_out`` basis MACs (``used`` = rows ``i*K + j`` some kept coefficient reads,
 at most ``c_in*K``; none for SP) + ``c_in*K*P_out`` gathered numbers + ``nnz*P_out`` sparse MACs.
-Every output element sums its CSR row in storage order in one thread: results do not depend on the
-thread count or the tiling, and equal the torch orders up to float rounding.
+Every output element sums its CSR row in one thread in a fixed order (storage order dealt round a few
+independent accumulator chains, which keep the FMA units busy, then added pairwise): results do not depend
+on the thread count or the tiling, and equal the torch orders up to float rounding.
 
 Build: ``torch.utils.cpp_extension.load`` (JIT, as a Python module: pybind11 calls cost a third of
 ``torch.ops``'s; needs a C++ compiler, Python's headers and ``ninja``, ``pip install ninja`` or ``pip install
@@ -204,12 +205,14 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 
 #: The direct sparse convolution (SP: every kept coefficient one vector load of the padded input, no gather)
 #: against the tiled gather, per layer at 2 threads, batch 1 (ratio of times, direct / gather): 0.6 on
-#: 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28, 0.56-0.98 on 14x14 at 95-99% but 1.3 at 90%,
-#: 1.3 on 7x7 at 90-95% and 1.4-1.6 on 1x1 14x14 at 90-95% (its loads straddle cache lines, the gather's
-#: rows are contiguous). So, stride 1: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output
-#: positions or at most DIRECT_MAX_DENSITY of the coefficients kept.
+#: 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28. Small maps, refitted after the accumulator chains
+#: (in-process interleaved rounds, median of 7 rounds' min of 15 calls): 3x3 512@7 0.60 / 0.68 / 1.02 / 1.35
+#: at 1 / 2 / 5 / 10% kept, 3x3 256@14 0.57 / 0.72 / 1.02 / 1.13; 1x1 14x14 and 7x7 1.13-1.98 at 5% kept
+#: (1024->256, 256->1024, 512->2048, 2048->512) but 1.09 / 0.70 at 2% (1024->256, 2048->512). So, stride 1:
+#: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output positions or at most DIRECT_MAX_DENSITY of
+#: the coefficients kept.
 DIRECT_MIN_POSITIONS = 784
-DIRECT_MAX_DENSITY = 0.015
+DIRECT_MAX_DENSITY = 0.03
 #: Strided: the direct path first lays the padded input out as its stride phases (one copy of the input), the
 #: gather copies every tap's strided positions one number at a time (c_in*K*P_out numbers, about K/phases
 #: times the input). Measured (resnet50 at 95%, batch 1, 2 threads, direct / gather): 0.31 on the 7x7/2
