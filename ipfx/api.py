@@ -39,6 +39,7 @@ from .passes.fold_batch_norm import FoldBatchNorm
 from .passes.drop_fallbacks import DropFallbacks
 from .passes.drop_unread_state import DropUnreadState
 from .passes.fuse_epilogue import FuseEpilogue
+from .passes.native_pooling import NativePooling
 from .passes.guard_fallbacks import GuardFallbacks
 from .passes.lower_dense import LowerDense
 from .passes.lower_fused import LowerFused
@@ -72,7 +73,7 @@ def lower_passes(target: str, graphs: Sequence[fx.GraphModule | ModeSwitch], fre
     eval-mode graphs only, and what eval mode makes constant is folded into the fused ops."""
     sites = [(holder, {}) for holder in graphs]
     fused = [LowerFused()] if target == "fused" else []
-    frozen = [FoldBatchNorm(), FuseEpilogue(), DropFallbacks(), DropUnreadState()]
+    frozen = [FoldBatchNorm(), FuseEpilogue(), DropFallbacks(), NativePooling(), DropUnreadState()]
     frozen = frozen if freeze and target == "fused" else []
     return PassManager([SettleFirstCallChecks(), *fused, LowerDense(), FoldParametrized(), *frozen],
                        sites=lambda model: sites)

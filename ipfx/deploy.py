@@ -90,13 +90,14 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     getattr chain and the dispatcher's Python per call."""
     from .passes.fused_modules import FusedOpsAsModules
     from .passes.manager import PassManager
+    from .passes.native_pooling import NativePooling
 
     path = Path(path)
     if path.suffix != PROGRAM_SUFFIX:
         raise IPFXValueError(f"{path} is not a torch.export program (.pt2); load_module opens those only "
                              "(ipfx.deploy.load opens state dicts)")
     module = load(path).module()
-    PassManager([FusedOpsAsModules()], sites=lambda m: [(m, {})])(module)
+    PassManager([FusedOpsAsModules(), NativePooling()], sites=lambda m: [(m, {})])(module)
     return module
 
 

@@ -4,7 +4,8 @@ Importing this package registers ``ipfx::ip_conv`` and ``ipfx::sparse_linear`` (
 prevents re-registration). Layout by concern: ``storage`` (sparse format, cache), ``geometry`` (checks),
 ``kernels`` (evaluation orders), ``order`` (which order runs), ``native`` (the C++ kernel, built on first
 use), ``gpu`` and ``triton_conv`` (the Triton kernel, CUDA), ``library`` (op registration), ``modules``
-(``SparseIPConv``, ``SparseLinear``); ``ip_conv`` re-exports them under the historical path.
+(``SparseIPConv``, ``SparseLinear``), ``pooling`` (max pooling on the native kernel, for frozen graphs);
+``ip_conv`` re-exports them under the historical path.
 """
 
 from . import ip_conv as _ip_conv_module  # noqa: F401  (loaded first: the name ``ip_conv`` below is the op)

@@ -282,3 +282,9 @@ def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Ten
 def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``y = x @ W^T + bias`` for a 2-d ``x`` and ``W`` as CSR (int64 crow/col, values of x's dtype)."""
     return _state["module"].linear(x, crow, col, vals, bias)
+
+
+def max_pool2d(x: Tensor, kernel, stride, padding, dilation, out_spatial) -> Tensor:
+    """``F.max_pool2d`` without indices for a contiguous 4-d float CPU ``x``; every argument a pair, checked by
+    the caller (:func:`ipfx.ops.pooling.native_geometry`)."""
+    return _state["module"].max_pool2d(x, list(kernel), list(stride), list(padding), list(dilation), list(out_spatial))

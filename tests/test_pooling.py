@@ -1,0 +1,136 @@
+"""Max pooling on the native kernel (``ipfx.ops.pooling``) and the pass that puts it in frozen graphs
+(``ipfx.passes.native_pooling``): the same numbers as ``F.max_pool2d`` to the bit, and ``nn.MaxPool2d``
+wherever the native kernel does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ipfx
+from helpers import randomize_masks
+from ipfx.ops import native
+from ipfx.ops.pooling import MaxPool2d, native_geometry
+from ipfx.passes.manager import PassManager
+from ipfx.passes.native_pooling import NativePooling
+
+needs_native = pytest.mark.skipif(not native.available(), reason="the native kernel could not be built here")
+
+
+@st.composite
+def pools(draw):
+    """A 2-d max pool aten accepts (padding at most half the kernel) and an input it fits, NaN and inf in
+    places, float32 or float64."""
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    p = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
+    span = [d[a] * (k[a] - 1) + 1 - 2 * p[a] for a in range(2)]
+    size = (draw(st.integers(max(1, span[0]), max(1, span[0]) + 9)), draw(st.integers(max(1, span[1]), max(1, span[1]) + 9)))
+    x = torch.randn(draw(st.integers(1, 2)), draw(st.integers(1, 3)), *size,
+                    dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+                    generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
+    specials = draw(st.lists(st.sampled_from([float("nan"), float("inf"), float("-inf"), -0.0]), max_size=4))
+    for v in specials:
+        x.view(-1)[draw(st.integers(0, x.numel() - 1))] = v
+    return x, k, s, p, d, draw(st.booleans())
+
+
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(case=pools(), stride_given=st.booleans())
+def test_the_native_max_pool_is_aten_s_to_the_bit(case, stride_given):
+    x, k, s, p, d, ceil_mode = case
+    stride = s if stride_given else None
+    expected = F.max_pool2d(x, k, stride, p, d, ceil_mode=ceil_mode)
+    assert native_geometry(x, k, stride, p, d, ceil_mode) is not None
+    with torch.no_grad():
+        y = MaxPool2d(k, stride, p, d, ceil_mode=ceil_mode)(x)
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(expected))
+
+
+def test_where_the_native_kernel_does_not_apply_the_module_is_nn_max_pool2d():
+    """Autograd, non-contiguous inputs, half precision, 3-d inputs, indices: nn.MaxPool2d's results (and
+    gradient); arguments aten refuses: aten's own error."""
+    x = torch.randn(2, 3, 9, 9)
+    pool = MaxPool2d(3, 2, 1)
+    grad_x = x.clone().requires_grad_()
+    pool(grad_x).sum().backward()
+    assert grad_x.grad is not None and grad_x.grad.sum() == 2 * 3 * 5 * 5
+    for other in (x.transpose(2, 3), x.half(), x[0], x.contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            assert torch.equal(pool(other), F.max_pool2d(other, 3, 2, 1))
+    assert native_geometry(x.half(), 3, 2, 1, 1, False) is None
+    assert native_geometry(x, 3, 2, 2, 1, False) is None  # padding past half the kernel
+    with pytest.raises(RuntimeError, match="pad should be"):
+        with torch.no_grad():
+            MaxPool2d(3, 2, 2)(x)
+    values, indices = MaxPool2d(3, 2, 1, return_indices=True)(x)
+    assert torch.equal(values, F.max_pool2d(x, 3, 2, 1)) and indices.dtype == torch.int64
+
+
+class Pools(nn.Module):
+    """A pool as a module, as F.max_pool2d with a computed kernel size and with indices, and aten's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.indexed = nn.MaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        y = self.pool(self.conv(x))
+        y = F.max_pool2d(y, 2, ceil_mode=True) + torch.ops.aten.max_pool2d.default(y, [2, 2], [2, 2], [0, 0], [1, 1], True)
+        z, _ = self.indexed(y)
+        return F.max_pool2d(z, z.shape[-1] // 2 + 1)
+
+
+@needs_native
+def test_the_pass_replaces_constant_max_pools_and_leaves_the_rest():
+    torch.manual_seed(0)
+    original = Pools()
+    gm = torch.fx.symbolic_trace(original)
+    passes = PassManager([NativePooling()], sites=lambda m: [(m, {})])
+    passes(gm)
+    pools = [n for n, m in gm.named_modules() if isinstance(m, MaxPool2d)]
+    assert len(pools) == 3, pools  # the module and both constant function calls
+    assert "it returns indices" in passes.skipped().values()
+    assert "its arguments are computed" in passes.skipped().values()
+    assert not any(n.op == "call_function" and n.target in (F.max_pool2d, torch.ops.aten.max_pool2d.default)
+                   and not isinstance(n.args[1], torch.fx.Node) for n in gm.graph.nodes)
+    for shape in [(2, 3, 17, 13), (1, 3, 30, 22)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.equal(gm(y), original(y))
+
+
+@needs_native
+@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
+def test_frozen_and_loaded_resnets_pool_natively_and_compute_the_same(tmp_path, example):
+    """ipfx.lower(freeze=True) and deploy.load_module: resnet18's max pool runs as ipfx's module, same
+    numbers as the transformed model on the example's shape and another, no aten max pool left."""
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    t = ipfx.transform(model, space="sp", example_inputs=(x,) if example else None)
+    randomize_masks(t, 0.5)
+    frozen = ipfx.lower(t.eval(), target="fused", freeze=True)
+    ipfx.deploy.save_program(frozen, tmp_path / "net", x)
+    loaded = ipfx.deploy.load_module(tmp_path / "net.pt2")
+    for m in (frozen, loaded):
+        assert sum(isinstance(s, MaxPool2d) for s in m.modules()) == 1
+        assert not any(type(s) is nn.MaxPool2d for s in m.modules())
+        assert not any(n.op == "call_function" and "max_pool" in str(n.target) for n in m.graph.nodes)
+    for shape in [(2, 3, 64, 64), (1, 3, 72, 80)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            expected = t(y)
+            assert torch.allclose(frozen(y), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+            assert torch.equal(loaded(y), frozen(y))
