@@ -68,18 +68,22 @@ def test_both_native_sp_paths_agree_with_the_dense_conv(case: ConvCase, dtype, d
 @needs_native
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("kernel, dtype", [(1, torch.float32), (3, torch.float32), (3, torch.float64)])
-def test_every_row_length_sums_right_on_both_sp_paths(kernel, dtype, direct):
+@pytest.mark.parametrize("light", [False, True], ids=["rows-0-to-19", "rows-0-to-3"])
+def test_every_row_length_sums_right_on_both_sp_paths(kernel, dtype, direct, light):
     """Output channel o keeps o coefficients (0 to 19): every remainder of a CSR row over the kernel's
     accumulator chains (1 to 8 of them), on a map read in place (no padding), whose last tile reads past the
-    input's end and takes a zero-padded copy there. Against the dense conv in float64."""
+    input's end and takes a zero-padded copy there. Light rows (o mod 4 coefficients) on a map of 27 tiles:
+    the direct path's units of eight tiles of one channel, the last unit short. Against the dense conv in
+    float64."""
     torch.manual_seed(0)
     c_in, c_out = 20, 20
     weight = torch.zeros(c_out, c_in, kernel, kernel, dtype=torch.float64)
     for o in range(c_out):
         flat = weight[o].view(-1)
-        flat[torch.randperm(flat.numel())[:o]] = torch.randn(o, dtype=torch.float64)
+        kept = o % 4 if light else o
+        flat[torch.randperm(flat.numel())[:kept]] = torch.randn(kept, dtype=torch.float64)
     bias = torch.randn(c_out, dtype=torch.float64)
-    x = torch.randn(2, c_in, 9, 13, dtype=torch.float64)
+    x = torch.randn(2, c_in, *((45 + kernel - 1, 37 + kernel - 1) if light else (9, 13)), dtype=torch.float64)
     module = SparseIPConv.from_coefficients(weight.reshape(c_out, c_in, -1).to(dtype), None, bias.to(dtype),
                                             weight_shape=weight.shape)
     with mock.patch.object(native, "direct_applies", lambda *args: direct), torch.no_grad():
