@@ -95,6 +95,31 @@ def test_every_row_length_sums_right_on_both_sp_paths(kernel, dtype, direct, lig
     assert torch.equal(y[:, 0], bias[0].to(dtype).expand_as(y[:, 0]))  # an empty row: the bias alone
 
 
+@needs_native
+@pytest.mark.parametrize("kernel, stride, padding, size", [
+    (3, 1, 1, (12, 9)), (3, 2, 1, (13, 10)), (7, 2, 3, (23, 19)), (5, 3, 2, (17, 16)), (1, 2, 0, (9, 9))])
+def test_the_direct_path_zeroes_the_padding_of_reused_memory(kernel, stride, padding, size):
+    """The direct path lays the input out padded (and split by stride phases) in memory it does not clear
+    first: it writes zeros where the padding, the phases' gaps and the slack are. Memory just freed full of
+    NaN, of the copy's size, comes back to it here; the result must still be the conv's."""
+    torch.manual_seed(0)
+    c_in, c_out, batch = 3, 5, 2
+    weight = torch.randn(c_out, c_in, kernel, kernel) * (torch.rand(c_out, c_in, kernel, kernel) < 0.5)
+    x = torch.randn(batch, c_in, *size)
+    module = SparseIPConv.from_coefficients(weight.reshape(c_out, c_in, -1), None, torch.randn(c_out),
+                                            weight_shape=weight.shape, stride=stride, padding=padding)
+    phases = [-(-(n + 2 * padding) // stride) for n in size]
+    numbers = batch * c_in * (stride * stride * phases[0] * phases[1] + 64 + 16)  # the copy (DirectPlan)
+    expected = F.conv2d(x, weight, module.bias, stride, padding)
+    with mock.patch.object(native, "direct_applies", lambda *args: True), torch.no_grad():
+        for _ in range(3):
+            poison = torch.full((numbers,), float("nan"))
+            del poison
+            y = module(x, order=ORDER_NATIVE)
+            assert not y.isnan().any()
+            assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel, stride, out_spatial, nnz, expected", [
     ((7, 7), (2, 2), (112, 112), 500, True),  # a 7x7/2 stem: 12 taps read each input number
     ((3, 3), (2, 2), (28, 28), 5000, False),  # 3x3/2: 2.25 taps per phase
