@@ -329,6 +329,26 @@ def test_the_cache_key_tells_apart_environments_and_copies_of_the_source(monkeyp
 
 
 @needs_native
+@pytest.mark.parametrize("d", [1, 2])
+def test_a_padded_pointwise_conv_on_single_position_maps_reads_the_padding(d):
+    """A 1x1 conv with padding 1 and stride 3 on a one-position map: its one output reads a padding zero, so
+    it is the bias alone, not the matrix-vector product (found by hypothesis in a clean run; the native kernel
+    took it for one)."""
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, *([1] * d), dtype=torch.float64)
+    bias = torch.randn(5, dtype=torch.float64)
+    x = torch.randn(2, 4, *([1] * d), dtype=torch.float64)
+    module = SparseIPConv.from_coefficients(weight.reshape(5, 4, 1), None, bias, weight_shape=weight.shape,
+                                            stride=3, padding=1)
+    conv = F.conv1d if d == 1 else F.conv2d
+    expected = conv(x, weight, bias, 3, 1)
+    with torch.no_grad():
+        y = module(x, order=ORDER_NATIVE)
+    assert y.shape == expected.shape == (2, 5, *([1] * d))
+    assert torch.equal(y, expected) and torch.equal(y, bias.reshape(1, 5, *([1] * d)).expand_as(y))
+
+
+@needs_native
 @pytest.mark.parametrize("batch", [1, 3, 4, 6])
 @pytest.mark.parametrize("activation", ["none", "relu", "hardswish"])
 def test_a_pointwise_conv_on_single_position_maps_is_a_sparse_matrix_vector_product(batch, activation):

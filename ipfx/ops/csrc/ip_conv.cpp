@@ -923,8 +923,10 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
-    if (!basis.has_value() && !transposed && g.K == 1 && g.p_in == 1 && g.p_out == 1) {
-      // pointwise on single-position maps: the sparse matrix times the batch's (N, c_in) inputs
+    if (!basis.has_value() && !transposed && g.K == 1 && g.p_in == 1 && g.p_out == 1 && g.pad[0] == 0 &&
+        g.pad[1] == 0 && g.pad[2] == 0) {
+      // pointwise on single-position maps: the sparse matrix times the batch's (N, c_in) inputs (without
+      // padding: with it, the one output reads a padding zero, not the input)
       linear_rows<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.size(1), crow.data_ptr<int64_t>(),
                             col.data_ptr<int64_t>(), vals.data_ptr<scalar_t>(),
                             bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
