@@ -654,7 +654,7 @@ struct DirectPlan {
   }
 
   // One input channel (g.p_in numbers at src) into its padded phase planes at dst, whose padding positions
-  // are zero (they are never written here, so a buffer zeroed once stays valid for every channel). Where
+  // are zero (never written here: a buffer zeroed once stays valid for every channel; or zero_padding). Where
   // each input row goes is worked out once per call (row_dst; phase_first/phase_dst for a strided last dim).
   void copy_channel(const Geometry& g, const scalar_t* __restrict__ src, scalar_t* __restrict__ dst) const {
     for_each_row(g, [&](int64_t from, int64_t to, int64_t count, int64_t step) {
@@ -669,7 +669,6 @@ struct DirectPlan {
       }
     });
   }
-
 
   // Output channel o's part of tile `tile`: acc = sum over its CSR row [e0, e1) of vals[e] * xs[src[e] ..
   // + TP), xs the tile's first grid position in the (padded) input; then y = act(acc + b + res) along the
@@ -1019,7 +1018,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 // indices) for a contiguous (N, C, H, W) x: y[n, c, oh, ow] = the max over the window's positions inside x,
 // taken in row-major window order with aten's rule (v > m or v is NaN: a NaN wins and stays), starting from
 // -inf. aten's NCHW kernel runs one output at a time (5.8 ms for resnet50's 64x112x112 3x3/2 pool at 2
-// threads, 12% of its fused forward at batch 1); here each window tap sweeps a whole output row (0.2-0.3 ms).
+// threads, 12% of its fused forward at batch 1); here each window tap sweeps a whole output row (0.6 ms).
 // The caller (ipfx/ops/pooling.py) checks the arguments as aten would and passes the output size.
 template <typename scalar_t>
 void max_pool_plane(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t H, int64_t W, int64_t OH,
