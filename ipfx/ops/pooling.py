@@ -76,4 +76,3 @@ class MaxPool2d(nn.MaxPool2d):
         if stride is not None and not isinstance(stride, int) and len(stride) == 0:
             stride = None
         return cls(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
-

@@ -48,8 +48,8 @@ class NativePooling(GraphPass):
                 if module.return_indices:
                     result.skipped[node.target] = "it returns indices"
                     continue
-                _replace_submodule(gm, node.target, MaxPool2d.like(module.kernel_size, module.stride, module.padding,
-                                                                   module.dilation, module.ceil_mode))
+                gm.add_submodule(node.target, MaxPool2d.like(module.kernel_size, module.stride, module.padding,
+                                                             module.dilation, module.ceil_mode))  # (replaces it)
                 result.changed.append(node.target)
             elif node.op == "call_function" and node.target in POOL_CALLS:
                 args = _arguments(node)
@@ -97,8 +97,3 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
-
-
-def _replace_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(gm.get_submodule(parent_path) if parent_path else gm, leaf, module)

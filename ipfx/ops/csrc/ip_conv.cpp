@@ -619,18 +619,21 @@ struct DirectPlan {
       phase_first.push_back(first);
       phase_dst.push_back(ph * phase_plane + (first + g.pad[2]) / s2);
     }
-    if (copied) {
-      std::vector<uint8_t> written(stride_c, 0);
-      for_each_row(g, [&](int64_t, int64_t dst, int64_t count, int64_t) {
-        std::fill(written.begin() + dst, written.begin() + dst + count, uint8_t(1));
-      });
-      for (int64_t q = 0; q < stride_c;) {
-        int64_t r = q;
-        while (r < stride_c && !written[r]) ++r;
-        if (r > q) zero_runs.emplace_back(q, r - q);
-        while (r < stride_c && written[r]) ++r;
-        q = r;
-      }
+  }
+
+  // zero_runs, for a caller that lays channels out in memory it did not clear (conv_direct; the grouped path
+  // clears its buffer once)
+  void find_zero_runs(const Geometry& g) {
+    std::vector<uint8_t> written(stride_c, 0);
+    for_each_row(g, [&](int64_t, int64_t dst, int64_t count, int64_t) {
+      std::fill(written.begin() + dst, written.begin() + dst + count, uint8_t(1));
+    });
+    for (int64_t q = 0; q < stride_c;) {
+      int64_t r = q;
+      while (r < stride_c && !written[r]) ++r;
+      if (r > q) zero_runs.emplace_back(q, r - q);
+      while (r < stride_c && written[r]) ++r;
+      q = r;
     }
   }
 
@@ -719,12 +722,13 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
                  const c10::optional<at::Tensor>& bias_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
                  const Geometry& g, at::Tensor& y) {
   const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
-  const DirectPlan<scalar_t, TP> plan(g);
+  DirectPlan<scalar_t, TP> plan(g);
   const int64_t ntiles = plan.ntiles;
   const scalar_t* xbase;
   int64_t cstride;
   at::Tensor xp_t;
   if (plan.copied) {  // zero padding and stride phases laid out once per call
+    plan.find_zero_runs(g);
     xp_t = at::empty({N * c_in * plan.stride_c}, x.options());
     scalar_t* xp = xp_t.data_ptr<scalar_t>();
     const scalar_t* xs = x.data_ptr<scalar_t>();
