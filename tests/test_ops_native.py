@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ipfx.ops import SparseIPConv, SparseLinear, native
 from ipfx.ops.library import _run_sparse_linear
@@ -97,11 +98,13 @@ def test_every_row_length_sums_right_on_both_sp_paths(kernel, dtype, direct, lig
 
 @needs_native
 @pytest.mark.parametrize("kernel, stride, padding, size", [
-    (3, 1, 1, (12, 9)), (3, 2, 1, (13, 10)), (7, 2, 3, (23, 19)), (5, 3, 2, (17, 16)), (1, 2, 0, (9, 9))])
+    (3, 1, 1, (12, 9)), (3, 2, 1, (13, 10)), (7, 2, 3, (23, 19)), (5, 3, 2, (17, 16)), (1, 2, 0, (9, 9)),
+    (3, 1, 1, (56, 56)), (3, 2, 1, (57, 55))])  # (copies of 64 KiB and more: from the kernel's recycled blocks)
 def test_the_direct_path_zeroes_the_padding_of_reused_memory(kernel, stride, padding, size):
     """The direct path lays the input out padded (and split by stride phases) in memory it does not clear
     first: it writes zeros where the padding, the phases' gaps and the slack are. Memory just freed full of
-    NaN, of the copy's size, comes back to it here; the result must still be the conv's."""
+    NaN, of the copy's size, comes back to it here (from the C library, or from the kernel's recycled blocks: a
+    native max pool's NaN output of that size, dropped); the result must still be the conv's."""
     torch.manual_seed(0)
     c_in, c_out, batch = 3, 5, 2
     weight = torch.randn(c_out, c_in, kernel, kernel) * (torch.rand(c_out, c_in, kernel, kernel) < 0.5)
@@ -114,7 +117,9 @@ def test_the_direct_path_zeroes_the_padding_of_reused_memory(kernel, stride, pad
     with mock.patch.object(native, "direct_applies", lambda *args: True), torch.no_grad():
         for _ in range(3):
             poison = torch.full((numbers,), float("nan"))
-            del poison
+            recycled = native.max_pool2d(poison.view(1, 1, 1, -1), (1, 1), (1, 1), (0, 0), (1, 1), (1, numbers))
+            assert recycled.isnan().all()
+            del poison, recycled
             y = module(x, order=ORDER_NATIVE)
             assert not y.isnan().any()
             assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -410,3 +415,93 @@ def test_a_sparse_linear_module_plans_once_per_input_shape_and_follows_its_stora
         assert_close(m(x), F.linear(x, 2 * w, b), 1e-5, 2 * scale)
     assert len(_storage_entry(m.indices)["plans"]) == 1  # (1, 20) on the new values: the old ones are dropped
     assert "plans" not in _storage_entry(copy.deepcopy(m).indices)
+
+
+def _recycled_conv(size=(40, 40)):
+    """A 3x3 SP conv whose output (8 x 40 x 40 floats, 50 KiB a sample: 100 KiB at batch 2) and padded input
+    copy come from the native kernel's recycled blocks, and an input for it."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4, 3, 3) * (torch.rand(8, 4, 3, 3) < 0.3)
+    module = SparseIPConv.from_coefficients(weight.reshape(8, 4, -1), None, torch.randn(8), weight_shape=weight.shape,
+                                            padding=1)
+    return module, weight, torch.randn(2, 4, *size)
+
+
+@needs_native
+def test_recycled_outputs_are_never_handed_out_while_anything_refers_to_them():
+    """The kernel hands a block out again only when nothing but its list refers to it: an output held, a view of
+    it, a numpy array over it or its storage object keeps it (the next call of that size gets another block and
+    the held numbers stay); dropped, the next call of that size gets it."""
+    module, weight, x = _recycled_conv()
+    expected = F.conv2d(x, weight, module.bias, padding=1).reshape(-1)
+    holds = {  # what keeps the output, and the output's last numbers read back through it
+        "tensor": (lambda y: y, lambda h: h.reshape(-1)[-64:]),
+        "view": (lambda y: y.view(-1)[5:], lambda h: h[-64:]),
+        "numpy": (lambda y: y.numpy(), lambda h: torch.from_numpy(h.reshape(-1)[-64:].copy())),
+        "storage": (lambda y: y.untyped_storage(), lambda h: torch.tensor([], dtype=torch.float32).set_(h)[-64:]),
+        "weak reference": (lambda y: (StorageWeakRef(y.untyped_storage()), y.reshape(-1)[-64:].clone()),
+                           lambda h: h[1]),  # (a weak reference alone does not keep the numbers: a copy does)
+        "shared memory": (lambda y: y.share_memory_(), lambda h: h.reshape(-1)[-64:]),
+    }
+    stays_out = ("storage", "weak reference", "shared memory")  # (each made a storage object: see below)
+    with torch.no_grad():
+        for name, (hold, read) in holds.items():
+            first = module(x, order=ORDER_NATIVE)
+            address = first.data_ptr()
+            held = hold(first)
+            del first
+            other = module(x * 2, order=ORDER_NATIVE)
+            assert other.data_ptr() != address, name  # held: not handed out again
+            assert torch.allclose(read(held), expected[-64:], rtol=1e-5, atol=1e-5), name  # its numbers stay
+            del held
+            again = module(x * 3, order=ORDER_NATIVE)
+            # dropped: recycled; except after a storage object existed (torch keeps it with the storage, one
+            # reference more, so the block stays out of use until the list drops it)
+            assert (again.data_ptr() == address) is (name not in stays_out), name
+            assert torch.allclose(again.reshape(-1), F.conv2d(x * 3, weight, module.bias, padding=1).reshape(-1),
+                                  rtol=1e-5, atol=1e-4), name
+            del other, again
+
+
+@needs_native
+def test_recycled_memory_is_bounded_and_released():
+    """recycled_bytes counts the kept blocks; release_memory gives them back; a limit of 0 keeps none; a
+    resized output changes its own block only."""
+    module, weight, x = _recycled_conv()
+    lib = native._state["module"]
+    limit = lib.recycled_limit()
+    try:
+        with torch.no_grad():
+            y = module(x, order=ORDER_NATIVE)
+            assert native.recycled_bytes() >= y.numel() * 4
+            native.release_memory()
+            assert native.recycled_bytes() == 0
+            assert torch.allclose(y, F.conv2d(x, weight, module.bias, padding=1), rtol=1e-5, atol=1e-5)  # still y's
+            y.resize_(3 * y.numel())  # the caller's storage grows: never handed out for the old size again
+            lib.set_recycled_limit(0)
+            module(x, order=ORDER_NATIVE)
+            assert native.recycled_bytes() == 0
+            lib.set_recycled_limit(limit)
+            outputs = [module(x + i, order=ORDER_NATIVE) for i in range(3)]  # three held: three blocks
+            assert len({o.data_ptr() for o in outputs}) == 3
+            kept = native.recycled_bytes()
+            assert kept >= 3 * outputs[0].numel() * 4
+            lib.set_recycled_limit(kept - 1)  # the least recently handed out go first
+            assert 0 < native.recycled_bytes() < kept
+            for i, o in enumerate(outputs):
+                assert torch.allclose(o, F.conv2d(x + i, weight, module.bias, padding=1), rtol=1e-5, atol=1e-4)
+    finally:
+        lib.set_recycled_limit(limit)
+
+
+def test_a_bad_recycle_limit_is_refused_with_what_to_set(monkeypatch):
+    from ipfx.errors import IPFXValueError
+
+    for bad in ("-1", "lots", "nan", "inf"):
+        monkeypatch.setenv("IPFX_NATIVE_RECYCLE_MB", bad)
+        with pytest.raises(IPFXValueError, match="IPFX_NATIVE_RECYCLE_MB must be a number of MiB >= 0"):
+            native._recycle_limit()
+    monkeypatch.setenv("IPFX_NATIVE_RECYCLE_MB", "0.5")
+    assert native._recycle_limit() == 2**19
+    monkeypatch.delenv("IPFX_NATIVE_RECYCLE_MB")
+    assert native._recycle_limit() == 2**30

@@ -129,6 +129,7 @@ def _cpp_extension():
 
 
 def _build() -> bool:
+    limit = _recycle_limit()  # (a bad setting raises here, not as a failed build)
     try:
         log = logging.getLogger("torch.utils.cpp_extension")
         level = log.level
@@ -148,6 +149,7 @@ def _build() -> bool:
         finally:
             log.setLevel(level)
         torch.ops.ipfx_native.conv  # noqa: B018  (raises if the library did not register)
+        module.set_recycled_limit(limit)
         _state["module"] = module
         return True
     except Exception as exc:  # no compiler, no ninja, a failed build: the torch path runs
@@ -162,6 +164,33 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
+
+
+def _recycle_limit() -> int:
+    """``IPFX_NATIVE_RECYCLE_MB`` in bytes (default 1024 MiB; module docstring)."""
+    text = os.environ.get("IPFX_NATIVE_RECYCLE_MB", "").strip()
+    try:
+        mb = float(text) if text else 1024.0
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0 or mb == float("inf"):  # (NaN fails the first test)
+        from ..errors import IPFXValueError
+
+        raise IPFXValueError(f"IPFX_NATIVE_RECYCLE_MB must be a number of MiB >= 0 (e.g. 512, or 0 to keep no "
+                             f"memory between calls), got {text!r}")
+    return int(mb * 2**20)
+
+
+def recycled_bytes() -> int:
+    """Bytes the native kernel keeps for reuse (module docstring); 0 where it is not loaded."""
+    return int(_state["module"].recycled_bytes()) if _state.get("module") is not None else 0
+
+
+def release_memory() -> None:
+    """Give the blocks the native kernel keeps for reuse back (blocks still in use are freed by their last
+    user); later calls allocate and keep again, up to ``IPFX_NATIVE_RECYCLE_MB``."""
+    if _state.get("module") is not None:
+        _state["module"].release_recycled()
 
 
 @contextlib.contextmanager
