@@ -130,15 +130,21 @@ def test_the_direct_path_zeroes_the_padding_of_reused_memory(kernel, stride, pad
     ((3, 3), (2, 2), (28, 28), 5000, False),  # 3x3/2: 2.25 taps per phase
     ((1, 1), (2, 2), (28, 28), 5000, False),  # 1x1/2: three phases of four copied for nothing
     ((3, 3), (1, 1), (56, 56), 5000, True),  # stride 1, a large map
-    ((3, 3), (1, 1), (7, 7), 5000, False),  # stride 1, a small map at 95%
+    ((3, 3), (1, 1), (7, 7), 5000, True),  # stride 1, a small map, 3x3 at 86% (since the offsets per shape)
+    ((3, 3), (1, 1), (7, 7), 10000, False),  # 3x3 at 73%
     ((3, 3), (1, 1), (7, 7), 100, True),  # stride 1, a small map at 99.6%
-    ((3, 3), (1, 1), (14, 14), 700, True),  # stride 1, a small map at 98%: direct since the accumulator chains
+    ((3, 3), (1, 1), (14, 14), 700, True),  # stride 1, a small map at 98%
+    ((1, 1), (1, 1), (14, 14), 120, True),  # 1x1, 64 -> 64 at 97.1%
+    ((1, 1), (1, 1), (14, 14), 130, False),  # 1x1, 64 -> 64 at 96.8%
+    ((1, 1), (1, 1), (14, 14), 50, False),  # 1x1, 64 -> 128 at 99.4%: more output channels than input ones
 ])
 def test_the_direct_path_rule(kernel, stride, out_spatial, nnz, expected):
     """Which SP convolutions the native kernel runs directly (ipfx.ops.native.direct_applies, its measurements)."""
     K = kernel[0] * kernel[1]
     g = {"transposed": False, "groups": 1, "stride": stride, "K": K, "c_out": 64, "c_in": 64 if K < 49 else 3,
          "kernel": kernel, "dilation": (1, 1)}
+    if nnz == 50:
+        g["c_out"] = 128
     assert native.direct_applies(g, nnz, None, out_spatial) is expected
     assert native.direct_applies(g, nnz, torch.eye(K), out_spatial) is False
     assert native.direct_applies({**g, "transposed": True}, nnz, None, out_spatial) is False
@@ -447,8 +453,8 @@ def test_recycled_outputs_are_never_handed_out_while_anything_refers_to_them():
     with torch.no_grad():
         for name, (hold, read) in holds.items():
             first = module(x, order=ORDER_NATIVE)
-            address = first.data_ptr()
             held = hold(first)
+            address = first.data_ptr()  # the memory held (share_memory_ moves it into a shared segment)
             del first
             other = module(x * 2, order=ORDER_NATIVE)
             assert other.data_ptr() != address, name  # held: not handed out again
@@ -505,3 +511,35 @@ def test_a_bad_recycle_limit_is_refused_with_what_to_set(monkeypatch):
     assert native._recycle_limit() == 2**19
     monkeypatch.delenv("IPFX_NATIVE_RECYCLE_MB")
     assert native._recycle_limit() == 2**30
+
+
+@needs_native
+@pytest.mark.parametrize("groups, padding, stride", [(1, 1, 1), (1, 0, 1), (1, 1, 2), (4, 1, 1), (8, 2, 2)])
+def test_read_offsets_worked_out_once_give_the_same_numbers(groups, padding, stride):
+    """The direct path's per-coefficient read offsets, worked out once per input shape (bind_conv given the
+    input's size: the `sources` argument) or on every call (without), give the same numbers to the bit, for
+    the ungrouped path (x read in place, or its padded copy) and the grouped one; a conv bound for one size
+    refuses another (its offsets would read elsewhere)."""
+    from ipfx.ops.library import _native_operands
+
+    torch.manual_seed(0)
+    c, k = 8, 3
+    weight = torch.randn(c, c // groups, k, k) * (torch.rand(c, c // groups, k, k) < 0.4)
+    module = SparseIPConv.from_coefficients(weight.reshape(c, c // groups, -1), None, torch.randn(c),
+                                            weight_shape=weight.shape, padding=padding, stride=stride, groups=groups)
+    x = torch.randn(2, c, 11, 9)
+    expected = F.conv2d(x, weight, module.bias, stride, padding, groups=groups)
+    from ipfx.ops.library import _conv_geometry
+
+    g = _conv_geometry(x, module.values, module.indices, None, module.bias, module.weight_shape, module.stride,
+                       module.padding, module.dilation, groups, False, module.output_padding)
+    out_spatial = expected.shape[2:]
+    operands = _native_operands(g, module.values, module.indices, lambda: module.indices, x)
+    with mock.patch.object(native, "direct_applies", lambda *args: True):
+        once = native.bind_conv(*operands[:3], None, module.bias, operands[3], g, out_spatial, 4, x.shape[2:])
+        every_call = native.bind_conv(*operands[:3], None, module.bias, operands[3], g, out_spatial, 4)
+    y_once, y_every = once(x, None, 0), every_call(x, None, 0)
+    assert torch.equal(y_once, y_every)
+    assert torch.allclose(y_once, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"bound for inputs of size \(11, 9\)"):
+        once(torch.randn(2, c, 12, 9), None, 0)

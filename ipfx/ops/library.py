@@ -225,7 +225,7 @@ def _build_conv_plan(x, values, indices, basis, bias, weight_shape, stride, padd
     operands = _native_operands(g, values, indices, flat, x)
     nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()
     kernel = native.bind_conv(*operands[:3], nb, None if b is None else b.contiguous(), operands[3], g, out_spatial,
-                              x.element_size())
+                              x.element_size(), batched.shape[2:])
     code = epilogue.code(activation)
 
     def run_native(x, residual=None):

@@ -234,13 +234,16 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 
 #: The direct sparse convolution (SP: every kept coefficient one vector load of the padded input, no gather)
 #: against the tiled gather, per layer at 2 threads, batch 1 (ratio of times, direct / gather): 0.6 on
-#: 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28. Small maps, refitted after the accumulator chains
-#: (in-process interleaved rounds, median of 7 rounds' min of 15 calls): 3x3 512@7 0.60 / 0.68 / 1.02 / 1.35
-#: at 1 / 2 / 5 / 10% kept, 3x3 256@14 0.57 / 0.72 / 1.02 / 1.13; 1x1 14x14 and 7x7 1.13-1.98 at 5% kept
-#: (1024->256, 256->1024, 512->2048, 2048->512) but 1.09 / 0.70 at 2% (1024->256, 2048->512). So, stride 1:
-#: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output positions or at most DIRECT_MAX_DENSITY of
-#: the coefficients kept.
+#: 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28. Small maps, refitted once the read offsets were
+#: worked out per input shape instead of per call (in-process interleaved rounds, median of 7 rounds' min of
+#: 15 calls): 3x3 512@7 0.76 / 0.85 / 0.88 / 1.01 at 5 / 10 / 20 / 30% kept, 3x3 256@14 0.76 / 0.89 / 1.03 at
+#: 5 / 10 / 20%; 1x1 1024->256 @14 1.13 / 1.39 at 2 / 5%, 2048->512 @7 0.60 / 0.96, 256->1024 @14 2.0 / 1.9,
+#: 512->2048 @7 1.70 at 5%. So, stride 1: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output positions,
+#: or a kernel of at least DIRECT_MIN_TAPS taps with at most DIRECT_MAX_DENSITY_TAPS of its coefficients kept,
+#: or at most DIRECT_MAX_DENSITY kept and no more output channels than input channels.
 DIRECT_MIN_POSITIONS = 784
+DIRECT_MIN_TAPS = 9
+DIRECT_MAX_DENSITY_TAPS = 0.2
 DIRECT_MAX_DENSITY = 0.03
 #: Strided: the direct path first lays the padded input out as its stride phases (one copy of the input), the
 #: gather copies every tap's strided positions one number at a time (c_in*K*P_out numbers, about K/phases
@@ -263,7 +266,7 @@ DIRECT_GROUP_MAX_NUMBERS = 8192
 
 def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> bool:
     """Whether the native kernel runs ``g`` as a direct sparse convolution (:data:`DIRECT_MIN_POSITIONS`,
-    :data:`DIRECT_MIN_TAPS_PER_PHASE`, :data:`DIRECT_GROUP_MAX_NUMBERS`)."""
+    :data:`DIRECT_MIN_TAPS_PER_PHASE`, :data:`DIRECT_GROUP_MAX_NUMBERS`; the measurements beside them)."""
     if basis is not None or g["transposed"]:
         return False
     if g["groups"] != 1:
@@ -280,26 +283,46 @@ def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> b
     for s in out_spatial:
         positions *= int(s)
     density = nnz / max(1, g["c_out"] * g["c_in"] * g["K"])
-    return positions >= DIRECT_MIN_POSITIONS or density <= DIRECT_MAX_DENSITY
+    return (positions >= DIRECT_MIN_POSITIONS or (g["K"] >= DIRECT_MIN_TAPS and density <= DIRECT_MAX_DENSITY_TAPS)
+            or (density <= DIRECT_MAX_DENSITY and g["c_out"] <= g["c_in"]))
 
 
 def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
-              used: Tensor, g: dict, out_spatial, itemsize: int):
+              used: Tensor, g: dict, out_spatial, itemsize: int, in_spatial=None):
     """The native conv for one geometry and storage with every argument but the input worked out once:
     ``run(x, residual, activation) -> y`` (``x`` batched and contiguous, ``itemsize`` its element size; CSR of
     ``A[o, i*K + j]``, see the module docstring), ending in the epilogue ``act(y + residual)``
     (:mod:`ipfx.ops.epilogue`; ``residual`` contiguous, y's shape, or None; ``activation`` its number).
-    A deployed module's plan keeps this, so a call costs the op's dispatch and nothing else."""
-    op = _state["module"].conv  # (pybind11: a third of torch.ops's per-call cost)
+    A deployed module's plan keeps this, so a call costs the op's dispatch and the arithmetic. Given the
+    input's spatial size (``in_spatial``), the direct path's per-coefficient read offsets are worked out here
+    once (``direct_sources``: a pass over the kept coefficients per call otherwise, 10-25% of a small map's
+    layer at 95%); then every call must have that size, as a plan's inputs do."""
+    module = _state["module"]
+    op = module.conv  # (pybind11: a third of torch.ops's per-call cost)
     head = (crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]),
             list(g["padding"]), list(g["dilation"]), g["transposed"], list(out_spatial),
             tile_for(g["c_in"], g["K"], itemsize))
-    tail = (direct_applies(g, vals.numel(), basis, out_spatial), g["groups"])
+    direct = direct_applies(g, vals.numel(), basis, out_spatial)
+    sources = None
+    if direct and in_spatial is not None:
+        sources = module.direct_sources(col, g["c_in"], g["groups"], list(in_spatial), list(out_spatial),
+                                        list(g["kernel"]), list(g["stride"]), list(g["padding"]),
+                                        list(g["dilation"]), itemsize)
+    tail = (direct, g["groups"], sources)
+    if sources is None:
+        def run(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
+            return op(x, *head, residual, activation, *tail)
 
-    def run(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
+        return run
+    size, itemsize_ = tuple(in_spatial), itemsize
+
+    def run_sized(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
+        if x.shape[2:] != size or x.element_size() != itemsize_:  # (the offsets would read elsewhere)
+            raise ValueError(f"ipfx native: this conv was bound for inputs of size {size} and element size "
+                             f"{itemsize_}, got {tuple(x.shape[2:])} and {x.element_size()}")
         return op(x, *head, residual, activation, *tail)
 
-    return run
+    return run_sized
 
 
 def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],

@@ -145,8 +145,9 @@ class Aligned {
 // allocated here (share_memory_ moved it into a shared segment another process may be reading; resize_
 // reallocated it): such a block stays out of use until it is dropped from the list. (From Python each of these
 // goes through a storage object, which torch keeps with the storage as one more reference once made: the
-// block then stays out of use in any case; the checks hold for C++ callers as well.) At most limit() bytes are kept (least recently handed out dropped first; a block
-// dropped while in use is freed by its last user); release() drops every block.
+// block then stays out of use in any case; the checks hold for C++ callers as well.) At most limit() bytes
+// are kept (least recently handed out dropped first; a block dropped while in use is freed by its last user);
+// release() drops every block.
 class Recycler {
  public:
   static constexpr int64_t kRecycledBytes = 64 * 1024;  // smaller blocks come from the C library's heap
@@ -161,15 +162,16 @@ class Recycler {
     const int64_t nbytes = c10::multiply_integers(shape) * static_cast<int64_t>(options.dtype().itemsize());
     if (nbytes < kRecycledBytes) return at::empty(shape, options);
     std::lock_guard<std::mutex> lock(mutex_);
-    for (Entry& e : kept_) {
-      if (static_cast<int64_t>(e.nbytes) == nbytes && free(e)) {
-        e.stamp = ++clock_;
-        at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(e.storage),
-                                                                 c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                                                 options.dtype());
-        t.unsafeGetTensorImpl()->set_sizes_contiguous(shape);
-        return t;
-      }
+    Entry* best = nullptr;  // of the free blocks of this size, the one handed out last (likeliest in cache)
+    for (Entry& e : kept_)
+      if (static_cast<int64_t>(e.nbytes) == nbytes && (best == nullptr || e.stamp > best->stamp) && free(e)) best = &e;
+    if (best != nullptr) {
+      best->stamp = ++clock_;
+      at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(best->storage),
+                                                               c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                               options.dtype());
+      t.unsafeGetTensorImpl()->set_sizes_contiguous(shape);
+      return t;
     }
     at::Tensor t = at::empty(shape, options);
     if (nbytes > limit_) return t;
@@ -754,6 +756,20 @@ struct DirectPlan {
     }
   }
 
+  // out[e]: where kept coefficient e's reads start, from its sample's (or group's) first input channel in the
+  // layout the direct path reads: column col[e] = i*K + t of A is input channel i mod cin_g (cin_g = c_in, or
+  // c_in/groups for the grouped path's buffer of one group) at tap offset off[t], channels cstride apart (the
+  // padded copy's stride_c; g.p_in where x is read in place). By a table over the c_in*K columns (a division
+  // per kept coefficient cost more than the convolution on small maps). Worked out once per input shape where
+  // the caller keeps it (ipfx/ops/native.py's bind_conv: the `sources` argument), else on every call.
+  void sources(const Geometry& g, const int64_t* __restrict__ col, int64_t nnz, int64_t c_in, int64_t cin_g,
+               int64_t cstride, int64_t* __restrict__ out) const {
+    std::vector<int64_t> col_src(c_in * g.K);
+    for (int64_t i = 0; i < c_in; ++i)
+      for (int64_t t = 0; t < g.K; ++t) col_src[i * g.K + t] = (i % cin_g) * cstride + off[t];
+    for (int64_t e = 0; e < nnz; ++e) out[e] = col_src[col[e]];
+  }
+
   void zero_padding(scalar_t* __restrict__ dst) const {
     for (const auto& run : zero_runs) std::memset(dst + run.first, 0, run.second * sizeof(scalar_t));
   }
@@ -822,8 +838,8 @@ struct DirectPlan {
 template <typename scalar_t, int TP>
 void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
                  const c10::optional<at::Tensor>& bias_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
-                 const Geometry& g, at::Tensor& y) {
-  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
+                 const int64_t* sources, const Geometry& g, at::Tensor& y) {
+  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1);
   DirectPlan<scalar_t, TP> plan(g);
   const int64_t ntiles = plan.ntiles;
   const scalar_t* xbase;
@@ -853,14 +869,12 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* xend = xbase + (N * c_in - 1) * cstride + (plan.copied ? plan.stride_c : g.p_in);
-  // the column c = i*K + t of A as the offset of its first read from the sample's channel 0, by table (a
-  // 64-bit division per kept coefficient cost more than the convolution on small maps)
-  std::vector<int64_t> col_src(c_in * K);
-  for (int64_t i = 0; i < c_in; ++i)
-    for (int64_t t = 0; t < K; ++t) col_src[i * K + t] = i * cstride + plan.off[t];
-  const int64_t nnz = col_t.numel();
-  std::vector<int64_t> src(nnz);
-  for (int64_t e = 0; e < nnz; ++e) src[e] = col_src[col[e]];
+  std::vector<int64_t> own;  // where each kept coefficient reads (DirectPlan::sources), unless the caller has them
+  if (sources == nullptr) {
+    own.resize(col_t.numel());
+    plan.sources(g, col, col_t.numel(), c_in, c_in, cstride, own.data());
+    sources = own.data();
+  }
   constexpr int64_t OB = 16;  // output channels per work unit
   const int64_t oblocks = (c_out + OB - 1) / OB;
   // tiles per work unit, run one output channel after another: with few kept coefficients per row (at most
@@ -870,7 +884,7 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   // 64->256 1x1 @56 at 5% kept (3.2 a row) 1030-1395 -> 586-734 us, 128->512 1x1 @28 (6.4 a row) 394-535 ->
   // 446-701 us with eight tiles.
   constexpr int64_t kLightRow = 4;
-  const int64_t TB = nnz <= kLightRow * c_out ? std::min<int64_t>(8, ntiles) : 1;
+  const int64_t TB = col_t.numel() <= kLightRow * c_out ? std::min<int64_t>(8, ntiles) : 1;
   const int64_t tblocks = (ntiles + TB - 1) / TB;
   at::parallel_for(0, N * tblocks * oblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
@@ -881,7 +895,7 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
           const scalar_t* xs = xbase + n * c_in * cstride + tile * TP;
           // x read in place: the last sample's last tile may read past x's end
           const bool checked = !plan.copied && n == N - 1 && tile == ntiles - 1;
-          plan.channel(xs, src.data(), vals, crow[o], crow[o + 1], checked ? xend : nullptr,
+          plan.channel(xs, sources, vals, crow[o], crow[o + 1], checked ? xend : nullptr,
                        bias ? bias[o] : scalar_t(0), yp + (n * c_out + o) * g.p_out,
                        rp ? rp + (n * c_out + o) * g.p_out : nullptr, tile, activation);
         }
@@ -893,8 +907,8 @@ template <typename scalar_t, int TP>
 void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t,
                          const at::Tensor& vals_t, const c10::optional<at::Tensor>& bias_t,
                          const c10::optional<at::Tensor>& res_t, int64_t activation, int64_t groups,
-                         const Geometry& g, at::Tensor& y) {
-  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1), K = g.K;
+                         const int64_t* sources, const Geometry& g, at::Tensor& y) {
+  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1);
   const int64_t cin_g = c_in / groups, cout_g = c_out / groups;
   const DirectPlan<scalar_t, TP> plan(g);
   const int64_t* crow = crow_t.data_ptr<int64_t>();
@@ -904,14 +918,11 @@ void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at
   const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  // column c = i*K + t (i the global input channel) as an offset into its group's buffer: per kept
-  // coefficient, in 32 bits (c < 2^31; a depthwise conv keeps fewer coefficients than a table of c_in*K has)
-  const int64_t nnz = col_t.numel();
-  std::vector<int64_t> src(nnz);
-  const uint32_t uK = static_cast<uint32_t>(K), ucin_g = static_cast<uint32_t>(cin_g);
-  for (int64_t e = 0; e < nnz; ++e) {
-    const uint32_t c = static_cast<uint32_t>(col[e]);
-    src[e] = static_cast<int64_t>(c / uK % ucin_g) * plan.stride_c + plan.off[c % uK];
+  std::vector<int64_t> own;  // (as conv_direct's; offsets into the group's buffer)
+  if (sources == nullptr) {
+    own.resize(col_t.numel());
+    plan.sources(g, col, col_t.numel(), c_in, cin_g, plan.stride_c, own.data());
+    sources = own.data();
   }
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
     Aligned<scalar_t> buf(cin_g * plan.stride_c);  // padding stays zero (copy_channel)
@@ -923,7 +934,7 @@ void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at
           plan.copy_channel(g, xp + (n * c_in + gi * cin_g + i) * g.p_in, buf.data() + i * plan.stride_c);
       for (int64_t tile = 0; tile < plan.ntiles; ++tile)
         for (int64_t o = o_begin; o < o_end; ++o)
-          plan.channel(buf.data() + tile * TP, src.data(), vals, crow[o], crow[o + 1], nullptr,
+          plan.channel(buf.data() + tile * TP, sources, vals, crow[o], crow[o + 1], nullptr,
                        bias ? bias[o] : scalar_t(0), yp + (n * c_out + o) * g.p_out,
                        rp ? rp + (n * c_out + o) * g.p_out : nullptr, tile, activation);
     }
@@ -996,12 +1007,15 @@ void linear_rows(const scalar_t* __restrict__ x, int64_t M, int64_t in_f, const 
 //   used: uint8 (c_in*K,), 1 where some kept coefficient reads R row i*K + j; tile: 16, 32 or 64;
 //   residual: contiguous, y's shape and dtype; activation: 0-5 (ipfx/ops/epilogue.py); direct: SP (no basis,
 //   not transposed) by the direct sparse convolution instead of the gather (ipfx/ops/native.py decides);
-//   groups: the conv's groups (A is block-diagonal either way; the direct path runs a group at a time).
+//   groups: the conv's groups (A is block-diagonal either way; the direct path runs a group at a time);
+//   sources: for the direct path, direct_sources(...) of this geometry, x's channels and dtype, and col (worked
+//   out once per input shape by the caller), or none (then worked out here, on every call).
 at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
                 const c10::optional<at::Tensor>& basis, const c10::optional<at::Tensor>& bias, const at::Tensor& used,
                 int64_t c_out, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                 at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial, int64_t tile,
-                const c10::optional<at::Tensor>& residual, int64_t activation, bool direct, int64_t groups) {
+                const c10::optional<at::Tensor>& residual, int64_t activation, bool direct, int64_t groups,
+                const c10::optional<at::Tensor>& sources) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ipfx native: x must be a contiguous CPU tensor");
   TORCH_CHECK(crow.scalar_type() == at::kLong && col.scalar_type() == at::kLong, "ipfx native: int64 CSR");
   TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "ipfx native: values must have x's dtype");
@@ -1025,6 +1039,10 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
   TORCH_CHECK(!direct || (!basis.has_value() && !transposed), "ipfx native: the direct path is for SP convolutions");
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && c_out % groups == 0,
               "ipfx native: groups must divide c_in and c_out");
+  TORCH_CHECK(!sources.has_value() || (direct && sources->scalar_type() == at::kLong && sources->is_contiguous() &&
+                                       sources->numel() == col.numel()),
+              "ipfx native: sources are the direct path's, int64, one per kept coefficient");
+  const int64_t* src = sources.has_value() ? sources->data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_conv", [&] {
     if (basis.has_value()) TORCH_CHECK(basis->is_contiguous() && basis->scalar_type() == x.scalar_type());
     if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type());
@@ -1040,11 +1058,11 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
       return;
     }
     if (direct && groups > 1) {  // SP, grouped: the direct sparse convolution a group at a time
-      conv_direct_grouped<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, groups, g, y);
+      conv_direct_grouped<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, groups, src, g, y);
       return;
     }
     if (direct) {  // SP: the direct sparse convolution
-      conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, g, y);
+      conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, src, g, y);
       return;
     }
     switch (tile) {
@@ -1055,6 +1073,32 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
     }
   });
   return y;
+}
+
+// ipfx_native::direct_sources(col, c_in, groups, in_spatial, out_spatial, kernel, stride, padding, dilation,
+//                             itemsize) -> sources (int64, one per kept coefficient): conv's `sources` argument
+//   for the direct path on inputs (N, c_in, *in_spatial) of that element size (DirectPlan::sources).
+at::Tensor direct_sources(const at::Tensor& col, int64_t c_in, int64_t groups, at::IntArrayRef in_spatial,
+                          at::IntArrayRef out_spatial, at::IntArrayRef kernel, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t itemsize) {
+  TORCH_CHECK(col.scalar_type() == at::kLong && col.is_contiguous(), "ipfx native: int64 CSR");
+  const int64_t d = in_spatial.size();
+  TORCH_CHECK(d >= 1 && d <= 3 && (int64_t)kernel.size() == d && (int64_t)out_spatial.size() == d,
+              "ipfx native: bad geometry");
+  TORCH_CHECK(groups >= 1 && c_in % groups == 0, "ipfx native: groups must divide c_in");
+  TORCH_CHECK(itemsize == 4 || itemsize == 8, "ipfx native: float32 or float64");
+  const Geometry g = make_geometry(in_spatial, out_spatial, kernel, stride, padding, dilation, false);
+  at::Tensor out = at::empty({col.numel()}, col.options());
+  const auto fill = [&](auto plan) {
+    const int64_t cstride = groups > 1 || plan.copied ? plan.stride_c : g.p_in;
+    plan.sources(g, col.data_ptr<int64_t>(), col.numel(), c_in, c_in / groups, cstride, out.data_ptr<int64_t>());
+  };
+  if (itemsize == 4) {
+    fill(DirectPlan<float, 64>(g));
+  } else {
+    fill(DirectPlan<double, 64>(g));
+  }
+  return out;
 }
 
 // ipfx_native::linear(x, crow, col, vals, bias?) -> y:  y[m, o] = bias[o] + sum_e vals[e] x[m, col[e]]
@@ -1188,13 +1232,16 @@ at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayR
 TORCH_LIBRARY(ipfx_native, m) {
   m.def("conv(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? basis, Tensor? bias, Tensor used, int c_out, "
         "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile, "
-        "Tensor? residual, int activation, bool direct, int groups=1) -> Tensor");
+        "Tensor? residual, int activation, bool direct, int groups=1, Tensor? sources=None) -> Tensor");
+  m.def("direct_sources(Tensor col, int c_in, int groups, int[] in_spatial, int[] out_spatial, int[] kernel, "
+        "int[] stride, int[] padding, int[] dilation, int itemsize) -> Tensor");
   m.def("linear(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? bias) -> Tensor");
   m.def("max_pool2d(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, int[] out_spatial) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
   m.impl("conv", conv);
+  m.impl("direct_sources", direct_sources);
   m.impl("linear", linear);
   m.impl("max_pool2d", max_pool2d);
 }
@@ -1204,6 +1251,7 @@ TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
 // path calls these once per layer per forward.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv", &conv);
+  m.def("direct_sources", &direct_sources);
   m.def("linear", &linear);
   m.def("max_pool2d", &max_pool2d);
   m.def("recycled_limit", [] { return Recycler::instance().limit(); });
