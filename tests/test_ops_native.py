@@ -543,3 +543,37 @@ def test_read_offsets_worked_out_once_give_the_same_numbers(groups, padding, str
     assert torch.allclose(y_once, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"bound for inputs of size \(11, 9\)"):
         once(torch.randn(2, c, 12, 9), None, 0)
+
+
+@needs_native
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("size", [(16, 16), (10, 13)], ids=["whole-tiles", "a-short-tile"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_epilogue_from_registers_computes_torchs_activations_to_the_bit(direct, size, dtype):
+    """A tile that is one whole run of the output (1x1 unpadded convs) takes its epilogue straight from the
+    accumulators (store_tile), other tiles through a buffer: both act((conv + bias) + residual) as torch's
+    activations do, NaN, infinities and -0 included (relu kept NaN as NaN and -0 as -0 once it is torch's
+    `v < 0 ? 0 : v`; it gave 0 for both). Integer weights and inputs make every sum exact, so the
+    result must equal torch's to the bit; the residual carries the special values."""
+    from ipfx.ops import epilogue
+
+    torch.manual_seed(0)
+    c_in, c_out = 6, 5
+    weight = torch.randint(-2, 3, (c_out, c_in, 1, 1)).to(dtype) * (torch.rand(c_out, c_in, 1, 1) < 0.6)
+    bias = torch.randint(-3, 4, (c_out,)).to(dtype)
+    x = torch.randint(-3, 4, (2, c_in, *size)).to(dtype)
+    module = SparseIPConv.from_coefficients(weight.reshape(c_out, c_in, 1), None, bias, weight_shape=weight.shape)
+    residual = torch.randint(-8, 9, (2, c_out, *size)).to(dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -2.5, 1e30, -1e30], dtype=dtype)
+    flat = residual.view(-1)
+    flat[torch.randperm(flat.numel())[:200]] = special[torch.randint(0, len(special), (200,))]
+    z = F.conv2d(x, weight, bias)
+    for activation in ("none", "relu", "relu6", "hardswish"):
+        module.activation = activation
+        for r in (None, residual):
+            expected = epilogue.apply(z, r, activation)
+            with mock.patch.object(native, "direct_applies", lambda *args: direct), torch.no_grad():
+                got = module(x, ORDER_NATIVE, r)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=activation)
+            if activation != "hardswish":  # (torch's hardswish gives +0 for x <= -3, the formula x * 0 / 6 -0)
+                assert torch.equal(got.signbit(), expected.signbit()), activation  # (-0 stays -0)

@@ -498,7 +498,7 @@ void basis_responses(const scalar_t* __restrict__ xi, const Run* runs, const int
 // The epilogue's activations, numbered as ipfx/ops/epilogue.py's ACTIVATIONS.
 template <typename scalar_t, int A>
 inline scalar_t activate(scalar_t v) {
-  if constexpr (A == 1) return v > scalar_t(0) ? v : scalar_t(0);
+  if constexpr (A == 1) return v < scalar_t(0) ? scalar_t(0) : v;  // (torch's: NaN and -0 stay)
   if constexpr (A == 2) return std::min(std::max(v, scalar_t(0)), scalar_t(6));
   if constexpr (A == 3) return v / (scalar_t(1) + std::exp(-v));
   if constexpr (A == 4) return scalar_t(0.5) * v * (scalar_t(1) + std::erf(v * scalar_t(0.70710678118654752440)));
@@ -520,6 +520,53 @@ inline void activate_run(scalar_t* __restrict__ y, int64_t n, int64_t activation
   }
 }
 
+// activate<A> on a vector, with the same comparisons (so the same numbers, NaN included)
+template <typename scalar_t, int A>
+inline typename Lane<scalar_t>::V activate_vector(typename Lane<scalar_t>::V v) {
+  using V = typename Lane<scalar_t>::V;
+  const V zero = V{} + scalar_t(0), six = V{} + scalar_t(6);
+  if constexpr (A == 1) return v < zero ? zero : v;
+  if constexpr (A == 2) {  // std::min(std::max(v, 0), 6)
+    const V m = v < zero ? zero : v;
+    return six < m ? six : m;
+  }
+  if constexpr (A == 5) {
+    const V s = v + scalar_t(3), m = s < zero ? zero : s;
+    return v * (six < m ? six : m) / scalar_t(6);
+  }
+  return v;
+}
+
+template <typename scalar_t, int NV, int A>
+inline void store_vectors(const typename Lane<scalar_t>::V* acc, scalar_t b, const scalar_t* res, scalar_t* y) {
+  using V = typename Lane<scalar_t>::V;
+  const V* r = reinterpret_cast<const V*>(res);
+  V* out = reinterpret_cast<V*>(y);
+  if (res != nullptr) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) out[v] = activate_vector<scalar_t, A>((acc[v] + b) + r[v]);
+  } else {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) out[v] = activate_vector<scalar_t, A>(acc[v] + b);
+  }
+}
+
+// y[0 .. NV*L) = act((acc + b) + res) straight from the accumulators, for a tile whose positions are one whole
+// run of y (res: the residual there, or null): one store per vector instead of a pass through a buffer and
+// another for the activation. The epilogue's order of additions (as the runs' loops); false, with nothing
+// written, for silu and gelu (left to activate_run's scalar functions).
+template <typename scalar_t, int NV>
+inline bool store_tile(const typename Lane<scalar_t>::V* acc, scalar_t b, const scalar_t* res, int64_t activation,
+                       scalar_t* y) {
+  switch (activation) {
+    case 0: store_vectors<scalar_t, NV, 0>(acc, b, res, y); return true;
+    case 1: store_vectors<scalar_t, NV, 1>(acc, b, res, y); return true;
+    case 2: store_vectors<scalar_t, NV, 2>(acc, b, res, y); return true;
+    case 5: store_vectors<scalar_t, NV, 5>(acc, b, res, y); return true;
+    default: return false;
+  }
+}
+
 // y[o][p0 + p] = act(bias[o] + sum_e vals[e] * R[col[e]][p] + res[o][p0 + p]) for one output channel's CSR
 // row (res: the residual at y's position, or null; activation 0: none).
 template <typename scalar_t, int TP>
@@ -532,16 +579,11 @@ inline void contract_row(const int64_t* __restrict__ crow, const int64_t* __rest
   V acc[NV];
   sparse_accumulate<scalar_t, NV>(vals, crow[o], crow[o + 1],
                                   [&](int64_t e) { return reinterpret_cast<const V*>(R + col[e] * TP); }, acc);
-  if (res == nullptr && activation == 0 && valid == TP) {
-    V* y = reinterpret_cast<V*>(yo);
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) y[v] = acc[v] + bias;
-    return;
-  }
+  if (valid == TP && store_tile<scalar_t, NV>(acc, bias, res, activation, yo)) return;
   scalar_t tmp[TP];
   std::memcpy(tmp, acc, sizeof(tmp));
   if (res != nullptr)
-    for (int64_t p = 0; p < valid; ++p) tmp[p] += bias + res[p];
+    for (int64_t p = 0; p < valid; ++p) tmp[p] = (tmp[p] + bias) + res[p];
   else
     for (int64_t p = 0; p < valid; ++p) tmp[p] += bias;
   activate_run<scalar_t>(tmp, valid, activation);
@@ -801,15 +843,12 @@ struct DirectPlan {
                const scalar_t* __restrict__ ro, int64_t tile, int64_t activation) const {
     using V = typename Lane<scalar_t>::V;
     constexpr int L = 64 / sizeof(scalar_t), NV = TP / L;
-    alignas(64) scalar_t tmp[TP];
-    if (xend == nullptr) {  // the accumulators in registers
-      V acc[NV];
+    V acc[NV];  // the accumulators, in registers
+    if (xend == nullptr) {
       sparse_accumulate<scalar_t, NV>(vals, e0, e1, [&](int64_t e) { return reinterpret_cast<const V*>(xs + src[e]); },
                                       acc);
-      std::memcpy(tmp, acc, sizeof(tmp));
     } else {  // a read that would pass x's end takes a copy, zeros past the end (positions never written)
       alignas(64) scalar_t edge[TP];
-      V acc[NV];
       sparse_accumulate<scalar_t, NV>(vals, e0, e1, [&](int64_t e) {
         const scalar_t* r = xs + src[e];
         if (r + TP <= xend) return reinterpret_cast<const V*>(r);
@@ -817,10 +856,15 @@ struct DirectPlan {
         if (xend > r) std::memcpy(edge, r, (xend - r) * sizeof(scalar_t));
         return reinterpret_cast<const V*>(edge);
       }, acc);
-      std::memcpy(tmp, acc, sizeof(tmp));
     }
+    const OutRun* begin = out_runs.data() + run_first[tile];
     const OutRun* end = out_runs.data() + run_first[tile + 1];
-    for (const OutRun* run = out_runs.data() + run_first[tile]; run != end; ++run) {  // each loop vectorises
+    if (end - begin == 1 && begin->p == 0 && begin->len == TP &&
+        store_tile<scalar_t, NV>(acc, b, ro != nullptr ? ro + begin->dst : nullptr, activation, yo + begin->dst))
+      return;  // the tile is one whole run of y (1x1 and unpadded convs, mostly)
+    alignas(64) scalar_t tmp[TP];
+    std::memcpy(tmp, acc, sizeof(tmp));
+    for (const OutRun* run = begin; run != end; ++run) {  // each loop vectorises
       const scalar_t* __restrict__ t = tmp + run->p;
       scalar_t* __restrict__ yr = yo + run->dst;
       const int32_t len = run->len;
