@@ -309,20 +309,15 @@ def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], 
                                         list(g["kernel"]), list(g["stride"]), list(g["padding"]),
                                         list(g["dilation"]), itemsize)
     tail = (direct, g["groups"], sources)
-    if sources is None:
-        def run(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
-            return op(x, *head, residual, activation, *tail)
+    size = None if sources is None else tuple(in_spatial)  # (the only size the offsets are right for)
 
-        return run
-    size, itemsize_ = tuple(in_spatial), itemsize
-
-    def run_sized(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
-        if x.shape[2:] != size or x.element_size() != itemsize_:  # (the offsets would read elsewhere)
+    def run(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
+        if size is not None and (x.shape[2:] != size or x.element_size() != itemsize):
             raise ValueError(f"ipfx native: this conv was bound for inputs of size {size} and element size "
-                             f"{itemsize_}, got {tuple(x.shape[2:])} and {x.element_size()}")
+                             f"{itemsize}, got {tuple(x.shape[2:])} and {x.element_size()}")
         return op(x, *head, residual, activation, *tail)
 
-    return run_sized
+    return run
 
 
 def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],

@@ -175,14 +175,7 @@ class Recycler {
     }
     at::Tensor t = at::empty(shape, options);
     if (nbytes > limit_) return t;
-    int64_t total = nbytes;
-    for (const Entry& e : kept_) total += static_cast<int64_t>(e.storage.nbytes());
-    while (total > limit_) {  // drop the least recently handed out
-      auto oldest = std::min_element(kept_.begin(), kept_.end(),
-                                     [](const Entry& a, const Entry& b) { return a.stamp < b.stamp; });
-      total -= static_cast<int64_t>(oldest->storage.nbytes());
-      kept_.erase(oldest);
-    }
+    evict_to(limit_ - nbytes);
     kept_.push_back({t.storage(), t.storage().data(), t.storage().nbytes(), ++clock_});
     return t;
   }
@@ -196,21 +189,12 @@ class Recycler {
     TORCH_CHECK(bytes >= 0, "ipfx native: the recycled memory's limit must be >= 0 bytes, got ", bytes);
     std::lock_guard<std::mutex> lock(mutex_);
     limit_ = bytes;
-    std::sort(kept_.begin(), kept_.end(), [](const Entry& a, const Entry& b) { return a.stamp > b.stamp; });
-    int64_t total = 0;
-    size_t n = 0;
-    for (; n < kept_.size(); ++n) {
-      total += static_cast<int64_t>(kept_[n].storage.nbytes());
-      if (total > limit_) break;
-    }
-    kept_.resize(n);
+    evict_to(limit_);
   }
   // the bytes kept (free or in use)
   int64_t kept_bytes() {
     std::lock_guard<std::mutex> lock(mutex_);
-    int64_t total = 0;
-    for (const Entry& e : kept_) total += static_cast<int64_t>(e.storage.nbytes());
-    return total;
+    return total();
   }
   void release() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -229,6 +213,21 @@ class Recycler {
   static bool free(const Entry& e) {
     return e.storage.use_count() == 1 && e.storage.getWeakStorageImpl().weak_use_count() == 2 &&
            e.storage.data() == e.data && e.storage.nbytes() == e.nbytes;
+  }
+  // (the callers hold mutex_)
+  int64_t total() const {
+    int64_t bytes = 0;
+    for (const Entry& e : kept_) bytes += static_cast<int64_t>(e.storage.nbytes());
+    return bytes;
+  }
+  // drop the least recently handed out blocks until at most `budget` bytes are kept
+  void evict_to(int64_t budget) {
+    for (int64_t bytes = total(); bytes > budget && !kept_.empty();) {
+      auto oldest = std::min_element(kept_.begin(), kept_.end(),
+                                     [](const Entry& a, const Entry& b) { return a.stamp < b.stamp; });
+      bytes -= static_cast<int64_t>(oldest->storage.nbytes());
+      kept_.erase(oldest);
+    }
   }
   std::mutex mutex_;
   std::vector<Entry> kept_;
@@ -811,6 +810,14 @@ struct DirectPlan {
       for (int64_t t = 0; t < g.K; ++t) col_src[i * g.K + t] = (i % cin_g) * cstride + off[t];
     for (int64_t e = 0; e < nnz; ++e) out[e] = col_src[col[e]];
   }
+  // the caller's sources where it has them, else sources() into `own`
+  const int64_t* sources_or(const int64_t* given, const Geometry& g, const at::Tensor& col, int64_t c_in,
+                            int64_t cin_g, int64_t cstride, std::vector<int64_t>& own) const {
+    if (given != nullptr) return given;
+    own.resize(col.numel());
+    sources(g, col.data_ptr<int64_t>(), col.numel(), c_in, cin_g, cstride, own.data());
+    return own.data();
+  }
 
   void zero_padding(scalar_t* __restrict__ dst) const {
     for (const auto& run : zero_runs) std::memset(dst + run.first, 0, run.second * sizeof(scalar_t));
@@ -907,18 +914,13 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
     cstride = g.p_in;
   }
   const int64_t* crow = crow_t.data_ptr<int64_t>();
-  const int64_t* col = col_t.data_ptr<int64_t>();
   const scalar_t* vals = vals_t.data_ptr<scalar_t>();
   const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* xend = xbase + (N * c_in - 1) * cstride + (plan.copied ? plan.stride_c : g.p_in);
   std::vector<int64_t> own;  // where each kept coefficient reads (DirectPlan::sources), unless the caller has them
-  if (sources == nullptr) {
-    own.resize(col_t.numel());
-    plan.sources(g, col, col_t.numel(), c_in, c_in, cstride, own.data());
-    sources = own.data();
-  }
+  sources = plan.sources_or(sources, g, col_t, c_in, c_in, cstride, own);
   constexpr int64_t OB = 16;  // output channels per work unit
   const int64_t oblocks = (c_out + OB - 1) / OB;
   // tiles per work unit, run one output channel after another: with few kept coefficients per row (at most
@@ -956,18 +958,13 @@ void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at
   const int64_t cin_g = c_in / groups, cout_g = c_out / groups;
   const DirectPlan<scalar_t, TP> plan(g);
   const int64_t* crow = crow_t.data_ptr<int64_t>();
-  const int64_t* col = col_t.data_ptr<int64_t>();
   const scalar_t* vals = vals_t.data_ptr<scalar_t>();
   const scalar_t* bias = bias_t.has_value() ? bias_t->data_ptr<scalar_t>() : nullptr;
   const scalar_t* rp = res_t.has_value() ? res_t->data_ptr<scalar_t>() : nullptr;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   std::vector<int64_t> own;  // (as conv_direct's; offsets into the group's buffer)
-  if (sources == nullptr) {
-    own.resize(col_t.numel());
-    plan.sources(g, col, col_t.numel(), c_in, cin_g, plan.stride_c, own.data());
-    sources = own.data();
-  }
+  sources = plan.sources_or(sources, g, col_t, c_in, cin_g, plan.stride_c, own);
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
     Aligned<scalar_t> buf(cin_g * plan.stride_c);  // padding stays zero (copy_channel)
     for (int64_t u = begin; u < end; ++u) {
