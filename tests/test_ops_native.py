@@ -145,9 +145,27 @@ def test_the_direct_path_rule(kernel, stride, out_spatial, nnz, expected):
          "kernel": kernel, "dilation": (1, 1)}
     if nnz == 50:
         g["c_out"] = 128
-    assert native.direct_applies(g, nnz, None, out_spatial) is expected
-    assert native.direct_applies(g, nnz, torch.eye(K), out_spatial) is False
-    assert native.direct_applies({**g, "transposed": True}, nnz, None, out_spatial) is False
+    with mock.patch.object(native, "vector_bytes", return_value=64):  # (expansions: the next test)
+        assert native.direct_applies(g, nnz, None, out_spatial) is expected
+        assert native.direct_applies(g, nnz, torch.eye(K), out_spatial) is False
+        assert native.direct_applies({**g, "transposed": True}, nnz, None, out_spatial) is False
+
+
+@pytest.mark.parametrize("c_in, c_out, out_spatial, nnz, expected", [
+    (64, 256, (56, 56), 800, {64: True, 32: False}),  # a 1x1 expansion on a large map
+    (16, 64, (112, 112), 50, {64: True, 32: False}),
+    (256, 64, (56, 56), 800, {64: True, 32: True}),  # a reduction: direct at either width
+    (64, 64, (56, 56), 200, {64: True, 32: True}),
+    (64, 128, (14, 14), 50, {64: False, 32: False}),  # a small map: the gather at either width
+])
+def test_the_direct_path_rule_for_1x1_expansions_follows_the_vector_width(c_in, c_out, out_spatial, nnz, expected):
+    """With 32-byte vectors (AVX2) a 1x1 conv with more outputs than inputs takes the gather at any map size
+    (ipfx.ops.native.DIRECT_EXPANSION_MIN_VECTOR_BYTES); with 64-byte ones, the rule for every 1x1 conv."""
+    g = {"transposed": False, "groups": 1, "stride": (1, 1), "K": 1, "c_out": c_out, "c_in": c_in,
+         "kernel": (1, 1), "dilation": (1, 1)}
+    for width, direct in expected.items():
+        with mock.patch.object(native, "vector_bytes", return_value=width):
+            assert native.direct_applies(g, nnz, None, out_spatial) is direct
 
 
 @pytest.mark.parametrize("c_in, groups, kernel, stride, out_spatial, expected", [

@@ -233,8 +233,8 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 
 
 #: The direct sparse convolution (SP: every kept coefficient one vector load of the padded input, no gather)
-#: against the tiled gather, per layer at 2 threads, batch 1 (ratio of times, direct / gather): 0.6 on
-#: 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28. Small maps, refitted once the read offsets were
+#: against the tiled gather, per layer at 2 threads, batch 1, on an Intel Xeon with AVX-512 (ratio of times,
+#: direct / gather): 0.6 on 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28. Small maps, refitted once the read offsets were
 #: worked out per input shape instead of per call (in-process interleaved rounds, median of 7 rounds' min of
 #: 15 calls): 3x3 512@7 0.76 / 0.85 / 0.88 / 1.01 at 5 / 10 / 20 / 30% kept, 3x3 256@14 0.76 / 0.89 / 1.03 at
 #: 5 / 10 / 20%; 1x1 1024->256 @14 1.13 / 1.39 at 2 / 5%, 2048->512 @7 0.60 / 0.96, 256->1024 @14 2.0 / 1.9,
@@ -242,6 +242,15 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 #: or a kernel of at least DIRECT_MIN_TAPS taps with at most DIRECT_MAX_DENSITY_TAPS of its coefficients kept,
 #: or at most DIRECT_MAX_DENSITY kept and no more output channels than input channels.
 DIRECT_MIN_POSITIONS = 784
+#: On CPUs whose vectors are 32 bytes (AVX2; the kernel computes in the machine's width), a 1x1 conv with more
+#: output channels than input channels runs faster through the gather at every map size and batch. Measured on
+#: an AMD EPYC (AVX2), 2 threads, in-process interleaved rounds (direct / gather): resnet50 at 95%, batch 1,
+#: 64->256 @56 1.7-1.9, 128->512 @28 1.9-2.0, 256->1024 @14 1.9-2.0, 512->2048 @7 1.5-1.6 (batch 32: 1.03-1.15);
+#: mobilenet_v3_large at 95%, batch 1 (32): 16->64 @112 1.75 (1.13), 24->72 @56 1.4-1.6 (1.27), 40->240 @28 2.65
+#: (3.0), 112->672 @14 3.1-3.2 (2.7). The rows above were measured with AVX-512, where the direct path won on
+#: 1x1 maps of 56x56. So such a conv runs directly only where the vectors are at least
+#: DIRECT_EXPANSION_MIN_VECTOR_BYTES wide.
+DIRECT_EXPANSION_MIN_VECTOR_BYTES = 64
 DIRECT_MIN_TAPS = 9
 DIRECT_MAX_DENSITY_TAPS = 0.2
 DIRECT_MAX_DENSITY = 0.03
@@ -264,9 +273,17 @@ DIRECT_MIN_TAPS_PER_PHASE = 4
 DIRECT_GROUP_MAX_NUMBERS = 8192
 
 
+def vector_bytes() -> int:
+    """The width of the native kernel's vectors in bytes: the CPU's own, as ``-march=native`` built it (64 with
+    AVX-512, 32 with AVX2); 64 where the kernel is not built."""
+    module = _state.get("module")
+    return int(module.vector_bytes()) if module is not None else 64
+
+
 def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> bool:
     """Whether the native kernel runs ``g`` as a direct sparse convolution (:data:`DIRECT_MIN_POSITIONS`,
-    :data:`DIRECT_MIN_TAPS_PER_PHASE`, :data:`DIRECT_GROUP_MAX_NUMBERS`; the measurements beside them)."""
+    :data:`DIRECT_EXPANSION_MIN_VECTOR_BYTES`, :data:`DIRECT_MIN_TAPS_PER_PHASE`,
+    :data:`DIRECT_GROUP_MAX_NUMBERS`; the measurements beside them)."""
     if basis is not None or g["transposed"]:
         return False
     if g["groups"] != 1:
@@ -279,6 +296,8 @@ def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> b
         phases *= int(s)
     if phases > 1:
         return g["K"] >= DIRECT_MIN_TAPS_PER_PHASE * phases
+    if g["K"] == 1 and g["c_out"] > g["c_in"] and vector_bytes() < DIRECT_EXPANSION_MIN_VECTOR_BYTES:
+        return False
     positions = 1
     for s in out_spatial:
         positions *= int(s)
