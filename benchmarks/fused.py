@@ -183,6 +183,15 @@ def targets(results: dict) -> list[str]:
     return ["## Targets (issue 11)", "", "| target | measured | met |", "|---|---|---|", *rows, ""]
 
 
+def _load_line(load) -> str:
+    """The machine's load as measured around the run (``os.getloadavg``'s 1-minute average, which counts this
+    benchmark's own threads too), or that it was not recorded (a report rewritten from an older json)."""
+    if not load:
+        return "Load not recorded. "
+    return (f"Load average (1 min, this benchmark's threads included) {load['start']:.2f} at the start, "
+            f"{load['end']:.2f} at the end. ")
+
+
 def write(path: str, results: dict, args, seconds: float) -> None:
     lines = ["# Fused sparse convolution: speed against dense (issue 11)", "",
              f"Command: `python benchmarks/fused.py --threads {args.threads}"
@@ -192,11 +201,12 @@ def write(path: str, results: dict, args, seconds: float) -> None:
              f"{time.strftime('%Y-%m-%d')}, "
              f"{seconds / 60:.1f} min. Machine: {platform.machine()}, {os.cpu_count()} cores, threads {args.threads}; "
              f"torch {torch.__version__}; native kernel {'built' if native.available() else 'NOT available'}. "
-             "The machine was shared with other jobs while this ran: absolute times are unreliable, ratios "
-             + ("(of minimum times over the repetitions, same process) less so. "
-                if getattr(args, "stat", "median") == "min" else "(medians of per-turn ratios, same process) less so. ")
-             + "Issue 11's targets are for 2 threads; with another job holding a core, two-thread medians were "
-             "dominated by OpenMP barrier stalls (a 3x3 conv's median 10x its minimum, for dense and fused alike).", ""]
+             + _load_line(results.get("load"))
+             + "Ratios " + ("of minimum times over the repetitions, same process. "
+                            if getattr(args, "stat", "median") == "min" else "are medians of per-turn ratios, same process. ")
+             + "Issue 11's targets are for 2 threads; with another job holding a core, two-thread medians are "
+             "dominated by OpenMP barrier stalls (a 3x3 conv's median 10x its minimum, for dense and fused alike): "
+             "run it alone.", ""]
     if args.quick:
         lines += ["**A `--quick` run: few repetitions, the ratios are noise.**", ""]
     lines += targets(results)
@@ -255,12 +265,13 @@ def main(argv=None) -> None:
     STAT, BATCHES = args.stat, tuple(int(b) for b in args.batches.split(","))
     native.available()  # build (or load) before timing
     start = time.time()
-    results = {}
+    results = {"load": {"start": os.getloadavg()[0]}}
     sections = args.sections.split(",")
     if "layers" in sections:
         results["layers"] = bench_layers(args.quick)
     if "e2e" in sections:
         results["e2e"] = bench_e2e(args.quick)
+    results["load"]["end"] = os.getloadavg()[0]
     write(args.out, results, args, time.time() - start)
 
 
