@@ -183,6 +183,16 @@ def targets(results: dict) -> list[str]:
     return ["## Targets (issue 11)", "", "| target | measured | met |", "|---|---|---|", *rows, ""]
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the machine's architecture where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.machine()
+
+
 def _load_line(load) -> str:
     """The machine's load as measured around the run (``os.getloadavg``'s 1-minute average, which counts this
     benchmark's own threads too), or that it was not recorded (a report rewritten from an older json)."""
@@ -199,8 +209,10 @@ def write(path: str, results: dict, args, seconds: float) -> None:
              f"{' --stat min' if getattr(args, 'stat', 'median') == 'min' else ''}"
              f"{' --batches ' + args.batches if getattr(args, 'batches', '1,32') != '1,32' else ''}`, "
              f"{time.strftime('%Y-%m-%d')}, "
-             f"{seconds / 60:.1f} min. Machine: {platform.machine()}, {os.cpu_count()} cores, threads {args.threads}; "
-             f"torch {torch.__version__}; native kernel {'built' if native.available() else 'NOT available'}. "
+             f"{seconds / 60:.1f} min. Machine: {results.get('cpu', platform.machine())}, {os.cpu_count()} cores, "
+             f"threads {args.threads}; torch {torch.__version__}; native kernel "
+             + (f"built ({results['vector_bytes']}-byte vectors). " if results.get("vector_bytes")
+                else f"{'built' if native.available() else 'NOT available'}. ")
              + _load_line(results.get("load"))
              + "Ratios " + ("of minimum times over the repetitions, same process. "
                             if getattr(args, "stat", "median") == "min" else "are medians of per-turn ratios, same process. ")
@@ -265,7 +277,8 @@ def main(argv=None) -> None:
     STAT, BATCHES = args.stat, tuple(int(b) for b in args.batches.split(","))
     native.available()  # build (or load) before timing
     start = time.time()
-    results = {"load": {"start": os.getloadavg()[0]}}
+    results = {"load": {"start": os.getloadavg()[0]}, "cpu": _cpu_name(),
+               "vector_bytes": native.vector_bytes() if native.available() else None}
     sections = args.sections.split(",")
     if "layers" in sections:
         results["layers"] = bench_layers(args.quick)
