@@ -214,8 +214,8 @@ def write(path: str, results: dict, args, seconds: float) -> None:
              + (f"built ({results['vector_bytes']}-byte vectors). " if results.get("vector_bytes")
                 else f"{'built' if native.available() else 'NOT available'}. ")
              + _load_line(results.get("load"))
-             + "Ratios " + ("of minimum times over the repetitions, same process. "
-                            if getattr(args, "stat", "median") == "min" else "are medians of per-turn ratios, same process. ")
+             + ("Ratios of minimum times over the repetitions, same process. "
+                if getattr(args, "stat", "median") == "min" else "Ratios are medians of per-turn ratios, same process. ")
              + "Issue 11's targets are for 2 threads; with another job holding a core, two-thread medians are "
              "dominated by OpenMP barrier stalls (a 3x3 conv's median 10x its minimum, for dense and fused alike): "
              "run it alone.", ""]

@@ -609,4 +609,4 @@ def test_the_kernel_computes_in_vectors_of_the_machines_width():
         flags = []
     if "avx2" not in flags:
         pytest.skip("not an x86 CPU with AVX2")
-    assert native._state["module"].vector_bytes() == (64 if "avx512f" in flags else 32)
+    assert native.vector_bytes() == (64 if "avx512f" in flags else 32)
