@@ -36,6 +36,7 @@ from ipfx.form.bases import dct_basis  # noqa: E402
 from ipfx.ops import SparseIPConv, native  # noqa: E402
 from ipfx.ops.geometry import _conv_geometry, _output_spatial  # noqa: E402
 from ipfx.ops.order import _modelled_order  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 # name, c_in, c_out, kernel, stride, groups, spatial
 LAYERS = [
@@ -183,16 +184,6 @@ def targets(results: dict) -> list[str]:
     return ["## Targets (issue 11)", "", "| target | measured | met |", "|---|---|---|", *rows, ""]
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the machine's architecture where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.machine())
-    except OSError:
-        return platform.machine()
-
-
 def _load_line(load) -> str:
     """The machine's load as measured around the run (``os.getloadavg``'s 1-minute average, which counts this
     benchmark's own threads too), or that it was not recorded (a report rewritten from an older json)."""
@@ -277,7 +268,7 @@ def main(argv=None) -> None:
     STAT, BATCHES = args.stat, tuple(int(b) for b in args.batches.split(","))
     native.available()  # build (or load) before timing
     start = time.time()
-    results = {"load": {"start": os.getloadavg()[0]}, "cpu": _cpu_name(),
+    results = {"load": {"start": os.getloadavg()[0]}, "cpu": cpu_name(),
                "vector_bytes": native.vector_bytes() if native.available() else None}
     sections = args.sections.split(",")
     if "layers" in sections:

@@ -68,6 +68,7 @@ import torch.nn as nn  # noqa: E402
 import torchvision  # noqa: E402
 
 import ipfx  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 try:
     import onnxruntime as ort
@@ -573,11 +574,7 @@ def run(args, worker: DeepSparseWorker, workdir: str, notes: list[str]) -> list[
 
 # -- report -----------------------------------------------------------------------------------------
 def machine(args, worker: DeepSparseWorker) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return dict(cpu=cpu, machine=platform.machine(), cores=os.cpu_count(),
+    return dict(cpu=cpu_name(), machine=platform.machine(), cores=os.cpu_count(),
                 affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                 threads=args.threads, python=platform.python_version(), torch=torch.__version__,
                 torchvision=torchvision.__version__, numpy=np.__version__,

@@ -602,11 +602,7 @@ def test_the_kernel_computes_in_vectors_of_the_machines_width():
     width were split by the compiler through the stack, which made every layer 2-7x slower on AVX2 machines."""
     if not native.available():
         pytest.skip("native kernel unavailable")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
+    flags = native.cpu_flags().split()
     if "avx2" not in flags:
         pytest.skip("not an x86 CPU with AVX2")
     assert native.vector_bytes() == (64 if "avx512f" in flags else 32)

@@ -52,16 +52,19 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "ip_conv.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
+def cpu_flags() -> str:
+    """The CPU's feature flags line of ``/proc/cpuinfo`` (``flags`` on x86, ``Features`` on ARM), or ""."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
 def _cpu_tag() -> str:
     """A short hash of the CPU's feature flags: ``-march=native`` builds are kept apart per kind of CPU, so a
     cache directory shared between machines never hands an AVX-512 build to an AVX2-only CPU."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    return hashlib.sha1((platform.machine() + cpu_flags()).encode()).hexdigest()[:8]
 
 
 def _compiler() -> str:
@@ -237,8 +240,8 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 #: direct / gather): 0.6 on 3x3 maps of 56x56 and 1x1 of 56x56, 0.7-0.85 on 28x28. Small maps, refitted once
 #: the read offsets were worked out per input shape instead of per call (in-process interleaved rounds, median
 #: of 7 rounds' min of 15 calls): 3x3 512@7 0.76 / 0.85 / 0.88 / 1.01 at 5 / 10 / 20 / 30% kept, 3x3 256@14
-#: 0.76 / 0.89 / 1.03 at 5 / 10 / 20%; 1x1 1024->256 @14 1.13 / 1.39 at 2 / 5%, 2048->512 @7 0.60 / 0.96, 256->1024 @14 2.0 / 1.9,
-#: 512->2048 @7 1.70 at 5%. So, stride 1: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output positions,
+#: 0.76 / 0.89 / 1.03 at 5 / 10 / 20%; 1x1 1024->256 @14 1.13 / 1.39 at 2 / 5%, 2048->512 @7 0.60 / 0.96,
+#: 256->1024 @14 2.0 / 1.9, 512->2048 @7 1.70 at 5%. So, stride 1: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output positions,
 #: or a kernel of at least DIRECT_MIN_TAPS taps with at most DIRECT_MAX_DENSITY_TAPS of its coefficients kept,
 #: or at most DIRECT_MAX_DENSITY kept and no more output channels than input channels.
 DIRECT_MIN_POSITIONS = 784
