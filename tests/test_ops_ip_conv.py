@@ -697,6 +697,82 @@ def test_the_op_plans_once_per_storage_and_kind_of_input_for_modules_and_loaded_
     assert storage() is None  # the plans live beside the storage, never keep it
 
 
+def test_a_module_reuses_its_last_plan_only_for_a_call_like_the_last(monkeypatch):
+    """The module keeps its last plan: a call like the last one plans nothing, and every change the plan depends
+    on (input shape and dtype, order, activation, IPFX_AUTOTUNE, the stored tensors changed in place or
+    replaced, the geometry attributes) gives the numbers of the module as it is now. The kept plan is not
+    state: the module pickles and copies after calls."""
+    import pickle
+    from unittest import mock
+
+    from ipfx.ops import modules
+
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 4, 3, 3, generator=gen) * (torch.rand(6, 4, 3, 3, generator=gen) < 0.4)
+    bias = torch.randn(6, generator=gen)
+    m = SparseIPConv.from_coefficients(w.reshape(6, 4, 9), weight_shape=w.shape, bias=bias, padding=1).eval()
+    x = torch.randn(2, 4, 7, 7, generator=gen)
+    x2 = torch.randn(1, 4, 5, 9, generator=gen)
+    monkeypatch.delenv("IPFX_AUTOTUNE", raising=False)
+
+    def close(y, ref):
+        return y.dtype == ref.dtype and torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+    with mock.patch.object(modules, "conv_plan", wraps=modules.conv_plan) as planned, torch.no_grad():
+        assert close(m(x), F.conv2d(x, w, bias, padding=1))
+        assert close(m(x), F.conv2d(x, w, bias, padding=1))
+        assert planned.call_count == 1  # the second call: the kept plan
+        assert close(m(x2), F.conv2d(x2, w, bias, padding=1)) and close(m(x), F.conv2d(x, w, bias, padding=1))
+        assert planned.call_count == 3
+        assert close(m(x, ORDER_BASIS_FIRST), F.conv2d(x, w, bias, padding=1)) and planned.call_count == 4
+        other = SparseIPConv.from_coefficients(-w.reshape(6, 4, 9), weight_shape=w.shape)
+        m.values = other.values.clone()  # replaced (the same indices; in-place version 0 both)
+        assert close(m(x, ORDER_BASIS_FIRST), F.conv2d(x, -w, bias, padding=1))
+        m.activation = "relu"
+        assert close(m(x, ORDER_BASIS_FIRST), F.relu(F.conv2d(x, -w, bias, padding=1)))
+        m.activation = "none"
+        m.values.mul_(-1.0)
+        assert close(m(x), F.conv2d(x, w, bias, padding=1))
+        m.values.mul_(-1.0)
+        assert close(m(x), F.conv2d(x, -w, bias, padding=1))
+        m.bias = torch.nn.Parameter(bias + 1, requires_grad=False)
+        assert close(m(x), F.conv2d(x, -w, bias + 1, padding=1))
+        m.padding, m.stride = (0, 0), (2, 2)
+        assert close(m(x), F.conv2d(x, -w, bias + 1, stride=2))
+        m.padding, m.stride = (1, 1), (1, 1)
+        calls = planned.call_count
+        m(x)
+        monkeypatch.setenv("IPFX_AUTOTUNE", "1")  # order 0 means tuned now: a new plan
+        assert close(m(x), F.conv2d(x, -w, bias + 1, padding=1))
+        assert planned.call_count == calls + 2
+        monkeypatch.setenv("IPFX_AUTOTUNE", "0")
+        m(x)
+        assert planned.call_count == calls + 3
+        monkeypatch.delenv("IPFX_AUTOTUNE")
+        m.double()
+        xd = x.double()
+        assert close(m(xd), F.conv2d(xd, -w.double(), (bias + 1).double(), padding=1))
+        assert close(m(xd), F.conv2d(xd, -w.double(), (bias + 1).double(), padding=1))
+        assert planned.call_count == calls + 4
+    copied, loaded = copy.deepcopy(m), pickle.loads(pickle.dumps(m))
+    with torch.no_grad():
+        assert torch.equal(copied(xd), m(xd)) and torch.equal(loaded(xd), m(xd))
+
+    lin = SparseLinear.from_weight(torch.randn(3, 4, generator=gen) * (torch.rand(3, 4, generator=gen) > 0.5),
+                                   torch.randn(3, generator=gen))
+    weight, xl = lin.to_dense_weight(), torch.randn(2, 4, generator=gen)
+    with mock.patch.object(modules, "sparse_linear_plan", wraps=modules.sparse_linear_plan) as planned, \
+            torch.no_grad():
+        assert close(lin(xl), F.linear(xl, weight, lin.bias)) and close(lin(xl), F.linear(xl, weight, lin.bias))
+        assert planned.call_count == 1
+        lin.values.mul_(-1)
+        assert close(lin(xl), F.linear(xl, -weight, lin.bias))
+        lin.bias = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+        assert close(lin(xl), F.linear(xl, -weight))
+        assert close(lin(xl[:1]), F.linear(xl[:1], -weight)) and planned.call_count == 4
+    assert torch.equal(pickle.loads(pickle.dumps(lin))(xl), lin(xl))
+
+
 def test_threads_calling_one_storage_with_more_input_kinds_than_it_keeps_plans_for_get_the_right_numbers():
     """Four threads call one conv (module and op alternately) with twelve input shapes, more than
     ``PLANS_PER_STORAGE``: plans are built, dropped and rebuilt under each other, and every result is the

@@ -12,7 +12,6 @@ that raises: the ops are inference-only.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from typing import Optional
 
@@ -23,7 +22,7 @@ from ..errors import IPFXValueError
 from . import epilogue, native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
 from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_operands, _spmm
-from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, resolve_order
+from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, autotune_setting, resolve_order
 from .storage import _cached, _sparse_matrix, _storage_entry
 
 
@@ -172,7 +171,7 @@ def conv_plan(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor
     stored tensor (identity, or in-place version) differs. Used by the op's CPU/CUDA kernel and by
     :class:`ipfx.ops.modules.SparseIPConv` in eager inference.
     """
-    kind = ("conv", x.shape, x.dtype, x.device, order, activation, os.environ.get("IPFX_AUTOTUNE"),
+    kind = ("conv", x.shape, x.dtype, x.device, order, activation, autotune_setting(),
             tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
             tuple(output_padding))
     state = (_identity(values), indices._version, _identity(basis), _identity(bias))

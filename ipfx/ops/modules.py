@@ -16,7 +16,7 @@ from ..form.compose import compose_weight
 from ..errors import IPFXValueError
 from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _tuple
 from .library import conv_plan, sparse_linear_plan
-from .order import ORDER_AUTO
+from .order import ORDER_AUTO, autotune_setting
 from .storage import _densify, sparse_coefficients
 
 
@@ -28,11 +28,38 @@ def _as_bias(bias: Optional[Tensor]) -> Optional[nn.Parameter]:
 
 
 class _SparseStorageMixin:
-    """state_dict loading for buffers whose length (nnz) is data dependent.
+    """state_dict loading for buffers whose length (nnz) is data dependent, and the module's last plan.
 
     A fresh module built from coefficients of the same shape generally has a different nnz; before the
     default (shape-checked) copy, ``values``/``indices`` are resized to the incoming tensors.
+
+    The last plan (:meth:`_last_plan`) is kept in the module's ``__dict__`` with what it was made for; it is
+    not state: pickling, copying and ``.to()``/``.float()`` (``_apply``) leave it behind.
     """
+
+    def _last_plan(self, token: tuple, build, keep: tuple):
+        """The plan ``build()`` made for the same ``token`` on the last call, else a new one (kept for the next).
+
+        ``token`` names everything the plan depends on as values compared with ``==`` (never tensors: the
+        stored tensors enter by ``id`` and in-place version, and ``keep`` holds them, so no other tensor takes
+        their ``id`` while the plan is kept). In a deployed model every call is like the last one, and then
+        costs this comparison instead of the per-storage lookup (:func:`ipfx.ops.library._planned`: a key of
+        ~20 values hashed and the storage's weak entry found), 4.6 us of every conv call before."""
+        last = self.__dict__.get("_last_plan_memo")
+        if last is not None and last[0] == token:
+            return last[1]
+        plan = build()
+        self.__dict__["_last_plan_memo"] = (token, plan, keep)
+        return plan
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_last_plan_memo", None)
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_last_plan_memo", None)  # (the tensors it holds are about to be replaced)
+        return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("values", "indices"):
@@ -181,11 +208,17 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
 
     def _plan(self, x: Tensor, order: int, activation: str = "none"):
         """The computation for inputs like ``x`` in eager inference, worked out once per input shape and storage
-        (:func:`ipfx.ops.library.conv_plan`, which the op's own kernel uses too), called as ``plan(x, residual)``."""
+        (:func:`ipfx.ops.library.conv_plan`, which the op's own kernel uses too), called as ``plan(x, residual)``;
+        the last one kept on the module (:meth:`_last_plan`) for what ``conv_plan`` keys it by."""
         buffers = self._buffers
-        return conv_plan(x, buffers["values"], buffers["indices"], buffers["basis"], self.bias, self.weight_shape,
-                         self.stride, self.padding, self.dilation, self.groups, self.transposed, self.output_padding,
-                         order, activation)
+        values, indices, basis, bias = buffers["values"], buffers["indices"], buffers["basis"], self.bias
+        token = (x.shape, x.dtype, x.device, order, activation, autotune_setting(), id(values), values._version,
+                 id(indices), indices._version, None if basis is None else (id(basis), basis._version),
+                 None if bias is None else (id(bias), bias._version), self.weight_shape, self.stride, self.padding,
+                 self.dilation, self.groups, self.transposed, self.output_padding)
+        return self._last_plan(token, lambda: conv_plan(
+            x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding, self.dilation, self.groups,
+            self.transposed, self.output_padding, order, activation), (values, indices, basis, bias))
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)
@@ -244,8 +277,11 @@ class SparseLinear(_SparseStorageMixin, nn.Module):
         its implementation, planned once per input shape and storage (as :meth:`SparseIPConv._plan`)."""
         if not _eager_inference(x):
             return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
-        return sparse_linear_plan(x, self._buffers["values"], self._buffers["indices"], self.bias, self.weight_shape,
-                                  allow_native=x.device.type == "cpu")(x)
+        values, indices, bias = self._buffers["values"], self._buffers["indices"], self.bias
+        token = (x.shape, x.dtype, x.device, id(values), values._version, id(indices), indices._version,
+                 None if bias is None else (id(bias), bias._version), self.weight_shape)
+        return self._last_plan(token, lambda: sparse_linear_plan(
+            x, values, indices, bias, self.weight_shape, allow_native=x.device.type == "cpu"), (values, indices, bias))(x)
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)
