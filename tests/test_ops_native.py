@@ -561,6 +561,15 @@ def test_read_offsets_worked_out_once_give_the_same_numbers(groups, padding, str
     assert torch.allclose(y_once, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"bound for inputs of size \(11, 9\)"):
         once(torch.randn(2, c, 12, 9), None, 0)
+    with pytest.raises(ValueError, match=r"element size 4, got \(11, 9\) and 8"):
+        once(x.double(), None, 0)
+    with pytest.raises(ValueError, match=r"got \(9,\) and 4"):  # (another rank: refused, not read past)
+        once(x[0], None, 0)
+    other = torch.randn(1, c, 12, 9)  # bound without a size: any size
+    other_expected = F.conv2d(other, weight, module.bias, stride, padding, groups=groups)
+    with mock.patch.object(native, "direct_applies", lambda *args: True):
+        any_size = native.bind_conv(*operands[:3], None, module.bias, operands[3], g, other_expected.shape[2:], 4)
+    assert torch.allclose(any_size(other, None, 0), other_expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_native

@@ -315,31 +315,22 @@ def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], 
     ``run(x, residual, activation) -> y`` (``x`` batched and contiguous, ``itemsize`` its element size; CSR of
     ``A[o, i*K + j]``, see the module docstring), ending in the epilogue ``act(y + residual)``
     (:mod:`ipfx.ops.epilogue`; ``residual`` contiguous, y's shape, or None; ``activation`` its number).
-    A deployed module's plan keeps this, so a call costs the op's dispatch and the arithmetic. Given the
+    A deployed module's plan keeps this (a C++ object holding every other argument: a call converts three
+    arguments, not twenty, 2-3 us less per call), so a call costs little more than the arithmetic. Given the
     input's spatial size (``in_spatial``), the direct path's per-coefficient read offsets are worked out here
     once (``direct_sources``: a pass over the kept coefficients per call otherwise, 10-25% of a small map's
     layer at 95%); then every call must have that size, as a plan's inputs do."""
     module = _state["module"]
-    op = module.conv  # (pybind11: a third of torch.ops's per-call cost)
-    head = (crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]),
-            list(g["padding"]), list(g["dilation"]), g["transposed"], list(out_spatial),
-            tile_for(g["c_in"], g["K"], itemsize))
     direct = direct_applies(g, vals.numel(), basis, out_spatial)
     sources = None
     if direct and in_spatial is not None:
         sources = module.direct_sources(col, g["c_in"], g["groups"], list(in_spatial), list(out_spatial),
                                         list(g["kernel"]), list(g["stride"]), list(g["padding"]),
                                         list(g["dilation"]), itemsize)
-    tail = (direct, g["groups"], sources)
-    size = None if sources is None else tuple(in_spatial)  # (the only size the offsets are right for)
-
-    def run(x: Tensor, residual: Optional[Tensor], activation: int) -> Tensor:
-        if size is not None and (x.shape[2:] != size or x.element_size() != itemsize):
-            raise ValueError(f"ipfx native: this conv was bound for inputs of size {size} and element size "
-                             f"{itemsize}, got {tuple(x.shape[2:])} and {x.element_size()}")
-        return op(x, *head, residual, activation, *tail)
-
-    return run
+    size = None if sources is None else list(in_spatial)  # (the only size the offsets are right for)
+    return module.bind_conv(crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]),
+                            list(g["padding"]), list(g["dilation"]), g["transposed"], list(out_spatial),
+                            tile_for(g["c_in"], g["K"], itemsize), direct, g["groups"], sources, size, itemsize)
 
 
 def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],

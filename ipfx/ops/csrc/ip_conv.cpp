@@ -1279,6 +1279,46 @@ at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayR
   return y;
 }
 
+// A conv bound to one geometry and storage (ipfx/ops/native.py's bind_conv): every argument of conv() but the
+// input, the residual and the activation kept here, so that a call from Python converts three arguments
+// instead of twenty (pybind11 converts each tensor and list on every call). `size`, where given, is the only
+// input size `sources` is right for: another size or element size is refused.
+struct BoundConv {
+  at::Tensor crow, col, vals, used;
+  c10::optional<at::Tensor> basis, bias, sources;
+  int64_t c_out, tile, groups, itemsize;
+  std::vector<int64_t> kernel, stride, padding, dilation, out_spatial, size;
+  bool transposed, direct, sized;
+
+  at::Tensor operator()(const at::Tensor& x, const c10::optional<at::Tensor>& residual, int64_t activation) const {
+    if (sized && (x.dim() != 2 + (int64_t)size.size() || x.sizes().slice(2) != at::IntArrayRef(size) ||
+                  (int64_t)x.element_size() != itemsize))
+      throw pybind11::value_error("ipfx native: this conv was bound for inputs of size " + shape_text(size) +
+                                  " and element size " + std::to_string(itemsize) + ", got " +
+                                  shape_text(x.dim() >= 2 ? x.sizes().slice(2).vec() : std::vector<int64_t>{}) +
+                                  " and " + std::to_string(x.element_size()));
+    return conv(x, crow, col, vals, basis, bias, used, c_out, kernel, stride, padding, dilation, transposed,
+                out_spatial, tile, residual, activation, direct, groups, sources);
+  }
+
+  static std::string shape_text(const std::vector<int64_t>& s) {  // as Python writes a tuple
+    std::string t = "(";
+    for (size_t i = 0; i < s.size(); ++i) t += (i ? ", " : "") + std::to_string(s[i]);
+    return t + (s.size() == 1 ? ",)" : ")");
+  }
+};
+
+BoundConv bind_conv(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& vals,
+                    const c10::optional<at::Tensor>& basis, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& used, int64_t c_out, at::IntArrayRef kernel, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef out_spatial,
+                    int64_t tile, bool direct, int64_t groups, const c10::optional<at::Tensor>& sources,
+                    const c10::optional<std::vector<int64_t>>& size, int64_t itemsize) {
+  return BoundConv{crow, col, vals, used, basis, bias, sources, c_out, tile, groups, itemsize, kernel.vec(),
+                   stride.vec(), padding.vec(), dilation.vec(), out_spatial.vec(),
+                   size.has_value() ? *size : std::vector<int64_t>{}, transposed, direct, size.has_value()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ipfx_native, m) {
@@ -1303,6 +1343,10 @@ TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
 // path calls these once per layer per forward.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv", &conv);
+  pybind11::class_<BoundConv>(m, "BoundConv")
+      .def("__call__", &BoundConv::operator(), pybind11::arg("x"), pybind11::arg("residual"),
+           pybind11::arg("activation"));
+  m.def("bind_conv", &bind_conv);
   m.def("direct_sources", &direct_sources);
   m.def("linear", &linear);
   m.def("max_pool2d", &max_pool2d);
