@@ -87,9 +87,12 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     program's own checks of its inputs' sizes on every call), with each fused op call on the program's
     tensors run by :class:`~ipfx.ops.SparseIPConv` / :class:`~ipfx.ops.SparseLinear`, which compute that op
     and in eager inference keep its plan (:mod:`ipfx.passes.fused_modules`): the same numbers, without a
-    getattr chain and the dispatcher's Python per call."""
+    getattr chain and the dispatcher's Python per call. The containers on the paths the forward walks keep
+    their submodules as attributes too (:mod:`ipfx.passes.module_paths`: no ``nn.Module.__getattr__`` per
+    step)."""
     from .passes.fused_modules import FusedOpsAsModules
     from .passes.manager import PassManager
+    from .passes.module_paths import ModulePathsAsAttributes
     from .passes.native_pooling import NativePooling
 
     path = Path(path)
@@ -97,7 +100,7 @@ def load_module(path: str | os.PathLike) -> nn.Module:
         raise IPFXValueError(f"{path} is not a torch.export program (.pt2); load_module opens those only "
                              "(ipfx.deploy.load opens state dicts)")
     module = load(path).module()
-    PassManager([FusedOpsAsModules(), NativePooling()], sites=lambda m: [(m, {})])(module)
+    PassManager([FusedOpsAsModules(), NativePooling(), ModulePathsAsAttributes()], sites=lambda m: [(m, {})])(module)
     return module
 
 

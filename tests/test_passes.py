@@ -263,3 +263,55 @@ def test_classes_pickled_under_the_old_module_paths_still_load():
     assert pickle.loads(b"cipfx.modes\nModeSwitch\n.") is ipfx.ModeSwitch
     assert pickle.loads(b"cipfx.reparam\nBasisWeight\n.") is ipfx.BasisWeight
     assert pickle.loads(b"cipfx.source_attributes\nCapturedGraphModule\n.").__module__ == "ipfx.capture.source_attributes"
+
+
+def test_path_modules_keep_their_submodules_as_attributes_through_every_change_of_one():
+    """ModulePathsAsAttributes (deploy.load_module's last pass): the plain containers of a graph module keep
+    each submodule in ``__dict__`` as well, with the same state dict, modules and outputs, and the copy follows
+    setattr, add_module, register_module and delattr (a deleted module is not called), through pickling and
+    copying too; containers of other classes are left as they are."""
+    import pickle
+
+    from ipfx.passes.module_paths import ModulePathsAsAttributes, PathModule, as_path_module
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+            self.head = nn.Module()
+            self.head.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head.fc(self.features(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    gm = fx.symbolic_trace(net)
+    assert type(gm.features) is nn.Module and type(gm.head) is nn.Module  # (fx's copies of the paths)
+    keys, names, x = gm.state_dict().keys(), [n for n, _ in gm.named_modules()], torch.randn(2, 3, 8, 8)
+    passes = PassManager([ModulePathsAsAttributes()], sites=lambda m: [(m, {})])
+    passes(gm)
+    assert sorted(passes.result("module paths as attributes").changed) == ["features", "head"]
+    assert type(gm.features) is PathModule and gm.head.__dict__["fc"] is gm.head._modules["fc"]
+    assert gm.state_dict().keys() == keys and [n for n, _ in gm.named_modules()] == names
+    features = lambda x: net.features(x).mean((2, 3))  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(gm(x), net(x))
+        for change in ("setattr", "add_module", "register_module"):
+            new = nn.Linear(4, 2)
+            if change == "setattr":
+                gm.head.fc = new
+            else:
+                getattr(gm.head, change)("fc", new)
+            assert gm.head.__dict__["fc"] is new, change
+            assert torch.equal(gm(x), new(features(x))), change
+        for copied in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+            assert copied.head.__dict__["fc"] is copied.head._modules["fc"] is not new
+            assert torch.equal(copied(x), gm(x))
+        gm.head.fc = nn.Identity()
+        assert torch.equal(gm(x), features(x))
+        del gm.head.fc
+        assert "fc" not in gm.head.__dict__
+        with pytest.raises(AttributeError, match="fc"):
+            gm(x)
+    assert not as_path_module(nn.Sequential(nn.ReLU())) and not as_path_module(nn.Linear(2, 2))

@@ -124,6 +124,10 @@ def test_frozen_and_loaded_resnets_pool_natively_and_compute_the_same(tmp_path, 
     frozen = ipfx.lower(t.eval(), target="fused", freeze=True)
     ipfx.deploy.save_program(frozen, tmp_path / "net", x)
     loaded = ipfx.deploy.load_module(tmp_path / "net.pt2")
+    from ipfx.passes.module_paths import PathModule
+
+    containers = [s for s in loaded.modules() if s._modules and s is not loaded]  # (layer1, layer1.0, ...)
+    assert containers and all(type(s) is PathModule for s in containers)  # the forward's paths as attributes
     for m in (frozen, loaded):
         assert sum(isinstance(s, MaxPool2d) for s in m.modules()) == 1
         assert not any(type(s) is nn.MaxPool2d for s in m.modules())
