@@ -700,8 +700,9 @@ def test_the_op_plans_once_per_storage_and_kind_of_input_for_modules_and_loaded_
 def test_a_module_reuses_its_last_plan_only_for_a_call_like_the_last(monkeypatch):
     """The module keeps its last plan: a call like the last one plans nothing, and every change the plan depends
     on (input shape and dtype, order, activation, IPFX_AUTOTUNE, the stored tensors changed in place or
-    replaced, the geometry attributes) gives the numbers of the module as it is now. The kept plan is not
-    state: the module pickles and copies after calls."""
+    replaced, the geometry attributes, a parametrized bias) gives the numbers of the module as it is now. The
+    kept plan is not state: the module pickles and copies after calls, and drops it when its tensors are
+    converted."""
     import pickle
     from unittest import mock
 
@@ -757,6 +758,37 @@ def test_a_module_reuses_its_last_plan_only_for_a_call_like_the_last(monkeypatch
     copied, loaded = copy.deepcopy(m), pickle.loads(pickle.dumps(m))
     with torch.no_grad():
         assert torch.equal(copied(xd), m(xd)) and torch.equal(loaded(xd), m(xd))
+        assert "_last_plan_memo" in m.__dict__
+        m.float()
+        assert "_last_plan_memo" not in m.__dict__  # (it held the float64 tensors)
+        padding = [1, 1]
+        m.padding = padding  # a list, then changed in place: the kept plan must not see the new value as the old
+        assert close(m(x), F.conv2d(x, -w, bias + 1, padding=1))
+        padding[0] = 0
+        assert close(m(x), F.conv2d(x, -w, bias + 1, padding=(0, 1)))
+        m.padding = (1, 1)
+        assert close(m(x), F.conv2d(x, -w, bias + 1, padding=1))
+        flipped = SparseIPConv.from_coefficients(w.flip(-1).reshape(6, 4, 9), weight_shape=w.shape)
+        m.indices.copy_(flipped.indices)  # the same number kept, at other places: in place
+        assert close(m(x), F.conv2d(x, m.to_dense_weight(), bias + 1, padding=1))
+        m.compile()  # (nothing compiles until called) torch keeps the compiled call out of copies
+        assert "_compiled_call_impl" not in copy.deepcopy(m).__dict__
+
+    class Doubled(torch.nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    ip = SparseIPConv.from_coefficients(w.reshape(6, 4, 9), torch.linalg.qr(torch.randn(9, 9, generator=gen))[0],
+                                        bias, weight_shape=w.shape, padding=1).eval()
+    with torch.no_grad():
+        assert close(ip(x), F.conv2d(x, ip.to_dense_weight(), bias, padding=1))
+        ip.basis.mul_(2.0)  # in place: twice the weight
+        assert close(ip(x), F.conv2d(x, ip.to_dense_weight(), bias, padding=1))
+        ip.basis = torch.eye(9)  # replaced
+        assert close(ip(x), F.conv2d(x, w, bias, padding=1))
+    torch.nn.utils.parametrize.register_parametrization(ip, "bias", Doubled())
+    with torch.no_grad():  # the bias as the parametrization computes it, not the stored original
+        assert close(ip(x), F.conv2d(x, w, 2 * bias, padding=1))
 
     lin = SparseLinear.from_weight(torch.randn(3, 4, generator=gen) * (torch.rand(3, 4, generator=gen) > 0.5),
                                    torch.randn(3, generator=gen))

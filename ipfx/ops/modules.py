@@ -53,7 +53,7 @@ class _SparseStorageMixin:
         return plan
 
     def __getstate__(self):
-        state = dict(self.__dict__)
+        state = super().__getstate__()  # (nn.Module's: a copy, without what torch keeps out of it)
         state.pop("_last_plan_memo", None)
         return state
 
@@ -62,6 +62,7 @@ class _SparseStorageMixin:
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.__dict__.pop("_last_plan_memo", None)  # (as in _apply: it would hold the replaced tensors)
         for name in ("values", "indices"):
             incoming = state_dict.get(prefix + name)
             current = self._buffers.get(name)
@@ -77,10 +78,14 @@ class _SparseStorageMixin:
 
 
 def _bias(module: nn.Module) -> Optional[Tensor]:
-    """``module.bias`` without ``nn.Module.__getattr__`` (0.9 us a read, on every call): a parameter lives in
-    ``_parameters`` (None too, once registered), anything else assigned in the instance's ``__dict__``."""
+    """``module.bias`` without ``nn.Module.__getattr__`` where it is a parameter (None too, once registered) or
+    a plain attribute (0.9 us a read, on every call); anywhere else (a buffer, a parametrization's property)
+    by the ordinary lookup."""
     parameters = module._parameters
-    return parameters["bias"] if "bias" in parameters else module.__dict__.get("bias")
+    if "bias" in parameters:
+        return parameters["bias"]
+    state = module.__dict__
+    return state["bias"] if "bias" in state else getattr(module, "bias", None)
 
 
 def _eager_inference(x) -> bool:
@@ -221,8 +226,8 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         values, indices, basis, bias = buffers["values"], buffers["indices"], buffers["basis"], _bias(self)
         token = (x.shape, x.dtype, x.device, order, activation, autotune_setting(), id(values), values._version,
                  id(indices), indices._version, None if basis is None else (id(basis), basis._version),
-                 None if bias is None else (id(bias), bias._version), self.weight_shape, self.stride, self.padding,
-                 self.dilation, self.groups, self.transposed, self.output_padding)
+                 None if bias is None else (id(bias), bias._version), tuple(self.weight_shape), tuple(self.stride),
+                 tuple(self.padding), tuple(self.dilation), self.groups, self.transposed, tuple(self.output_padding))
         return self._last_plan(token, lambda: conv_plan(
             x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding, self.dilation, self.groups,
             self.transposed, self.output_padding, order, activation), (values, indices, basis, bias))
@@ -286,7 +291,7 @@ class SparseLinear(_SparseStorageMixin, nn.Module):
             return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
         values, indices, bias = self._buffers["values"], self._buffers["indices"], _bias(self)
         token = (x.shape, x.dtype, x.device, id(values), values._version, id(indices), indices._version,
-                 None if bias is None else (id(bias), bias._version), self.weight_shape)
+                 None if bias is None else (id(bias), bias._version), tuple(self.weight_shape))
         return self._last_plan(token, lambda: sparse_linear_plan(
             x, values, indices, bias, self.weight_shape, allow_native=x.device.type == "cpu"), (values, indices, bias))(x)
 

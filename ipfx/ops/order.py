@@ -124,8 +124,8 @@ def autotune_setting():
     on the next call). ``os.environ.get`` encodes the name and, when it is unset, raises and catches a
     ``KeyError`` inside: 1.1 us by itself, and 5-8 us of a 150-us depthwise conv when it ran between two such
     convs (the code it runs pushes the conv's out of the caches). So the mapping that ``os.environ`` reads and
-    writes (CPython's ``os._Environ._data``) is looked up directly where it exists: the same answer,
-    without the detour."""
+    writes (CPython's ``os._Environ._data``) is looked up directly where it exists: the value as stored there
+    (bytes on POSIX), which changes exactly when ``os.environ.get``'s does."""
     data = getattr(os.environ, "_data", None)
     if _AUTOTUNE_KEY is None or type(data) is not dict:
         return os.environ.get("IPFX_AUTOTUNE")
