@@ -268,8 +268,9 @@ def test_classes_pickled_under_the_old_module_paths_still_load():
 def test_path_modules_keep_their_submodules_as_attributes_through_every_change_of_one():
     """ModulePathsAsAttributes (deploy.load_module's last pass): the plain containers of a graph module keep
     each submodule in ``__dict__`` as well, with the same state dict, modules and outputs, and the copy follows
-    setattr, add_module, register_module and delattr (a deleted module is not called), through pickling and
-    copying too; containers of other classes are left as they are."""
+    setattr, add_module, register_module, delattr and pop (a deleted module is not called), through pickling and
+    copying too, and direct writes into ``_modules`` (torch's quantization, swap_submodule) and changes through a
+    shallow copy sharing them; torch.compile traces it; containers of other classes are left as they are."""
     import pickle
 
     from ipfx.passes.module_paths import ModulePathsAsAttributes, PathModule, as_path_module
@@ -297,10 +298,16 @@ def test_path_modules_keep_their_submodules_as_attributes_through_every_change_o
     features = lambda x: net.features(x).mean((2, 3))  # noqa: E731
     with torch.no_grad():
         assert torch.equal(gm(x), net(x))
-        for change in ("setattr", "add_module", "register_module"):
+        from torch.nn.utils._named_member_accessor import NamedMemberAccessor
+
+        for change in ("setattr", "add_module", "register_module", "_modules[name] =", "swap_submodule"):
             new = nn.Linear(4, 2)
             if change == "setattr":
                 gm.head.fc = new
+            elif change == "_modules[name] =":  # (as torch's quantization convert and sparsifier write it)
+                gm.head._modules["fc"] = new
+            elif change == "swap_submodule":
+                NamedMemberAccessor(gm).swap_submodule("head.fc", new)
             else:
                 getattr(gm.head, change)("fc", new)
             assert gm.head.__dict__["fc"] is new, change
@@ -308,8 +315,20 @@ def test_path_modules_keep_their_submodules_as_attributes_through_every_change_o
         for copied in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
             assert copied.head.__dict__["fc"] is copied.head._modules["fc"] is not new
             assert torch.equal(copied(x), gm(x))
-        gm.head.fc = nn.Identity()
-        assert torch.equal(gm(x), features(x))
+            copied.head._modules["fc"] = nn.Identity()  # the copy follows its own changes
+            assert torch.equal(copied(x), features(x))
+        shallow = copy.copy(gm.head)  # shares _modules with gm.head: a change through either reaches both
+        shallow.fc = nn.Identity()
+        assert gm.head.fc is shallow.fc and torch.equal(gm(x), features(x))
+        gm.head._modules.update(fc=new)
+        assert shallow.fc is new and torch.equal(gm(x), new(features(x)))
+        assert torch.equal(torch.compile(gm, backend="eager")(x), gm(x))
+        assert dir(gm.head).count("fc") == 1
+        gm.head._modules.pop("fc")
+        assert "fc" not in gm.head.__dict__
+        with pytest.raises(AttributeError, match="fc"):
+            gm(x)
+        gm.head.fc = new
         del gm.head.fc
         assert "fc" not in gm.head.__dict__
         with pytest.raises(AttributeError, match="fc"):
