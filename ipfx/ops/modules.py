@@ -34,7 +34,7 @@ class _SparseStorageMixin:
     default (shape-checked) copy, ``values``/``indices`` are resized to the incoming tensors.
 
     The last plan (:meth:`_last_plan`) is kept in the module's ``__dict__`` with what it was made for; it is
-    not state: pickling, copying and ``.to()``/``.float()`` (``_apply``) leave it behind.
+    not state: pickling, copying, ``.to()``/``.float()`` (``_apply``) and ``load_state_dict`` leave it behind.
     """
 
     def _last_plan(self, token: tuple, build, keep: tuple):
