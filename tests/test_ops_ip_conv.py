@@ -786,9 +786,11 @@ def test_a_module_reuses_its_last_plan_only_for_a_call_like_the_last(monkeypatch
         assert close(ip(x), F.conv2d(x, ip.to_dense_weight(), bias, padding=1))
         ip.basis = torch.eye(9)  # replaced
         assert close(ip(x), F.conv2d(x, w, bias, padding=1))
+        ip.indices = flipped.indices.clone()  # replaced by other places (in-place version 0 both)
+        assert close(ip(x), F.conv2d(x, ip.to_dense_weight(), bias, padding=1))
     torch.nn.utils.parametrize.register_parametrization(ip, "bias", Doubled())
     with torch.no_grad():  # the bias as the parametrization computes it, not the stored original
-        assert close(ip(x), F.conv2d(x, w, 2 * bias, padding=1))
+        assert close(ip(x), F.conv2d(x, ip.to_dense_weight(), 2 * bias, padding=1))
 
     lin = SparseLinear.from_weight(torch.randn(3, 4, generator=gen) * (torch.rand(3, 4, generator=gen) > 0.5),
                                    torch.randn(3, generator=gen))

@@ -160,6 +160,19 @@ def _identity(t: Optional[Tensor]):
     return None if t is None else (id(t), t._version)
 
 
+def conv_plan_key(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
+                  weight_shape, stride, padding, dilation, groups: int, transposed: bool, output_padding, order: int,
+                  activation: str) -> tuple[tuple, tuple]:
+    """What a conv plan (:func:`conv_plan`) is made for, as ``(kind, state)``: the kind of input, order,
+    ``IPFX_AUTOTUNE``, activation and geometry (copied: a list changed in place later is not the same key),
+    and the stored tensors' identities and in-place versions. Kept per storage of ``indices``; a module that
+    keeps its last plan compares this with the storage's identity added (:class:`ipfx.ops.SparseIPConv`)."""
+    kind = ("conv", x.shape, x.dtype, x.device, order, activation, autotune_setting(),
+            tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
+            tuple(output_padding))
+    return kind, (_identity(values), indices._version, _identity(basis), _identity(bias))
+
+
 def conv_plan(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
               weight_shape, stride, padding, dilation, groups: int, transposed: bool, output_padding, order: int,
               activation: str = "none"):
@@ -171,10 +184,8 @@ def conv_plan(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor
     stored tensor (identity, or in-place version) differs. Used by the op's CPU/CUDA kernel and by
     :class:`ipfx.ops.modules.SparseIPConv` in eager inference.
     """
-    kind = ("conv", x.shape, x.dtype, x.device, order, activation, autotune_setting(),
-            tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
-            tuple(output_padding))
-    state = (_identity(values), indices._version, _identity(basis), _identity(bias))
+    kind, state = conv_plan_key(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups,
+                                transposed, output_padding, order, activation)
     return _planned(indices, kind, state, lambda: _build_conv_plan(
         x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding,
         order, activation), (values, basis, bias))
@@ -289,11 +300,18 @@ def _run_sparse_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optiona
     return sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native)(x)
 
 
+def sparse_linear_plan_key(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
+                           allow_native: bool) -> tuple[tuple, tuple]:
+    """What a linear plan (:func:`sparse_linear_plan`) is made for, as ``(kind, state)`` (as
+    :func:`conv_plan_key`)."""
+    kind = ("linear", x.shape, x.dtype, x.device, allow_native, tuple(weight_shape))
+    return kind, (_identity(values), indices._version, _identity(bias))
+
+
 def sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
                        allow_native: bool):
     """:func:`_sparse_linear_plan`, kept per storage and kind of input (:func:`_planned`; as :func:`conv_plan`)."""
-    kind = ("linear", x.shape, x.dtype, x.device, allow_native, tuple(weight_shape))
-    state = (_identity(values), indices._version, _identity(bias))
+    kind, state = sparse_linear_plan_key(x, values, indices, bias, weight_shape, allow_native)
     return _planned(indices, kind, state,
                     lambda: _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native), (values, bias))
 

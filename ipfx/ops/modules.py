@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from ..form.compose import compose_weight
 from ..errors import IPFXValueError
 from .geometry import IntSeq, _check_index_range, _check_sparse_storage, _tuple
-from .library import conv_plan, sparse_linear_plan
-from .order import ORDER_AUTO, autotune_setting
+from .library import conv_plan, conv_plan_key, sparse_linear_plan, sparse_linear_plan_key
+from .order import ORDER_AUTO
 from .storage import _densify, sparse_coefficients
 
 
@@ -40,11 +40,12 @@ class _SparseStorageMixin:
     def _last_plan(self, token: tuple, build, keep: tuple):
         """The plan ``build()`` made for the same ``token`` on the last call, else a new one (kept for the next).
 
-        ``token`` names everything the plan depends on as values compared with ``==`` (never tensors: the
-        stored tensors enter by ``id`` and in-place version, and ``keep`` holds them, so no other tensor takes
-        their ``id`` while the plan is kept). In a deployed model every call is like the last one, and then
-        costs this comparison instead of the per-storage lookup (:func:`ipfx.ops.library._planned`: a key of
-        ~20 values hashed and the storage's weak entry found), 4.6 us of every conv call before."""
+        ``token`` is the plan's key (:func:`ipfx.ops.library.conv_plan_key`, ``sparse_linear_plan_key``) and
+        the storage's ``id``, compared with ``==`` (never tensors: the stored tensors enter by ``id`` and in-place
+        version, and ``keep`` holds them, so no other tensor takes their ``id`` while the plan is kept). In a
+        deployed model every call is like the last one, and then costs this comparison instead of the
+        per-storage lookup (:func:`ipfx.ops.library._planned`: the key hashed and the storage's weak entry
+        found), 4.6 us of every conv call before."""
         last = self.__dict__.get("_last_plan_memo")
         if last is not None and last[0] == token:
             return last[1]
@@ -221,16 +222,15 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
     def _plan(self, x: Tensor, order: int, activation: str = "none"):
         """The computation for inputs like ``x`` in eager inference, worked out once per input shape and storage
         (:func:`ipfx.ops.library.conv_plan`, which the op's own kernel uses too), called as ``plan(x, residual)``;
-        the last one kept on the module (:meth:`_last_plan`) for what ``conv_plan`` keys it by."""
+        the last one kept on the module (:meth:`_last_plan`) for the same key (:func:`ipfx.ops.library.
+        conv_plan_key`) and storage."""
         buffers = self._buffers
         values, indices, basis, bias = buffers["values"], buffers["indices"], buffers["basis"], _bias(self)
-        token = (x.shape, x.dtype, x.device, order, activation, autotune_setting(), id(values), values._version,
-                 id(indices), indices._version, None if basis is None else (id(basis), basis._version),
-                 None if bias is None else (id(bias), bias._version), tuple(self.weight_shape), tuple(self.stride),
-                 tuple(self.padding), tuple(self.dilation), self.groups, self.transposed, tuple(self.output_padding))
-        return self._last_plan(token, lambda: conv_plan(
-            x, values, indices, basis, bias, self.weight_shape, self.stride, self.padding, self.dilation, self.groups,
-            self.transposed, self.output_padding, order, activation), (values, indices, basis, bias))
+        geometry = (self.weight_shape, self.stride, self.padding, self.dilation, self.groups, self.transposed,
+                    self.output_padding)
+        token = (id(indices), conv_plan_key(x, values, indices, basis, bias, *geometry, order, activation))
+        return self._last_plan(token, lambda: conv_plan(x, values, indices, basis, bias, *geometry, order, activation),
+                               (values, indices, basis, bias))
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)
@@ -290,10 +290,10 @@ class SparseLinear(_SparseStorageMixin, nn.Module):
         if not _eager_inference(x):
             return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
         values, indices, bias = self._buffers["values"], self._buffers["indices"], _bias(self)
-        token = (x.shape, x.dtype, x.device, id(values), values._version, id(indices), indices._version,
-                 None if bias is None else (id(bias), bias._version), tuple(self.weight_shape))
+        allow_native = x.device.type == "cpu"
+        token = (id(indices), sparse_linear_plan_key(x, values, indices, bias, self.weight_shape, allow_native))
         return self._last_plan(token, lambda: sparse_linear_plan(
-            x, values, indices, bias, self.weight_shape, allow_native=x.device.type == "cpu"), (values, indices, bias))(x)
+            x, values, indices, bias, self.weight_shape, allow_native), (values, indices, bias))(x)
 
     def extra_repr(self) -> str:
         total = math.prod(self.weight_shape)
