@@ -241,9 +241,10 @@ def tile_for(c_in: int, K: int, itemsize: int) -> int:
 #: the read offsets were worked out per input shape instead of per call (in-process interleaved rounds, median
 #: of 7 rounds' min of 15 calls): 3x3 512@7 0.76 / 0.85 / 0.88 / 1.01 at 5 / 10 / 20 / 30% kept, 3x3 256@14
 #: 0.76 / 0.89 / 1.03 at 5 / 10 / 20%; 1x1 1024->256 @14 1.13 / 1.39 at 2 / 5%, 2048->512 @7 0.60 / 0.96,
-#: 256->1024 @14 2.0 / 1.9, 512->2048 @7 1.70 at 5%. So, stride 1: ungrouped, and a map of at least DIRECT_MIN_POSITIONS output positions,
-#: or a kernel of at least DIRECT_MIN_TAPS taps with at most DIRECT_MAX_DENSITY_TAPS of its coefficients kept,
-#: or at most DIRECT_MAX_DENSITY kept and no more output channels than input channels.
+#: 256->1024 @14 2.0 / 1.9, 512->2048 @7 1.70 at 5%. So, stride 1: ungrouped, and a map of at least
+#: DIRECT_MIN_POSITIONS output positions, or a kernel of at least DIRECT_MIN_TAPS taps with at most
+#: DIRECT_MAX_DENSITY_TAPS of its coefficients kept, or at most DIRECT_MAX_DENSITY kept and no more output
+#: channels than input channels.
 DIRECT_MIN_POSITIONS = 784
 #: On CPUs whose vectors are 32 bytes (AVX2; the kernel computes in the machine's width), a 1x1 conv with more
 #: output channels than input channels runs faster through the gather at every map size and batch. Measured on
