@@ -89,11 +89,14 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     and in eager inference keep its plan (:mod:`ipfx.passes.fused_modules`): the same numbers, without a
     getattr chain and the dispatcher's Python per call. The containers on the paths the forward walks keep
     their submodules as attributes too (:mod:`ipfx.passes.module_paths`: no ``nn.Module.__getattr__`` per
-    step)."""
+    step). In eager inference on CPU the whole graph then runs as one native call where the native kernel is
+    built (:mod:`ipfx.ops.program`: the same kernels and operators in the same order, without Python between
+    them; a model changed after loading is followed)."""
     from .passes.fused_modules import FusedOpsAsModules
     from .passes.manager import PassManager
     from .passes.module_paths import ModulePathsAsAttributes
     from .passes.native_pooling import NativePooling
+    from .ops import program
 
     path = Path(path)
     if path.suffix != PROGRAM_SUFFIX:
@@ -101,6 +104,7 @@ def load_module(path: str | os.PathLike) -> nn.Module:
                              "(ipfx.deploy.load opens state dicts)")
     module = load(path).module()
     PassManager([FusedOpsAsModules(), NativePooling(), ModulePathsAsAttributes()], sites=lambda m: [(m, {})])(module)
+    program.install(module)
     return module
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 
 import networkx as nx
 import torch
@@ -124,3 +125,10 @@ def store_record(**fields) -> dict:
     from ipfx.experiments import RunSpec
 
     return {**dataclasses.asdict(RunSpec()), "accuracy": 0.5, "dataset_name": "cifar10", **fields}
+
+
+def quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with its warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)

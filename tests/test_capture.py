@@ -21,17 +21,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import ipfx
-from helpers import assert_close, graph_modules, perturb_bases, randomize_masks
+from helpers import assert_close, graph_modules, perturb_bases, quiet, randomize_masks
 from strategies import conv_configs, functional_conv_models, random_graph_models
 
 FRONT_ENDS = ("export", "symbolic")
 EXPORT_EXAMPLES = 12  # torch.export takes ~0.1-1 s per model and mode: fewer examples than the profile's
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def capture_both(model, x, **kwargs):

@@ -30,18 +30,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ipfx
-from helpers import assert_close
+from helpers import assert_close, quiet
 from ipfx.capture import verify
 from ipfx.capture.shape_guards import is_guard_failure
 from strategies import random_graph_models
 
 FRONT_ENDS = ("export", "symbolic", "none")
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def transformed(model: nn.Module, x: torch.Tensor, front_end: str) -> nn.Module:

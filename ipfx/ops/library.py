@@ -249,6 +249,8 @@ def _build_conv_plan(x, values, indices, basis, bias, weight_shape, stride, padd
         y = kernel(x.unsqueeze(0).contiguous() if unbatched else x.contiguous(), residual, code)
         return y.squeeze(0) if unbatched else y
 
+    if not unbatched:  # what a native program (ipfx.ops.program) calls in this plan's place
+        run_native.bound = (kernel, code, out_shape)
     return run_native
 
 

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "ip_conv.cpp")
+_HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", "program.h")]  # (included by _SOURCE)
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
@@ -80,8 +81,10 @@ def _compiler() -> str:
 
 def _build_key() -> str:
     """What the built library depends on besides the CPU (module docstring): hashed into its name."""
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for path in (_SOURCE, *_HEADERS):
+        with open(path, "rb") as f:
+            source += f.read()
     # where torch and the source are: the build file cpp_extension writes names both (include paths, the
     # source path), so an environment elsewhere, even with the same torch build, would rebuild this one's
     # library on every load, and the other way round; each environment keeps its own build instead
@@ -349,3 +352,9 @@ def max_pool2d(x: Tensor, kernel, stride, padding, dilation, out_spatial) -> Ten
     """``F.max_pool2d`` without indices for a contiguous 4-d float CPU ``x``; every argument a pair, checked by
     the caller (:func:`ipfx.ops.pooling.native_geometry`)."""
     return _state["module"].max_pool2d(x, list(kernel), list(stride), list(padding), list(dilation), list(out_spatial))
+
+
+def new_program(slots: int, inputs: int):
+    """An empty native program (``csrc/program.h``; built by :mod:`ipfx.ops.program`) of ``slots`` values, the
+    first ``inputs`` of them its inputs."""
+    return _state["module"].Program(slots, inputs)

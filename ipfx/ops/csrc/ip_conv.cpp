@@ -1321,6 +1321,8 @@ BoundConv bind_conv(const at::Tensor& crow, const at::Tensor& col, const at::Ten
 
 }  // namespace
 
+#include "program.h"
+
 TORCH_LIBRARY(ipfx_native, m) {
   m.def("conv(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? basis, Tensor? bias, Tensor used, int c_out, "
         "int[] kernel, int[] stride, int[] padding, int[] dilation, bool transposed, int[] out_spatial, int tile, "
@@ -1343,7 +1345,7 @@ TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
 // path calls these once per layer per forward.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv", &conv);
-  pybind11::class_<BoundConv>(m, "BoundConv")
+  pybind11::class_<BoundConv, std::shared_ptr<BoundConv>>(m, "BoundConv")
       .def("__call__", &BoundConv::operator(), pybind11::arg("x"), pybind11::arg("residual"),
            pybind11::arg("activation"));
   m.def("bind_conv", &bind_conv);
@@ -1355,4 +1357,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recycled_bytes", [] { return Recycler::instance().kept_bytes(); });
   m.def("release_recycled", [] { Recycler::instance().release(); });
   m.def("vector_bytes", [] { return kVectorBytes; });
+  bind_program(m);
 }

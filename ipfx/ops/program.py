@@ -1,0 +1,334 @@
+"""A loaded program's graph run as one native call (:func:`install`; the last step of
+:func:`ipfx.deploy.load_module`).
+
+The forward that ``torch.fx`` generates runs the interpreter between every two kernels: a module call, its
+``forward``, the plan lookup, an aten operator's Python binding. On a batch-1 mobilenet_v3_large at 95% that
+is a third of the main thread, and the second thread waits through it. A *program* (``Program`` of the
+native library, ``csrc/program.h``) holds the graph's steps in order and runs them from one C++ loop:
+
+* a fused conv whose plan is the native kernel (:func:`ipfx.ops.library.conv_plan`): the plan's bound kernel
+  (``BoundConv``), called as the plan calls it (contiguous input and residual, the activation's code);
+* an aten operator (``OpOverload``) returning one tensor, whose tensor arguments are nodes: called boxed
+  through the dispatcher, its constant arguments converted once by the operator's schema;
+* any other node (other modules, Python functions, attribute reads): the same call from C++ into Python.
+
+The steps are the graph's nodes with the same kernels and arguments, so the outputs are the generated
+forward's bit for bit. A program is made for one input *signature* (each input's shape, strides, dtype and
+device, and ``IPFX_AUTOTUNE``), on the first call with it, by running the graph node by node in Python (that
+call's result), and kept (the last :data:`PROGRAMS_KEPT` signatures). Before it runs a step it checks its
+guards: everything a conv step was built from (the module's place in the module tree, its class, buffers,
+bias, activation and geometry, the in-place versions of its tensors, no hooks on it) and the place of every
+other module it calls. A changed one (``load_state_dict``, ``.to()``, an in-place edit, a replaced or hooked
+submodule) makes the program return without running anything, and a new one is built from the model as it is.
+
+It runs in eager inference only (no autograd, nothing compiling or tracing, no global module hooks, plain
+tensors passed positionally); any other call is the generated forward's. ``torch.fx``'s ``recompile()``,
+copies and pickles give a module the generated forward again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
+
+from . import epilogue, native
+from .modules import SparseIPConv
+from .order import ORDER_AUTO, autotune_setting
+
+#: Input signatures a module keeps a program for; a call with another drops the oldest.
+PROGRAMS_KEPT = 8
+
+#: What a conv step depends on besides its tensors (checked before every run).
+_CONV_STATE = ("activation", "weight_shape", "stride", "padding", "dilation", "groups", "transposed",
+               "output_padding", "bias", "forward", "_buffers", "_parameters", "_modules")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(getattr(_module_globals, f"_global{name}") for name in _HOOKS
+                      if hasattr(_module_globals, f"_global{name}"))
+
+
+def install(gm: nn.Module) -> bool:
+    """Give ``gm`` the program forward (module docstring); False, and nothing done, where the native kernel is
+    not available or ``gm``'s forward is not one ``torch.fx`` generated for a graph of flattened inputs and
+    outputs (a pytree code generator, as ``torch.export`` programs have; the forward on its own class)."""
+    if not isinstance(gm, fx.GraphModule) or not native.available():
+        return False
+    if type(gm.graph._codegen) is not fx.graph._PyTreeCodeGen:
+        return False
+    cls = type(gm)
+    if "forward" not in cls.__dict__ or "forward" in gm.__dict__ or programs_of(gm) is not None:
+        return False
+    cls.forward = _program_forward(cls.forward)
+    return True
+
+
+def _program_forward(generated: Callable) -> Callable:
+    programs: dict = {}  # signature -> Program, or None where the graph has none (the generated forward runs)
+
+    def forward(self, *args, **kwargs):
+        flat = _flat_inputs(self, args) if not kwargs and _eager_inference_now() else None
+        key = None if flat is None else _signature(flat)
+        if key is None:
+            return generated(self, *args, **kwargs)
+        program = programs.get(key, False)
+        if program is None:
+            return generated(self, *args, **kwargs)
+        if program is not False:
+            out = program.run(flat)
+            if out is not None:
+                return self.graph._codegen.process_outputs(out)
+        program, out = _build(self, flat)
+        programs.pop(key, None)
+        while len(programs) >= PROGRAMS_KEPT:
+            programs.pop(next(iter(programs)), None)
+        programs[key] = program
+        return self.graph._codegen.process_outputs(out)
+
+    forward.__wrapped__ = generated  # (inspect.signature shows the generated forward's arguments)
+    forward.__doc__ = generated.__doc__
+    forward.programs = programs  # (programs_of)
+    return forward
+
+
+def programs_of(gm: nn.Module) -> Optional[dict]:
+    """The programs ``gm``'s forward keeps, by input signature (None where a signature has none), or None where
+    :func:`install` has not given it the program forward (or a recompile has taken it away)."""
+    return getattr(type(gm).__dict__.get("forward"), "programs", None)
+
+
+#: whether fx's symbolic tracer is running (the newer name; the older one also warns under torch.export)
+_symbolic_tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
+
+
+def _eager_inference_now() -> bool:
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or _symbolic_tracing()
+                or torch._C._get_tracing_state() is not None or any(_GLOBAL_HOOKS))
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple) -> Optional[list]:
+    """The graph's placeholders' values for the call ``gm(*args)``, as the generated forward flattens them, or
+    None where that forward would bind them otherwise (then it runs, and raises what it raises)."""
+    info = gm.graph._codegen.pytree_info
+    if len(args) != len(info.orig_args) or info.in_spec is None:
+        return None
+    try:
+        return fx_pytree.tree_flatten_spec((list(args), {}), info.in_spec)
+    except Exception:  # noqa: BLE001  (a structure the spec does not take: the generated forward raises)
+        return None
+
+
+def _signature(flat: list) -> Optional[tuple]:
+    key = [autotune_setting()]
+    for t in flat:
+        if type(t) is not Tensor:
+            return None
+        key.append((t.shape, t.stride(), t.dtype, t.device))
+    return tuple(key)
+
+
+class _Call:
+    """A Python step: ``fn(*args, **kwargs)`` with the graph's nodes in them given as the step's inputs."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, inputs: list):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.at = {node: i for i, node in enumerate(inputs)}
+
+    def __call__(self, *values):
+        fill = lambda node: values[self.at[node]]  # noqa: E731
+        return self.fn(*fx.node.map_arg(self.args, fill), **fx.node.map_arg(self.kwargs, fill))
+
+
+class _Attribute:
+    """A Python step reading ``root.<target>`` now (a get_attr node), through a weak reference to the root: the
+    program must not keep its own module alive."""
+
+    def __init__(self, root: nn.Module, target: str):
+        import weakref
+
+        self.root, self.target = weakref.ref(root), target
+
+    def __call__(self):
+        value = self.root()
+        for name in self.target.split("."):
+            value = getattr(value, name)
+        return value
+
+
+def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
+    """Run ``gm``'s graph on ``flat`` node by node and make its program; returns (program or None, outputs).
+    An error of the graph's own (a guard on the inputs, an operator's) propagates as the generated forward's
+    would."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if len(placeholders) != len(flat):
+        raise TypeError(f"this graph takes {len(placeholders)} inputs, got {len(flat)}")
+    value: dict[fx.Node, Any] = dict(zip(placeholders, flat))
+    slot: dict[fx.Node, int] = {n: i for i, n in enumerate(placeholders)}
+    steps: list[tuple] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.users or node is output:
+            slot[node] = len(slot)
+        value[node], step = _evaluate(gm, node, value)
+        steps.append((node, step))
+    outs = output.args[0]  # (a pytree graph's: the flat outputs)
+    flat_outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    results = [fx.node.map_arg(o, value.__getitem__) for o in flat_outs]
+    if not all(isinstance(o, fx.Node) for o in flat_outs):
+        return None, results
+    program = native.new_program(len(slot), len(flat))
+    guards = _Guards(program)
+    for node, step in steps:
+        out = slot.get(node, -1) if node.users else -1
+        kind = step[0]
+        if kind == "conv":
+            _, module, bound, x, residual, tensors = step
+            guards.conv(gm, node.target, module, tensors)
+            program.add_conv(bound[0], slot[x], -1 if residual is None else slot[residual], bound[1], out)
+            continue
+        if kind == "op":
+            _, op, arguments, places = step
+            try:
+                program.add_op(op._schema.name, op._schema.overload_name, arguments,
+                               [(i, slot[n]) for i, n in places], out)
+                continue
+            except (TypeError, RuntimeError, ValueError):  # an argument it cannot take: a Python step
+                step = _python_step(gm, node)
+        _, fn, inputs = step
+        if node.op == "call_module":
+            guards.path(gm, node.target)
+        program.add_python(fn, [slot[n] for n in inputs], out)
+    program.set_outputs([slot[o] for o in flat_outs])
+    return program, results
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node, value: dict) -> tuple[Any, tuple]:
+    """``node``'s value, computed as the generated forward computes it, and its step."""
+    args = fx.node.map_arg(node.args, value.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, value.__getitem__)
+    if node.op == "get_attr":
+        fn = _Attribute(gm, node.target)
+        return fn(), ("python", fn, [])
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        result = module(*args, **kwargs)
+        return result, _conv_step(module, node, args, kwargs, value) or _python_step(gm, node, module)
+    result = node.target(*args, **kwargs)
+    return result, _op_step(node, value) or _python_step(gm, node)
+
+
+def _python_step(gm: fx.GraphModule, node: fx.Node, module: Optional[nn.Module] = None) -> tuple:
+    inputs = list(node.all_input_nodes)
+    if node.op == "call_module":
+        fn = module if module is not None else gm.get_submodule(node.target)
+    else:
+        fn = node.target
+    return "python", _Call(fn, node.args, node.kwargs, inputs), inputs
+
+
+def _conv_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict, value: dict) -> Optional[tuple]:
+    """The native conv step of a :class:`SparseIPConv` call ``module(x, order=..., residual=...)`` whose plan
+    (the one its eager path just used) is the bound native kernel with the epilogue in it; else None."""
+    if type(module) is not SparseIPConv or len(node.args) != 1 or not set(node.kwargs) <= {"order", "residual"}:
+        return None
+    x, residual = args[0], kwargs.get("residual")
+    order = kwargs.get("order", ORDER_AUTO)
+    if type(x) is not Tensor or not (residual is None or type(residual) is Tensor) or type(order) is not int:
+        return None
+    if any(getattr(module, hooks) for hooks in _HOOKS):
+        return None
+    activation = module.__dict__.get("activation", "none")
+    plan = module._plan(x, order, activation)
+    bound = getattr(plan, "bound", None)
+    if bound is None or (residual is not None and not epilogue.in_kernel(residual, bound[2], x.dtype)):
+        return None
+    buffers = module._buffers
+    tensors = [t for t in (buffers.get("values"), buffers.get("indices"), buffers.get("basis"),
+                           getattr(module, "bias", None)) if isinstance(t, Tensor)]
+    residual_node = node.kwargs.get("residual")
+    return "conv", module, bound, node.args[0], residual_node, tensors
+
+
+def _op_step(node: fx.Node, value: dict) -> Optional[tuple]:
+    """The boxed step of an aten operator returning one tensor whose node arguments are tensors at the top
+    level; else None. ``arguments``: one per schema argument (defaults filled in), the build's values where a
+    node is; ``places``: (argument position, node)."""
+    op = node.target
+    if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+        return None
+    schema = op._schema
+    if len(schema.returns) != 1 or str(schema.returns[0].type) != "Tensor":
+        return None
+    arguments, places = [], []
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            given = node.args[i]
+        elif arg.name in node.kwargs:
+            given = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            given = arg.default_value
+        else:
+            return None
+        if isinstance(given, fx.Node):
+            if type(value[given]) is not Tensor:
+                return None
+            places.append((i, given))
+            given = value[given]
+        elif any(isinstance(a, fx.Node) for a in _leaves(given)):
+            return None
+        arguments.append(given)
+    if len(node.args) > sum(not a.kwarg_only for a in schema.arguments):
+        return None
+    return "op", op, arguments, places
+
+
+def _leaves(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [leaf for item in x for leaf in _leaves(item)]
+    if isinstance(x, dict):
+        return [leaf for item in x.values() for leaf in _leaves(item)]
+    return [x]
+
+
+class _Guards:
+    """The program's guards (module docstring), each ``dict[key]`` once."""
+
+    def __init__(self, program):
+        self.program, self.seen = program, set()
+
+    def item(self, d: dict, key: str) -> None:
+        if (id(d), key) in self.seen:
+            return
+        self.seen.add((id(d), key))
+        if key in d:
+            self.program.guard_item(d, key, d[key], False)
+        else:
+            self.program.guard_item(d, key, None, True)
+
+    def path(self, root: nn.Module, target: str) -> nn.Module:
+        """Each module on the way to ``root.<target>`` holds the next as the same child."""
+        module = root
+        for name in target.split("."):
+            self.item(module.__dict__, "_modules")
+            self.item(module._modules, name)
+            module = module._modules[name]
+        return module
+
+    def conv(self, root: nn.Module, target: str, module: nn.Module, tensors: list) -> None:
+        self.path(root, target)
+        self.program.guard_type(module, type(module))
+        for key in _CONV_STATE:
+            self.item(module.__dict__, key)
+        for key in ("values", "indices", "basis", "bias"):
+            self.item(module._buffers, key)
+        self.item(module._parameters, "bias")
+        for hooks in _HOOKS:
+            self.item(module.__dict__, hooks)
+            self.program.guard_empty(getattr(module, hooks))
+        for t in tensors:
+            self.program.guard_version(t)

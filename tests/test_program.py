@@ -1,0 +1,184 @@
+"""ipfx.ops.program: a loaded program's graph as one native call, with the generated forward's numbers, following
+every change of the model it was built from."""
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ipfx
+from ipfx.ops import SparseIPConv, native, program
+from helpers import quiet, randomize_masks
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+
+
+class Net(nn.Module):
+    """Convs with a residual, a squeeze-excite block (pool, hardsigmoid, mul), hardswish, max pool, a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(self.block(x) + x)
+        x = F.max_pool2d(x, 2)
+        x = x * F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.head(F.hardswish(x).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    t = quiet(ipfx.transform, Net().eval(), space="sp", example_inputs=(torch.randn(2, 3, 16, 16),))
+    randomize_masks(t, 0.1)
+    frozen = quiet(ipfx.lower, t.eval(), target="fused", freeze=True)
+    path = tmp_path_factory.mktemp("program") / "net"
+    quiet(ipfx.deploy.save_program, frozen, path, torch.randn(2, 3, 16, 16))
+    return str(path) + ".pt2"
+
+
+def load(saved):
+    return quiet(ipfx.deploy.load_module, saved)
+
+
+def generated(m, x):
+    """The forward torch.fx generated for the graph (what the program stands in for)."""
+    return type(m).forward.__wrapped__(m, x)
+
+
+def the_program(m, x):
+    return program.programs_of(m)[program._signature([x])]
+
+
+def test_a_loaded_program_runs_its_graph_natively_with_the_generated_forwards_numbers(saved):
+    """load_module installs the program forward; per input signature one program is built and reused, its steps
+    native convs and boxed aten ops (Python only for the input guards and the linear), its outputs the generated
+    forward's bit for bit, on the saved batch size and others and on another spatial size."""
+    m = load(saved)
+    assert program.programs_of(m) == {}
+    with torch.inference_mode():
+        for shape in [(2, 3, 16, 16), (1, 3, 16, 16), (5, 3, 16, 16), (2, 3, 24, 20)]:
+            x = torch.randn(*shape)
+            first, again, expected = m(x), m(x), generated(m, x)
+            assert torch.equal(first, expected) and torch.equal(again, expected), shape
+            kinds = the_program(m, x).kinds
+            plans = [s.__dict__["_last_plan_memo"][1] for s in m.modules() if isinstance(s, SparseIPConv)]
+            bound = sum(hasattr(p, "bound") for p in plans)  # (a plan on the native kernel; the 3-channel stem's
+            assert bound >= 2 and kinds.count("conv") == bound, kinds  # is dense: a Python step, as the pool)
+            assert kinds.count("python") == 3 + len(plans) - bound, kinds  # (+ input guards, max pool, linear)
+            assert kinds.count("op") == 5, kinds  # pool, hardsigmoid, mul, hardswish, mean
+    assert len(program.programs_of(m)) == 4
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():  # (no_grad as inference_mode)
+        assert torch.equal(m(x), generated(m, x)) and len(program.programs_of(m)) == 5
+        channels_last = x.to(memory_format=torch.channels_last)  # (another signature: its strides)
+        assert torch.equal(m(channels_last), generated(m, channels_last)) and len(program.programs_of(m)) == 6
+
+
+def test_the_program_follows_every_change_of_the_model(saved):
+    """After each change (an in-place edit of a conv's values, a replaced buffer or bias, another activation or
+    stride, load_state_dict, a replaced submodule, a hook on a conv, a global hook, IPFX_AUTOTUNE) the
+    output is the generated forward's on the changed model: the program's guards see each and it is rebuilt."""
+    m = load(saved)
+    convs = [name for name, s in m.named_modules() if isinstance(s, SparseIPConv)]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # (not inference_mode: tensors made in it have no version to guard)
+        m(x)
+        before = the_program(m, x)
+
+        def check(what):
+            y = m(x)
+            assert torch.equal(y, generated(m, x)), what
+            return y
+
+        conv = m.get_submodule(convs[1])
+        conv.values.mul_(2)
+        check("values edited in place")
+        assert the_program(m, x) is not before
+        conv.values = conv.values * -1.5
+        check("values replaced")
+        conv.bias = nn.Parameter(conv.bias * 3, requires_grad=False)
+        check("bias replaced")
+        conv.activation = "hardswish" if conv.activation != "hardswish" else "relu"
+        check("activation")
+        first = m.get_submodule(convs[0])
+        state = {k: v * 0.5 if k.endswith("values") else v for k, v in m.state_dict().items()}
+        m.load_state_dict(state)
+        check("load_state_dict")
+        native_conv = next(s for s in map(m.get_submodule, convs) if hasattr(s.__dict__["_last_plan_memo"][1], "bound"))
+        handle = native_conv.register_forward_hook(lambda mod, args, out: out * 2)
+        check("a forward hook")
+        handle.remove()
+        check("the hook removed")
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: out * 2 if isinstance(mod, SparseIPConv) else None)
+        check("a global hook")
+        handle.remove()
+        parent_name, _, child = convs[0].rpartition(".")
+        parent = m.get_submodule(parent_name) if parent_name else m
+        replacement = copy.deepcopy(first)
+        replacement.values = replacement.values.flip(0)
+        setattr(parent, child, replacement)
+        check("a replaced submodule")
+        replacement.stride = (2, 2)
+        with pytest.raises(Exception):  # (the graph's shapes no longer fit: raised as the generated forward does)
+            m(x)
+        replacement.stride = (1, 1)
+        check("stride back")
+
+
+def test_calls_the_program_does_not_take_run_the_generated_forward_and_raise_its_errors(saved):
+    """With autograd on, keyword arguments, another number of inputs or an input the graph refuses, the generated
+    forward runs (same result or same error); a recompile gives the module fx's forward back, as a deep copy has it;
+    two threads calling one module get their own inputs' outputs."""
+    m = load(saved)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = m(x)
+        assert len(program.programs_of(m)) == 1
+    y = m(x)  # autograd on: the fused op's graph path, no program for it
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-6) and len(program.programs_of(m)) == 1
+    plain = load(saved)
+    type(plain).forward = type(plain).forward.__wrapped__  # (as loaded before the program)
+    for args, kwargs in [((torch.randn(2, 4, 16, 16),), {}), ((torch.randn(3, 16, 16),), {}), ((), {"x": x}),
+                         ((x, x), {})]:
+        with torch.inference_mode():
+            with pytest.raises(Exception) as ours:
+                m(*args, **kwargs)
+            with pytest.raises(Exception) as theirs:
+                plain(*args, **kwargs)
+        assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+    assert len(program.programs_of(m)) == 1
+    other = copy.deepcopy(m)  # (fx's forward again; torch's loaded modules do not pickle, with it or without)
+    with torch.inference_mode():
+        assert torch.equal(other(x), expected) and program.programs_of(other) is None
+    m.recompile()
+    assert program.programs_of(m) is None
+    with torch.inference_mode():
+        assert torch.equal(m(x), expected)
+    m = load(saved)
+    inputs = [torch.randn(b, 3, 16, 16) for b in (1, 2, 3, 4)]
+    with torch.inference_mode():
+        wanted = [generated(m, i) for i in inputs]
+    got = {}
+
+    def work(i):
+        with torch.inference_mode():
+            for _ in range(20):
+                got[i] = m(inputs[i])
+                assert torch.equal(got[i], wanted[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(got[i], wanted[i]) for i in range(4))
