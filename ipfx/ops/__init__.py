@@ -4,7 +4,8 @@ Importing this package registers ``ipfx::ip_conv`` and ``ipfx::sparse_linear`` (
 prevents re-registration). Layout by concern: ``storage`` (sparse format, cache), ``geometry`` (checks),
 ``kernels`` (evaluation orders), ``order`` (which order runs), ``native`` (the C++ kernel, built on first
 use), ``gpu`` and ``triton_conv`` (the Triton kernel, CUDA), ``library`` (op registration), ``modules``
-(``SparseIPConv``, ``SparseLinear``), ``pooling`` (max pooling on the native kernel, for frozen graphs);
+(``SparseIPConv``, ``SparseLinear``), ``pooling`` (max pooling on the native kernel, for frozen graphs),
+``program`` (a loaded program's graph run as one native call);
 ``ip_conv`` re-exports them under the historical path.
 """
 

@@ -15,19 +15,21 @@ native library, ``csrc/program.h``) holds the graph's steps in order and runs th
 The steps are the graph's nodes with the same kernels and arguments, so the outputs are the generated
 forward's bit for bit. A program is made for one input *signature* (each input's shape, strides, dtype and
 device, and ``IPFX_AUTOTUNE``), on the first call with it, by running the graph node by node in Python (that
-call's result), and kept (the last :data:`PROGRAMS_KEPT` signatures). Before it runs a step it checks its
-guards: everything a conv step was built from (the module's place in the module tree, its class, buffers,
+call's result), and kept (the last :data:`PROGRAMS_KEPT` signatures). Before its first step it checks
+its guards: everything a conv step was built from (the module's place in the module tree, its class, buffers,
 bias, activation and geometry, the in-place versions of its tensors, no hooks on it) and the place of every
 other module it calls. A changed one (``load_state_dict``, ``.to()``, an in-place edit, a replaced or hooked
 submodule) makes the program return without running anything, and a new one is built from the model as it is.
 
 It runs in eager inference only (no autograd, nothing compiling or tracing, no global module hooks, plain
-tensors passed positionally); any other call is the generated forward's. ``torch.fx``'s ``recompile()``,
-copies and pickles give a module the generated forward again.
+tensors passed positionally); any other call is the generated forward's. ``recompile()`` and
+deep copies give a module the generated forward again. Measured: a loaded mobilenet_v3_large at 95% runs in
+0.67x the time of the generated forward at batch 1 (2 threads, median of 5 interleaved rounds, 0.63-0.86).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -147,8 +149,6 @@ class _Attribute:
     program must not keep its own module alive."""
 
     def __init__(self, root: nn.Module, target: str):
-        import weakref
-
         self.root, self.target = weakref.ref(root), target
 
     def __call__(self):
@@ -168,14 +168,19 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
         raise TypeError(f"this graph takes {len(placeholders)} inputs, got {len(flat)}")
     value: dict[fx.Node, Any] = dict(zip(placeholders, flat))
     slot: dict[fx.Node, int] = {n: i for i, n in enumerate(placeholders)}
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last_reader = {n: max(n.users, key=position.__getitem__) for n in gm.graph.nodes if n.users}
     steps: list[tuple] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        if node.users or node is output:
+        if node.users:
             slot[node] = len(slot)
         value[node], step = _evaluate(gm, node, value)
         steps.append((node, step))
+        for read in node.all_input_nodes:  # (as the generated forward drops each value after its last use)
+            if last_reader[read] is node:
+                value.pop(read, None)
     outs = output.args[0]  # (a pytree graph's: the flat outputs)
     flat_outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
     results = [fx.node.map_arg(o, value.__getitem__) for o in flat_outs]
@@ -256,8 +261,8 @@ def _conv_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict, valu
 
 def _op_step(node: fx.Node, value: dict) -> Optional[tuple]:
     """The boxed step of an aten operator returning one tensor whose node arguments are tensors at the top
-    level; else None. ``arguments``: one per schema argument (defaults filled in), the build's values where a
-    node is; ``places``: (argument position, node)."""
+    level; else None. ``arguments``: one per schema argument (defaults filled in), None where a node is;
+    ``places``: (argument position, node)."""
     op = node.target
     if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
         return None
@@ -278,7 +283,7 @@ def _op_step(node: fx.Node, value: dict) -> Optional[tuple]:
             if type(value[given]) is not Tensor:
                 return None
             places.append((i, given))
-            given = value[given]
+            given = None  # (the slot's value on each call; the build's is not kept)
         elif any(isinstance(a, fx.Node) for a in _leaves(given)):
             return None
         arguments.append(given)
