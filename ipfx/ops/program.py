@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from . import epilogue, native
-from .modules import SparseIPConv
+from .modules import SparseIPConv, _bias
 from .order import ORDER_AUTO, autotune_setting
 
 #: Input signatures a module keeps a program for; a call with another drops the oldest.
@@ -189,7 +189,7 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
     program = native.new_program(len(slot), len(flat))
     guards = _Guards(program)
     for node, step in steps:
-        out = slot.get(node, -1) if node.users else -1
+        out = slot.get(node, -1)  # (a node nobody reads has no slot)
         kind = step[0]
         if kind == "conv":
             _, module, bound, x, residual, tensors = step
@@ -222,7 +222,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, value: dict) -> tuple[Any, tupl
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         result = module(*args, **kwargs)
-        return result, _conv_step(module, node, args, kwargs, value) or _python_step(gm, node, module)
+        return result, _conv_step(module, node, args, kwargs) or _python_step(gm, node, module)
     result = node.target(*args, **kwargs)
     return result, _op_step(node, value) or _python_step(gm, node)
 
@@ -236,7 +236,7 @@ def _python_step(gm: fx.GraphModule, node: fx.Node, module: Optional[nn.Module] 
     return "python", _Call(fn, node.args, node.kwargs, inputs), inputs
 
 
-def _conv_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict, value: dict) -> Optional[tuple]:
+def _conv_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Optional[tuple]:
     """The native conv step of a :class:`SparseIPConv` call ``module(x, order=..., residual=...)`` whose plan
     (the one its eager path just used) is the bound native kernel with the epilogue in it; else None."""
     if type(module) is not SparseIPConv or len(node.args) != 1 or not set(node.kwargs) <= {"order", "residual"}:
@@ -254,7 +254,7 @@ def _conv_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict, valu
         return None
     buffers = module._buffers
     tensors = [t for t in (buffers.get("values"), buffers.get("indices"), buffers.get("basis"),
-                           getattr(module, "bias", None)) if isinstance(t, Tensor)]
+                           _bias(module)) if isinstance(t, Tensor)]
     residual_node = node.kwargs.get("residual")
     return "conv", module, bound, node.args[0], residual_node, tensors
 
@@ -284,20 +284,15 @@ def _op_step(node: fx.Node, value: dict) -> Optional[tuple]:
                 return None
             places.append((i, given))
             given = None  # (the slot's value on each call; the build's is not kept)
-        elif any(isinstance(a, fx.Node) for a in _leaves(given)):
-            return None
+        else:
+            nested: list = []
+            fx.node.map_arg(given, nested.append)
+            if nested:  # (a node inside a list: not a constant)
+                return None
         arguments.append(given)
     if len(node.args) > sum(not a.kwarg_only for a in schema.arguments):
         return None
     return "op", op, arguments, places
-
-
-def _leaves(x) -> list:
-    if isinstance(x, (list, tuple)):
-        return [leaf for item in x for leaf in _leaves(item)]
-    if isinstance(x, dict):
-        return [leaf for item in x.values() for leaf in _leaves(item)]
-    return [x]
 
 
 class _Guards:

@@ -11,8 +11,8 @@
 // Each slot is freed after its last use (as the generated forward's `x = None`). Before the first step every
 // guard is checked: the Python attributes the steps were built from (a module's buffers, parameters, settings
 // and its place in the module tree, each `dict[key] is value` or absent; its class; its hooks, none) and the
-// in-place versions of the tensors a conv was bound to. Where one has changed, run returns None and runs nothing: Python builds a new
-// program from the module as it is now.
+// in-place versions of the tensors a conv was bound to. Where one has changed, run returns None and runs
+// nothing: Python builds a new program from the module as it is now.
 
 namespace {
 
@@ -80,7 +80,7 @@ struct ProgramStep {
   int64_t x = -1, residual = -1, activation = 0;
   // op
   c10::optional<c10::OperatorHandle> op;
-  std::vector<c10::IValue> stack;       // every argument, the slot positions holding the build's values
+  std::vector<c10::IValue> stack;       // every argument (None at the slots' positions)
   std::vector<std::pair<size_t, int64_t>> places;  // (stack position, slot)
   // python
   py::object fn;
@@ -108,7 +108,7 @@ class Program {
     steps_.push_back(std::move(s));
   }
 
-  // `values`: one per schema argument, in order (the slots' ones the build's values); `places`: (argument, slot).
+  // `values`: one per schema argument, in order (None where a slot goes); `places`: (argument, slot).
   void add_op(const std::string& name, const std::string& overload, py::list values,
               std::vector<std::pair<int64_t, int64_t>> places, int64_t output) {
     auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str());
