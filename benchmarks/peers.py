@@ -34,7 +34,11 @@ norms calibrated again on the pruned weights) and timed, at ``--threads`` thread
 onnxruntime, openvino and DeepSparse are optional: a missing one is skipped with a note. Every engine's
 output on the timed input is checked against torch eager dense: max |y - y_ref| / max |y_ref| (flagged
 above 1e-3). After one warm-up, rounds run each engine ``--calls`` calls in turn, the order rotated each
-round; an engine's time in a round is its mean per call. Before each round ``wait_for_quiet`` waits (up to
+round; an engine's time in a round is its mean per call, after ``--round-warmup`` untimed calls of its own at
+the start of its turn (the first call after another engine has run meets that engine's thread pool still
+spinning or waking: measured on 2 cores, one step of ipfx's first call stalled 4-12 ms, a scheduler tick or
+three, in 4 of 5 rounds, and the peers' first calls ran 10-40% slow; a deployed engine has the machine to
+itself). Before each round ``wait_for_quiet`` waits (up to
 ``--quiet-timeout`` s) for the 1-minute load average to fall below ``--max-load``; a round that starts
 above it is marked loaded. The load average counts this benchmark's own recent work as well, so with a
 low threshold it also makes each round wait for the previous one to cool off; the CPU time that other
@@ -499,6 +503,8 @@ def run_case(dense: nn.Module, fused: nn.Module, x: torch.Tensor, args, workdir:
         for name in order:
             time.sleep(0.05)  # let the previous engine's spinning threads go idle
             try:
+                if args.round_warmup > 0:
+                    engines[name].time(args.round_warmup)
                 times[name] = engines[name].time(calls)
             except Exception as e:  # noqa: BLE001 - a peer that fails mid-run (a crashed worker) drops out
                 if name == TORCH:
@@ -624,7 +630,8 @@ def write(path: str, info: dict, cases: list[dict], notes: list[str], args, seco
              f"`ipfx.transform(space=\"{args.space}\")`, conv/linear weights at unit std (about one density per "
              "layer), global magnitude pruning, batch norms calibrated on random batches after pruning. "
              f"ipfx fused: `{forms}`. ONNX: `{exports}`. {args.rounds} rounds per column, engine order rotated, "
-             "an engine's time in a round = its mean per call.", ""]
+             f"an engine's time in a round = its mean per call after {getattr(args, 'round_warmup', 0)} untimed "
+             "call(s) of its own at the start of its turn.", ""]
     rewrites = sorted({c["deepsparse_onnx"] for c in cases if c.get("deepsparse_onnx")})
     if rewrites:
         lines += [f"DeepSparse ran a copy of the ONNX file with HardSwish/HardSigmoid written as Mul/Add/Clip "
@@ -678,6 +685,8 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=0,
                         help="calls per engine per round (default 10 at batch 1, else 2)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per engine, once before the rounds")
+    parser.add_argument("--round-warmup", type=int, default=1,
+                        help="untimed calls per engine at the start of its turn in each round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--space", choices=("sp", "ip"), default="sp")
     parser.add_argument("--max-load", type=float, default=0.5, help="wait for a 1-minute load average below this")

@@ -3,6 +3,7 @@ every change of the model it was built from."""
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -81,6 +82,33 @@ def test_a_loaded_program_runs_its_graph_natively_with_the_generated_forwards_nu
         assert torch.equal(m(x), generated(m, x)) and len(program.programs_of(m)) == 5
         channels_last = x.to(memory_format=torch.channels_last)  # (another signature: its strides)
         assert torch.equal(m(channels_last), generated(m, channels_last)) and len(program.programs_of(m)) == 6
+
+
+def test_a_program_times_its_steps_only_while_asked(saved):
+    """Program.set_timing (benchmarks/program_profile.py): each step's total over the runs since timing was turned
+    on, kept when it is turned off; a program names each step's node."""
+    m = load(saved)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        m(x)
+        p = the_program(m, x)
+        assert p.step_seconds == []  # (never turned on)
+        names = {n.name for n in m.graph.nodes}
+        assert len(p.nodes) == len(p.kinds) and set(p.nodes) <= names
+        p.set_timing(True)
+        assert p.step_seconds == [0.0] * len(p.kinds)
+        start = time.perf_counter()
+        for _ in range(3):
+            m(x)
+        wall = time.perf_counter() - start
+        p.set_timing(False)
+        spent = p.step_seconds
+        assert len(spent) == len(p.kinds) and all(s > 0 for s in spent) and sum(spent) <= wall, spent
+        m(x)
+        assert p.step_seconds == spent
+        p.set_timing(True)
+        assert p.step_seconds == [0.0] * len(p.kinds)
+        p.set_timing(False)
 
 
 def test_the_program_follows_every_change_of_the_model(saved):

@@ -209,6 +209,7 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
             guards.path(gm, node.target)
         program.add_python(fn, [slot[n] for n in inputs], out)
     program.set_outputs([slot[o] for o in flat_outs])
+    program.nodes = [node.name for node, _ in steps]  # (each step's node, for profiles: Program.step_seconds)
     return program, results
 
 

@@ -166,7 +166,10 @@ class Program {
     if (!current()) return py::none();
     std::vector<Slot> slot(slots_);
     for (int64_t i = 0; i < inputs_; ++i) slot[i].tensor = inputs[i];
-    for (const auto& s : steps_) {
+    const bool timing = timing_;
+    for (size_t k = 0; k < steps_.size(); ++k) {
+      const auto& s = steps_[k];
+      const auto started = timing ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
       Slot out;
       switch (s.kind) {
         case ProgramStep::kConv: {
@@ -195,10 +198,30 @@ class Program {
       }
       for (int64_t r : s.release) slot[r] = Slot();
       if (s.output >= 0) slot[s.output] = std::move(out);
+      if (timing)
+        spent_[k] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started)
+                         .count();
     }
     py::list result(outputs_.size());
     for (size_t i = 0; i < outputs_.size(); ++i) result[i] = slot[outputs_[i]].object();
     return std::move(result);
+  }
+
+  // Per-step wall time, for profiling (benchmarks/program_profile.py): while timing is on, each run adds each
+  // step's time (its kernel, and freeing the values it read last) to its total; `step_seconds` reads the totals,
+  // which turning timing on sets to zero and turning it off keeps. Off by default (then a run costs one test per
+  // step). Concurrent runs add to the same totals (atomically).
+  void set_timing(bool on) {
+    if (on) {
+      if (spent_.size() != steps_.size()) spent_ = std::vector<std::atomic<int64_t>>(steps_.size());
+      for (auto& t : spent_) t = 0;
+    }
+    timing_ = on;
+  }
+  std::vector<double> step_seconds() const {
+    std::vector<double> out;
+    for (const auto& t : spent_) out.push_back(t.load() * 1e-9);
+    return out;
   }
 
   std::vector<std::string> kinds() const {  // each step's kind, in order
@@ -252,10 +275,12 @@ class Program {
   std::vector<std::pair<at::Tensor, int64_t>> versions_;
   std::vector<ProgramStep> steps_;
   std::vector<int64_t> outputs_;
+  bool timing_ = false;
+  mutable std::vector<std::atomic<int64_t>> spent_;
 };
 
 void bind_program(py::module_& m) {
-  py::class_<Program>(m, "Program")
+  py::class_<Program>(m, "Program", py::dynamic_attr())
       .def(py::init<int64_t, int64_t>(), py::arg("slots"), py::arg("inputs"))
       .def("guard_item", &Program::guard_item, py::arg("dict"), py::arg("key"), py::arg("value"),
            py::arg("missing"))
@@ -268,6 +293,8 @@ void bind_program(py::module_& m) {
       .def("set_outputs", &Program::set_outputs)
       .def("current", &Program::current)
       .def("run", &Program::run)
+      .def("set_timing", &Program::set_timing)
+      .def_property_readonly("step_seconds", &Program::step_seconds)
       .def_property_readonly("kinds", &Program::kinds);
 }
 
