@@ -7,6 +7,7 @@ native tests are skipped after checking that the fallback warns once and compute
 
 from __future__ import annotations
 
+import threading
 import warnings
 from unittest import mock
 
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ipfx.form.bases import dct_basis
 from ipfx.ops import SparseIPConv, SparseLinear, native
 from ipfx.ops.library import _run_sparse_linear
 from ipfx.ops.order import ORDER_BASIS_FIRST, ORDER_NATIVE
@@ -570,6 +572,51 @@ def test_read_offsets_worked_out_once_give_the_same_numbers(groups, padding, str
     with mock.patch.object(native, "direct_applies", lambda *args: True):
         any_size = native.bind_conv(*operands[:3], None, module.bias, operands[3], g, other_expected.shape[2:], 4)
     assert torch.allclose(any_size(other, None, 0), other_expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("basis", [False, True], ids=["sp", "ip"])
+def test_a_bound_conv_keeps_its_tile_runs_for_the_input_size_it_is_called_with(basis):
+    """The tiled path's runs, kept by a bound conv (TileRunsCache) for the last input size: inputs of other sizes
+    with the same output size (stride 2: 15 or 16 wide), alternating, and calls from four threads at once give
+    the unbound kernel's numbers to the bit each time."""
+    from ipfx.ops.library import _conv_geometry, _native_operands
+
+    torch.manual_seed(0)
+    c, k = 8, 3
+    weight = torch.randn(c, c, k, k) * (torch.rand(c, c, k, k) < 0.4)
+    module = SparseIPConv.from_coefficients(weight.reshape(c, c, -1), dct_basis((k, k), torch.float32) if basis else None,
+                                            torch.randn(c), weight_shape=weight.shape, padding=1, stride=2)
+    sizes = [(16, 16), (15, 16), (16, 15), (15, 15)]
+    inputs = [torch.randn(2, c, *size) for size in sizes * 2]
+    g = _conv_geometry(inputs[0], module.values, module.indices, module.basis, module.bias, module.weight_shape,
+                       module.stride, module.padding, module.dilation, 1, False, module.output_padding)
+    crow, col, vals, used = _native_operands(g, module.values, module.indices, lambda: module.indices, inputs[0])
+    b = None if module.basis is None else module.basis.contiguous()
+    with mock.patch.object(native, "direct_applies", lambda *args: False):
+        bound = native.bind_conv(crow, col, vals, b, module.bias, used, g, (8, 8), 4)
+    dense = module.to_dense_weight()
+    expected = []
+    for x in inputs:
+        want = native.conv(x, crow, col, vals, b, module.bias, used, g, (8, 8))
+        assert torch.allclose(want, F.conv2d(x, dense, module.bias, 2, 1), rtol=1e-4, atol=1e-4)
+        expected.append(want)
+    for x, want in zip(inputs, expected):
+        assert torch.equal(bound(x, None, 0), want), x.shape
+    failures = []
+
+    def hammer(seed):
+        for _ in range(20):
+            for x, want in zip(inputs[seed:] + inputs[:seed], expected[seed:] + expected[:seed]):
+                if not torch.equal(bound(x, None, 0), want):
+                    failures.append(x.shape)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
 
 
 @needs_native
