@@ -653,6 +653,55 @@ def test_the_epilogue_from_registers_computes_torchs_activations_to_the_bit(dire
                 assert torch.equal(got.signbit(), expected.signbit()), activation  # (-0 stays -0)
 
 
+@needs_native
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, (14, 14)), (3, 1, (7, 13)), (5, 2, (14, 14)),
+                                                  (5, 1, (7, 7)), (3, 2, (11, 9))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_grouped_direct_path_writes_each_channel_with_torchs_epilogue(kernel, stride, size, dtype):
+    """A depthwise conv on the grouped direct path: a channel without kept coefficients is filled in one pass
+    (act(+0 + bias + residual): a -0 bias gives +0, as the empty sum does), the others write their tiles' row
+    segments a whole vector at a time where the overhang stays in the channel (rows of 7 to 14 numbers: every
+    segment short). Integer weights and inputs make every sum exact: the result equals torch's conv and
+    activations, NaN and infinities of the residual included, and the gather path's to the bit, signs of zero
+    too (torch's dense sums add the skipped zero weights' -0 products: its zeros' signs are its own)."""
+    from ipfx.ops import epilogue
+
+    torch.manual_seed(0)
+    c = 24
+    weight = torch.randint(-2, 3, (c, 1, kernel, kernel)).to(dtype) * (torch.rand(c, 1, kernel, kernel) < 0.15)
+    weight[::3] = 0  # (every third channel keeps nothing)
+    weight[-1, 0, kernel // 2, kernel // 2] = 1  # (the last channel keeps something: its segments end the output)
+    bias = torch.randint(-3, 4, (c,)).to(dtype)
+    bias[0], bias[3] = -0.0, 0.0
+    pad = kernel // 2
+    x = torch.randint(-3, 4, (2, c, *size)).to(dtype)
+    module = SparseIPConv.from_coefficients(weight.reshape(c, 1, -1), None, bias, weight_shape=weight.shape,
+                                            stride=stride, padding=pad, groups=c)
+    z = F.conv2d(x, weight, bias, stride, pad, groups=c)
+    residual = torch.randint(-8, 9, z.shape).to(dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -2.5, 1e30, -1e30], dtype=dtype)
+    flat = residual.view(-1)
+    flat[torch.randperm(flat.numel())[:200]] = special[torch.randint(0, len(special), (200,))]
+    for activation in ("none", "relu", "relu6", "hardswish"):
+        module.activation = activation
+        for r in (None, residual):
+            expected = epilogue.apply(z, r, activation)
+            got = {}
+            for direct in (True, False):
+                with mock.patch.object(native, "direct_applies", lambda *args: direct), torch.no_grad():
+                    got[direct] = module(x, ORDER_NATIVE, r)
+                torch.testing.assert_close(got[direct], expected, rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{activation} direct={direct}")
+            assert torch.equal(got[True].isnan(), got[False].isnan())
+            same = ~got[True].isnan()
+            assert torch.equal(got[True][same], got[False][same]) and torch.equal(got[True].signbit()[same],
+                                                                                  got[False].signbit()[same])
+    module.activation = "none"
+    with torch.no_grad(), mock.patch.object(native, "direct_applies", lambda *args: True):
+        y = module(x, ORDER_NATIVE)
+    assert not y[:, 0].signbit().any()  # (+0 + -0: +0)
+
+
 def test_the_kernel_computes_in_vectors_of_the_machines_width():
     """The kernel's vectors are the CPU's own (64 bytes with AVX-512, 32 with AVX2): vectors twice the machine's
     width were split by the compiler through the stack, which made every layer 2-7x slower on AVX2 machines."""
