@@ -595,7 +595,7 @@ inline void store_vectors(const typename Lane<scalar_t>::V* acc, scalar_t b, con
 // y[0 .. NV*L) = act((acc + b) + res) straight from the accumulators, for a tile whose positions are one whole
 // run of y (res: the residual there, or null): one store per vector instead of a pass through a buffer and
 // another for the activation. The epilogue's order of additions (as the runs' loops); false, with nothing
-// written, for silu and gelu (left to activate_run's scalar functions).
+// written, for silu and gelu (left to epilogue_span's scalar loops).
 template <typename scalar_t, int NV>
 inline bool store_tile(const typename Lane<scalar_t>::V* acc, scalar_t b, const scalar_t* res, int64_t activation,
                        scalar_t* y) {
@@ -605,6 +605,32 @@ inline bool store_tile(const typename Lane<scalar_t>::V* acc, scalar_t b, const 
     case 2: store_vectors<scalar_t, NV, 2>(acc, b, res, y); return true;
     case 5: store_vectors<scalar_t, NV, 5>(acc, b, res, y); return true;
     default: return false;
+  }
+}
+
+// y[0 .. n) = act((t + b) + res) (res null: act(t + b)), in one pass with the activation a constant (so that it
+// vectorises): the epilogue of every span of an output that is not one whole tile in registers (store_tile).
+template <typename scalar_t, int A>
+inline void epilogue_span(const scalar_t* __restrict__ t, scalar_t b, const scalar_t* __restrict__ res,
+                          scalar_t* __restrict__ y, int64_t n) {
+  if (res != nullptr) {
+    for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, A>((t[p] + b) + res[p]);
+  } else {
+    for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, A>(t[p] + b);
+  }
+}
+
+template <typename scalar_t>
+inline void epilogue_span(const scalar_t* t, scalar_t b, const scalar_t* res, scalar_t* y, int64_t n,
+                          int64_t activation) {
+  switch (activation) {
+    case 0: epilogue_span<scalar_t, 0>(t, b, res, y, n); break;
+    case 1: epilogue_span<scalar_t, 1>(t, b, res, y, n); break;
+    case 2: epilogue_span<scalar_t, 2>(t, b, res, y, n); break;
+    case 3: epilogue_span<scalar_t, 3>(t, b, res, y, n); break;
+    case 4: epilogue_span<scalar_t, 4>(t, b, res, y, n); break;
+    case 5: epilogue_span<scalar_t, 5>(t, b, res, y, n); break;
+    default: break;
   }
 }
 
@@ -621,14 +647,9 @@ inline void contract_row(const int64_t* __restrict__ crow, const int64_t* __rest
   sparse_accumulate<scalar_t, NV>(vals, crow[o], crow[o + 1],
                                   [&](int64_t e) { return reinterpret_cast<const V*>(R + col[e] * TP); }, acc);
   if (valid == TP && store_tile<scalar_t, NV>(acc, bias, res, activation, yo)) return;
-  scalar_t tmp[TP];
+  alignas(64) scalar_t tmp[TP];
   std::memcpy(tmp, acc, sizeof(tmp));
-  if (res != nullptr)
-    for (int64_t p = 0; p < valid; ++p) tmp[p] = (tmp[p] + bias) + res[p];
-  else
-    for (int64_t p = 0; p < valid; ++p) tmp[p] += bias;
-  activate_run<scalar_t>(tmp, valid, activation);
-  std::memcpy(yo, tmp, valid * sizeof(scalar_t));
+  epilogue_span<scalar_t>(tmp, bias, res, yo, valid, activation);
 }
 
 template <typename scalar_t, int TP>
@@ -973,12 +994,7 @@ struct DirectPlan {
       scalar_t* __restrict__ yr = yo + run->dst;
       const int32_t len = run->len, whole = (len + L - 1) / L * L;
       const int32_t n = (own_end != nullptr && yr + whole <= own_end && run->p + whole <= TP + L) ? whole : len;
-      if (ro != nullptr) {
-        const scalar_t* __restrict__ rr = ro + run->dst;
-        for (int32_t p = 0; p < n; ++p) yr[p] = activate<scalar_t, A>((t[p] + b) + rr[p]);
-      } else {
-        for (int32_t p = 0; p < n; ++p) yr[p] = activate<scalar_t, A>(t[p] + b);
-      }
+      epilogue_span<scalar_t, A>(t, b, ro != nullptr ? ro + run->dst : nullptr, yr, n);
     }
   }
 };
