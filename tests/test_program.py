@@ -61,7 +61,8 @@ def the_program(m, x):
 
 def test_a_loaded_program_runs_its_graph_natively_with_the_generated_forwards_numbers(saved):
     """load_module installs the program forward; per input signature one program is built and reused, its steps
-    native convs and boxed aten ops (Python only for the input guards and the linear), its outputs the generated
+    native convs and boxed aten ops (Python only for the max pool and the linear; torch.export's input guards ran
+    in the build), its outputs the generated
     forward's bit for bit, on the saved batch size and others and on another spatial size."""
     m = load(saved)
     assert program.programs_of(m) == {}
@@ -74,7 +75,7 @@ def test_a_loaded_program_runs_its_graph_natively_with_the_generated_forwards_nu
             plans = [s.__dict__["_last_plan_memo"][1] for s in m.modules() if isinstance(s, SparseIPConv)]
             bound = sum(hasattr(p, "bound") for p in plans)  # (a plan on the native kernel; the 3-channel stem's
             assert bound >= 2 and kinds.count("conv") == bound, kinds  # is dense: a Python step, as the pool)
-            assert kinds.count("python") == 3 + len(plans) - bound, kinds  # (+ input guards, max pool, linear)
+            assert kinds.count("python") == 2 + len(plans) - bound, kinds  # (+ max pool, linear; no input guards)
             assert kinds.count("op") == 5, kinds  # pool, hardsigmoid, mul, hardswish, mean
     assert len(program.programs_of(m)) == 4
     x = torch.randn(3, 3, 16, 16)
@@ -161,6 +162,22 @@ def test_the_program_follows_every_change_of_the_model(saved):
             m(x)
         replacement.stride = (1, 1)
         check("stride back")
+        # torch.export's input guards: not a step (they hold for the signature), but replacing them is seen
+        guards_fn = m.get_submodule("_guards_fn")
+        assert "_guards_fn" not in the_program(m, x).nodes
+
+        def refuse(*args):
+            raise AssertionError("Guard failed: refused")
+
+        guards_fn.forward = refuse
+        with pytest.raises(AssertionError, match="refused"):
+            m(x)
+        del guards_fn.forward
+        check("the guards' own forward back")
+        m._guards_fn = copy.deepcopy(guards_fn)
+        m._guards_fn.forward = refuse
+        with pytest.raises(AssertionError, match="refused"):
+            m(x)
 
 
 def test_calls_the_program_does_not_take_run_the_generated_forward_and_raise_its_errors(saved):
