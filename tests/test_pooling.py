@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import ipfx
 from helpers import randomize_masks
 from ipfx.ops import native
-from ipfx.ops.pooling import MaxPool2d, native_geometry
+from ipfx.ops.pooling import GlobalAvgPool2d, MaxPool2d, native_geometry
 from ipfx.passes.manager import PassManager
 from ipfx.passes.native_pooling import NativePooling
 
@@ -130,6 +130,8 @@ def test_frozen_and_loaded_resnets_pool_natively_and_compute_the_same(tmp_path, 
     assert containers and all(type(s) is PathModule for s in containers)  # the forward's paths as attributes
     for m in (frozen, loaded):
         assert sum(isinstance(s, MaxPool2d) for s in m.modules()) == 1
+        assert sum(isinstance(s, GlobalAvgPool2d) for s in m.modules()) == 1  # (the head's average pool)
+        assert not any(n.op == "call_function" and "adaptive_avg_pool" in str(n.target) for n in m.graph.nodes)
         assert not any(type(s) is nn.MaxPool2d for s in m.modules())
         assert not any(n.op == "call_function" and "max_pool" in str(n.target) for n in m.graph.nodes)
     for shape in [(2, 3, 64, 64), (1, 3, 72, 80)]:
@@ -138,3 +140,71 @@ def test_frozen_and_loaded_resnets_pool_natively_and_compute_the_same(tmp_path, 
             expected = t(y)
             assert torch.allclose(frozen(y), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
             assert torch.equal(loaded(y), frozen(y))
+
+
+@needs_native
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 19), w=st.integers(1, 19),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+       specials=st.lists(st.sampled_from([float("nan"), float("inf"), float("-inf")]), max_size=2))
+def test_the_native_global_average_pool_is_the_mean_of_each_plane(n, c, h, w, dtype, seed, specials):
+    """GlobalAvgPool2d in eager inference (the native channel mean): each plane's mean within a few ulps of
+    aten's, NaN and infinities where aten has them, the same bits at one and two threads (a plane is summed by
+    one thread in a fixed order), and aten's own result wherever autograd is on."""
+    x = torch.randn(n, c, h, w, dtype=dtype, generator=torch.Generator().manual_seed(seed)) + 3
+    for i, v in enumerate(specials):
+        x.view(-1)[(seed * (i + 7)) % x.numel()] = v
+    pool = GlobalAvgPool2d()
+    expected = F.adaptive_avg_pool2d(x, 1)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = pool(x)
+            torch.set_num_threads(2)
+            two = pool(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == expected.shape == (n, c, 1, 1) and one.dtype == dtype
+    assert torch.equal(one.isnan(), expected.isnan()) and torch.equal(one.isnan(), two.isnan())
+    fine = ~expected.isnan()
+    assert torch.equal(one[fine], two[fine])
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(one[fine], expected[fine], rtol=tol, atol=tol)
+    with torch.enable_grad():
+        assert torch.equal(pool(x.requires_grad_()).detach().isnan(), expected.isnan())  # (aten's path: autograd)
+        x.requires_grad_(False)
+
+
+@needs_native
+def test_global_average_pools_become_native_and_others_stay():
+    """The pass turns nn.AdaptiveAvgPool2d(1), F.adaptive_avg_pool2d(x, 1) and aten's (x, [1, 1]) into
+    GlobalAvgPool2d, and leaves pools to other sizes; the result is aten's (to a few ulps), on other shapes
+    too; the module exports as aten's op, and falls back to aten on a non-contiguous input."""
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.other = nn.AdaptiveAvgPool2d((1, 1)), nn.AdaptiveAvgPool2d(2)
+
+        def forward(self, x):
+            a = self.head(x) + F.adaptive_avg_pool2d(x, 1) + torch.ops.aten.adaptive_avg_pool2d(x, [1, 1])
+            return a.flatten(1), self.other(x).flatten(1), F.adaptive_avg_pool2d(x, (1, 2)).flatten(1)
+
+    original = Heads()
+    gm = torch.fx.symbolic_trace(original)
+    PassManager([NativePooling()], sites=lambda m: [(m, {})])(gm)
+    assert sum(type(m) is GlobalAvgPool2d for m in gm.modules()) == 3
+    assert type(gm.other) is nn.AdaptiveAvgPool2d
+    assert sum(n.op == "call_function" and "adaptive_avg_pool" in str(n.target) for n in gm.graph.nodes) == 1
+    for shape in [(2, 5, 7, 7), (1, 5, 13, 9)]:
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            for got, want in zip(gm(y), original(y)):
+                torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    pool = GlobalAvgPool2d()
+    y = torch.randn(2, 4, 9, 9).transpose(2, 3)
+    with torch.no_grad():
+        assert torch.equal(pool(y), F.adaptive_avg_pool2d(y, 1))  # (not contiguous: aten's)
+    exported = torch.export.export(nn.Sequential(GlobalAvgPool2d()), (torch.randn(1, 3, 5, 5),))
+    assert any("adaptive_avg_pool2d" in str(n.target) for n in exported.graph.nodes)

@@ -162,6 +162,14 @@ def test_the_program_follows_every_change_of_the_model(saved):
             m(x)
         replacement.stride = (1, 1)
         check("stride back")
+        pool_name = next(n for n, s in m.named_modules() if type(s).__name__ == "GlobalAvgPool2d")
+        program_now = the_program(m, x)
+        assert program_now.kinds[program_now.nodes.index(pool_name.replace(".", "_"))] == "op"  # (its native op)
+        handle = m.get_submodule(pool_name).register_forward_hook(lambda mod, args, out: out * 2)
+        check("a hook on the global pool")
+        handle.remove()
+        m.get_submodule(pool_name).output_size = (1, 1)  # (another object: seen, same result)
+        check("the pool's output size")
         # torch.export's input guards: not a step (they hold for the signature), but replacing them is seen
         guards_fn = m.get_submodule("_guards_fn")
         assert "_guards_fn" not in the_program(m, x).nodes

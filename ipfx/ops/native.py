@@ -354,6 +354,12 @@ def max_pool2d(x: Tensor, kernel, stride, padding, dilation, out_spatial) -> Ten
     return _state["module"].max_pool2d(x, list(kernel), list(stride), list(padding), list(dilation), list(out_spatial))
 
 
+def channel_mean(x: Tensor) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, 1)`` for a contiguous 4-d float CPU ``x``: each plane's mean, summed in a fixed
+    order by one thread (not aten's order: the last bits may differ from aten's)."""
+    return _state["module"].channel_mean(x)
+
+
 def new_program(slots: int, inputs: int):
     """An empty native program (``csrc/program.h``; built by :mod:`ipfx.ops.program`) of ``slots`` values, the
     first ``inputs`` of them its inputs."""

@@ -9,7 +9,8 @@ native library, ``csrc/program.h``) holds the graph's steps in order and runs th
 * a fused conv whose plan is the native kernel (:func:`ipfx.ops.library.conv_plan`): the plan's bound kernel
   (``BoundConv``), called as the plan calls it (contiguous input and residual, the activation's code);
 * an aten operator (``OpOverload``) returning one tensor, whose tensor arguments are nodes: called boxed
-  through the dispatcher, its constant arguments converted once by the operator's schema;
+  through the dispatcher, its constant arguments converted once by the operator's schema; likewise a
+  :class:`~ipfx.ops.pooling.GlobalAvgPool2d` whose eager path is the native channel mean (that op);
 * any other node (other modules, Python functions, attribute reads): the same call from C++ into Python;
 * but not torch.export's input guards (assertions on the inputs' sizes, which a program's signature fixes):
   they run when the program is built (:func:`_input_guards`).
@@ -43,6 +44,7 @@ from torch.nn.modules import module as _module_globals
 from . import epilogue, native
 from .modules import SparseIPConv, _bias
 from .order import ORDER_AUTO, autotune_setting
+from .pooling import GlobalAvgPool2d, channel_mean_applies
 
 #: Input signatures a module keeps a program for; a call with another drops the oldest.
 PROGRAMS_KEPT = 8
@@ -202,6 +204,8 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
             continue
         if kind == "op":
             _, op, arguments, places = step
+            if node.op == "call_module":  # (a module run as its op: _pool_step)
+                guards.module(gm, node.target, ("output_size", "forward"))
             try:
                 program.add_op(op._schema.name, op._schema.overload_name, arguments,
                                [(i, slot[n]) for i, n in places], out)
@@ -246,7 +250,8 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, value: dict) -> tuple[Any, tupl
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         result = module(*args, **kwargs)
-        return result, _conv_step(module, node, args, kwargs) or _python_step(gm, node, module)
+        return result, (_conv_step(module, node, args, kwargs) or _pool_step(module, node, args, kwargs)
+                        or _python_step(gm, node, module))
     result = node.target(*args, **kwargs)
     return result, _op_step(node, value) or _python_step(gm, node)
 
@@ -281,6 +286,18 @@ def _conv_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> O
                            _bias(module)) if isinstance(t, Tensor)]
     residual_node = node.kwargs.get("residual")
     return "conv", module, bound, node.args[0], residual_node, tensors
+
+
+def _pool_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """The boxed ``ipfx_native::channel_mean`` step of a :class:`~ipfx.ops.pooling.GlobalAvgPool2d` call whose
+    eager path (just run) was that op; else None."""
+    if type(module) is not GlobalAvgPool2d or len(args) != 1 or kwargs or type(args[0]) is not Tensor:
+        return None
+    if module.output_size not in (1, (1, 1)) or not channel_mean_applies(args[0]):
+        return None
+    if any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__:
+        return None
+    return "op", torch.ops.ipfx_native.channel_mean.default, [None], [(0, node.args[0])]
 
 
 def _op_step(node: fx.Node, value: dict) -> Optional[tuple]:
@@ -342,6 +359,16 @@ class _Guards:
             self.item(module._modules, name)
             module = module._modules[name]
         return module
+
+    def module(self, root: nn.Module, target: str, attributes: tuple) -> None:
+        """A module run as an op: its place, class, the attributes its step was built from, no hooks."""
+        module = self.path(root, target)
+        self.program.guard_type(module, type(module))
+        for key in attributes:
+            self.item(module.__dict__, key)
+        for hooks in _HOOKS:
+            self.item(module.__dict__, hooks)
+            self.program.guard_empty(getattr(module, hooks))
 
     def conv(self, root: nn.Module, target: str, module: nn.Module, tensors: list) -> None:
         self.path(root, target)
