@@ -159,10 +159,15 @@ def test_the_direct_path_rule(kernel, stride, out_spatial, nnz, expected):
     (256, 64, (56, 56), 800, {64: True, 32: True}),  # a reduction: direct at either width
     (64, 64, (56, 56), 200, {64: True, 32: True}),
     (64, 128, (14, 14), 50, {64: False, 32: False}),  # a small map: the gather at either width
+    (672, 112, (14, 14), 3763, {64: False, 32: True}),  # a reduction read 5.6 times a copied row, 95%
+    (960, 160, (7, 7), 7680, {64: False, 32: True}),  # 8 times
+    (1024, 256, (14, 14), 13107, {64: False, 32: False}),  # 12.8 times: the gather at either width
 ])
 def test_the_direct_path_rule_for_1x1_expansions_follows_the_vector_width(c_in, c_out, out_spatial, nnz, expected):
     """With 32-byte vectors (AVX2) a 1x1 conv with more outputs than inputs takes the gather at any map size
-    (ipfx.ops.native.DIRECT_EXPANSION_MIN_VECTOR_BYTES); with 64-byte ones, the rule for every 1x1 conv."""
+    (ipfx.ops.native.DIRECT_EXPANSION_MIN_VECTOR_BYTES), and a reduction whose copied rows would each be read
+    by few kept coefficients the direct path (DIRECT_MAX_READS_PER_ROW); with 64-byte ones, the rule for every
+    1x1 conv."""
     g = {"transposed": False, "groups": 1, "stride": (1, 1), "K": 1, "c_out": c_out, "c_in": c_in,
          "kernel": (1, 1), "dilation": (1, 1)}
     for width, direct in expected.items():

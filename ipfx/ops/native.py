@@ -261,6 +261,18 @@ DIRECT_EXPANSION_MIN_VECTOR_BYTES = 64
 DIRECT_MIN_TAPS = 9
 DIRECT_MAX_DENSITY_TAPS = 0.2
 DIRECT_MAX_DENSITY = 0.03
+#: The gather copies each input channel's K rows once per tile and each copy is then read by the kept
+#: coefficients of that column: nnz / (c_in K) of them on average. Where that is small the copy is a large part
+#: of the work, and the direct path, which reads the input in place, wins on small maps too. Measured on an AMD
+#: EPYC (AVX2), 2 threads, in-process interleaved rounds (direct / gather), 1x1 at 95%, batch 1 (32), by reads
+#: per copied row: mobilenet_v3_large 672->112 @14 5.6: 0.80 (0.65), 480->112 @14 5.6: 0.83 (0.74), 672->160
+#: @7 8.0: 0.70 (0.86), 960->160 @7 8.0: 0.66 (0.83); resnet50 1024->256 @14 12.8: 1.04-1.07 (0.88),
+#: 1024->512 @14 25.6: 1.28 (1.07), 2048->512 @7 25.6: 0.98-1.03 (1.18). So also direct (c_out <= c_in)
+#: where each copied row would be read by at most DIRECT_MAX_READS_PER_ROW kept coefficients on average, on
+#: CPUs whose vectors are narrower than DIRECT_READS_MAX_VECTOR_BYTES: with AVX-512 the gather won 1024->256
+#: @14 at 98% (5.1 reads a row; the rows above DIRECT_MIN_POSITIONS).
+DIRECT_MAX_READS_PER_ROW = 10
+DIRECT_READS_MAX_VECTOR_BYTES = 32
 #: Strided: the direct path first lays the padded input out as its stride phases (one copy of the input), the
 #: gather copies every tap's strided positions one number at a time (c_in*K*P_out numbers, about K/phases
 #: times the input). Measured (resnet50 at 95%, batch 1, 2 threads, direct / gather): 0.31 on the 7x7/2
@@ -289,7 +301,7 @@ def vector_bytes() -> int:
 
 def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> bool:
     """Whether the native kernel runs ``g`` as a direct sparse convolution (:data:`DIRECT_MIN_POSITIONS`,
-    :data:`DIRECT_EXPANSION_MIN_VECTOR_BYTES`, :data:`DIRECT_MIN_TAPS_PER_PHASE`,
+    :data:`DIRECT_EXPANSION_MIN_VECTOR_BYTES`, :data:`DIRECT_MIN_TAPS_PER_PHASE`, :data:`DIRECT_MAX_READS_PER_ROW`,
     :data:`DIRECT_GROUP_MAX_NUMBERS`; the measurements beside them)."""
     if basis is not None or g["transposed"]:
         return False
@@ -309,8 +321,10 @@ def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> b
     for s in out_spatial:
         positions *= int(s)
     density = nnz / max(1, g["c_out"] * g["c_in"] * g["K"])
+    few_reads = (nnz <= DIRECT_MAX_READS_PER_ROW * g["c_in"] * g["K"]
+                 and vector_bytes() <= DIRECT_READS_MAX_VECTOR_BYTES)
     return (positions >= DIRECT_MIN_POSITIONS or (g["K"] >= DIRECT_MIN_TAPS and density <= DIRECT_MAX_DENSITY_TAPS)
-            or (density <= DIRECT_MAX_DENSITY and g["c_out"] <= g["c_in"]))
+            or (g["c_out"] <= g["c_in"] and (density <= DIRECT_MAX_DENSITY or few_reads)))
 
 
 def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
