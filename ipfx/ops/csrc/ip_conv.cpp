@@ -472,6 +472,9 @@ inline void gather(const scalar_t* __restrict__ xi, const Run* run, const Run* e
     } else if (run->step == 1 && fits && run->src + whole <= p_in) {
       const scalar_t* src = xi + run->src;
       for (int32_t q = 0; q < len; q += L) *reinterpret_cast<V*>(r + q) = *reinterpret_cast<const V*>(src + q);
+    } else if (run->step == 2) {  // (stride 2: a constant step vectorises; a variable one ran number by number)
+      const scalar_t* src = xi + run->src;
+      for (int32_t q = 0; q < len; ++q) r[q] = src[2 * q];
     } else {
       const scalar_t* src = xi + run->src;
       const int32_t step = run->step;
