@@ -61,8 +61,8 @@ def the_program(m, x):
 
 def test_a_loaded_program_runs_its_graph_natively_with_the_generated_forwards_numbers(saved):
     """load_module installs the program forward; per input signature one program is built and reused, its steps
-    native convs and boxed aten ops (Python only for the max pool and the linear; torch.export's input guards ran
-    in the build), its outputs the generated
+    native convs and boxed ops (Python only for the max pool and dense-order convs; torch.export's input guards
+    ran in the build), its outputs the generated
     forward's bit for bit, on the saved batch size and others and on another spatial size."""
     m = load(saved)
     assert program.programs_of(m) == {}
@@ -75,8 +75,8 @@ def test_a_loaded_program_runs_its_graph_natively_with_the_generated_forwards_nu
             plans = [s.__dict__["_last_plan_memo"][1] for s in m.modules() if isinstance(s, SparseIPConv)]
             bound = sum(hasattr(p, "bound") for p in plans)  # (a plan on the native kernel; the 3-channel stem's
             assert bound >= 2 and kinds.count("conv") == bound, kinds  # is dense: a Python step, as the pool)
-            assert kinds.count("python") == 2 + len(plans) - bound, kinds  # (+ max pool, linear; no input guards)
-            assert kinds.count("op") == 5, kinds  # pool, hardsigmoid, mul, hardswish, mean
+            assert kinds.count("python") == 1 + len(plans) - bound, kinds  # (+ max pool; no input guards)
+            assert kinds.count("op") == 6, kinds  # pool, hardsigmoid, mul, hardswish, mean, the sparse linear
     assert len(program.programs_of(m)) == 4
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():  # (no_grad as inference_mode)
@@ -170,6 +170,17 @@ def test_the_program_follows_every_change_of_the_model(saved):
         handle.remove()
         m.get_submodule(pool_name).output_size = (1, 1)  # (another object: seen, same result)
         check("the pool's output size")
+        linear = next(s for s in m.modules() if type(s).__name__ == "SparseLinear")
+        program_now = the_program(m, x)
+        assert program_now.kinds[-1] == "op"  # (the head: its native op)
+        linear.values.mul_(3)
+        check("the linear's values edited in place")
+        linear.bias = nn.Parameter(linear.bias + 1, requires_grad=False)
+        check("the linear's bias replaced")
+        handle = linear.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+        check("a pre-hook on the linear")
+        handle.remove()
+        check("the pre-hook removed")
         # torch.export's input guards: not a step (they hold for the signature), but replacing them is seen
         guards_fn = m.get_submodule("_guards_fn")
         assert "_guards_fn" not in the_program(m, x).nodes

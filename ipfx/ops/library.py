@@ -340,6 +340,8 @@ def _sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Option
         def run_native(x: Tensor) -> Tensor:
             return native.linear(x.reshape(-1, in_f).contiguous(), crow, col, vals, b).reshape(*lead, out_f)
 
+        if x.dim() == 2:  # what a native program (ipfx.ops.program) calls for a contiguous x: ipfx_native::linear
+            run_native.bound = (crow, col, vals, b)
         return run_native
 
     def run(x: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ native library, ``csrc/program.h``) holds the graph's steps in order and runs th
   (``BoundConv``), called as the plan calls it (contiguous input and residual, the activation's code);
 * an aten operator (``OpOverload``) returning one tensor, whose tensor arguments are nodes: called boxed
   through the dispatcher, its constant arguments converted once by the operator's schema; likewise a
-  :class:`~ipfx.ops.pooling.GlobalAvgPool2d` whose eager path is the native channel mean (that op);
+  :class:`~ipfx.ops.pooling.GlobalAvgPool2d` whose eager path is the native channel mean, and a
+  :class:`~ipfx.ops.SparseLinear` whose plan is the native linear (those ops);
 * any other node (other modules, Python functions, attribute reads): the same call from C++ into Python;
 * but not torch.export's input guards (assertions on the inputs' sizes, which a program's signature fixes):
   they run when the program is built (:func:`_input_guards`).
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from . import epilogue, native
-from .modules import SparseIPConv, _bias
+from .modules import SparseIPConv, SparseLinear, _bias
 from .order import ORDER_AUTO, autotune_setting
 from .pooling import GlobalAvgPool2d, channel_mean_applies
 
@@ -203,9 +204,9 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
             names.append(node.name)
             continue
         if kind == "op":
-            _, op, arguments, places = step
-            if node.op == "call_module":  # (a module run as its op: _pool_step)
-                guards.module(gm, node.target, ("output_size", "forward"))
+            _, op, arguments, places = step[:4]
+            if node.op == "call_module":  # (a module run as its op: _pool_step, _linear_step)
+                guards.module(gm, node.target, ("forward", *step[4]), step[5])
             try:
                 program.add_op(op._schema.name, op._schema.overload_name, arguments,
                                [(i, slot[n]) for i, n in places], out)
@@ -251,7 +252,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, value: dict) -> tuple[Any, tupl
         module = gm.get_submodule(node.target)
         result = module(*args, **kwargs)
         return result, (_conv_step(module, node, args, kwargs) or _pool_step(module, node, args, kwargs)
-                        or _python_step(gm, node, module))
+                        or _linear_step(module, node, args, kwargs) or _python_step(gm, node, module))
     result = node.target(*args, **kwargs)
     return result, _op_step(node, value) or _python_step(gm, node)
 
@@ -297,7 +298,26 @@ def _pool_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> O
         return None
     if any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__:
         return None
-    return "op", torch.ops.ipfx_native.channel_mean.default, [None], [(0, node.args[0])]
+    return "op", torch.ops.ipfx_native.channel_mean.default, [None], [(0, node.args[0])], ("output_size",), []
+
+
+def _linear_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """The boxed ``ipfx_native::linear`` step of a :class:`SparseLinear` call on a contiguous 2-d input whose
+    plan (the one its eager path just used) is that op, its CSR and bias as constants; else None."""
+    if type(module) is not SparseLinear or len(args) != 1 or kwargs or type(args[0]) is not Tensor:
+        return None
+    if args[0].dim() != 2 or not args[0].is_contiguous():
+        return None
+    if any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__:
+        return None
+    memo = module.__dict__.get("_last_plan_memo")
+    bound = getattr(memo[1], "bound", None) if memo is not None else None
+    if bound is None:
+        return None
+    buffers = module._buffers
+    tensors = [t for t in (buffers.get("values"), buffers.get("indices"), _bias(module)) if isinstance(t, Tensor)]
+    return ("op", torch.ops.ipfx_native.linear.default, [None, *bound], [(0, node.args[0])], ("weight_shape",),
+            tensors)
 
 
 def _op_step(node: fx.Node, value: dict) -> Optional[tuple]:
@@ -360,15 +380,21 @@ class _Guards:
             module = module._modules[name]
         return module
 
-    def module(self, root: nn.Module, target: str, attributes: tuple) -> None:
-        """A module run as an op: its place, class, the attributes its step was built from, no hooks."""
+    def module(self, root: nn.Module, target: str, attributes: tuple, tensors: list) -> None:
+        """A module run as an op: its place, class, the attributes, buffers and bias its step was built from
+        (and the in-place versions of ``tensors``), no hooks."""
         module = self.path(root, target)
         self.program.guard_type(module, type(module))
-        for key in attributes:
+        for key in (*attributes, "bias", "_buffers", "_parameters"):
             self.item(module.__dict__, key)
+        for key in list(module._buffers):
+            self.item(module._buffers, key)
+        self.item(module._parameters, "bias")
         for hooks in _HOOKS:
             self.item(module.__dict__, hooks)
             self.program.guard_empty(getattr(module, hooks))
+        for t in tensors:
+            self.program.guard_version(t)
 
     def conv(self, root: nn.Module, target: str, module: nn.Module, tensors: list) -> None:
         self.path(root, target)
