@@ -208,3 +208,22 @@ def test_global_average_pools_become_native_and_others_stay():
         assert torch.equal(pool(y), F.adaptive_avg_pool2d(y, 1))  # (not contiguous: aten's)
     exported = torch.export.export(nn.Sequential(GlobalAvgPool2d()), (torch.randn(1, 3, 5, 5),))
     assert any("adaptive_avg_pool2d" in str(n.target) for n in exported.graph.nodes)
+
+
+def test_torch_jit_trace_of_a_frozen_model_records_its_ops():
+    """Under torch.jit.trace (no autograd, plain tensors) the fused convs and the native pools take the op /
+    aten path, so the traced graph computes what the model computes on other inputs (a native call the tracer
+    cannot see was recorded as a constant: the traced model gave the example's output for every input)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    t = ipfx.transform(model, space="sp", example_inputs=(x,))
+    randomize_masks(t, 0.5)
+    frozen = ipfx.lower(t.eval(), target="fused", freeze=True)
+    assert any(isinstance(s, GlobalAvgPool2d) for s in frozen.modules())
+    with torch.no_grad():
+        traced = torch.jit.trace(frozen, x, check_trace=False)
+        for shape in [(2, 3, 16, 16), (3, 3, 20, 12)]:
+            y = torch.randn(*shape)
+            torch.testing.assert_close(traced(y), frozen(y), rtol=1e-5, atol=1e-5)

@@ -93,8 +93,10 @@ def _eager_inference(x) -> bool:
     """Plain eager inference: a real tensor, no autograd, nothing tracing. The modules then run the ops'
     implementation directly (the op's dispatch and argument checks cost ~30 us a call, 5% of a batch-1
     resnet50); with autograd on (the ops raise on backward) or under torch.compile/export/fx they call the
-    registered op, so graphs show ``ipfx::ip_conv`` and the inference-only guard stays."""
-    return type(x) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    registered op, so graphs show ``ipfx::ip_conv`` and the inference-only guard stays. ``torch.jit.trace``
+    counts as tracing: its graph records the op (a native call it cannot see would be a constant in it)."""
+    return (type(x) is torch.Tensor and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None)
 
 
 class SparseIPConv(_SparseStorageMixin, nn.Module):
