@@ -62,8 +62,8 @@ def the_program(m, x):
 def test_a_loaded_program_runs_its_graph_natively_with_the_generated_forwards_numbers(saved):
     """load_module installs the program forward; per input signature one program is built and reused, its steps
     native convs and boxed ops (Python only for the max pool and dense-order convs; torch.export's input guards
-    ran in the build), its outputs the generated
-    forward's bit for bit, on the saved batch size and others and on another spatial size."""
+    ran in the build), its outputs the generated forward's bit for bit, on the saved batch size and others and
+    on another spatial size."""
     m = load(saved)
     assert program.programs_of(m) == {}
     with torch.inference_mode():
