@@ -485,3 +485,22 @@ def test_an_export_over_its_time_budget_keeps_the_batch_free(monkeypatch):
         assert_close(t(other_batch), model(other_batch), kind="every input: over budget, other batch")
         with pytest.raises(AssertionError, match="ipfx shape guard"):
             t(torch.randn(2, 3, 12, 12))
+
+
+def test_a_saved_program_keeps_every_size_above_one_free_and_warns_of_none(tmp_path, caplog):
+    """save_program marks size-0/1 dimensions of the example static (torch.export would specialise them anyway:
+    with Dim.AUTO it did and logged a warning per dimension on every save, two in the demo); every other
+    size stays free: the loaded program runs other batch sizes and image sizes."""
+    import logging
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(1)).eval()
+    with caplog.at_level(logging.WARNING):
+        path = ipfx.deploy.save_program(model, tmp_path / "one_channel", torch.randn(2, 1, 8, 8))
+    assert not [r for r in caplog.records if "specialized" in r.getMessage()], caplog.text
+    loaded = ipfx.deploy.load_module(path)
+    for shape in [(5, 1, 10, 9), (1, 1, 8, 8)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert_close(loaded(x), model(x), kind="saved program, size-1 dims static")
+    with pytest.raises(Exception):  # (the channel count is fixed: the program checks it)
+        loaded(torch.randn(2, 2, 8, 8))

@@ -2,7 +2,9 @@
 
 * :func:`dynamic_spec`: torch.export's ``dynamic_shapes`` for the call, ``Dim.AUTO`` on every dimension
   of every tensor input, keyed by the forward's own parameter names (torch.export matches the spec to the
-  forward's signature, not to the ``(args, kwargs)`` pair).
+  forward's signature, not to the ``(args, kwargs)`` pair); a dimension of size 0 or 1 in the example is left
+  static, as torch.export would make it anyway (with ``Dim.AUTO`` it did, and warned on every save: the
+  demo's one-channel inputs printed two such warnings).
 * :func:`resized`: the example inputs with some dimensions resized by tiling (index ``i`` takes element
   ``i mod n``), so token ids, masks and class indices stay valid values.
 * :func:`batch_of_two`: where every tensor input has a leading dimension of 1 (one sample), the same
@@ -23,11 +25,13 @@ from torch.utils import _pytree as pytree
 
 
 def dynamic_spec(forward, args: tuple, kwargs: dict, batch_only: bool = False) -> dict | tuple:
-    """``Dim.AUTO`` for every dimension of every tensor input (module docstring), or for the first only."""
+    """``Dim.AUTO`` for every dimension of every tensor input (module docstring), or for the first only; none for
+    a dimension of size 0 or 1 (torch.export specialises those)."""
 
     def spec(value):
         if isinstance(value, torch.Tensor):
-            return {i: torch.export.Dim.AUTO for i in range(min(value.dim(), 1) if batch_only else value.dim())}
+            dims = range(min(value.dim(), 1) if batch_only else value.dim())
+            return {i: torch.export.Dim.AUTO for i in dims if value.shape[i] > 1}
         return None
 
     try:
