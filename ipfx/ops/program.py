@@ -198,15 +198,15 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
         out = slot.get(node, -1)  # (a node nobody reads has no slot)
         kind = step[0]
         if kind == "conv":
-            _, module, bound, x, residual, tensors = step
-            guards.conv(gm, node.target, module, tensors)
+            _, _, bound, x, residual, tensors = step
+            guards.conv(gm, node.target, tensors)
             program.add_conv(bound[0], slot[x], -1 if residual is None else slot[residual], bound[1], out)
             names.append(node.name)
             continue
         if kind == "op":
             _, op, arguments, places = step[:4]
             if node.op == "call_module":  # (a module run as its op: _pool_step, _linear_step)
-                guards.module(gm, node.target, ("forward", *step[4]), step[5])
+                guards.module(gm, node.target, ("forward", *step[4], "bias", "_buffers", "_parameters"), step[5])
             try:
                 program.add_op(op._schema.name, op._schema.overload_name, arguments,
                                [(i, slot[n]) for i, n in places], out)
@@ -380,14 +380,15 @@ class _Guards:
             module = module._modules[name]
         return module
 
-    def module(self, root: nn.Module, target: str, attributes: tuple, tensors: list) -> None:
-        """A module run as an op: its place, class, the attributes, buffers and bias its step was built from
-        (and the in-place versions of ``tensors``), no hooks."""
+    def module(self, root: nn.Module, target: str, attributes, tensors: list, buffers=None) -> None:
+        """A module a step runs: its place in the tree, its class, the ``attributes`` of its ``__dict__`` and the
+        ``buffers`` (default: those it has) the step was built from, its bias parameter, no hooks, and the
+        in-place versions of ``tensors``."""
         module = self.path(root, target)
         self.program.guard_type(module, type(module))
-        for key in (*attributes, "bias", "_buffers", "_parameters"):
+        for key in attributes:
             self.item(module.__dict__, key)
-        for key in list(module._buffers):
+        for key in list(module._buffers) if buffers is None else buffers:
             self.item(module._buffers, key)
         self.item(module._parameters, "bias")
         for hooks in _HOOKS:
@@ -396,16 +397,5 @@ class _Guards:
         for t in tensors:
             self.program.guard_version(t)
 
-    def conv(self, root: nn.Module, target: str, module: nn.Module, tensors: list) -> None:
-        self.path(root, target)
-        self.program.guard_type(module, type(module))
-        for key in _CONV_STATE:
-            self.item(module.__dict__, key)
-        for key in ("values", "indices", "basis", "bias"):
-            self.item(module._buffers, key)
-        self.item(module._parameters, "bias")
-        for hooks in _HOOKS:
-            self.item(module.__dict__, hooks)
-            self.program.guard_empty(getattr(module, hooks))
-        for t in tensors:
-            self.program.guard_version(t)
+    def conv(self, root: nn.Module, target: str, tensors: list) -> None:
+        self.module(root, target, _CONV_STATE, tensors, ("values", "indices", "basis", "bias"))
