@@ -36,6 +36,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -550,18 +551,29 @@ inline scalar_t activate(scalar_t v) {
   return v;
 }
 
-// y[p] = act(y[p]) for p < n: one loop per activation with the activation a constant, so that relu, relu6
-// and hardswish vectorise (a switch inside the loop kept hardswish scalar: 3-4 ns a number).
-template <typename scalar_t>
-inline void activate_run(scalar_t* __restrict__ y, int64_t n, int64_t activation) {
+// f(std::integral_constant<int, A>{}) for the activation numbered A (0 to 5; another number: nothing), so
+// that a loop f runs has its activation a constant and relu, relu6 and hardswish vectorise (a switch inside
+// the loop kept hardswish scalar: 3-4 ns a number).
+template <typename F>
+inline void with_activation(int64_t activation, F&& f) {
   switch (activation) {
-    case 1: for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, 1>(y[p]); break;
-    case 2: for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, 2>(y[p]); break;
-    case 3: for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, 3>(y[p]); break;
-    case 4: for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, 4>(y[p]); break;
-    case 5: for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, 5>(y[p]); break;
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
     default: break;
   }
+}
+
+// y[p] = act(y[p]) for p < n.
+template <typename scalar_t>
+inline void activate_run(scalar_t* __restrict__ y, int64_t n, int64_t activation) {
+  if (activation == 0) return;
+  with_activation(activation, [&](auto a) {
+    for (int64_t p = 0; p < n; ++p) y[p] = activate<scalar_t, decltype(a)::value>(y[p]);
+  });
 }
 
 // activate<A> on a vector, with the same comparisons (so the same numbers, NaN included)
@@ -626,15 +638,7 @@ inline void epilogue_span(const scalar_t* __restrict__ t, scalar_t b, const scal
 template <typename scalar_t>
 inline void epilogue_span(const scalar_t* t, scalar_t b, const scalar_t* res, scalar_t* y, int64_t n,
                           int64_t activation) {
-  switch (activation) {
-    case 0: epilogue_span<scalar_t, 0>(t, b, res, y, n); break;
-    case 1: epilogue_span<scalar_t, 1>(t, b, res, y, n); break;
-    case 2: epilogue_span<scalar_t, 2>(t, b, res, y, n); break;
-    case 3: epilogue_span<scalar_t, 3>(t, b, res, y, n); break;
-    case 4: epilogue_span<scalar_t, 4>(t, b, res, y, n); break;
-    case 5: epilogue_span<scalar_t, 5>(t, b, res, y, n); break;
-    default: break;
-  }
+  with_activation(activation, [&](auto a) { epilogue_span<scalar_t, decltype(a)::value>(t, b, res, y, n); });
 }
 
 // y[o][p0 + p] = act(bias[o] + sum_e vals[e] * R[col[e]][p] + res[o][p0 + p]) for one output channel's CSR
@@ -947,15 +951,7 @@ struct DirectPlan {
     alignas(64) scalar_t tmp[TP + Lane<scalar_t>::L];  // (the slack: what an overhanging vector reads)
     std::memcpy(tmp, acc, TP * sizeof(scalar_t));
     std::memset(tmp + TP, 0, Lane<scalar_t>::L * sizeof(scalar_t));
-    switch (activation) {  // (the activation a constant in each loop, so that it vectorises)
-      case 0: store_runs<0>(tmp, begin, end, b, ro, yo, own_end); break;
-      case 1: store_runs<1>(tmp, begin, end, b, ro, yo, own_end); break;
-      case 2: store_runs<2>(tmp, begin, end, b, ro, yo, own_end); break;
-      case 3: store_runs<3>(tmp, begin, end, b, ro, yo, own_end); break;
-      case 4: store_runs<4>(tmp, begin, end, b, ro, yo, own_end); break;
-      case 5: store_runs<5>(tmp, begin, end, b, ro, yo, own_end); break;
-      default: break;
-    }
+    with_activation(activation, [&](auto a) { store_runs<decltype(a)::value>(tmp, begin, end, b, ro, yo, own_end); });
   }
 
   // A channel without kept coefficients: y = act((0 + b) + res) over its whole map (n numbers), as channel()
@@ -963,15 +959,7 @@ struct DirectPlan {
   // channels of a 3x3 depthwise conv keep nothing (0.95^9: 63%).
   static void fill_channel(scalar_t b, const scalar_t* __restrict__ ro, scalar_t* __restrict__ yo, int64_t n,
                            int64_t activation) {
-    switch (activation) {
-      case 0: fill_plane<0>(b, ro, yo, n); break;
-      case 1: fill_plane<1>(b, ro, yo, n); break;
-      case 2: fill_plane<2>(b, ro, yo, n); break;
-      case 3: fill_plane<3>(b, ro, yo, n); break;
-      case 4: fill_plane<4>(b, ro, yo, n); break;
-      case 5: fill_plane<5>(b, ro, yo, n); break;
-      default: break;
-    }
+    with_activation(activation, [&](auto a) { fill_plane<decltype(a)::value>(b, ro, yo, n); });
   }
   template <int A>
   static void fill_plane(scalar_t b, const scalar_t* __restrict__ ro, scalar_t* __restrict__ yo, int64_t n) {
@@ -1231,9 +1219,15 @@ at::Tensor conv_cached(const at::Tensor& x, const at::Tensor& crow, const at::Te
       return;
     }
     switch (tile) {
-      case 16: conv_tiled<scalar_t, 16>(x, crow, col, vals, basis, bias, used, residual, activation, g, cache, y); break;
-      case 32: conv_tiled<scalar_t, 32>(x, crow, col, vals, basis, bias, used, residual, activation, g, cache, y); break;
-      case 64: conv_tiled<scalar_t, 64>(x, crow, col, vals, basis, bias, used, residual, activation, g, cache, y); break;
+      case 16:
+        conv_tiled<scalar_t, 16>(x, crow, col, vals, basis, bias, used, residual, activation, g, cache, y);
+        break;
+      case 32:
+        conv_tiled<scalar_t, 32>(x, crow, col, vals, basis, bias, used, residual, activation, g, cache, y);
+        break;
+      case 64:
+        conv_tiled<scalar_t, 64>(x, crow, col, vals, basis, bias, used, residual, activation, g, cache, y);
+        break;
       default: TORCH_CHECK(false, "ipfx native: tile must be 16, 32 or 64");
     }
   });
