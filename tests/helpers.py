@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import threading
 import warnings
 
 import networkx as nx
@@ -132,3 +133,12 @@ def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
+
+
+def run_in_threads(work, count: int = 4) -> None:
+    """``work(i)`` in ``count`` threads at once (i = 0 .. count-1), returning when all have ended."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import run_in_threads
 from ipfx.errors import IPFXValueError
 from ipfx.ops import native, order as order_mod
 from ipfx.ops.ip_conv import (
@@ -811,8 +812,7 @@ def test_threads_calling_one_storage_with_more_input_kinds_than_it_keeps_plans_f
     """Four threads call one conv (module and op alternately) with twelve input shapes, more than
     ``PLANS_PER_STORAGE``: plans are built, dropped and rebuilt under each other, and every result is the
     conv of its own input."""
-    import threading
-
+    
     from ipfx.ops.library import PLANS_PER_STORAGE
 
     gen = torch.Generator().manual_seed(5)
@@ -835,9 +835,5 @@ def test_threads_calling_one_storage_with_more_input_kinds_than_it_keeps_plans_f
         except Exception as exc:  # noqa: BLE001  (reported below, with the thread's input)
             wrong.append(repr(exc))
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work)
     assert wrong == []

@@ -7,7 +7,6 @@ native tests are skipped after checking that the fallback warns once and compute
 
 from __future__ import annotations
 
-import threading
 import warnings
 from unittest import mock
 
@@ -18,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from helpers import run_in_threads
 from ipfx.form.bases import dct_basis
 from ipfx.ops import SparseIPConv, SparseLinear, native
 from ipfx.ops.library import _run_sparse_linear
@@ -616,11 +616,7 @@ def test_a_bound_conv_keeps_its_tile_runs_for_the_input_size_it_is_called_with(b
                 if not torch.equal(bound(x, None, 0), want):
                     failures.append(x.shape)
 
-    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(hammer)
     assert failures == []
 
 

@@ -2,7 +2,6 @@
 every change of the model it was built from."""
 
 import copy
-import threading
 import time
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 import ipfx
 from ipfx.ops import SparseIPConv, native, program
-from helpers import quiet, randomize_masks
+from helpers import quiet, randomize_masks, run_in_threads
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
 
@@ -240,9 +239,5 @@ def test_calls_the_program_does_not_take_run_the_generated_forward_and_raise_its
                 got[i] = m(inputs[i])
                 assert torch.equal(got[i], wanted[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_in_threads(work)
     assert all(torch.equal(got[i], wanted[i]) for i in range(4))
