@@ -30,7 +30,7 @@ from ipfx.ops.ip_conv import (
     choose_order,
     sparse_coefficients,
 )
-from ipfx.ops.order import ORDER_NATIVE, ORDER_TUNED, order_costs
+from ipfx.ops.order import ORDER_NATIVE, ORDER_TUNED, cost_terms, folded_nnz, order_costs
 
 ALL_ORDERS = (0, ORDER_TUNED, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE, ORDER_NATIVE)
 
@@ -418,6 +418,20 @@ def test_cost_model_hand_computed_cases():
     # a grouped SP conv run directly: one copy of the input, the sparse MACs, a row visit per 64 positions
     dw_direct = dict(dw, nnz=64, identity=True, direct=True)
     assert order_costs(constants=UNIT, native=True, **dw_direct)[4] == 0.5 * 64 * 100 + 64 * 2
+    # a grouped conv with a basis run as its folded kernel: the native terms are SP's with the folded kernel's
+    # expected nonzeros (K taps for each of the c_out * c_in/groups pairs keeping a coefficient); the others
+    # are order (a)'s, (b)'s and the dense conv's as without folding
+    density = 29 / (64 * 9)
+    assert folded_nnz(64, 64, 9, 29, 64) == round(64 * 9 * (1 - (1 - density) ** 9)) == 214
+    folded = cost_terms(**dict(dw, nnz=29, direct=True, folded=True))
+    assert folded[4] == cost_terms(**dict(dw, nnz=214, identity=True, direct=True))[4]
+    assert {k: v for k, v in folded.items() if k != 4} == {
+        k: v for k, v in cost_terms(**dict(dw, nnz=29)).items() if k != 4}
+    # with the fitted constants: mobilenet's 240-channel depthwise 3x3 @14 with a basis at 95% runs natively
+    # folded (measured 0.22-0.24x the dense conv), where order (a) lost to the dense conv
+    ip_dw = dict(c_in=240, c_out=240, K=9, nnz=108, p_in=196, p_out=196, groups=240, width=14, direct=True)
+    assert choose_order(native=True, folded=True, **ip_dw) == 4
+    assert choose_order(native=True, **dict(ip_dw, direct=False)) == 3
     # a pointwise SP conv on single-position maps at batch <= 4: a sparse matrix-vector product, the native
     # kernel's alone where it may run
     se = dict(c_in=960, c_out=240, K=1, nnz=11520, p_in=1, p_out=1, identity=True, cheap_identity=True)

@@ -545,7 +545,7 @@ def test_read_offsets_worked_out_once_give_the_same_numbers(groups, padding, str
     input's size: the `sources` argument) or on every call (without), give the same numbers to the bit, for
     the ungrouped path (x read in place, or its padded copy) and the grouped one; a conv bound for one size
     refuses another (its offsets would read elsewhere)."""
-    from ipfx.ops.library import _native_operands
+    from ipfx.ops.kernels import _native_operands
 
     torch.manual_seed(0)
     c, k = 8, 3
@@ -585,7 +585,8 @@ def test_a_bound_conv_keeps_its_tile_runs_for_the_input_size_it_is_called_with(b
     """The tiled path's runs, kept by a bound conv (TileRunsCache) for the last input size: inputs of other sizes
     with the same output size (stride 2: 15 or 16 wide), alternating, and calls from four threads at once give
     the unbound kernel's numbers to the bit each time."""
-    from ipfx.ops.library import _conv_geometry, _native_operands
+    from ipfx.ops.kernels import _native_operands
+    from ipfx.ops.library import _conv_geometry
 
     torch.manual_seed(0)
     c, k = 8, 3
@@ -712,3 +713,101 @@ def test_the_kernel_computes_in_vectors_of_the_machines_width():
     if "avx2" not in flags:
         pytest.skip("not an x86 CPU with AVX2")
     assert native.vector_bytes() == (64 if "avx512f" in flags else 32)
+
+
+FOLDED = [
+    _case(c_in=6, c_out=6, groups=6, sparsity=0.8),  # depthwise 3x3
+    _case(c_in=6, c_out=6, groups=6, stride=(2, 2), spatial=(9, 8), sparsity=0.7),  # strided
+    _case(c_in=4, c_out=8, groups=4, dilation=(2, 1), padding=(2, 1), sparsity=0.6),  # multiplier 2, dilated
+    _case(c_in=6, c_out=4, groups=2, kernel=(2, 3), padding=(0, 1), basis_kind="random"),  # 3 in a group
+    _case(d=1, c_in=5, c_out=5, groups=5, kernel=(5,), stride=(1,), padding=(2,), dilation=(1,),
+          output_padding=(0,), spatial=(11,), sparsity=0.9),
+    _case(d=3, c_in=4, c_out=4, groups=4, kernel=(3, 1, 3), stride=(1, 1, 1), padding=(1, 0, 1),
+          dilation=(1, 1, 1), output_padding=(0, 0, 0), spatial=(4, 3, 5), sparsity=0.95, seed=3),
+    _case(c_in=4, c_out=4, groups=4, sparsity=1.0),  # nothing kept: act(bias) everywhere
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", FOLDED, ids=range(len(FOLDED)))
+def test_grouped_convs_with_a_basis_run_their_folded_kernel_natively(case, dtype):
+    """A grouped conv with a basis (IP depthwise above all) runs natively as its folded kernel W = C @ B on the
+    direct grouped path (ipfx.ops.kernels.folds_in_native), not as order (a) with the basis: the op and the
+    module's eager plan agree with the dense conv and the torch path, the kernel was given the folded matrix
+    (no basis) and order (a)'s matrix was never built; an in-place edit of the basis or the coefficients is
+    followed."""
+    from ipfx.ops.kernels import folds_in_native
+    from ipfx.ops.storage import _MATRICES
+
+    t = make_tensors(case, dtype)
+    scale = error_scale(case, t)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    ref = dense_conv(case, t.x, dense_weight(case, t), t.bias)
+    m = module_for(case, t).eval()
+    out_spatial = ref.shape[2:]
+    g = dict(groups=case.groups, c_in=case.c_in, c_out=case.c_out, transposed=False, kernel=case.kernel,
+             stride=case.stride, dilation=case.dilation)
+    assert folds_in_native(g, m.basis, out_spatial) and not folds_in_native(g, None, out_spatial)
+    calls = []
+    real = native.bind_conv
+
+    def spy(crow, col, vals, basis, *args, **kwargs):
+        calls.append((basis, vals.numel()))
+        return real(crow, col, vals, basis, *args, **kwargs)
+
+    with mock.patch.object(native, "bind_conv", spy):
+        assert_close(m(t.x, order=ORDER_NATIVE), ref, tol, scale)  # the op (autograd on: no plan)
+        with torch.inference_mode():
+            assert_close(m(t.x, order=ORDER_NATIVE), ref, tol, scale)  # the module's plan
+    assert calls and all(basis is None for basis, _ in calls)
+    pairs = int((t.coeff != 0).any(-1).sum())
+    assert all(nnz <= pairs * case.K for _, nnz in calls)
+    kinds = set(_MATRICES[id(m.indices)][1])
+    assert "native_folded" in kinds and "native" not in kinds
+    for edit in (lambda: m.basis.mul_(-2.0), lambda: m.values.add_(1.0)):  # each alone is followed
+        with torch.no_grad():
+            edit()
+        values = torch.zeros(t.coeff.numel(), dtype=dtype).index_add_(0, m.indices.long(), m.values)
+        edited = values.reshape(t.coeff.shape) @ m.basis
+        ref2 = dense_conv(case, t.x, edited.reshape(case.weight_shape), t.bias)
+        with torch.inference_mode():
+            assert_close(m(t.x, order=ORDER_NATIVE), ref2, tol, 4 * scale + float(ref2.abs().max()))
+        assert_close(m(t.x, order=ORDER_NATIVE), ref2, tol, 4 * scale + float(ref2.abs().max()))
+
+
+@needs_native
+def test_a_grouped_conv_with_a_basis_and_a_large_plane_keeps_order_a():
+    """Groups too large for the direct grouped path (a 112x112 plane) are not folded (the gather's cost on a
+    dense-ish folded kernel is underestimated): the native order there is order (a) with the basis."""
+    from ipfx.ops.kernels import folds_in_native
+
+    g = dict(groups=16, c_in=16, c_out=16, transposed=False, kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
+    basis = dct_basis((3, 3), torch.float32)
+    assert folds_in_native(g, basis, (14, 14))
+    assert not folds_in_native(g, basis, (112, 112))
+    assert not folds_in_native(dict(g, groups=1), basis, (14, 14))
+    assert not folds_in_native(dict(g, transposed=True), basis, (14, 14))
+
+
+@needs_native
+def test_the_cost_model_runs_a_sparse_ip_depthwise_conv_folded():
+    """order=0 on mobilenet's 240-channel depthwise 3x3 @14 with a basis at 95% picks the native kernel (the
+    folded kernel: measured 0.22-0.24x the dense conv, 2 threads) and at 0% the dense conv; the numbers are
+    the dense conv's."""
+    from ipfx.ops.geometry import _conv_geometry, _output_spatial
+    from ipfx.ops.order import ORDER_DENSE, _modelled_order
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 240, 14, 14, generator=gen)
+    for sparsity, expected in ((0.95, ORDER_NATIVE), (0.0, ORDER_DENSE)):
+        coeff = torch.randn(240, 1, 9, generator=gen)
+        coeff = coeff * (torch.rand(coeff.shape, generator=gen) >= sparsity)
+        m = SparseIPConv.from_coefficients(coeff, dct_basis((3, 3), torch.float32), weight_shape=(240, 1, 3, 3),
+                                           padding=1, groups=240).eval()
+        g = _conv_geometry(x, m.values, m.indices, m.basis, m.bias, m.weight_shape, m.stride, m.padding,
+                           m.dilation, m.groups, m.transposed, m.output_padding)
+        assert _modelled_order(g, x, m.values, m.basis, _output_spatial(g, x.shape[2:]), True) == expected
+        with torch.inference_mode():
+            ref = F.conv2d(x, m.to_dense_weight(), padding=1, groups=240)
+            torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)

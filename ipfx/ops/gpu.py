@@ -43,8 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..form.compose import compose_weight
-from .storage import _cached, _coupling, _densify, _storage_entry
+from .storage import _cached, _folded_csr, _storage_entry
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 128  # output positions per program
@@ -82,20 +81,8 @@ def folded_operands(g: dict, values: Tensor, indices: Tensor, flat, basis: Optio
     (cached)."""
 
     def build():
-        K = g["K"]
-        w0, w1 = g["weight_shape"][:2]
-        dev = like.device
-        c = _densify(values.to(device=dev, dtype=torch.float32), flat(), w0 * w1 * K).reshape(w0, w1, K)
-        b = None if basis is None else basis.to(device=dev, dtype=torch.float32)
-        w = compose_weight(c, None, b, (w0, w1, K), b is not None).reshape(-1)
-        nz = torch.nonzero(w).reshape(-1)
-        o, i, t = _coupling(g, nz)  # W is (w0, w1, K) like C, its last index the tap
-        col = i * K + t
-        order = torch.argsort(o * (g["c_in"] * K) + col)
-        counts = torch.bincount(o, minlength=g["c_out"])
-        crow = torch.zeros(g["c_out"] + 1, dtype=torch.int64, device=dev)
-        crow[1:] = torch.cumsum(counts, 0)
-        return crow.to(torch.int32), col[order].to(torch.int32), w[nz][order].contiguous()
+        crow, col, val = _folded_csr(g, values, flat(), basis, torch.float32, like.device)
+        return crow.to(torch.int32), col.to(torch.int32), val
 
     key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
            like.device)

@@ -21,7 +21,8 @@ which gives two evaluation orders, neither of which materialises ``W``:
 Both sparse matrices are built from ``indices`` in O(nnz) memory (a COO tensor, converted to CSR) and cached
 per storage; the dense block-diagonal matrix is never formed. A third order, *dense*, rebuilds ``W`` once
 (cached) and runs the dense convolution; a fourth, *native*, computes order (a) tile by tile in C++ without
-whole-image maps (:mod:`ipfx.ops.native`, CPU); a fifth, *gpu*, folds the basis into the sparse kernel and
+whole-image maps (:mod:`ipfx.ops.native`, CPU; a grouped conv with a basis runs its folded kernel there,
+:func:`folds_in_native`); a fifth, *gpu*, folds the basis into the sparse kernel and
 convolves directly in Triton (:mod:`ipfx.ops.gpu`, CUDA). Which order runs is decided in
 :mod:`ipfx.ops.order`.
 """
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from ..form.compose import compose_weight
 from .geometry import _identity_unfold_applies
-from .storage import _cached, _coupling, _densify, _sparse_matrix, _storage_entry
+from .storage import _cached, _coupling, _densify, _folded_csr, _sparse_matrix, _storage_entry
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -201,14 +202,49 @@ def _native_operands(g: dict, values: Tensor, indices: Tensor, flat, like: Tenso
     return _cached(_storage_entry(indices), "native", key, build)
 
 
+def folds_in_native(g: dict, basis: Optional[Tensor], out_spatial) -> bool:
+    """Whether the native kernel runs this conv on its folded kernel ``W = C @ B`` (SP form, the basis folded
+    into the coefficients) instead of order (a): grouped, not transposed, with a basis, and a group small
+    enough for the direct grouped path (:func:`ipfx.ops.native.direct_applies`; it does not depend on the
+    nonzeros). Order (a) applies all ``K`` basis filters to each of a group's ``c_in/groups`` input channels,
+    ``c_in K K`` multiply-adds a position: 9x a 3x3 depthwise conv's dense work. The folded kernel costs
+    ``K`` taps for each coupled pair (o, i), at most the dense conv's work, and an output channel without a
+    kept coefficient is written in one pass. (Larger groups would take the gather, whose cost the model
+    underestimates on dense-ish folded kernels: 64@112 3x3/2 at 90%, 61% of the taps kept, ran 1.2x the dense
+    conv; there order (a) and the dense conv stay the candidates.)"""
+    from .native import direct_applies
+
+    return (basis is not None and g["groups"] > 1 and not g["transposed"]
+            and direct_applies(g, 0, None, out_spatial))
+
+
+def _native_conv_operands(g: dict, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor],
+                          like: Tensor, out_spatial) -> tuple:
+    """What the native kernel is called with: CSR ``(crow, col, vals)``, the used-column flags and the basis
+    (in ``like``'s dtype, or None): order (a)'s matrix and the basis, or, where :func:`folds_in_native`, the
+    folded kernel's matrix (:func:`ipfx.ops.storage._folded_csr`, cached per storage) and no basis."""
+    if not folds_in_native(g, basis, out_spatial):
+        b = None if basis is None else basis.to(dtype=like.dtype).contiguous()
+        return (*_native_operands(g, values, indices, flat, like), b)
+
+    def build():
+        crow, col, vals = _folded_csr(g, values, flat(), basis, like.dtype, torch.device("cpu"))
+        used = torch.zeros(g["c_in"] * g["K"], dtype=torch.uint8)
+        used[col] = 1
+        return crow, col, vals, used, None
+
+    key = (id(values), values._version, indices._version, id(basis), basis._version, like.dtype)
+    return _cached(_storage_entry(indices), "native_folded", key, build)
+
+
 def _order_native(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,
                   bias: Optional[Tensor] = None, residual: Optional[Tensor] = None, activation: int = 0) -> Tensor:
-    """Order (a) tile by tile in the native CPU kernel (:mod:`ipfx.ops.native`); adds ``bias`` itself and
-    applies the epilogue (``residual``, ``activation``: :mod:`ipfx.ops.epilogue`'s number) in the tile."""
+    """Order (a) tile by tile in the native CPU kernel (:mod:`ipfx.ops.native`), or the folded kernel where
+    :func:`folds_in_native`; adds ``bias`` itself and applies the epilogue (``residual``, ``activation``:
+    :mod:`ipfx.ops.epilogue`'s number) in the tile."""
     from . import native
 
-    crow, col, vals, used = _native_operands(g, values, indices, flat, x)
-    b = None if basis is None else basis.to(dtype=x.dtype).contiguous()
+    crow, col, vals, used, b = _native_conv_operands(g, values, indices, flat, basis, x, out_spatial)
     bias = None if bias is None else bias.to(dtype=x.dtype).contiguous()
     residual = None if residual is None else residual.to(dtype=x.dtype).contiguous()
     return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial, residual, activation)

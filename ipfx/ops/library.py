@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import IPFXValueError
 from . import epilogue, native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
-from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_operands, _spmm
+from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_conv_operands, _spmm
 from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, autotune_setting, resolve_order
 from .storage import _cached, _sparse_matrix, _storage_entry
 
@@ -232,9 +232,8 @@ def _build_conv_plan(x, values, indices, basis, bias, weight_shape, stride, padd
         return run_dense
     if resolved != ORDER_NATIVE:
         return run_generic
-    operands = _native_operands(g, values, indices, flat, x)
-    nb = None if basis is None else basis.to(dtype=x.dtype).contiguous()
-    kernel = native.bind_conv(*operands[:3], nb, None if b is None else b.contiguous(), operands[3], g, out_spatial,
+    crow, col, vals, used, nb = _native_conv_operands(g, values, indices, flat, basis, x, out_spatial)
+    kernel = native.bind_conv(crow, col, vals, nb, None if b is None else b.contiguous(), used, g, out_spatial,
                               x.element_size(), batched.shape[2:])
     code = epilogue.code(activation)
 

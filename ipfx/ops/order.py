@@ -32,6 +32,9 @@ coefficients; groups only enter through ``nnz <= c_out * c_in/groups * K``):
         (``c_in K`` with a basis, ``u`` without), ``S = ceil(tile / W_out) + 1`` output-row segments per tile,
         ``W_out`` the innermost output size.
 
+A grouped conv with a basis runs natively as its folded kernel (:func:`ipfx.ops.kernels.folds_in_native`): its
+native terms are SP's, with :func:`folded_nnz` nonzeros.
+
 Predicted time = ``t0 + sum(rate * term)`` with per-order constants (:data:`COST_CONSTANTS`, nanoseconds,
 float32) fitted once by non-negative least squares on relative error on this project's machine
 (``python benchmarks/calibrate.py``, which prints them; the fit and every problem's pick are in
@@ -54,7 +57,7 @@ from torch import Tensor
 
 from ..errors import IPFXValueError
 from .geometry import _identity_unfold_applies
-from .kernels import _order_a, _order_b, _order_dense, _order_gpu, _order_native
+from .kernels import _order_a, _order_b, _order_dense, _order_gpu, _order_native, folds_in_native
 from .native import direct_applies, tile_for
 from .storage import _MATRICES, _storage_entry
 
@@ -153,6 +156,7 @@ def cost_terms(
     itemsize: int = 4,
     width: int = 0,
     direct: bool = False,
+    folded: bool = False,
 ) -> dict[int, tuple[float, ...]]:
     """The work terms (``COST_TERMS``, without scaling) of each order; see the module docstring.
 
@@ -162,8 +166,16 @@ def cost_terms(
     in cache: its terms are that one copy of the input (maps ``N c_in P_in``), the sparse MACs (``N nnz
     P_out``) and the row visits (``N c_out ceil(P_out / 64)``); no gathered taps or runs. (An ungrouped SP
     conv that runs directly is still costed by the gather's terms, an upper bound, until the constants are
-    refitted.)
+    refitted.) ``folded``: the native kernel runs the folded kernel of a grouped conv with a basis
+    (:func:`ipfx.ops.kernels.folds_in_native`): its terms are the SP terms of :func:`folded_nnz` nonzeros.
     """
+    if folded:
+        return {**cost_terms(c_in=c_in, c_out=c_out, K=K, nnz=nnz, p_in=p_in, p_out=p_out, batch=batch,
+                             groups=groups, transposed=transposed, cheap_identity=cheap_identity,
+                             identity=identity, itemsize=itemsize, width=width),
+                ORDER_NATIVE: cost_terms(c_in=c_in, c_out=c_out, K=K, nnz=folded_nnz(c_in, c_out, K, nnz, groups),
+                                         p_in=p_in, p_out=p_out, batch=batch, groups=groups, identity=True,
+                                         itemsize=itemsize, width=width, direct=direct)[ORDER_NATIVE]}
     n = batch
     pb = p_in if transposed else p_out
     dense_macs = n * c_out * (c_in // groups) * K * pb
@@ -194,6 +206,16 @@ def cost_terms(
         ORDER_DENSE: (1.0, 0.0, 0.0, 0.0, 0.0 if grouped else dense_macs, dense_macs if grouped else 0.0, io, 0.0,
                       0.0, 0.0),
     }
+
+
+def folded_nnz(c_in: int, c_out: int, K: int, nnz: int, groups: int) -> int:
+    """The expected nonzeros of a folded kernel ``W = C @ B`` (a basis spreads a coupled pair's coefficients
+    over all ``K`` taps) for ``nnz`` coefficients spread uniformly over ``C``'s ``c_out * c_in/groups``
+    pairs of ``K``: ``K`` for each pair that keeps at least one. A function of the problem alone (not of
+    where the coefficients are), so the choice it feeds stays deterministic."""
+    pairs = c_out * (c_in // groups)
+    density = min(1.0, nnz / max(1, pairs * K))
+    return int(round(pairs * K * (1.0 - (1.0 - density) ** K)))
 
 
 def order_costs(*, itemsize: int = 4, native: bool = False, constants: dict | None = None,
@@ -234,11 +256,14 @@ def choose_order(*, itemsize: int = 4, native: bool = False, constants: dict | N
 
 def _problem(g: dict, x: Tensor, values: Tensor, basis, out_spatial) -> dict:
     """The arguments of :func:`cost_terms` for one call (``x`` batched)."""
-    direct = g["groups"] > 1 and direct_applies(g, values.numel(), basis, out_spatial)
-    return dict(c_in=g["c_in"], c_out=g["c_out"], K=g["K"], nnz=values.numel(), p_in=math.prod(x.shape[2:]),
+    folded = folds_in_native(g, basis, out_spatial)
+    nnz = values.numel()
+    native_nnz = folded_nnz(g["c_in"], g["c_out"], g["K"], nnz, g["groups"]) if folded else nnz
+    direct = g["groups"] > 1 and direct_applies(g, native_nnz, None if folded else basis, out_spatial)
+    return dict(c_in=g["c_in"], c_out=g["c_out"], K=g["K"], nnz=nnz, p_in=math.prod(x.shape[2:]),
                 p_out=math.prod(out_spatial), batch=x.shape[0], groups=g["groups"], transposed=g["transposed"],
                 identity=basis is None, cheap_identity=_identity_unfold_applies(g, basis is None),
-                width=int(out_spatial[-1]), direct=direct)
+                width=int(out_spatial[-1]), direct=direct, folded=folded)
 
 
 def _modelled_order(g: dict, x: Tensor, values: Tensor, basis, out_spatial, native: bool) -> int:

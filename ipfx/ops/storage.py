@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +47,29 @@ def _densify(values: Tensor, indices: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`sparse_coefficients` (repeated indices summed)."""
     flat = values.new_zeros(numel)
     return flat.index_add_(0, indices.to(device=values.device, dtype=torch.int64), values)
+
+
+def _folded_csr(g: dict, values: Tensor, flat: Tensor, basis: Optional[Tensor], dtype: torch.dtype,
+                device) -> tuple[Tensor, Tensor, Tensor]:
+    """The folded kernel ``W = C @ B`` (the basis folded into the coefficients; ``B`` the identity where
+    ``basis`` is None) as a CSR matrix over output channels: int64 row pointers, int64 columns ``i*K + t``
+    (``i`` the input channel, ``t`` the tap), values in ``dtype``; a row's columns ascending. A coupled pair
+    (o, i) with a basis has all ``K`` taps (those whose folded number is exactly 0 left out); a pair without a
+    kept coefficient has none. Computed in ``dtype`` on ``device``, not cached (the callers cache it)."""
+    from ..form.compose import compose_weight
+
+    K = g["K"]
+    w0, w1 = g["weight_shape"][:2]
+    c = _densify(values.to(device=device, dtype=dtype), flat.to(device), w0 * w1 * K).reshape(w0, w1, K)
+    b = None if basis is None else basis.to(device=device, dtype=dtype)
+    w = compose_weight(c, None, b, (w0, w1, K), b is not None).reshape(-1)
+    nz = torch.nonzero(w).reshape(-1)
+    o, i, t = _coupling(g, nz)  # W is (w0, w1, K) like C, its last index the tap
+    col = i * K + t
+    order = torch.argsort(o * (g["c_in"] * K) + col)
+    crow = torch.zeros(g["c_out"] + 1, dtype=torch.int64, device=device)
+    crow[1:] = torch.cumsum(torch.bincount(o, minlength=g["c_out"]), 0)
+    return crow, col[order].contiguous(), w[nz][order].contiguous()
 
 
 def _coupling(g: dict, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
