@@ -851,3 +851,31 @@ def test_threads_calling_one_storage_with_more_input_kinds_than_it_keeps_plans_f
 
     run_in_threads(work)
     assert wrong == []
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_the_dense_order_keeps_its_weight_in_a_channels_last_inputs_layout(d):
+    """torch's CPU conv computes a channels-last input in that layout and converts a weight that is not, a copy
+    of the whole dense weight on every call: the dense order keeps its weight in the input's layout (one per
+    layout), so a call of the module's plan copies nothing and gives F.conv's numbers and output layout, for
+    channels-last and contiguous inputs in turn; the op gives the same numbers."""
+    layout = torch.channels_last if d == 2 else torch.channels_last_3d
+    spatial = (9, 8) if d == 2 else (5, 6, 4)
+    gen = torch.Generator().manual_seed(0)
+    coeff = torch.randn(16, 8, 3 ** d, generator=gen)
+    m = SparseIPConv.from_coefficients(coeff, None, torch.randn(16, generator=gen), weight_shape=(16, 8) + (3,) * d,
+                                       padding=1).eval()
+    w = m.to_dense_weight()
+    conv = F.conv2d if d == 2 else F.conv3d
+    for fmt in (layout, torch.contiguous_format, layout):
+        x = torch.randn(2, 8, *spatial, generator=gen).contiguous(memory_format=fmt)
+        ref = conv(x, w, m.bias, padding=1)
+        with torch.inference_mode():
+            m(x, order=ORDER_DENSE)
+            with torch.profiler.profile() as prof:
+                y = m(x, order=ORDER_DENSE)
+        copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
+        assert copies == [], copies
+        assert torch.equal(y, ref) and y.stride() == ref.stride()
+        y_op = m(x, order=ORDER_DENSE)  # (autograd on: the op, whose output is contiguous, as its fake kernel's)
+        assert torch.equal(y_op, ref) and y_op.is_contiguous()

@@ -142,18 +142,36 @@ def _order_b(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: O
     return y.reshape(n, c_out, *out_spatial)
 
 
+def conv_layout(x: Tensor) -> torch.memory_format:
+    """The memory format a dense weight is kept in for convolving ``x``: ``channels_last`` (4-d) or
+    ``channels_last_3d`` (5-d) where ``x`` is laid out so and not also contiguous (a 1x1 map or one channel
+    is both), else ``contiguous_format``. torch's CPU convolution computes a channels-last input in that
+    layout and converts a weight that is not (a copy of the whole dense weight on every call); a weight
+    already in it gives the same numbers without the copy."""
+    layout = _CHANNELS_LAST.get(x.dim())
+    if layout is not None and not x.is_contiguous() and x.is_contiguous(memory_format=layout):
+        return layout
+    return torch.contiguous_format
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _dense_weight(g: dict, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], like: Tensor) -> Tensor:
-    """``W = reshape(C @ basis, weight_shape)`` in ``like``'s dtype and device, rebuilt once per storage (cached)."""
+    """``W = reshape(C @ basis, weight_shape)`` in ``like``'s dtype and device, laid out for convolving ``like``
+    (:func:`conv_layout`), rebuilt once per storage and layout (cached)."""
+    layout = conv_layout(like)
 
     def build():
         w0, w1 = g["weight_shape"][:2]
         c = _densify(values.to(like.dtype), flat(), w0 * w1 * g["K"]).reshape(w0, w1, g["K"])
         b = None if basis is None else basis.to(dtype=like.dtype, device=like.device)
-        return compose_weight(c, None, b, g["weight_shape"], b is not None)
+        return compose_weight(c, None, b, g["weight_shape"], b is not None).contiguous(memory_format=layout)
 
     key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
-           like.dtype, like.device)
-    return _cached(_storage_entry(indices), "dense", key, build)
+           like.dtype, like.device, layout)
+    which = "dense" if layout == torch.contiguous_format else f"dense {layout}"  # (one kept per layout)
+    return _cached(_storage_entry(indices), which, key, build)
 
 
 def _dense_conv_partial(g: dict, weight: Tensor, bias: Optional[Tensor]):

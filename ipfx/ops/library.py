@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import IPFXValueError
 from . import epilogue, native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
-from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_conv_operands, _spmm
+from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_conv_operands, _spmm, conv_layout
 from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, autotune_setting, resolve_order
 from .storage import _cached, _sparse_matrix, _storage_entry
 
@@ -167,7 +167,7 @@ def conv_plan_key(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Te
     ``IPFX_AUTOTUNE``, activation and geometry (copied: a list changed in place later is not the same key),
     and the stored tensors' identities and in-place versions. Kept per storage of ``indices``; a module that
     keeps its last plan compares this with the storage's identity added (:class:`ipfx.ops.SparseIPConv`)."""
-    kind = ("conv", x.shape, x.dtype, x.device, order, activation, autotune_setting(),
+    kind = ("conv", x.shape, x.dtype, x.device, conv_layout(x), order, activation, autotune_setting(),
             tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
             tuple(output_padding))
     return kind, (_identity(values), indices._version, _identity(basis), _identity(bias))
