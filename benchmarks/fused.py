@@ -115,6 +115,8 @@ def bench_layers(quick: bool) -> list[dict]:
                 fns["torch CSR"] = torch_csr
             t = interleaved(fns, 5 if quick else 21, "dense")
             ip_macs = (c_in * K * K * p_out + nnz * p_out) if K > 1 else nnz * p_out
+            if groups > 1:  # the native kernel runs the folded kernel: K taps for each kept channel pair
+                ip_macs = int((coeff != 0).any(-1).sum()) * K * p_out
             row = dict(layer=name, sparsity=s, nnz=nnz, dense_macs=dense_macs, ip_macs=ip_macs, sp_macs=nnz * p_out,
                        ip_order=chosen_order(ip, x), sp_order=chosen_order(sp, x), **t)
             rows.append(row)
@@ -198,7 +200,8 @@ def write(path: str, results: dict, args, seconds: float) -> None:
              f"Command: `python benchmarks/fused.py --threads {args.threads}"
              f"{' --quick' if args.quick else ''} --sections {args.sections}"
              f"{' --stat min' if getattr(args, 'stat', 'median') == 'min' else ''}"
-             f"{' --batches ' + args.batches if getattr(args, 'batches', '1,32') != '1,32' else ''}`, "
+             f"{' --batches ' + args.batches if getattr(args, 'batches', '1,32') != '1,32' else ''}"
+             f"{'' if os.path.basename(path) == 'fused.md' else ' --out benchmarks/' + os.path.basename(path)}`, "
              f"{time.strftime('%Y-%m-%d')}, "
              f"{seconds / 60:.1f} min. Machine: {results.get('cpu', platform.machine())}, {os.cpu_count()} cores, "
              f"threads {args.threads}; torch {torch.__version__}; native kernel "
@@ -226,7 +229,8 @@ def write(path: str, results: dict, args, seconds: float) -> None:
             lines.append(f"| {r['layer']} | {r['sparsity']} | {r['dense'] * 1e3:.2f} ms | {ip:.2f}x | {lim_ip:.1f}x "
                          f"| {100 / ip / lim_ip:.0f}% | {sp:.2f}x | {lim_sp:.0f}x | {100 / sp / lim_sp:.0f}% | {csr} "
                          f"| {r['ip_order']} | {r['sp_order']} |")
-        lines += ["", "IP MAC limit: dense MACs / (c_in K K P + nnz P) (order (a)); SP: dense MACs / (nnz P). "
+        lines += ["", "IP MAC limit: dense MACs / (c_in K K P + nnz P) (order (a)); grouped IP (run as its folded "
+                  "kernel): dense MACs / (K P per kept channel pair); SP: dense MACs / (nnz P). "
                   "Reached: (dense time / fused time) / limit. torch CSR: the SP weight as a CSR matrix times "
                   "`F.unfold(x)` (n/a for grouped convs).", ""]
     e2e = results.get("e2e", [])
