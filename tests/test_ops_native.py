@@ -793,21 +793,25 @@ def test_a_grouped_conv_with_a_basis_and_a_large_plane_keeps_order_a():
 @needs_native
 def test_the_cost_model_runs_a_sparse_ip_depthwise_conv_folded():
     """order=0 on mobilenet's 240-channel depthwise 3x3 @14 with a basis at 95% picks the native kernel (the
-    folded kernel: measured 0.22-0.24x the dense conv, 2 threads) and at 0% the dense conv; the numbers are
-    the dense conv's."""
+    folded kernel: measured 0.22-0.24x the dense conv, 2 threads), costed as folded; a 112x112 plane is not
+    folded (nor direct); the numbers are the dense conv's."""
     from ipfx.ops.geometry import _conv_geometry, _output_spatial
-    from ipfx.ops.order import ORDER_DENSE, _modelled_order
+    from ipfx.ops.order import _modelled_order, _problem
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 240, 14, 14, generator=gen)
-    for sparsity, expected in ((0.95, ORDER_NATIVE), (0.0, ORDER_DENSE)):
-        coeff = torch.randn(240, 1, 9, generator=gen)
-        coeff = coeff * (torch.rand(coeff.shape, generator=gen) >= sparsity)
-        m = SparseIPConv.from_coefficients(coeff, dct_basis((3, 3), torch.float32), weight_shape=(240, 1, 3, 3),
-                                           padding=1, groups=240).eval()
+    for channels, size, folded in ((240, 14, True), (16, 112, False)):
+        x = torch.randn(1, channels, size, size, generator=gen)
+        coeff = torch.randn(channels, 1, 9, generator=gen)
+        coeff = coeff * (torch.rand(coeff.shape, generator=gen) >= 0.95)
+        m = SparseIPConv.from_coefficients(coeff, dct_basis((3, 3), torch.float32),
+                                           weight_shape=(channels, 1, 3, 3), padding=1, groups=channels).eval()
         g = _conv_geometry(x, m.values, m.indices, m.basis, m.bias, m.weight_shape, m.stride, m.padding,
                            m.dilation, m.groups, m.transposed, m.output_padding)
-        assert _modelled_order(g, x, m.values, m.basis, _output_spatial(g, x.shape[2:]), True) == expected
+        out = _output_spatial(g, x.shape[2:])
+        problem = _problem(g, x, m.values, m.basis, out)
+        assert problem["folded"] is folded and problem["direct"] is folded
+        if folded:
+            assert _modelled_order(g, x, m.values, m.basis, out, True) == ORDER_NATIVE
         with torch.inference_mode():
-            ref = F.conv2d(x, m.to_dense_weight(), padding=1, groups=240)
+            ref = F.conv2d(x, m.to_dense_weight(), padding=1, groups=channels)
             torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)

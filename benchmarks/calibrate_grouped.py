@@ -1,0 +1,139 @@
+"""The cost model's dense grouped term against measured grouped convs (``ipfx.ops.order``, ``dense_grouped``).
+
+    python benchmarks/calibrate_grouped.py [--threads 1] [--reps 15] [--values 0.03123,0.05,0.07,0.1]
+                                           [--out benchmarks/calibrate_grouped.md]
+
+Times the dense order and the native order on grouped convs (mobilenet-like depthwise 3x3 and 5x5, stride 1
+and 2; resnext-like groups of 4 and 8 channels), SP and IP at 50/90/95/99%, batch 1, and reports, for each
+candidate value of the ``dense_grouped`` constant (ns per multiply-accumulate of a grouped dense conv; the
+other constants as in ``COST_CONSTANTS``), how often the model's pick between the two is the faster one and
+how much slower its picks are (pick / fastest, worst and mean), with the least-squares fit of that constant
+(relative error, t0 and io held). Times are the minimum of ``--reps`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ipfx
+
+import torch  # noqa: E402
+
+from ipfx.form.bases import dct_basis  # noqa: E402
+from ipfx.ops import native, order as order_mod  # noqa: E402
+from ipfx.ops.geometry import _conv_geometry, _output_spatial  # noqa: E402
+from ipfx.ops.storage import sparse_coefficients  # noqa: E402
+
+# (channels, groups, map size, kernel, stride)
+LAYERS = [(240, 240, 14, 3, 1), (672, 672, 14, 3, 1), (72, 72, 56, 3, 1), (120, 120, 28, 5, 1), (960, 960, 7, 5, 1),
+          (672, 672, 14, 5, 2), (144, 144, 28, 3, 1), (32, 32, 56, 3, 2), (128, 32, 56, 3, 1), (256, 32, 28, 3, 1),
+          (512, 32, 14, 3, 1), (1024, 32, 7, 3, 1), (256, 32, 56, 3, 2), (64, 8, 56, 3, 1)]
+DENSE, NATIVE, GROUPED = order_mod.ORDER_DENSE, order_mod.ORDER_NATIVE, 5  # (COST_TERMS[5]: dense_grouped)
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return min(samples) * 1e9
+
+
+def measure(reps: int, sparsities=(0.5, 0.9, 0.95, 0.99)) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for c, groups, hw, k, stride in LAYERS:
+        K = k * k
+        for space in ("sp", "ip"):
+            for sparsity in sparsities:
+                coeff = torch.randn(c, c // groups, K, generator=gen)
+                coeff = coeff * (torch.rand(coeff.shape, generator=gen) >= sparsity)
+                values, indices = sparse_coefficients(coeff)
+                basis = dct_basis((k, k), torch.float32) if space == "ip" else None
+                x = torch.randn(1, c, hw, hw, generator=gen)
+                g = _conv_geometry(x, values, indices, basis, None, [c, c // groups, k, k], [stride] * 2, [k // 2] * 2,
+                                   [1, 1], groups, False, [0, 0])
+                out = _output_spatial(g, x.shape[2:])
+                problem = order_mod._problem(g, x, values, basis, out)
+                terms = order_mod.cost_terms(**problem)
+                flat = lambda: indices.long()  # noqa: E731
+                with torch.no_grad():
+                    ns = {o: _time(lambda: order_mod._RUNNERS[o](g, x, values, indices, flat, basis, out), reps)
+                          for o in (DENSE, NATIVE)}
+                name = f"{'dw' if groups == c else f'g{groups}'} {k}x{k}/{stride} {c}@{hw} {space} {sparsity:.0%}"
+                rows.append(dict(name=name, terms=terms, ns=ns))
+                print(f"{name}: dense {ns[DENSE] / 1e3:.0f} us, native {ns[NATIVE] / 1e3:.0f} us", flush=True)
+    return rows
+
+
+def predicted(terms, order: int, dense_grouped: float) -> float:
+    constants = list(order_mod.COST_CONSTANTS[order])
+    if order == DENSE:
+        constants[GROUPED] = dense_grouped
+    return constants[0] + sum(k * t for k, t in zip(constants[1:], terms[order][1:]))
+
+
+def quality(rows: list[dict], dense_grouped: float) -> tuple[int, float, float, str]:
+    """(wrong picks, worst pick / fastest, mean pick / fastest, the worst problem)"""
+    wrong, regrets = 0, []
+    for r in rows:
+        pick = min((DENSE, NATIVE), key=lambda o: predicted(r["terms"], o, dense_grouped))
+        best = min(r["ns"], key=r["ns"].get)
+        wrong += pick != best
+        regrets.append((r["ns"][pick] / r["ns"][best], r["name"]))
+    worst = max(regrets)
+    return wrong, worst[0], sum(x for x, _ in regrets) / len(regrets), worst[1]
+
+
+def fit(rows: list[dict]) -> float:
+    """dense_grouped minimising the dense order's squared relative error, t0 and io held"""
+    c = order_mod.COST_CONSTANTS[DENSE]
+    num = den = 0.0
+    for r in rows:
+        ns, t = r["ns"][DENSE], r["terms"][DENSE]
+        rest = c[0] + sum(k * v for i, (k, v) in enumerate(zip(c[1:], t[1:]), 1) if i != GROUPED)
+        num += t[GROUPED] / ns * (1 - rest / ns)
+        den += (t[GROUPED] / ns) ** 2
+    return num / den
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--values", default="0.03123,0.05,0.07,0.1")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "calibrate_grouped.md"))
+    args = parser.parse_args(argv)
+    if not native.available():
+        sys.exit("the native kernel is not available here: nothing to compare the dense order with")
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    rows = measure(args.reps)
+    values = [float(v) for v in args.values.split(",")] + [round(fit(rows), 5)]
+    lines = ["# The dense grouped term of the cost model against measured grouped convs", "",
+             f"Command: `python benchmarks/calibrate_grouped.py --threads {args.threads} --reps {args.reps} "
+             f"--out benchmarks/{os.path.basename(args.out)}`, "
+             f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s; torch {torch.__version__}; "
+             f"{os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.2f}. "
+             f"Current constant: {order_mod.COST_CONSTANTS[DENSE][GROUPED]}; the last row is the least-squares fit.",
+             "", "| dense_grouped (ns/MAC) | wrong picks | worst pick / fastest | mean pick / fastest |",
+             "|---:|---:|---|---:|"]
+    for v in values:
+        wrong, worst, mean, where = quality(rows, v)
+        lines.append(f"| {v:.4g} | {wrong}/{len(rows)} | {worst:.2f}x ({where}) | {mean:.3f}x |")
+    lines += ["", "| problem | dense order (us) | native (us) |", "|---|---:|---:|"]
+    lines += [f"| {r['name']} | {r['ns'][DENSE] / 1e3:.0f} | {r['ns'][NATIVE] / 1e3:.0f} |" for r in rows]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:len(values) + 6]))
+
+
+if __name__ == "__main__":
+    main()
