@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..form.compose import compose_weight
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -56,8 +58,6 @@ def _folded_csr(g: dict, values: Tensor, flat: Tensor, basis: Optional[Tensor], 
     (``i`` the input channel, ``t`` the tap), values in ``dtype``; a row's columns ascending. A coupled pair
     (o, i) with a basis has all ``K`` taps (those whose folded number is exactly 0 left out); a pair without a
     kept coefficient has none. Computed in ``dtype`` on ``device``, not cached (the callers cache it)."""
-    from ..form.compose import compose_weight
-
     K = g["K"]
     w0, w1 = g["weight_shape"][:2]
     c = _densify(values.to(device=device, dtype=dtype), flat.to(device), w0 * w1 * K).reshape(w0, w1, K)
