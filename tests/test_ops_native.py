@@ -725,6 +725,7 @@ FOLDED = [
     _case(d=3, c_in=4, c_out=4, groups=4, kernel=(3, 1, 3), stride=(1, 1, 1), padding=(1, 0, 1),
           dilation=(1, 1, 1), output_padding=(0, 0, 0), spatial=(4, 3, 5), sparsity=0.95, seed=3),
     _case(c_in=4, c_out=4, groups=4, sparsity=1.0),  # nothing kept: act(bias) everywhere
+    _case(c_in=3, c_out=3, groups=3, spatial=(100, 96), batch=1, sparsity=0.9),  # planes past the size rule
 ]
 
 
@@ -735,8 +736,8 @@ def test_grouped_convs_with_a_basis_run_their_folded_kernel_natively(case, dtype
     """A grouped conv with a basis (IP depthwise above all) runs natively as its folded kernel W = C @ B on the
     direct grouped path (ipfx.ops.kernels.folds_in_native), not as order (a) with the basis: the op and the
     module's eager plan agree with the dense conv and the torch path, the kernel was given the folded matrix
-    (no basis) and order (a)'s matrix was never built; an in-place edit of the basis or the coefficients is
-    followed."""
+    (no basis) and the direct path, and order (a)'s matrix was never built; an in-place edit of the basis or
+    the coefficients is followed."""
     from ipfx.ops.kernels import folds_in_native
     from ipfx.ops.storage import _MATRICES
 
@@ -748,21 +749,21 @@ def test_grouped_convs_with_a_basis_run_their_folded_kernel_natively(case, dtype
     out_spatial = ref.shape[2:]
     g = dict(groups=case.groups, c_in=case.c_in, c_out=case.c_out, transposed=False, kernel=case.kernel,
              stride=case.stride, dilation=case.dilation)
-    assert folds_in_native(g, m.basis, out_spatial) and not folds_in_native(g, None, out_spatial)
+    assert folds_in_native(g, m.basis) and not folds_in_native(g, None)
     calls = []
     real = native.bind_conv
 
     def spy(crow, col, vals, basis, *args, **kwargs):
-        calls.append((basis, vals.numel()))
+        calls.append((basis, vals.numel(), kwargs.get("direct", args[6] if len(args) > 6 else None)))
         return real(crow, col, vals, basis, *args, **kwargs)
 
     with mock.patch.object(native, "bind_conv", spy):
         assert_close(m(t.x, order=ORDER_NATIVE), ref, tol, scale)  # the op (autograd on: no plan)
         with torch.inference_mode():
             assert_close(m(t.x, order=ORDER_NATIVE), ref, tol, scale)  # the module's plan
-    assert calls and all(basis is None for basis, _ in calls)
+    assert calls and all(basis is None and direct is True for basis, _, direct in calls)
     pairs = int((t.coeff != 0).any(-1).sum())
-    assert all(nnz <= pairs * case.K for _, nnz in calls)
+    assert all(nnz <= pairs * case.K for _, nnz, _ in calls)
     kinds = set(_MATRICES[id(m.indices)][1])
     assert "native_folded" in kinds and "native" not in kinds
     for edit in (lambda: m.basis.mul_(-2.0), lambda: m.values.add_(1.0)):  # each alone is followed
@@ -776,42 +777,46 @@ def test_grouped_convs_with_a_basis_run_their_folded_kernel_natively(case, dtype
         assert_close(m(t.x, order=ORDER_NATIVE), ref2, tol, 4 * scale + float(ref2.abs().max()))
 
 
-@needs_native
-def test_a_grouped_conv_with_a_basis_and_a_large_plane_keeps_order_a():
-    """Groups too large for the direct grouped path (a 112x112 plane) are not folded (the gather's cost on a
-    dense-ish folded kernel is underestimated): the native order there is order (a) with the basis."""
+def test_which_grouped_convs_with_a_basis_are_folded():
+    """Folded: grouped, not transposed, with a basis, at most FOLD_MAX_GROUP_CHANNELS input channels a group
+    (whatever the map size: the folded kernel runs on the direct path); a group of 64 channels keeps order (a)."""
     from ipfx.ops.kernels import folds_in_native
 
-    g = dict(groups=16, c_in=16, c_out=16, transposed=False, kernel=(3, 3), stride=(1, 1), dilation=(1, 1))
+    g = dict(groups=16, c_in=16, c_out=16, transposed=False)
     basis = dct_basis((3, 3), torch.float32)
-    assert folds_in_native(g, basis, (14, 14))
-    assert not folds_in_native(g, basis, (112, 112))
-    assert not folds_in_native(dict(g, groups=1), basis, (14, 14))
-    assert not folds_in_native(dict(g, transposed=True), basis, (14, 14))
+    assert folds_in_native(g, basis)
+    assert folds_in_native(dict(g, c_in=16 * native.FOLD_MAX_GROUP_CHANNELS), basis)
+    assert not folds_in_native(dict(g, c_in=16 * (native.FOLD_MAX_GROUP_CHANNELS + 1)), basis)
+    assert not folds_in_native(dict(g, groups=1), basis)
+    assert not folds_in_native(dict(g, transposed=True), basis)
+    assert not folds_in_native(g, None)
 
 
 @needs_native
 def test_the_cost_model_runs_a_sparse_ip_depthwise_conv_folded():
     """order=0 on mobilenet's 240-channel depthwise 3x3 @14 with a basis at 95% picks the native kernel (the
-    folded kernel: measured 0.22-0.24x the dense conv, 2 threads), costed as folded; a 112x112 plane is not
-    folded (nor direct); the numbers are the dense conv's."""
+    folded kernel: measured 0.22-0.24x the dense conv, 2 threads), costed as folded and direct; a 112x112
+    depthwise plane is folded and direct too; groups of 64 channels are neither; the numbers are the dense
+    conv's."""
     from ipfx.ops.geometry import _conv_geometry, _output_spatial
     from ipfx.ops.order import _modelled_order, _problem
 
     gen = torch.Generator().manual_seed(0)
-    for channels, size, folded in ((240, 14, True), (16, 112, False)):
+    for channels, groups, size, folded in ((240, 240, 14, True), (16, 16, 112, True), (256, 4, 14, False)):
         x = torch.randn(1, channels, size, size, generator=gen)
-        coeff = torch.randn(channels, 1, 9, generator=gen)
+        coeff = torch.randn(channels, channels // groups, 9, generator=gen)
         coeff = coeff * (torch.rand(coeff.shape, generator=gen) >= 0.95)
         m = SparseIPConv.from_coefficients(coeff, dct_basis((3, 3), torch.float32),
-                                           weight_shape=(channels, 1, 3, 3), padding=1, groups=channels).eval()
+                                           weight_shape=(channels, channels // groups, 3, 3), padding=1,
+                                           groups=groups).eval()
         g = _conv_geometry(x, m.values, m.indices, m.basis, m.bias, m.weight_shape, m.stride, m.padding,
                            m.dilation, m.groups, m.transposed, m.output_padding)
         out = _output_spatial(g, x.shape[2:])
         problem = _problem(g, x, m.values, m.basis, out)
         assert problem["folded"] is folded and problem["direct"] is folded
-        if folded:
+        if channels == 240:
             assert _modelled_order(g, x, m.values, m.basis, out, True) == ORDER_NATIVE
         with torch.inference_mode():
-            ref = F.conv2d(x, m.to_dense_weight(), padding=1, groups=channels)
+            ref = F.conv2d(x, m.to_dense_weight(), padding=1, groups=groups)
             torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m(x, order=ORDER_NATIVE), ref, rtol=1e-5, atol=1e-5)

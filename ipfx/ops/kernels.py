@@ -220,36 +220,35 @@ def _native_operands(g: dict, values: Tensor, indices: Tensor, flat, like: Tenso
     return _cached(_storage_entry(indices), "native", key, build)
 
 
-def folds_in_native(g: dict, basis: Optional[Tensor], out_spatial) -> bool:
-    """Whether the native kernel runs this conv on its folded kernel ``W = C @ B`` (SP form, the basis folded
-    into the coefficients) instead of order (a): grouped, not transposed, with a basis, and a group small
-    enough for the direct grouped path (:func:`ipfx.ops.native.direct_applies`; it does not depend on the
-    nonzeros). Order (a) applies all ``K`` basis filters to each of a group's ``c_in/groups`` input channels,
-    ``c_in K K`` multiply-adds a position: 9x a 3x3 depthwise conv's dense work. The folded kernel costs
-    ``K`` taps for each coupled pair (o, i), at most the dense conv's work, and an output channel without a
-    kept coefficient is written in one pass. (Larger groups would take the gather, whose cost the model
-    underestimates on dense-ish folded kernels: 64@112 3x3/2 at 90%, 61% of the taps kept, ran 1.2x the dense
-    conv; there order (a) and the dense conv stay the candidates.)"""
-    from .native import direct_applies
+def folds_in_native(g: dict, basis: Optional[Tensor]) -> bool:
+    """Whether the native kernel runs this conv as its folded kernel ``W = C @ B`` (SP form, the basis folded
+    into the coefficients) on the direct grouped path, instead of order (a): grouped, not transposed, with a
+    basis, at most :data:`ipfx.ops.native.FOLD_MAX_GROUP_CHANNELS` input channels a group (the measurements
+    there). Order (a) applies all ``K`` basis filters to each of a group's ``c_in/groups`` input channels,
+    ``c_in K K`` multiply-adds a position: 9x a 3x3 depthwise conv's dense work. The folded kernel costs ``K``
+    taps for each coupled pair (o, i), at most the dense conv's work, and an output channel without a kept
+    coefficient is written in one pass."""
+    from .native import FOLD_MAX_GROUP_CHANNELS
 
     return (basis is not None and g["groups"] > 1 and not g["transposed"]
-            and direct_applies(g, 0, None, out_spatial))
+            and g["c_in"] // g["groups"] <= FOLD_MAX_GROUP_CHANNELS)
 
 
 def _native_conv_operands(g: dict, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor],
-                          like: Tensor, out_spatial) -> tuple:
-    """What the native kernel is called with: CSR ``(crow, col, vals)``, the used-column flags and the basis
-    (in ``like``'s dtype, or None): order (a)'s matrix and the basis, or, where :func:`folds_in_native`, the
-    folded kernel's matrix (:func:`ipfx.ops.storage._folded_csr`, cached per storage) and no basis."""
-    if not folds_in_native(g, basis, out_spatial):
+                          like: Tensor) -> tuple:
+    """What the native kernel is called with: CSR ``(crow, col, vals)``, the used-column flags, the basis (in
+    ``like``'s dtype, or None) and the path (``direct``: None for the size rule): order (a)'s matrix and the
+    basis, or, where :func:`folds_in_native`, the folded kernel's matrix (:func:`ipfx.ops.storage._folded_csr`,
+    cached per storage), no basis and the direct path."""
+    if not folds_in_native(g, basis):
         b = None if basis is None else basis.to(dtype=like.dtype).contiguous()
-        return (*_native_operands(g, values, indices, flat, like), b)
+        return (*_native_operands(g, values, indices, flat, like), b, None)
 
     def build():
         crow, col, vals = _folded_csr(g, values, flat(), basis, like.dtype, torch.device("cpu"))
         used = torch.zeros(g["c_in"] * g["K"], dtype=torch.uint8)
         used[col] = 1
-        return crow, col, vals, used, None
+        return crow, col, vals, used, None, True
 
     key = (id(values), values._version, indices._version, id(basis), basis._version, like.dtype)
     return _cached(_storage_entry(indices), "native_folded", key, build)
@@ -262,10 +261,10 @@ def _order_native(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, bas
     :mod:`ipfx.ops.epilogue`'s number) in the tile."""
     from . import native
 
-    crow, col, vals, used, b = _native_conv_operands(g, values, indices, flat, basis, x, out_spatial)
+    crow, col, vals, used, b, direct = _native_conv_operands(g, values, indices, flat, basis, x)
     bias = None if bias is None else bias.to(dtype=x.dtype).contiguous()
     residual = None if residual is None else residual.to(dtype=x.dtype).contiguous()
-    return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial, residual, activation)
+    return native.conv(x, crow, col, vals, b, bias, used, g, out_spatial, residual, activation, direct)
 
 
 def _order_gpu(g: dict, x: Tensor, values: Tensor, indices: Tensor, flat, basis: Optional[Tensor], out_spatial,

@@ -232,9 +232,9 @@ def _build_conv_plan(x, values, indices, basis, bias, weight_shape, stride, padd
         return run_dense
     if resolved != ORDER_NATIVE:
         return run_generic
-    crow, col, vals, used, nb = _native_conv_operands(g, values, indices, flat, basis, x, out_spatial)
+    crow, col, vals, used, nb, direct = _native_conv_operands(g, values, indices, flat, basis, x)
     kernel = native.bind_conv(crow, col, vals, nb, None if b is None else b.contiguous(), used, g, out_spatial,
-                              x.element_size(), batched.shape[2:])
+                              x.element_size(), batched.shape[2:], direct)
     code = epilogue.code(activation)
 
     def run_native(x, residual=None):

@@ -290,6 +290,18 @@ DIRECT_MIN_TAPS_PER_PHASE = 4
 #: buffer (its input channels' padded planes) holds at most DIRECT_GROUP_MAX_NUMBERS numbers (32 KiB of
 #: float32); larger groups take the gather.
 DIRECT_GROUP_MAX_NUMBERS = 8192
+#: A grouped conv with a basis runs as its folded kernel (:func:`ipfx.ops.kernels.folds_in_native`: ``K`` taps
+#: for each kept channel pair) on the direct grouped path, whatever the group's size, where a group has at
+#: most FOLD_MAX_GROUP_CHANNELS input channels. Measured with a DCT basis, 2 threads, batch 1 (min of 21 calls,
+#: time / the dense conv's at 50 / 90 / 95 / 99%): folded and direct, against order (a) in the native kernel
+#: and the folded kernel through the gather: depthwise 3x3 16@112 0.08-0.32 (order (a) 0.30-1.05, gather
+#: 0.26-1.00), 3x3/2 64@112 0.60 / 0.39 / 0.37 / 0.18 (1.65 / 0.85 / 0.77 / 0.38; gather 1.32 / 0.84 / 0.73 /
+#: 0.36), 3x3 32@112 0.40 / 0.35 / 0.23 / 0.12 (1.87 / 1.08 / 0.73 / 0.36); groups of 4 channels 128@56
+#: 0.14 / 0.11 / 0.16 / 0.04 (0.35 / 0.30 / 0.41 / 0.09), of 8 3x3/2 256@56 0.89 / 0.72 / 0.63 / 0.29 (1.69 /
+#: 1.53 / 1.22 / 0.64), of 16 64@56 0.94 / 0.74 / 0.68 / 0.22 (1.28 / 0.96 / 0.80 / 0.57); but of 64 256@14
+#: 1.85 / 1.42 / 0.58 / 0.25 (1.51 / 0.85 / 0.59 / 0.62): with many channels a group, most pairs keep a
+#: coefficient and order (a)'s basis work is shared by the group's output channels.
+FOLD_MAX_GROUP_CHANNELS = 16
 
 
 def vector_bytes() -> int:
@@ -328,7 +340,7 @@ def direct_applies(g: dict, nnz: int, basis: Optional[Tensor], out_spatial) -> b
 
 
 def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
-              used: Tensor, g: dict, out_spatial, itemsize: int, in_spatial=None):
+              used: Tensor, g: dict, out_spatial, itemsize: int, in_spatial=None, direct: Optional[bool] = None):
     """The native conv for one geometry and storage with every argument but the input worked out once:
     ``run(x, residual, activation) -> y`` (``x`` batched and contiguous, ``itemsize`` its element size; CSR of
     ``A[o, i*K + j]``, see the module docstring), ending in the epilogue ``act(y + residual)``
@@ -337,9 +349,12 @@ def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], 
     arguments, not twenty, 2-3 us less per call), so a call costs little more than the arithmetic. Given the
     input's spatial size (``in_spatial``), the direct path's per-coefficient read offsets are worked out here
     once (``direct_sources``: a pass over the kept coefficients per call otherwise, 10-25% of a small map's
-    layer at 95%); then every call must have that size, as a plan's inputs do."""
+    layer at 95%); then every call must have that size, as a plan's inputs do. ``direct``: the path, where the
+    caller has chosen it (a folded grouped kernel: :func:`ipfx.ops.kernels.folds_in_native`); None: the size
+    rule (:func:`direct_applies`)."""
     module = _state["module"]
-    direct = direct_applies(g, vals.numel(), basis, out_spatial)
+    if direct is None:
+        direct = direct_applies(g, vals.numel(), basis, out_spatial)
     sources = None
     if direct and in_spatial is not None:
         sources = module.direct_sources(col, g["c_in"], g["groups"], list(in_spatial), list(out_spatial),
@@ -352,9 +367,11 @@ def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], 
 
 
 def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
-         used: Tensor, g: dict, out_spatial, residual: Optional[Tensor] = None, activation: int = 0) -> Tensor:
+         used: Tensor, g: dict, out_spatial, residual: Optional[Tensor] = None, activation: int = 0,
+         direct: Optional[bool] = None) -> Tensor:
     """Run the native conv once (:func:`bind_conv`, whose arguments these are, then the call)."""
-    return bind_conv(crow, col, vals, basis, bias, used, g, out_spatial, x.element_size())(x, residual, activation)
+    return bind_conv(crow, col, vals, basis, bias, used, g, out_spatial, x.element_size(),
+                     direct=direct)(x, residual, activation)
 
 
 def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:

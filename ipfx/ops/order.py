@@ -32,8 +32,9 @@ coefficients; groups only enter through ``nnz <= c_out * c_in/groups * K``):
         (``c_in K`` with a basis, ``u`` without), ``S = ceil(tile / W_out) + 1`` output-row segments per tile,
         ``W_out`` the innermost output size.
 
-A grouped conv with a basis runs natively as its folded kernel (:func:`ipfx.ops.kernels.folds_in_native`): its
-native terms are SP's, with :func:`folded_nnz` nonzeros.
+A grouped conv with a basis and few channels a group runs natively as its folded kernel on the direct path
+(:func:`ipfx.ops.kernels.folds_in_native`): its native terms are SP's direct ones, with :func:`folded_nnz`
+nonzeros.
 
 Predicted time = ``t0 + sum(rate * term)`` with per-order constants (:data:`COST_CONSTANTS`, nanoseconds,
 float32) fitted once by non-negative least squares on relative error on this project's machine
@@ -264,10 +265,9 @@ def choose_order(*, itemsize: int = 4, native: bool = False, constants: dict | N
 
 def _problem(g: dict, x: Tensor, values: Tensor, basis, out_spatial) -> dict:
     """The arguments of :func:`cost_terms` for one call (``x`` batched)."""
-    folded = folds_in_native(g, basis, out_spatial)
+    folded = folds_in_native(g, basis)  # (then on the direct path)
     nnz = values.numel()
-    native_nnz = folded_nnz(g["c_in"], g["c_out"], g["K"], nnz, g["groups"]) if folded else nnz
-    direct = g["groups"] > 1 and direct_applies(g, native_nnz, None if folded else basis, out_spatial)
+    direct = g["groups"] > 1 and (folded or direct_applies(g, nnz, basis, out_spatial))
     return dict(c_in=g["c_in"], c_out=g["c_out"], K=g["K"], nnz=nnz, p_in=math.prod(x.shape[2:]),
                 p_out=math.prod(out_spatial), batch=x.shape[0], groups=g["groups"], transposed=g["transposed"],
                 identity=basis is None, cheap_identity=_identity_unfold_applies(g, basis is None),
