@@ -4,7 +4,7 @@
                                            [--out benchmarks/calibrate_grouped.md]
 
 Times the dense order and the native order on grouped convs (mobilenet-like depthwise 3x3 and 5x5, stride 1
-and 2; resnext-like groups of 4 and 8 channels), SP and IP at 50/90/95/99%, batch 1, and reports, for each
+and 2; resnext-like groups of 4 to 32 channels), SP and IP at 50/90/95/99%, batch 1, and reports, for each
 candidate value of the ``dense_grouped`` constant (ns per multiply-accumulate of a grouped dense conv; the
 other constants as in ``COST_CONSTANTS``), how often the model's pick between the two is the faster one and
 how much slower its picks are (pick / fastest, worst and mean), with the least-squares fit of that constant

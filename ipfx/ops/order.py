@@ -89,13 +89,13 @@ COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "
 #: the work terms shrink about in proportion and t0 does not, which favours the dense order slightly less
 #: than it should. ``dense_grouped`` (the dense order's MACs of a grouped conv) was refitted on its own on an AMD
 #: EPYC with AVX2 (``python benchmarks/calibrate_grouped.py``, ``benchmarks/calibrate_grouped.md`` and
-#: ``calibrate_grouped-2threads.md``): 112 grouped problems (depthwise 3x3/5x5, groups of 4 and 8 channels; SP and
+#: ``calibrate_grouped-2threads.md``): 112 grouped problems (depthwise 3x3/5x5, groups of 4-32 channels; SP and
 #: IP; 50-99%), dense order against native, the others held. torch's grouped CPU conv runs 2-6x slower per MAC
 #: than the fit above assumed (a depthwise 3x3 240@14: 140 us at 1 thread, 45 predicted), so the model kept the
-#: dense order where the native kernel was up to 3.3x (1 thread) / 5.9x (2 threads) faster. At 0.07 ns per MAC
-#: (from 0.03123), two runs each: the faster of the two is picked in 94-96 of 112 problems at 1 thread (was 89)
-#: and 100-104 at 2 threads (was 87-89); mean pick / fastest 1.03-1.06x (was 1.10-1.11x) at 1 thread and
-#: 1.01-1.03x (1.15-1.18x) at 2; worst 1.4-2.2x (3.1-3.3x) and 1.3-2.3x (3.8-5.9x).
+#: dense order where the native kernel was up to 3-6x faster. At 0.07 ns per MAC (from 0.03123) the faster of
+#: the two is picked in 95 of 112 problems at 1 thread (85 at 0.03123) and 99 at 2 threads (85); mean pick /
+#: fastest 1.07x (1.19x) and 1.04x (1.18x); worst 2.3x (6.6x) and 2.1x (5.3x) (the files; runs differ by a few
+#: problems, and 0.06-0.08 did about as well in each).
 COST_CONSTANTS = {
     ORDER_BASIS_FIRST: (2.552e04, 0.0007961, 1.466, 0.1497, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ORDER_COEFF_FIRST: (1.197e05, 0.4101, 1.438, 0.1296, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
