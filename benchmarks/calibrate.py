@@ -50,7 +50,9 @@ SPARSITIES = (0.9, 0.99)
 BATCHES = (1, 4)
 
 
-def _time(fn, reps: int) -> float:
+def min_ns(fn, reps: int) -> float:
+    """Nanoseconds of ``fn()``: the minimum of ``reps`` calls after two untimed ones (on a shared machine other
+    jobs only ever add time)."""
     fn()
     fn()
     samples = []
@@ -58,7 +60,7 @@ def _time(fn, reps: int) -> float:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return min(samples) * 1e9  # ns; the minimum: on a shared machine other jobs only ever add time
+    return min(samples) * 1e9
 
 
 def problems():
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
             for order, run in order_mod._RUNNERS.items():
                 if order not in allowed:
                     continue
-                ns = _time(lambda: run(g, x, values, indices, flat, basis, out_spatial), args.reps)
+                ns = min_ns(lambda: run(g, x, values, indices, flat, basis, out_spatial), args.reps)
                 rows.append((label, order, terms[order], ns))
                 print(f"{label['name']:22s} {label['sparsity']:.2f} {label['space']} b{label['batch']} "
                       f"order {order}: {ns / 1e3:9.1f} us", flush=True)

@@ -26,23 +26,13 @@ from ipfx.form.bases import dct_basis  # noqa: E402
 from ipfx.ops import native, order as order_mod  # noqa: E402
 from ipfx.ops.geometry import _conv_geometry, _output_spatial  # noqa: E402
 from ipfx.ops.storage import sparse_coefficients  # noqa: E402
+from calibrate import min_ns  # noqa: E402  (benchmarks/calibrate.py, beside this script)
 
 # (channels, groups, map size, kernel, stride)
 LAYERS = [(240, 240, 14, 3, 1), (672, 672, 14, 3, 1), (72, 72, 56, 3, 1), (120, 120, 28, 5, 1), (960, 960, 7, 5, 1),
           (672, 672, 14, 5, 2), (144, 144, 28, 3, 1), (32, 32, 56, 3, 2), (128, 32, 56, 3, 1), (256, 32, 28, 3, 1),
           (512, 32, 14, 3, 1), (1024, 32, 7, 3, 1), (256, 32, 56, 3, 2), (64, 8, 56, 3, 1)]
 DENSE, NATIVE, GROUPED = order_mod.ORDER_DENSE, order_mod.ORDER_NATIVE, 5  # (COST_TERMS[5]: dense_grouped)
-
-
-def _time(fn, reps: int) -> float:
-    fn()
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return min(samples) * 1e9
 
 
 def measure(reps: int, sparsities=(0.5, 0.9, 0.95, 0.99)) -> list[dict]:
@@ -64,7 +54,7 @@ def measure(reps: int, sparsities=(0.5, 0.9, 0.95, 0.99)) -> list[dict]:
                 terms = order_mod.cost_terms(**problem)
                 flat = lambda: indices.long()  # noqa: E731
                 with torch.no_grad():
-                    ns = {o: _time(lambda: order_mod._RUNNERS[o](g, x, values, indices, flat, basis, out), reps)
+                    ns = {o: min_ns(lambda: order_mod._RUNNERS[o](g, x, values, indices, flat, basis, out), reps)
                           for o in (DENSE, NATIVE)}
                 name = f"{'dw' if groups == c else f'g{groups}'} {k}x{k}/{stride} {c}@{hw} {space} {sparsity:.0%}"
                 rows.append(dict(name=name, terms=terms, ns=ns))
