@@ -289,14 +289,19 @@ def _conv_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> O
     return "conv", module, bound, node.args[0], residual_node, tensors
 
 
+def _plain_call(module: nn.Module, cls: type, args: tuple, kwargs: dict) -> bool:
+    """``module`` is exactly a ``cls``, called on one plain tensor, with no hooks and its class's forward: a call
+    a step may make in its place (its guards then hold it so: :meth:`_Guards.module`)."""
+    return (type(module) is cls and len(args) == 1 and not kwargs and type(args[0]) is Tensor
+            and not any(getattr(module, hooks) for hooks in _HOOKS) and "forward" not in module.__dict__)
+
+
 def _pool_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Optional[tuple]:
     """The boxed ``ipfx_native::channel_mean`` step of a :class:`~ipfx.ops.pooling.GlobalAvgPool2d` call whose
     eager path (just run) was that op; else None."""
-    if type(module) is not GlobalAvgPool2d or len(args) != 1 or kwargs or type(args[0]) is not Tensor:
+    if not _plain_call(module, GlobalAvgPool2d, args, kwargs):
         return None
     if module.output_size not in (1, (1, 1)) or not channel_mean_applies(args[0]):
-        return None
-    if any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__:
         return None
     return "op", torch.ops.ipfx_native.channel_mean.default, [None], [(0, node.args[0])], ("output_size",), []
 
@@ -304,11 +309,7 @@ def _pool_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> O
 def _linear_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Optional[tuple]:
     """The boxed ``ipfx_native::linear`` step of a :class:`SparseLinear` call on a contiguous 2-d input whose
     plan (the one its eager path just used) is that op, its CSR and bias as constants; else None."""
-    if type(module) is not SparseLinear or len(args) != 1 or kwargs or type(args[0]) is not Tensor:
-        return None
-    if args[0].dim() != 2 or not args[0].is_contiguous():
-        return None
-    if any(getattr(module, hooks) for hooks in _HOOKS) or "forward" in module.__dict__:
+    if not _plain_call(module, SparseLinear, args, kwargs) or args[0].dim() != 2 or not args[0].is_contiguous():
         return None
     memo = module.__dict__.get("_last_plan_memo")
     bound = getattr(memo[1], "bound", None) if memo is not None else None
