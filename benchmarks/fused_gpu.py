@@ -137,6 +137,7 @@ def main(argv=None) -> None:
         torch.backends.cudnn.benchmark = True
         device, layers, sparsities, reps = torch.device("cuda"), LAYERS, SPARSITIES, args.reps
         batches, dtypes = [int(b) for b in args.batches.split(",")], args.dtypes.split(",")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run, no timing)"
     gen = torch.Generator().manual_seed(0)
     rows = []
     for layer in layers:
@@ -147,7 +148,7 @@ def main(argv=None) -> None:
                     rows.append(row)
                     print(f"{row['layer']} {s} b{batch} {dt}: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in row.items() if k.endswith("/ dense")), flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run, no timing)"
+                    write(args.out, rows, name)  # after each row: a run cut short keeps what it measured
     write(args.out, rows, name)
     print(f"wrote {args.out}")
 
