@@ -72,9 +72,12 @@ ORDER_NATIVE = 4  # order (a) tile by tile in the native CPU kernel (ipfx.ops.na
 ORDER_GPU = 5  # the folded sparse direct conv in Triton (ipfx.ops.gpu), CUDA, where Triton is available
 
 #: On CUDA, ``order=0`` runs the Triton kernel when the folded kernel's nonzeros (its multiply-accumulates)
-#: are at most this fraction of the dense kernel's, else cuDNN's dense convolution. A guess, not a fit: no
-#: GPU was at hand to calibrate it (``python benchmarks/fused_gpu.py`` measures both).
-GPU_DENSITY_MAX = 0.05
+#: are at most this fraction of the dense kernel's, else cuDNN's dense convolution. Measured on an H200
+#: (``python benchmarks/fused_gpu.py``: the benchmark's eight ResNet/MobileNet layers, 90-99%, batch 1 and
+#: 32, float32 and bfloat16) the Triton kernel was slower than cuDNN on every layer, 1.3x at best and up to
+#: 85x at batch 32; so only a conv that keeps no weight at all (nothing to sum: the kernel writes the bias)
+#: takes it unasked. ``order=5`` forces it, and ``IPFX_AUTOTUNE=1`` times it against cuDNN.
+GPU_DENSITY_MAX = 0.0
 
 #: Term names of the cost model, in the order of each row of :data:`COST_CONSTANTS`.
 COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "taps", "rows", "runs")
@@ -335,7 +338,8 @@ def resolve_order(order: int, g: dict, x: Tensor, values: Tensor, indices: Tenso
     kernel: the native one on CPU where it supports ``x`` (:func:`ipfx.ops.native.supports`), the Triton
     one on CUDA (:func:`ipfx.ops.gpu.supports`). An explicit ``ORDER_NATIVE``/``ORDER_GPU`` that cannot
     run falls back to ``order=0``. On CUDA ``order=0`` is a rule of the folded kernel's density
-    (:data:`GPU_DENSITY_MAX`), the CPU cost model's constants being CPU measurements.
+    (:data:`GPU_DENSITY_MAX`: cuDNN's dense conv unless nothing is kept), the CPU cost model's constants being
+    CPU measurements.
     """
     if order not in (ORDER_TUNED, ORDER_AUTO, *_RUNNERS):
         raise IPFXValueError(
