@@ -1,19 +1,23 @@
-"""The cost model's dense grouped term against measured grouped convs (``ipfx.ops.order``, ``dense_grouped``).
+"""The cost model's dense-order MAC terms against measured convs (``ipfx.ops.order``: ``dense_grouped``, and
+``dense`` with ``--layers ungrouped``).
 
-    python benchmarks/calibrate_grouped.py [--threads 1] [--reps 15] [--values 0.03123,0.05,0.07,0.1]
-                                           [--out benchmarks/calibrate_grouped.md]
+    python benchmarks/calibrate_grouped.py [--layers grouped|ungrouped] [--threads 1] [--reps 15]
+                                           [--values 0.03123,0.05,0.07,0.1] [--out benchmarks/calibrate_grouped.md]
 
 Times the dense order and the native order on grouped convs (mobilenet-like depthwise 3x3 and 5x5, stride 1
-and 2; resnext-like groups of 4 to 32 channels), SP and IP at 50/90/95/99%, batch 1, and reports, for each
-candidate value of the ``dense_grouped`` constant (ns per multiply-accumulate of a grouped dense conv; the
-other constants as in ``COST_CONSTANTS``), how often the model's pick between the two is the faster one and
-how much slower its picks are (pick / fastest, worst and mean), with the least-squares fit of that constant
-(relative error, t0 and io held). Times are the minimum of ``--reps`` calls.
+and 2; resnext-like groups of 4 to 32 channels) or, with ``--layers ungrouped``, on ungrouped ones (stems
+with 3 input channels, resnet 3x3 and 1x1 layers, mobilenet's pointwise convs), SP and IP at 50/90/95/99%,
+at each of ``--batches`` (default 1), and reports, for each candidate value of the constant (ns per
+multiply-accumulate of the dense order; the other constants as in ``COST_CONSTANTS``), how often the model's
+pick between the two is the faster one and how much slower its picks are (pick / fastest, worst and mean),
+with the least-squares fit of that constant (relative error, t0 and io held). Times are the minimum of
+``--reps`` calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -28,26 +32,35 @@ from ipfx.ops.geometry import _conv_geometry, _output_spatial  # noqa: E402
 from ipfx.ops.storage import sparse_coefficients  # noqa: E402
 from calibrate import min_ns  # noqa: E402  (benchmarks/calibrate.py, beside this script)
 
-# (channels, groups, map size, kernel, stride)
-LAYERS = [(240, 240, 14, 3, 1), (672, 672, 14, 3, 1), (72, 72, 56, 3, 1), (120, 120, 28, 5, 1), (960, 960, 7, 5, 1),
-          (672, 672, 14, 5, 2), (144, 144, 28, 3, 1), (32, 32, 56, 3, 2), (128, 32, 56, 3, 1), (256, 32, 28, 3, 1),
-          (512, 32, 14, 3, 1), (1024, 32, 7, 3, 1), (256, 32, 56, 3, 2), (64, 8, 56, 3, 1)]
-DENSE, NATIVE, GROUPED = order_mod.ORDER_DENSE, order_mod.ORDER_NATIVE, 5  # (COST_TERMS[5]: dense_grouped)
+# (input channels, output channels, groups, map size, kernel, stride)
+LAYERS = {
+    "grouped": [(240, 240, 240, 14, 3, 1), (672, 672, 672, 14, 3, 1), (72, 72, 72, 56, 3, 1), (120, 120, 120, 28, 5, 1),
+                (960, 960, 960, 7, 5, 1), (672, 672, 672, 14, 5, 2), (144, 144, 144, 28, 3, 1), (32, 32, 32, 56, 3, 2),
+                (128, 128, 32, 56, 3, 1), (256, 256, 32, 28, 3, 1), (512, 512, 32, 14, 3, 1), (1024, 1024, 32, 7, 3, 1),
+                (256, 256, 32, 56, 3, 2), (64, 64, 8, 56, 3, 1)],
+    "ungrouped": [(3, 16, 1, 224, 3, 2), (3, 32, 1, 224, 3, 2), (3, 64, 1, 224, 7, 2), (16, 16, 1, 112, 3, 1),
+                  (16, 32, 1, 112, 3, 1), (32, 32, 1, 56, 3, 1), (64, 64, 1, 56, 3, 1), (128, 128, 1, 28, 3, 1),
+                  (256, 256, 1, 14, 3, 1), (512, 512, 1, 7, 3, 1), (128, 128, 1, 56, 3, 2), (256, 64, 1, 56, 1, 1),
+                  (64, 256, 1, 56, 1, 1), (1024, 256, 1, 14, 1, 1), (16, 64, 1, 112, 1, 1), (40, 120, 1, 28, 1, 1),
+                  (160, 960, 1, 7, 1, 1)],
+}
+DENSE, NATIVE = order_mod.ORDER_DENSE, order_mod.ORDER_NATIVE
+TERM = {"grouped": 5, "ungrouped": 4}  # the fitted term's index in COST_TERMS (dense_grouped, dense)
 
 
-def measure(reps: int, sparsities=(0.5, 0.9, 0.95, 0.99)) -> list[dict]:
+def measure(layers, reps: int, sparsities=(0.5, 0.9, 0.95, 0.99), batches=(1,)) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for c, groups, hw, k, stride in LAYERS:
+    for (c_in, c, groups, hw, k, stride), batch in itertools.product(layers, batches):
         K = k * k
         for space in ("sp", "ip"):
             for sparsity in sparsities:
-                coeff = torch.randn(c, c // groups, K, generator=gen)
+                coeff = torch.randn(c, c_in // groups, K, generator=gen)
                 coeff = coeff * (torch.rand(coeff.shape, generator=gen) >= sparsity)
                 values, indices = sparse_coefficients(coeff)
                 basis = dct_basis((k, k), torch.float32) if space == "ip" else None
-                x = torch.randn(1, c, hw, hw, generator=gen)
-                g = _conv_geometry(x, values, indices, basis, None, [c, c // groups, k, k], [stride] * 2, [k // 2] * 2,
+                x = torch.randn(batch, c_in, hw, hw, generator=gen)
+                g = _conv_geometry(x, values, indices, basis, None, [c, c_in // groups, k, k], [stride] * 2, [k // 2] * 2,
                                    [1, 1], groups, False, [0, 0])
                 out = _output_spatial(g, x.shape[2:])
                 problem = order_mod._problem(g, x, values, basis, out)
@@ -56,24 +69,25 @@ def measure(reps: int, sparsities=(0.5, 0.9, 0.95, 0.99)) -> list[dict]:
                 with torch.no_grad():
                     ns = {o: min_ns(lambda: order_mod._RUNNERS[o](g, x, values, indices, flat, basis, out), reps)
                           for o in (DENSE, NATIVE)}
-                name = f"{'dw' if groups == c else f'g{groups}'} {k}x{k}/{stride} {c}@{hw} {space} {sparsity:.0%}"
+                kind = "dw" if groups == c else f"g{groups}" if groups > 1 else f"{c_in}->"
+                name = f"{kind} {k}x{k}/{stride} {c}@{hw} {space} {sparsity:.0%}" + (f" b{batch}" if batch > 1 else "")
                 rows.append(dict(name=name, terms=terms, ns=ns))
                 print(f"{name}: dense {ns[DENSE] / 1e3:.0f} us, native {ns[NATIVE] / 1e3:.0f} us", flush=True)
     return rows
 
 
-def predicted(terms, order: int, dense_grouped: float) -> float:
+def predicted(terms, order: int, value: float, term: int) -> float:
     constants = list(order_mod.COST_CONSTANTS[order])
     if order == DENSE:
-        constants[GROUPED] = dense_grouped
+        constants[term] = value
     return constants[0] + sum(k * t for k, t in zip(constants[1:], terms[order][1:]))
 
 
-def quality(rows: list[dict], dense_grouped: float) -> tuple[int, float, float, str]:
+def quality(rows: list[dict], value: float, term: int) -> tuple[int, float, float, str]:
     """(wrong picks, worst pick / fastest, mean pick / fastest, the worst problem)"""
     wrong, regrets = 0, []
     for r in rows:
-        pick = min((DENSE, NATIVE), key=lambda o: predicted(r["terms"], o, dense_grouped))
+        pick = min((DENSE, NATIVE), key=lambda o: predicted(r["terms"], o, value, term))
         best = min(r["ns"], key=r["ns"].get)
         wrong += pick != best
         regrets.append((r["ns"][pick] / r["ns"][best], r["name"]))
@@ -81,23 +95,25 @@ def quality(rows: list[dict], dense_grouped: float) -> tuple[int, float, float, 
     return wrong, worst[0], sum(x for x, _ in regrets) / len(regrets), worst[1]
 
 
-def fit(rows: list[dict]) -> float:
-    """dense_grouped minimising the dense order's squared relative error, t0 and io held"""
+def fit(rows: list[dict], term: int) -> float:
+    """The term's constant minimising the dense order's squared relative error, t0 and io held"""
     c = order_mod.COST_CONSTANTS[DENSE]
     num = den = 0.0
     for r in rows:
         ns, t = r["ns"][DENSE], r["terms"][DENSE]
-        rest = c[0] + sum(k * v for i, (k, v) in enumerate(zip(c[1:], t[1:]), 1) if i != GROUPED)
-        num += t[GROUPED] / ns * (1 - rest / ns)
-        den += (t[GROUPED] / ns) ** 2
+        rest = c[0] + sum(k * v for i, (k, v) in enumerate(zip(c[1:], t[1:]), 1) if i != term)
+        num += t[term] / ns * (1 - rest / ns)
+        den += (t[term] / ns) ** 2
     return num / den
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", choices=sorted(LAYERS), default="grouped")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", default="1")
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--values", default="0.03123,0.05,0.07,0.1")
+    parser.add_argument("--values", default=None, help="candidate constants (default: the current one and a few)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "calibrate_grouped.md"))
     args = parser.parse_args(argv)
@@ -105,18 +121,23 @@ def main(argv=None) -> None:
         sys.exit("the native kernel is not available here: nothing to compare the dense order with")
     torch.set_num_threads(args.threads)
     started = time.time()
-    rows = measure(args.reps)
-    values = [float(v) for v in args.values.split(",")] + [round(fit(rows), 5)]
-    lines = ["# The dense grouped term of the cost model against measured grouped convs", "",
-             f"Command: `python benchmarks/calibrate_grouped.py --threads {args.threads} --reps {args.reps} "
+    term = TERM[args.layers]
+    rows = measure(LAYERS[args.layers], args.reps, batches=[int(b) for b in args.batches.split(",")])
+    current = order_mod.COST_CONSTANTS[DENSE][term]
+    given = args.values or ",".join(str(current * f) for f in (0.5, 1.0, 1.5, 2.0))
+    values = [float(v) for v in given.split(",")] + [round(fit(rows, term), 5)]
+    name = order_mod.COST_TERMS[term]
+    lines = [f"# The {name} term of the cost model against measured {args.layers} convs", "",
+             f"Command: `python benchmarks/calibrate_grouped.py --layers {args.layers} --threads {args.threads} "
+             f"--batches {args.batches} --reps {args.reps} "
              f"--out benchmarks/{os.path.basename(args.out)}`, "
              f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s; torch {torch.__version__}; "
              f"{os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.2f}. "
-             f"Current constant: {order_mod.COST_CONSTANTS[DENSE][GROUPED]}; the last row is the least-squares fit.",
-             "", "| dense_grouped (ns/MAC) | wrong picks | worst pick / fastest | mean pick / fastest |",
+             f"Current constant: {current}; the last row is the least-squares fit.",
+             "", f"| {name} (ns/MAC) | wrong picks | worst pick / fastest | mean pick / fastest |",
              "|---:|---:|---|---:|"]
     for v in values:
-        wrong, worst, mean, where = quality(rows, v)
+        wrong, worst, mean, where = quality(rows, v, term)
         lines.append(f"| {v:.4g} | {wrong}/{len(rows)} | {worst:.2f}x ({where}) | {mean:.3f}x |")
     lines += ["", "| problem | dense order (us) | native (us) |", "|---|---:|---:|"]
     lines += [f"| {r['name']} | {r['ns'][DENSE] / 1e3:.0f} | {r['ns'][NATIVE] / 1e3:.0f} |" for r in rows]

@@ -98,7 +98,10 @@ COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "
 #: dense order where the native kernel was up to 3-6x faster. At 0.07 ns per MAC (from 0.03123) the faster of
 #: the two is picked in 95 of 112 problems at 1 thread (85 at 0.03123) and 99 at 2 threads (85); mean pick /
 #: fastest 1.07x (1.19x) and 1.04x (1.18x); worst 2.3x (6.6x) and 2.1x (5.3x) (the files; runs differ by a few
-#: problems, and 0.06-0.08 did about as well in each).
+#: problems, and 0.06-0.08 did about as well in each). ``dense`` (ungrouped) was checked the same way
+#: (``--layers ungrouped``, ``benchmarks/calibrate_ungrouped.md``, ``-2threads.md``) and kept: a higher value
+#: picks better between the dense and native orders but hands an IP 7x7 stem to order (a) in torch, whose
+#: constants under-predict it 2.6-4x on this machine (IP resnet18 1.16-1.71x slower); a refit must cover them.
 COST_CONSTANTS = {
     ORDER_BASIS_FIRST: (2.552e04, 0.0007961, 1.466, 0.1497, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
     ORDER_COEFF_FIRST: (1.197e05, 0.4101, 1.438, 0.1296, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
