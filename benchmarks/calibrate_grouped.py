@@ -1,17 +1,19 @@
 """The cost model's dense-order MAC terms against measured convs (``ipfx.ops.order``: ``dense_grouped``, and
-``dense`` with ``--layers ungrouped``).
+``dense`` with ``--layers ungrouped``), with the constants of orders (a)/(b) in torch.
 
-    python benchmarks/calibrate_grouped.py [--layers grouped|ungrouped] [--threads 1] [--reps 15]
-                                           [--values 0.03123,0.05,0.07,0.1] [--out benchmarks/calibrate_grouped.md]
+    python benchmarks/calibrate_grouped.py [--layers grouped|ungrouped] [--threads 1] [--batches 1] [--reps 15]
+                                           [--values 0.035,0.07] [--torch-scales 1,2]
+                                           [--out benchmarks/calibrate_grouped.md]
 
-Times the dense order and the native order on grouped convs (mobilenet-like depthwise 3x3 and 5x5, stride 1
-and 2; resnext-like groups of 4 to 32 channels) or, with ``--layers ungrouped``, on ungrouped ones (stems
-with 3 input channels, resnet 3x3 and 1x1 layers, mobilenet's pointwise convs), SP and IP at 50/90/95/99%,
-at each of ``--batches`` (default 1), and reports, for each candidate value of the constant (ns per
-multiply-accumulate of the dense order; the other constants as in ``COST_CONSTANTS``), how often the model's
-pick between the two is the faster one and how much slower its picks are (pick / fastest, worst and mean),
-with the least-squares fit of that constant (relative error, t0 and io held). Times are the minimum of
-``--reps`` calls.
+Times every order the model allows (dense, native, and orders (a)/(b) in torch where their maps fit the
+budget) on grouped convs (mobilenet-like depthwise 3x3 and 5x5, stride 1 and 2; resnext-like groups of 4 to
+32 channels) or, with ``--layers ungrouped``, on ungrouped ones (stems with 3 input channels, resnet 3x3 and
+1x1 layers, mobilenet's pointwise convs), SP and IP at 50/90/95/99%, at each of ``--batches``, and reports,
+for each candidate value of the constant (ns per multiply-accumulate of the dense order) times each factor on
+the constants of orders (a)/(b) (the other constants as in ``COST_CONSTANTS``), how often the model's pick
+(:func:`ipfx.ops.order.choose_order`) is the fastest order and how much slower its picks are (pick / fastest,
+worst and mean), with the least-squares fit of the constant (the dense order's relative error, t0 and io
+held). Times are the minimum of ``--reps`` calls.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ LAYERS = {
                   (160, 960, 1, 7, 1, 1)],
 }
 DENSE, NATIVE = order_mod.ORDER_DENSE, order_mod.ORDER_NATIVE
+TORCH_ORDERS = (order_mod.ORDER_BASIS_FIRST, order_mod.ORDER_COEFF_FIRST)  # orders (a) and (b) in torch ops
+ORDER_NAMES = {order_mod.ORDER_BASIS_FIRST: "a", order_mod.ORDER_COEFF_FIRST: "b", DENSE: "dense", NATIVE: "native"}
 TERM = {"grouped": 5, "ungrouped": 4}  # the fitted term's index in COST_TERMS (dense_grouped, dense)
 
 
@@ -64,30 +68,35 @@ def measure(layers, reps: int, sparsities=(0.5, 0.9, 0.95, 0.99), batches=(1,)) 
                                    [1, 1], groups, False, [0, 0])
                 out = _output_spatial(g, x.shape[2:])
                 problem = order_mod._problem(g, x, values, basis, out)
-                terms = order_mod.cost_terms(**problem)
+                orders = sorted(order_mod.order_costs(native=True, **problem))  # what the model may pick
                 flat = lambda: indices.long()  # noqa: E731
                 with torch.no_grad():
                     ns = {o: min_ns(lambda: order_mod._RUNNERS[o](g, x, values, indices, flat, basis, out), reps)
-                          for o in (DENSE, NATIVE)}
+                          for o in orders}
                 kind = "dw" if groups == c else f"g{groups}" if groups > 1 else f"{c_in}->"
                 name = f"{kind} {k}x{k}/{stride} {c}@{hw} {space} {sparsity:.0%}" + (f" b{batch}" if batch > 1 else "")
-                rows.append(dict(name=name, terms=terms, ns=ns))
-                print(f"{name}: dense {ns[DENSE] / 1e3:.0f} us, native {ns[NATIVE] / 1e3:.0f} us", flush=True)
+                rows.append(dict(name=name, problem=problem, terms=order_mod.cost_terms(**problem), ns=ns))
+                print(f"{name}: " + ", ".join(f"{ORDER_NAMES[o]} {t / 1e3:.0f} us" for o, t in ns.items()), flush=True)
     return rows
 
 
-def predicted(terms, order: int, value: float, term: int) -> float:
-    constants = list(order_mod.COST_CONSTANTS[order])
-    if order == DENSE:
-        constants[term] = value
-    return constants[0] + sum(k * t for k, t in zip(constants[1:], terms[order][1:]))
+def constants_with(value: float, term: int, torch_scale: float = 1.0) -> dict:
+    """``COST_CONSTANTS`` with the dense order's ``term`` at ``value`` and orders (a)/(b) in torch scaled."""
+    out = dict(order_mod.COST_CONSTANTS)
+    row = list(out[DENSE])
+    row[term] = value
+    out[DENSE] = tuple(row)
+    for o in TORCH_ORDERS:
+        out[o] = tuple(torch_scale * c for c in out[o])
+    return out
 
 
-def quality(rows: list[dict], value: float, term: int) -> tuple[int, float, float, str]:
-    """(wrong picks, worst pick / fastest, mean pick / fastest, the worst problem)"""
+def quality(rows: list[dict], constants: dict) -> tuple[int, float, float, str]:
+    """(wrong picks, worst pick / fastest, mean pick / fastest, the worst problem): the model's pick among the
+    orders it allows (:func:`ipfx.ops.order.choose_order`, with ``constants``) against the fastest of them"""
     wrong, regrets = 0, []
     for r in rows:
-        pick = min((DENSE, NATIVE), key=lambda o: predicted(r["terms"], o, value, term))
+        pick = order_mod.choose_order(native=True, constants=constants, **r["problem"])
         best = min(r["ns"], key=r["ns"].get)
         wrong += pick != best
         regrets.append((r["ns"][pick] / r["ns"][best], r["name"]))
@@ -99,7 +108,7 @@ def fit(rows: list[dict], term: int) -> float:
     """The term's constant minimising the dense order's squared relative error, t0 and io held"""
     c = order_mod.COST_CONSTANTS[DENSE]
     num = den = 0.0
-    for r in rows:
+    for r in (r for r in rows if DENSE in r["ns"]):
         ns, t = r["ns"][DENSE], r["terms"][DENSE]
         rest = c[0] + sum(k * v for i, (k, v) in enumerate(zip(c[1:], t[1:]), 1) if i != term)
         num += t[term] / ns * (1 - rest / ns)
@@ -114,6 +123,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--values", default=None, help="candidate constants (default: the current one and a few)")
+    parser.add_argument("--torch-scales", default="1",
+                        help="factors on the constants of orders (a)/(b) in torch, tried with each value")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "calibrate_grouped.md"))
     args = parser.parse_args(argv)
@@ -129,21 +140,24 @@ def main(argv=None) -> None:
     name = order_mod.COST_TERMS[term]
     lines = [f"# The {name} term of the cost model against measured {args.layers} convs", "",
              f"Command: `python benchmarks/calibrate_grouped.py --layers {args.layers} --threads {args.threads} "
-             f"--batches {args.batches} --reps {args.reps} "
+             f"--batches {args.batches} --reps {args.reps} --values {given} --torch-scales {args.torch_scales} "
              f"--out benchmarks/{os.path.basename(args.out)}`, "
              f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s; torch {torch.__version__}; "
              f"{os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.2f}. "
              f"Current constant: {current}; the last row is the least-squares fit.",
-             "", f"| {name} (ns/MAC) | wrong picks | worst pick / fastest | mean pick / fastest |",
-             "|---:|---:|---|---:|"]
-    for v in values:
-        wrong, worst, mean, where = quality(rows, v, term)
-        lines.append(f"| {v:.4g} | {wrong}/{len(rows)} | {worst:.2f}x ({where}) | {mean:.3f}x |")
-    lines += ["", "| problem | dense order (us) | native (us) |", "|---|---:|---:|"]
-    lines += [f"| {r['name']} | {r['ns'][DENSE] / 1e3:.0f} | {r['ns'][NATIVE] / 1e3:.0f} |" for r in rows]
+             "", f"| {name} (ns/MAC) | orders (a)/(b) x | wrong picks | worst pick / fastest | mean pick / fastest |",
+             "|---:|---:|---:|---|---:|"]
+    for v, scale in itertools.product(values, [float(f) for f in args.torch_scales.split(",")]):
+        wrong, worst, mean, where = quality(rows, constants_with(v, term, scale))
+        lines.append(f"| {v:.4g} | {scale:g} | {wrong}/{len(rows)} | {worst:.2f}x ({where}) | {mean:.3f}x |")
+    shown = list(ORDER_NAMES)
+    lines += ["", "| problem | " + " | ".join(f"{ORDER_NAMES[o]} (us)" for o in shown) + " |",
+              "|---|" + "---:|" * len(shown)]
+    lines += [f"| {r['name']} | " + " | ".join(f"{r['ns'][o] / 1e3:.0f}" if o in r["ns"] else "-" for o in shown)
+              + " |" for r in rows]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[:len(values) + 6]))
+    print("\n".join(lines[:lines.index("", 4)]))
 
 
 if __name__ == "__main__":

@@ -98,14 +98,22 @@ COST_TERMS = ("t0", "basis", "maps", "sparse", "dense", "dense_grouped", "io", "
 #: dense order where the native kernel was up to 3-6x faster. At 0.07 ns per MAC (from 0.03123) the faster of
 #: the two is picked in 95 of 112 problems at 1 thread (85 at 0.03123) and 99 at 2 threads (85); mean pick /
 #: fastest 1.07x (1.19x) and 1.04x (1.18x); worst 2.3x (6.6x) and 2.1x (5.3x) (the files; runs differ by a few
-#: problems, and 0.06-0.08 did about as well in each). ``dense`` (ungrouped) was checked the same way
-#: (``--layers ungrouped``, ``benchmarks/calibrate_ungrouped.md``, ``-2threads.md``) and kept: a higher value
-#: picks better between the dense and native orders but hands an IP 7x7 stem to order (a) in torch, whose
-#: constants under-predict it 2.6-4x on this machine (IP resnet18 1.16-1.71x slower); a refit must cover them.
+#: problems, and 0.06-0.08 did about as well in each). ``dense`` (ungrouped convs) and orders (a)/(b) in torch
+#: were refitted the same way on that machine (``--layers ungrouped --batches 1,8 --torch-scales ...``: 136
+#: stems, resnet and mobilenet convs, SP/IP, 50-99%, batch 1 and 8; ``benchmarks/calibrate_ungrouped.md``,
+#: ``-2threads.md``): torch's ungrouped conv costs 0.03-0.04 ns per MAC there, and far more with 3 input
+#: channels (a 3 -> 64 7x7/2 stem at batch 8: 43 ms, 0.046 ns/MAC; 3 -> 32 3x3/2: 0.13), and orders (a)/(b)
+#: ran 2.6-4x their prediction (an IP 7x7 stem: 476 ms at batch 32, 116 predicted). At 0.034 ns/MAC (from
+#: 0.01884) and orders (a)/(b) at twice their old constants, the model picks the fastest order in 243 of 272
+#: problems at 2 threads (229 before; mean pick / fastest 1.050x, 1.066x before) and 239 at 1 thread (239;
+#: 1.032x, 1.037x); the dense term alone, without (a)/(b), handed IP 7x7 stems to order (a) (IP resnet18
+#: 1.16-1.71x slower). Whole programs, in-process A/B against the old constants (2 threads, 5 interleaved
+#: rounds): IP mobilenet_v3_large at 95% 0.99x (b1) / 0.88x (b32), IP resnet18 0.98x / 1.00x, SP
+#: mobilenet_v3_large and resnet50 the same picks at batch 1 (0.94-1.02x: noise).
 COST_CONSTANTS = {
-    ORDER_BASIS_FIRST: (2.552e04, 0.0007961, 1.466, 0.1497, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-    ORDER_COEFF_FIRST: (1.197e05, 0.4101, 1.438, 0.1296, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
-    ORDER_DENSE: (9022.0, 0.0, 0.0, 0.0, 0.01884, 0.07, 0.2386, 0.0, 0.0, 0.0),
+    ORDER_BASIS_FIRST: (5.104e04, 0.001592, 2.932, 0.2994, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_COEFF_FIRST: (2.394e05, 0.8202, 2.876, 0.2592, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    ORDER_DENSE: (9022.0, 0.0, 0.0, 0.0, 0.034, 0.07, 0.2386, 0.0, 0.0, 0.0),
     ORDER_NATIVE: (1.287e04, 0.04203, 0.03318, 0.07377, 0.0, 0.0, 0.0, 0.2363, 11.76, 0.3654),
 }
 
