@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -70,7 +71,7 @@ def autotuned(on: bool):
 
 def engines(dense, fused, x, compile_: bool, cudagraphs: bool) -> dict:
     """name -> zero-argument call, each on its own copy of the input (channels_last where the engine is)."""
-    dense_cl = _copy(dense).to(memory_format=torch.channels_last)
+    dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     out = {"cuDNN dense": lambda: dense(x), "cuDNN dense CL": lambda: dense_cl(x_cl)}
     if compile_:
@@ -92,11 +93,6 @@ def engines(dense, fused, x, compile_: bool, cudagraphs: bool) -> dict:
         fused_g = torch.compile(fused, mode="reduce-overhead")
         out["ipfx fused, compile CUDA graphs"] = lambda: fused_g(x)
     return out
-
-
-def _copy(m):
-    import copy
-    return copy.deepcopy(m)
 
 
 def timed_rounds(fns: dict, rounds: int, calls: int, device: torch.device) -> list[dict]:
@@ -133,8 +129,8 @@ def rel_diff(y: torch.Tensor, ref: torch.Tensor) -> float:
 def run_case(name, dense_cpu, fused_cpu, x_cpu, dtype, device, args) -> dict:
     with torch.inference_mode():
         ref = dense_cpu(x_cpu)
-    dense = _copy(dense_cpu).to(device, dtype)
-    fused = _copy(fused_cpu).to(device, dtype)
+    dense = copy.deepcopy(dense_cpu).to(device, dtype)
+    fused = copy.deepcopy(fused_cpu).to(device, dtype)
     x = x_cpu.to(device, dtype)
     torch._dynamo.reset()  # each case compiles afresh (else recompilations pile up to dynamo's limit: eager)
     fns = engines(dense, fused, x, args.compile, args.cudagraphs)
