@@ -75,7 +75,7 @@ ORDER_GPU = 5  # the folded sparse direct conv in Triton (ipfx.ops.gpu), CUDA, w
 #: are at most this fraction of the dense kernel's, else cuDNN's dense convolution. Measured on an H200
 #: (``python benchmarks/fused_gpu.py``: the benchmark's eight ResNet/MobileNet layers, 90-99%, batch 1 and
 #: 32, float32 and bfloat16) the Triton kernel was slower than cuDNN on every layer, 1.3x at best and up to
-#: 85x at batch 32; so only a conv that keeps no weight at all (nothing to sum: the kernel writes the bias)
+#: 226x (IP, batch 32); so only a conv that keeps no weight at all (nothing to sum: the kernel writes the bias)
 #: takes it unasked. ``order=5`` forces it, and ``IPFX_AUTOTUNE=1`` times it against cuDNN.
 GPU_DENSITY_MAX = 0.0
 
