@@ -64,8 +64,8 @@ def measure(layers, reps: int, sparsities=(0.5, 0.9, 0.95, 0.99), batches=(1,)) 
                 values, indices = sparse_coefficients(coeff)
                 basis = dct_basis((k, k), torch.float32) if space == "ip" else None
                 x = torch.randn(batch, c_in, hw, hw, generator=gen)
-                g = _conv_geometry(x, values, indices, basis, None, [c, c_in // groups, k, k], [stride] * 2, [k // 2] * 2,
-                                   [1, 1], groups, False, [0, 0])
+                g = _conv_geometry(x, values, indices, basis, None, [c, c_in // groups, k, k], [stride] * 2,
+                                   [k // 2] * 2, [1, 1], groups, False, [0, 0])
                 out = _output_spatial(g, x.shape[2:])
                 problem = order_mod._problem(g, x, values, basis, out)
                 orders = sorted(order_mod.order_costs(native=True, **problem))  # what the model may pick

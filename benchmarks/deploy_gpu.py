@@ -53,11 +53,8 @@ DENSE = ("cuDNN dense", "cuDNN dense CL", "compile dense", "compile dense, CUDA 
 
 
 @contextlib.contextmanager
-def autotuned(on: bool):
+def autotuned():
     """``IPFX_AUTOTUNE=1`` while the block runs (the fused op reads it on every call)."""
-    if not on:
-        yield
-        return
     old = os.environ.get("IPFX_AUTOTUNE")
     os.environ["IPFX_AUTOTUNE"] = "1"
     try:
@@ -70,7 +67,7 @@ def autotuned(on: bool):
 
 
 def engines(dense, fused, x, compile_: bool, cudagraphs: bool) -> dict:
-    """name -> zero-argument call, each on its own copy of the input (channels_last where the engine is)."""
+    """name -> zero-argument call on ``x`` (the channels_last engine: channels_last copies of model and input)."""
     dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     out = {"cuDNN dense": lambda: dense(x), "cuDNN dense CL": lambda: dense_cl(x_cl)}
@@ -83,7 +80,7 @@ def engines(dense, fused, x, compile_: bool, cudagraphs: bool) -> dict:
     out["ipfx fused"] = lambda: fused(x)
 
     def tuned():
-        with autotuned(True):
+        with autotuned():
             return fused(x)
     out["ipfx fused, tuned"] = tuned
     if compile_:
