@@ -225,6 +225,17 @@ def library_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+#: How a bound conv (``BoundConv``, csrc/ip_conv.cpp) begins the ValueError it raises for an input of another
+#: size or element size than it was bound for.
+_BINDING_MISMATCH = "ipfx native: this conv was bound for inputs of size "
+
+
+def binding_mismatch(error: BaseException) -> bool:
+    """``error`` is a bound conv's refusal of an input it was not bound for (its plan was made for other
+    shapes): the caller's plan or program is stale, not the model wrong."""
+    return isinstance(error, ValueError) and str(error).startswith(_BINDING_MISMATCH)
+
+
 def supports(x: Tensor) -> bool:
     """The native kernel handles this input (CPU, float32/float64) and is available."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and available()

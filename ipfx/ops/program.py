@@ -24,6 +24,9 @@ its guards: everything a conv step was built from (the module's place in the mod
 bias, activation and geometry, the in-place versions of its tensors, no hooks on it) and the place of every
 other module it calls. A changed one (``load_state_dict``, ``.to()``, an in-place edit, a replaced or hooked
 submodule) makes the program return without running anything, and a new one is built from the model as it is.
+What a module run in Python reads is not guarded (another stride on such a module, say): where that changes
+the shapes that reach a native conv step, its kernel refuses them (:func:`ipfx.ops.native.binding_mismatch`)
+and the program is built again from the model as it is, that call's Python steps before it having run twice.
 
 It runs in eager inference only (no autograd, nothing compiling or tracing, no global module hooks, plain
 tensors passed positionally); any other call is the generated forward's. ``recompile()`` and
@@ -85,7 +88,12 @@ def _program_forward(generated: Callable) -> Callable:
         if program is None:
             return generated(self, *args, **kwargs)
         if program is not False:
-            out = program.run(flat)
+            try:
+                out = program.run(flat)
+            except ValueError as e:  # a conv step met other shapes than it was bound for: build again (below)
+                if not native.binding_mismatch(e):
+                    raise
+                out = None
             if out is not None:
                 return self.graph._codegen.process_outputs(out)
         program, out = _build(self, flat)
