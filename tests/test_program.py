@@ -173,7 +173,7 @@ def test_the_program_follows_every_change_of_the_model(saved):
         check("stride back")
         # a module the program runs in Python (not a fused conv) whose output changes shape: the native conv
         # after it was bound for the old shape and refuses the new one; the program is built again
-        assert hasattr(m.get_submodule(convs[1]).__dict__["_last_plan_memo"][1], "bound"), "premise: native"
+        assert getattr(m.get_submodule(convs[1]).__dict__["_last_plan_memo"][1], "bound", None) is not None, "premise"
         strided = _EveryOther(replacement)
         setattr(parent, child, strided)
         check("a module run in Python")
