@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import os
@@ -71,49 +72,54 @@ def engines(dense, fused, x, compile_: bool, cudagraphs: bool) -> dict:
     dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     out = {"cuDNN dense": lambda: dense(x), "cuDNN dense CL": lambda: dense_cl(x_cl)}
-    if compile_:
-        compiled = torch.compile(dense)
-        out["compile dense"] = lambda: compiled(x)
-    if cudagraphs:
-        graphed = torch.compile(dense, mode="reduce-overhead")
-        out["compile dense, CUDA graphs"] = lambda: graphed(x)
+    out.update(_compiled(dense, x, compile_, cudagraphs, "compile dense", "compile dense, CUDA graphs"))
     out["ipfx fused"] = lambda: fused(x)
 
     def tuned():
         with autotuned():
             return fused(x)
     out["ipfx fused, tuned"] = tuned
-    if compile_:
-        fused_c = torch.compile(fused)
-        out["ipfx fused, compile"] = lambda: fused_c(x)
-    if cudagraphs:
-        fused_g = torch.compile(fused, mode="reduce-overhead")
-        out["ipfx fused, compile CUDA graphs"] = lambda: fused_g(x)
+    out.update(_compiled(fused, x, compile_, cudagraphs, "ipfx fused, compile", "ipfx fused, compile CUDA graphs"))
     return out
 
 
+def _compiled(model, x, compile_: bool, cudagraphs: bool, name: str, graphs_name: str) -> dict:
+    """``torch.compile`` of ``model`` called on ``x``: Inductor's default mode as ``name`` where ``compile_``,
+    ``mode="reduce-overhead"`` (CUDA graphs) as ``graphs_name`` where ``cudagraphs``."""
+    out = {}
+    for key, on, mode in ((name, compile_, "default"), (graphs_name, cudagraphs, "reduce-overhead")):
+        if on:
+            out[key] = functools.partial(torch.compile(model, mode=mode), x)
+    return out
+
+
+def _elapsed_ms(fn, calls: int, device: torch.device) -> float:
+    """Mean milliseconds per call of ``calls`` calls: CUDA events on CUDA, the wall clock otherwise (--smoke:
+    the calls ran; the numbers mean nothing)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def timed_rounds(fns: dict, rounds: int, calls: int, device: torch.device) -> list[dict]:
-    """Per round, each engine's mean milliseconds per call (CUDA events), the engines' order rotated."""
+    """Per round, each engine's mean milliseconds per call (:func:`_elapsed_ms`, after two untimed calls), the
+    engines' order rotated."""
     names = list(fns)
     out = []
     for r in range(rounds):
         times = {}
         for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[name]
-            fn(), fn()
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(calls):
-                    fn()
-                end.record()
-                end.synchronize()
-                times[name] = start.elapsed_time(end) / calls
-            else:  # --smoke: the calls ran; the numbers mean nothing
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[name] = (time.perf_counter() - t0) * 1e3 / calls
+            fns[name](), fns[name]()
+            times[name] = _elapsed_ms(fns[name], calls, device)
         out.append(times)
     return out
 
