@@ -144,6 +144,37 @@ def test_the_blocked_direct_path_sums_every_row_across_its_blocks(c_in, c_out, k
 
 
 @needs_native
+@pytest.mark.parametrize("c_in, size, batch, density", [
+    (64, (56, 56), 5, 0.1),  # 0.9 MiB a sample's copy: chunks of 2, 2, 1
+    (128, (28, 28), 9, 0.2),  # 0.5 MiB: chunks of 4, 4, 1; the blocked path within each
+])
+def test_the_direct_paths_copy_by_chunks_of_samples_computes_each_sample_alone(c_in, size, batch, density):
+    """The direct path lays the padded input out a chunk of samples at a time (csrc/ip_conv.cpp: kCopyChunkBytes,
+    2 MiB), the last chunk short: every sample of the batch gets the conv of its own input, bit for bit what it
+    gets alone (batch 1, one chunk), with its own residual in the epilogue; and the float64 conv's numbers."""
+    torch.manual_seed(0)
+    c_out = 24
+    weight = torch.randn(c_out, c_in, 3, 3) * (torch.rand(c_out, c_in, 3, 3) < density)
+    bias = torch.randn(c_out)
+    module = SparseIPConv.from_coefficients(weight.reshape(c_out, c_in, -1), None, bias, weight_shape=weight.shape,
+                                            padding=1)
+    module.activation = "relu"
+    x = torch.randn(batch, c_in, *size)
+    residual = torch.randn(batch, c_out, *size)
+    sample = c_in * ((size[0] + 2) * (size[1] + 2) + 64 + 16) * 4  # a sample's copy (DirectPlan: stride_c)
+    chunk = max(1, 2**21 // sample)
+    assert -(-batch // chunk) >= 3 and batch % chunk != 0  # the premise: three chunks or more, the last short
+    with mock.patch.object(native, "direct_applies", lambda *args: True), torch.no_grad():
+        y = module(x, order=ORDER_NATIVE, residual=residual)
+        alone = [module(x[n:n + 1], order=ORDER_NATIVE, residual=residual[n:n + 1]) for n in range(batch)]
+    for n in range(batch):
+        assert torch.equal(y[n:n + 1], alone[n]), n
+    expected = torch.relu(F.conv2d(x.double(), weight.double(), bias.double(), padding=1) + residual.double())
+    tol = 2e-6 * float(expected.abs().max())
+    assert torch.allclose(y.double(), expected, rtol=0, atol=tol), (y.double() - expected).abs().max()
+
+
+@needs_native
 @pytest.mark.parametrize("kernel, stride, padding, size", [
     (3, 1, 1, (12, 9)), (3, 2, 1, (13, 10)), (7, 2, 3, (23, 19)), (5, 3, 2, (17, 16)), (1, 2, 0, (9, 9)),
     (3, 1, 1, (56, 56)), (3, 2, 1, (57, 55))])  # (copies of 64 KiB and more: from the kernel's recycled blocks)
