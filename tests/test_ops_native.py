@@ -99,54 +99,9 @@ def test_every_row_length_sums_right_on_both_sp_paths(kernel, dtype, direct, lig
 
 
 @needs_native
-@pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, size, density, dtype", [
-    (128, 40, 3, 1, 1, (28, 28), 0.2, torch.float32),  # the padded copy
-    (128, 24, 3, 2, 1, (29, 30), 0.3, torch.float32),  # stride phases: a channel's reads span its 4 planes
-    (256, 24, 1, 1, 0, (9, 13), 0.5, torch.float32),  # read in place: the last tile reads past x's end
-    (96, 20, 3, 1, 1, (20, 20), 0.3, torch.float64),
-])
-def test_the_blocked_direct_path_sums_every_row_across_its_blocks(c_in, c_out, kernel, stride, padding, size,
-                                                                 density, dtype):
-    """Where a tile's input is more than L1 holds, the ungrouped direct path runs it by blocks of input channels
-    (native.direct_input_block), each channel's accumulators kept between blocks. Rows here: empty, in the
-    first block only, in the last only, one entry in every block, and random; batch 2, bias, a residual and
-    relu in the epilogue. Against the float64 conv."""
-    torch.manual_seed(0)
-    K = kernel * kernel
-    weight = torch.randn(c_out, c_in, K, dtype=torch.float64) * (torch.rand(c_out, c_in, K) < density)
-    g = {"c_in": c_in, "c_out": c_out, "kernel": (kernel, kernel), "stride": (stride, stride),
-         "padding": (padding, padding), "dilation": (1, 1)}
-    out = [(n + 2 * padding - kernel) // stride + 1 for n in size]
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    block = native.direct_input_block(g, int(torch.count_nonzero(weight)), size, out, itemsize)
-    assert block * 4 <= c_in  # the premise: the path runs blocked, four blocks or more
-    weight[0] = 0
-    weight[1] = 0
-    weight[1, :block] = torch.randn(block, K, dtype=torch.float64)
-    weight[2] = 0
-    weight[2, -1] = torch.randn(K, dtype=torch.float64)
-    weight[3] = 0
-    weight[3, ::block, kernel // 2] = 1.0
-    weight = weight.reshape(c_out, c_in, kernel, kernel)
-    bias = torch.randn(c_out, dtype=torch.float64)
-    x = torch.randn(2, c_in, *size, dtype=torch.float64)
-    expected_conv = F.conv2d(x, weight, bias, stride, padding)
-    residual = torch.randn_like(expected_conv)
-    expected = torch.relu(expected_conv + residual)
-    module = SparseIPConv.from_coefficients(weight.reshape(c_out, c_in, -1).to(dtype), None, bias.to(dtype),
-                                            weight_shape=weight.shape, stride=stride, padding=padding)
-    module.activation = "relu"
-    with mock.patch.object(native, "direct_applies", lambda *args: True), torch.no_grad():
-        y = module(x.to(dtype), order=ORDER_NATIVE, residual=residual.to(dtype))
-    tol = (1e-12 if dtype == torch.float64 else 2e-6) * float(expected.abs().max())  # sums of up to 230 terms
-    assert torch.allclose(y.double(), expected, rtol=0, atol=tol), (y.double() - expected).abs().max()
-    assert torch.equal(y[:, 0], torch.relu(bias[0].to(dtype) + residual[:, 0].to(dtype)))
-
-
-@needs_native
 @pytest.mark.parametrize("c_in, size, batch, density", [
     (64, (56, 56), 5, 0.1),  # 0.9 MiB a sample's copy: chunks of 2, 2, 1
-    (128, (28, 28), 9, 0.2),  # 0.5 MiB: chunks of 4, 4, 1; the blocked path within each
+    (128, (28, 28), 9, 0.2),  # 0.5 MiB: chunks of 4, 4, 1
 ])
 def test_the_direct_paths_copy_by_chunks_of_samples_computes_each_sample_alone(c_in, size, batch, density):
     """The direct path lays the padded input out a chunk of samples at a time (csrc/ip_conv.cpp: kCopyChunkBytes,

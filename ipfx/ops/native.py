@@ -385,15 +385,6 @@ def conv(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Ten
                      direct=direct)(x, residual, activation)
 
 
-def direct_input_block(g: dict, nnz: int, in_spatial, out_spatial, itemsize: int) -> int:
-    """The input channels per block with which the native kernel's ungrouped direct path runs ``g`` (kept
-    coefficients ``nnz``, inputs of ``in_spatial`` and ``itemsize`` bytes a number), or ``g["c_in"]`` where it
-    runs unblocked (``csrc/ip_conv.cpp``: direct_input_block, its measurements). Either way the same sums."""
-    return int(_state["module"].direct_input_block(
-        g["c_in"], g["c_out"], nnz, list(in_spatial), list(out_spatial), list(g["kernel"]), list(g["stride"]),
-        list(g["padding"]), list(g["dilation"]), itemsize))
-
-
 def linear(x: Tensor, crow: Tensor, col: Tensor, vals: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``y = x @ W^T + bias`` for a 2-d ``x`` and ``W`` as CSR (int64 crow/col, values of x's dtype)."""
     return _state["module"].linear(x, crow, col, vals, bias)

@@ -1006,108 +1006,6 @@ struct DirectPlan {
   }
 };
 
-// Input-channel blocking of the ungrouped direct path. A tile of one input channel reads TP + (largest tap
-// offset) numbers; with c_in channels that is more than L1 holds (3x3 @56, 64 channels: 47 KiB a tile), so the
-// loads of the contraction (one per multiply-add) came from L2: on this AVX2 machine a 3x3 64->64 @56 at 95%
-// spent 65% of its time in that loop at under half an FMA per cycle. Blocked, a work unit is (sample, tile,
-// up to kBlockedOut output channels): for each block of cin_block input channels (their tile in about
-// kBlockInputBytes, kept in L1 while used) every output channel of the unit adds the block's part of its CSR
-// row to accumulators kept in a per-thread buffer (kBlockedOut * TP numbers, in L1 too), then writes.
-// Entries are taken in storage order into the same accumulators (reloaded between blocks), so the sums are
-// the unblocked path's, bit for bit: CSR rows are sorted by column, a row's entries of one block are
-// consecutive, and `sources` (channel * cstride + tap offset, the offset below cstride) orders them by
-// channel, so the block an entry belongs to is read off its source. For one accumulator chain only
-// (chains() == 1: 64-position tiles of 32-byte vectors, or doubles); with more it keeps the unblocked loop.
-// Returns the block size, or c_in where the blocking does not apply: the tile's input makes fewer than
-// kMinBlocks blocks (it fits in L1 and L2's nearest part anyway: a 3x3 64->64 @56, 3 blocks, ran 5% slower
-// blocked), or there are fewer than kBlockedRow kept coefficients per row and block on average (too few loads
-// share an input block to pay for the accumulators' trip through memory: 512->512 3x3 @7 at 99%, 4 a block,
-// ran 20% slower blocked). Measured (2 threads, batch 1, interleaved processes, 5 rounds, min of 200 calls),
-// at 95%: 3x3 128->128 @28 -5%, 256->256 @14 -6%, 512->512 @7 -11%; at 90%: 256->256 @14 -11%.
-constexpr int64_t kBlockInputBytes = 16 * 1024;
-constexpr int64_t kBlockedOut = 64;
-constexpr int64_t kMinBlocks = 4;
-constexpr int64_t kBlockedRow = 8;
-template <typename scalar_t, int TP>
-int64_t direct_input_block(const DirectPlan<scalar_t, TP>& plan, int64_t c_in, int64_t nnz, int64_t c_out) {
-  if (chains<TP / Lane<scalar_t>::L>() != 1) return c_in;
-  const int64_t reach = TP + *std::max_element(plan.off.begin(), plan.off.end());  // numbers a channel's tile reads
-  const int64_t block = std::max<int64_t>(1, kBlockInputBytes / (reach * int64_t(sizeof(scalar_t))));
-  const int64_t nblocks = (c_in + block - 1) / block;
-  if (nblocks < kMinBlocks || nnz < kBlockedRow * c_out * nblocks) return c_in;
-  return block;
-}
-
-template <typename scalar_t, int TP>
-void conv_direct_blocked(const DirectPlan<scalar_t, TP>& plan, const scalar_t* xbase, int64_t cstride,
-                         const scalar_t* xend, const int64_t* sources, const int64_t* crow, const scalar_t* vals,
-                         const scalar_t* bias, const scalar_t* rp, int64_t activation, int64_t cin_block, int64_t N,
-                         int64_t c_in, int64_t c_out, const Geometry& g, scalar_t* yp) {
-  using V = typename Lane<scalar_t>::V;
-  constexpr int NV = TP / Lane<scalar_t>::L;
-  const int64_t ntiles = plan.ntiles, nblocks = (c_in + cin_block - 1) / cin_block;
-  const int64_t oblocks = (c_out + kBlockedOut - 1) / kBlockedOut;
-  at::parallel_for(0, N * ntiles * oblocks, 1, [&](int64_t begin, int64_t end) {
-    Aligned<scalar_t> accs(kBlockedOut * TP, Scratch{});  // a channel's accumulators, between blocks
-    int64_t cursor[kBlockedOut];                           // its next CSR entry
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t ob = u % oblocks, tile = (u / oblocks) % ntiles, n = u / (oblocks * ntiles);
-      const int64_t o_begin = ob * kBlockedOut, o_end = std::min(c_out, o_begin + kBlockedOut);
-      const scalar_t* xs = xbase + n * c_in * cstride + tile * TP;
-      // x read in place: the last sample's last tile may read past x's end (DirectPlan::channel)
-      const bool checked = !plan.copied && n == N - 1 && tile == ntiles - 1;
-      for (int64_t o = o_begin; o < o_end; ++o) cursor[o - o_begin] = crow[o];
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const int64_t limit = std::min(c_in, (blk + 1) * cin_block) * cstride;  // this block's sources are below
-        for (int64_t o = o_begin; o < o_end; ++o) {
-          const int64_t e0 = cursor[o - o_begin], row_end = crow[o + 1];
-          int64_t e1 = e0;
-          while (e1 < row_end && sources[e1] < limit) ++e1;
-          if (e1 == e0) continue;
-          V* acc = reinterpret_cast<V*>(accs.data() + (o - o_begin) * TP);
-          V a[NV];
-          const bool first = e0 == crow[o];
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) a[v] = first ? V{} : acc[v];
-          if (!checked) {
-            for (int64_t e = e0; e < e1; ++e) {
-              const scalar_t w = vals[e];
-              const V* r = reinterpret_cast<const V*>(xs + sources[e]);
-#pragma GCC unroll 8
-              for (int v = 0; v < NV; ++v) a[v] += w * r[v];
-            }
-          } else {
-            alignas(64) scalar_t edge[TP];
-            for (int64_t e = e0; e < e1; ++e) {
-              const scalar_t w = vals[e];
-              const scalar_t* rs = xs + sources[e];
-              if (rs + TP > xend) {  // a zero-padded copy of what is left
-                std::memset(edge, 0, sizeof(edge));
-                if (xend > rs) std::memcpy(edge, rs, (xend - rs) * sizeof(scalar_t));
-                rs = edge;
-              }
-              const V* r = reinterpret_cast<const V*>(rs);
-#pragma GCC unroll 8
-              for (int v = 0; v < NV; ++v) a[v] += w * r[v];
-            }
-          }
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[v] = a[v];
-          cursor[o - o_begin] = e1;
-        }
-      }
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        V* acc = reinterpret_cast<V*>(accs.data() + (o - o_begin) * TP);
-        if (crow[o + 1] == crow[o])
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[v] = V{};
-        plan.write(acc, bias ? bias[o] : scalar_t(0), yp + (n * c_out + o) * g.p_out,
-                   rp ? rp + (n * c_out + o) * g.p_out : nullptr, tile, activation, nullptr);
-      }
-    }
-  });
-}
-
 // The padded, phase-split copy (where x cannot be read in place) is made a chunk of samples at a time, each
 // chunk's copy used while it is in cache: up to kCopyChunkBytes (or one sample). Copied all at once, a batch's
 // copy went to memory and came back (batch 32, 3x3 64->64 @56: 28 MiB). Measured (2 threads, batch 32, one
@@ -1131,7 +1029,6 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   scalar_t* yp = y.data_ptr<scalar_t>();
   std::vector<int64_t> own;  // where each kept coefficient reads (DirectPlan::sources), unless the caller has them
   sources = plan.sources_or(sources, g, col_t, c_in, c_in, cstride, own);
-  const int64_t cin_block = direct_input_block<scalar_t, TP>(plan, c_in, col_t.numel(), c_out);
   constexpr int64_t OB = 16;  // output channels per work unit
   const int64_t oblocks = (c_out + OB - 1) / OB;
   // tiles per work unit, run one output channel after another: with few kept coefficients per row (at most
@@ -1147,11 +1044,6 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   const auto run = [&](const scalar_t* xbase, int64_t n0, int64_t count, const scalar_t* xend) {
     scalar_t* ys = yp + n0 * c_out * g.p_out;
     const scalar_t* rs = rp != nullptr ? rp + n0 * c_out * g.p_out : nullptr;
-    if (cin_block < c_in) {
-      conv_direct_blocked<scalar_t, TP>(plan, xbase, cstride, xend, sources, crow, vals, bias, rs, activation,
-                                        cin_block, count, c_in, c_out, g, ys);
-      return;
-    }
     at::parallel_for(0, count * tblocks * oblocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t ob = u % oblocks, tb = (u / oblocks) % tblocks, n = u / (oblocks * tblocks);
@@ -1408,21 +1300,6 @@ at::Tensor direct_sources(const at::Tensor& col, int64_t c_in, int64_t groups, a
   return out;
 }
 
-// direct_input_block(c_in, c_out, nnz, in_spatial, out_spatial, kernel, stride, padding, dilation, itemsize)
-//   -> the input channels per block the ungrouped direct path runs this geometry with (direct_input_block
-//   above), or c_in where it runs unblocked. (A question to the kernel, for the tests and benchmarks.)
-int64_t direct_input_block_of(int64_t c_in, int64_t c_out, int64_t nnz, at::IntArrayRef in_spatial,
-                              at::IntArrayRef out_spatial, at::IntArrayRef kernel, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t itemsize) {
-  const int64_t d = in_spatial.size();
-  TORCH_CHECK(d >= 1 && d <= 3 && (int64_t)kernel.size() == d && (int64_t)out_spatial.size() == d,
-              "ipfx native: bad geometry");
-  TORCH_CHECK(itemsize == 4 || itemsize == 8, "ipfx native: float32 or float64");
-  const Geometry g = make_geometry(in_spatial, out_spatial, kernel, stride, padding, dilation, false);
-  if (itemsize == 4) return direct_input_block<float, 64>(DirectPlan<float, 64>(g), c_in, nnz, c_out);
-  return direct_input_block<double, 64>(DirectPlan<double, 64>(g), c_in, nnz, c_out);
-}
-
 // ipfx_native::linear(x, crow, col, vals, bias?) -> y:  y[m, o] = bias[o] + sum_e vals[e] x[m, col[e]]
 //   x: (M, in) contiguous. Rows of x are taken TP at a time from x^T, so the inner loop runs over rows.
 template <typename scalar_t, int TP>
@@ -1665,7 +1542,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("activation"));
   m.def("bind_conv", &bind_conv);
   m.def("direct_sources", &direct_sources);
-  m.def("direct_input_block", &direct_input_block_of);
   m.def("linear", &linear);
   m.def("max_pool2d", &max_pool2d);
   m.def("channel_mean", &channel_mean);
