@@ -1,0 +1,179 @@
+"""What bounds the fused SP kernel per layer on this machine (issue 18, point 3): its inner loop's rate, memory.
+
+    python benchmarks/roofline.py [--threads 2] [--out benchmarks/roofline.md]
+
+Issue 18 asks the native direct sparse convolution (SP) to reach 50% (95% sparsity) and 35% (99%) of its "MAC
+limit" on the ResNet 3x3 and 1x1 layers, the limit being torch's dense time over the kept fraction of the
+multiply-accumulates (``benchmarks/fused.py``): that is, to run each kept multiply-add at half (or a third) of
+the speed torch's dense conv runs its own. Two things bound that here, each measured by this script:
+
+1. **The inner loop.** The kernel does one kept coefficient as NV = 8 unaligned 32-byte loads of the input
+   (a 64-position tile, at the coefficient's tap offset) and 8 multiply-adds into the tile's accumulators:
+   one load per multiply-add, where a dense conv reuses each load across many (register blocking). Timed
+   alone here (``_LOOP``, compiled with ``torch.utils.cpp_extension``, one thread) with its reads spread over
+   buffers of L1, L2 and memory size, against torch's dense conv's time per 8-wide multiply-add.
+2. **Memory.** Every call reads the input channels some kept coefficient uses and writes the output; at
+   batch 32 these are tens of MiB, past every cache (L3 here: 8 MiB), so the call cannot be faster than
+   those bytes over the memory bandwidth (a 2-thread copy of 256 MiB, read and write).
+
+For each layer: the fraction of the MAC limit the loop's L1 rate allows (no other work, no memory stall),
+and the fraction the memory bound allows; the target is out of reach where either is below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ipfx
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
+
+# name, c_in, c_out, kernel, spatial (stride 1, "same" padding): the layers of issue 18's per-layer targets
+LAYERS = [("3x3 64->64 @56", 64, 64, 3, 56), ("3x3 128->128 @28", 128, 128, 3, 28),
+          ("3x3 256->256 @14", 256, 256, 3, 14), ("3x3 512->512 @7", 512, 512, 3, 7),
+          ("1x1 256->64 @56", 256, 64, 1, 56), ("1x1 1024->256 @14", 1024, 256, 1, 14)]
+TARGETS = {0.95: 0.50, 0.99: 0.35}
+
+# The kernel's inner loop (csrc/ip_conv.cpp: sparse_accumulate with one chain, as DirectPlan::channel runs it
+# for 64 floats on 32-byte vectors): for each entry, 8 vectors at x + src[e] times vals[e] into acc.
+_LOOP = r"""
+#include <torch/extension.h>
+#include <chrono>
+typedef float V __attribute__((vector_size(32), aligned(4)));
+double ns_per_fma(torch::Tensor x, torch::Tensor src, torch::Tensor vals, int64_t reps) {
+  const float* xp = x.data_ptr<float>();
+  const int64_t* sp = src.data_ptr<int64_t>();
+  const float* vp = vals.data_ptr<float>();
+  const int64_t n = src.numel();
+  V acc[8] = {};
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < reps; ++r)
+    for (int64_t e = 0; e < n; ++e) {
+      const float w = vp[e];
+      const V* p = reinterpret_cast<const V*>(xp + sp[e]);
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) acc[v] += w * p[v];
+    }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  float sum = 0;
+  for (int v = 0; v < 8; ++v) for (int l = 0; l < 8; ++l) sum += acc[v][l];
+  if (sum == 42.0f) return -1;  // (keeps the loop)
+  return s / (double(reps) * n * 8) * 1e9;
+}
+"""
+
+
+def loop_rates() -> dict:
+    """ns per 8-wide multiply-add of the kernel's inner loop, one thread, reads spread over buffers of these
+    sizes (the best of 5 runs of 20000 entries x 50)."""
+    module = cpp_extension.load_inline("ipfx_roofline_loop", cpp_sources=_LOOP, functions=["ns_per_fma"],
+                                       extra_cflags=["-O3", "-march=native"], verbose=False)
+    gen = torch.Generator().manual_seed(0)
+    rates = {}
+    for kib in (8, 24, 128, 448, 4096, 65536):
+        n_in = kib * 1024 // 4
+        x = torch.ones(n_in + 64)
+        src = torch.randint(0, n_in, (20000,), generator=gen)
+        vals = torch.full((20000,), 0.5)
+        rates[kib] = min(module.ns_per_fma(x, src, vals, 50) for _ in range(5))
+    return rates
+
+
+def dense_rate(threads: int) -> dict:
+    """ns per 8-wide multiply-add (per thread) of torch's dense conv on each layer, batch 1, best of 11."""
+    out = {}
+    with torch.no_grad():
+        for name, c_in, c_out, k, hw in LAYERS:
+            conv = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False).eval()
+            x = torch.randn(1, c_in, hw, hw)
+            conv(x)
+            best = min(_timed(lambda: conv(x)) for _ in range(11))
+            out[name] = best * threads / (c_in * c_out * k * k * hw * hw / 8) * 1e9
+    return out
+
+
+def bandwidth() -> float:
+    """Bytes per second of a 256 MiB copy (read and write counted), best of 5, at torch's thread count."""
+    a = torch.ones(64 * 2**20)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    return 2 * a.numel() * 4 / min(_timed(lambda: b.copy_(a)) for _ in range(5))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bounds(loop_l1: float, loop_l2: float, dense: dict, bw: float, threads: int) -> list[dict]:
+    """Per layer, sparsity and batch: the fraction of the MAC limit (dense time / kept fraction, over the
+    fused time) allowed by the inner loop alone at its L1 and at its L2 rate, and by memory alone (input
+    channels read, the output written). Expected counts under uniform random pruning, as benchmarks/fused.py
+    prunes."""
+    rows = []
+    for name, c_in, c_out, k, hw in LAYERS:
+        K, P = k * k, hw * hw
+        for s, target in TARGETS.items():
+            for batch in (1, 32):
+                dense_time = dense[name] * c_in * c_out * K * P * batch / 8 / threads  # ns
+                limit_time = dense_time * (1 - s)  # the time at the MAC limit
+                loop_time = loop_l1 * (1 - s) * c_in * c_out * K * P * batch / 8 / threads
+                read = c_in * (1 - s ** (c_out * K))  # input channels some kept coefficient reads
+                memory_time = (read + c_out) * P * 4 * batch / bw * 1e9
+                rows.append(dict(layer=name, sparsity=s, batch=batch, target=target, loop=limit_time / loop_time,
+                                 loop_l2=limit_time / (loop_time * loop_l2 / loop_l1),
+                                 memory=limit_time / memory_time, bytes=(read + c_out) * P * 4 * batch))
+    return rows
+
+
+def write(path: str, loops: dict, dense: dict, bw: float, rows: list, threads: int, seconds: float) -> None:
+    lines = ["# What bounds the fused SP kernel per layer (issue 18, point 3)", "",
+             f"Command: `python benchmarks/roofline.py --threads {threads}`, {time.strftime('%Y-%m-%d')}, "
+             f"{seconds:.0f} s. Machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}. "
+             f"Load average (1 min) {os.getloadavg()[0]:.2f} at the end. See the script's docstring for what is "
+             "measured.", "",
+             "## The kernel's inner loop, one thread", "",
+             "| reads spread over | ns per 8-wide multiply-add |", "|---:|---:|",
+             *[f"| {kib} KiB | {ns:.2f} |" for kib, ns in loops.items()], "",
+             "## torch's dense conv, batch 1", "", "| layer | ns per 8-wide multiply-add, per thread |",
+             "|---|---:|", *[f"| {k} | {v:.2f} |" for k, v in dense.items()], "",
+             f"Memory bandwidth (a 256 MiB copy, {threads} threads, read + write): {bw / 1e9:.1f} GB/s.", "",
+             "## Fractions of the MAC limit each bound allows", "",
+             "Loop: the inner loop at its L1 rate (24 KiB), nothing else (no copy, no epilogue, no stall); at its L2 "
+             "rate (448 KiB), where a tile's input outgrows L1 (3x3 layers: c_in x (64 + 2 rows + 2) numbers, 47 "
+             "KiB @56); memory: the bytes a call must move (input channels read, output written) at the copy's "
+             "bandwidth, which binds where they are not in cache (batch 32; at batch 1 a network's previous layer "
+             "leaves them in L2/L3). A target is out of reach where a bound that applies is below it.", "",
+             "| layer | sparsity | batch | target | loop bound (L1) | loop bound (L2) | memory bound | bytes moved |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['sparsity']:.0%} | {r['batch']} | {r['target']:.0%} | {r['loop']:.0%} "
+                     f"| {r['loop_l2']:.0%} | {r['memory']:.0%} | {r['bytes'] / 2**20:.1f} MiB |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "roofline.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    loops = loop_rates()
+    dense = dense_rate(args.threads)
+    bw = bandwidth()
+    rows = bounds(loops[24], loops[448], dense, bw, args.threads)
+    write(args.out, loops, dense, bw, rows, args.threads, time.time() - start)
+    print(open(args.out).read())
+
+
+if __name__ == "__main__":
+    main()
