@@ -757,8 +757,9 @@ void conv_tiled(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor&
 //
 // Ungrouped (conv_direct): the padded, phase-split copy of the input is made once per call, a chunk of samples
 // at a time (kCopyChunkBytes; without padding and stride x is read in place, and the one tile that could read
-// past its end, the last sample's last, checks its loads); threads split (sample, tile, block of output channels): no state is shared between
-// output channels, so small maps (7x7, 14x14 at batch 1) still feed every thread.
+// past its end, the last sample's last, checks its loads); threads split (sample, tile, block of output
+// channels): no state is shared between output channels, so small maps (7x7, 14x14 at batch 1) still feed
+// every thread.
 // Grouped (conv_direct_grouped; depthwise above all): output channel o reads only its group's c_in/groups
 // input channels, so a thread takes a (sample, group) at a time, lays that group's channels out padded in a
 // buffer of its own (in L1/L2 for a depthwise channel) and runs the group's output channels over every tile
@@ -951,14 +952,6 @@ struct DirectPlan {
         return reinterpret_cast<const V*>(edge);
       }, acc);
     }
-    write(acc, b, yo, ro, tile, activation, own_end);
-  }
-
-  // y = act(acc + b + res) for tile `tile` of an output channel (yo: its map, ro: its residual or null) from
-  // the accumulators acc[0 .. TP/L): straight from them where the tile is one whole run of y, else along its runs
-  void write(const typename Lane<scalar_t>::V* acc, scalar_t b, scalar_t* __restrict__ yo,
-             const scalar_t* __restrict__ ro, int64_t tile, int64_t activation, const scalar_t* own_end) const {
-    constexpr int NV = TP / Lane<scalar_t>::L;
     const OutRun* begin = out_runs.data() + run_first[tile];
     const OutRun* end = out_runs.data() + run_first[tile + 1];
     if (end - begin == 1 && begin->p == 0 && begin->len == TP &&
