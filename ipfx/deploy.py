@@ -35,24 +35,40 @@ STATE_DICT_SUFFIX = ".state_dict.pt"
 PROGRAM_SUFFIX = ".pt2"
 
 
+# a program's extra file (``extra/`` in the archive, read as text): the mode save_program exported it in
+MODE_FILE = "ipfx_mode"
+_MODES = {"train": True, "eval": False}
+
+
+def _file_path(stem: str | os.PathLike, suffix: str) -> Path:
+    """``<stem><suffix>`` (``stem`` as given where it already ends so), its folder made if missing."""
+    path = Path(stem) if str(stem).endswith(suffix) else Path(f"{stem}{suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def save_state_dict(model: nn.Module, stem: str | os.PathLike) -> Path:
-    """Write ``model.state_dict()`` to ``<stem>.state_dict.pt`` (tensors only)."""
-    path = Path(f"{stem}{STATE_DICT_SUFFIX}")
+    """Write ``model.state_dict()`` to ``<stem>.state_dict.pt`` (tensors only; ``stem`` may end so already)."""
+    path = _file_path(stem, STATE_DICT_SUFFIX)
     torch.save(model.state_dict(), path)
     return path
 
 
 def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tensor | tuple) -> Path:
     """Export ``model`` (in the mode it is in) on ``example`` (one tensor or a tuple of positional
-    arguments) and write ``<stem>.pt2``.
+    arguments) and write ``<stem>.pt2`` (``stem`` may end in ``.pt2`` already).
 
     Every size the model lets vary (batch, image size, ...) is exported free (``Dim.AUTO``); the sizes
-    it fixes stay fixed, and the program checks them on every call.
+    it fixes stay fixed, and the program checks them on every call. The mode is fixed too (batch norm,
+    dropout): it is recorded in the file (:data:`MODE_FILE`), so that :func:`load_module`'s module accepts
+    ``.eval()`` / ``.train()`` where they ask for that mode.
     """
     args = as_args(example, "example")
+    modes = {m.training for m in model.modules()}
+    mode = "mixed" if len(modes) > 1 else "train" if model.training else "eval"
     program = torch.export.export(model, args, dynamic_shapes=dynamic_spec(model.forward, args, {}), strict=False)
-    path = Path(f"{stem}{PROGRAM_SUFFIX}")
-    torch.export.save(program, path)
+    path = _file_path(stem, PROGRAM_SUFFIX)
+    torch.export.save(program, path, extra_files={MODE_FILE: mode})
     return path
 
 
@@ -102,13 +118,40 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     if path.suffix != PROGRAM_SUFFIX:
         raise IPFXValueError(f"{path} is not a torch.export program (.pt2); load_module opens those only "
                              "(ipfx.deploy.load opens state dicts)")
-    module = load(path).module()
+    extra = {MODE_FILE: ""}
+    module = _load_program(path, extra).module()
     PassManager([FusedOpsAsModules(), NativePooling(), ModulePathsAsAttributes()], sites=lambda m: [(m, {})])(module)
     program.install(module)
+    _keep_mode(module, extra[MODE_FILE], path)
     return module
 
 
-def _load_program(path: Path):
+def _keep_mode(module: nn.Module, mode: str, path: Path) -> None:
+    """A loaded program computes the mode it was exported in, whatever ``module.training`` says (torch's
+    loaded modules refuse ``train()`` and ``eval()`` for that reason). Here they are accepted where they ask
+    for that mode, recorded by :func:`save_program` (``module.training`` then tells it; ``.eval()`` on a
+    model holding the program works), and raise saying what to do where they ask for another."""
+    training = _MODES.get(mode)
+    if training is not None:
+        nn.Module.train(module, training)
+
+    def train(self, wanted: bool = True):
+        if training is not None and bool(wanted) == training:
+            return self
+        name = "train" if wanted else "eval"
+        exported = (f"was exported in {mode} mode and computes that mode only" if training is not None else
+                    "was exported with modules in train and in eval mode, and computes just that" if mode == "mixed"
+                    else "does not record the mode it was exported in (it was not written by "
+                         "ipfx.deploy.save_program), and computes that mode only")
+        raise IPFXValueError(f"{path} {exported} (torch.export fixes batch norm's and dropout's mode); to run it "
+                             f"in {name} mode, export the model in that mode: "
+                             f"ipfx.deploy.save_program(model.{name}(), stem, example)")
+
+    module.train = train.__get__(module)
+    module.eval = (lambda self: self.train(False)).__get__(module)
+
+
+def _load_program(path: Path, extra_files: dict | None = None):
     from . import ops  # noqa: F401  registers ipfx::ip_conv and ipfx::sparse_linear, which fused programs call
     from .program_files import check_program
 
@@ -117,7 +160,7 @@ def _load_program(path: Path):
     except OSError as exc:
         raise IPFXValueError(f"{path} could not be read: {exc.strerror or exc}") from None
     try:
-        return torch.export.load(path)
+        return torch.export.load(path, extra_files=extra_files)
     except Exception as exc:
         raise IPFXValueError(f"{path} could not be read as a torch.export program (.pt2): {exc}".strip()) from None
 

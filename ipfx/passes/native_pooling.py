@@ -49,8 +49,9 @@ def _global(output_size) -> bool:
 
 class NativePooling(GraphPass):
     """Replace 2-d max pools by :class:`~ipfx.ops.pooling.MaxPool2d` and global average pools by
-    :class:`~ipfx.ops.pooling.GlobalAvgPool2d` (module docstring). Changed: the pool
-    modules' paths (new ones for function calls); skipped: pools left as they are, with the reason."""
+    :class:`~ipfx.ops.pooling.GlobalAvgPool2d` (module docstring), each in the graph module's mode (a model
+    saved in one mode records it: ``ipfx.deploy.save_program``). Changed: the pool modules' paths (new ones
+    for function calls); skipped: pools left as they are, with the reason."""
 
     name = "native pooling"
 
@@ -60,7 +61,7 @@ class NativePooling(GraphPass):
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.AdaptiveAvgPool2d:
                 if _global(gm.get_submodule(node.target).output_size):
-                    gm.add_submodule(node.target, GlobalAvgPool2d())  # (replaces it)
+                    gm.add_submodule(node.target, GlobalAvgPool2d().train(gm.training))  # (replaces it)
                     result.changed.append(node.target)
                 continue
             if node.op == "call_function" and node.target in AVERAGE_CALLS:
@@ -69,7 +70,7 @@ class NativePooling(GraphPass):
                 if x is None or not _global(size) or len(node.args) + len(node.kwargs) != 2:
                     continue
                 name = _free_name(gm, f"ipfx_pool_{node.name}")
-                gm.add_submodule(name, GlobalAvgPool2d())
+                gm.add_submodule(name, GlobalAvgPool2d().train(gm.training))
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(name, (x,))
                 call.meta = dict(node.meta)
@@ -85,7 +86,7 @@ class NativePooling(GraphPass):
                     result.skipped[node.target] = "it returns indices"
                     continue
                 gm.add_submodule(node.target, MaxPool2d.like(module.kernel_size, module.stride, module.padding,
-                                                             module.dilation, module.ceil_mode))  # (replaces it)
+                                                             module.dilation, module.ceil_mode).train(gm.training))  # (replaces it)
                 result.changed.append(node.target)
             elif node.op == "call_function" and node.target in POOL_CALLS:
                 args = _arguments(node)
@@ -96,7 +97,7 @@ class NativePooling(GraphPass):
                     result.skipped[node.name] = "it returns indices"
                     continue
                 name = _free_name(gm, f"ipfx_pool_{node.name}")
-                gm.add_submodule(name, MaxPool2d.like(**args))
+                gm.add_submodule(name, MaxPool2d.like(**args).train(gm.training))
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
                 call.meta = dict(node.meta)

@@ -1,0 +1,63 @@
+"""``ipfx.deploy``'s files as a user names and opens them: a stem or a whole file name, a folder not made
+yet, and a loaded program's ``.eval()`` / ``.train()``, which torch's loaded modules refuse outright."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ipfx
+import ipfx.deploy
+from ipfx.errors import IPFXValueError
+
+
+def _net() -> nn.Module:
+    """Batch norm (whose mode changes what it computes), dropout, and both pools the frozen lowering makes
+    native (new modules, which must take the model's mode)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                         nn.Linear(8, 4))
+
+
+def test_a_stem_or_a_whole_file_name_and_a_new_folder(tmp_path):
+    model = _net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    for stem, name in ((tmp_path / "a" / "m", "m.pt2"), (tmp_path / "b" / "c" / "m.pt2", "m.pt2")):
+        path = ipfx.deploy.save_program(model, stem, x)
+        assert path.name == name and path.is_file(), path  # not m.pt2.pt2; the folders were made
+    for stem in (tmp_path / "d" / "m", tmp_path / "d" / "m.state_dict.pt"):
+        path = ipfx.deploy.save_state_dict(model, stem)
+        assert path.name == "m.state_dict.pt" and path.is_file(), path
+
+
+def test_a_loaded_program_takes_eval_and_train_for_the_mode_it_was_saved_in(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    model = _net().eval()
+    frozen = ipfx.lower(ipfx.transform(model, example_inputs=(x,)), target="fused", freeze=True)
+    loaded = ipfx.deploy.load_module(ipfx.deploy.save_program(frozen, tmp_path / "eval", x))
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    assert loaded.eval() is loaded and loaded.train(False) is loaded
+    holder = nn.Sequential(loaded).eval()  # a model holding the program: nn.Module.eval reaches it
+    with torch.no_grad():
+        torch.testing.assert_close(holder(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IPFXValueError, match=r"exported in eval mode.*save_program\(model\.train\(\)"):
+        loaded.train()
+
+    trained = nn.Sequential(*list(_net().children())[:3]).train()  # batch norm on the batch's own statistics
+    loaded = ipfx.deploy.load_module(ipfx.deploy.save_program(trained, tmp_path / "train", x))
+    assert loaded.training and loaded.train() is loaded
+    torch.testing.assert_close(loaded(x), trained(x))
+    with pytest.raises(IPFXValueError, match="exported in train mode"):
+        loaded.eval()
+
+    mixed = _net().eval()
+    mixed[1].train()
+    loaded = ipfx.deploy.load_module(ipfx.deploy.save_program(mixed, tmp_path / "mixed", x))
+    for call in (loaded.eval, loaded.train):
+        with pytest.raises(IPFXValueError, match="in train and in eval mode"):
+            call()
+
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "plain.pt2")  # not ipfx's: no mode recorded
+    loaded = ipfx.deploy.load_module(tmp_path / "plain.pt2")
+    with pytest.raises(IPFXValueError, match="does not record the mode"):
+        loaded.eval()
