@@ -20,6 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from helpers import run_in_threads
 from ipfx.form.bases import dct_basis
 from ipfx.ops import SparseIPConv, SparseLinear, native
+from ipfx.ops.epilogue import ACTIVATIONS
 from ipfx.ops.library import _run_sparse_linear
 from ipfx.ops.order import ORDER_BASIS_FIRST, ORDER_NATIVE
 from test_ops_ip_conv import (
@@ -96,6 +97,38 @@ def test_every_row_length_sums_right_on_both_sp_paths(kernel, dtype, direct, lig
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert torch.allclose(y.double(), expected, rtol=tol, atol=tol), (y.double() - expected).abs().max()
     assert torch.equal(y[:, 0], bias[0].to(dtype).expand_as(y[:, 0]))  # an empty row: the bias alone
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("kept", [1, 12], ids=["light-rows", "heavy-rows"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_rows_that_keep_nothing_write_act_of_bias_plus_residual_on_the_direct_path(kernel, kept, activation):
+    """Output channels without kept coefficients are written without their tiles' accumulation
+    (csrc/ip_conv.cpp: fill_tiles): act(bias + residual) at every position of a padded 3x3 map (runs with gaps
+    between rows) and of a 1x1 one (runs continued across tiles), in units of one tile and of eight (light
+    rows), every activation; the other channels' conv is unchanged. Against float64."""
+    torch.manual_seed(0)
+    c_in, c_out = 16, 12
+    weight = torch.zeros(c_out, c_in, kernel, kernel, dtype=torch.float64)
+    for o in range(1, c_out, 2):  # even channels keep nothing
+        flat = weight[o].view(-1)
+        flat[torch.randperm(flat.numel())[:kept]] = torch.randn(kept, dtype=torch.float64)
+    bias = torch.randn(c_out, dtype=torch.float64)
+    x = torch.randn(2, c_in, 29, 23, dtype=torch.float64)
+    residual = torch.randn(2, c_out, 29, 23, dtype=torch.float64)
+    pad = kernel // 2
+    module = SparseIPConv.from_coefficients(weight.reshape(c_out, c_in, -1).float(), None, bias.float(),
+                                            weight_shape=weight.shape, padding=pad)
+    with mock.patch.object(native, "direct_applies", lambda *args: True):
+        y = torch.ops.ipfx.ip_conv(x.float(), module.values, module.indices, None, module.bias, list(weight.shape),
+                                   [1, 1], [pad, pad], [1, 1], 1, False, [0, 0], ORDER_NATIVE, residual.float(),
+                                   activation)
+    expected = ACTIVATIONS[activation][1](F.conv2d(x, weight, bias, padding=pad) + residual)
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5), (y.double() - expected).abs().max()
+    if activation not in ("silu", "gelu"):  # (whose last bits differ from torch's: checked above)
+        empty = ACTIVATIONS[activation][1]((bias.float()[0::2, None, None] + 0.0) + residual.float()[:, 0::2])
+        assert torch.equal(y[:, 0::2], empty)  # the numbers channel() writes there: act((0 + b) + res)
 
 
 @needs_native

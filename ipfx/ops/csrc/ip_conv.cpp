@@ -963,6 +963,22 @@ struct DirectPlan {
     with_activation(activation, [&](auto a) { store_runs<decltype(a)::value>(tmp, begin, end, b, ro, yo, own_end); });
   }
 
+  // Tiles [t0, t1) of an output channel without kept coefficients: y = act((0 + b) + res) along their runs,
+  // the numbers channel() writes there, without its accumulation and buffer per tile; runs that continue each
+  // other in y are one span (the tiles of a 1x1 conv: one fill). Measured (2 threads, batch 1, in-process
+  // A/B, 6 rounds): mobilenet_v3_large's 1x1 16->64 @112 at 95% (50 kept, most rows empty) 83.5 -> 65.5 us.
+  void fill_tiles(int64_t t0, int64_t t1, scalar_t b, const scalar_t* __restrict__ ro, scalar_t* __restrict__ yo,
+                  int64_t activation) const {
+    const OutRun* run = out_runs.data() + run_first[t0];
+    const OutRun* end = out_runs.data() + run_first[t1];
+    while (run != end) {
+      const int64_t dst = run->dst;
+      int64_t len = run->len;
+      for (++run; run != end && run->dst == dst + len; ++run) len += run->len;
+      fill_channel(b, ro != nullptr ? ro + dst : nullptr, yo + dst, len, activation);
+    }
+  }
+
   // A channel without kept coefficients: y = act((0 + b) + res) over its whole map (n numbers), as channel()
   // writes it tile by tile (the same sum: +0 from the empty accumulation), in one pass. At 95% most
   // channels of a 3x3 depthwise conv keep nothing (0.95^9: 63%).
@@ -1041,15 +1057,22 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
       for (int64_t u = begin; u < end; ++u) {
         const int64_t ob = u % oblocks, tb = (u / oblocks) % tblocks, n = u / (oblocks * tblocks);
         const int64_t t_end = std::min(ntiles, (tb + 1) * TB);
-        for (int64_t o = ob * OB; o < std::min(c_out, (ob + 1) * OB); ++o)
+        for (int64_t o = ob * OB; o < std::min(c_out, (ob + 1) * OB); ++o) {
+          const scalar_t b = bias ? bias[o] : scalar_t(0);
+          scalar_t* yo = ys + (n * c_out + o) * g.p_out;
+          const scalar_t* ro = rs ? rs + (n * c_out + o) * g.p_out : nullptr;
+          if (crow[o] == crow[o + 1]) {  // nothing kept: act(b + res), no tile by tile
+            plan.fill_tiles(tb * TB, t_end, b, ro, yo, activation);
+            continue;
+          }
           for (int64_t tile = tb * TB; tile < t_end; ++tile) {
             const scalar_t* xs = xbase + n * c_in * cstride + tile * TP;
             // x read in place: the last sample's last tile may read past x's end
             const bool checked = !plan.copied && n == count - 1 && tile == ntiles - 1;
-            plan.channel(xs, sources, vals, crow[o], crow[o + 1], checked ? xend : nullptr,
-                         bias ? bias[o] : scalar_t(0), ys + (n * c_out + o) * g.p_out,
-                         rs ? rs + (n * c_out + o) * g.p_out : nullptr, tile, activation);
+            plan.channel(xs, sources, vals, crow[o], crow[o + 1], checked ? xend : nullptr, b, yo, ro, tile,
+                         activation);
           }
+        }
       }
     });
   };
