@@ -40,6 +40,11 @@ AVERAGE_CALLS = (aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool2d, F.a
                  torch._C._nn.adaptive_avg_pool2d)
 
 
+def _add(gm: fx.GraphModule, name: str, pool: nn.Module) -> None:
+    """``pool`` as ``gm``'s submodule ``name`` (replacing one there), in ``gm``'s mode."""
+    gm.add_submodule(name, pool.train(gm.training))
+
+
 def _global(output_size) -> bool:
     """An adaptive pool's output size of one position (1, (1, 1) or [1, 1]; not a node, not None)."""
     if isinstance(output_size, (list, tuple)):
@@ -61,7 +66,7 @@ class NativePooling(GraphPass):
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.AdaptiveAvgPool2d:
                 if _global(gm.get_submodule(node.target).output_size):
-                    gm.add_submodule(node.target, GlobalAvgPool2d().train(gm.training))  # (replaces it)
+                    _add(gm, node.target, GlobalAvgPool2d())  # (replaces it)
                     result.changed.append(node.target)
                 continue
             if node.op == "call_function" and node.target in AVERAGE_CALLS:
@@ -70,7 +75,7 @@ class NativePooling(GraphPass):
                 if x is None or not _global(size) or len(node.args) + len(node.kwargs) != 2:
                     continue
                 name = _free_name(gm, f"ipfx_pool_{node.name}")
-                gm.add_submodule(name, GlobalAvgPool2d().train(gm.training))
+                _add(gm, name, GlobalAvgPool2d())
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(name, (x,))
                 call.meta = dict(node.meta)
@@ -85,8 +90,8 @@ class NativePooling(GraphPass):
                 if module.return_indices:
                     result.skipped[node.target] = "it returns indices"
                     continue
-                gm.add_submodule(node.target, MaxPool2d.like(module.kernel_size, module.stride, module.padding,
-                                                             module.dilation, module.ceil_mode).train(gm.training))  # (replaces it)
+                _add(gm, node.target, MaxPool2d.like(module.kernel_size, module.stride, module.padding,
+                                                     module.dilation, module.ceil_mode))  # (replaces it)
                 result.changed.append(node.target)
             elif node.op == "call_function" and node.target in POOL_CALLS:
                 args = _arguments(node)
@@ -97,7 +102,7 @@ class NativePooling(GraphPass):
                     result.skipped[node.name] = "it returns indices"
                     continue
                 name = _free_name(gm, f"ipfx_pool_{node.name}")
-                gm.add_submodule(name, MaxPool2d.like(**args).train(gm.training))
+                _add(gm, name, MaxPool2d.like(**args))
                 with gm.graph.inserting_before(node):
                     call = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
                 call.meta = dict(node.meta)
