@@ -30,7 +30,7 @@ from ipfx.ops.ip_conv import (
     choose_order,
     sparse_coefficients,
 )
-from ipfx.ops.order import ORDER_NATIVE, ORDER_TUNED, cost_terms, folded_nnz, order_costs
+from ipfx.ops.order import MATVEC_COSTS, ORDER_NATIVE, ORDER_TUNED, cost_terms, folded_nnz, order_costs
 
 ALL_ORDERS = (0, ORDER_TUNED, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE, ORDER_NATIVE)
 
@@ -432,14 +432,18 @@ def test_cost_model_hand_computed_cases():
     ip_dw = dict(c_in=240, c_out=240, K=9, nnz=108, p_in=196, p_out=196, groups=240, width=14, direct=True)
     assert choose_order(native=True, folded=True, **ip_dw) == 4
     assert choose_order(native=True, **dict(ip_dw, direct=False)) == 3
-    # a pointwise SP conv on single-position maps at batch <= 4: a sparse matrix-vector product, the native
-    # kernel's alone where it may run
+    # a pointwise SP conv on single-position maps: a sparse matrix times the batch's vectors, where the native
+    # kernel may run costed by MATVEC_COSTS, native against dense only (ns: a + b nnz / a + c N nnz; d + e W /
+    # f + h W + g N W for the W = c_out c_in weights)
     se = dict(c_in=960, c_out=240, K=1, nnz=11520, p_in=1, p_out=1, identity=True, cheap_identity=True)
-    assert set(order_costs(native=True, **se)) == {4}
-    assert set(order_costs(native=True, batch=4, **se)) == {4}
-    assert 3 in order_costs(native=True, batch=5, **se)
-    assert 3 in order_costs(native=False, **se)
-    assert 3 in order_costs(native=True, **dict(se, p_in=4, p_out=4))
+    (a, b, c), (d, e, f, h, g) = MATVEC_COSTS[4], MATVEC_COSTS[3]
+    w = 960 * 240
+    assert order_costs(native=True, **se) == {4: a + b * 11520, 3: d + e * w}
+    assert order_costs(native=True, batch=32, **se) == {4: a + c * 32 * 11520, 3: f + h * w + g * 32 * w}
+    assert order_costs(native=True, itemsize=8, batch=32, **se) == {4: a + 2 * c * 32 * 11520,
+                                                                    3: f + 2 * (h * w + g * 32 * w)}
+    assert set(order_costs(native=False, **se)) == {1, 2, 3}  # (the general terms where it may not)
+    assert 1 in order_costs(native=True, **dict(se, p_in=4, p_out=4))
     # batch multiplies every term but t0; identity with a copy-only basis stage drops the basis term
     assert order_costs(constants=UNIT, batch=2, **kw)[1] == 1 + 2 * (64 * 81 * 100 + 1843 * 100)
     assert order_costs(constants=UNIT, cheap_identity=True, **kw)[1] == 1 + 1843 * 100

@@ -120,21 +120,35 @@ COST_CONSTANTS = {
 #: Intermediate maps of a sparse order may be at most this many times the input plus output.
 MAPS_BUDGET = 16
 
-#: A pointwise SP conv on single-position maps (a squeeze-excitation's) at batch <= MATVEC_MAX_BATCH is a
-#: sparse matrix times a few vectors, which the native kernel runs as such (reading each kept coefficient
-#: once per four samples). The dense order reads every dense weight once per call there, which its MAC
-#: constant (fitted on convs that reuse each weight over many positions) does not see: mobilenet_v3_large's
-#: 960 -> 240 at 95%, batch 1, 2 threads: F.conv2d 21-27 us, the dense order 31-37, the native tile 147.
-#: So where the native kernel may run it is the only candidate for these.
-MATVEC_MAX_BATCH = 4
+#: A pointwise SP conv on single-position maps (a squeeze-excitation's) is a sparse matrix times the batch's
+#: vectors, which the native kernel runs as such (``linear_rows``: one pass over the matrix for a sample, one
+#: per four samples past that), and which the general terms do not describe (they cost 64-position tiles, and
+#: the dense order's constants were fitted on convs that reuse each weight over many positions). There the two
+#: orders are costed on their own (ns): native ``a + b nnz`` at batch 1, ``a + c N nnz`` past it; dense ``d + e
+#: W`` at batch 1, ``f + h W + g N W`` past it, for the ``W`` dense weights (F.conv2d's call then costs ~44 us,
+#: and more with the weight's size). Fitted on 960<->240, 672->168 and 72->24 at 5/10/20/50% kept, batch
+#: 1/4/8/32/128, 2 threads (an AMD Zen 5): the faster order picked in 76 of those 80, at worst 1.41x the
+#: faster's time. The rule before (native only up to batch 4, the general terms past it): 48 of 74 (6 more
+#: went to orders (a)/(b)), at worst 6.6x. SP mobilenet_v3_large at 95%, whole program, in-process A/B
+#: against that rule (6 rounds): batch 32 0.94x (0.90-1.00), batch 8 0.85x (0.79-0.86), batch 1 the same picks.
+MATVEC_COSTS = {ORDER_NATIVE: (6000.0, 0.2, 0.38), ORDER_DENSE: (9000.0, 0.05, 44000.0, 0.17, 0.012)}
 
 
 def _is_matvec(problem: dict) -> bool:
-    """The problem (:func:`cost_terms`'s arguments) is a pointwise SP conv on single-position maps at a batch
-    of at most :data:`MATVEC_MAX_BATCH`."""
+    """The problem (:func:`cost_terms`'s arguments) is a pointwise SP conv on single-position maps."""
     return (problem.get("K") == 1 and problem.get("p_in") == 1 and problem.get("p_out") == 1
-            and problem.get("identity", False) and not problem.get("transposed", False)
-            and problem.get("batch", 1) <= MATVEC_MAX_BATCH)
+            and problem.get("identity", False) and not problem.get("transposed", False))
+
+
+def _matvec_costs(problem: dict, itemsize: int) -> dict[int, float]:
+    """Predicted nanoseconds of the native and the dense order for a matrix-vector problem (:data:`MATVEC_COSTS`)."""
+    n, nnz = problem.get("batch", 1), problem["nnz"]
+    weights = problem["c_out"] * (problem["c_in"] // problem.get("groups", 1))
+    a, b, c = MATVEC_COSTS[ORDER_NATIVE]
+    d, e, f, h, g = MATVEC_COSTS[ORDER_DENSE]
+    scale = itemsize / 4.0
+    return {ORDER_NATIVE: a + scale * (b * nnz if n == 1 else c * n * nnz),
+            ORDER_DENSE: (d + scale * e * weights) if n == 1 else (f + scale * (h * weights + g * n * weights))}
 
 
 try:  # the name as CPython's ``os.environ`` keys its mapping (bytes on POSIX, upper case on Windows)
@@ -246,7 +260,7 @@ def order_costs(*, itemsize: int = 4, native: bool = False, constants: dict | No
     """Predicted nanoseconds of every order allowed for ``problem`` (the arguments of :func:`cost_terms`).
 
     ``native``: the native kernel may run (CPU, float32/64, built). Orders over the maps budget are left
-    out, and every order but the native one for a matrix-vector product (:data:`MATVEC_MAX_BATCH`). Pure
+    out; a matrix-vector product has the native and the dense order only, costed by :data:`MATVEC_COSTS`. Pure
     arithmetic: the same arguments give the same numbers.
     """
     constants = COST_CONSTANTS if constants is None else constants
@@ -262,7 +276,7 @@ def order_costs(*, itemsize: int = 4, native: bool = False, constants: dict | No
         c = constants[order]
         costs[order] = c[0] + scale * sum(k * t for k, t in zip(c[1:], row[1:]))
     if ORDER_NATIVE in costs and _is_matvec(problem):
-        return {ORDER_NATIVE: costs[ORDER_NATIVE]}
+        return _matvec_costs(problem, itemsize)
     return costs
 
 
