@@ -112,7 +112,6 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     from .passes.manager import PassManager
     from .passes.module_paths import ModulePathsAsAttributes
     from .passes.native_pooling import NativePooling
-    from .ops import program
 
     path = Path(path)
     if path.suffix != PROGRAM_SUFFIX:
@@ -121,9 +120,27 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     extra = {MODE_FILE: ""}
     module = _load_program(path, extra).module()
     PassManager([FusedOpsAsModules(), NativePooling(), ModulePathsAsAttributes()], sites=lambda m: [(m, {})])(module)
-    program.install(module)
-    _keep_mode(module, extra[MODE_FILE], path)
+    _as_loaded(module, extra[MODE_FILE], path)
     return module
+
+
+def _as_loaded(module: nn.Module, mode: str, path: Path) -> None:
+    """The program forward (:func:`ipfx.ops.program.install`) and the mode's rules (:func:`_keep_mode`), given
+    again to each deep copy: fx's ``GraphModule.__deepcopy__`` builds the copy on a class of its own from the
+    graph and the state, so both were lost there (a copy ran the per-op forward, and took ``.train()`` while
+    it computed eval mode)."""
+    from .ops import program
+
+    program.install(module)
+    _keep_mode(module, mode, path)
+    deepcopy = type(module).__deepcopy__
+
+    def copy_(self, memo):
+        other = deepcopy(self, memo)
+        _as_loaded(other, mode, path)
+        return other
+
+    module.__deepcopy__ = copy_.__get__(module)
 
 
 def _keep_mode(module: nn.Module, mode: str, path: Path) -> None:

@@ -1,6 +1,8 @@
 """``ipfx.deploy``'s files as a user names and opens them: a stem or a whole file name, a folder not made
 yet, and a loaded program's ``.eval()`` / ``.train()``, which torch's loaded modules refuse outright."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -42,6 +44,12 @@ def test_a_loaded_program_takes_eval_and_train_for_the_mode_it_was_saved_in(tmp_
         torch.testing.assert_close(holder(x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(IPFXValueError, match=r"exported in eval mode.*save_program\(model\.train\(\)"):
         loaded.train()
+    copied = copy.deepcopy(copy.deepcopy(loaded))  # (fx builds a copy anew: the rules must come along)
+    assert not copied.training and copied.eval() is copied
+    with pytest.raises(IPFXValueError, match="exported in eval mode"):
+        copied.train()
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), model(x), rtol=1e-5, atol=1e-5)
 
     trained = nn.Sequential(*list(_net().children())[:3]).train()  # batch norm on the batch's own statistics
     loaded = ipfx.deploy.load_module(ipfx.deploy.save_program(trained, tmp_path / "train", x))

@@ -241,9 +241,10 @@ def test_calls_the_program_does_not_take_run_the_generated_forward_and_raise_its
                 plain(*args, **kwargs)
         assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
     assert len(program.programs_of(m)) == 1
-    other = copy.deepcopy(m)  # (fx's forward again; torch's loaded modules do not pickle, with it or without)
-    with torch.inference_mode():
-        assert torch.equal(other(x), expected) and program.programs_of(other) is None
+    other = copy.deepcopy(m)  # (the program forward again, a program of its own; torch's loaded modules do not
+    with torch.inference_mode():  # pickle, with it or without)
+        assert torch.equal(other(x), expected) and len(program.programs_of(other)) == 1
+    assert program.programs_of(other) is not program.programs_of(m)
     m.recompile()
     assert program.programs_of(m) is None
     with torch.inference_mode():
