@@ -107,7 +107,8 @@ def load_module(path: str | os.PathLike) -> nn.Module:
     their submodules as attributes too (:mod:`ipfx.passes.module_paths`: no ``nn.Module.__getattr__`` per
     step). In eager inference on CPU the whole graph then runs as one native call where the native kernel is
     built (:mod:`ipfx.ops.program`: the same kernels and operators in the same order, without Python between
-    them; a model changed after loading is followed)."""
+    them; a model changed after loading is followed). It is in the mode the program was saved in, and takes
+    ``.eval()`` / ``.train()`` for that mode only (:func:`_keep_mode`); a deep copy keeps all this."""
     from .passes.fused_modules import FusedOpsAsModules
     from .passes.manager import PassManager
     from .passes.module_paths import ModulePathsAsAttributes
