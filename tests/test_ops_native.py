@@ -449,7 +449,7 @@ def test_a_padded_pointwise_conv_on_single_position_maps_reads_the_padding(d):
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [1, 3, 4, 6])
+@pytest.mark.parametrize("batch", [1, 3, 4, 6, 32])
 @pytest.mark.parametrize("activation", ["none", "relu", "hardswish"])
 def test_a_pointwise_conv_on_single_position_maps_is_a_sparse_matrix_vector_product(batch, activation):
     """A squeeze-excitation's 1x1 convs on 1x1 maps run as a sparse matrix times the batch's vectors (four
