@@ -32,13 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
+from fused import KERNEL_TARGETS as TARGETS, LAYERS as FUSED_LAYERS  # noqa: E402  (benchmarks/fused.py)
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
 
-# name, c_in, c_out, kernel, spatial (stride 1, "same" padding): the layers of issue 18's per-layer targets
-LAYERS = [("3x3 64->64 @56", 64, 64, 3, 56), ("3x3 128->128 @28", 128, 128, 3, 28),
-          ("3x3 256->256 @14", 256, 256, 3, 14), ("3x3 512->512 @7", 512, 512, 3, 7),
-          ("1x1 256->64 @56", 256, 64, 1, 56), ("1x1 1024->256 @14", 1024, 256, 1, 14)]
-TARGETS = {0.95: 0.50, 0.99: 0.35}
+# name, c_in, c_out, kernel, spatial (stride 1, "same" padding): the layers of issue 18's per-layer targets,
+# fused.py's ungrouped, unstrided ResNet layers
+LAYERS = [(name, c_in, c_out, k, hw) for name, c_in, c_out, k, stride, groups, hw in FUSED_LAYERS
+          if stride == 1 and groups == 1]
 
 # The kernel's inner loop (csrc/ip_conv.cpp: sparse_accumulate with one chain, as DirectPlan::channel runs it
 # for 64 floats on 32-byte vectors): for each entry, 8 vectors at x + src[e] times vals[e] into acc.
