@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ipfx
-from ipfx.ops import SparseIPConv, native, program
+from ipfx.ops import SparseIPConv, native, order, program
 from helpers import quiet, randomize_masks, run_in_threads
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
@@ -263,3 +263,82 @@ def test_calls_the_program_does_not_take_run_the_generated_forward_and_raise_its
 
     run_in_threads(work)
     assert all(torch.equal(got[i], wanted[i]) for i in range(4))
+
+
+class Inverted(nn.Module):
+    """Pointwise convs feeding grouped ones, as in inverted residual blocks: a depthwise 3x3/2 after an expansion
+    (batch norm, relu), groups of two channels (silu after each), a channel multiplier of two (gelu after the
+    pointwise conv: the epilogue's scalar path), a depthwise 5x5 with a residual in its epilogue (hardswish
+    after the add); and pairs that stay two steps: a pointwise output read twice, a strided 1x1 conv, a 1x1 conv
+    with a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(8, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.dw = nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24)
+        self.expand2 = nn.Conv2d(24, 16, 1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=8)  # (2 channels in, 2 out a group)
+        self.expand3 = nn.Conv2d(16, 16, 1)
+        self.wide = nn.Conv2d(16, 32, 3, padding=1, groups=16)  # (1 in, 2 out)
+        self.mix = nn.Conv2d(32, 8, 1)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.dw2 = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.dw3 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.strided = nn.Conv2d(8, 8, 1, stride=2)
+        self.dw4 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw5 = nn.Conv2d(8, 8, 1)
+        self.dw5 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        for conv in self.modules():  # (weights that carry the input through half-pruned layers to the output)
+            if isinstance(conv, nn.Conv2d):
+                nn.init.normal_(conv.weight, std=2 / conv.weight[0].numel() ** 0.5)
+                nn.init.uniform_(conv.bias, -0.05, 0.05)
+
+    def forward(self, x):
+        x = F.relu(self.dw(self.expand(x)))
+        x = F.silu(self.grouped(F.silu(self.expand2(x))))
+        y = self.mix(self.wide(F.gelu(self.expand3(x))))
+        y = F.hardswish(self.dw2(F.gelu(self.pw(y))) + y)
+        z = self.shared(y)
+        z = self.dw3(z) * z  # (shared's output read twice)
+        z = self.dw4(self.strided(z))
+        return self.dw5(self.pw5(z) + z)  # (pw5 with a residual in its epilogue)
+
+
+@pytest.mark.parametrize("space", ["sp", "ip"])
+def test_a_pointwise_conv_and_the_grouped_conv_that_alone_reads_it_run_as_one_step_with_the_same_numbers(
+        tmp_path, monkeypatch, space):
+    """program._pointwise_pairs: each 1x1 conv whose output only a grouped conv reads runs inside that conv's
+    step (kind "fused"; the 1x1 conv's output never stored), and only those: not where the output is read
+    twice, nor after a strided 1x1 conv or one with a residual. The outputs are the generated forward's (the convs one after the
+    other) and those of a program without fusion, bit for bit, on batches of one and three and on maps whose
+    positions are not a whole number of the kernel's 64-position tiles (every conv on the native kernel, which
+    the cost model would not pick for most convs this small)."""
+    monkeypatch.setattr(order, "_modelled_order", lambda *args, **kwargs: order.ORDER_NATIVE)
+    torch.manual_seed(0)
+    net = Inverted().eval()
+    with torch.no_grad():  # (batch norm statistics away from the identity)
+        net.expand[1].running_mean.uniform_(-1, 1), net.expand[1].running_var.uniform_(0.5, 2)
+    t = quiet(ipfx.transform, net, space=space, example_inputs=(torch.randn(2, 8, 18, 14),))
+    randomize_masks(t, 0.5)
+    for weight in (w for w in t.modules() if isinstance(w, ipfx.BasisWeight)):
+        weight.mask[::5] = 0  # (output channels that keep nothing: a plane of act(bias), a group not computed)
+    frozen = quiet(ipfx.lower, t.eval(), target="fused", freeze=True)
+    path = quiet(ipfx.deploy.save_program, frozen, tmp_path / "inverted", torch.randn(2, 8, 18, 14))
+    fused, plain = load(path), load(path)
+    with torch.inference_mode():
+        for shape in [(3, 8, 18, 14), (1, 8, 18, 14), (3, 8, 21, 13), (1, 8, 9, 7)]:
+            x = torch.randn(*shape)
+            expected = generated(fused, x)
+            scale = expected.abs().max()  # (the output shows each sample's input)
+            assert len(x) == 1 or (expected[0] - expected[-1]).abs().max() > 0.01 * scale
+            assert (generated(fused, x * 2) - expected).abs().max() > 0.01 * scale
+            monkeypatch.setattr(program, "FUSE_POINTWISE_GROUPED", True)
+            assert torch.equal(fused(x), expected) and torch.equal(fused(x), expected), shape
+            kinds = the_program(fused, x).kinds
+            assert kinds.count("fused") == 4 and "python" not in kinds, (shape, kinds)  # (expand, expand2, expand3,
+            # pw, each with the grouped conv after it)
+            monkeypatch.setattr(program, "FUSE_POINTWISE_GROUPED", False)
+            assert torch.equal(plain(x), expected), shape
+            assert "fused" not in the_program(plain, x).kinds
+            assert (expected - frozen(x)).abs().max() <= 1e-4 * (1 + expected.abs().max()), shape

@@ -406,3 +406,10 @@ def new_program(slots: int, inputs: int):
     """An empty native program (``csrc/program.h``; built by :mod:`ipfx.ops.program`) of ``slots`` values, the
     first ``inputs`` of them its inputs."""
     return _state["module"].Program(slots, inputs)
+
+
+def pointwise_feeds_grouped(a, b) -> bool:
+    """Whether two bound convs (:func:`bind_conv`) run as one native call, ``b`` reading ``a``'s output made one
+    channel at a time (``pointwise_grouped``, csrc/ip_conv.cpp: ``a`` an SP 1x1 conv, ``b`` an SP grouped conv
+    such as a depthwise one, with the numbers the two compute one after the other)."""
+    return bool(_state["module"].pointwise_feeds_grouped(a, b))

@@ -1099,12 +1099,62 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
   }
 }
 
+// A pointwise conv (1x1, stride 1, no padding, SP, ungrouped) whose output only a grouped conv reads, made one
+// channel's map at a time inside the grouped conv (conv_direct_grouped's `pw`) instead of written whole and read
+// back: mobilenet_v3_large's expansion 16->64 @112 writes 103 MB at batch 32 that its 3x3/2 depthwise conv reads
+// once. Channel c of sample n, p positions:
+//   plane[q] = act(b[c] + sum_{e in row c} vals[e] * x[n, col[e], q])
+// with the pointwise conv's own sums: TP-position tiles, sparse_accumulate's chains, the epilogue of store_tile
+// (or epilogue_span, as a partial tile's run), so each number is the one that conv writes on the direct path or
+// the gather (their tiles of TP = 64 positions), and a row without kept coefficients is act(0 + b).
+template <typename scalar_t>
+struct Pointwise {
+  static constexpr int TP = 64;
+  const scalar_t* x;
+  int64_t c_in, c_out, p;  // x: (N, c_in, p)
+  const scalar_t* xend;    // x's end: the last tile of the last sample's maps must not read past it
+  const int64_t* crow;
+  const int64_t* col;
+  const scalar_t* vals;
+  const scalar_t* bias;
+  int64_t activation;
+
+  // plane[0 .. p) for channel c of sample n (plane: room for p rounded up to TP, plus a vector)
+  void channel(int64_t n, int64_t c, scalar_t* __restrict__ plane) const {
+    using V = typename Lane<scalar_t>::V;
+    constexpr int L = Lane<scalar_t>::L, NV = TP / L;
+    const scalar_t b = bias != nullptr ? bias[c] : scalar_t(0);
+    if (crow[c + 1] == crow[c]) {
+      DirectPlan<scalar_t, TP>::fill_channel(b, nullptr, plane, p, activation);
+      return;
+    }
+    const scalar_t* xs = x + n * c_in * p;
+    alignas(64) scalar_t tmp[TP + L];
+    for (int64_t q0 = 0; q0 < p; q0 += TP) {
+      V acc[NV];
+      sparse_accumulate<scalar_t, NV>(vals, crow[c], crow[c + 1], [&](int64_t e) {
+        const scalar_t* r = xs + col[e] * p + q0;
+        if (r + TP <= xend) return reinterpret_cast<const V*>(r);
+        std::memset(tmp, 0, sizeof(tmp));  // (past x's end: numbers never kept)
+        std::memcpy(tmp, r, (xend - r) * sizeof(scalar_t));
+        return reinterpret_cast<const V*>(tmp);
+      }, acc);
+      const int64_t len = std::min<int64_t>(TP, p - q0);
+      if (len == TP && store_tile<scalar_t, NV>(acc, b, nullptr, activation, plane + q0)) continue;
+      std::memcpy(tmp, acc, TP * sizeof(scalar_t));
+      epilogue_span<scalar_t>(tmp, b, nullptr, plane + q0, len, activation);
+    }
+  }
+};
+
 template <typename scalar_t, int TP>
 void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t,
                          const at::Tensor& vals_t, const c10::optional<at::Tensor>& bias_t,
                          const c10::optional<at::Tensor>& res_t, int64_t activation, int64_t groups,
-                         const int64_t* sources, const Geometry& g, at::Tensor& y) {
-  const int64_t N = x.size(0), c_in = x.size(1), c_out = y.size(1);
+                         const int64_t* sources, const Geometry& g, at::Tensor& y,
+                         const Pointwise<scalar_t>* pw = nullptr) {
+  // pw: x is the input of that pointwise conv, whose output (c_in = pw->c_out channels) this conv reads
+  const int64_t N = x.size(0), c_in = pw != nullptr ? pw->c_out : x.size(1), c_out = y.size(1);
   const int64_t cin_g = c_in / groups, cout_g = c_out / groups;
   const DirectPlan<scalar_t, TP> plan(g);
   const int64_t* crow = crow_t.data_ptr<int64_t>();
@@ -1117,12 +1167,16 @@ void conv_direct_grouped(const at::Tensor& x, const at::Tensor& crow_t, const at
   sources = plan.sources_or(sources, g, col_t, c_in, cin_g, plan.stride_c, own);
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
     Aligned<scalar_t> buf(cin_g * plan.stride_c);  // padding stays zero (copy_channel)
+    Aligned<scalar_t> made(pw != nullptr ? (g.p_in + 2 * Pointwise<scalar_t>::TP) : 0, Scratch{});
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / groups, gi = u % groups;
       const int64_t o_begin = gi * cout_g, o_end = o_begin + cout_g;
-      if (crow[o_end] > crow[o_begin])
-        for (int64_t i = 0; i < cin_g; ++i)
-          plan.copy_channel(g, xp + (n * c_in + gi * cin_g + i) * g.p_in, buf.data() + i * plan.stride_c);
+      if (crow[o_end] > crow[o_begin])  // (a group that keeps nothing reads nothing: nor is its input made)
+        for (int64_t i = 0; i < cin_g; ++i) {
+          if (pw != nullptr) pw->channel(n, gi * cin_g + i, made.data());
+          plan.copy_channel(g, pw != nullptr ? made.data() : xp + (n * c_in + gi * cin_g + i) * g.p_in,
+                            buf.data() + i * plan.stride_c);
+        }
       for (int64_t o = o_begin; o < o_end; ++o)
         if (crow[o + 1] == crow[o])
           plan.fill_channel(bias ? bias[o] : scalar_t(0), rp ? rp + (n * c_out + o) * g.p_out : nullptr,
@@ -1497,14 +1551,22 @@ struct BoundConv {
   std::shared_ptr<TileRunsCache> runs = std::make_shared<TileRunsCache>();
 
   at::Tensor operator()(const at::Tensor& x, const c10::optional<at::Tensor>& residual, int64_t activation) const {
-    if (sized && (x.dim() != 2 + (int64_t)size.size() || x.sizes().slice(2) != at::IntArrayRef(size) ||
-                  (int64_t)x.element_size() != itemsize))
+    check_size(x);
+    return conv_cached(x, crow, col, vals, basis, bias, used, c_out, kernel, stride, padding, dilation, transposed,
+                       out_spatial, tile, residual, activation, direct, groups, sources, runs.get());
+  }
+
+  void check_size(const at::Tensor& x) const {
+    if (sized) check_size(x, size);
+  }
+  // the refusal of an input of another size or element size (ipfx/ops/native.py's binding_mismatch)
+  void check_size(const at::Tensor& x, const std::vector<int64_t>& size) const {
+    if (x.dim() != 2 + (int64_t)size.size() || x.sizes().slice(2) != at::IntArrayRef(size) ||
+        (int64_t)x.element_size() != itemsize)
       throw pybind11::value_error("ipfx native: this conv was bound for inputs of size " + shape_text(size) +
                                   " and element size " + std::to_string(itemsize) + ", got " +
                                   shape_text(x.dim() >= 2 ? x.sizes().slice(2).vec() : std::vector<int64_t>{}) +
                                   " and " + std::to_string(x.element_size()));
-    return conv_cached(x, crow, col, vals, basis, bias, used, c_out, kernel, stride, padding, dilation, transposed,
-                       out_spatial, tile, residual, activation, direct, groups, sources, runs.get());
   }
 
   static std::string shape_text(const std::vector<int64_t>& s) {  // as Python writes a tuple
@@ -1523,6 +1585,71 @@ BoundConv bind_conv(const at::Tensor& crow, const at::Tensor& col, const at::Ten
   return BoundConv{crow, col, vals, used, basis, bias, sources, c_out, tile, groups, itemsize, kernel.vec(),
                    stride.vec(), padding.vec(), dilation.vec(), out_spatial.vec(),
                    size.has_value() ? *size : std::vector<int64_t>{}, transposed, direct, size.has_value()};
+}
+
+// The largest group buffer (its input channels' padded maps, in numbers) of a grouped conv that
+// pointwise_grouped runs with its producer: 256 KiB of float32, in L2 (mobilenet_v3_large's 3x3/2 depthwise
+// conv on 112x112 maps: one channel of 13k numbers).
+constexpr int64_t kFusedGroupMaxNumbers = 65536;
+
+// ipfx_native::pointwise_feeds_grouped(a, b): whether pointwise_grouped runs b reading a's output (Pointwise):
+// a is SP, 1x1, stride 1, unpadded, ungrouped, on maps of more than one position; b is an SP grouped conv over
+// a's c_out channels of a's map, whose group buffer holds at most kFusedGroupMaxNumbers numbers; both bound for
+// that map (a's output size; a bound size, where they have one) and element size, and each, run alone, sums in
+// tiles of 64 positions (the direct path, or the gather with tile 64), so the pair computes the numbers the two
+// convs compute one after the other.
+bool pointwise_feeds_grouped(const BoundConv& a, const BoundConv& b) {
+  auto every = [](const std::vector<int64_t>& v, int64_t value) {
+    return std::all_of(v.begin(), v.end(), [&](int64_t e) { return e == value; });
+  };
+  if (a.basis.has_value() || b.basis.has_value() || a.transposed || b.transposed || a.groups != 1 || b.groups < 2)
+    return false;
+  if (!every(a.kernel, 1) || !every(a.stride, 1) || !every(a.padding, 0) || b.kernel.size() != a.kernel.size())
+    return false;
+  const std::vector<int64_t>& size = a.out_spatial;  // (a 1x1 conv's input size too)
+  if ((a.sized && a.size != size) || (b.sized && b.size != size) || a.itemsize != b.itemsize) return false;
+  if (!(a.direct || a.tile == 64) || !(b.direct || b.tile == 64)) return false;
+  int64_t K = 1, p = 1, padded = 1;
+  for (size_t d = 0; d < b.kernel.size(); ++d) {
+    K *= b.kernel[d], p *= size[d];
+    padded *= (size[d] + 2 * b.padding[d] + b.stride[d] - 1) / b.stride[d] * b.stride[d];
+  }
+  if (b.used.numel() != a.c_out * K || a.c_out % b.groups != 0 || p <= 1) return false;
+  return a.c_out / b.groups * (padded + 128) <= kFusedGroupMaxNumbers;
+}
+
+// ipfx_native::pointwise_grouped(a, act_a, b, x, residual, act_b) -> b(act_a(a(x)), residual, act_b) for a pair
+// that pointwise_feeds_grouped accepts, without a's output: conv_direct_grouped makes each of its channels as
+// it lays the channel out (Pointwise), and not at all for a group of b that keeps no coefficient.
+at::Tensor pointwise_grouped(const BoundConv& a, int64_t act_a, const BoundConv& b, const at::Tensor& x,
+                             const c10::optional<at::Tensor>& residual, int64_t act_b) {
+  TORCH_CHECK(pointwise_feeds_grouped(a, b), "ipfx native: pointwise_grouped takes a pair pointwise_feeds_grouped "
+              "accepts");
+  a.check_size(x, a.out_spatial);  // (a's map, which b was bound for: another size makes a new program)
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "ipfx native: x must be a contiguous CPU tensor");
+  TORCH_CHECK(x.size(1) == a.used.numel() && a.vals.scalar_type() == x.scalar_type() &&
+                  b.vals.scalar_type() == x.scalar_type(),
+              "ipfx native: x must have the pointwise conv's input channels and the convs' dtype");
+  TORCH_CHECK(act_a >= 0 && act_a <= 5 && act_b >= 0 && act_b <= 5, "ipfx native: activation must be 0 to 5");
+  const Geometry g = make_geometry(x.sizes().slice(2), b.out_spatial, b.kernel, b.stride, b.padding, b.dilation,
+                                   false);
+  std::vector<int64_t> shape{x.size(0), b.c_out};
+  shape.insert(shape.end(), b.out_spatial.begin(), b.out_spatial.end());
+  at::Tensor y = Recycler::instance().empty(shape, x.options());
+  if (residual.has_value())
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous() &&
+                    residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
+                "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_pointwise_grouped", [&] {
+    const Pointwise<scalar_t> pw{x.data_ptr<scalar_t>(), x.size(1), a.c_out, g.p_in,
+                                 x.data_ptr<scalar_t>() + x.numel(), a.crow.data_ptr<int64_t>(),
+                                 a.col.data_ptr<int64_t>(), a.vals.data_ptr<scalar_t>(),
+                                 a.bias.has_value() ? a.bias->data_ptr<scalar_t>() : nullptr, act_a};
+    const int64_t* src = b.direct && b.sources.has_value() ? b.sources->data_ptr<int64_t>() : nullptr;
+    conv_direct_grouped<scalar_t, 64>(x, b.crow, b.col, b.vals, b.bias, residual, act_b, b.groups, src, g, y, &pw);
+  });
+  return y;
 }
 
 }  // namespace
@@ -1557,6 +1684,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &BoundConv::operator(), pybind11::arg("x"), pybind11::arg("residual"),
            pybind11::arg("activation"));
   m.def("bind_conv", &bind_conv);
+  m.def("pointwise_feeds_grouped", &pointwise_feeds_grouped);
+  m.def("pointwise_grouped", &pointwise_grouped, pybind11::arg("a"), pybind11::arg("act_a"), pybind11::arg("b"),
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("act_b"));
   m.def("direct_sources", &direct_sources);
   m.def("linear", &linear);
   m.def("max_pool2d", &max_pool2d);

@@ -3,7 +3,8 @@
 // (a third of a batch-1 mobilenet_v3_large); here the same steps, with the same kernels and arguments, run from
 // one loop:
 //
-//   conv    a BoundConv on a slot (and a residual slot), its activation code
+//   conv    a BoundConv on a slot (and a residual slot), its activation code; or a pointwise BoundConv and the
+//           grouped one that alone reads its output, as one pointwise_grouped call (add_fused)
 //   op      an aten operator called boxed: its arguments converted once by the operator's schema, the slots'
 //           values put in place on each call
 //   python  any other node: a Python callable given the slots' values
@@ -78,6 +79,8 @@ struct ProgramStep {
   // conv
   std::shared_ptr<BoundConv> conv;
   int64_t x = -1, residual = -1, activation = 0;
+  std::shared_ptr<BoundConv> producer;  // (fused: the pointwise conv whose output `conv` reads; x is its input)
+  int64_t producer_activation = 0;
   // op
   c10::optional<c10::OperatorHandle> op;
   std::vector<c10::IValue> stack;       // every argument (None at the slots' positions)
@@ -106,6 +109,16 @@ class Program {
     s.conv = std::move(conv), s.x = check_slot(x), s.residual = residual < 0 ? -1 : check_slot(residual);
     s.activation = activation, s.output = check_output(output);
     steps_.push_back(std::move(s));
+  }
+
+  // The pointwise conv `producer` on slot x, then `conv` on its output, as one call (pointwise_grouped): for a
+  // pair pointwise_feeds_grouped accepts, where nothing else reads the pointwise conv's output.
+  void add_fused(std::shared_ptr<BoundConv> producer, int64_t producer_activation, std::shared_ptr<BoundConv> conv,
+                 int64_t x, int64_t residual, int64_t activation, int64_t output) {
+    TORCH_CHECK(pointwise_feeds_grouped(*producer, *conv), "ipfx native program: not a pair pointwise_grouped runs");
+    add_conv(std::move(conv), x, residual, activation, output);
+    steps_.back().producer = std::move(producer);
+    steps_.back().producer_activation = producer_activation;
   }
 
   // `values`: one per schema argument, in order (None where a slot goes); `places`: (argument, slot).
@@ -175,7 +188,11 @@ class Program {
         case ProgramStep::kConv: {
           c10::optional<at::Tensor> residual;
           if (s.residual >= 0) residual = slot[s.residual].tensor.contiguous();
-          out.tensor = (*s.conv)(slot[s.x].tensor.contiguous(), residual, s.activation);
+          if (s.producer)
+            out.tensor = pointwise_grouped(*s.producer, s.producer_activation, *s.conv, slot[s.x].tensor.contiguous(),
+                                           residual, s.activation);
+          else
+            out.tensor = (*s.conv)(slot[s.x].tensor.contiguous(), residual, s.activation);
           break;
         }
         case ProgramStep::kOp: {
@@ -224,10 +241,10 @@ class Program {
     return out;
   }
 
-  std::vector<std::string> kinds() const {  // each step's kind, in order
+  std::vector<std::string> kinds() const {  // each step's kind, in order ("fused": add_fused's)
     static const char* names[] = {"conv", "op", "python"};
     std::vector<std::string> out;
-    for (const auto& s : steps_) out.push_back(names[s.kind]);
+    for (const auto& s : steps_) out.push_back(s.producer ? "fused" : names[s.kind]);
     return out;
   }
 
@@ -288,6 +305,7 @@ void bind_program(py::module_& m) {
       .def("guard_empty", &Program::guard_empty)
       .def("guard_version", &Program::guard_version)
       .def("add_conv", &Program::add_conv)
+      .def("add_fused", &Program::add_fused)
       .def("add_op", &Program::add_op)
       .def("add_python", &Program::add_python)
       .def("set_outputs", &Program::set_outputs)
