@@ -48,6 +48,7 @@ from .passes.manager import PassManager
 from .passes.parametrize_unreached import ParametrizeUnreached
 from .passes.rewrite_weights import CoefficientFactory, RewriteWeights
 from .form.reparam import BasisWeight, coefficient_weights, is_transformed, qualified_weight_name
+from .inference import outside_inference_mode
 
 TARGETS = ("dense", "fused")
 
@@ -79,6 +80,7 @@ def lower_passes(target: str, graphs: Sequence[fx.GraphModule | ModeSwitch], fre
                        sites=lambda model: sites)
 
 
+@outside_inference_mode
 def transform(
     model: nn.Module | torch.export.ExportedProgram,
     *,
@@ -219,6 +221,7 @@ def _warn_raw_kernels(captured) -> None:
             "pass example_inputs=... so torch.export can capture that code, or make it traceable", stacklevel=3)
 
 
+@outside_inference_mode
 def lower(model: nn.Module, target: str = "dense", *, freeze: bool = False) -> nn.Module:
     """Fold the coefficient subgraphs of a transformed model back for deployment.
 

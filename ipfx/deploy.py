@@ -30,6 +30,7 @@ import torch.nn as nn
 from .errors import IPFXValueError
 from .inputs import as_args
 from .capture.shapes import dynamic_spec
+from .inference import outside_inference_mode
 
 STATE_DICT_SUFFIX = ".state_dict.pt"
 PROGRAM_SUFFIX = ".pt2"
@@ -98,6 +99,7 @@ def load(path: str | os.PathLike, *, trust: bool = False):
         raise _unreadable(path, exc) from None
 
 
+@outside_inference_mode
 def load_module(path: str | os.PathLike) -> nn.Module:
     """The ``.pt2`` program at ``path`` as a module to call: ``load(path).module()`` (the same checks; the
     program's own checks of its inputs' sizes on every call), with each fused op call on the program's

@@ -69,3 +69,31 @@ def test_a_loaded_program_takes_eval_and_train_for_the_mode_it_was_saved_in(tmp_
     loaded = ipfx.deploy.load_module(tmp_path / "plain.pt2")
     with pytest.raises(IPFXValueError, match="does not record the mode"):
         loaded.eval()
+
+
+def test_models_transformed_lowered_or_loaded_inside_inference_mode_run_there_and_see_in_place_edits(tmp_path):
+    """ipfx.transform, lower and deploy.load_module called inside ``torch.inference_mode()`` make ordinary
+    tensors (inference tensors have no version counter, which plans and programs key on: the first call raised
+    torch's "Inference tensors do not track version counter"). Each model computes what the one built outside
+    computes, and an in-place edit of a loaded program's weights made inside inference mode is seen."""
+    x = torch.randn(2, 3, 8, 8)
+    model = _net().eval()
+    transformed = ipfx.transform(model, example_inputs=(x,))
+    ipfx.prune(transformed, "magnitude", 0.5)
+    frozen = ipfx.lower(transformed, target="fused", freeze=True)
+    path = ipfx.deploy.save_program(frozen, tmp_path / "net", x)
+    expected = frozen(x)
+    with torch.inference_mode():
+        inside = ipfx.transform(model, example_inputs=(x,))
+        ipfx.prune(inside, "magnitude", 0.5)
+        assert torch.allclose(inside(x), transformed(x), atol=1e-5)
+        lowered = ipfx.lower(inside, target="fused", freeze=True)
+        loaded = ipfx.deploy.load_module(path)
+        for m in (lowered, loaded):
+            assert not any(t.is_inference() for t in m.state_dict().values())
+            assert torch.allclose(m(x), expected, atol=1e-5) and torch.allclose(m(x), expected, atol=1e-5)
+        values = next(b for name, b in loaded.named_buffers() if name.endswith("values"))
+        values.mul_(-1)  # (in place, inside inference mode: the program and plans see its new version)
+        edited = loaded(x)
+    assert not torch.allclose(edited, expected, atol=1e-3)
+    assert torch.allclose(edited, type(loaded).forward.__wrapped__(loaded, x), atol=1e-6)
