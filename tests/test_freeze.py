@@ -21,7 +21,7 @@ import ipfx
 from helpers import assert_close, randomize_masks
 from ipfx.capture.modes import graphs_in
 from ipfx.errors import IPFXTypeError, IPFXValueError
-from ipfx.ops import SparseIPConv, native
+from ipfx.ops import SparseIPConv, native, program
 from ipfx.ops.epilogue import ACTIVATIONS
 
 ORDERS = [0, 1, 2, 3] + ([4] if native.available() else [])
@@ -248,10 +248,12 @@ def test_frozen_torchvision_models_compute_the_eval_function(name):
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
                                   "regnet_y_400mf", "resnext50_32x4d", "mnasnet0_5", "shufflenet_v2_x1_0"])
 @pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
-def test_fused_sp_lowering_of_grouped_and_depthwise_models(name, example):
+def test_fused_sp_lowering_of_grouped_and_depthwise_models(name, example, tmp_path):
     """The native kernel's grouped/depthwise direct path and its squeeze-excitation product, end to end: SP
     models full of grouped, depthwise and 1x1-map convs, pruned, lowered to the fused form with and without
-    freeze, compute the transformed model's function on the captured shape and another batch and size."""
+    freeze, compute the transformed model's function on the captured shape and another batch and size; so
+    does the frozen form saved and loaded, whose native program runs 1x1 convs inside the grouped convs that
+    alone read them (ipfx.ops.program._pointwise_pairs) with the numbers of the per-op forward."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10)
     with torch.no_grad():  # unit-std weights: global magnitude pruning then leaves every layer some weights
@@ -270,6 +272,20 @@ def test_fused_sp_lowering_of_grouped_and_depthwise_models(name, example):
                 expected = t(y)
                 assert expected.std() > 1e-2  # an output that says something
                 assert_close(fused(y), expected, kind=f"fused {name} freeze={freeze}", rtol=1e-4)
+    if not native.available():
+        return
+    loaded = quiet(ipfx.deploy.load_module, quiet(ipfx.deploy.save_program, fused, tmp_path / name,
+                                                  torch.randn(2, 3, 96, 96)))
+    pairs = 0
+    for shape in [(1, 3, 96, 96), (3, 3, 64, 80)]:
+        y = torch.randn(*shape)
+        with torch.inference_mode():
+            expected, by_op = t(y), type(loaded).forward.__wrapped__(loaded, y)
+            got = loaded(y)
+            assert torch.equal(loaded(y), got) and torch.equal(got, by_op), shape  # (built, then run)
+            assert_close(got, expected, kind=f"loaded {name}", rtol=1e-4)
+            pairs += program.programs_of(loaded)[program._signature([y])].kinds.count("fused")
+    assert (pairs > 0) == (name != "convnext_tiny"), pairs  # (convnext: depthwise, then 1x1 convs)
 
 
 def test_the_readme_deployment_block_runs(tmp_path, monkeypatch):
