@@ -342,3 +342,15 @@ def test_a_pointwise_conv_and_the_grouped_conv_that_alone_reads_it_run_as_one_st
             assert torch.equal(plain(x), expected), shape
             assert "fused" not in the_program(plain, x).kinds
             assert (expected - frozen(x)).abs().max() <= 1e-4 * (1 + expected.abs().max()), shape
+        # the depthwise conv before expand2 run in Python, then made to change its output's size: the fused
+        # step of expand2 and its grouped conv was bound for the old size, refuses the new one, and the program
+        # is built again
+        monkeypatch.setattr(program, "FUSE_POINTWISE_GROUPED", True)
+        x = torch.randn(2, 8, 18, 14)
+        fused(x)
+        fused.dw = _EveryOther(fused.dw)
+        assert torch.equal(fused(x), generated(fused, x)) and torch.equal(fused(x), generated(fused, x))
+        assert the_program(fused, x).kinds.count("fused") == 3  # (expand's output now goes to a Python step)
+        fused.dw.step = 2
+        assert torch.equal(fused(x), generated(fused, x)) and fused(x).shape[-2:] == (3, 2)
+        assert the_program(fused, x).kinds.count("fused") == 3
