@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ipfx"
 #: at its top.
 MAY_IMPORT = {
     "errors": set(),
+    "inference": set(),
     "inputs": {"errors"},
     "program_files": {"errors"},
     "form": {"errors"},
@@ -25,8 +26,9 @@ MAY_IMPORT = {
     "ops": {"errors", "inputs", "form"},
     "passes": {"errors", "inputs", "config", "form", "capture", "ops"},
     "pruning": {"errors", "inputs", "form"},
-    "deploy": {"errors", "inputs", "program_files", "capture", "ops", "passes"},  # load_module runs a pass
-    "api": {"errors", "inputs", "config", "form", "capture", "ops", "passes", "pruning"},
+    "deploy": {"errors", "inference", "inputs", "program_files", "capture", "ops", "passes"},  # (load_module runs a
+    # pass)
+    "api": {"errors", "inference", "inputs", "config", "form", "capture", "ops", "passes", "pruning"},
     "ipfx": {"api", "errors", "config", "form", "capture", "ops", "pruning"},  # ipfx/__init__.py: the public names
     "integrations": {"api", "errors", "inputs", "config", "form", "pruning"},
     "experiments": {"api", "errors", "inputs", "config", "form", "capture", "ops", "pruning", "deploy", "ipfx"},
