@@ -75,7 +75,8 @@ def test_models_transformed_lowered_or_loaded_inside_inference_mode_run_there_an
     """ipfx.transform, lower and deploy.load_module called inside ``torch.inference_mode()`` make ordinary
     tensors (inference tensors have no version counter, which plans and programs key on: the first call raised
     torch's "Inference tensors do not track version counter"). Each model computes what the one built outside
-    computes, and an in-place edit of a loaded program's weights made inside inference mode is seen."""
+    computes, and an in-place edit of a loaded program's weights made inside inference mode is seen; copies made
+    there (``copy.deepcopy``, ``.double()``) run too."""
     x = torch.randn(2, 3, 8, 8)
     model = _net().eval()
     transformed = ipfx.transform(model, example_inputs=(x,))
@@ -95,5 +96,14 @@ def test_models_transformed_lowered_or_loaded_inside_inference_mode_run_there_an
         values = next(b for name, b in loaded.named_buffers() if name.endswith("values"))
         values.mul_(-1)  # (in place, inside inference mode: the program and plans see its new version)
         edited = loaded(x)
+        # copies made inside inference mode hold inference tensors: each module replaces them by ordinary
+        # copies on its first call (then its plans and the program key on them as on any other)
+        copied, double = copy.deepcopy(lowered), copy.deepcopy(lowered).double()
+        assert any(t.is_inference() for t in copied.state_dict().values())
+        assert torch.allclose(copied(x), expected, atol=1e-5) and torch.allclose(copied(x), expected, atol=1e-5)
+        assert torch.allclose(double(x.double()), expected.double(), atol=1e-5)
+        assert not any(t.is_inference() for t in copied.state_dict().values())
+        loaded_copy = copy.deepcopy(ipfx.deploy.load_module(path))
+        assert torch.allclose(loaded_copy(x), expected, atol=1e-5) and torch.equal(loaded_copy(x), loaded_copy(x))
     assert not torch.allclose(edited, expected, atol=1e-3)
     assert torch.allclose(edited, type(loaded).forward.__wrapped__(loaded, x), atol=1e-6)

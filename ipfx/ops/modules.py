@@ -53,6 +53,24 @@ class _SparseStorageMixin:
         self.__dict__["_last_plan_memo"] = (token, plan, keep)
         return plan
 
+    def _as_ordinary_tensors(self) -> bool:
+        """Replace the module's inference tensors (made inside ``torch.inference_mode``: a ``copy.deepcopy``, a
+        ``.to(torch.float64)`` there) by ordinary copies of the same numbers; True where it replaced any. Plans
+        are keyed on the stored tensors' in-place versions, which inference tensors do not have (the call raised
+        torch's "Inference tensors do not track version counter")."""
+        replaced = False
+        with torch.inference_mode(False):
+            for store in (self._buffers, self._parameters):
+                for name, t in list(store.items()):
+                    if isinstance(t, Tensor) and t.is_inference():
+                        copy = t.clone()
+                        store[name] = nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) else copy
+                        replaced = True
+            t = self.__dict__.get("bias")  # (a plain attribute)
+            if isinstance(t, Tensor) and t.is_inference():
+                self.__dict__["bias"], replaced = t.clone(), True
+        return replaced
+
     def __getstate__(self):
         state = super().__getstate__()  # (nn.Module's: a copy, without what torch keeps out of it)
         state.pop("_last_plan_memo", None)
@@ -230,7 +248,12 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
         values, indices, basis, bias = buffers["values"], buffers["indices"], buffers["basis"], _bias(self)
         geometry = (self.weight_shape, self.stride, self.padding, self.dilation, self.groups, self.transposed,
                     self.output_padding)
-        token = (id(indices), conv_plan_key(x, values, indices, basis, bias, *geometry, order, activation))
+        try:
+            token = (id(indices), conv_plan_key(x, values, indices, basis, bias, *geometry, order, activation))
+        except RuntimeError:
+            if not self._as_ordinary_tensors():
+                raise
+            return self._plan(x, order, activation)
         return self._last_plan(token, lambda: conv_plan(x, values, indices, basis, bias, *geometry, order, activation),
                                (values, indices, basis, bias))
 
@@ -293,7 +316,12 @@ class SparseLinear(_SparseStorageMixin, nn.Module):
             return torch.ops.ipfx.sparse_linear(x, self.values, self.indices, self.bias, list(self.weight_shape))
         values, indices, bias = self._buffers["values"], self._buffers["indices"], _bias(self)
         allow_native = x.device.type == "cpu"
-        token = (id(indices), sparse_linear_plan_key(x, values, indices, bias, self.weight_shape, allow_native))
+        try:
+            token = (id(indices), sparse_linear_plan_key(x, values, indices, bias, self.weight_shape, allow_native))
+        except RuntimeError:
+            if not self._as_ordinary_tensors():
+                raise
+            return self.forward(x)
         return self._last_plan(token, lambda: sparse_linear_plan(
             x, values, indices, bias, self.weight_shape, allow_native), (values, indices, bias))(x)
 
