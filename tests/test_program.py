@@ -310,10 +310,10 @@ def test_a_pointwise_conv_and_the_grouped_conv_that_alone_reads_it_run_as_one_st
         tmp_path, monkeypatch, space):
     """program._pointwise_pairs: each 1x1 conv whose output only a grouped conv reads runs inside that conv's
     step (kind "fused"; the 1x1 conv's output never stored), and only those: not where the output is read
-    twice, nor after a strided 1x1 conv or one with a residual. The outputs are the generated forward's (the convs one after the
-    other) and those of a program without fusion, bit for bit, on batches of one and three and on maps whose
-    positions are not a whole number of the kernel's 64-position tiles (every conv on the native kernel, which
-    the cost model would not pick for most convs this small)."""
+    twice, nor after a strided 1x1 conv or one with a residual. The outputs are the generated forward's (the
+    convs one after the other) and those of a program without fusion, bit for bit, on batches of one and three
+    and on maps whose positions are not a whole number of the kernel's 64-position tiles (every conv on the
+    native kernel, which the cost model would not pick for most convs this small)."""
     monkeypatch.setattr(order, "_modelled_order", lambda *args, **kwargs: order.ORDER_NATIVE)
     torch.manual_seed(0)
     net = Inverted().eval()

@@ -63,8 +63,10 @@ class _SparseStorageMixin:
             for store in (self._buffers, self._parameters):
                 for name, t in list(store.items()):
                     if isinstance(t, Tensor) and t.is_inference():
-                        copy = t.clone()
-                        store[name] = nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) else copy
+                        ordinary = t.clone()
+                        if isinstance(t, nn.Parameter):
+                            ordinary = nn.Parameter(ordinary, t.requires_grad)
+                        store[name] = ordinary
                         replaced = True
             t = self.__dict__.get("bias")  # (a plain attribute)
             if isinstance(t, Tensor) and t.is_inference():
