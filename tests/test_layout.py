@@ -26,8 +26,8 @@ MAY_IMPORT = {
     "ops": {"errors", "inputs", "form"},
     "passes": {"errors", "inputs", "config", "form", "capture", "ops"},
     "pruning": {"errors", "inputs", "form"},
-    "deploy": {"errors", "inference", "inputs", "program_files", "capture", "ops", "passes"},  # (load_module runs a
-    # pass)
+    # (deploy: load_module runs a pass)
+    "deploy": {"errors", "inference", "inputs", "program_files", "capture", "ops", "passes"},
     "api": {"errors", "inference", "inputs", "config", "form", "capture", "ops", "passes", "pruning"},
     "ipfx": {"api", "errors", "config", "form", "capture", "ops", "pruning"},  # ipfx/__init__.py: the public names
     "integrations": {"api", "errors", "inputs", "config", "form", "pruning"},
