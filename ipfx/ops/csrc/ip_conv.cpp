@@ -1102,47 +1102,33 @@ void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor
 // A pointwise conv (1x1, stride 1, no padding, SP, ungrouped) whose output only a grouped conv reads, made one
 // channel's map at a time inside the grouped conv (conv_direct_grouped's `pw`) instead of written whole and read
 // back: mobilenet_v3_large's expansion 16->64 @112 writes 103 MB at batch 32 that its 3x3/2 depthwise conv reads
-// once. Channel c of sample n, p positions:
-//   plane[q] = act(b[c] + sum_{e in row c} vals[e] * x[n, col[e], q])
-// with the pointwise conv's own sums: TP-position tiles, sparse_accumulate's chains, the epilogue of store_tile
-// (or epilogue_span, as a partial tile's run), so each number is the one that conv writes on the direct path or
-// the gather (their tiles of TP = 64 positions), and a row without kept coefficients is act(0 + b).
+// once. Channel c of sample n is what conv_direct writes for it, by the same calls (the pointwise conv's
+// DirectPlan: its tiles, runs, chains and epilogue), into a map of the caller's instead of y: the numbers the
+// conv writes on the direct path, or on the gather with the same 64-position tiles.
 template <typename scalar_t>
 struct Pointwise {
   static constexpr int TP = 64;
+  const DirectPlan<scalar_t, TP>* plan;  // the pointwise conv's, x read in place
   const scalar_t* x;
-  int64_t c_in, c_out, p;  // x: (N, c_in, p)
-  const scalar_t* xend;    // x's end: the last tile of the last sample's maps must not read past it
+  int64_t N, c_in, c_out, p;  // x: (N, c_in, p)
+  const int64_t* sources;     // its direct path's read offsets (DirectPlan::sources, channels p apart)
   const int64_t* crow;
-  const int64_t* col;
   const scalar_t* vals;
   const scalar_t* bias;
   int64_t activation;
 
-  // plane[0 .. p) for channel c of sample n (plane: room for p rounded up to TP, plus a vector)
+  // plane[0 .. p) = act(b[c] + sum_{e in row c} vals[e] * x[n, col[e], :]) (plane: room for p and a vector)
   void channel(int64_t n, int64_t c, scalar_t* __restrict__ plane) const {
-    using V = typename Lane<scalar_t>::V;
-    constexpr int L = Lane<scalar_t>::L, NV = TP / L;
     const scalar_t b = bias != nullptr ? bias[c] : scalar_t(0);
     if (crow[c + 1] == crow[c]) {
-      DirectPlan<scalar_t, TP>::fill_channel(b, nullptr, plane, p, activation);
+      plan->fill_tiles(0, plan->ntiles, b, nullptr, plane, activation);
       return;
     }
     const scalar_t* xs = x + n * c_in * p;
-    alignas(64) scalar_t tmp[TP + L];
-    for (int64_t q0 = 0; q0 < p; q0 += TP) {
-      V acc[NV];
-      sparse_accumulate<scalar_t, NV>(vals, crow[c], crow[c + 1], [&](int64_t e) {
-        const scalar_t* r = xs + col[e] * p + q0;
-        if (r + TP <= xend) return reinterpret_cast<const V*>(r);
-        std::memset(tmp, 0, sizeof(tmp));  // (past x's end: numbers never kept)
-        std::memcpy(tmp, r, (xend - r) * sizeof(scalar_t));
-        return reinterpret_cast<const V*>(tmp);
-      }, acc);
-      const int64_t len = std::min<int64_t>(TP, p - q0);
-      if (len == TP && store_tile<scalar_t, NV>(acc, b, nullptr, activation, plane + q0)) continue;
-      std::memcpy(tmp, acc, TP * sizeof(scalar_t));
-      epilogue_span<scalar_t>(tmp, b, nullptr, plane + q0, len, activation);
+    for (int64_t tile = 0; tile < plan->ntiles; ++tile) {  // (the last sample's last tile may read past x)
+      const bool checked = n == N - 1 && tile == plan->ntiles - 1;
+      plan->channel(xs + tile * TP, sources, vals, crow[c], crow[c + 1], checked ? x + N * c_in * p : nullptr, b,
+                    plane, nullptr, tile, activation);
     }
   }
 };
@@ -1641,10 +1627,16 @@ at::Tensor pointwise_grouped(const BoundConv& a, int64_t act_a, const BoundConv&
                     residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
                 "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
   if (y.numel() == 0) return y;
+  const Geometry ga = make_geometry(x.sizes().slice(2), a.out_spatial, a.kernel, a.stride, a.padding, a.dilation,
+                                    false);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_pointwise_grouped", [&] {
-    const Pointwise<scalar_t> pw{x.data_ptr<scalar_t>(), x.size(1), a.c_out, g.p_in,
-                                 x.data_ptr<scalar_t>() + x.numel(), a.crow.data_ptr<int64_t>(),
-                                 a.col.data_ptr<int64_t>(), a.vals.data_ptr<scalar_t>(),
+    const DirectPlan<scalar_t, 64> plan_a(ga);
+    std::vector<int64_t> own;  // (a's offsets where it was bound without them: the gather)
+    const int64_t* src_a = plan_a.sources_or(a.direct && a.sources.has_value() ? a.sources->data_ptr<int64_t>()
+                                                                               : nullptr,
+                                             ga, a.col, x.size(1), x.size(1), ga.p_in, own);
+    const Pointwise<scalar_t> pw{&plan_a, x.data_ptr<scalar_t>(), x.size(0), x.size(1), a.c_out, ga.p_in, src_a,
+                                 a.crow.data_ptr<int64_t>(), a.vals.data_ptr<scalar_t>(),
                                  a.bias.has_value() ? a.bias->data_ptr<scalar_t>() : nullptr, act_a};
     const int64_t* src = b.direct && b.sources.has_value() ? b.sources->data_ptr<int64_t>() : nullptr;
     conv_direct_grouped<scalar_t, 64>(x, b.crow, b.col, b.vals, b.bias, residual, act_b, b.groups, src, g, y, &pw);
