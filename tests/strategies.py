@@ -898,7 +898,7 @@ class _RecipeBuilder:
 
 
 @st.composite
-def _graph_recipes(draw, max_blocks: int) -> GraphRecipe:
+def _graph_recipes(draw, max_blocks: int, first_block: str | None = None) -> GraphRecipe:
     b = _RecipeBuilder(draw)
     batch = draw(st.integers(1, 2))
     h, w = draw(st.integers(8, 12)), draw(st.integers(8, 12))
@@ -906,12 +906,12 @@ def _graph_recipes(draw, max_blocks: int) -> GraphRecipe:
     in_shape = (batch, c, h, w)
     ops: list = []
     for i in range(draw(st.integers(1, max_blocks))):
-        blocks = ["chain", "res", "cat", "twice", "mode"]  # each holds a conv, so the first block always does
+        blocks = ["chain", "res", "cat", "twice", "mode", "inverted"]  # each holds a conv, so the first block does
         if i > 0 and min(h, w) >= 4:
             blocks.append("down")
         if i > 0 and max(h, w) <= 8:
             blocks.append("up")
-        block = draw(st.sampled_from(blocks))
+        block = first_block if i == 0 and first_block is not None else draw(st.sampled_from(blocks))
         b.features.add(block)
         if block == "chain":
             layer_ops, c = b.layer(c)
@@ -942,6 +942,21 @@ def _graph_recipes(draw, max_blocks: int) -> GraphRecipe:
             conv = b.conv(in_channels=c, out_channels=c, kernel_size=3, padding=1)
             middle = [("relu",)] + ([b.bn(c)] if draw(st.booleans()) else [])
             ops += [conv] + middle + [conv]
+        elif block == "inverted":  # a mobile inverted residual block: 1x1 expand, depthwise 3x3, 1x1 project
+            wide = draw(st.integers(max(2, c), MAX_CHANNELS))
+            stride = 2 if i > 0 and min(h, w) >= 4 and draw(st.booleans()) else 1
+            branch = [b.conv(in_channels=c, out_channels=wide, kernel_size=1)] + b.maybe_bn_relu(wide)
+            branch += [b.conv(in_channels=wide, out_channels=wide, kernel_size=3, stride=stride, padding=1,
+                              groups=wide)] + b.maybe_bn_relu(wide)
+            c2 = c if stride == 1 and draw(st.booleans()) else draw(st.integers(1, MAX_CHANNELS))
+            branch.append(b.conv(in_channels=wide, out_channels=c2, kernel_size=1))
+            if stride == 1 and c2 == c and draw(st.booleans()):
+                ops.append(("add", tuple(branch)))
+            else:
+                ops += branch
+            c = c2
+            if stride == 2:
+                h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
         elif block == "down":
             how = draw(st.sampled_from(["max", "avg", "strided", "strided_dw"]))
             b.features.add("pool" if how in ("max", "avg") else how)
@@ -978,31 +993,34 @@ def _graph_recipes(draw, max_blocks: int) -> GraphRecipe:
     )
 
 
-def graph_recipes(max_blocks: int = 5) -> st.SearchStrategy[GraphRecipe]:
+def graph_recipes(max_blocks: int = 5, first_block: str | None = None) -> st.SearchStrategy[GraphRecipe]:
     """Strategy for :class:`GraphRecipe`: 1..max_blocks blocks, then a flatten + ``nn.Linear`` head.
 
     Blocks: conv chain (optional BN/ReLU), residual add, channel concat of two branches, one conv used twice,
-    a layer that differs between train and eval mode (``if self.training``, like auxiliary heads),
+    a layer that differs between train and eval mode (``if self.training``, like auxiliary heads), a mobile
+    inverted residual block (1x1 expand, depthwise 3x3 of stride 1 or 2, 1x1 project, with or without the add),
     downsampling (max/avg pool, strided conv, strided depthwise conv), upsampling ConvTranspose2d(k=2, s=2).
     Layers: 3x3 conv, non-square kernels, padding='same' with even kernels, :class:`WSConv2d`, reflect padding,
     1x1, raw-parameter ``F.conv2d``, ConvTranspose2d(k=3, p=1), grouped, depthwise. Input (1-2, 3, 8-12, 8-12),
     channels <= 8; every BatchNorm sees at least 4 positions per channel, so train mode also works.
     ``recipe.features`` names what a recipe contains (block and layer kinds above, "bn", "relu", "linear", ...).
+    ``first_block`` ("chain", "res", "cat", "twice", "mode" or "inverted"): the first block's kind, else drawn.
     """
-    return _graph_recipes(max_blocks)
+    return _graph_recipes(max_blocks, first_block)
 
 
 def random_graph_models(
-    dtype: torch.dtype = torch.float64, max_blocks: int = 5, train: bool = False
+    dtype: torch.dtype = torch.float64, max_blocks: int = 5, train: bool = False, first_block: str | None = None
 ) -> st.SearchStrategy[ModelCase]:
-    """Strategy for ``(module, example_input)``: a :class:`RecipeNet` (eval mode unless ``train``) and its input.
+    """Strategy for ``(module, example_input)``: a :class:`RecipeNet` (eval mode unless ``train``) and its input
+    (``first_block``: as :func:`graph_recipes`').
 
     The module keeps its recipe as ``module.recipe`` (rebuild with ``module.recipe.build()``).
     """
 
     @st.composite
     def cases(draw):
-        recipe = draw(graph_recipes(max_blocks))
+        recipe = draw(graph_recipes(max_blocks, first_block))
         return ModelCase(recipe.build(dtype=dtype, train=train), recipe.example_input(draw(seeds()), dtype=dtype))
 
     return cases()

@@ -1,13 +1,14 @@
 """Correct on every input, not only the example: other shapes, the plain ``transform(model)``, never-called models.
 
 The property (:func:`test_drawn_models_on_other_shapes`): a drawn model (tests/strategies.py's random graphs:
-residual adds, concatenations, strided and transposed convs, a layer that differs between train and eval
-mode, a global-pool or a flatten head), built and never called, is transformed on its example through each
-front end (torch.export, symbolic tracing with the example, symbolic tracing without one), possibly inside
-a branch on an input size, and called on
-other shapes (batch 1, an odd batch, other spatial sizes), in eval and in train mode. On every call the
-transformed, dense-lowered and fused-lowered models either compute the original's output, or raise where
-the original raises, or (torch.export only) refuse the shape with ipfx's guard error. Nothing else passes.
+residual adds, concatenations, inverted residual blocks, strided and transposed convs, a layer that differs
+between train and eval mode, a global-pool or a flatten head), built and never called, is transformed on its
+example through each front end (torch.export, symbolic tracing with the example, symbolic tracing without
+one), possibly inside a branch on an input size, and called on other shapes (batch 1, an odd batch, other
+spatial sizes), in eval and in train mode. On every call the transformed, dense-lowered and fused-lowered
+models either compute the original's output, or raise where the original raises, or (torch.export only)
+refuse the shape with ipfx's guard error. Nothing else passes. The same for the deployment form (:func:`test_drawn_models_deployed_compute_the_model_on_other_shapes`): the
+pruned model frozen, saved, loaded and run by its native program, whose numbers are its per-op forward's.
 
 The other tests pin the cases the property cannot draw: a hand-written global average pool, a ``view``
 before a linear layer, torch.export's own ``dynamic_shapes``, guards that survive pickling and lowering,
@@ -26,13 +27,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ipfx
-from helpers import assert_close, quiet
+from helpers import assert_close, quiet, randomize_masks
 from ipfx.capture import verify
 from ipfx.capture.shape_guards import is_guard_failure
+from ipfx.ops import order, program
 from strategies import random_graph_models
 
 FRONT_ENDS = ("export", "symbolic", "none")
@@ -104,6 +106,84 @@ def test_drawn_models_on_other_shapes(front_end, case, shapes, size_branch):
                     continue
                 seen.append(assert_same_outcome(result, model, y, training, guarded=front_end == "export",
                                                 kind=f"{front_end}/{kind}/{'train' if training else 'eval'}"))
+    assert seen[0] == "equal"  # the example itself always computes
+
+
+def _deployed_outcome(loaded: nn.Module, x: torch.Tensor):
+    """``(outputs, None)`` of a loaded program's calls on ``x`` in inference mode: the first call's (which
+    builds the native program for x's signature, running the graph node by node), the second's (the program's)
+    and the generated forward's; or ``(None, exception)``."""
+    try:
+        with torch.inference_mode():
+            return (loaded(x), loaded(x), type(loaded).forward.__wrapped__(loaded, x)), None
+    except Exception as exc:  # noqa: BLE001 - what was raised is the outcome
+        return None, exc
+
+
+@st.composite
+def deployments(draw):
+    """``(case, front_end, space, keep, native_everywhere, fusing)`` for the deployment property: half the draws
+    are ``fusing``: a model whose first block is an inverted residual one, in SP, every conv on the native
+    kernel, so that its program runs the 1x1 expansion inside the depthwise conv's step."""
+    fusing = draw(st.booleans())
+    case = draw(random_graph_models(dtype=torch.float32, first_block="inverted" if fusing else None))
+    space = "sp" if fusing else draw(st.sampled_from(["sp", "ip"]))
+    native_everywhere = fusing or draw(st.booleans())
+    return case, draw(st.sampled_from(["export", "none"])), space, draw(st.sampled_from([0.05, 0.3, 1.0])), \
+        native_everywhere, fusing
+
+
+@pytest.mark.skipif(not ipfx.ops.native.available(), reason="the deployed program runs on the native kernel")
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(drawn=deployments(), shapes=other_shapes, seed=st.integers(0, 2**16))
+def test_drawn_models_deployed_compute_the_model_on_other_shapes(tmp_path_factory, drawn, shapes, seed):
+    """The deployment form (README, "Which form to deploy"), on drawn models: transformed, pruned (about
+    ``keep`` of each weight's coefficients kept), lowered to the frozen fused form, saved (``save_program``)
+    and loaded (``load_module``), the module, run by its native program, computes the pruned model's eval
+    function on the example, an odd batch and width and drawn shapes; or, where the model raises on a shape,
+    raises too; or refuses a size the exported program fixed with torch.export's own check ("Guard failed").
+    Its program's outputs are the generated forward's, bit for bit. With ``native_everywhere`` every conv runs
+    on the native kernel (the cost model picks aten's dense conv for most convs this small); ``fusing`` draws
+    (deployments) also check that the program runs an inverted residual block's expansion and depthwise conv
+    as one step."""
+    case, front_end, space, keep, native_everywhere, fusing = drawn
+    model, x = case
+    gen = torch.Generator().manual_seed(seed)
+    example = torch.randn(2, *x.shape[1:], generator=gen)  # (an example of one sample would fix the batch)
+    examples = {"example_inputs": (example,)} if front_end == "export" else {}
+    t = quiet(ipfx.transform, model, space=space, **examples)
+    randomize_masks(t, keep, seed)
+    t.eval()
+    n, c, h, w = example.shape
+    with pytest.MonkeyPatch.context() as patch:
+        if native_everywhere:
+            patch.setattr(order, "_modelled_order", lambda *args, **kwargs: order.ORDER_NATIVE)
+        frozen = quiet(ipfx.lower, t, "fused", freeze=True)
+        path = quiet(ipfx.deploy.save_program, frozen, tmp_path_factory.mktemp("deployed") / "drawn", example)
+        loaded = quiet(ipfx.deploy.load_module, path)
+        seen = []
+        for batch, dh, dw in [(n, 0, 0), (n + 1, 0, 1), *shapes]:
+            y = torch.randn(batch, c, max(h + dh, 1), max(w + dw, 1), generator=gen)
+            expected, refused = outcome(t, y, False)
+            outputs, error = _deployed_outcome(loaded, y)
+            if refused is not None:
+                assert error is not None, f"the model raises {refused!r} on {tuple(y.shape)}, the deployed one computes"
+                seen.append("refused")
+                continue
+            if error is not None:
+                assert isinstance(error, AssertionError) and str(error).startswith("Guard failed"), error
+                seen.append("guarded")
+                continue
+            built, got, by_op = outputs
+            assert torch.equal(got, by_op) and torch.equal(built, by_op), tuple(y.shape)  # (the per-op numbers)
+            assert_close(got, expected, kind=f"deployed {front_end}/{space}, {tuple(y.shape)}", rtol=1e-4)
+            ran = program.programs_of(loaded).get(program._signature([y]))
+            assert ran is not None  # (the native program, not the generated forward)
+            assert not fusing or "fused" in ran.kinds, ran.kinds
+            event(f"fused steps: {min(ran.kinds.count('fused'), 2)}")
+            seen.append("equal")
+    for kind in set(seen):
+        event(kind)
     assert seen[0] == "equal"  # the example itself always computes
 
 
