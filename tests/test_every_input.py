@@ -7,8 +7,9 @@ example through each front end (torch.export, symbolic tracing with the example,
 one), possibly inside a branch on an input size, and called on other shapes (batch 1, an odd batch, other
 spatial sizes), in eval and in train mode. On every call the transformed, dense-lowered and fused-lowered
 models either compute the original's output, or raise where the original raises, or (torch.export only)
-refuse the shape with ipfx's guard error. Nothing else passes. The same for the deployment form (:func:`test_drawn_models_deployed_compute_the_model_on_other_shapes`): the
-pruned model frozen, saved, loaded and run by its native program, whose numbers are its per-op forward's.
+refuse the shape with ipfx's guard error. Nothing else passes. The same for the deployment form
+(:func:`test_drawn_models_deployed_compute_the_model_on_other_shapes`): the pruned model frozen, saved,
+loaded and run by its native program, whose numbers are its per-op forward's.
 
 The other tests pin the cases the property cannot draw: a hand-written global average pool, a ``view``
 before a linear layer, torch.export's own ``dynamic_shapes``, guards that survive pickling and lowering,
