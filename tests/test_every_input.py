@@ -141,9 +141,9 @@ def test_drawn_models_deployed_compute_the_model_on_other_shapes(tmp_path_factor
     """The deployment form (README, "Which form to deploy"), on drawn models: transformed, pruned (about
     ``keep`` of each weight's coefficients kept), lowered to the frozen fused form, saved (``save_program``)
     and loaded (``load_module``), the module, run by its native program, computes the pruned model's eval
-    function on the example, an odd batch and width and drawn shapes; or, where the model raises on a shape,
-    raises too; or refuses a size the exported program fixed with torch.export's own check ("Guard failed").
-    Its program's outputs are the generated forward's, bit for bit. With ``native_everywhere`` every conv runs
+    function on the example (also laid out channels_last), an odd batch and width and drawn shapes; or,
+    where the model raises on a shape, raises too; or refuses a size the exported program fixed with
+    torch.export's own check ("Guard failed"). Its program's outputs are the generated forward's, bit for bit. With ``native_everywhere`` every conv runs
     on the native kernel (the cost model picks aten's dense conv for most convs this small); ``fusing`` draws
     (deployments) also check that the program runs an inverted residual block's expansion and depthwise conv
     as one step."""
@@ -163,8 +163,10 @@ def test_drawn_models_deployed_compute_the_model_on_other_shapes(tmp_path_factor
         path = quiet(ipfx.deploy.save_program, frozen, tmp_path_factory.mktemp("deployed") / "drawn", example)
         loaded = quiet(ipfx.deploy.load_module, path)
         seen = []
-        for batch, dh, dw in [(n, 0, 0), (n + 1, 0, 1), *shapes]:
-            y = torch.randn(batch, c, max(h + dh, 1), max(w + dw, 1), generator=gen)
+        calls = [torch.randn(batch, c, max(h + dh, 1), max(w + dw, 1), generator=gen)
+                 for batch, dh, dw in [(n, 0, 0), (n + 1, 0, 1), *shapes]]
+        calls.insert(1, calls[0].contiguous(memory_format=torch.channels_last))  # (another program: its strides)
+        for y in calls:
             expected, refused = outcome(t, y, False)
             outputs, error = _deployed_outcome(loaded, y)
             if refused is not None:
