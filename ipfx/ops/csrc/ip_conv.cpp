@@ -1237,6 +1237,20 @@ void linear_rows(const scalar_t* __restrict__ x, int64_t M, int64_t in_f, const 
   });
 }
 
+// A conv's output (N, c_out, *out_spatial) for input x, from the recycled memory, after checking the residual
+// added in its epilogue (a contiguous CPU tensor of that shape and x's dtype), where there is one.
+at::Tensor new_output(const at::Tensor& x, int64_t c_out, at::IntArrayRef out_spatial,
+                      const c10::optional<at::Tensor>& residual) {
+  std::vector<int64_t> shape{x.size(0), c_out};
+  shape.insert(shape.end(), out_spatial.begin(), out_spatial.end());
+  at::Tensor y = Recycler::instance().empty(shape, x.options());
+  if (residual.has_value())
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous() &&
+                    residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
+                "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
+  return y;
+}
+
 // ipfx_native::conv(x, crow, col, vals, basis?, bias?, used, c_out, kernel, stride, padding, dilation,
 //                   transposed, out_spatial, tile, residual?, activation, direct, groups)
 //                   -> y = act(conv + bias + residual)
@@ -1266,14 +1280,8 @@ at::Tensor conv_cached(const at::Tensor& x, const at::Tensor& crow, const at::Te
   TORCH_CHECK(used.numel() == x.size(1) * g.K && used.scalar_type() == at::kByte, "ipfx native: bad used flags");
   TORCH_CHECK(g.p_in < (int64_t(1) << 31), "ipfx native: input maps of 2^31 or more positions");
   TORCH_CHECK(x.size(1) * g.K < (int64_t(1) << 31), "ipfx native: c_in * K of 2^31 or more");
-  std::vector<int64_t> shape{x.size(0), c_out};
-  shape.insert(shape.end(), out_spatial.begin(), out_spatial.end());
-  at::Tensor y = Recycler::instance().empty(shape, x.options());
   TORCH_CHECK(activation >= 0 && activation <= 5, "ipfx native: activation must be 0 to 5");
-  if (residual.has_value())
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous() &&
-                    residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
-                "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
+  at::Tensor y = new_output(x, c_out, out_spatial, residual);
   if (y.numel() == 0) return y;
   TORCH_CHECK(!direct || (!basis.has_value() && !transposed), "ipfx native: the direct path is for SP convolutions");
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && c_out % groups == 0,
@@ -1619,13 +1627,7 @@ at::Tensor pointwise_grouped(const BoundConv& a, int64_t act_a, const BoundConv&
   TORCH_CHECK(act_a >= 0 && act_a <= 5 && act_b >= 0 && act_b <= 5, "ipfx native: activation must be 0 to 5");
   const Geometry g = make_geometry(x.sizes().slice(2), b.out_spatial, b.kernel, b.stride, b.padding, b.dilation,
                                    false);
-  std::vector<int64_t> shape{x.size(0), b.c_out};
-  shape.insert(shape.end(), b.out_spatial.begin(), b.out_spatial.end());
-  at::Tensor y = Recycler::instance().empty(shape, x.options());
-  if (residual.has_value())
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous() &&
-                    residual->scalar_type() == x.scalar_type() && residual->device().is_cpu(),
-                "ipfx native: the residual must be a contiguous CPU tensor of the output's shape and dtype");
+  at::Tensor y = new_output(x, b.c_out, b.out_spatial, residual);
   if (y.numel() == 0) return y;
   const Geometry ga = make_geometry(x.sizes().slice(2), a.out_spatial, a.kernel, a.stride, a.padding, a.dilation,
                                     false);
