@@ -79,7 +79,7 @@ def batch_norm_constants(gm: fx.GraphModule, node: fx.Node, source: fx.Node):
     target = node.target
     if node.op == "call_module":
         module = gm.get_submodule(target)
-        if not isinstance(module, _BATCH_NORM_MODULES) or node.args[:1] != (source,):
+        if not _plain_batch_norm(module) or node.args[:1] != (source,) or len(node.args) != 1 or node.kwargs:
             return None
         if module.running_mean is None or module.running_var is None:
             return "training"  # track_running_stats=False: batch statistics in every mode
@@ -96,6 +96,14 @@ def batch_norm_constants(gm: fx.GraphModule, node: fx.Node, source: fx.Node):
     if any(v is False for v in values) or values[0] is None or values[1] is None:
         return "computed"
     return (*values, float(eps))
+
+
+def _plain_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` computes torch's batch norm and nothing else: one of torch's classes, or a subclass
+    that keeps their forward. A subclass with its own forward does more (timm's ``BatchNormAct2d`` applies
+    an activation and dropout after the norm; kept whole by the symbolic trace, it is one call here): its
+    statistics alone do not describe it."""
+    return isinstance(module, _BATCH_NORM_MODULES) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
 
 
 def _normalised(node: fx.Node):
