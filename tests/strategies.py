@@ -756,6 +756,8 @@ class GraphRecipe:
                 return "cat[" + seq(op[1]) + " | " + seq(op[2]) + "]"
             if tag == "mode":
                 return "train[" + seq(op[1]) + "] / eval[" + seq(op[2]) + "]"
+            if tag == "inplace":
+                return "add_[" + seq(op[1]) + "]" + (" after x[:, :1].mul_" if op[2] else "") + (" > relu_" if op[3] else "")
             return tag
 
         def seq(ops) -> str:
@@ -808,6 +810,13 @@ class RecipeNet(nn.Module):
                 x = torch.cat([self._run(op[1], x), self._run(op[2], x)], 1)
             elif tag == "mode":  # a different branch in train and in eval mode, like auxiliary heads
                 x = self._run(op[1] if self.training else op[2], x)
+            elif tag == "inplace":  # in-place writes (fused chains must not move past them): add_, relu_, a view
+                x = x * 1.0  # (memory of its own: the caller's input is never written)
+                y = self._run(op[1], x)
+                if op[2]:
+                    x[:, :1].mul_(0.5)  # the block's input changes through a view after the branch read it
+                y.add_(x)
+                x = F.relu(y, inplace=True) if op[3] else y
             elif tag == "gap":
                 x = F.adaptive_avg_pool2d(x, 1)
             elif tag == "flatten":
@@ -906,7 +915,7 @@ def _graph_recipes(draw, max_blocks: int, first_block: str | None = None) -> Gra
     in_shape = (batch, c, h, w)
     ops: list = []
     for i in range(draw(st.integers(1, max_blocks))):
-        blocks = ["chain", "res", "cat", "twice", "mode", "inverted"]  # each holds a conv, so the first block does
+        blocks = ["chain", "res", "cat", "twice", "mode", "inverted", "inplace"]  # each holds a conv (as a first block)
         if i > 0 and min(h, w) >= 4:
             blocks.append("down")
         if i > 0 and max(h, w) <= 8:
@@ -932,6 +941,10 @@ def _graph_recipes(draw, max_blocks: int, first_block: str | None = None) -> Gra
             bb, _ = b.layer(c, c_out=cb)
             ops.append(("cat", tuple(a), tuple(bb)))
             c = ca + cb
+        elif block == "inplace":
+            branch, _ = b.layer(c, c_out=c)
+            branch += b.maybe_bn_relu(c)
+            ops.append(("inplace", tuple(branch), draw(st.booleans()), draw(st.booleans())))
         elif block == "mode":
             c2 = draw(st.integers(1, MAX_CHANNELS))
             in_train, _ = b.layer(c, c_out=c2)
@@ -999,12 +1012,15 @@ def graph_recipes(max_blocks: int = 5, first_block: str | None = None) -> st.Sea
     Blocks: conv chain (optional BN/ReLU), residual add, channel concat of two branches, one conv used twice,
     a layer that differs between train and eval mode (``if self.training``, like auxiliary heads), a mobile
     inverted residual block (1x1 expand, depthwise 3x3 of stride 1 or 2, 1x1 project, with or without the add),
+    a residual block of in-place writes (``y.add_(x)``, then maybe ``relu_``; maybe ``x`` written through a view
+    between the branch and the add),
     downsampling (max/avg pool, strided conv, strided depthwise conv), upsampling ConvTranspose2d(k=2, s=2).
     Layers: 3x3 conv, non-square kernels, padding='same' with even kernels, :class:`WSConv2d`, reflect padding,
     1x1, raw-parameter ``F.conv2d``, ConvTranspose2d(k=3, p=1), grouped, depthwise. Input (1-2, 3, 8-12, 8-12),
     channels <= 8; every BatchNorm sees at least 4 positions per channel, so train mode also works.
     ``recipe.features`` names what a recipe contains (block and layer kinds above, "bn", "relu", "linear", ...).
-    ``first_block`` ("chain", "res", "cat", "twice", "mode" or "inverted"): the first block's kind, else drawn.
+    ``first_block`` ("chain", "res", "cat", "twice", "mode", "inverted" or "inplace"): the first block's kind,
+    else drawn.
     """
     return _graph_recipes(max_blocks, first_block)
 

@@ -214,6 +214,69 @@ def test_freezing_leaves_what_it_cannot_fold_and_stays_exact(example):
             assert_close(frozen(y), model(y), kind="frozen, guarded chains")
 
 
+class Aliased(nn.Module):
+    """Chains whose fusion would change what the model computes: a write into the convolution's input through
+    a view, after the convolution and before the add (moved to the add, the convolution would read the new
+    value); an in-place add of a wider residual (``w.add_(r)`` keeps ``w``'s dtype, the op's ``+`` would
+    promote); and one that may fuse: an in-place add of a residual of the output's shape and dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+
+    def forward(self, x, wide):
+        x = x * 1.0
+        y = self.a(x)
+        x.view(-1).mul_(2.0)
+        z = F.relu(y + x)
+        w = self.b(z)
+        w.add_(wide)
+        v = self.c(w)
+        v.add_(z)
+        return F.relu(v)
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
+def test_the_epilogue_keeps_in_place_writes_and_their_dtypes(example):
+    torch.manual_seed(2)
+    model = Aliased().eval()
+    args = (torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    t = quiet(ipfx.transform, model, **({"example_inputs": args} if example else {}))
+    t(*args)
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)
+    by_name = dict(frozen.named_modules())
+    assert by_name["a"].activation == "none" and by_name["b"].activation == "none"
+    for shape in [(2, 4, 8, 8), (1, 4, 5, 9)]:
+        x, wide = torch.randn(*shape), torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            expected, got = model(x.clone(), wide), frozen(x.clone(), wide)
+        assert got.dtype == expected.dtype == torch.float32
+        assert_close(got, expected, kind="frozen, in-place writes")
+    # w.add_ of a larger residual raises, and so does the frozen model (or torch.export's guard refuses first)
+    with pytest.raises((RuntimeError, AssertionError), match="broadcast shape|ipfx shape guard"):
+        frozen(torch.randn(1, 4, 8, 8), torch.randn(3, 4, 8, 8, dtype=torch.float64))
+
+
+class NormAct(nn.BatchNorm2d):
+    """A batch norm that does more than normalise (as timm's ``BatchNormAct2d``), kept whole by the symbolic
+    trace: its statistics alone do not describe it, so it must not be folded as one."""
+
+    def forward(self, x):
+        return F.hardswish(super().forward(x)) * 2.0
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example-inputs", "no-example"])
+def test_a_batch_norm_subclass_with_its_own_forward_keeps_it(example):
+    torch.manual_seed(3)
+    model = calibrated(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), NormAct(6), nn.Conv2d(6, 4, 1)), 4, 3, 9, 9)
+    t = transformed(model, torch.randn(2, 3, 9, 9), example)
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)
+    for shape in [(2, 3, 9, 9), (1, 3, 6, 11)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert_close(frozen(x), model(x), kind="frozen, batch norm subclass")
+
+
 def test_freeze_checks_its_arguments():
     t = ipfx.transform(nn.Sequential(nn.Conv2d(1, 2, 3)), example_inputs=(torch.randn(1, 1, 5, 5),))
     with pytest.raises(IPFXValueError, match="use it with target='fused'"):

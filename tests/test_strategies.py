@@ -225,8 +225,8 @@ def test_random_graph_models_pairs(case):
 
 
 GRAPH_FEATURES = [
-    "chain", "res", "cat", "twice", "mode", "inverted", "bn", "relu", "fconv", "ws", "reflect", "dw", "pw", "convT",
-    "grouped", "same_even", "nonsquare", "pool", "strided", "strided_dw", "up", "gap", "flatten", "linear",
+    "chain", "res", "cat", "twice", "mode", "inverted", "inplace", "bn", "relu", "fconv", "ws", "reflect", "dw", "pw",
+    "convT", "grouped", "same_even", "nonsquare", "pool", "strided", "strided_dw", "up", "gap", "flatten", "linear",
 ]
 
 

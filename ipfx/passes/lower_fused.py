@@ -82,6 +82,7 @@ class LowerFused(GraphPass):
                 if pad is not None:
                     x = graph.call_function(F.pad, (x, pad))
                 new = graph.call_module(sub.prefix, (x,))
+            new.meta = dict(call.node.meta)  # (the same value: what later passes read of it, as fuse_epilogue)
             call.node.replace_all_uses_with(new)
             graph.erase_node(call.node)
         erase_nodes(graph, sub.nodes)

@@ -45,6 +45,7 @@ def _restore_call(graph: fx.Graph, call: fx.Node, weight: fx.Node, prefix: str, 
         pad, x = x, x.args[0]
     with graph.inserting_before(call):
         new = graph.call_module(prefix, (x,))
+    new.meta = dict(call.meta)
     call.replace_all_uses_with(new)
     graph.erase_node(call)
     if pad is not None:
