@@ -10,7 +10,8 @@ here need no unpickling of code:
   with ``torch.export.load(path)``. A dense lowering holds only ATen ops and runs without ipfx; a fused
   one calls ``torch.ops.ipfx.ip_conv`` / ``sparse_linear``, registered by ``import ipfx``.
 
-:func:`load` opens either kind the same safe way and refuses any other pickle unless ``trust=True``; a
+Both are written whole or not at all (:mod:`ipfx.atomic`): a kill or an error while saving leaves the file
+that was there before. :func:`load` opens either kind the same safe way and refuses any other pickle unless ``trust=True``; a
 ``.pt2`` is checked before torch reads it (:mod:`ipfx.program_files`), since ``torch.export.load``
 unpickles parts of some archives in full. :func:`load_module` opens a ``.pt2`` as a module to call, the
 deployment form: the program's graph with its fused op calls run by ipfx's modules
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .atomic import write_atomically
 from .errors import IPFXValueError
 from .inputs import as_args
 from .capture.shapes import dynamic_spec
@@ -51,7 +53,8 @@ def _file_path(stem: str | os.PathLike, suffix: str) -> Path:
 def save_state_dict(model: nn.Module, stem: str | os.PathLike) -> Path:
     """Write ``model.state_dict()`` to ``<stem>.state_dict.pt`` (tensors only; ``stem`` may end so already)."""
     path = _file_path(stem, STATE_DICT_SUFFIX)
-    torch.save(model.state_dict(), path)
+    state = model.state_dict()
+    write_atomically(path, lambda f: torch.save(state, f))
     return path
 
 
@@ -69,7 +72,7 @@ def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tenso
     mode = "mixed" if len(modes) > 1 else "train" if model.training else "eval"
     program = torch.export.export(model, args, dynamic_shapes=dynamic_spec(model.forward, args, {}), strict=False)
     path = _file_path(stem, PROGRAM_SUFFIX)
-    torch.export.save(program, path, extra_files={MODE_FILE: mode})
+    write_atomically(path, lambda f: torch.export.save(program, f, extra_files={MODE_FILE: mode}))
     return path
 
 

@@ -133,20 +133,21 @@ def test_a_checkpoint_that_does_not_fit_is_reported_and_the_run_starts_over(how,
 
 
 def test_a_temporary_file_left_by_a_killed_writer_is_deleted(digits, tmp_path):
-    """A checkpoint write killed midway leaves ``.<name>.<host>.<pid>.tmp``; the next save or the removal of
+    """A checkpoint write killed midway leaves ``.<name>.<host>.<pid>[.<thread>].tmp``; the next save or the removal of
     the run's checkpoint deletes it (its writer is dead), and never a live writer's."""
     import socket
     import subprocess
     import sys
 
+    from ipfx.atomic import HOST
     from ipfx.experiments import checkpoint as ckpt
 
     path = tmp_path / "checkpoints" / "run.pt"
     path.parent.mkdir()
     dead = subprocess_pid()
-    stale = path.with_name(f".run.pt.{ckpt._HOST}.{dead}.tmp")
+    stale = path.with_name(f".run.pt.{HOST}.{dead}.tmp")
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live writer
-    live = path.with_name(f".run.pt.{ckpt._HOST}.{writer.pid}.tmp")
+    live = path.with_name(f".run.pt.{HOST}.{writer.pid}.{writer.pid}.tmp")
     elsewhere = path.with_name(".run.pt.another-host.1.tmp")
     for f in (stale, live, elsewhere):
         f.write_bytes(b"partial")

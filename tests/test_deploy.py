@@ -1,7 +1,14 @@
 """``ipfx.deploy``'s files as a user names and opens them: a stem or a whole file name, a folder not made
-yet, and a loaded program's ``.eval()`` / ``.train()``, which torch's loaded modules refuse outright."""
+yet, a save that fails or is killed midway (the previous file stays whole), and a loaded program's
+``.eval()`` / ``.train()``, which torch's loaded modules refuse outright."""
 
+import contextlib
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -9,6 +16,7 @@ import torch.nn as nn
 
 import ipfx
 import ipfx.deploy
+from helpers import assert_close
 from ipfx.errors import IPFXValueError
 
 
@@ -30,6 +38,58 @@ def test_a_stem_or_a_whole_file_name_and_a_new_folder(tmp_path):
     for stem in (tmp_path / "d" / "m", tmp_path / "d" / "m.state_dict.pt"):
         path = ipfx.deploy.save_state_dict(model, stem)
         assert path.name == "m.state_dict.pt" and path.is_file(), path
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    model = _net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    program, state = ipfx.deploy.save_program(model, tmp_path / "m", x), ipfx.deploy.save_state_dict(model, tmp_path / "m")
+    before = {p: p.read_bytes() for p in (program, state)}
+
+    def half_written(obj, f, *args, **kwargs):  # a full disk, say: part of the file, then an error
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as out:
+            out.write(b"PK\x03\x04 part of a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    monkeypatch.setattr(torch.export, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        ipfx.deploy.save_state_dict(model, tmp_path / "m")
+    with pytest.raises(OSError, match="No space left"):
+        ipfx.deploy.save_program(model, tmp_path / "m", x)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in (program, state)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "m.state_dict.pt"]  # no temporary left
+    assert_close(ipfx.deploy.load_module(program)(x), model(x), kind="saved before a failed save")
+
+
+_SAVE_FOREVER = """
+import sys, time, torch, torch.nn as nn, ipfx.deploy
+model = nn.Module()
+model.register_buffer("w", torch.randn(2 ** 24))  # 64 MiB: each write takes a while
+while True:
+    started = time.monotonic()
+    ipfx.deploy.save_state_dict(model, sys.argv[1])
+    print(time.monotonic() - started, flush=True)
+"""
+
+
+def test_a_save_killed_midway_leaves_a_whole_file(tmp_path):
+    """kill -9 a process in the middle of saving over its previous file: the file is still a whole save
+    (torch reads it), and the killed writer's temporary is deleted by the next save."""
+    path = tmp_path / "m.state_dict.pt"
+    writer = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        took = [float(writer.stdout.readline()) for _ in range(2)]  # two whole saves: how long one takes
+        time.sleep(min(took) / 2)  # into the third
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert torch.load(path, weights_only=True)["w"].shape == (2 ** 24,)
+    assert len(list(tmp_path.glob(".m.state_dict.pt.*.tmp"))) <= 1  # the killed write's, if it was writing
+    ipfx.deploy.save_state_dict(nn.Linear(1, 1), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.state_dict.pt"]
+    assert set(torch.load(path, weights_only=True)) == {"weight", "bias"}
 
 
 def test_a_loaded_program_takes_eval_and_train_for_the_mode_it_was_saved_in(tmp_path):

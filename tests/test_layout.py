@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ipfx"
 MAY_IMPORT = {
     "errors": set(),
     "inference": set(),
+    "atomic": set(),
     "inputs": {"errors"},
     "program_files": {"errors"},
     "form": {"errors"},
@@ -27,11 +28,12 @@ MAY_IMPORT = {
     "passes": {"errors", "inputs", "config", "form", "capture", "ops"},
     "pruning": {"errors", "inputs", "form"},
     # (deploy: load_module runs a pass)
-    "deploy": {"errors", "inference", "inputs", "program_files", "capture", "ops", "passes"},
+    "deploy": {"atomic", "errors", "inference", "inputs", "program_files", "capture", "ops", "passes"},
     "api": {"errors", "inference", "inputs", "config", "form", "capture", "ops", "passes", "pruning"},
     "ipfx": {"api", "errors", "config", "form", "capture", "ops", "pruning"},  # ipfx/__init__.py: the public names
     "integrations": {"api", "errors", "inputs", "config", "form", "pruning"},
-    "experiments": {"api", "errors", "inputs", "config", "form", "capture", "ops", "pruning", "deploy", "ipfx"},
+    "experiments": {"api", "atomic", "errors", "inputs", "config", "form", "capture", "ops", "pruning", "deploy",
+                    "ipfx"},
     "cli": {"api", "errors", "inputs", "config", "form", "capture", "ops", "passes", "pruning", "deploy",
             "program_files", "experiments", "ipfx"},
     "__main__": {"cli"},

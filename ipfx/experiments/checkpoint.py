@@ -18,12 +18,13 @@ import hashlib
 import json
 import os
 import random
-import socket
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..atomic import remove_stale_temporaries, write_atomically
 
 # Bump when the layout changes: an older checkpoint is then ignored, not misread.
 # 2: an IMP run's schedule exists from step 0 (it was built at the rewind point).
@@ -72,16 +73,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: Path, state: dict) -> None:
-    """Write ``state`` atomically: a temporary file next to ``path``, fsynced, then ``os.replace``. The
-    temporaries of writers killed midway are deleted first (:func:`remove_stale_temporaries`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``state`` atomically (:func:`ipfx.atomic.write_atomically`: a temporary file next to ``path``,
+    fsynced, then ``os.replace``; the temporaries of writers killed midway are deleted first)."""
+    write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load(path: Path, key: tuple) -> dict | None:
@@ -102,29 +96,6 @@ def load(path: Path, key: tuple) -> dict | None:
         warnings.warn(f"checkpoint {path} belongs to another run or version; the run starts over", stacklevel=2)
         return None
     return state
-
-
-_HOST = socket.gethostname().replace(".", "_").replace(os.sep, "_")
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of ``path`` left by writers of this machine that are no longer alive (a
-    kill while writing). A live writer's file, or one written on another machine, is left alone."""
-    prefix = f".{path.name}.{_HOST}."
-    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
-        pid = tmp.name[len(prefix):-len(".tmp")] if tmp.name.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def remove(path: Path | None) -> None:

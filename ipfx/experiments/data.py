@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_atomically
 from ..errors import IPFXValueError
 from .accel import to_device
 
@@ -198,12 +199,10 @@ def _image_folder(root: Path, cache_dir: str | None) -> Dataset:
         parts += [torch.stack(images), torch.tensor(folder.targets, dtype=torch.int64)]
         classes = folder.classes
     name = "cifar10" if len(classes) == 10 and parts[0].shape[-1] == 32 else f"folder:{root.name}"
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # whole or not at all: a kill leaves no cache
-        torch.save({"name": name, "train_x": parts[0], "train_y": parts[1], "test_x": parts[2],
-                    "test_y": parts[3], "num_classes": len(classes)}, partial)
-        os.replace(partial, cache)
+    if cache is not None:  # whole or not at all: a kill leaves no cache
+        state = {"name": name, "train_x": parts[0], "train_y": parts[1], "test_x": parts[2], "test_y": parts[3],
+                 "num_classes": len(classes)}
+        write_atomically(cache, lambda f: torch.save(state, f))
     return _finish(name, *parts, len(classes))
 
 

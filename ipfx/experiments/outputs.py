@@ -13,9 +13,9 @@ sweep's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..atomic import write_atomically
 from ..errors import IPFXValueError
 
 MARKER = ".ipfx-output.json"
@@ -36,9 +36,8 @@ def claim(folder: Path, command: str) -> None:
                              "them. Pass another --out (a new or empty folder)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f"{MARKER}.{os.getpid()}.tmp"  # whole or not at all: other processes read it
-        partial.write_text(json.dumps({"command": command}) + "\n")
-        os.replace(partial, folder / MARKER)
+        marker = (json.dumps({"command": command}) + "\n").encode()
+        write_atomically(folder / MARKER, lambda f: f.write(marker))  # whole or not at all: other processes read it
     except OSError as exc:
         raise IPFXValueError(f"cannot write into --out {str(folder)!r} ({exc.strerror or exc}); "
                              "pass a folder you can write to") from None
