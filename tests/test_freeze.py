@@ -277,6 +277,51 @@ def test_a_batch_norm_subclass_with_its_own_forward_keeps_it(example):
             assert_close(frozen(x), model(x), kind="frozen, batch norm subclass")
 
 
+class ModalEncoder(nn.Module):
+    """A part with one graph per training mode (a ``ModeSwitch``), whose attributes, property and method the
+    untraced code around it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self._output_stride, self._depth = 32, 3
+
+    @property
+    def output_stride(self):
+        return min(self._output_stride, 2 ** self._depth)
+
+    def out_channels_for(self, i):
+        return self.conv.out_channels * i
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2.0 if self.training else y
+
+
+class ModalSegmenter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = ModalEncoder()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # untraceable root: the encoder is replaced by its graphs
+            x = self.encoder(x)
+        return x * self.encoder.output_stride + self.encoder.out_channels_for(1)
+
+
+def test_the_frozen_form_keeps_what_a_replaced_part_answered_for():
+    torch.manual_seed(4)
+    model, x = ModalSegmenter().eval(), torch.randn(2, 3, 6, 6)
+    t = quiet(ipfx.transform, model, capture="symbolic")
+    assert type(t.encoder).__name__ == "ModeSwitch"
+    frozen = quiet(ipfx.lower, t, "fused", freeze=True)  # the switch gives way to its eval-mode graph
+    assert frozen.encoder.output_stride == 8 and frozen.encoder.out_channels_for(2) == 8
+    assert frozen.encoder._depth == 3
+    with torch.no_grad():
+        assert_close(frozen(x), model(x), kind="frozen, a replaced part's attributes")
+    assert copy.deepcopy(frozen).encoder.output_stride == 8
+
+
 def test_freeze_checks_its_arguments():
     t = ipfx.transform(nn.Sequential(nn.Conv2d(1, 2, 3)), example_inputs=(torch.randn(1, 1, 5, 5),))
     with pytest.raises(IPFXValueError, match="use it with target='fused'"):

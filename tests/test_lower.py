@@ -71,7 +71,10 @@ def test_lowerings_equal_the_transformed_conv(cfg, space, keep):
     fused = quiet(ipfx.lower, t, "fused")
     with torch.no_grad():
         assert_close(quiet(fused, x), y.detach(), kind="lower: fused, single conv")
-    assert any(isinstance(m, SparseIPConv) for m in fused.modules())
+    (conv,) = [m for m in fused.modules() if isinstance(m, SparseIPConv)]
+    original = next(m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (  # nn.ConvNd's names answer as before
+        original.in_channels, original.out_channels, tuple(original.kernel_size))
 
 
 @settings(max_examples=20)

@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .guards import FALLBACK, signature_of
-from .source_attributes import SourceAttributes
+from .source_attributes import SourceAttributes, hand_over_source
 
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 _MODE = "ipfx_mode"  # node.meta key: True (train graph) / False (eval graph)
@@ -156,7 +156,9 @@ def keep_eval_graphs(model: nn.Module) -> nn.Module:
     module, in eval mode: what computes the model's eval-mode function and nothing else (for a deployment
     that folds what eval mode makes constant). Returns the new root where ``model`` was a switch."""
     if isinstance(model, ModeSwitch):
-        return keep_eval_graphs(model.graph_module(False)).eval()
+        graph = model.graph_module(False)
+        hand_over_source(graph, model, own=("_graphs",))  # (code outside may read what the switch answered for)
+        return keep_eval_graphs(graph).eval()
     for name, child in list(model.named_children()):
         replaced = keep_eval_graphs(child)
         if replaced is not child:

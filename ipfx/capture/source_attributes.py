@@ -85,9 +85,22 @@ def keep_source(new: nn.Module, old: nn.Module) -> None:
     """Give ``new`` (the captured graph of ``old``) ``old``'s plain attributes and class (module docstring)."""
     if new is old:
         return
+    _give(new, {**plain_attributes(old, new), _SOURCE: type(old)})
+
+
+def hand_over_source(new: nn.Module, holder: nn.Module, own: tuple = ()) -> None:
+    """Give ``new``, which takes ``holder``'s place (a ModeSwitch replaced by its eval-mode graph), what
+    ``holder`` answers for: the plain attributes and class :func:`keep_source` gave it (not ``own``, the
+    holder's own attributes)."""
+    source = holder.__dict__.get(_SOURCE)
+    if source is None or new is holder:
+        return
+    values = {k: v for k, v in plain_attributes(holder, new).items() if k not in own and k != _SOURCE}
+    _give(new, {**values, _SOURCE: source})
+
+
+def _give(new: nn.Module, values: dict) -> None:
     preserved = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
-    values = plain_attributes(old, new)
-    values[_SOURCE] = type(old)
     for key, value in values.items():
         new.__dict__[key] = value
         if preserved is not None and isinstance(new, fx.GraphModule):

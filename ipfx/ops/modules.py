@@ -206,6 +206,22 @@ class SparseIPConv(_SparseStorageMixin, nn.Module):
     def nnz(self) -> int:
         return self.values.numel()
 
+    # nn.ConvNd's names for the geometry, for code around the conv that reads them (a method of the module
+    # it sits in, say, run outside the graph)
+    @property
+    def in_channels(self) -> int:
+        w0, w1 = self.weight_shape[:2]
+        return w0 if self.transposed else w1 * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        w0, w1 = self.weight_shape[:2]
+        return w1 * self.groups if self.transposed else w0
+
+    @property
+    def kernel_size(self) -> tuple:
+        return tuple(self.weight_shape[2:])
+
     def coefficients(self) -> Tensor:
         """Dense ``C`` of shape (w0, w1, K)."""
         w0, w1 = self.weight_shape[:2]
