@@ -11,10 +11,10 @@ here need no unpickling of code:
   one calls ``torch.ops.ipfx.ip_conv`` / ``sparse_linear``, registered by ``import ipfx``.
 
 Both are written whole or not at all (:mod:`ipfx.atomic`): a kill or an error while saving leaves the file
-that was there before. :func:`load` opens either kind the same safe way and refuses any other pickle unless ``trust=True``; a
-``.pt2`` is checked before torch reads it (:mod:`ipfx.program_files`), since ``torch.export.load``
-unpickles parts of some archives in full. :func:`load_module` opens a ``.pt2`` as a module to call, the
-deployment form: the program's graph with its fused op calls run by ipfx's modules
+that was there before. :func:`load` opens either kind the same safe way and refuses any other pickle unless
+``trust=True``; a ``.pt2`` is checked before torch reads it (:mod:`ipfx.program_files`), since
+``torch.export.load`` unpickles parts of some archives in full. :func:`load_module` opens a ``.pt2`` as a
+module to call, the deployment form: the program's graph with its fused op calls run by ipfx's modules
 (:mod:`ipfx.passes.fused_modules`), each planned once per kind of input.
 """
 

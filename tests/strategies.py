@@ -757,7 +757,8 @@ class GraphRecipe:
             if tag == "mode":
                 return "train[" + seq(op[1]) + "] / eval[" + seq(op[2]) + "]"
             if tag == "inplace":
-                return "add_[" + seq(op[1]) + "]" + (" after x[:, :1].mul_" if op[2] else "") + (" > relu_" if op[3] else "")
+                view_write = " after x[:, :1].mul_" if op[2] else ""
+                return "add_[" + seq(op[1]) + "]" + view_write + (" > relu_" if op[3] else "")
             return tag
 
         def seq(ops) -> str:

@@ -43,7 +43,8 @@ def test_a_stem_or_a_whole_file_name_and_a_new_folder(tmp_path):
 def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
     model = _net().eval()
     x = torch.randn(2, 3, 8, 8)
-    program, state = ipfx.deploy.save_program(model, tmp_path / "m", x), ipfx.deploy.save_state_dict(model, tmp_path / "m")
+    program = ipfx.deploy.save_program(model, tmp_path / "m", x)
+    state = ipfx.deploy.save_state_dict(model, tmp_path / "m")
     before = {p: p.read_bytes() for p in (program, state)}
 
     def half_written(obj, f, *args, **kwargs):  # a full disk, say: part of the file, then an error

@@ -246,6 +246,9 @@ def test_the_epilogue_keeps_in_place_writes_and_their_dtypes(example):
     frozen = quiet(ipfx.lower, t, "fused", freeze=True)
     by_name = dict(frozen.named_modules())
     assert by_name["a"].activation == "none" and by_name["b"].activation == "none"
+    # c's in-place add of z fuses where torch.export recorded both (symbolic tracing records no shapes)
+    fused_c = [n for n in frozen.graph.nodes if n.op == "call_module" and n.target == "c" and "residual" in n.kwargs]
+    assert by_name["c"].activation == ("relu" if example else "none") and len(fused_c) == int(example)
     for shape in [(2, 4, 8, 8), (1, 4, 5, 9)]:
         x, wide = torch.randn(*shape), torch.randn(*shape, dtype=torch.float64)
         with torch.no_grad():

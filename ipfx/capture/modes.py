@@ -73,6 +73,10 @@ def _graph_signature(gm: fx.GraphModule):
         return False
 
 
+#: The plain attributes a ModeSwitch keeps for itself (not the replaced module's)
+_OWN = ("_graphs", "_ipfx_signature")
+
+
 class ModeSwitch(SourceAttributes, nn.Module):
     """A traced module with one graph per training mode, run by ``self.training`` (module docstring).
 
@@ -157,7 +161,7 @@ def keep_eval_graphs(model: nn.Module) -> nn.Module:
     that folds what eval mode makes constant). Returns the new root where ``model`` was a switch."""
     if isinstance(model, ModeSwitch):
         graph = model.graph_module(False)
-        hand_over_source(graph, model, own=("_graphs",))  # (code outside may read what the switch answered for)
+        hand_over_source(graph, model, own=_OWN)  # (code outside may read what the switch answered for)
         return keep_eval_graphs(graph).eval()
     for name, child in list(model.named_children()):
         replaced = keep_eval_graphs(child)
