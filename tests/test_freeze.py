@@ -23,6 +23,7 @@ from ipfx.capture.modes import graphs_in
 from ipfx.errors import IPFXTypeError, IPFXValueError
 from ipfx.ops import SparseIPConv, native, program
 from ipfx.ops.epilogue import ACTIVATIONS
+from test_capture import Encoder
 
 ORDERS = [0, 1, 2, 3] + ([4] if native.available() else [])
 
@@ -280,21 +281,9 @@ def test_a_batch_norm_subclass_with_its_own_forward_keeps_it(example):
             assert_close(frozen(x), model(x), kind="frozen, batch norm subclass")
 
 
-class ModalEncoder(nn.Module):
-    """A part with one graph per training mode (a ``ModeSwitch``), whose attributes, property and method the
-    untraced code around it reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self._output_stride, self._depth = 32, 3
-
-    @property
-    def output_stride(self):
-        return min(self._output_stride, 2 ** self._depth)
-
-    def out_channels_for(self, i):
-        return self.conv.out_channels * i
+class ModalEncoder(Encoder):
+    """test_capture's encoder (attributes, a property and a method that untraced code reads) with one graph per
+    training mode: a part captured as a ``ModeSwitch``."""
 
     def forward(self, x):
         y = self.conv(x)
