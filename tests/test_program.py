@@ -265,6 +265,46 @@ def test_calls_the_program_does_not_take_run_the_generated_forward_and_raise_its
     assert all(torch.equal(got[i], wanted[i]) for i in range(4))
 
 
+class Mixed(nn.Module):
+    """Native conv steps around an aten op that autocast runs in bfloat16 (a matmul over the rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.register_buffer("mix", torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(torch.matmul(x, self.mix))))
+
+
+def test_under_autocast_the_generated_forward_runs(tmp_path):
+    """Autocast changes the dtypes aten steps return: a call under it runs the generated forward (its numbers,
+    its dtype), before a program is built or after, and builds none; plain calls then run the plain program.
+    (A float32 program run under CPU bfloat16 autocast handed a native conv step a bfloat16 input: a loaded
+    resnet18 raised; here the program was built again under autocast, and plain calls then ran its convs in
+    Python.)"""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 16, 16)
+    t = quiet(ipfx.transform, Mixed().eval(), space="sp", example_inputs=(x,))
+    randomize_masks(t, 0.1)
+    quiet(ipfx.deploy.save_program, quiet(ipfx.lower, t, target="fused", freeze=True), tmp_path / "m", x)
+    for first in ("autocast", "plain"):
+        m = load(str(tmp_path / "m.pt2"))
+        with torch.inference_mode():
+            expected = generated(m, x)
+            calls = ["autocast", "plain", "autocast", "plain"] if first == "autocast" else ["plain", "autocast"] * 2
+            for i, call in enumerate(calls):
+                if call == "plain":
+                    assert torch.equal(m(x), expected)
+                    kinds = program.programs_of(m)[program._signature([x])].kinds
+                    assert "conv" in kinds[kinds.index("op"):], kinds  # (a native conv after the matmul)
+                    continue
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    cast, wanted = m(x), generated(m, x)
+                assert wanted.dtype == torch.bfloat16 and cast.dtype == wanted.dtype and torch.equal(cast, wanted)
+                assert len(program.programs_of(m)) == (0 if i == 0 else 1)
+
+
 class Inverted(nn.Module):
     """Pointwise convs feeding grouped ones, as in inverted residual blocks: a depthwise 3x3/2 after an expansion
     (batch norm, relu), groups of two channels (silu after each), a channel multiplier of two (gelu after the

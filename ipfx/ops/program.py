@@ -29,8 +29,8 @@ What a module run in Python reads is not guarded (another stride on such a modul
 the shapes that reach a native conv step, its kernel refuses them (:func:`ipfx.ops.native.binding_mismatch`)
 and the program is built again from the model as it is, that call's Python steps before it having run twice.
 
-It runs in eager inference only (no autograd, nothing compiling or tracing, no global module hooks, plain
-tensors passed positionally); any other call is the generated forward's. ``recompile()`` and
+It runs in eager inference only (no autograd, no autocast, nothing compiling or tracing, no global module
+hooks, plain tensors passed positionally); any other call is the generated forward's. ``recompile()`` and
 deep copies give a module the generated forward again. Measured: a loaded mobilenet_v3_large at 95% runs in
 0.67x the time of the generated forward at batch 1 (2 threads, median of 5 interleaved rounds, 0.63-0.86).
 """
@@ -127,9 +127,19 @@ def programs_of(gm: nn.Module) -> Optional[dict]:
 _symbolic_tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
 
 
+def _autocast_now() -> bool:
+    """Whether autocast is on for any device: it changes the dtypes the aten steps return, so a program built
+    without it would hand a conv step another dtype than its tensors' (a float32 program under CPU bf16
+    autocast raised in the native kernel), and one built with it would round where a plain call does not."""
+    any_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if any_enabled is not None:
+        return any_enabled()
+    return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _eager_inference_now() -> bool:
     return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or _symbolic_tracing()
-                or torch._C._get_tracing_state() is not None or any(_GLOBAL_HOOKS))
+                or torch._C._get_tracing_state() is not None or any(_GLOBAL_HOOKS) or _autocast_now())
 
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple) -> Optional[list]:
