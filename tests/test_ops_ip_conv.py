@@ -383,6 +383,30 @@ def test_inference_only_no_grad_and_plain_forward():
         y.sum().backward()
 
 
+def test_an_ops_output_may_be_written_in_place_under_autograd():
+    """What follows a fused op may write its output in place (``hardswish(inplace=True)`` after a classifier's
+    linear, ``relu_`` after an unbatched conv) with autograd on and an input that requires grad: the forward
+    computes what it computes without autograd, and only a backward raises (inference-only). A kernel that returned
+    a view of its own result (a 2-d linear output reshaped, an unbatched output squeezed) made torch refuse the
+    in-place write on the forward ("... is a view and is being modified inplace")."""
+    torch.manual_seed(0)
+    w = torch.randn(7, 12) * (torch.rand(7, 12) < 0.5)
+    case = _case()
+    t = make_tensors(case)
+    conv = module_for(case, t).eval()
+    calls = [(SparseLinear.from_weight(w, torch.randn(7)).eval(), (5, 12), lambda y: F.hardswish(y, inplace=True))]
+    for order in (ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE, ORDER_NATIVE):
+        calls.append((lambda x, order=order: conv(x, order), t.x[0].shape, lambda y: y.relu_()))
+    for op, shape, write in calls:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = write(op(x))
+        y = write(op(x.clone().requires_grad_(True)))
+        assert y.requires_grad and torch.equal(y, expected)
+        with pytest.raises(RuntimeError, match="inference-only"):
+            y.sum().backward()
+
+
 # constants for hand computation: (t0, basis, maps, sparse, dense, dense_grouped, io, taps, rows, runs) ns per unit
 UNIT = {1: (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), 2: (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
         3: (2.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0), 4: (0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5)}

@@ -32,6 +32,16 @@ _INFERENCE_ONLY = (
 )
 
 
+def _unaliased(y: Tensor) -> Tensor:
+    """``y`` as a tensor of its own where a kernel returns a view of its own intermediate (a 2-d linear output
+    reshaped, an unbatched conv's ``squeeze``): an op's output may be written in place by what follows
+    (``hardswish(inplace=True)``), and under autograd a view made inside a custom op may not be (torch raised
+    "Output 0 of GeneratedBackwardFor_ipfx_sparse_linear_default is a view and is being modified inplace" on
+    the forward). ``aten._unsafe_view`` is how aten's own ops return such results (``linear`` on 3-d inputs):
+    the same memory, no copy, and no view for autograd."""
+    return y if y._base is None else torch.ops.aten._unsafe_view(y, y.shape)
+
+
 @torch.library.custom_op("ipfx::ip_conv", mutates_args=())
 def ip_conv(
     x: Tensor,
@@ -73,7 +83,8 @@ def ip_conv(
     g = _conv_geometry(
         x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed, output_padding
     )
-    return _run_ip_conv(g, x, values, indices, basis, bias, order, residual=residual, activation=activation)
+    return _unaliased(_run_ip_conv(g, x, values, indices, basis, bias, order, residual=residual,
+                                   activation=activation))
 
 
 @ip_conv.register_kernel(("cpu", "cuda"))
@@ -87,7 +98,8 @@ def _ip_conv_own_device(
     per-call work once, as the modules' eager path does."""
     plan = conv_plan(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed,
                      output_padding, order, activation)
-    return plan(x, residual).contiguous()  # (the fake kernel's layout: Inductor lays out what follows by it)
+    return _unaliased(plan(x, residual).contiguous())  # (contiguous: the fake kernel's layout, which Inductor
+    # lays out what follows by)
 
 
 def _run_ip_conv(g: dict, x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor],
@@ -288,12 +300,12 @@ def sparse_linear(
     native kernel where it is available; ``x`` may have any leading dims. ``values``/``bias`` are cast to
     ``x.dtype``.
     """
-    return _run_sparse_linear(x, values, indices, bias, weight_shape, allow_native=False)
+    return _unaliased(_run_sparse_linear(x, values, indices, bias, weight_shape, allow_native=False))
 
 
 @sparse_linear.register_kernel("cpu")
 def _sparse_linear_cpu(x, values, indices, bias, weight_shape):
-    return _run_sparse_linear(x, values, indices, bias, weight_shape, allow_native=True)
+    return _unaliased(_run_sparse_linear(x, values, indices, bias, weight_shape, allow_native=True))
 
 
 def _run_sparse_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,
