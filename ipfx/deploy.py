@@ -124,26 +124,68 @@ def load_module(path: str | os.PathLike) -> nn.Module:
         raise IPFXValueError(f"{path} is not a torch.export program (.pt2); load_module opens those only "
                              "(ipfx.deploy.load opens state dicts)")
     extra = {MODE_FILE: ""}
-    module = _load_program(path, extra).module()
+    exported = _load_program(path, extra)
+    module = exported.module()
     PassManager([FusedOpsAsModules(), NativePooling(), ModulePathsAsAttributes()], sites=lambda m: [(m, {})])(module)
-    _as_loaded(module, extra[MODE_FILE], path)
+    _as_loaded(module, extra[MODE_FILE], path, _example_shapes(exported))
     return module
 
 
-def _as_loaded(module: nn.Module, mode: str, path: Path) -> None:
-    """The program forward (:func:`ipfx.ops.program.install`) and the mode's rules (:func:`_keep_mode`), given
-    again to each deep copy: fx's ``GraphModule.__deepcopy__`` builds the copy on a class of its own from the
-    graph and the state, so both were lost there (a copy ran the per-op forward, and took ``.train()`` while
-    it computed eval mode)."""
+def _example_shapes(exported) -> str:
+    """The shapes of the example a program was exported on (``2x3x64x64``), where the file records it."""
+    shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(getattr(exported, "example_inputs", None))
+              if isinstance(t, torch.Tensor)]
+    return ", ".join("x".join(map(str, s)) or "a number" for s in shapes)
+
+
+def _explain_guards(module: nn.Module, path: Path, example: str) -> None:
+    """Give torch.export's input checks (its ``GuardsFn`` submodule, first in the graph) a message that says what
+    refuses the call and what to do: its own is ``Guard failed: 1 + (-1 + x.size()[3]) // 32 != 1`` (a resnet
+    saved on 64x64 images, called on 32x32: torch.export assumes a size it saw above 1 is never 1, here the last
+    feature map's). The same ``AssertionError``, starting as ipfx's shape guards do (:func:`ipfx.capture.
+    shape_guards.is_guard_failure`). In the instance's ``forward``, where torch puts its checks."""
+    from .capture.shape_guards import GUARD_PREFIX
+
+    for sub in module.modules():
+        check = sub.__dict__.get("forward")  # (torch's checks: a function set on the instance)
+        if type(sub).__name__ != "GuardsFn" or check is None or getattr(check, "explained", False):
+            continue
+
+        def forward(*args, _check=check):
+            try:
+                return _check(*args)
+            except AssertionError as exc:
+                condition = str(exc)
+                if not condition.startswith("Guard failed"):
+                    raise
+                condition = condition.partition(":")[2].strip()
+                exported = f" exported on an example of {example}" if example else ""
+                raise AssertionError(
+                    f"{GUARD_PREFIX}: {path} refuses this call: torch.export's condition {condition} does not hold. "
+                    f"The program was{exported} and takes the sizes that left free, under the conditions torch.export "
+                    "derived (it assumes a size it saw above 1 is never 1: a ResNet saved on 64x64 images refuses 32x32 "
+                    "ones, whose last feature map is 1x1). Save it again on an example of the sizes you will run: "
+                    "ipfx.deploy.save_program(model, stem, example)") from None
+
+        forward.explained = True
+        sub.forward = forward
+
+
+def _as_loaded(module: nn.Module, mode: str, path: Path, example: str) -> None:
+    """The explained input checks (:func:`_explain_guards`), the program forward (:func:`ipfx.ops.program.
+    install`) and the mode's rules (:func:`_keep_mode`), given again to each deep copy: fx's ``GraphModule.
+    __deepcopy__`` builds the copy on a class of its own from the graph and the state, so these were lost there
+    (a copy ran the per-op forward, and took ``.train()`` while it computed eval mode)."""
     from .ops import program
 
+    _explain_guards(module, path, example)
     program.install(module)
     _keep_mode(module, mode, path)
     deepcopy = type(module).__deepcopy__
 
     def copy_(self, memo):
         other = deepcopy(self, memo)
-        _as_loaded(other, mode, path)
+        _as_loaded(other, mode, path, example)
         return other
 
     module.__deepcopy__ = copy_.__get__(module)

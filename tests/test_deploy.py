@@ -17,6 +17,7 @@ import torch.nn as nn
 import ipfx
 import ipfx.deploy
 from helpers import assert_close
+from ipfx.capture.shape_guards import is_guard_failure
 from ipfx.errors import IPFXValueError
 
 
@@ -91,6 +92,28 @@ def test_a_save_killed_midway_leaves_a_whole_file(tmp_path):
     ipfx.deploy.save_state_dict(nn.Linear(1, 1), path)
     assert [p.name for p in tmp_path.iterdir()] == ["m.state_dict.pt"]
     assert set(torch.load(path, weights_only=True)) == {"weight", "bias"}
+
+
+def test_a_size_the_program_does_not_take_is_refused_saying_why_and_what_to_do(tmp_path):
+    """torch.export assumes a size it saw above 1 is never 1: a net saved on 16x16 images refuses those whose last
+    feature map is 1x1 (a ResNet saved on 64x64 and called on 32x32). The loaded program refuses them with an
+    ipfx shape guard naming the file, the condition and the example, and saying what to do (torch's own message
+    was "Guard failed: 1 + (-1 + input.size()[3]) // 4 != 1"); the same in a deep copy and with autograd on,
+    and every size the example left free still computes."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(1), nn.Linear(4, 2)).eval()
+    path = ipfx.deploy.save_program(model, tmp_path / "net", torch.randn(2, 3, 16, 16))
+    loaded = ipfx.deploy.load_module(path)
+    for module, grad in [(loaded, False), (loaded, True), (copy.deepcopy(loaded), False)]:
+        with torch.set_grad_enabled(grad):
+            for shape in [(1, 3, 4, 4), (2, 3, 3, 3)]:
+                with pytest.raises(AssertionError) as refused:
+                    module(torch.randn(*shape))
+                message = str(refused.value)
+                assert is_guard_failure(refused.value) and str(path) in message and "2x3x16x16" in message, message
+                assert "!= 1" in message and "save_program(model, stem, example)" in message, message
+            x = torch.randn(3, 3, 12, 20)
+            assert_close(module(x), model(x), kind="a free size")
 
 
 def test_a_loaded_program_takes_eval_and_train_for_the_mode_it_was_saved_in(tmp_path):

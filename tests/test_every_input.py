@@ -143,8 +143,8 @@ def test_drawn_models_deployed_compute_the_model_on_other_shapes(tmp_path_factor
     and loaded (``load_module``), the module, run by its native program, computes the pruned model's eval
     function on the example (also laid out channels_last), an odd batch and width and drawn shapes; or,
     where the model raises on a shape, raises too; or refuses a size the exported program fixed with
-    torch.export's own check ("Guard failed"). Its program's outputs are the generated forward's, bit for
-    bit. With ``native_everywhere`` every conv runs on the native kernel (the cost model picks aten's dense
+    torch.export's own check (explained by load_module as an ipfx shape guard). Its program's outputs are the
+    generated forward's, bit for bit. With ``native_everywhere`` every conv runs on the native kernel (the cost model picks aten's dense
     conv for most convs this small); ``fusing`` draws (deployments) also check that the program runs an
     inverted residual block's expansion and depthwise conv as one step."""
     case, front_end, space, keep, native_everywhere, fusing = drawn
@@ -174,7 +174,7 @@ def test_drawn_models_deployed_compute_the_model_on_other_shapes(tmp_path_factor
                 seen.append("refused")
                 continue
             if error is not None:
-                assert isinstance(error, AssertionError) and str(error).startswith("Guard failed"), error
+                assert is_guard_failure(error), error  # (torch.export's check, explained by load_module)
                 seen.append("guarded")
                 continue
             built, got, by_op = outputs
