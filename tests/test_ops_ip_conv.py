@@ -407,6 +407,38 @@ def test_an_ops_output_may_be_written_in_place_under_autograd():
             y.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_compute_as_closely_as_the_dense_conv(dtype):
+    """A float16/bfloat16 input on CPU runs the float32 plan and rounds once (``WIDENED_ON_CPU``): every order's
+    output is within twice the dense conv's distance (aten's, in ``dtype``) from the float64 result. Computed
+    in ``dtype``, a 64-channel 3x3 layer was several times further off. A residual of another dtype promotes as
+    ``+`` does."""
+    torch.manual_seed(0)
+    case = _case(c_in=64, c_out=32, bias=True)
+    t = make_tensors(case)
+    m = module_for(case, t).eval()
+    x = torch.randn(2, 64, 12, 12)
+    weight = m.to_dense_weight().double()
+    truth = F.conv2d(x.double(), weight, m.bias.double(), padding=1)
+    dense = F.conv2d(x.to(dtype), weight.to(dtype), m.bias.to(dtype), padding=1)
+    allowed = 2 * float((dense.double() - truth).abs().max())
+    wide = m.to(dtype)
+    with torch.no_grad():
+        for order in (ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE, ORDER_NATIVE):
+            y = wide(x.to(dtype), order)
+            assert y.dtype == dtype and float((y.double() - truth).abs().max()) <= allowed, order
+        residual = torch.randn(2, 32, 12, 12)
+        y = wide(x.to(dtype), residual=residual)
+        assert y.dtype == torch.float32 and torch.allclose(y.double(), truth + residual.double(), atol=allowed)
+        lin = SparseLinear.from_weight(torch.randn(16, 256) * (torch.rand(16, 256) < 0.5)).eval()
+        xl = torch.randn(4, 256)
+        exact = xl.double() @ lin.to_dense_weight().double().t()
+        dense_l = F.linear(xl.to(dtype), lin.to_dense_weight().to(dtype))
+        got = lin.to(dtype)(xl.to(dtype))
+        assert got.dtype == dtype
+        assert float((got.double() - exact).abs().max()) <= 2 * float((dense_l.double() - exact).abs().max())
+
+
 # constants for hand computation: (t0, basis, maps, sparse, dense, dense_grouped, io, taps, rows, runs) ns per unit
 UNIT = {1: (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), 2: (1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
         3: (2.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0), 4: (0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5)}
