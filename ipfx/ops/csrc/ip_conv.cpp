@@ -1023,6 +1023,21 @@ struct DirectPlan {
 // 0.88-0.96x. 512 KiB chunks ran 2-11% slower than 2 MiB, 4 MiB 5-24% slower (L3 here: 8 MiB).
 constexpr int64_t kCopyChunkBytes = 2 * 1024 * 1024;
 
+// Grid positions per tile of the ungrouped direct path on floats: 128 (eight 512-bit vectors, one chain) where
+// the output has at least kWideTileFrom positions a sample (28x28 maps and larger), else 64 (four vectors, two
+// chains); doubles keep 64. A kept coefficient's weight and read offset are loaded once per tile, so a wider
+// tile spends fewer loads per multiply-add; on small maps it leaves threads idle and computes more padding
+// columns. Measured (SP, 2 threads, AVX-512, 3 rounds of alternating processes, medians, 128 / 64): at 95%,
+// batch 1: 3x3 64->64 @56 0.84x, 1x1 256->64 @56 0.89x, 3x3 128->128 @28 0.95x (noisy: 110-169 / 127-180 us);
+// 3x3 256->256 @14 1.02x, 1x1 1024->256 @14 1.01x, 3x3 512->512 @7 1.9x (hence the threshold); at 99%, batch 1:
+// 64->64 @56 0.87x, 128->128 @28 0.84x; at 95%, batch 32: 64->64 @56 0.75x, 128->128 @28 0.96x, 1x1 256->64
+// @56 0.63x; resnet50 at 95% (its frozen program) 0.95x at batch 1, 0.93x at batch 32. 256 positions (16
+// vectors) on 56x56 maps ran 1.4-1.6x slower than 128.
+constexpr int64_t kWideTileFrom = 512;
+inline bool wide_direct_tile(const Geometry& g, int64_t itemsize) {
+  return itemsize == 4 && g.p_out >= kWideTileFrom;
+}
+
 template <typename scalar_t, int TP>
 void conv_direct(const at::Tensor& x, const at::Tensor& crow_t, const at::Tensor& col_t, const at::Tensor& vals_t,
                  const c10::optional<at::Tensor>& bias_t, const c10::optional<at::Tensor>& res_t, int64_t activation,
@@ -1309,7 +1324,11 @@ at::Tensor conv_cached(const at::Tensor& x, const at::Tensor& crow, const at::Te
       return;
     }
     if (direct) {  // SP: the direct sparse convolution
-      conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, src, g, y);
+      if (wide_direct_tile(g, sizeof(scalar_t))) {
+        conv_direct<scalar_t, 128>(x, crow, col, vals, bias, residual, activation, src, g, y);
+      } else {
+        conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, src, g, y);
+      }
       return;
     }
     switch (tile) {
@@ -1356,7 +1375,9 @@ at::Tensor direct_sources(const at::Tensor& col, int64_t c_in, int64_t groups, a
     const int64_t cstride = groups > 1 || plan.copied ? plan.stride_c : g.p_in;
     plan.sources(g, col.data_ptr<int64_t>(), col.numel(), c_in, c_in / groups, cstride, out.data_ptr<int64_t>());
   };
-  if (itemsize == 4) {
+  if (itemsize == 4 && groups == 1 && wide_direct_tile(g, itemsize)) {  // (the tile conv_direct runs: its layout)
+    fill(DirectPlan<float, 128>(g));
+  } else if (itemsize == 4) {
     fill(DirectPlan<float, 64>(g));
   } else {
     fill(DirectPlan<double, 64>(g));
