@@ -352,8 +352,9 @@ def test_a_pointwise_conv_and_the_grouped_conv_that_alone_reads_it_run_as_one_st
     step (kind "fused"; the 1x1 conv's output never stored), and only those: not where the output is read
     twice, nor after a strided 1x1 conv or one with a residual. The outputs are the generated forward's (the
     convs one after the other) and those of a program without fusion, bit for bit, on batches of one and three
-    and on maps whose positions are not a whole number of the kernel's 64-position tiles (every conv on the
-    native kernel, which the cost model would not pick for most convs this small)."""
+    and on maps whose positions are not a whole number of the kernel's 64-position tiles, and on a map large
+    enough for the wider tiles of a 1x1 conv on its own (36x30: 128 positions; the fused step's stay 64) (every
+    conv on the native kernel, which the cost model would not pick for most convs this small)."""
     monkeypatch.setattr(order, "_modelled_order", lambda *args, **kwargs: order.ORDER_NATIVE)
     torch.manual_seed(0)
     net = Inverted().eval()
@@ -367,7 +368,7 @@ def test_a_pointwise_conv_and_the_grouped_conv_that_alone_reads_it_run_as_one_st
     path = quiet(ipfx.deploy.save_program, frozen, tmp_path / "inverted", torch.randn(2, 8, 18, 14))
     fused, plain = load(path), load(path)
     with torch.inference_mode():
-        for shape in [(3, 8, 18, 14), (1, 8, 18, 14), (3, 8, 21, 13), (1, 8, 9, 7)]:
+        for shape in [(3, 8, 18, 14), (1, 8, 18, 14), (3, 8, 21, 13), (1, 8, 9, 7), (1, 8, 36, 30)]:
             x = torch.randn(*shape)
             expected = generated(fused, x)
             scale = expected.abs().max()  # (the output shows each sample's input)

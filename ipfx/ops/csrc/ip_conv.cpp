@@ -265,12 +265,12 @@ constexpr int chains() {
   return 8 / NV > 1 ? 8 / NV : 1;
 }
 
-// out[0 .. NV) = sum_{e in [e0, e1)} vals[e] * row(e)[0 .. NV), row(e) a const V* (chains() chains, above).
-template <typename scalar_t, int NV, typename RowOf>
+// out[0 .. NV) = sum_{e in [e0, e1)} vals[e] * row(e)[0 .. NV), row(e) a const V* (CH chains, above; a caller
+// whose tile width varies fixes CH, so that every position's sum is the same whatever the width).
+template <typename scalar_t, int NV, int CH = chains<NV>(), typename RowOf>
 inline void sparse_accumulate(const scalar_t* __restrict__ vals, int64_t e0, int64_t e1, RowOf row_of,
                               typename Lane<scalar_t>::V* out) {
   using V = typename Lane<scalar_t>::V;
-  constexpr int CH = chains<NV>();
   V acc[CH][NV];
 #pragma GCC unroll 8
   for (int c = 0; c < CH; ++c)
@@ -938,13 +938,16 @@ struct DirectPlan {
                const scalar_t* own_end = nullptr) const {
     using V = typename Lane<scalar_t>::V;
     constexpr int L = Lane<scalar_t>::L, NV = TP / L;
+    // the chains of a 64-position tile whatever TP (conv_direct's wider tiles): the same sums, bit for bit, as
+    // the 64-position tiles of the grouped path's fused pointwise conv (conv_direct_grouped's `pw`)
+    constexpr int CH = chains<64 / L>();
     V acc[NV];  // the accumulators, in registers
     if (xend == nullptr) {
-      sparse_accumulate<scalar_t, NV>(vals, e0, e1, [&](int64_t e) { return reinterpret_cast<const V*>(xs + src[e]); },
-                                      acc);
+      sparse_accumulate<scalar_t, NV, CH>(vals, e0, e1,
+                                          [&](int64_t e) { return reinterpret_cast<const V*>(xs + src[e]); }, acc);
     } else {  // a read that would pass x's end takes a copy, zeros past the end (positions never written)
       alignas(64) scalar_t edge[TP];
-      sparse_accumulate<scalar_t, NV>(vals, e0, e1, [&](int64_t e) {
+      sparse_accumulate<scalar_t, NV, CH>(vals, e0, e1, [&](int64_t e) {
         const scalar_t* r = xs + src[e];
         if (r + TP <= xend) return reinterpret_cast<const V*>(r);
         std::memset(edge, 0, sizeof(edge));
@@ -1023,16 +1026,16 @@ struct DirectPlan {
 // 0.88-0.96x. 512 KiB chunks ran 2-11% slower than 2 MiB, 4 MiB 5-24% slower (L3 here: 8 MiB).
 constexpr int64_t kCopyChunkBytes = 2 * 1024 * 1024;
 
-// Grid positions per tile of the ungrouped direct path on floats: 128 (eight 512-bit vectors, one chain) where
-// the output has at least kWideTileFrom positions a sample (28x28 maps and larger), else 64 (four vectors, two
-// chains); doubles keep 64. A kept coefficient's weight and read offset are loaded once per tile, so a wider
-// tile spends fewer loads per multiply-add; on small maps it leaves threads idle and computes more padding
-// columns. Measured (SP, 2 threads, AVX-512, 3 rounds of alternating processes, medians, 128 / 64): at 95%,
-// batch 1: 3x3 64->64 @56 0.84x, 1x1 256->64 @56 0.89x, 3x3 128->128 @28 0.95x (noisy: 110-169 / 127-180 us);
-// 3x3 256->256 @14 1.02x, 1x1 1024->256 @14 1.01x, 3x3 512->512 @7 1.9x (hence the threshold); at 99%, batch 1:
-// 64->64 @56 0.87x, 128->128 @28 0.84x; at 95%, batch 32: 64->64 @56 0.75x, 128->128 @28 0.96x, 1x1 256->64
-// @56 0.63x; resnet50 at 95% (its frozen program) 0.95x at batch 1, 0.93x at batch 32. 256 positions (16
-// vectors) on 56x56 maps ran 1.4-1.6x slower than 128.
+// Grid positions per tile of the ungrouped direct path on floats: 128 (eight 512-bit vectors) where the output
+// has at least kWideTileFrom positions a sample (28x28 maps and larger), else 64 (four vectors); doubles keep 64.
+// A kept coefficient's weight and read offset are loaded once per tile, so a wider tile spends fewer loads per
+// multiply-add; on small maps it leaves threads idle and computes more padding columns. The accumulation chains
+// stay those of a 64-position tile (DirectPlan::channel), so the sums do not depend on the width. Measured (SP,
+// 2 threads, AVX-512, 3 rounds of alternating processes, 128 / 64): at 95%, batch 1: 3x3 64->64 @56 0.89x, 3x3
+// 128->128 @28 0.95x, 1x1 256->64 @56 0.92x; at 99%, batch 1: 64->64 @56 0.77x; at 95%, batch 32: 64->64 @56
+// 0.87x, 1x1 256->64 @56 0.71x; resnet50 at 95% (its frozen program) 0.94x at batch 32, unchanged at batch 1
+// (8.9-9.4 / 8.9-9.2 ms, the machine's slow phase). 128 on 14x14 maps ran 1.02x, on 7x7 1.9x (hence the
+// threshold); 256 positions on 56x56 maps 1.4-1.6x slower than 128.
 constexpr int64_t kWideTileFrom = 512;
 inline bool wide_direct_tile(const Geometry& g, int64_t itemsize) {
   return itemsize == 4 && g.p_out >= kWideTileFrom;
