@@ -163,9 +163,9 @@ def _explain_guards(module: nn.Module, path: Path, example: str) -> None:
                 raise AssertionError(
                     f"{GUARD_PREFIX}: {path} refuses this call: torch.export's condition {condition} does not hold. "
                     f"The program was{exported} and takes the sizes that left free, under the conditions torch.export "
-                    "derived (it assumes a size it saw above 1 is never 1: a ResNet saved on 64x64 images refuses 32x32 "
-                    "ones, whose last feature map is 1x1). Save it again on an example of the sizes you will run: "
-                    "ipfx.deploy.save_program(model, stem, example)") from None
+                    "derived (it assumes a size it saw above 1 is never 1: a ResNet saved on 64x64 images refuses "
+                    "32x32 ones, whose last feature map is 1x1). Save it again on an example of the sizes you will "
+                    "run: ipfx.deploy.save_program(model, stem, example)") from None
 
         forward.explained = True
         sub.forward = forward

@@ -144,9 +144,9 @@ def test_drawn_models_deployed_compute_the_model_on_other_shapes(tmp_path_factor
     function on the example (also laid out channels_last), an odd batch and width and drawn shapes; or,
     where the model raises on a shape, raises too; or refuses a size the exported program fixed with
     torch.export's own check (explained by load_module as an ipfx shape guard). Its program's outputs are the
-    generated forward's, bit for bit. With ``native_everywhere`` every conv runs on the native kernel (the cost model picks aten's dense
-    conv for most convs this small); ``fusing`` draws (deployments) also check that the program runs an
-    inverted residual block's expansion and depthwise conv as one step."""
+    generated forward's, bit for bit. With ``native_everywhere`` every conv runs on the native kernel (the cost
+    model picks aten's dense conv for most convs this small); ``fusing`` draws (deployments) also check that the
+    program runs an inverted residual block's expansion and depthwise conv as one step."""
     case, front_end, space, keep, native_everywhere, fusing = drawn
     model, x = case
     gen = torch.Generator().manual_seed(seed)
