@@ -145,10 +145,11 @@ def _explain_guards(module: nn.Module, path: Path, example: str) -> None:
     feature map's). The same ``AssertionError``, starting as ipfx's shape guards do (:func:`ipfx.capture.
     shape_guards.is_guard_failure`). In the instance's ``forward``, where torch puts its checks."""
     from .capture.shape_guards import GUARD_PREFIX
+    from .ops.program import GUARDS_FN
 
     for sub in module.modules():
         check = sub.__dict__.get("forward")  # (torch's checks: a function set on the instance)
-        if type(sub).__name__ != "GuardsFn" or check is None or getattr(check, "explained", False):
+        if GUARDS_FN is None or type(sub) is not GUARDS_FN or check is None or getattr(check, "explained", False):
             continue
 
         def forward(*args, _check=check):

@@ -225,10 +225,6 @@ def conv_plan(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor
     :class:`ipfx.ops.modules.SparseIPConv` in eager inference. A float16/bfloat16 input on CPU runs the float32
     plan (:data:`WIDENED_ON_CPU`, :func:`_narrowed`).
     """
-    if _computed_wider(x):
-        wide = conv_plan(x.float(), values, indices, basis, bias, weight_shape, stride, padding, dilation, groups,
-                         transposed, output_padding, order, activation)
-        return _narrowed(wide, x.dtype)
     kind, state = conv_plan_key(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups,
                                 transposed, output_padding, order, activation)
     return _planned(indices, kind, state, lambda: _build_conv_plan(
@@ -238,6 +234,10 @@ def conv_plan(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor
 
 def _build_conv_plan(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed,
                      output_padding, order, activation):
+    if _computed_wider(x):  # (kept as this input's plan: the float copy of x made here, once)
+        wide = conv_plan(x.float(), values, indices, basis, bias, weight_shape, stride, padding, dilation, groups,
+                         transposed, output_padding, order, activation)
+        return _narrowed(wide, x.dtype)
     epilogue.check(activation)
     g = _conv_geometry(x, values, indices, basis, bias, weight_shape, stride, padding, dilation, groups, transposed,
                        output_padding)
@@ -358,9 +358,6 @@ def sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optiona
                        allow_native: bool):
     """:func:`_sparse_linear_plan`, kept per storage and kind of input (:func:`_planned`; as :func:`conv_plan`,
     computed in float32 for :data:`WIDENED_ON_CPU` inputs)."""
-    if _computed_wider(x):
-        wide = sparse_linear_plan(x.float(), values, indices, bias, weight_shape, allow_native)
-        return lambda x: wide(x.float()).to(x.dtype)
     kind, state = sparse_linear_plan_key(x, values, indices, bias, weight_shape, allow_native)
     return _planned(indices, kind, state,
                     lambda: _sparse_linear_plan(x, values, indices, bias, weight_shape, allow_native), (values, bias))
@@ -371,6 +368,9 @@ def _sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Option
     """``sparse_linear`` for inputs like ``x`` (shape, dtype, device) and this storage, as ``run(x) -> y``: the
     checks, the sparse matrix and the kernel's choice made once (a deployed ``SparseLinear`` keeps it per
     input shape). ``allow_native``: the CPU kernel may run the native one (:mod:`ipfx.ops.native`)."""
+    if _computed_wider(x):
+        wide = sparse_linear_plan(x.float(), values, indices, bias, weight_shape, allow_native)
+        return lambda x: wide(x.float()).to(x.dtype)
     out_f, in_f = _check_linear(x, values, indices, bias, weight_shape)
     _cached(_storage_entry(indices), "checked", (indices._version, out_f * in_f),
             lambda: _check_index_range(indices, out_f * in_f))

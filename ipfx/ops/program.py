@@ -286,9 +286,9 @@ def _pointwise_pairs(steps: list) -> dict:
 
 
 try:  # the module torch.export puts first in an unlifted program's graph: asserts on its inputs' sizes
-    from torch.export._unlift import GuardsFn as _GUARDS_FN
+    from torch.export._unlift import GuardsFn as GUARDS_FN
 except ImportError:  # (torch before 2.9 has none)
-    _GUARDS_FN = None
+    GUARDS_FN = None
 
 
 def _input_guards(module: nn.Module, node: fx.Node) -> bool:
@@ -296,7 +296,7 @@ def _input_guards(module: nn.Module, node: fx.Node) -> bool:
     inputs' sizes, which a program's signature fixes, so they hold on every call of a program whose build
     passed them, and the program leaves them out (53 us of a batch-1 mobilenet_v3_large's 3 ms). Replacing the
     module, or its forward, makes a new program."""
-    return _GUARDS_FN is not None and type(module) is _GUARDS_FN and not node.users
+    return GUARDS_FN is not None and type(module) is GUARDS_FN and not node.users
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, value: dict) -> tuple[Any, tuple]:

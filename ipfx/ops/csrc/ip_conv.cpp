@@ -1037,8 +1037,10 @@ constexpr int64_t kCopyChunkBytes = 2 * 1024 * 1024;
 // (8.9-9.4 / 8.9-9.2 ms, the machine's slow phase). 128 on 14x14 maps ran 1.02x, on 7x7 1.9x (hence the
 // threshold); 256 positions on 56x56 maps 1.4-1.6x slower than 128.
 constexpr int64_t kWideTileFrom = 512;
-inline bool wide_direct_tile(const Geometry& g, int64_t itemsize) {
-  return itemsize == 4 && g.p_out >= kWideTileFrom;
+// Whether conv_direct (ungrouped) runs g on 128-position tiles: what conv_cached dispatches on and what
+// direct_sources lays the sources out for.
+inline bool wide_direct_tile(const Geometry& g, int64_t groups, int64_t itemsize) {
+  return groups == 1 && itemsize == 4 && g.p_out >= kWideTileFrom;
 }
 
 template <typename scalar_t, int TP>
@@ -1327,7 +1329,7 @@ at::Tensor conv_cached(const at::Tensor& x, const at::Tensor& crow, const at::Te
       return;
     }
     if (direct) {  // SP: the direct sparse convolution
-      if (wide_direct_tile(g, sizeof(scalar_t))) {
+      if (wide_direct_tile(g, groups, sizeof(scalar_t))) {
         conv_direct<scalar_t, 128>(x, crow, col, vals, bias, residual, activation, src, g, y);
       } else {
         conv_direct<scalar_t, 64>(x, crow, col, vals, bias, residual, activation, src, g, y);
@@ -1378,7 +1380,7 @@ at::Tensor direct_sources(const at::Tensor& col, int64_t c_in, int64_t groups, a
     const int64_t cstride = groups > 1 || plan.copied ? plan.stride_c : g.p_in;
     plan.sources(g, col.data_ptr<int64_t>(), col.numel(), c_in, c_in / groups, cstride, out.data_ptr<int64_t>());
   };
-  if (itemsize == 4 && groups == 1 && wide_direct_tile(g, itemsize)) {  // (the tile conv_direct runs: its layout)
+  if (wide_direct_tile(g, groups, itemsize)) {
     fill(DirectPlan<float, 128>(g));
   } else if (itemsize == 4) {
     fill(DirectPlan<float, 64>(g));
