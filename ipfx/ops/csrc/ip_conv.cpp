@@ -855,18 +855,20 @@ struct DirectPlan {
 
   // zero_runs, for a caller that lays channels out in memory it did not clear (conv_direct; the grouped path
   // clears its buffer once)
+  // (the gaps between the written pieces, sorted: a pass over a byte per position cost the 7x7/2 stem conv of
+  // resnet50, 3x224x224 in four phase planes, 30-40 us a call)
   void find_zero_runs(const Geometry& g) {
-    std::vector<uint8_t> written(stride_c, 0);
+    std::vector<std::pair<int64_t, int64_t>> written;  // [first, end) of each piece
     for_each_row(g, [&](int64_t, int64_t dst, int64_t count, int64_t) {
-      std::fill(written.begin() + dst, written.begin() + dst + count, uint8_t(1));
+      if (count > 0) written.emplace_back(dst, dst + count);
     });
-    for (int64_t q = 0; q < stride_c;) {
-      int64_t r = q;
-      while (r < stride_c && !written[r]) ++r;
-      if (r > q) zero_runs.emplace_back(q, r - q);
-      while (r < stride_c && written[r]) ++r;
-      q = r;
+    std::sort(written.begin(), written.end());
+    int64_t q = 0;  // everything before q is written or in a zero run
+    for (const auto& piece : written) {
+      if (piece.first > q) zero_runs.emplace_back(q, piece.first - q);
+      q = std::max(q, piece.second);
     }
+    if (stride_c > q) zero_runs.emplace_back(q, stride_c - q);
   }
 
   // f(source offset in the channel, destination offset in its copy, count, source step) for each piece of an
