@@ -61,6 +61,24 @@ def test_the_native_max_pool_is_aten_s_to_the_bit(case, stride_given):
     assert torch.equal(torch.signbit(y), torch.signbit(expected))  # -0 and 0: the same one wins a tie
 
 
+@needs_native
+@pytest.mark.parametrize("k, s, p, d, ceil_mode", [(3, 2, 1, 1, False), ((4, 3), (3, 1), (2, 1), (2, 1), True)])
+def test_a_large_image_is_pooled_a_band_of_rows_at_a_time_to_the_same_bits(k, s, p, d, ceil_mode):
+    """The kernel lays a plane out a band of output rows at a time (256 KiB of rows): a 700x700 float64 image
+    is many bands, the windows of neighbouring bands sharing rows; NaN, inf and ties of -0 and 0 in places."""
+    x = torch.randn(1, 2, 700, 700, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x[x.abs() < 0.3] = 0.0
+    x[x.abs() < 0.1] = -0.0
+    x.view(-1)[::9973] = float("nan")
+    x.view(-1)[5::7919] = float("inf")
+    expected = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode)
+    with torch.no_grad():
+        y = MaxPool2d(k, s, p, d, ceil_mode=ceil_mode)(x)
+    assert torch.equal(y.isnan(), expected.isnan()) and y.isnan().any()
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(expected))
+    assert torch.equal(torch.signbit(y), torch.signbit(expected))
+
+
 def test_where_the_native_kernel_does_not_apply_the_module_is_nn_max_pool2d():
     """Autograd, non-contiguous inputs, half precision, 3-d inputs, indices: nn.MaxPool2d's results (and
     gradient); arguments aten refuses: aten's own error."""

@@ -1462,27 +1462,29 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 // threads, 12% of its fused forward at batch 1). Here a plane is first laid out as its windows read it
 // (MaxPoolRows): rows padded with -inf where a window leaves x (a -inf never wins: v > m fails and it is not
 // NaN, so the result is the same as skipping the position, to the bit) and each row's columns split by
-// phase (column c at phase c mod s, index c div s), so that every window tap reads a unit-stride run; then
-// four vectors of an output row take every tap in registers (max_pool_plane). Measured (resnet50's pool,
+// phase (column c at phase c mod s, index c div s), so that every window tap reads a unit-stride run, a band of
+// output rows' windows at a time (kMaxPoolBandBytes); then four vectors of an output row take every tap in
+// registers (max_pool_rows). Measured (resnet50's pool,
 // 64x112x112, 3x3/2, batch 1, alternating processes): 419-452 us at 2 threads with strided reads, bounds per
 // tap and a pass over the output row per tap (the previous version; 14% of resnet50's frozen forward at 99%),
 // 130-134 us now (256 us on one thread; aten's channels-last kernel 135 us).
 // The caller (ipfx/ops/pooling.py) checks the arguments as aten would and passes the output size.
 template <typename scalar_t>
 struct MaxPoolRows {
-  int64_t rows, cols, phase_len, row_len;  // padded rows and columns the windows span; per-phase length
-  MaxPoolRows(int64_t OH, int64_t OW, const int64_t* k, const int64_t* s, const int64_t* d) {
-    rows = (OH - 1) * s[0] + (k[0] - 1) * d[0] + 1;
+  int64_t span, cols, phase_len, row_len;  // padded rows and columns a window spans; per-phase length
+  MaxPoolRows(int64_t OW, const int64_t* k, const int64_t* s, const int64_t* d) {
+    span = (k[0] - 1) * d[0] + 1;
     cols = (OW - 1) * s[1] + (k[1] - 1) * d[1] + 1;
     phase_len = (cols + s[1] - 1) / s[1];
     row_len = s[1] * phase_len;
   }
-  // padded row r of plane x into buf: phase ph's index q holds x[r - p0][q s + ph - p1] where inside x, else -inf
-  void lay_out(const scalar_t* __restrict__ x, int64_t H, int64_t W, const int64_t* s, const int64_t* p,
-               scalar_t* __restrict__ buf) const {
+  // padded rows [r0, r1) of plane x into buf, row r at (r - r0) row_len: phase ph's index q holds x[r - p0][q s
+  // + ph - p1] where inside x, else -inf
+  void lay_out(const scalar_t* __restrict__ x, int64_t H, int64_t W, const int64_t* s, const int64_t* p, int64_t r0,
+               int64_t r1, scalar_t* __restrict__ buf) const {
     constexpr scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t r = 0; r < rows; ++r) {
-      scalar_t* __restrict__ b = buf + r * row_len;
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* __restrict__ b = buf + (r - r0) * row_len;
       const int64_t h = r - p[0];
       if (h < 0 || h >= H) {
         std::fill(b, b + row_len, lowest);
@@ -1509,19 +1511,18 @@ struct MaxPoolRows {
   }
 };
 
-// One plane's pool from its layout (MaxPoolRows::lay_out) into y, four vectors of an output row at a time: their
-// running maxima stay in registers while every window tap (taps: each one's offset in the layout from the
-// row's first window, in row-major order) is compared in, then go to y (through m where the row ends
-// mid-block: m and buf have a block's slack).
+// Output rows [oh0, oh1) of one plane from its layout (MaxPoolRows::lay_out, from padded row oh0 s0 on) into y,
+// four vectors of a row at a time: their running maxima stay in registers while every window tap (taps: each
+// one's offset in the layout from the row's first window, in row-major order) is compared in, then go to y
+// (through m where the row ends mid-block: m and buf have a block's slack).
 template <typename scalar_t>
-void max_pool_plane(const scalar_t* __restrict__ buf, const MaxPoolRows<scalar_t>& rows,
-                    const std::vector<int64_t>& taps, scalar_t* __restrict__ m, scalar_t* __restrict__ y,
-                    int64_t OH, int64_t OW, int64_t row_step) {
+void max_pool_rows(const scalar_t* __restrict__ buf, const std::vector<int64_t>& taps, scalar_t* __restrict__ m,
+                   scalar_t* __restrict__ y, int64_t oh0, int64_t oh1, int64_t OW, int64_t row_step) {
   using V = typename Lane<scalar_t>::V;
   constexpr int L = Lane<scalar_t>::L, NB = 4;
   const V lowest = V{} - std::numeric_limits<scalar_t>::infinity();
-  for (int64_t oh = 0; oh < OH; ++oh) {
-    const scalar_t* __restrict__ first = buf + oh * row_step;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const scalar_t* __restrict__ first = buf + (oh - oh0) * row_step;
     scalar_t* __restrict__ yr = y + oh * OW;
     for (int64_t ow = 0; ow < OW; ow += NB * L) {
       V acc[NB];
@@ -1546,6 +1547,11 @@ void max_pool_plane(const scalar_t* __restrict__ buf, const MaxPoolRows<scalar_t
   }
 }
 
+// The layout of a plane is made a band of output rows at a time, up to this many bytes (the whole plane of
+// resnet50's pool, 113 rows of 114 numbers: one band; a 4096-wide image: 15 rows of a 3x3/2 pool's windows),
+// so the memory a call takes stays small whatever the image.
+constexpr int64_t kMaxPoolBandBytes = 256 * 1024;
+
 at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, at::IntArrayRef out_spatial) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(),
@@ -1562,21 +1568,26 @@ at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayR
   const int64_t k[2] = {kernel[0], kernel[1]}, s[2] = {stride[0], stride[1]}, p[2] = {padding[0], padding[1]},
                 d[2] = {dilation[0], dilation[1]};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_max_pool2d", [&] {
-    const MaxPoolRows<scalar_t> rows(OH, OW, k, s, d);
+    const MaxPoolRows<scalar_t> rows(OW, k, s, d);
+    const int64_t row_bytes = rows.row_len * int64_t(sizeof(scalar_t));
+    // output rows a band: its padded rows (band - 1) s0 + span within kMaxPoolBandBytes, at least one
+    const int64_t band = std::min(OH, std::max<int64_t>(1, (kMaxPoolBandBytes / row_bytes - rows.span) / s[0] + 1));
+    const int64_t B = 4 * Lane<scalar_t>::L;  // max_pool_rows' block
+    std::vector<int64_t> taps;
+    for (int64_t i = 0; i < k[0]; ++i)
+      for (int64_t j = 0; j < k[1]; ++j)  // padded column of output column ow: ow s + j d, phase (j d) mod s
+        taps.push_back(i * d[0] * rows.row_len + (j * d[1]) % s[1] * rows.phase_len + (j * d[1]) / s[1]);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      constexpr int64_t B = 4 * Lane<scalar_t>::L;  // max_pool_plane's block
-      // one plane as its windows read it (with a block's slack), a block's maxima, each tap's offset
-      std::vector<scalar_t> buf(rows.rows * rows.row_len + B), m(B);
-      std::vector<int64_t> taps;
-      for (int64_t i = 0; i < k[0]; ++i)
-        for (int64_t j = 0; j < k[1]; ++j)  // padded column of output column ow: ow s + j d, phase (j d) mod s
-          taps.push_back(i * d[0] * rows.row_len + (j * d[1]) % s[1] * rows.phase_len + (j * d[1]) / s[1]);
-      for (int64_t nc = begin; nc < end; ++nc) {
-        rows.lay_out(xp + nc * H * W, H, W, s, p, buf.data());
-        max_pool_plane<scalar_t>(buf.data(), rows, taps, m.data(), yp + nc * OH * OW, OH, OW, s[0] * rows.row_len);
-      }
+      // a band's layout (with a block's slack) and a block's maxima
+      std::vector<scalar_t> buf(((band - 1) * s[0] + rows.span) * rows.row_len + B), m(B);
+      for (int64_t nc = begin; nc < end; ++nc)
+        for (int64_t oh0 = 0; oh0 < OH; oh0 += band) {
+          const int64_t oh1 = std::min(OH, oh0 + band);
+          rows.lay_out(xp + nc * H * W, H, W, s, p, oh0 * s[0], (oh1 - 1) * s[0] + rows.span, buf.data());
+          max_pool_rows<scalar_t>(buf.data(), taps, m.data(), yp + nc * OH * OW, oh0, oh1, OW, s[0] * rows.row_len);
+        }
     });
   });
   return y;
