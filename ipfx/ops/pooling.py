@@ -4,10 +4,11 @@ aten's max_pool2d on a contiguous (NCHW) CPU tensor runs one output at a time, s
 on 64x112x112 took 5.8 ms at 2 threads, 12% of the frozen fused forward at batch 1 (torch.profiler); its
 channels-last kernel is fast, but the fused convolutions read and write NCHW. ``ipfx_native::max_pool2d``
 lays each plane out as its windows read it (-inf borders, columns split by stride phase) and compares every
-window tap into a block of outputs held in registers instead: 124-134 us for that pool (the same values in the
-same order, so the same result to the bit, NaNs and the sign of zero included). :class:`MaxPool2d` runs it in eager inference and is ``nn.MaxPool2d`` everywhere
-else (autograd, tracing, export, other dtypes and devices, arguments aten would refuse), so a graph that
-holds it exports as ``aten.max_pool2d`` and behaves as before wherever the native kernel does not apply.
+window tap into a block of outputs held in registers instead: 124-134 us for that pool (the same values in
+the same order, so the same result to the bit, NaNs and the sign of zero included). :class:`MaxPool2d` runs
+it in eager inference and is ``nn.MaxPool2d`` everywhere else (autograd, tracing, export, other dtypes and
+devices, arguments aten would refuse), so a graph that holds it exports as ``aten.max_pool2d`` and behaves as
+before wherever the native kernel does not apply.
 
 aten's global average pool (``adaptive_avg_pool2d(x, 1)``: every squeeze-excite block, every classifier head)
 runs on one thread whatever the thread count: 17 us for 672x14x14, nine of them 6% of a batch-1

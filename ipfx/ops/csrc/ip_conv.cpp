@@ -1464,10 +1464,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 // NaN, so the result is the same as skipping the position, to the bit) and each row's columns split by
 // phase (column c at phase c mod s, index c div s), so that every window tap reads a unit-stride run, a band of
 // output rows' windows at a time (kMaxPoolBandBytes); then four vectors of an output row take every tap in
-// registers (max_pool_rows). Measured (resnet50's pool,
-// 64x112x112, 3x3/2, batch 1, alternating processes): 419-452 us at 2 threads with strided reads, bounds per
-// tap and a pass over the output row per tap (the previous version; 14% of resnet50's frozen forward at 99%),
-// 130-134 us now (256 us on one thread; aten's channels-last kernel 135 us).
+// registers (max_pool_rows). Measured (resnet50's pool, 64x112x112, 3x3/2, batch 1, alternating processes):
+// 419-452 us at 2 threads with strided reads, bounds per tap and a pass over the output row per tap (the
+// previous version; 14% of resnet50's frozen forward at 99%), 124-134 us now (244-277 us on one thread; aten's
+// channels-last kernel 135 us); batch 32 15.5 -> 5.8 ms.
 // The caller (ipfx/ops/pooling.py) checks the arguments as aten would and passes the output size.
 template <typename scalar_t>
 struct MaxPoolRows {
