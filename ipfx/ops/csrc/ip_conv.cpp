@@ -1471,64 +1471,76 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 // The caller (ipfx/ops/pooling.py) checks the arguments as aten would and passes the output size.
 template <typename scalar_t>
 struct MaxPoolRows {
-  int64_t span, cols, phase_len, row_len;  // padded rows and columns a window spans; per-phase length
-  MaxPoolRows(int64_t OW, const int64_t* k, const int64_t* s, const int64_t* d) {
+  int64_t span, phase_len, row_len;  // padded rows a window spans; numbers per phase and per laid-out row
+  int64_t row_step;                  // from one output row's first window to the next's: s0 rows
+  int64_t top, left, step;           // padded row r is x's row r - top, phase ph's index q x's column
+                                     // q step + ph - left
+  std::vector<int64_t> lo, hi;       // per phase: the indices [lo, hi) that lie inside x's columns
+  std::vector<int64_t> taps;         // each window tap's offset from its window's first, in row-major order
+  MaxPoolRows(int64_t W, int64_t OW, const int64_t* k, const int64_t* s, const int64_t* p, const int64_t* d)
+      : top(p[0]), left(p[1]), step(s[1]) {
     span = (k[0] - 1) * d[0] + 1;
-    cols = (OW - 1) * s[1] + (k[1] - 1) * d[1] + 1;
+    const int64_t cols = (OW - 1) * s[1] + (k[1] - 1) * d[1] + 1;  // padded columns the windows span
     phase_len = (cols + s[1] - 1) / s[1];
     row_len = s[1] * phase_len;
+    row_step = s[0] * row_len;
+    for (int64_t ph = 0; ph < s[1]; ++ph) {  // x column of index q: q s + ph - p1
+      const int64_t off = ph - p[1];
+      lo.push_back(std::min(phase_len, std::max<int64_t>(0, ceil_div(-off, s[1]))));
+      hi.push_back(std::max(lo.back(), std::min(phase_len, floor_div(W - 1 - off, s[1]) + 1)));
+    }
+    for (int64_t i = 0; i < k[0]; ++i)
+      for (int64_t j = 0; j < k[1]; ++j)  // padded column of output column ow: ow s + j d, phase (j d) mod s
+        taps.push_back(i * d[0] * row_len + (j * d[1]) % s[1] * phase_len + (j * d[1]) / s[1]);
   }
   // padded rows [r0, r1) of plane x into buf, row r at (r - r0) row_len: phase ph's index q holds x[r - p0][q s
   // + ph - p1] where inside x, else -inf
-  void lay_out(const scalar_t* __restrict__ x, int64_t H, int64_t W, const int64_t* s, const int64_t* p, int64_t r0,
-               int64_t r1, scalar_t* __restrict__ buf) const {
+  void lay_out(const scalar_t* __restrict__ x, int64_t H, int64_t W, int64_t r0, int64_t r1,
+               scalar_t* __restrict__ buf) const {
     constexpr scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
     for (int64_t r = r0; r < r1; ++r) {
       scalar_t* __restrict__ b = buf + (r - r0) * row_len;
-      const int64_t h = r - p[0];
+      const int64_t h = r - top;
       if (h < 0 || h >= H) {
         std::fill(b, b + row_len, lowest);
         continue;
       }
       const scalar_t* __restrict__ xr = x + h * W;
-      for (int64_t ph = 0; ph < s[1]; ++ph) {
+      for (int64_t ph = 0; ph < step; ++ph) {
         scalar_t* __restrict__ bp = b + ph * phase_len;
-        const int64_t off = ph - p[1];  // x column of index q: q s + off
-        const int64_t lo = std::min(phase_len, std::max<int64_t>(0, ceil_div(-off, s[1])));
-        const int64_t hi = std::max(lo, std::min(phase_len, floor_div(W - 1 - off, s[1]) + 1));
-        std::fill(bp, bp + lo, lowest);
-        if (s[1] == 1) {
-          std::memcpy(bp + lo, xr + lo + off, (hi - lo) * sizeof(scalar_t));
-        } else if (s[1] == 2) {  // a constant step vectorises
-          for (int64_t q = lo; q < hi; ++q) bp[q] = xr[2 * q + off];
+        const int64_t off = ph - left;  // index q reads xr[q step + off]
+        std::fill(bp, bp + lo[ph], lowest);
+        if (step == 1) {
+          std::memcpy(bp + lo[ph], xr + lo[ph] + off, (hi[ph] - lo[ph]) * sizeof(scalar_t));
+        } else if (step == 2) {  // a constant step vectorises
+          for (int64_t q = lo[ph]; q < hi[ph]; ++q) bp[q] = xr[2 * q + off];
         } else {
-          const int64_t st = s[1];
-          for (int64_t q = lo; q < hi; ++q) bp[q] = xr[q * st + off];
+          for (int64_t q = lo[ph]; q < hi[ph]; ++q) bp[q] = xr[q * step + off];
         }
-        std::fill(bp + hi, bp + phase_len, lowest);
+        std::fill(bp + hi[ph], bp + phase_len, lowest);
       }
     }
   }
 };
 
 // Output rows [oh0, oh1) of one plane from its layout (MaxPoolRows::lay_out, from padded row oh0 s0 on) into y,
-// four vectors of a row at a time: their running maxima stay in registers while every window tap (taps: each
-// one's offset in the layout from the row's first window, in row-major order) is compared in, then go to y
+// four vectors of a row at a time: their running maxima stay in registers while every window tap (rows.taps, in
+// row-major order) is compared in, then go to y
 // (through m where the row ends mid-block: m and buf have a block's slack).
 template <typename scalar_t>
-void max_pool_rows(const scalar_t* __restrict__ buf, const std::vector<int64_t>& taps, scalar_t* __restrict__ m,
-                   scalar_t* __restrict__ y, int64_t oh0, int64_t oh1, int64_t OW, int64_t row_step) {
+void max_pool_rows(const scalar_t* __restrict__ buf, const MaxPoolRows<scalar_t>& rows, scalar_t* __restrict__ m,
+                   scalar_t* __restrict__ y, int64_t oh0, int64_t oh1, int64_t OW) {
   using V = typename Lane<scalar_t>::V;
   constexpr int L = Lane<scalar_t>::L, NB = 4;
   const V lowest = V{} - std::numeric_limits<scalar_t>::infinity();
   for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const scalar_t* __restrict__ first = buf + (oh - oh0) * row_step;
+    const scalar_t* __restrict__ first = buf + (oh - oh0) * rows.row_step;
     scalar_t* __restrict__ yr = y + oh * OW;
     for (int64_t ow = 0; ow < OW; ow += NB * L) {
       V acc[NB];
 #pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) acc[b] = lowest;
-      for (const int64_t t : taps) {
+      for (const int64_t t : rows.taps) {
         const scalar_t* __restrict__ v = first + t + ow;
 #pragma GCC unroll 4
         for (int b = 0; b < NB; ++b) {
@@ -1568,15 +1580,11 @@ at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayR
   const int64_t k[2] = {kernel[0], kernel[1]}, s[2] = {stride[0], stride[1]}, p[2] = {padding[0], padding[1]},
                 d[2] = {dilation[0], dilation[1]};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ipfx_native_max_pool2d", [&] {
-    const MaxPoolRows<scalar_t> rows(OW, k, s, d);
+    const MaxPoolRows<scalar_t> rows(W, OW, k, s, p, d);
     const int64_t row_bytes = rows.row_len * int64_t(sizeof(scalar_t));
     // output rows a band: its padded rows (band - 1) s0 + span within kMaxPoolBandBytes, at least one
     const int64_t band = std::min(OH, std::max<int64_t>(1, (kMaxPoolBandBytes / row_bytes - rows.span) / s[0] + 1));
     const int64_t B = 4 * Lane<scalar_t>::L;  // max_pool_rows' block
-    std::vector<int64_t> taps;
-    for (int64_t i = 0; i < k[0]; ++i)
-      for (int64_t j = 0; j < k[1]; ++j)  // padded column of output column ow: ow s + j d, phase (j d) mod s
-        taps.push_back(i * d[0] * rows.row_len + (j * d[1]) % s[1] * rows.phase_len + (j * d[1]) / s[1]);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
@@ -1585,8 +1593,8 @@ at::Tensor max_pool2d(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayR
       for (int64_t nc = begin; nc < end; ++nc)
         for (int64_t oh0 = 0; oh0 < OH; oh0 += band) {
           const int64_t oh1 = std::min(OH, oh0 + band);
-          rows.lay_out(xp + nc * H * W, H, W, s, p, oh0 * s[0], (oh1 - 1) * s[0] + rows.span, buf.data());
-          max_pool_rows<scalar_t>(buf.data(), taps, m.data(), yp + nc * OH * OW, oh0, oh1, OW, s[0] * rows.row_len);
+          rows.lay_out(xp + nc * H * W, H, W, oh0 * s[0], (oh1 - 1) * s[0] + rows.span, buf.data());
+          max_pool_rows<scalar_t>(buf.data(), rows, m.data(), yp + nc * OH * OW, oh0, oh1, OW);
         }
     });
   });
