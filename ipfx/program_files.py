@@ -7,8 +7,14 @@ object constant, the older archive layouts. :func:`check_program` reads the arch
 and ``json``, no unpickling but one ``weights_only=True`` load) and refuses, with one line saying why:
 
 * a file that is not a zip archive of the ``pt2`` format (the older layouts are read with full pickles);
-* a member whose size as declared, or the members' sizes together, exceed the file's own size (what
-  ``torch.save`` writes is stored, not compressed: more is a zip bomb);
+* two members of one name, or members under two root folders (torch's reader and ``zipfile`` may pick
+  different ones: this check would read another copy than torch);
+* compressed members, a member whose size as declared, or the members' sizes together, exceed the file's
+  own size (what ``torch.export.save`` writes is stored, not compressed: more is a zip bomb), and a member
+  whose bytes do not match their checksum (torch does not check them: a damaged weight would load);
+* a program JSON (``models/*.json``) with a string torch would turn into code: a symbolic size's
+  expression (``sympy.sympify``), a guard (``exec``), a call target, a name in generated source
+  (:mod:`ipfx.program_model`);
 * members torch.export would load as code or native libraries: AOTInductor, ExecuTorch, MTIA and
   external-weights folders, legacy ``.pt`` weight or constant files, non-tensor constants;
 * a weight or constant entry that says ``use_pickle``, or declares a tensor larger than the file;
@@ -30,12 +36,14 @@ from pathlib import Path
 import torch
 
 from .errors import IPFXValueError
+from .program_model import check_model
 
 _FORMAT = "archive_format"
 _NOT_READ = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")
 _WEIGHTS_CONFIG = "_weights_config.json"
 _CONSTANTS_CONFIG = "_constants_config.json"
 _SAMPLE_INPUTS = "data/sample_inputs/"
+_MODELS = "models/"
 
 
 class UnsafeProgram(IPFXValueError):
@@ -46,14 +54,27 @@ def check_program(path: str | os.PathLike) -> None:
     """Raise :class:`UnsafeProgram` unless ``torch.export.load(path)`` would run no code from the file
     (module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        raise _refuse(path, "it is a directory, not a .pt2 file")
     size = path.stat().st_size
     if not zipfile.is_zipfile(path):
-        raise _refuse(path, "it is not a zip archive, as torch.export.save writes")
+        raise _refuse(path, "it is not a zip archive, as torch.export.save writes (or it is cut short)")
     with zipfile.ZipFile(path) as archive:
-        members = {_relative(info.filename): info for info in archive.infolist() if not info.is_dir()}
+        infos = [info for info in archive.infolist() if not info.is_dir()]
+        members = {_relative(info.filename): info for info in infos}
+        roots = {info.filename.split("/", 1)[0] for info in infos if "/" in info.filename}
+        if len(members) != len(infos) or len({info.filename for info in infos}) != len(infos) or len(roots) > 1:
+            raise _refuse(path, "it holds two members of one name (or members under two root folders): torch "
+                                "would read another copy than this check")
+        if any(info.compress_type != zipfile.ZIP_STORED for info in infos):
+            raise _refuse(path, "its members are compressed; torch.export.save (and ipfx.deploy.save_program) "
+                                "store them uncompressed: save it again with either")
         declared = sum(info.file_size for info in members.values())
         if declared > size or any(info.file_size > size for info in members.values()):
             raise _refuse(path, f"its members declare {declared} bytes in a file of {size} (a zip bomb?)")
+        damaged = _damaged(archive)
+        if damaged is not None:
+            raise _refuse(path, f"its member {damaged!r} does not match its checksum (the file is damaged)")
         if _FORMAT not in members or archive.read(members[_FORMAT]).strip() != b"pt2":
             raise _refuse(path, "it is not in the pt2 archive format (older torch.export layouts unpickle in full); "
                                 "save it again with torch.export.save")
@@ -64,8 +85,24 @@ def check_program(path: str | os.PathLike) -> None:
                 raise _refuse(path, f"it holds {name!r}, a legacy pickled weight file")
             if name.endswith((_WEIGHTS_CONFIG, _CONSTANTS_CONFIG)):
                 _check_config(path, name, _json(path, archive, info), size)
+            elif name.startswith(_MODELS) and name.endswith(".json"):
+                try:
+                    check_model(_json(path, archive, info))
+                except ValueError as e:
+                    if isinstance(e, UnsafeProgram):
+                        raise
+                    raise _refuse(path, f"{name!r}: {e}; torch would run it as code") from None
             elif name.startswith(_SAMPLE_INPUTS):
                 _check_sample_inputs(path, name, archive.read(info))
+
+
+def _damaged(archive: zipfile.ZipFile) -> str | None:
+    """The first member whose bytes do not match their CRC-32 (torch's reader does not check them: a flipped
+    bit in a weight would load), or None."""
+    try:
+        return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"? ({exc})"
 
 
 def _relative(name: str) -> str:
@@ -76,7 +113,7 @@ def _relative(name: str) -> str:
 def _json(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo):
     try:
         return json.loads(archive.read(info))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise _refuse(path, f"{_relative(info.filename)!r} is not JSON ({exc})") from None
 
 
