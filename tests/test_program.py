@@ -219,6 +219,43 @@ def test_the_program_follows_every_change_of_the_model(saved):
             m(x)
 
 
+def test_a_pool_attribute_that_changes_the_size_a_strided_conv_sees_rebuilds_the_program(tmp_path):
+    """A max pool run in Python whose kernel and stride change after the program is built: the strided 3x3 conv
+    after it (the gather path) now sees 32x32 maps instead of 16x16. Its bound kernel refuses them (it was bound
+    for 16x16; before, it took them and wrote a 8x8 map from them: 3% off), so the program is built again and
+    computes the generated forward's numbers, as a program loaded after the change does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    t = quiet(ipfx.transform, net, space="sp", example_inputs=(x,))
+    randomize_masks(t, 0.1)
+    path = quiet(ipfx.deploy.save_program, quiet(ipfx.lower, t.eval(), target="fused", freeze=True),
+                 tmp_path / "pooled", x)
+
+    def change(m):
+        pool = next(s for s in m.modules() if isinstance(s, nn.MaxPool2d))
+        pool.kernel_size = pool.stride = 1
+
+    m = load(str(path))
+    with torch.inference_mode():
+        before = m(x)
+        change(m)
+        y = m(x)
+        assert not torch.equal(y, before)
+        assert torch.equal(y, generated(m, x))
+        fresh = load(str(path))
+        change(fresh)
+        assert torch.equal(fresh(x), y)
+        conv = next(s for s in m.modules() if isinstance(s, SparseIPConv) and s.stride == (2, 2))
+        conv(torch.randn(2, 16, 16, 16))
+        kernel, code, _ = conv.__dict__["_last_plan_memo"][1].bound
+        with pytest.raises(ValueError) as refused:
+            kernel(torch.randn(2, 16, 32, 32), None, code)
+        assert native.binding_mismatch(refused.value)
+
+
 def test_calls_the_program_does_not_take_run_the_generated_forward_and_raise_its_errors(saved):
     """With autograd on, keyword arguments, another number of inputs or an input the graph refuses, the generated
     forward runs (same result or same error); a recompile gives the module fx's forward back, as a deep copy has it;

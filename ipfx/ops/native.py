@@ -360,7 +360,8 @@ def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], 
     arguments, not twenty, 2-3 us less per call), so a call costs little more than the arithmetic. Given the
     input's spatial size (``in_spatial``), the direct path's per-coefficient read offsets are worked out here
     once (``direct_sources``: a pass over the kept coefficients per call otherwise, 10-25% of a small map's
-    layer at 95%); then every call must have that size, as a plan's inputs do. ``direct``: the path, where the
+    layer at 95%); then every call must have that size, as a plan's inputs do (another one raises
+    :func:`binding_mismatch`: the output size was worked out for this one). ``direct``: the path, where the
     caller has chosen it (a folded grouped kernel: :func:`ipfx.ops.kernels.folds_in_native`); None: the size
     rule (:func:`direct_applies`)."""
     module = _state["module"]
@@ -371,7 +372,9 @@ def bind_conv(crow: Tensor, col: Tensor, vals: Tensor, basis: Optional[Tensor], 
         sources = module.direct_sources(col, g["c_in"], g["groups"], list(in_spatial), list(out_spatial),
                                         list(g["kernel"]), list(g["stride"]), list(g["padding"]),
                                         list(g["dilation"]), itemsize)
-    size = None if sources is None else list(in_spatial)  # (the only size the offsets are right for)
+    # (the only input size out_spatial, and the offsets, are right for: a bound conv given another one raises
+    # binding_mismatch instead of computing a map of the size it was bound for from it)
+    size = None if in_spatial is None else list(in_spatial)
     return module.bind_conv(crow, col, vals, basis, bias, used, g["c_out"], list(g["kernel"]), list(g["stride"]),
                             list(g["padding"]), list(g["dilation"]), g["transposed"], list(out_spatial),
                             tile_for(g["c_in"], g["K"], itemsize), direct, g["groups"], sources, size, itemsize)
