@@ -22,7 +22,7 @@ outside what ``torch.export.save`` writes for a program of tensor operations:
 * call targets: ``torch.ops.<namespace>.<op>.<overload>`` of :data:`OP_NAMESPACES`, the ``operator`` and
   ``math`` functions of symbolic-size arithmetic, ``torch.sym_*`` (:func:`_check_target`);
 * user inputs that are not tensors or numbers (a string input is pasted into a guard);
-* every other string not of letters, digits, ``_`` and ``.`` (names, paths, dtypes), but in the fields torch
+* every other string not of letters, digits, ``_``, ``.`` and ``-`` (names, paths, dtypes), but in the fields torch
   keeps as text and never runs (:data:`TEXT_KEYS`: stack traces, module stacks, ``as_string`` arguments,
   which generated code quotes with ``repr``), and the input/output tree specs, whose names are checked
   after decoding (:func:`_check_spec`).
@@ -72,8 +72,9 @@ PY_FUNCTIONS = {
 TEXT_KEYS = frozenset(("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "from_node", "custom",
                        "as_string", "as_strings", "torch_version"))
 
-#: a name, attribute path or dtype: what every other string of a program is
-_PLAIN = re.compile(r"[A-Za-z0-9_.]*\Z")
+#: a name, attribute path or dtype: what every other string of a program is (module names may hold "-":
+#: torchvision's regnet has "block1-0")
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-]*\Z")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: longest expression or guard read (a program's are a few hundred characters)
 MAX_EXPRESSION = 20_000

@@ -97,6 +97,19 @@ def test_a_program_ipfx_saved_passes_and_loads(program):
     assert loaded.module()(x).shape == (3, 4, 6, 6)
 
 
+def test_a_program_with_module_names_that_are_not_identifiers_passes(tmp_path):
+    """Module names torch allows (a ModuleDict key "block1-0", as torchvision's regnet has) are names to the
+    check of the program JSON, not code."""
+    model = nn.Sequential(nn.ModuleDict({"block1-0": nn.Conv2d(3, 4, 3)})["block1-0"], nn.ReLU()).eval()
+    holder = nn.Module()
+    holder.blocks = nn.ModuleDict({"block1-0": model})
+    holder.forward = lambda x: holder.blocks["block1-0"](x)
+    path = ipfx.deploy.save_program(holder.eval(), tmp_path / "named", torch.randn(2, 3, 8, 8))
+    assert "block1-0" in zipfile.ZipFile(path).read(next(n for n in zipfile.ZipFile(path).namelist()
+                                                          if n.endswith("models/model.json"))).decode()
+    check_program(path)
+
+
 def test_a_weight_stored_as_a_pickle_is_refused(program, tmp_path, capsys):
     marker = tmp_path / "ran"
     change, add = _weights_with_pickle(_pickled(Payload(marker)))
