@@ -85,7 +85,9 @@ def check_program(path: str | os.PathLike) -> None:
                 raise _refuse(path, f"it holds {name!r}, a legacy pickled weight file")
             if name.endswith((_WEIGHTS_CONFIG, _CONSTANTS_CONFIG)):
                 _check_config(path, name, _json(path, archive, info), size)
-            elif name.startswith(_MODELS) and name.endswith(".json"):
+            elif name.startswith(_MODELS):  # (torch reads every member here as a program, whatever its suffix)
+                if not name.endswith(".json"):
+                    raise _refuse(path, f"it holds {name!r}, which torch would read as a program, not as JSON")
                 try:
                     check_model(_json(path, archive, info))
                 except ValueError as e:
@@ -140,13 +142,29 @@ def _check_config(path: Path, name: str, config, size: int) -> None:
 
 
 def _check_sample_inputs(path: Path, name: str, data: bytes) -> None:
+    """The sample inputs load as plain tensors (else torch unpickles them in full), in tuples, lists and dicts
+    whose keys are identifiers (torch pastes each input's path, keys included, into the source of the guards
+    it runs), with numbers and None beside them."""
     if not data:
         return
     try:
-        torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        inputs = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - anything but plain tensors and containers: torch would unpickle it
         raise _refuse(path, f"its sample inputs {name!r} are not plain tensors ({type(exc).__name__}); torch would "
                             "unpickle them in full") from None
+    pending = [inputs]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            bad = next((k for k in value if not (isinstance(k, str) and k.isidentifier())), None)
+            if bad is not None:
+                raise _refuse(path, f"its sample inputs {name!r} have a key {str(bad)[:80]!r}, not an identifier "
+                                    "(torch pastes it into the source of its input guards)")
+            pending.extend(value.values())
+        elif isinstance(value, (tuple, list)):
+            pending.extend(value)
+        elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float))):
+            raise _refuse(path, f"its sample inputs {name!r} hold a {type(value).__name__}, not a tensor or number")
 
 
 def _refuse(path: Path, why: str) -> UnsafeProgram:

@@ -22,7 +22,8 @@ outside what ``torch.export.save`` writes for a program of tensor operations:
 * call targets: ``torch.ops.<namespace>.<op>.<overload>`` of :data:`OP_NAMESPACES`, the ``operator`` and
   ``math`` functions of symbolic-size arithmetic, ``torch.sym_*`` (:func:`_check_target`);
 * user inputs that are not tensors or numbers (a string input is pasted into a guard);
-* every other string not of letters, digits, ``_``, ``.`` and ``-`` (names, paths, dtypes), but in the fields torch
+* the forward's argument names that are not identifiers, and every other string with a quote, a backslash,
+  ``#`` or a control character (names, paths, dtypes: see :data:`_PLAIN`), but in the fields torch
   keeps as text and never runs (:data:`TEXT_KEYS`: stack traces, module stacks, ``as_string`` arguments,
   which generated code quotes with ``repr``), and the input/output tree specs, whose names are checked
   after decoding (:func:`_check_spec`).
@@ -72,9 +73,11 @@ PY_FUNCTIONS = {
 TEXT_KEYS = frozenset(("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "from_node", "custom",
                        "as_string", "as_strings", "torch_version"))
 
-#: a name, attribute path or dtype: what every other string of a program is (module names may hold "-":
-#: torchvision's regnet has "block1-0")
-_PLAIN = re.compile(r"[A-Za-z0-9_.\-]*\Z")
+#: a name, attribute path or dtype: what every other string of a program is. Module names may hold any
+#: character but "." (torchvision's regnet has "block1-0"; a ModuleDict key may have spaces); torch.fx quotes
+#: them in the source it generates (getattr(self, "...")), so what is refused is what ends or escapes a string
+#: literal or a line: quotes, backslashes, "#", control characters
+_PLAIN = re.compile(r"[^'\"\\#\x00-\x1f\x7f]*\Z")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: longest expression or guard read (a program's are a few hundred characters)
 MAX_EXPRESSION = 20_000
@@ -107,6 +110,9 @@ def check_model(model) -> None:
             for name in value:
                 if not _IDENTIFIER.match(name):
                     raise _Refused(f"range constraint on {name[:80]!r}, not a symbol name")
+        if key == "forward_arg_names" and isinstance(value, str) and not _IDENTIFIER.match(value):
+            raise _Refused(f"the forward's argument {value[:80]!r} is not an identifier (torch.fx pastes it into "
+                           "the source it generates as it is)")
         if isinstance(value, str) and key not in TEXT_KEYS and key not in ("expr_str", "guards_code", "in_spec",
                                                                            "out_spec") and not _PLAIN.match(value):
             raise _Refused(f"{key!r} holds {value[:80]!r}, which is not a name")
@@ -219,9 +225,14 @@ def _check_target(target: str) -> None:
     raise _Refused(f"a node calls {target[:80]!r}, which is not an operator of {', '.join(sorted(OP_NAMESPACES))}")
 
 
+#: a string of a tree spec: a type or key name ("builtins.tuple", "x")
+_SPEC_NAME = re.compile(r"[A-Za-z0-9_.]*\Z")
+
+
 def _check_spec(key: str, spec: str) -> None:
     """An input/output tree spec (JSON, with JSON strings inside for each node's context): every string in it,
-    decoded, is a name."""
+    decoded, is a type or key name, and no object is one torch's decoder turns into something else (an enum,
+    ``{"__enum__": ..., "fqn": "module:Class"}``, makes it import the module named)."""
     try:
         pending = [json.loads(spec)]
     except (ValueError, RecursionError):
@@ -229,15 +240,18 @@ def _check_spec(key: str, spec: str) -> None:
     while pending:
         value = pending.pop()
         if isinstance(value, dict):
+            odd = next((k for k in value if not _SPEC_NAME.match(k) or k.startswith("__")), None)
+            if odd is not None:
+                raise _Refused(f"{key!r} holds an object with the key {odd[:80]!r}")
             pending.extend(value.values())
         elif isinstance(value, list):
             pending.extend(value)
         elif isinstance(value, str):
-            if value.startswith(("[", "{", '"')):
+            if value.lstrip().startswith(("[", "{", '"')):
                 try:
                     pending.append(json.loads(value))
                     continue
                 except (ValueError, RecursionError):
                     pass
-            if not _PLAIN.match(value):
+            if not _SPEC_NAME.match(value):
                 raise _Refused(f"{key!r} names {value[:80]!r}, which is not a name")

@@ -233,12 +233,34 @@ def test_strings_torch_turns_into_code_are_refused(program, tmp_path, capsys):
     def argument(model):  # (pasted as it is into `def forward(self, ...)` of the source torch.fx generates)
         _first(model, "forward_arg_names")["forward_arg_names"] = [f"x={touch}"]
     named = _rewrite(program, tmp_path / "args.pt2", _model_json(argument))
-    _assert_refused(named, marker, "forward_arg_names.*not a name", capsys)
+    _assert_refused(named, marker, "the forward's argument .* is not an identifier", capsys)
+
+    def enum(model):  # (torch's tree-spec decoder imports the module an "__enum__" object names)
+        holder = _first(model, "in_spec")
+        spec = json.loads(holder["in_spec"])
+        spec[1]["context"] = json.dumps({"__enum__": True, "fqn": "this:s", "name": "x"})
+        holder["in_spec"] = json.dumps(spec)
+    _assert_refused(_rewrite(program, tmp_path / "enum.pt2", _model_json(enum)), marker, "in_spec.*__enum__", capsys)
 
     def target(model):
         _first(model, "inputs")["target"] = "torch.os.system"
     _assert_refused(_rewrite(program, tmp_path / "target.pt2", _model_json(target)), marker,
                     "calls 'torch.os.system'", capsys)
+
+
+def test_sample_input_keys_and_program_members_torch_reads_as_code_are_refused(program, tmp_path, capsys):
+    """Sample inputs whose dict keys are not identifiers (torch pastes each input's path, keys included, into
+    the source of the guards it runs: a key that closes the message's quotes is code); a program member under
+    models/ that is not named .json (torch reads every member there as a program, whatever its suffix: this
+    check would not have read it)."""
+    key = "+str(__import__('os').getcwd())+"
+    keyed = _rewrite(program, tmp_path / "keyed.pt2", lambda name, data: _pickled(((({key: torch.randn(2, 3, 8, 8)},),
+                                                                                     {}))) if name.startswith(
+        "data/sample_inputs/") else data)
+    _assert_refused(keyed, tmp_path / "ran", "have a key .* not an identifier", capsys)
+    renamed = _rewrite(program, tmp_path / "renamed.pt2", lambda name, data: None if name == "models/model.json"
+                       else data, [("models/model.JSON", b"{}")])
+    _assert_refused(renamed, tmp_path / "ran", "'models/model.JSON', which torch would read as a program", capsys)
 
 
 def test_duplicate_and_damaged_members_are_refused(program, tmp_path, capsys):
