@@ -19,8 +19,9 @@ outside what ``torch.export.save`` writes for a program of tensor operations:
   (:data:`SYMPY_CALLS`);
 * ``guards_code``: comparisons and arithmetic of numbers and the inputs' sizes (``L['x'].size()[2] // 2``),
   ``torch.sym_max``/``sym_min`` and a few ``math`` functions (:func:`_check_guard`);
-* call targets: ``torch.ops.<namespace>.<op>.<overload>`` of :data:`OP_NAMESPACES`, the ``operator`` and
-  ``math`` functions of symbolic-size arithmetic, ``torch.sym_*`` (:func:`_check_target`);
+* call targets: ``torch.ops.<namespace>.<op>.<overload>`` of :data:`OP_NAMESPACES` (of the higher-order
+  operators, the control flow of :data:`HIGHER_ORDER_OPS` only), the ``operator`` and ``math`` functions of
+  symbolic-size arithmetic, ``torch.sym_*`` (:func:`_check_target`);
 * user inputs that are not tensors or numbers (a string input is pasted into a guard);
 * the forward's argument names that are not identifiers, and every other string with a quote, a backslash,
   ``#`` or a control character (names, paths, dtypes: see :data:`_PLAIN`), but in the fields torch
@@ -60,8 +61,11 @@ GUARD_TORCH = frozenset(("sym_max", "sym_min", "sym_float", "sym_int", "sym_not"
 GUARD_MATH = frozenset(("isnan", "isinf", "floor", "ceil", "trunc", "sqrt", "inf", "pi", "e"))
 GUARD_METHODS = frozenset(("size", "stride", "storage_offset", "dim", "numel"))
 
-#: operator namespaces a node may call (``torch.ops.<namespace>...``)
+#: operator namespaces a node may call (``torch.ops.<namespace>...``), and the higher-order operators it may
+#: (control flow over the program's own subgraphs; not those that call a function or kernel named elsewhere)
 OP_NAMESPACES = frozenset(("aten", "prims", "ipfx", "ipfx_native", "higher_order", "quantized_decomposed"))
+HIGHER_ORDER_OPS = frozenset(("cond", "while_loop", "map_impl", "scan", "associative_scan",
+                              "wrap_with_set_grad_enabled", "wrap_with_autocast"))
 #: functions of symbolic-size arithmetic a node may call, by module
 PY_FUNCTIONS = {
     "_operator": frozenset(("add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pos", "pow", "getitem",
@@ -216,8 +220,9 @@ def _check_guard(node: ast.AST) -> None:
 def _check_target(target: str) -> None:
     parts = target.split(".")
     if len(parts) in (4, 5) and parts[:2] == ["torch", "ops"] and parts[2] in OP_NAMESPACES and \
-            all(_IDENTIFIER.match(p) for p in parts[3:]):  # (op.overload; a higher-order op has no overload)
-        return
+            all(_IDENTIFIER.match(p) for p in parts[3:]) and \
+            (parts[2] != "higher_order" or (len(parts) == 4 and parts[3] in HIGHER_ORDER_OPS)):
+        return  # (op.overload; a higher-order op has no overload)
     if len(parts) == 2 and parts[0] in PY_FUNCTIONS and parts[1] in PY_FUNCTIONS[parts[0]]:
         return
     if len(parts) == 2 and parts[0] == "torch" and parts[1] in GUARD_TORCH:

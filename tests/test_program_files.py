@@ -242,10 +242,11 @@ def test_strings_torch_turns_into_code_are_refused(program, tmp_path, capsys):
         holder["in_spec"] = json.dumps(spec)
     _assert_refused(_rewrite(program, tmp_path / "enum.pt2", _model_json(enum)), marker, "in_spec.*__enum__", capsys)
 
-    def target(model):
-        _first(model, "inputs")["target"] = "torch.os.system"
-    _assert_refused(_rewrite(program, tmp_path / "target.pt2", _model_json(target)), marker,
-                    "calls 'torch.os.system'", capsys)
+    for i, name in enumerate(("torch.os.system", "torch.ops.higher_order.flat_apply")):
+        def target(model, name=name):
+            _first(model, "inputs")["target"] = name
+        _assert_refused(_rewrite(program, tmp_path / f"target{i}.pt2", _model_json(target)), marker,
+                        f"calls '{name}'", capsys)
 
 
 def test_sample_input_keys_and_program_members_torch_reads_as_code_are_refused(program, tmp_path, capsys):
