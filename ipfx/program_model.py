@@ -18,7 +18,7 @@ outside what ``torch.export.save`` writes for a program of tensor operations:
   ``Mul``, ``FloorDiv``, ``Max`` ... the functions torch's deserializer names), numbers and symbol names
   (:data:`SYMPY_CALLS`);
 * ``guards_code``: comparisons and arithmetic of numbers and the inputs' sizes (``L['x'].size()[2] // 2``),
-  ``torch.sym_max``/``sym_min`` and a few ``math`` functions (:func:`_check_guard`);
+  ``max``/``min``/``abs``, ``torch.sym_max``/``sym_min`` and a few ``math`` functions (:func:`_check_guard`);
 * call targets: ``torch.ops.<namespace>.<op>.<overload>`` of :data:`OP_NAMESPACES` (of the higher-order
   operators, the control flow of :data:`HIGHER_ORDER_OPS` only), the ``operator`` and ``math`` functions of
   symbolic-size arithmetic, ``torch.sym_*`` (:func:`_check_target`);
@@ -60,6 +60,8 @@ SYMPY_KEYWORDS = frozenset(("positive", "negative", "nonnegative", "nonpositive"
 GUARD_TORCH = frozenset(("sym_max", "sym_min", "sym_float", "sym_int", "sym_not", "sym_sqrt", "sym_ite"))
 GUARD_MATH = frozenset(("isnan", "isinf", "floor", "ceil", "trunc", "sqrt", "inf", "pi", "e"))
 GUARD_METHODS = frozenset(("size", "stride", "storage_offset", "dim", "numel"))
+#: Python builtins a guard may call (torch's printer of size expressions writes max, min, abs)
+GUARD_BUILTINS = frozenset(("max", "min", "abs"))
 
 #: operator namespaces a node may call (``torch.ops.<namespace>...``), and the higher-order operators it may
 #: (control flow over the program's own subgraphs; not those that call a function or kernel named elsewhere)
@@ -196,7 +198,7 @@ def _check_guard(node: ast.AST) -> None:
                          ast.Subscript) + _GUARD_OPERATORS):
         return
     if isinstance(node, ast.Name):
-        if node.id not in ("L", "torch", "math", "inf"):
+        if node.id not in ("L", "torch", "math", "inf") and node.id not in GUARD_BUILTINS:
             raise _Refused(f"it names {node.id!r}")
         return
     if isinstance(node, ast.Attribute):
@@ -206,9 +208,10 @@ def _check_guard(node: ast.AST) -> None:
             return
         raise _Refused(f"it reads {node.attr!r}")
     if isinstance(node, ast.Call):
-        if node.keywords or not isinstance(node.func, ast.Attribute):
-            raise _Refused("a call other than a size method or torch.sym_* / math function")
-        if node.func.attr in GUARD_METHODS and node.args:
+        builtin = isinstance(node.func, ast.Name) and node.func.id in GUARD_BUILTINS
+        if node.keywords or not (builtin or isinstance(node.func, ast.Attribute)):
+            raise _Refused("a call other than a size method, max/min/abs or a torch.sym_* / math function")
+        if not builtin and node.func.attr in GUARD_METHODS and node.args:
             raise _Refused(f"{node.func.attr}() with arguments")
         return
     if _number(node) or (isinstance(node, ast.Constant) and isinstance(node.value, str)
