@@ -23,11 +23,18 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write`` on a temporary file next to ``path`` (its folder made if missing), flush it to disk, then
     move it to ``path``; where ``write`` raises (or the process is killed), ``path`` is left unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{threading.get_ident()}.tmp")  # (is_temporary)
+    for attempt in range(3):  # (another process may remove the folder once empty between mkdir and open)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        try:
+            f = tmp.open("wb")
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
-        with tmp.open("wb") as f:
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -35,6 +42,12 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def is_temporary(name: str, of: str) -> bool:
+    """Whether the file name ``name`` is a temporary of :func:`write_atomically` writing the file named ``of``
+    (a writer's still in progress, or one killed midway)."""
+    return name.startswith(f".{of}.") and name.endswith(".tmp")
 
 
 def remove_stale_temporaries(path: Path) -> None:

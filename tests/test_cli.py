@@ -579,11 +579,12 @@ def test_plots_do_not_zoom_noise_and_say_what_their_bars_are(tmp_path):
 def test_a_claim_in_progress_leaves_the_folder_unclaimed(tmp_path):
     """Two sweeps started at once: one saw the other's temporary marker (written, not yet renamed into
     place) and refused the folder as holding files ipfx did not write (a flaky two-sweeps fault test)."""
+    from ipfx.atomic import HOST
     from ipfx.experiments.outputs import MARKER, claim, owner_of
 
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / f"{MARKER}.12345.tmp").write_text('{"command": "compare"}\n')
+    (folder / f".{MARKER}.{HOST}.12345.1.tmp").write_text('{"command": "compare"}\n')  # (write_atomically's name)
     assert owner_of(folder) is None
     claim(folder, "compare")
     assert owner_of(folder) == "compare"
@@ -591,5 +592,5 @@ def test_a_claim_in_progress_leaves_the_folder_unclaimed(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    (other / f"{MARKER}.1.tmp").write_text("")
+    (other / f".{MARKER}.{HOST}.1.1.tmp").write_text("")
     assert owner_of(other) == "unknown"  # a temporary marker does not hide someone else's files

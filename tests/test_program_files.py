@@ -7,6 +7,7 @@ Every crafted file is first shown to be a real attack where that is safe to show
 
 import io
 import json
+import os
 import pathlib
 import zipfile
 
@@ -312,3 +313,33 @@ def test_the_image_folder_cache_follows_the_folders_contents(tmp_path):
     for path in cache.iterdir():
         path.write_bytes(path.read_bytes()[:100])  # a cache cut short (a kill while writing, a full disk)
     assert len(load_dataset("folder", tmp_path / "data", cache_dir=str(cache)).train_x) == 60
+
+
+def test_images_replaced_with_their_old_sizes_and_times_are_read_again(tmp_path):
+    """Images replaced by others of the same byte size, their old modification times put back (what cp -p,
+    rsync -a or tar x give): the cache is not served (it was: the old pixels, and the old data identity)."""
+    from PIL import Image
+
+    from ipfx.experiments import load_dataset
+
+    def write(value: int) -> None:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                folder = tmp_path / "data" / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(3):
+                    Image.new("RGB", (8, 8), (value, 0, 0)).save(folder / f"{i}.bmp")  # (BMP: one size)
+
+    write(10)
+    cache = str(tmp_path / "cache")
+    first = load_dataset("folder", tmp_path / "data", cache_dir=cache)
+    stats = {p: p.stat() for p in (tmp_path / "data").rglob("*.bmp")}
+    write(200)
+    for path, stat in stats.items():
+        assert path.stat().st_size == stat.st_size  # (the premise: the same sizes)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    replaced = load_dataset("folder", tmp_path / "data", cache_dir=cache)
+    fresh = load_dataset("folder", tmp_path / "data", cache_dir="")
+    assert int(fresh.train_x.max()) == 200
+    assert torch.equal(replaced.train_x, fresh.train_x), "the cache served the old images"
+    assert replaced.identity != first.identity

@@ -19,7 +19,7 @@ import torch
 from .. import deploy
 from ..api import lower
 from ..experiments import ResultStore, RunSpec, load_dataset, markdown_table, plot, run
-from ..experiments.outputs import claim
+from ..experiments.outputs import claim, write_text
 from ..experiments.sweep import grid
 
 METHODS = ("random", "snip", "synflow")
@@ -52,7 +52,7 @@ def demo(out: Path, *, quick: bool = False, command: str = "ipfx demo", log=prin
         log(f"  [{i:2d}/{len(specs)}] {spec.method:8s} {spec.space} sparsity {spec.sparsity:<5g} seed {spec.seed}: "
             f"{100 * record['accuracy']:6.2f}%")
     table = markdown_table(records)
-    (out / "results.md").write_text(f"Command: `{command}`\n\n{table}\n")
+    write_text(out / "results.md", f"Command: `{command}`\n\n{table}\n")
     png = plot(records, out / "accuracy.png", title="small CNN on digits: SP (dashed) vs IP (solid)")
     log("\n" + table + "\n")
 

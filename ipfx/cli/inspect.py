@@ -62,9 +62,9 @@ def describe_state(name: str, obj) -> list[str]:
              f"{'tensor':<{width}}  {'shape':<20} {'dtype':<10} {'nonzero':>10} {'total':>10}"]
     for key, t in tensors.items():
         lines.append(f"{key:<{width}}  {str(tuple(t.shape)):<20} {str(t.dtype).replace('torch.', ''):<10} "
-                     f"{_nonzero(t):>10,} {t.numel():>10,}")
+                     f"{_count(_nonzero(t)):>10} {t.numel():>10,}")
     masks = [t for k, t in tensors.items() if k.endswith(".mask")]
-    if masks:
+    if masks and all(_nonzero(m) is not None for m in masks):
         kept, total = sum(_nonzero(m) for m in masks), sum(m.numel() for m in masks)
         lines.append(f"{len(masks)} masks: {kept:,} of {total:,} coefficients kept; sparsity {1 - kept / total:.4f}")
     return lines
@@ -130,7 +130,7 @@ def _kernel_row(namespace: str, op: str, node, names: dict, tensors: dict):
         return weight, f"ipfx.{op}", shape, values.numel(), math.prod(shape)
     if namespace == "aten" and op in _DENSE_KERNELS:
         weight = _tensor_arg(node, 1, names, tensors)
-        if weight is None:
+        if weight is None or _nonzero(weight) is None:
             return None
         return names.get(node.args[1].name, node.args[1].name), f"aten.{op}", tuple(weight.shape), _nonzero(weight), \
             weight.numel()
@@ -157,5 +157,24 @@ def _tensors(obj, prefix: str = ""):
             yield from _tensors(value, f"{prefix}.{i}" if prefix else str(i))
 
 
-def _nonzero(t: torch.Tensor) -> int:
-    return int(torch.count_nonzero(t)) if t.numel() else 0
+_SPARSE_LAYOUTS = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def _nonzero(t: torch.Tensor) -> int | None:
+    """The tensor's nonzero numbers, whatever its layout (sparse: its stored values that are not zero;
+    quantized: those not at the zero point); None for a tensor without data (the meta device)."""
+    if t.numel() == 0:
+        return 0
+    if t.is_meta:
+        return None
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce().values()
+    elif t.layout in _SPARSE_LAYOUTS:
+        t = t.values()
+    return int(torch.count_nonzero(t))
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"

@@ -200,7 +200,7 @@ def _compare(args, command_line: str, started: float) -> None:
                               sweep)
     from ..experiments.accel import Engine
     from ..experiments.engine import imp_plan
-    from ..experiments.outputs import claim
+    from ..experiments.outputs import claim, write_text
     from ..experiments.sweep import grid
 
     say = print if parallel.is_main() else (lambda *a, **k: None)
@@ -236,7 +236,7 @@ def _compare(args, command_line: str, started: float) -> None:
     paired = paired_tables(records) if len({r["seed"] for r in records}) > 1 else ""
     if paired:
         table += "\n\nPaired by seed (IP minus SP of the same seed), 95% Student-t intervals:\n\n" + paired
-    (out / "results.md").write_text(f"Command: `{command_line}`\n\n{table}\n")
+    write_text(out / "results.md", f"Command: `{command_line}`\n\n{table}\n")
     plot(records, out / "accuracy.png", title=f"{args.model} on {dataset.name}")
     print(table)
     print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'} ({time.time() - started:.0f} s)")

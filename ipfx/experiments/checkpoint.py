@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import remove_stale_temporaries, write_atomically
+from ..errors import IPFXValueError, first_line
 
 # Bump when the layout changes: an older checkpoint is then ignored, not misread.
 # 2: an IMP run's schedule exists from step 0 (it was built at the rewind point).
@@ -74,8 +75,14 @@ def set_rng_state(state: dict) -> None:
 
 def save(path: Path, state: dict) -> None:
     """Write ``state`` atomically (:func:`ipfx.atomic.write_atomically`: a temporary file next to ``path``,
-    fsynced, then ``os.replace``; the temporaries of writers killed midway are deleted first)."""
-    write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    fsynced, then ``os.replace``; the temporaries of writers killed midway are deleted first). A file system
+    that refuses the write (read-only, full) raises :class:`IPFXValueError` saying so: the epochs since the
+    last checkpoint are lost, the finished runs' records are kept."""
+    try:
+        write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    except OSError as exc:
+        raise IPFXValueError(f"cannot write the checkpoint {path} ({exc.strerror or exc}); free space or make the "
+                             "folder writable and rerun the same command to resume (finished runs are kept)") from None
 
 
 def load(path: Path, key: tuple) -> dict | None:
@@ -89,10 +96,11 @@ def load(path: Path, key: tuple) -> dict | None:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable file means "start over", never a crash
-        warnings.warn(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); the run starts over",
+        warnings.warn(f"checkpoint {path} cannot be read ({first_line(exc, 160)}); the run starts over",
                       stacklevel=2)
         return None
-    if state.get("format") != FORMAT or list(state.get("key", ())) != list(key):
+    if not isinstance(state, dict) or state.get("format") != FORMAT or \
+            not isinstance(state.get("key"), (list, tuple)) or list(state["key"]) != list(key):
         warnings.warn(f"checkpoint {path} belongs to another run or version; the run starts over", stacklevel=2)
         return None
     return state

@@ -223,16 +223,19 @@ def _cache_path(root: Path, cache_dir: str | None) -> Path | None:
 
 
 def folder_fingerprint(root: Path) -> str:
-    """What an image folder holds, as a hash of every file's path below ``root``, size and modification
-    time: a file added, removed, replaced or edited gives another fingerprint (the cache key, and the
-    data's identity in a run's key)."""
+    """What an image folder holds, as a hash of every file's path below ``root``, size, modification time and
+    change time: a file added, removed, replaced or edited gives another fingerprint (the cache key, and the
+    data's identity in a run's key). The change time is the one a program cannot set back: a file replaced by
+    another of the same size with the old modification time kept (``cp -p``, ``rsync -a``, ``tar x``, a
+    coarse clock) still gives another fingerprint."""
     digest = hashlib.sha1(str(root.resolve()).encode())
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()
         for name in sorted(files):
             path = Path(folder) / name
             stat = path.stat()
-            digest.update(f"\0{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            digest.update(f"\0{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+                          .encode())
     return digest.hexdigest()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import write_atomically
+from ..atomic import is_temporary, write_atomically
 from ..errors import IPFXValueError
 
 MARKER = ".ipfx-output.json"
@@ -52,7 +52,7 @@ def owner_of(folder: Path) -> str | None:
     if marker.is_file():
         try:
             owner = json.loads(marker.read_text()).get("command")
-        except (ValueError, OSError, AttributeError):
+        except (ValueError, OSError, AttributeError, RecursionError):
             owner = None
         return owner if owner in COMMANDS else "unknown"
     store = folder / "results.jsonl"
@@ -60,10 +60,18 @@ def owner_of(folder: Path) -> str | None:
         return "demo" if _all_demo(store) else "compare"
     if (folder / "checkpoints").is_dir():  # a sweep stopped before its first record
         return "compare"
-    # a claim in progress (another process between writing its marker and renaming it into place) leaves
-    # only its temporary marker: that folder is still unclaimed, not someone else's
-    others = [p for p in folder.iterdir() if not (p.name.startswith(f"{MARKER}.") and p.name.endswith(".tmp"))]
+    # a claim in progress (another process between writing its marker and renaming it into place), or one
+    # killed there, leaves only its temporary marker: that folder is still unclaimed, not someone else's (the
+    # claim's own write removes a dead writer's temporary)
+    others = [p for p in folder.iterdir() if not is_temporary(p.name, MARKER)]
     return "unknown" if others else None
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path``'s text, written whole or not at all (:func:`ipfx.atomic.write_atomically`): a kill while
+    writing a report leaves the previous one, not an empty file."""
+    data = text.encode("utf-8")
+    write_atomically(Path(path), lambda f: f.write(data))
 
 
 def _all_demo(store: Path) -> bool:
@@ -73,7 +81,7 @@ def _all_demo(store: Path) -> bool:
             for line in f:
                 try:
                     commands.append(str(json.loads(line).get("command", "")))
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     return False
     except OSError:
         return False

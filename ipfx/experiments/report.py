@@ -8,6 +8,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from ..atomic import write_atomically
+
 #: Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
@@ -83,9 +85,10 @@ def plot(records, path: str | Path, title: str = "") -> Path:
     fig.suptitle(f"{title}\n{bars}" if title else bars, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # (whole or not at all: a kill while saving leaves the previous plot, not an empty file)
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -46,8 +46,8 @@ class ResultStore:
                     continue
                 try:
                     record = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    bad.append((number, "cut or not JSON"))
+                except (UnicodeDecodeError, ValueError, RecursionError):  # (ValueError: JSON's, and an integer
+                    bad.append((number, "cut or not JSON"))             # of more digits than Python converts)
                     continue
                 wrong = problem(record)
                 if wrong is not None:
@@ -137,6 +137,10 @@ def problem(record) -> str | None:
             return f"{name!r} is {value!r}, not {' or '.join(k.__name__ for k in kinds)}"
     if not isinstance(record.get("dataset_name"), str):
         return f"'dataset_name' is {record.get('dataset_name')!r}, not a name"
+    from ..config import SPACES  # (here: appending needs neither torch nor the rest of ipfx)
+
+    if record.get("space") not in SPACES:
+        return f"'space' is {str(record.get('space'))[:40]!r}, not one of {', '.join(SPACES)}"
     for name, (low, high) in RESULTS.items():
         value = record.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
