@@ -24,14 +24,15 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     move it to ``path``; where ``write`` raises (or the process is killed), ``path`` is left unchanged."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{threading.get_ident()}.tmp")  # (is_temporary)
-    for attempt in range(3):  # (another process may remove the folder once empty between mkdir and open)
+    attempts = 20  # (another process may remove the folder, once empty, between mkdir and open: again and again
+    for attempt in range(attempts):  # in a tight loop of saves and removals; 3 attempts failed in 1 of ~600)
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
         try:
             f = tmp.open("wb")
             break
         except FileNotFoundError:
-            if attempt == 2:
+            if attempt == attempts - 1:
                 raise
     try:
         with f:
@@ -55,7 +56,11 @@ def remove_stale_temporaries(path: Path) -> None:
     kill while writing). A live writer's file, or one written on another machine, is left alone."""
     path = Path(path)
     prefix = f".{path.name}.{HOST}."
-    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+    try:
+        temporaries = list(path.parent.glob(f".{path.name}.*.tmp"))
+    except FileNotFoundError:  # (the folder is gone, or went while it was listed: another process removed it)
+        return
+    for tmp in temporaries:
         pid = tmp.name[len(prefix):-len(".tmp")].split(".")[0] if tmp.name.startswith(prefix) else ""
         if pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)

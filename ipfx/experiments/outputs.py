@@ -48,6 +48,21 @@ def owner_of(folder: Path) -> str | None:
     empty folder, ``"unknown"`` for a folder holding files of neither."""
     if not folder.is_dir():
         return None
+    owner = _owner_by_files(folder)
+    if owner is not None:
+        return owner
+    # a claim in progress (another process between writing its marker and renaming it into place), or one
+    # killed there, leaves only its temporary marker: that folder is still unclaimed, not someone else's (the
+    # claim's own write removes a dead writer's temporary)
+    others = [p for p in folder.iterdir() if not is_temporary(p.name, MARKER)]
+    if not others:
+        return None
+    # (what another sweep claimed or wrote since the look above: two sweeps started on one new folder)
+    return _owner_by_files(folder) or "unknown"
+
+
+def _owner_by_files(folder: Path) -> str | None:
+    """The owner the marker or the store names, or None where the folder has neither."""
     marker = folder / MARKER
     if marker.is_file():
         try:
@@ -60,11 +75,7 @@ def owner_of(folder: Path) -> str | None:
         return "demo" if _all_demo(store) else "compare"
     if (folder / "checkpoints").is_dir():  # a sweep stopped before its first record
         return "compare"
-    # a claim in progress (another process between writing its marker and renaming it into place), or one
-    # killed there, leaves only its temporary marker: that folder is still unclaimed, not someone else's (the
-    # claim's own write removes a dead writer's temporary)
-    others = [p for p in folder.iterdir() if not is_temporary(p.name, MARKER)]
-    return "unknown" if others else None
+    return None
 
 
 def write_text(path: Path, text: str) -> None:
