@@ -96,7 +96,7 @@ class _Refused(ValueError):
 def check_model(model) -> None:
     """Raise ``ValueError`` (a line saying which key holds what) unless every string of the program JSON
     ``model`` is one torch reads without running it (module docstring)."""
-    for parent, key, value in _walk(model):
+    for key, value in _walk(model):
         if key == "expr_str":
             _check_text(key, value, _check_sympy)
         elif key == "guards_code":
@@ -104,12 +104,12 @@ def check_model(model) -> None:
                 raise _Refused("'guards_code' is not a list")
             for guard in value:
                 _check_text(key, guard, _check_guard)
-        elif key in ("target", "as_operator") and isinstance(value, str) and _is_node(parent, key):
+        elif key in ("target", "as_operator") and isinstance(value, str):  # (a node's, or an operator argument)
             _check_target(value)
         elif key in ("in_spec", "out_spec") and isinstance(value, str):
             _check_spec(key, value)
         elif key == "user_input":
-            for _, inner, _ in _walk(value):
+            for inner, _ in _walk(value):
                 if inner in ("as_string", "as_strings", "as_custom_obj", "as_graph", "as_operator"):
                     raise _Refused(f"a user input is {inner[3:]!r}, not a tensor or a number")
         elif key == "range_constraints" and isinstance(value, dict):
@@ -124,23 +124,17 @@ def check_model(model) -> None:
             raise _Refused(f"{key!r} holds {value[:80]!r}, which is not a name")
 
 
-def _walk(value, parent=None, key=None) -> Iterator[tuple]:
-    """(parent container, key, value) for every value below ``value`` (list items carry their list's key),
-    without recursion (a deep JSON does not exhaust the stack)."""
-    stack = [(parent, key, value)]
+def _walk(value, key=None) -> Iterator[tuple]:
+    """(key, value) for every value below ``value`` (list items carry their list's key), without recursion (a
+    deep JSON does not exhaust the stack)."""
+    stack = [(key, value)]
     while stack:
-        parent, key, value = stack.pop()
-        yield parent, key, value
+        key, value = stack.pop()
+        yield key, value
         if isinstance(value, dict):
-            stack.extend((value, k, v) for k, v in value.items())
+            stack.extend(value.items())
         elif isinstance(value, list) and key != "guards_code":
-            stack.extend((value, key, v) for v in value)
-
-
-def _is_node(parent, key: str) -> bool:
-    """Whether ``parent[key]`` is an operator torch resolves: a node's target (a node has inputs), or an
-    ``as_operator`` argument."""
-    return key == "as_operator" or (isinstance(parent, dict) and "inputs" in parent)
+            stack.extend((key, v) for v in value)
 
 
 def _check_text(key: str, text, check: Callable[[ast.AST], None]) -> None:
