@@ -44,10 +44,10 @@ class ResultStore:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
+                try:  # (ValueError: JSON's own, and an integer of more digits than Python converts)
                     record = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError, RecursionError):  # (ValueError: JSON's, and an integer
-                    bad.append((number, "cut or not JSON"))             # of more digits than Python converts)
+                except (UnicodeDecodeError, ValueError, RecursionError):
+                    bad.append((number, "cut or not JSON"))
                     continue
                 wrong = problem(record)
                 if wrong is not None:
