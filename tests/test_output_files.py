@@ -4,8 +4,6 @@ every layout for ``ipfx inspect``, a folder that refuses writes, two writers rac
 handled (a warning and a fresh start, a clear one-line error), never a traceback or a lost file."""
 
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -15,26 +13,9 @@ from ipfx.atomic import HOST, write_atomically
 from ipfx.errors import IPFXValueError
 from ipfx.experiments import checkpoint as ckpt
 from ipfx.experiments.outputs import MARKER, claim, owner_of, write_text
-from ipfx.experiments.store import RESULTS, ResultStore, problem
-
-
-def _record(**change) -> dict:
-    """A store line as a run writes it (its key's fields, the dataset's name, results in range)."""
-    import dataclasses
-
-    from ipfx.experiments import RunSpec
-
-    spec = RunSpec(model="cnn", width=4, data="digits", method="random", sparsity=0.9, epochs=1)
-    record = {**dataclasses.asdict(spec), "dataset_name": "digits", **{k: low for k, (low, _) in RESULTS.items()}}
-    record.update(accuracy=0.5, **change)
-    assert problem(record) is None, problem(record)
-    return record
-
-
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+from helpers import store_record
+from ipfx.experiments.store import ResultStore
+from test_checkpoints import subprocess_pid
 
 
 @pytest.mark.parametrize("writer", ["killed", "alive"])
@@ -45,7 +26,7 @@ def test_a_folder_whose_only_file_is_a_claims_temporary_is_unclaimed(tmp_path, w
     folder for good); the claim then goes ahead and a dead writer's temporary is deleted."""
     folder = tmp_path / "out"
     folder.mkdir()
-    pid = _dead_pid() if writer == "killed" else os.getpid()
+    pid = subprocess_pid() if writer == "killed" else os.getpid()
     temporary = folder / f".{MARKER}.{HOST}.{pid}.1.tmp"
     temporary.write_bytes(b'{"comm')
     assert owner_of(folder) is None
@@ -63,7 +44,7 @@ def test_reports_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
     table, plot_path = tmp_path / "results.md", tmp_path / "accuracy.png"
     write_text(table, "old table\n")
-    records = [_record(space=s) for s in ("sp", "ip")]
+    records = [store_record(space=s) for s in ("sp", "ip")]
     report.plot(records, plot_path)
     before = plot_path.read_bytes()
     assert before.startswith(b"\x89PNG")
@@ -145,7 +126,7 @@ def test_store_lines_python_cannot_convert_or_that_name_no_space_are_skipped(tmp
     catch; a space other than sp and ip, which the report's tables index by)."""
     import json
 
-    good = _record()
+    good = store_record()
     path = tmp_path / "results.jsonl"
     lines = [json.dumps(good), '{"accuracy": ' + "9" * 5000 + "}", "[" * 100000 + "]" * 100000,
              json.dumps({**good, "space": "dense", "seed": 1})]

@@ -36,8 +36,7 @@ def claim(folder: Path, command: str) -> None:
                              "them. Pass another --out (a new or empty folder)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        marker = (json.dumps({"command": command}) + "\n").encode()
-        write_atomically(folder / MARKER, lambda f: f.write(marker))  # whole or not at all: other processes read it
+        write_text(folder / MARKER, json.dumps({"command": command}) + "\n")  # (whole: other processes read it)
     except OSError as exc:
         raise IPFXValueError(f"cannot write into --out {str(folder)!r} ({exc.strerror or exc}); "
                              "pass a folder you can write to") from None
