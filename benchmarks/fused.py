@@ -7,7 +7,8 @@ Per layer (ResNet 3x3 and 1x1 shapes, a depthwise and a strided layer) at batch 
 5 repetitions there, no torch.sparse baseline) and 90/95/98/99%:
 the dense convolution (an ``nn.Conv2d`` with the folded weight, as ``ipfx.lower(model, "dense")`` deploys), fused IP (DCT basis) and fused SP (``ipfx.ops.SparseIPConv``, order
 0: the cost model's choice; the chosen order is listed) and a ``torch.sparse`` baseline (the SP weight as a
-CSR ``(c_out, c_in*K)`` matrix times ``F.unfold(x)``). End to end: torchvision resnet50 and
+CSR ``(c_out, c_in*K)`` matrix times ``F.unfold(x)``), and at batches of a multiple of the lanes fused SP on
+the batch-blocked layout (``ipfx.ops.blocked``: what a deployed program runs there). End to end: torchvision resnet50 and
 mobilenet_v3_large at batch 1 and 32, transformed, randomly pruned and lowered by ipfx (dense vs fused).
 
 Every ratio is a median of per-turn ratios against dense, measured in the same process, calls interleaved.
@@ -35,7 +36,7 @@ import torchvision  # noqa: E402
 
 import ipfx  # noqa: E402
 from ipfx.form.bases import dct_basis  # noqa: E402
-from ipfx.ops import SparseIPConv, native  # noqa: E402
+from ipfx.ops import SparseIPConv, blocked, native  # noqa: E402
 from ipfx.ops.geometry import _conv_geometry, _output_spatial  # noqa: E402
 from ipfx.ops.order import _modelled_order  # noqa: E402
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
@@ -124,6 +125,9 @@ def _bench_layers_at(quick: bool, batch: int) -> list[dict]:
                    "fused SP": lambda: sp(x)}
             if csr is not None:
                 fns["torch CSR"] = torch_csr
+            blocked_sp = _blocked_conv(coeff, k, stride, pad, groups, x)
+            if blocked_sp is not None:
+                fns["fused SP blocked"] = blocked_sp
             t = interleaved(fns, 5 if quick else TURNS[0] if batch == 1 else TURNS[1], "dense")
             ip_macs = (c_in * K * K * p_out + nnz * p_out) if K > 1 else nnz * p_out
             if groups > 1:  # the native kernel runs the folded kernel: K taps for each kept channel pair
@@ -135,6 +139,26 @@ def _bench_layers_at(quick: bool, batch: int) -> list[dict]:
             print(f"{name} b{batch} {s}: " + ", ".join(f"{a} {b:.3g}" for a, b in t.items() if "/" in a)
                   + f"  (IP {row['ip_order']}, SP {row['sp_order']})", flush=True)
     return rows
+
+
+def _blocked_conv(coeff: torch.Tensor, k: int, stride: int, pad: int, groups: int, x: torch.Tensor):
+    """The SP conv on the batch-blocked layout a program keeps between steps at a batch of a multiple of the
+    lanes (``ipfx.ops.blocked``; its input already in that layout, as a previous step leaves it), or None at
+    other batches or without the native kernel."""
+    if not native.available() or x.shape[0] % blocked.lanes():
+        return None
+    c_out, K = coeff.shape[0], coeff.shape[2]
+    a = coeff.reshape(c_out, -1)
+    crow = torch.zeros(c_out + 1, dtype=torch.long)
+    crow[1:] = (a != 0).sum(1).cumsum(0)
+    rows, cols = a.nonzero(as_tuple=True)
+    vals = a[rows, cols].contiguous()
+    cols = (cols + (rows // (c_out // groups)) * (x.shape[1] // groups) * K).contiguous()
+    out = (x.shape[2] + 2 * pad - k) // stride + 1
+    xb = torch.ops.ipfx_native.to_blocked(x)
+    conv = torch.ops.ipfx_native.conv_blocked
+    return lambda: conv(xb, crow, cols, vals, None, c_out, [k, k], [stride] * 2, [pad] * 2, [1, 1], groups,
+                        [out, out], None, 0)
 
 
 def _pruned_lowered(model, space: str, sparsity: float):
@@ -225,6 +249,13 @@ def kernel_targets(results: dict) -> list[str]:
                 rows.append(f"| batch {batch}, fused SP at {s:.0%}: at least {want:.0%} of the MAC limit | "
                             + "; ".join(f"{1 / v:.0%} ({k})" for k, v in got)
                             + f" | {'yes' if all(1 / v >= want for _, v in got) else 'no'} |")
+            got = [(r["layer"], r["dense_macs"] / max(1, r["sp_macs"]) * r["fused SP blocked / dense"])
+                   for r in layers if r.get("batch", 1) == batch and r["sparsity"] == s
+                   and "fused SP blocked / dense" in r]
+            if got:
+                rows.append(f"| batch {batch}, fused SP on the blocked layout at {s:.0%}: at least {want:.0%} of the "
+                            "MAC limit | " + "; ".join(f"{1 / v:.0%} ({k})" for k, v in got)
+                            + f" | {'yes' if all(1 / v >= want for _, v in got) else 'no'} |")
     if not rows:
         return []
     return ["## Per-layer kernel targets (issue 18)", "", "| target | reached | met |", "|---|---|---|", *rows, ""]
@@ -267,20 +298,25 @@ def write(path: str, results: dict, args, seconds: float) -> None:
     for batch in sorted({r.get("batch", 1) for r in layers}):
         lines += [f"## Per layer, batch {batch}", "",
                   "| layer | sparsity | dense | fused IP / dense | IP MAC limit | IP reached | fused SP / dense "
-                  "| SP MAC limit | SP reached | torch CSR / dense | IP order | SP order |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+                  "| SP MAC limit | SP reached | SP blocked / dense | SP blocked reached | torch CSR / dense "
+                  "| IP order | SP order |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in (r for r in layers if r.get("batch", 1) == batch):
             lim_ip, lim_sp = r["dense_macs"] / r["ip_macs"], r["dense_macs"] / max(1, r["sp_macs"])
             ip, sp = r["fused IP / dense"], r["fused SP / dense"]
             csr = f"{r['torch CSR / dense']:.2f}x" if "torch CSR / dense" in r else "n/a"
+            spb = r.get("fused SP blocked / dense")
+            blocked_cells = f"{spb:.2f}x | {100 / spb / lim_sp:.0f}%" if spb else "n/a | n/a"
             lines.append(f"| {r['layer']} | {r['sparsity']} | {r['dense'] * 1e3:.2f} ms | {ip:.2f}x | {lim_ip:.1f}x "
-                         f"| {100 / ip / lim_ip:.0f}% | {sp:.2f}x | {lim_sp:.0f}x | {100 / sp / lim_sp:.0f}% | {csr} "
-                         f"| {r['ip_order']} | {r['sp_order']} |")
+                         f"| {100 / ip / lim_ip:.0f}% | {sp:.2f}x | {lim_sp:.0f}x | {100 / sp / lim_sp:.0f}% "
+                         f"| {blocked_cells} | {csr} | {r['ip_order']} | {r['sp_order']} |")
         lines.append("")
     if layers:
         lines += ["IP MAC limit: dense MACs / (c_in K K P + nnz P) (order (a)); grouped IP (run as its folded "
                   "kernel): dense MACs / (K P per kept channel pair); SP: dense MACs / (nnz P). "
-                  "Reached: (dense time / fused time) / limit. torch CSR: the SP weight as a CSR matrix times "
+                  "Reached: (dense time / fused time) / limit. SP blocked: the SP conv on the batch-blocked layout "
+                  "a deployed program keeps between steps at a batch of a multiple of the lanes (its input already "
+                  "in it; n/a at other batches). torch CSR: the SP weight as a CSR matrix times "
                   "`F.unfold(x)` (n/a for grouped convs and at batch > 1).", ""]
     e2e = results.get("e2e", [])
     if e2e:

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "ip_conv.cpp")
-_HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", "program.h")]  # (included by _SOURCE)
+_HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", h) for h in ("blocked.h", "program.h")]  # (included by _SOURCE)
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
@@ -409,6 +409,12 @@ def new_program(slots: int, inputs: int):
     """An empty native program (``csrc/program.h``; built by :mod:`ipfx.ops.program`) of ``slots`` values, the
     first ``inputs`` of them its inputs."""
     return _state["module"].Program(slots, inputs)
+
+
+def runs_blocked(bound) -> bool:
+    """Whether a bound conv (:func:`bind_conv`) runs on the batch-blocked layout (:mod:`ipfx.ops.blocked`): an SP
+    2-d conv bound for one input size, on maps of more than one position."""
+    return bool(_state["module"].runs_blocked(bound))
 
 
 def pointwise_feeds_grouped(a, b) -> bool:

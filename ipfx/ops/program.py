@@ -17,8 +17,14 @@ native library, ``csrc/program.h``) holds the graph's steps in order and runs th
 * but not torch.export's input guards (assertions on the inputs' sizes, which a program's signature fixes):
   they run when the program is built (:func:`_input_guards`).
 
+At a batch of a multiple of the native vector's float32 lanes (16 with AVX-512) the convs, max pools and
+elementwise ops between them keep their values in the batch-blocked layout (:mod:`ipfx.ops.blocked`, which
+decides the steps; a value is converted once where a step needs the other layout, and outputs are NCHW).
+
 The steps are the graph's nodes with the same kernels and arguments, so the outputs are the generated
-forward's bit for bit. A program is made for one input *signature* (each input's shape, strides, dtype and
+forward's bit for bit (on the blocked layout too, but where a conv's NCHW call sums on the gather path in
+tiles of 16 or 32 positions: ``c_in * K`` over 2048 on small maps, where the blocked conv sums the same
+products in the direct path's order). A program is made for one input *signature* (each input's shape, strides, dtype and
 device, and ``IPFX_AUTOTUNE``), on the first call with it, by running the graph node by node in Python (that
 call's result), and kept (the last :data:`PROGRAMS_KEPT` signatures). Before its first step it checks
 its guards: everything a conv step was built from (the module's place in the module tree, its class, buffers,
@@ -46,10 +52,10 @@ import torch.fx._pytree as fx_pytree
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from . import epilogue, native
+from . import blocked, epilogue, native
 from .modules import SparseIPConv, SparseLinear, _bias
 from .order import ORDER_AUTO, autotune_setting
-from .pooling import GlobalAvgPool2d, channel_mean_applies
+from .pooling import GlobalAvgPool2d, MaxPool2d, channel_mean_applies, native_geometry
 
 #: Input signatures a module keeps a program for; a call with another drops the oldest.
 PROGRAMS_KEPT = 8
@@ -198,6 +204,7 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
     if len(placeholders) != len(flat):
         raise TypeError(f"this graph takes {len(placeholders)} inputs, got {len(flat)}")
     value: dict[fx.Node, Any] = dict(zip(placeholders, flat))
+    meta = {n: (tuple(v.shape), v.dtype) for n, v in value.items() if type(v) is Tensor}  # (blocked.plan)
     slot: dict[fx.Node, int] = {n: i for i, n in enumerate(placeholders)}
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     last_reader = {n: max(n.users, key=position.__getitem__) for n in gm.graph.nodes if n.users}
@@ -208,6 +215,8 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
         if node.users:
             slot[node] = len(slot)
         value[node], step = _evaluate(gm, node, value)
+        if type(value[node]) is Tensor:
+            meta[node] = (tuple(value[node].shape), value[node].dtype)
         steps.append((node, step))
         for read in node.all_input_nodes:  # (as the generated forward drops each value after its last use)
             if last_reader[read] is node:
@@ -217,37 +226,59 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
     results = [fx.node.map_arg(o, value.__getitem__) for o in flat_outs]
     if not all(isinstance(o, fx.Node) for o in flat_outs):
         return None, results
-    program = native.new_program(len(slot), len(flat))
+    runs, held = blocked.plan(steps, meta, native.runs_blocked)
+    # (a value is converted at most once, to the layout it is not held in: one more slot per tensor at most)
+    program = native.new_program(len(slot) + len(meta), len(flat))
     guards = _Guards(program)
     names = []  # each step's node, for profiles (Program.step_seconds)
-    pairs = _pointwise_pairs(steps) if FUSE_POINTWISE_GROUPED else {}
+    pairs = _pointwise_pairs([(n, st) for n, st in steps if n not in runs]) if FUSE_POINTWISE_GROUPED else {}
     inside = {a for a, _ in pairs.values()}
+    converted: dict[fx.Node, int] = {}  # node -> the slot of its value in the layout it is not held in
+
+    def read(node: fx.Node, in_blocked: bool) -> int:
+        """The slot of ``node``'s value in the layout asked for, converting it (once) where it is held in the
+        other."""
+        if (node in held) == in_blocked:
+            return slot[node]
+        if node not in converted:
+            converted[node] = len(slot) + len(converted)
+            op = blocked.to_blocked_op() if in_blocked else blocked.from_blocked_op()
+            program.add_op(op._schema.name, op._schema.overload_name, [None], [(0, slot[node])], converted[node])
+            names.append(f"{node.name} ({'to' if in_blocked else 'from'} blocked)")
+        return converted[node]
+
     for node, step in steps:
         out = slot.get(node, -1)  # (a node nobody reads has no slot)
         kind = step[0]
+        on_blocked = node in runs
         if kind == "conv":
             _, _, bound, x, residual, tensors = step
             guards.conv(gm, node.target, tensors)
             if node in inside:  # (run in the step of the grouped conv that reads it)
                 continue
-            residual_slot = -1 if residual is None else slot[residual]
+            residual_slot = -1 if residual is None else read(residual, on_blocked)
             if node in pairs:
                 a_step = pairs[node][1]
-                program.add_fused(a_step[2][0], a_step[2][1], bound[0], slot[a_step[3]], residual_slot, bound[1], out)
+                program.add_fused(a_step[2][0], a_step[2][1], bound[0], read(a_step[3], False), residual_slot,
+                                  bound[1], out)
             else:
-                program.add_conv(bound[0], slot[x], residual_slot, bound[1], out)
+                program.add_conv(bound[0], read(x, on_blocked), residual_slot, bound[1], out, on_blocked)
             names.append(node.name)
             continue
         if kind == "op":
             _, op, arguments, places = step[:4]
-            if node.op == "call_module":  # (a module run as its op: _pool_step, _linear_step)
+            if node.op == "call_module":  # (a module run as its op: _pool_step, _max_pool_step, _linear_step)
                 guards.module(gm, node.target, ("forward", *step[4], "bias", "_buffers", "_parameters"), step[5])
+            if on_blocked and blocked.blocked_form(op) is not None:
+                op = blocked.blocked_form(op)[0]
             try:
                 program.add_op(op._schema.name, op._schema.overload_name, arguments,
-                               [(i, slot[n]) for i, n in places], out)
+                               [(i, read(n, on_blocked)) for i, n in places], out)
                 names.append(node.name)
                 continue
             except (TypeError, RuntimeError, ValueError):  # an argument it cannot take: a Python step
+                if on_blocked:  # (planned on the blocked layout: the plan's every op takes its arguments)
+                    raise
                 step = _python_step(gm, node)
         _, fn, inputs = step
         if node.op == "call_module":
@@ -255,9 +286,9 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
             if _input_guards(module, node):  # (passed in this build, and bound to pass for this signature)
                 guards.item(module.__dict__, "forward")
                 continue
-        program.add_python(fn, [slot[n] for n in inputs], out)
+        program.add_python(fn, [read(n, False) if n in meta else slot[n] for n in inputs], out)
         names.append(node.name)
-    program.set_outputs([slot[o] for o in flat_outs])
+    program.set_outputs([read(o, False) if o in meta else slot[o] for o in flat_outs])
     program.nodes = names
     return program, results
 
@@ -310,7 +341,8 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, value: dict) -> tuple[Any, tupl
         module = gm.get_submodule(node.target)
         result = module(*args, **kwargs)
         return result, (_conv_step(module, node, args, kwargs) or _pool_step(module, node, args, kwargs)
-                        or _linear_step(module, node, args, kwargs) or _python_step(gm, node, module))
+                        or _max_pool_step(module, node, args, kwargs) or _linear_step(module, node, args, kwargs)
+                        or _python_step(gm, node, module))
     result = node.target(*args, **kwargs)
     return result, _op_step(node, value) or _python_step(gm, node)
 
@@ -362,6 +394,19 @@ def _pool_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> O
     if module.output_size not in (1, (1, 1)) or not channel_mean_applies(args[0]):
         return None
     return "op", torch.ops.ipfx_native.channel_mean.default, [None], [(0, node.args[0])], ("output_size",), []
+
+
+def _max_pool_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """The boxed ``ipfx_native::max_pool2d`` step of a :class:`~ipfx.ops.pooling.MaxPool2d` call whose eager path
+    (just run) was that op, its geometry (for this signature's input size) as constants; else None."""
+    if not _plain_call(module, MaxPool2d, args, kwargs) or module.return_indices:
+        return None
+    geometry = native_geometry(args[0], module.kernel_size, module.stride, module.padding, module.dilation,
+                               module.ceil_mode)
+    if geometry is None:
+        return None
+    return ("op", torch.ops.ipfx_native.max_pool2d.default, [None, *(list(g) for g in geometry)],
+            [(0, node.args[0])], ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), [])
 
 
 def _linear_step(module: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Optional[tuple]:

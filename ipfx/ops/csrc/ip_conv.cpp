@@ -1759,6 +1759,7 @@ at::Tensor pointwise_grouped(const BoundConv& a, int64_t act_a, const BoundConv&
 
 }  // namespace
 
+#include "blocked.h"
 #include "program.h"
 
 TORCH_LIBRARY(ipfx_native, m) {
@@ -1770,6 +1771,14 @@ TORCH_LIBRARY(ipfx_native, m) {
   m.def("linear(Tensor x, Tensor crow, Tensor col, Tensor vals, Tensor? bias) -> Tensor");
   m.def("max_pool2d(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, int[] out_spatial) -> Tensor");
   m.def("channel_mean(Tensor x) -> Tensor");
+  m.def("to_blocked(Tensor x) -> Tensor");
+  m.def("from_blocked(Tensor xb) -> Tensor");
+  m.def("max_pool2d_blocked(Tensor xb, int[] kernel, int[] stride, int[] padding, int[] dilation, "
+        "int[] out_spatial) -> Tensor");
+  m.def("channel_mean_blocked(Tensor xb) -> Tensor");
+  m.def("conv_blocked(Tensor xb, Tensor crow, Tensor col, Tensor vals, Tensor? bias, int c_out, int[] kernel, "
+        "int[] stride, int[] padding, int[] dilation, int groups, int[] out_spatial, Tensor? residual, "
+        "int activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
@@ -1778,6 +1787,11 @@ TORCH_LIBRARY_IMPL(ipfx_native, CPU, m) {
   m.impl("linear", linear);
   m.impl("max_pool2d", max_pool2d);
   m.impl("channel_mean", channel_mean);
+  m.impl("conv_blocked", conv_blocked);
+  m.impl("to_blocked", to_blocked);
+  m.impl("from_blocked", from_blocked);
+  m.impl("max_pool2d_blocked", max_pool2d_blocked);
+  m.impl("channel_mean_blocked", channel_mean_blocked);
 }
 
 // The same functions as a Python module, which ipfx/ops/native.py calls: a call through torch.ops parses
@@ -1796,6 +1810,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear);
   m.def("max_pool2d", &max_pool2d);
   m.def("channel_mean", &channel_mean);
+  m.def("conv_blocked", &conv_blocked);
+  m.def("runs_blocked", &runs_blocked);
   m.def("recycled_limit", [] { return Recycler::instance().limit(); });
   m.def("set_recycled_limit", [](int64_t bytes) { Recycler::instance().set_limit(bytes); });
   m.def("recycled_bytes", [] { return Recycler::instance().kept_bytes(); });

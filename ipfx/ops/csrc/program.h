@@ -4,7 +4,8 @@
 // one loop:
 //
 //   conv    a BoundConv on a slot (and a residual slot), its activation code; or a pointwise BoundConv and the
-//           grouped one that alone reads its output, as one pointwise_grouped call (add_fused)
+//           grouped one that alone reads its output, as one pointwise_grouped call (add_fused); or a BoundConv
+//           on slots in the batch-blocked layout (blocked.h's bound_blocked)
 //   op      an aten operator called boxed: its arguments converted once by the operator's schema, the slots'
 //           values put in place on each call
 //   python  any other node: a Python callable given the slots' values
@@ -81,6 +82,7 @@ struct ProgramStep {
   int64_t x = -1, residual = -1, activation = 0;
   std::shared_ptr<BoundConv> producer;  // (fused: the pointwise conv whose output `conv` reads; x is its input)
   int64_t producer_activation = 0;
+  bool blocked = false;                 // x, the residual and the output in the batch-blocked layout (blocked.h)
   // op
   c10::optional<c10::OperatorHandle> op;
   std::vector<c10::IValue> stack;       // every argument (None at the slots' positions)
@@ -104,8 +106,11 @@ class Program {
   void guard_empty(py::dict dict) { empties_.push_back(std::move(dict)); }
   void guard_version(const at::Tensor& t) { versions_.push_back({t, t._version()}); }
 
-  void add_conv(std::shared_ptr<BoundConv> conv, int64_t x, int64_t residual, int64_t activation, int64_t output) {
+  void add_conv(std::shared_ptr<BoundConv> conv, int64_t x, int64_t residual, int64_t activation, int64_t output,
+                bool blocked = false) {
+    TORCH_CHECK(!blocked || runs_blocked(*conv), "ipfx native program: a conv that does not run blocked");
     ProgramStep s{ProgramStep::kConv};
+    s.blocked = blocked;
     s.conv = std::move(conv), s.x = check_slot(x), s.residual = residual < 0 ? -1 : check_slot(residual);
     s.activation = activation, s.output = check_output(output);
     steps_.push_back(std::move(s));
@@ -188,7 +193,9 @@ class Program {
         case ProgramStep::kConv: {
           c10::optional<at::Tensor> residual;
           if (s.residual >= 0) residual = slot[s.residual].tensor.contiguous();
-          if (s.producer)
+          if (s.blocked)
+            out.tensor = bound_blocked(*s.conv, slot[s.x].tensor.contiguous(), residual, s.activation);
+          else if (s.producer)
             out.tensor = pointwise_grouped(*s.producer, s.producer_activation, *s.conv, slot[s.x].tensor.contiguous(),
                                            residual, s.activation);
           else
@@ -241,10 +248,10 @@ class Program {
     return out;
   }
 
-  std::vector<std::string> kinds() const {  // each step's kind, in order ("fused": add_fused's)
+  std::vector<std::string> kinds() const {  // each step's kind, in order ("fused": add_fused's; "blocked")
     static const char* names[] = {"conv", "op", "python"};
     std::vector<std::string> out;
-    for (const auto& s : steps_) out.push_back(s.producer ? "fused" : names[s.kind]);
+    for (const auto& s : steps_) out.push_back(s.producer ? "fused" : s.blocked ? "blocked" : names[s.kind]);
     return out;
   }
 
@@ -304,7 +311,8 @@ void bind_program(py::module_& m) {
       .def("guard_type", &Program::guard_type)
       .def("guard_empty", &Program::guard_empty)
       .def("guard_version", &Program::guard_version)
-      .def("add_conv", &Program::add_conv)
+      .def("add_conv", &Program::add_conv, py::arg("conv"), py::arg("x"), py::arg("residual"), py::arg("activation"),
+           py::arg("output"), py::arg("blocked") = false)
       .def("add_fused", &Program::add_fused)
       .def("add_op", &Program::add_op)
       .def("add_python", &Program::add_python)
