@@ -156,6 +156,7 @@ def transform(
     if exported_program:
         model, capture, args, inplace = graph_module_of(model, "ExportedProgram"), "export", None, False
     _check_module(model, "transform")
+    _check_materialized(model)
     if is_transformed(model):
         raise IPFXValueError(
             f"this {type(model).__name__} was already transformed by ipfx (it holds coefficient "
@@ -201,24 +202,66 @@ def transform(
         warnings.warn("an ExportedProgram holds the graph of one training mode; the transformed model computes "
                       "that mode in train and in eval mode. Pass the nn.Module with example_inputs=... to "
                       "capture both", stacklevel=2)
-    _warn_raw_kernels(captured)
+    _warn_raw_kernels(captured, config)
     _warn_lost_hooks(original, result)
     return result
 
 
-def _warn_raw_kernels(captured) -> None:
-    """Raw conv-shaped parameters (``self.w``) of modules kept as Python code: without a graph nobody can
-    tell whether they are kernels, so they stay as they are; say so rather than leave them silently."""
+def _check_materialized(model: nn.Module) -> None:
+    """Lazy modules (``nn.LazyConv2d``, ``nn.LazyLinear``) have no weights before their first call: nothing to
+    rewrite (without example inputs they stayed dense, silently) or to capture (with them, capture failed
+    inside torch). Refused, saying to call the model once first."""
+    lazy = [name for name, t in (*model.named_parameters(remove_duplicate=False),
+                                 *model.named_buffers(remove_duplicate=False))
+            if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise IPFXValueError(
+            f"{type(model).__name__} has lazy modules whose tensors do not exist before the first call "
+            f"({', '.join(lazy[:4])}{' ...' if len(lazy) > 4 else ''}): call the model once on an input "
+            "(model(x), which sets their sizes) and then ipfx.transform it")
+
+
+def _warn_raw_kernels(captured, config: TransformConfig) -> None:
+    """Kernel-shaped parameters of modules kept as Python code that were not rewritten: raw ones (``self.w``,
+    3 dims or more) and the ``weight`` of a module of another type than ``config.module_types`` (transformers'
+    ``Conv1D``, a linear layer whose weight torch.export captures as a kernel where example inputs are given).
+    Without a graph nobody can tell whether they are kernels, so they stay as they are; say so, and name them,
+    rather than leave them dense silently."""
     found = []
     for path, _, _ in captured.report.untraced:
-        module = captured.model.get_submodule(path) if path else captured.model
-        found += [f"{path}.{name}" if path else name for name, p in module._parameters.items()
-                  if name != "weight" and isinstance(p, nn.Parameter) and p.dim() >= 3]
+        root = captured.model.get_submodule(path) if path else captured.model
+        for name, module in _outside_graphs(root):
+            prefix = f"{path}.{name}".strip(".") if name else path
+            for pname, p in module._parameters.items():
+                if not isinstance(p, nn.Parameter) or p.dim() < 2:
+                    continue
+                raw = pname != "weight" and p.dim() >= 3
+                foreign = (pname == "weight" and not isinstance(module, config.module_types)
+                           and not isinstance(module, _NOT_KERNELS))
+                if raw or foreign:
+                    found.append(f"{prefix}.{pname}" if prefix else pname)
     if found:
         warnings.warn(
-            f"ipfx.transform kept {len(found)} conv-shaped parameter(s) of untraced Python code as they are: "
-            f"{', '.join(found[:8])}{' ...' if len(found) > 8 else ''}. If they are kernels (F.conv*(x, self.w)), "
-            "pass example_inputs=... so torch.export can capture that code, or make it traceable", stacklevel=3)
+            f"ipfx.transform kept {len(found)} kernel-shaped parameter(s) of untraced Python code dense: "
+            f"{', '.join(found[:8])}{f' and {len(found) - 8} more' if len(found) > 8 else ''}. If they are "
+            "kernels (F.conv*(x, self.w), transformers' Conv1D), pass example_inputs=... so torch.export can "
+            "capture that code, or make it traceable", stacklevel=3)
+
+
+#: modules whose 2-d ``weight`` is not a kernel (not named by _warn_raw_kernels)
+_NOT_KERNELS = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _outside_graphs(root: nn.Module):
+    """``(name, module)`` of ``root``'s tree, without the modules inside a captured graph."""
+    stack = [("", root)]
+    while stack:
+        name, module = stack.pop()
+        if isinstance(module, fx.GraphModule):
+            continue
+        yield name, module
+        stack.extend((f"{name}.{child}" if name else child, m) for child, m in reversed(module._modules.items())
+                     if m is not None)
 
 
 @outside_inference_mode

@@ -616,12 +616,48 @@ def test_raw_kernels_of_untraced_code_are_reported_and_captured_by_export():
             return x
 
     model, x = RawUntraced(), torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match="conv-shaped parameter.*: w\\."):
+    with pytest.warns(UserWarning, match="kernel-shaped parameter.*: w\\."):
         quiet_off = ipfx.transform(model, capture="symbolic")
     assert isinstance(quiet_off.w, nn.Parameter)
     t = ipfx.transform(model, example_inputs=(x,))  # export captures the call: w is a kernel
     assert [(w.name, w.capture) for w in ipfx.rewritten_weights(t)] == [("w", "export")]
     assert_close(t(x), model(x), kind="export: raw kernel of untraceable code")
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D: a linear layer with its weight stored (in, out), read by torch.addmm."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+def test_weights_of_other_module_types_in_untraced_code_are_named_not_left_dense_silently():
+    """Without example inputs, a Conv1D (not a module type the config selects) in code torch.fx cannot trace
+    stays dense: the warning names it (it said only that the code was kept as Python); an embedding's or a
+    norm's weight is not named; with example inputs torch.export captures it as a kernel."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.norm, self.proj = nn.Embedding(10, 6), nn.LayerNorm(6), Conv1D(6, 6)
+
+        def forward(self, ids):
+            h = self.norm(self.emb(ids))
+            if h.shape[1] > 1:  # untraceable by torch.fx
+                h = self.proj(h)
+            return h
+
+    model, ids = Block().eval(), torch.randint(0, 10, (2, 3))
+    with pytest.warns(UserWarning, match=r"kernel-shaped parameter\(s\) of untraced Python code dense: "
+                                         r"proj\.weight\. If") as seen:
+        ipfx.transform(model, capture="symbolic")
+    assert not any("emb.weight" in str(w.message) or "norm.weight" in str(w.message) for w in seen)
+    t = ipfx.transform(model, example_inputs=(ids,))
+    assert "proj.weight" in {w.name for w in ipfx.rewritten_weights(t)}
+    assert_close(t(ids), model(ids), kind="export: Conv1D kernel")
 
 
 class _NormAct(nn.BatchNorm2d):
@@ -696,3 +732,18 @@ def test_transform_traces_after_a_pickled_guarded_graph_was_loaded():
     with torch.no_grad():
         assert_close(loaded(x), t(x), kind="loaded lowered graph")
         assert_close(again(x), model(x), kind="traced after a load")
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_lazy_modules_never_called_are_refused_saying_to_call_the_model_first(example):
+    """A model of lazy modules not yet called has no weights: without example inputs it was transformed with
+    nothing rewritten (no warning), with them capture failed inside torch; now either says what to do, and
+    after one call the model transforms with every weight rewritten."""
+    model = nn.Sequential(nn.LazyConv2d(6, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    with pytest.raises(ipfx.errors.IPFXValueError, match=r"lazy modules .*0\.weight.*call the model once"):
+        ipfx.transform(model, example_inputs=(x,) if example else None)
+    model(x)
+    t = quiet(ipfx.transform, model, example_inputs=(x,) if example else None)
+    assert {w.name for w in ipfx.rewritten_weights(t)} == {"0.weight", "3.weight"}
+    assert_close(t(x), model(x), kind="lazy modules after their first call")

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from . import verify
+from . import replaced, verify
 from ..errors import first_line, user_stacklevel
 
 CHECK = "ipfx_check_first_calls"  # GraphModule.meta: the kinds of call already checked (a set)
@@ -74,6 +74,9 @@ def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tu
             seen.add(key)
             problem = _compare(gm, graph_call, forward, args, kwargs)
             if problem is not None:
+                seen.discard(key)  # (a replaced module: raise on every call, not only the first)
+                replaced.check_unchanged(gm)
+                seen.add(key)
                 gm.meta[USE_FORWARD] = problem
                 warnings.warn(
                     f"the graph torch.fx traced for {type(forward).__name__} without example inputs "
@@ -82,9 +85,16 @@ def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tu
                     "from now on (the same coefficients, pruned and trained alike). Pass example_inputs=... "
                     "to ipfx.transform to capture it as a graph", stacklevel=user_stacklevel())
     if USE_FORWARD in gm.meta:
+        replaced.check_unchanged(gm)
         sync_training(forward, gm)
         return forward(*args, **kwargs)
-    return graph_call()
+    try:
+        return graph_call()
+    except Exception as exc:  # a module replaced since capture: say so
+        problem = replaced.changed_after_capture(gm)
+        if problem is None:
+            raise
+        raise replaced.replaced_error(gm, problem) from exc
 
 
 def _compare(gm, graph_call, forward: nn.Module, args: tuple, kwargs: dict) -> str | None:

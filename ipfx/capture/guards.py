@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from . import first_call
+from . import first_call, replaced
 from ..errors import user_stacklevel
 
 PATTERN = "ipfx_call_pattern"  # GraphModule.meta key
@@ -342,7 +342,13 @@ def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:
         # else: not a call of this signature; let the graph say what is wrong
     if fallback is not None and first_call.CHECK in gm.meta:
         return first_call.checked_call(gm, graph_call, fallback, args, kwargs)
-    return graph_call()
+    try:
+        return graph_call()
+    except Exception as exc:  # a module replaced since capture: say so (ipfx.capture.replaced)
+        problem = replaced.changed_after_capture(gm)
+        if problem is None:
+            raise
+        raise replaced.replaced_error(gm, problem) from exc
 
 
 _PARSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # graph -> (stored tuple, its pattern)
@@ -370,5 +376,6 @@ def _other_pattern(gm, pattern, bound: dict, fallback, args: tuple, kwargs: dict
             f"{type(gm).__name__} was captured with {pattern} but is called with {given}: running its own forward "
             "(same coefficients, no graph) for such calls. To capture this call pattern, transform with "
             "example_inputs of it", stacklevel=user_stacklevel())
+    replaced.check_unchanged(gm)
     first_call.sync_training(fallback, gm)
     return fallback(*args, **kwargs)

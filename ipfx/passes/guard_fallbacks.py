@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..capture.first_call import CHECK
 from ..capture.guards import FALLBACK, PATTERN, sign
+from ..capture.replaced import record_shared
 from ..capture.modes import graphs_of
 from ..form.parametrize import is_parametrized, parametrize_tied, parametrize_weight, weight_holders
 from ..form.reparam import BasisWeight
@@ -75,6 +76,7 @@ class GuardFallbacks(Pass):
                 continue
             # in meta, not an attribute: no child module, no state-dict entries; meta is copied with the graph
             gm.meta[FALLBACK] = captured.original[part.path]
+            record_shared(gm, gm.meta[FALLBACK])  # (a module replaced later is told: ipfx.capture.replaced)
             sign(gm)  # the graph reports the forward's own signature, optional arguments included
             if self.check_first_calls and part.front_end == "symbolic":
                 gm.meta[CHECK] = set()
