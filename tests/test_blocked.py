@@ -216,3 +216,25 @@ def test_a_blocked_program_follows_a_change_of_the_weights(loaded):
         with torch.no_grad():
             conv.values.div_(2)
         assert torch.equal(loaded(x), before)
+
+
+def test_a_program_with_a_conv_that_cannot_run_blocked_stays_nchw_throughout(tmp_path):
+    """All or nothing: a grouped conv (which stays NCHW) between ungrouped ones would cost two conversions per
+    call, so the whole program runs NCHW; the same network without it runs blocked."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    kinds = {}
+    for groups in (1, 8):
+        net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=groups),
+                            nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+        t = quiet(ipfx.transform, net, space="sp", example_inputs=(x,))
+        randomize_masks(t, 0.05)
+        path = quiet(ipfx.deploy.save_program, quiet(ipfx.lower, t.eval(), target="fused", freeze=True),
+                     tmp_path / f"g{groups}", x)
+        m = quiet(ipfx.deploy.load_module, str(path))
+        big = torch.randn(lanes(), 8, 12, 12)
+        with torch.inference_mode():
+            assert torch.equal(m(big), generated(m, big))
+        kinds[groups] = the_program(m, big).kinds
+    assert kinds[1].count("blocked") == 3, kinds
+    assert "blocked" not in kinds[8] and not any("blocked)" in n for n in kinds[8]), kinds

@@ -75,11 +75,12 @@ def blocked_form(op):
     return _blocked_forms().get(op)
 
 
-def plan(steps: list, meta: dict, runs_blocked: Callable) -> tuple[set, set]:
+def plan(steps: list, meta: dict, runs_blocked: Callable, keep: set = frozenset()) -> tuple[set, set]:
     """``(runs, held)``: the steps (their nodes) that run on the blocked layout, and the nodes whose values are
     held in it (module docstring). ``steps``: ``(node, step)`` in order, as :mod:`ipfx.ops.program` builds
     them; ``meta``: ``{node: (shape, dtype)}`` of every tensor value; ``runs_blocked(bound)``: whether a conv
-    step's bound kernel runs blocked."""
+    step's bound kernel runs blocked; ``keep``: conv steps that stay NCHW (a pointwise conv and the grouped
+    conv that alone reads it, run as one step)."""
     if not ENABLED or not native.available():
         return set(), set()
     L = lanes()
@@ -96,7 +97,7 @@ def plan(steps: list, meta: dict, runs_blocked: Callable) -> tuple[set, set]:
         kind = step[0]
         if kind == "conv":
             bound, x, residual = step[2][0], step[3], step[4]
-            if (runs_blocked(bound) and batched(x) and batched(node, meta[x][0][0])
+            if (node not in keep and runs_blocked(bound) and batched(x) and batched(node, meta[x][0][0])
                     and (residual is None or batched(residual, meta[x][0][0]))):
                 runs.add(node)
                 held.add(node)
@@ -112,4 +113,13 @@ def plan(steps: list, meta: dict, runs_blocked: Callable) -> tuple[set, set]:
                   and all(batched(n, meta[node][0][0]) for n in reads)):
                 runs.add(node)
                 held.add(node)
+    # all or nothing: a conv that stays NCHW between blocked ones costs two conversions of its input and output
+    # per call (mobilenet_v3_large at 95%, batch 32, its expansion + depthwise pairs NCHW and the rest blocked:
+    # 2.3x the NCHW program's time), so the layout is used only where every conv on maps of more than one
+    # position runs on it
+    for node, step in steps:
+        if step[0] == "conv" and node not in runs and node in meta and len(meta[node][0]) == 4:
+            x = meta.get(step[3])
+            if x is None or len(x[0]) != 4 or x[0][2] * x[0][3] > 1:
+                return set(), set()
     return runs, held

@@ -226,13 +226,13 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
     results = [fx.node.map_arg(o, value.__getitem__) for o in flat_outs]
     if not all(isinstance(o, fx.Node) for o in flat_outs):
         return None, results
-    runs, held = blocked.plan(steps, meta, native.runs_blocked)
+    pairs = _pointwise_pairs(steps) if FUSE_POINTWISE_GROUPED else {}
+    inside = {a for a, _ in pairs.values()}
+    runs, held = blocked.plan(steps, meta, native.runs_blocked, keep=set(pairs) | inside)
     # (a value is converted at most once, to the layout it is not held in: one more slot per tensor at most)
     program = native.new_program(len(slot) + len(meta), len(flat))
     guards = _Guards(program)
     names = []  # each step's node, for profiles (Program.step_seconds)
-    pairs = _pointwise_pairs([(n, st) for n, st in steps if n not in runs]) if FUSE_POINTWISE_GROUPED else {}
-    inside = {a for a, _ in pairs.values()}
     converted: dict[fx.Node, int] = {}  # node -> the slot of its value in the layout it is not held in
 
     def read(node: fx.Node, in_blocked: bool) -> int:

@@ -8,16 +8,16 @@
 // unaligned loads are for every tap but one in a row), and a tile of P consecutive output positions of a row
 // is P such vectors at a fixed step (stride * L):
 //   acc[p][l] += C[o, i, t] * xb[b][i][oh s + ky d - pad][(ow0 + p) s + kx d - pad][l].
-// Positions that read padding take a zero vector instead (the same multiply-add: the NCHW path reads zeros
-// from its padded copy), so no input is copied or padded.
+// With padding the input is first laid out zero-padded, as the NCHW direct path's copy (the same
+// multiply-adds, of zeros there).
 //
 // Sums, in the NCHW path's order: kept coefficient e of row o into chain (e - e_begin) mod CH (CH = the
 // NCHW direct path's, chains<64 / L>()), chains added pairwise, then act((acc + b) + res). Each number of y is
 // the number the NCHW direct path writes for it, bit for bit: same products, same chains, same epilogue
 // (tests/test_blocked.py checks it), whatever the layout.
 //
-// Work: (block of samples, output row, block of output channels) units over threads; per unit, per output
-// channel, the row's tiles of P positions (P = kBlockedTile, the tail of a row by a narrower tile).
+// Work: (block of samples, output row, tile of P positions) units over threads (P = kBlockedTile; the tail
+// of a row by a narrower tile), each for every output channel.
 
 namespace {
 
@@ -47,51 +47,24 @@ inline void blocked_store(const typename Lane<scalar_t>::V* acc, scalar_t b, con
   }
 }
 
-// Where kept coefficient e reads, relative to the input position (ih0, iw0) = (oh sh - ph, ow sw - pw) of the
-// output position it is added to: `off` = its channel's plane + (ky dh W + kx dw) L numbers (a tile inside the
-// input reads there, P vectors sw L apart); `chan`, `dy`, `dx` = its channel's plane, ky dh and kx dw (a tile at
-// the border checks each position).
-struct BlockedTaps {
-  std::vector<int64_t> off, chan;
-  std::vector<int32_t> dy, dx;
-};
-
-// One tile: P output positions from ow0 of one row, output channel with CSR row [e0, e1): acc = the sum, in
-// chains. x: the sample block's input; (ih0, iw0): the input position of the tile's first output position;
-// interior: every read of the tile inside the input.
+// One tile: P output positions of one row, output channel with CSR row [e0, e1): out = the sum, in chains.
+// x: the input at the tile's first window (its (oh s, ow s) in the padded input); off[e]: where kept
+// coefficient e reads from there (its channel's plane + (ky d W + kx d) L numbers); positions `step` numbers
+// apart.
 template <typename scalar_t, int P, int CH>
-inline void blocked_tile(const BlockedGeometry& g, const scalar_t* __restrict__ vals, int64_t e0, int64_t e1,
-                         const BlockedTaps& taps, const scalar_t* __restrict__ x, int64_t ih0, int64_t iw0,
-                         bool interior, const typename Lane<scalar_t>::V* zero, typename Lane<scalar_t>::V* out) {
+inline void blocked_tile(const scalar_t* __restrict__ vals, int64_t e0, int64_t e1, const int64_t* __restrict__ off,
+                         const scalar_t* __restrict__ x, int64_t step, typename Lane<scalar_t>::V* out) {
   using V = typename Lane<scalar_t>::V;
-  constexpr int L = Lane<scalar_t>::L;
   V acc[CH][P];
 #pragma GCC unroll 8
   for (int c = 0; c < CH; ++c)
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) acc[c][p] = V{};
-  const int64_t step = g.sw * L;
-  const int64_t* __restrict__ off = taps.off.data();
-  const scalar_t* base = x + (ih0 * g.W + iw0) * L;  // (read only where interior)
-  // one entry into chain c: interior tiles read P vectors at a fixed step; others check every position
   const auto add = [&](int c, int64_t e) {
     const scalar_t w = vals[e];
-    if (interior) {
-      const scalar_t* r = base + off[e];
+    const scalar_t* r = x + off[e];
 #pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) acc[c][p] += w * *reinterpret_cast<const V*>(r + p * step);
-      return;
-    }
-    const int64_t ih = ih0 + taps.dy[e];
-    const bool row = ih >= 0 && ih < g.H;
-    const scalar_t* xr = x + taps.chan[e] + ih * g.W * L;
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) {
-      const int64_t iw = iw0 + p * g.sw + taps.dx[e];
-      const V* r = row && iw >= 0 && iw < g.W ? reinterpret_cast<const V*>(xr + iw * L) : zero;
-      asm("" : "+r"(r));  // (an opaque pointer: without it GCC left this multiply-add unfused, a last bit off)
-      acc[c][p] += w * *r;
-    }
+    for (int p = 0; p < P; ++p) acc[c][p] += w * *reinterpret_cast<const V*>(r + p * step);
   };
   int64_t e = e0;
   for (; e + CH <= e1; e += CH)
@@ -111,87 +84,91 @@ inline void blocked_tile(const BlockedGeometry& g, const scalar_t* __restrict__ 
 }
 
 template <typename scalar_t, int P>
-inline void blocked_tile_store(const BlockedGeometry& g, const scalar_t* vals, int64_t e0, int64_t e1,
-                               const BlockedTaps& taps, const scalar_t* x, int64_t ih0, int64_t iw0, bool interior,
-                               const typename Lane<scalar_t>::V* zero, scalar_t b, const scalar_t* res, scalar_t* y,
-                               int64_t activation) {
+inline void blocked_tile_store(const scalar_t* vals, int64_t e0, int64_t e1, const int64_t* off, const scalar_t* x,
+                               int64_t step, scalar_t b, const scalar_t* res, scalar_t* y, int64_t activation) {
   using V = typename Lane<scalar_t>::V;
   constexpr int L = Lane<scalar_t>::L;
   V acc[P];
-  blocked_tile<scalar_t, P, chains<64 / L>()>(g, vals, e0, e1, taps, x, ih0, iw0, interior, zero, acc);
+  blocked_tile<scalar_t, P, chains<64 / L>()>(vals, e0, e1, off, x, step, acc);
   with_activation(activation, [&](auto a) { blocked_store<scalar_t, P, decltype(a)::value>(acc, b, res, y); });
 }
 
 // The tail of a row: q < kBlockedTile positions, by the tile of that width.
 template <typename scalar_t, int P = kBlockedTile - 1>
-inline void blocked_tail(int64_t q, const BlockedGeometry& g, const scalar_t* vals, int64_t e0, int64_t e1,
-                         const BlockedTaps& taps, const scalar_t* x, int64_t ih0, int64_t iw0, bool interior,
-                         const typename Lane<scalar_t>::V* zero, scalar_t b, const scalar_t* res, scalar_t* y,
+inline void blocked_tail(int64_t q, const scalar_t* vals, int64_t e0, int64_t e1, const int64_t* off,
+                         const scalar_t* x, int64_t step, scalar_t b, const scalar_t* res, scalar_t* y,
                          int64_t activation) {
   if constexpr (P >= 1) {
     if (q == P) {
-      blocked_tile_store<scalar_t, P>(g, vals, e0, e1, taps, x, ih0, iw0, interior, zero, b, res, y, activation);
+      blocked_tile_store<scalar_t, P>(vals, e0, e1, off, x, step, b, res, y, activation);
       return;
     }
-    blocked_tail<scalar_t, P - 1>(q, g, vals, e0, e1, taps, x, ih0, iw0, interior, zero, b, res, y, activation);
+    blocked_tail<scalar_t, P - 1>(q, vals, e0, e1, off, x, step, b, res, y, activation);
   }
 }
 
 // y (nb, c_out, OH, OW, L) = act(conv(xb) + bias + res), xb (nb, c_in, H, W, L); CSR columns i*K + t.
+// With padding, xb is first laid out zero-padded (plane by plane, threads splitting the planes), so that
+// every tile reads inside its input: tiles checking each position at the border ran 3x3 256->256 @14 at 95%
+// (batch 32, 2 threads) 1.6x and 512->512 @7 2.1x slower than the NCHW direct path (every tile of a 14- or
+// 7-wide row has a border column); padded, 0.68x and 0.72x of it.
 template <typename scalar_t>
 void conv_blocked_impl(const at::Tensor& xb, const at::Tensor& crow_t, const at::Tensor& col_t,
                        const at::Tensor& vals_t, const scalar_t* bias, const scalar_t* rp, int64_t activation,
                        const BlockedGeometry& g, at::Tensor& y) {
-  using V = typename Lane<scalar_t>::V;
   constexpr int L = Lane<scalar_t>::L, P = kBlockedTile;
+  if (g.ph > 0 || g.pw > 0) {
+    BlockedGeometry padded = g;
+    padded.H += 2 * g.ph, padded.W += 2 * g.pw, padded.ph = padded.pw = 0;
+    at::Tensor xpad = Recycler::instance().empty({g.nb, g.c_in, padded.H, padded.W, L}, xb.options());
+    const scalar_t* src = xb.data_ptr<scalar_t>();
+    scalar_t* dst = xpad.data_ptr<scalar_t>();
+    const int64_t row = g.W * L, prow = padded.W * L;
+    at::parallel_for(0, g.nb * g.c_in, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        scalar_t* d = dst + bc * padded.H * prow;
+        const scalar_t* sp = src + bc * g.H * row;
+        std::memset(d, 0, g.ph * prow * sizeof(scalar_t));
+        for (int64_t h = 0; h < g.H; ++h) {
+          scalar_t* dr = d + (g.ph + h) * prow;
+          std::memset(dr, 0, g.pw * L * sizeof(scalar_t));
+          std::memcpy(dr + g.pw * L, sp + h * row, row * sizeof(scalar_t));
+          std::memset(dr + g.pw * L + row, 0, g.pw * L * sizeof(scalar_t));
+        }
+        std::memset(d + (g.ph + g.H) * prow, 0, g.ph * prow * sizeof(scalar_t));
+      }
+    });
+    conv_blocked_impl<scalar_t>(xpad, crow_t, col_t, vals_t, bias, rp, activation, padded, y);
+    return;
+  }
   const int64_t* crow = crow_t.data_ptr<int64_t>();
   const int64_t* col = col_t.data_ptr<int64_t>();
   const scalar_t* vals = vals_t.data_ptr<scalar_t>();
   const scalar_t* xp = xb.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  const int64_t K = g.kh * g.kw, nnz = col_t.numel(), plane = g.H * g.W * L;
-  BlockedTaps taps;
-  taps.off.resize(nnz), taps.chan.resize(nnz), taps.dy.resize(nnz), taps.dx.resize(nnz);
+  const int64_t K = g.kh * g.kw, nnz = col_t.numel(), plane = g.H * g.W * L, step = g.sw * L;
+  std::vector<int64_t> off(nnz);  // where kept coefficient e reads from its window's first position
   for (int64_t e = 0; e < nnz; ++e) {
-    const int64_t i = col[e] / K, t = col[e] % K, dy = (t / g.kw) * g.dh, dx = (t % g.kw) * g.dw;
-    taps.chan[e] = i * plane, taps.dy[e] = static_cast<int32_t>(dy), taps.dx[e] = static_cast<int32_t>(dx);
-    taps.off[e] = i * plane + (dy * g.W + dx) * L;
+    const int64_t i = col[e] / K, t = col[e] % K;
+    off[e] = i * plane + ((t / g.kw) * g.dh * g.W + (t % g.kw) * g.dw) * L;
   }
-  // output columns [lo, hi) and rows [row_lo, row_hi) whose every tap reads inside the input
-  const auto inside = [](int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d, int64_t& lo,
-                         int64_t& hi) {  // o s - p >= 0 and o s - p + (k - 1) d <= in - 1
-    lo = std::min(out, (p + s - 1) / s);
-    const int64_t last = in - 1 + p - (k - 1) * d;  // o s <= last
-    hi = last < 0 ? 0 : std::min(out, last / s + 1);
-    hi = std::max(hi, lo);
-  };
-  int64_t lo, hi, row_lo, row_hi;
-  inside(g.W, g.OW, g.kw, g.sw, g.pw, g.dw, lo, hi);
-  inside(g.H, g.OH, g.kh, g.sh, g.ph, g.dh, row_lo, row_hi);
-  constexpr int64_t OB = 8;  // output channels per work unit
-  const int64_t oblocks = (g.c_out + OB - 1) / OB;
-  alignas(64) static const scalar_t zeros[L] = {};
-  const V* zero = reinterpret_cast<const V*>(zeros);
-  at::parallel_for(0, g.nb * g.OH * oblocks, 1, [&](int64_t begin, int64_t end) {
+  // work units: (sample block, output row, tile of P positions), each for every output channel, so that the
+  // tile's input (its rows' (P - 1) sw + (kw - 1) dw + 1 columns in every channel) is read from L2 by all
+  const int64_t tiles = (g.OW + P - 1) / P;
+  at::parallel_for(0, g.nb * g.OH * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t ob = u % oblocks, oh = (u / oblocks) % g.OH, b = u / (oblocks * g.OH);
-      const scalar_t* x = xp + b * g.c_in * plane;
-      const int64_t ih0 = oh * g.sh - g.ph;
-      const bool row_inside = oh >= row_lo && oh < row_hi;
-      for (int64_t o = ob * OB; o < std::min(g.c_out, (ob + 1) * OB); ++o) {
+      const int64_t tile = u % tiles, oh = (u / tiles) % g.OH, b = u / (tiles * g.OH);
+      const int64_t ow = tile * P, q = std::min<int64_t>(P, g.OW - ow);
+      const scalar_t* x = xp + b * g.c_in * plane + (oh * g.sh * g.W + ow * g.sw) * L;
+      for (int64_t o = 0; o < g.c_out; ++o) {
         const scalar_t bo = bias != nullptr ? bias[o] : scalar_t(0);
-        const int64_t at = ((b * g.c_out + o) * g.OH + oh) * g.OW * L;
-        scalar_t* yo = yp + at;
+        const int64_t at = (((b * g.c_out + o) * g.OH + oh) * g.OW + ow) * L;
         const scalar_t* ro = rp != nullptr ? rp + at : nullptr;
-        int64_t ow = 0;
-        for (; ow + P <= g.OW; ow += P)
-          blocked_tile_store<scalar_t, P>(g, vals, crow[o], crow[o + 1], taps, x, ih0, ow * g.sw - g.pw,
-                                          row_inside && ow >= lo && ow + P <= hi, zero, bo,
-                                          ro ? ro + ow * L : nullptr, yo + ow * L, activation);
-        if (ow < g.OW)
-          blocked_tail<scalar_t>(g.OW - ow, g, vals, crow[o], crow[o + 1], taps, x, ih0, ow * g.sw - g.pw,
-                                 row_inside && ow >= lo && g.OW <= hi, zero, bo, ro ? ro + ow * L : nullptr,
-                                 yo + ow * L, activation);
+        if (q == P)
+          blocked_tile_store<scalar_t, P>(vals, crow[o], crow[o + 1], off.data(), x, step, bo, ro, yp + at,
+                                          activation);
+        else
+          blocked_tail<scalar_t>(q, vals, crow[o], crow[o + 1], off.data(), x, step, bo, ro, yp + at, activation);
       }
     }
   });
@@ -389,7 +366,7 @@ namespace {
 // Its numbers are those of the NCHW direct path, bit for bit; a conv the NCHW call runs on the gather path
 // (ipfx/ops/native.py's direct_applies: small maps, strides) sums the same products in another order there.
 bool runs_blocked(const BoundConv& c) {
-  if (c.basis.has_value() || c.transposed || c.kernel.size() != 2 || !c.sized) return false;
+  if (c.basis.has_value() || c.transposed || c.kernel.size() != 2 || !c.sized || c.groups != 1) return false;
   const bool single = c.size[0] * c.size[1] == 1 && c.kernel[0] * c.kernel[1] == 1 && c.padding[0] == 0 &&
                       c.padding[1] == 0;
   return !single;
