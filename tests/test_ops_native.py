@@ -899,3 +899,23 @@ def test_the_cost_model_runs_a_sparse_ip_depthwise_conv_folded():
             ref = F.conv2d(x, m.to_dense_weight(), padding=1, groups=groups)
             torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(m(x, order=ORDER_NATIVE), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [0, 4])
+def test_a_call_under_autocast_leaves_the_module_computing_in_its_own_dtype(order):
+    """What is kept per storage (the basis fold C @ B, plans) is made with autocast off: before, an IP module's
+    first call under CPU bfloat16 autocast kept a bfloat16 fold, and that call and every later one failed
+    ("values must have x's dtype"), with autocast or without."""
+    torch.manual_seed(0)
+    C, K = 32, 9
+    coeff = torch.randn(C, 1, K) * (torch.rand(C, 1, K) < 0.5)
+    basis = torch.linalg.qr(torch.randn(K, K))[0]
+    x = torch.randn(2, C, 16, 16)
+    expected = F.conv2d(x, (coeff @ basis).reshape(C, 1, 3, 3), None, 1, 1, 1, C)
+    conv = SparseIPConv.from_coefficients(coeff, basis, None, weight_shape=(C, 1, 3, 3), padding=1, groups=C)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = conv(x, order)
+        after = conv(x, order)
+    assert torch.allclose(under.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert after.dtype == torch.float32 and torch.allclose(after, expected, atol=1e-5)

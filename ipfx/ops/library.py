@@ -23,7 +23,7 @@ from . import epilogue, native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
 from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_conv_operands, _spmm, conv_layout
 from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, autotune_setting, resolve_order
-from .storage import _cached, _sparse_matrix, _storage_entry
+from .storage import _cached, _sparse_matrix, _storage_entry, built_without_autocast
 
 
 _INFERENCE_ONLY = (
@@ -163,7 +163,7 @@ def _planned(indices: Tensor, kind: tuple, state: tuple, build, keep: tuple):
         plans.pop(stale, None)  # (pop: another thread calling the same model may have dropped it already)
     for oldest in list(plans)[:max(0, len(plans) + 1 - PLANS_PER_STORAGE)]:
         plans.pop(oldest, None)
-    plan = build()
+    plan = built_without_autocast(build)
     plans[(kind, state)] = (plan, keep)
     return plan
 

@@ -21,6 +21,8 @@ The kernel is kept as a coefficient tensor ``C`` of shape ``(w0, w1, K)`` and a 
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 import weakref
 from typing import Optional
@@ -110,12 +112,25 @@ def _storage_entry(indices: Tensor) -> dict:
     return entry
 
 
+def built_without_autocast(build):
+    """``build()`` with autocast off (CPU, and CUDA where there is one). What is kept per storage (folded
+    kernels, matrices, plans) must not depend on whether the call that made it ran under autocast: a basis fold
+    ``C @ B`` made under CPU bfloat16 autocast came out bfloat16 and was kept, and every later call of that
+    module failed, with autocast or without ("values must have x's dtype")."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        return build()
+
+
 def _cached(entry: dict, which: str, key: tuple, build):
-    """``entry[which]`` if it was built for ``key``, else ``build()`` (replacing the stale one)."""
+    """``entry[which]`` if it was built for ``key``, else ``build()`` (replacing the stale one; autocast off:
+    :func:`built_without_autocast`)."""
     hit = entry.get(which)
     if hit is not None and hit[0] == key:
         return hit[1]
-    value = build()
+    value = built_without_autocast(build)
     entry[which] = (key, value)
     return value
 
