@@ -747,3 +747,23 @@ def test_lazy_modules_never_called_are_refused_saying_to_call_the_model_first(ex
     t = quiet(ipfx.transform, model, example_inputs=(x,) if example else None)
     assert {w.name for w in ipfx.rewritten_weights(t)} == {"0.weight", "3.weight"}
     assert_close(t(x), model(x), kind="lazy modules after their first call")
+
+
+class _Cache:
+    """An output object without ==, as transformers' DynamicCache."""
+
+
+class ReturnsCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x), _Cache()
+
+
+def test_an_output_object_without_equality_is_named_as_the_reason_not_printed_twice():
+    """Two caches print alike, so the check said "output 1: <cache> instead of <cache>"; it now says that the
+    object cannot be compared and what to return instead."""
+    with pytest.raises(ipfx.errors.TraceError, match=r"output 1: a _Cache, which has no == .*use_cache=False"):
+        quiet(ipfx.transform, ReturnsCache().eval(), example_inputs=(torch.randn(2, 3, 8, 8),))

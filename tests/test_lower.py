@@ -236,3 +236,44 @@ def test_torch_export_captures_transformed_and_lowered_models():
             assert_close(ep.module()(x), y, kind=f"export: {name}")
             if name == "fused":
                 assert "ipfx.ip_conv.default" in _targets(ep) and "ipfx.sparse_linear.default" in _targets(ep)
+
+
+class TiedEmbeddingFirst(nn.Module):
+    """An embedding tied to the output layer, registered first (as in GPT-2 and BERT language models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.emb.weight = self.head.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_a_tied_weight_left_unread_by_the_graph_is_not_kept_stale():
+    """torch.export reads a tied weight under one name; the other (emb.weight) stayed in the transformed and the
+    lowered model holding the original tensor: after pruning and training, the lowered state dict's emb.weight
+    was the untrained dense weight beside the trained head.weight. Now the name is gone from the transformed
+    model and, lowered, holds the folded weight (the tie)."""
+    torch.manual_seed(0)
+    model = TiedEmbeddingFirst().eval()
+    original = model.head.weight.detach().clone()
+    ids = torch.randint(0, 20, (2, 5))
+    t = quiet(ipfx.transform, model, example_inputs=(ids,))
+    assert "emb.weight" not in t.state_dict()
+    ipfx.prune(t, "magnitude", 0.5)
+    opt = torch.optim.SGD([p for p in t.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        t(ids).logsumexp(-1).sum().backward()
+        opt.step()
+    t.eval()
+    for target in ("dense", "fused"):
+        lowered = quiet(ipfx.lower, t, target)
+        assert_close(lowered(ids), t(ids), kind=f"tied, lowered {target}")
+    state = ipfx.lower(t, "dense").state_dict()
+    assert torch.equal(state["emb.weight"], state["head.weight"]) and not torch.equal(state["emb.weight"], original)
+    again = TiedEmbeddingFirst()
+    again.load_state_dict(state)
+    assert_close(again(ids), t(ids), kind="tied, loaded into the class")

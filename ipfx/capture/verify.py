@@ -78,6 +78,9 @@ def difference(actual: Any, expected: Any) -> str | None:
                     return f"{where}: relative error {err:.3g}"
             elif not torch.equal(a, e):
                 return f"{where}: values differ"
+        elif type(a) is type(e) and type(e).__eq__ is object.__eq__ and a is not e:
+            return (f"{where}: a {type(e).__name__}, which has no == to compare it by; make the model return "
+                    "tensors, numbers and containers of them (a transformers model: use_cache=False)")
         elif a != e and not (isinstance(a, float) and isinstance(e, float) and abs(a - e) <= 1e-6 * abs(e)):
             return f"{where}: {a!r} instead of {e!r}"
     return None

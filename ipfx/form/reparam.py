@@ -107,6 +107,7 @@ class BasisWeight(nn.Module):
         self.source = source
         self.memory_format: str | None = None  # "channels_last"/"channels_last_3d" when the weight was so
         self.aliases: dict[str, ModuleSpec] = {}  # other standard modules tied to this weight, by path
+        self.tied_names: tuple[str, ...] = ()  # other attribute paths of the graph that held the same parameter
         self.capture: str | None = None  # the front end whose graph reads it ("export", "symbolic", "parametrized")
 
     def fold(self) -> torch.Tensor:

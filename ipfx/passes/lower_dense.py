@@ -48,6 +48,14 @@ def fold_subgraph(gm: fx.GraphModule, sub: ComposeSubgraph) -> None:
     param_name = module.weight_name
     graph = gm.graph
     _replace_module(gm, sub.prefix, param_name, module, weight)
+    for path in getattr(module, "tied_names", ()):  # the tied names torch.export left unread: the same weight
+        owner_path, _, leaf = path.rpartition(".")
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+        except AttributeError:
+            continue
+        if not hasattr(owner, leaf):
+            owner.register_parameter(leaf, weight)
     if sub.output is not None:
         with graph.inserting_before(sub.nodes[0]):
             folded = graph.get_attr(param_name)

@@ -142,6 +142,7 @@ class _GraphRewrite:
         module = self.factory.make(site.param, site.name, site.kind, settings, source)
         module.aliases = {path: ModuleSpec.of(m) for path, m in self.inlined.items()
                           if path != owner_path and m._parameters.get("weight") is site.param}
+        module.tied_names = _drop_dead_aliases(gm, site.param, site.name, self.owners)
         self._install(gm, site, prefix, owner_path, attr, module)
         self._insert_subgraph(gm, site, prefix, module)
         self.rewritten[prefix] = module
@@ -224,6 +225,34 @@ class CoefficientFactory:
         if settings.share_basis:
             self._shared[key] = basis
         return basis
+
+
+def _drop_dead_aliases(gm: fx.GraphModule, param: torch.Tensor, name: str, owners: dict) -> tuple[str, ...]:
+    """Other attribute paths of ``gm`` holding ``param`` (a weight tied to another module's: an embedding and the
+    output layer of a language model) that no node reads: torch.export reads a tied parameter under one name
+    and leaves the other behind. Left in place, that name kept the original, untrained tensor in the
+    transformed model's state dict and in the lowered one (under the tied key, so a model class that loads it
+    last got it back). Deleted here, with their unused ``get_attr`` nodes; the names, for the lowering to give
+    the folded weight (:func:`ipfx.passes.lower_dense.fold_subgraph`). Not a module registered under two
+    paths (the same module of the original model, ``owners``: path -> original module): one holder, two names."""
+    def owner_of(path: str) -> nn.Module:
+        owner_path = path.rpartition(".")[0]
+        return gm.get_submodule(owner_path) if owner_path else gm
+
+    dead, mine = [], owner_of(name)
+    mine_originally = owners.get(name.rpartition(".")[0])
+    for path in [path for path, p in gm.named_parameters(remove_duplicate=False) if p is param and path != name]:
+        theirs_originally = owners.get(path.rpartition(".")[0])
+        if owner_of(path) is mine or (mine_originally is not None and theirs_originally is mine_originally):
+            continue  # the same module under another path (registered twice): not another holder
+        reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == path]
+        if any(n.users for n in reads):
+            continue
+        for n in reads:
+            gm.graph.erase_node(n)
+        delattr(owner_of(path), path.rpartition(".")[2])
+        dead.append(path)
+    return tuple(dead)
 
 
 def _memory_format(weight: torch.Tensor) -> str | None:
