@@ -15,7 +15,7 @@ the same products in another order where it gathers in tiles of 16 or 32 positio
 on small maps).
 
 :func:`plan` decides, per step of a program built for one input signature: a conv step runs blocked where its
-bound kernel can (``runs_blocked``: SP, 2-d, bound for one input size of more than one position) and its input
+bound kernel can (``runs_blocked``: SP, 2-d, ungrouped, bound for one input size of more than one position) and its input
 is a float32 batch of a multiple of L samples; a native max pool or channel mean step (:func:`blocked_form`)
 where its input is held blocked (the channel mean's result is NCHW: a squeeze-excite's or a head's); an op of
 :data:`LAYOUT_FREE` where one of its inputs is held blocked and every tensor it reads or returns is such a

@@ -227,10 +227,25 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
     if not all(isinstance(o, fx.Node) for o in flat_outs):
         return None, results
     pairs = _pointwise_pairs(steps) if FUSE_POINTWISE_GROUPED else {}
+    runs, held = blocked.plan(steps, meta, native.runs_blocked, keep=set(pairs) | {a for a, _ in pairs.values()})
+    try:
+        program = _emit(gm, steps, slot, meta, len(flat), flat_outs, pairs, runs, held)
+    except _NotBlocked:  # a step planned on the blocked layout that its op cannot take: all NCHW
+        program = _emit(gm, steps, slot, meta, len(flat), flat_outs, pairs, set(), set())
+    return program, results
+
+
+class _NotBlocked(Exception):
+    """A step the blocked plan put on the layout that cannot run there (:func:`_emit`)."""
+
+
+def _emit(gm: fx.GraphModule, steps: list, slot: dict, meta: dict, inputs: int, flat_outs: list, pairs: dict,
+          runs: set, held: set):
+    """The program of ``steps`` (:func:`_build`), with the steps of ``runs`` on the blocked layout and the values
+    of ``held`` kept in it."""
     inside = {a for a, _ in pairs.values()}
-    runs, held = blocked.plan(steps, meta, native.runs_blocked, keep=set(pairs) | inside)
     # (a value is converted at most once, to the layout it is not held in: one more slot per tensor at most)
-    program = native.new_program(len(slot) + len(meta), len(flat))
+    program = native.new_program(len(slot) + len(meta), inputs)
     guards = _Guards(program)
     names = []  # each step's node, for profiles (Program.step_seconds)
     converted: dict[fx.Node, int] = {}  # node -> the slot of its value in the layout it is not held in
@@ -277,8 +292,8 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
                 names.append(node.name)
                 continue
             except (TypeError, RuntimeError, ValueError):  # an argument it cannot take: a Python step
-                if on_blocked:  # (planned on the blocked layout: the plan's every op takes its arguments)
-                    raise
+                if on_blocked:
+                    raise _NotBlocked(node.name)
                 step = _python_step(gm, node)
         _, fn, inputs = step
         if node.op == "call_module":
@@ -290,7 +305,7 @@ def _build(gm: fx.GraphModule, flat: list) -> tuple[Any, list]:
         names.append(node.name)
     program.set_outputs([read(o, False) if o in meta else slot[o] for o in flat_outs])
     program.nodes = names
-    return program, results
+    return program
 
 
 def _pointwise_pairs(steps: list) -> dict:
