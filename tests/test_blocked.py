@@ -238,3 +238,31 @@ def test_a_program_with_a_conv_that_cannot_run_blocked_stays_nchw_throughout(tmp
         kinds[groups] = the_program(m, big).kinds
     assert kinds[1].count("blocked") == 3, kinds
     assert "blocked" not in kinds[8] and not any("blocked)" in n for n in kinds[8]), kinds
+
+
+class Halved(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) * 0.5 - 1.0)
+
+
+def test_an_elementwise_op_with_a_number_runs_on_the_blocked_values(tmp_path):
+    """``y * 0.5 - 1.0`` are aten ops the program calls from Python (a number for a tensor argument): planned
+    blocked, they made the whole program rebuild NCHW; now they run on the blocked values, with no conversion
+    but the input's and the output's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10)
+    t = quiet(ipfx.transform, Halved().eval(), space="sp", example_inputs=(x,))
+    randomize_masks(t, 0.05)
+    path = quiet(ipfx.deploy.save_program, quiet(ipfx.lower, t.eval(), target="fused", freeze=True),
+                 tmp_path / "halved", x)
+    m = quiet(ipfx.deploy.load_module, str(path))
+    big = torch.randn(lanes(), 3, 10, 10)
+    with torch.inference_mode():
+        assert torch.equal(m(big), generated(m, big))
+    kinds, names = the_program(m, big).kinds, the_program(m, big).nodes
+    assert kinds.count("blocked") == 2 and "python" in kinds, kinds
+    assert [n for n in names if n.endswith("blocked)")] == ["x (to blocked)", "b (from blocked)"], names

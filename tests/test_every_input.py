@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -416,6 +417,23 @@ def test_no_example_isinstance_branch_is_caught_on_first_call():
     for lowered in (ipfx.lower(t, "dense"), quiet(ipfx.lower, t, "fused"),
                     quiet(ipfx.lower, t.eval(), "fused", freeze=True)):  # the part runs its forward: kept
         assert_close(quiet(lowered.eval(), x), model(x), kind="isinstance branch, lowered")
+
+
+def test_a_pickled_model_keeps_the_first_call_checks_verdict():
+    """A graph the first-call check found wrong runs its module's forward; pickled, it lost that (torch.fx
+    rebuilds a GraphModule without meta) and ran the wrong graph: 1.57 off, silently. Now it unpickles with its
+    fallback and verdict, and so does a graph not yet checked (the check runs on its first call there)."""
+    model = Decoder().eval()
+    x = torch.randn(2, 3, 8, 8)
+    unchecked = ipfx.transform(model)
+    t = ipfx.transform(model)
+    with pytest.warns(UserWarning, match="computes something else"):
+        t(x)
+    loaded = pickle.loads(pickle.dumps(t))
+    assert_close(quiet(loaded, x), model(x), kind="pickled after the first-call check")
+    with pytest.warns(UserWarning, match="computes something else"):
+        y = pickle.loads(pickle.dumps(unchecked))(x)
+    assert_close(y, model(x), kind="pickled before the first call")
 
 
 class Conditioned(nn.Module):

@@ -17,7 +17,7 @@ import inspect
 import torch.fx as fx
 import torch.nn as nn
 
-from . import guards
+from . import first_call, guards
 
 _SOURCE = "_ipfx_source_class"
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks, training, ...
@@ -73,6 +73,33 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
                 result._modules[name] = copy.deepcopy(child, memo)
         guards.sign(result)  # meta (with the fallback) is copied after torch.fx's recompile
         return result
+
+    def __reduce__(self):
+        """A graph with a fallback (a module whose own forward runs for some calls, :mod:`ipfx.capture.guards`,
+        :mod:`ipfx.capture.first_call`) unpickles as this class with its meta (:func:`_unpickled`): torch.fx
+        rebuilds a plain ``GraphModule`` without meta, which ran the graph for every call, silently computing
+        something else where the first-call check had found the graph wrong (a branch tracing could not see).
+        Loading such a pickle needs ipfx; any other graph pickles as torch's own (it loads without ipfx)."""
+        rebuild, args = super().__reduce__()
+        if not any(key in self.meta for key in _BEHAVIOUR):
+            return rebuild, args
+        return _unpickled, (rebuild, args, self.meta)
+
+
+#: meta keys that change what a call of the graph runs: kept through pickling (CapturedGraphModule.__reduce__)
+_BEHAVIOUR = (guards.FALLBACK, first_call.CHECK, first_call.USE_FORWARD)
+
+
+def _unpickled(rebuild, args: tuple, meta: dict) -> fx.GraphModule:
+    """torch.fx's rebuilt graph as a CapturedGraphModule with ``meta``: in a class of its own named as torch.fx
+    names those (``GraphModule.__new__`` skips such classes when it copies one; one subclassing torch's class
+    instead put two ``call_wrapped`` in a copy's classes, each calling the other), its forward and ``__call__``
+    made by ``recompile`` as torch.fx makes them."""
+    gm = rebuild(*args)
+    gm.__class__ = type("GraphModuleImpl", (CapturedGraphModule,), {})
+    gm.meta.update(meta)
+    gm.recompile()
+    return gm
 
 
 def plain_attributes(old: nn.Module, new: nn.Module) -> dict:

@@ -292,16 +292,16 @@ def _emit(gm: fx.GraphModule, steps: list, slot: dict, meta: dict, inputs: int, 
                 names.append(node.name)
                 continue
             except (TypeError, RuntimeError, ValueError):  # an argument it cannot take: a Python step
-                if on_blocked:
+                if on_blocked and op not in blocked.LAYOUT_FREE:
                     raise _NotBlocked(node.name)
-                step = _python_step(gm, node)
+                step = _python_step(gm, node)  # (an elementwise op on the blocked values: x * 0.5)
         _, fn, inputs = step
         if node.op == "call_module":
             module = guards.path(gm, node.target)
             if _input_guards(module, node):  # (passed in this build, and bound to pass for this signature)
                 guards.item(module.__dict__, "forward")
                 continue
-        program.add_python(fn, [read(n, False) if n in meta else slot[n] for n in inputs], out)
+        program.add_python(fn, [read(n, on_blocked) if n in meta else slot[n] for n in inputs], out)
         names.append(node.name)
     program.set_outputs([read(o, False) if o in meta else slot[o] for o in flat_outs])
     program.nodes = names
