@@ -277,3 +277,17 @@ def test_a_tied_weight_left_unread_by_the_graph_is_not_kept_stale():
     again = TiedEmbeddingFirst()
     again.load_state_dict(state)
     assert_close(again(ids), t(ids), kind="tied, loaded into the class")
+
+
+def test_a_tied_weight_a_leaf_module_reads_stays_with_it():
+    """An embedding called as a leaf reads its (tied) weight itself: not a name left unread, so it stays (the
+    tie converted into coefficient form by the transform), and the model computes as before."""
+    torch.manual_seed(0)
+    model = TiedEmbeddingFirst().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    t = quiet(ipfx.transform, model, leaf_modules=[nn.Embedding])
+    assert_close(t(ids), model(ids), kind="tied, embedding a leaf")
+    ipfx.prune(t, "magnitude", 0.5)
+    state = ipfx.lower(t, "dense").state_dict()
+    assert torch.equal(state["emb.weight"], state["head.weight"])
+    assert_close(ipfx.lower(t, "dense")(ids), t(ids), kind="tied, embedding a leaf, lowered")

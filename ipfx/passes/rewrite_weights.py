@@ -245,6 +245,9 @@ def _drop_dead_aliases(gm: fx.GraphModule, param: torch.Tensor, name: str, owner
         theirs_originally = owners.get(path.rpartition(".")[0])
         if owner_of(path) is mine or (mine_originally is not None and theirs_originally is mine_originally):
             continue  # the same module under another path (registered twice): not another holder
+        if type(owner_of(path)) is not nn.Module:
+            continue  # a module of its own (a leaf the graph calls reads its weight itself): only torch.export's
+            # attribute holders, plain modules, are left with names nobody reads
         reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == path]
         if any(n.users for n in reads):
             continue
