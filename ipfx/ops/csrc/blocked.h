@@ -47,40 +47,16 @@ inline void blocked_store(const typename Lane<scalar_t>::V* acc, scalar_t b, con
   }
 }
 
-// One tile: P output positions of one row, output channel with CSR row [e0, e1): out = the sum, in chains.
-// x: the input at the tile's first window (its (oh s, ow s) in the padded input); off[e]: where kept
-// coefficient e reads from there (its channel's plane + (ky d W + kx d) L numbers); positions `step` numbers
-// apart.
+// One tile: P output positions of one row, output channel with CSR row [e0, e1): out = the sum, in the NCHW
+// paths' chains (sparse_accumulate). x: the input at the tile's first window (its (oh s, ow s) in the padded
+// input); off[e]: where kept coefficient e reads from there (its channel's plane + (ky d W + kx d) L numbers);
+// positions `step` numbers apart.
 template <typename scalar_t, int P, int CH>
 inline void blocked_tile(const scalar_t* __restrict__ vals, int64_t e0, int64_t e1, const int64_t* __restrict__ off,
                          const scalar_t* __restrict__ x, int64_t step, typename Lane<scalar_t>::V* out) {
   using V = typename Lane<scalar_t>::V;
-  V acc[CH][P];
-#pragma GCC unroll 8
-  for (int c = 0; c < CH; ++c)
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) acc[c][p] = V{};
-  const auto add = [&](int c, int64_t e) {
-    const scalar_t w = vals[e];
-    const scalar_t* r = x + off[e];
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) acc[c][p] += w * *reinterpret_cast<const V*>(r + p * step);
-  };
-  int64_t e = e0;
-  for (; e + CH <= e1; e += CH)
-#pragma GCC unroll 8
-    for (int c = 0; c < CH; ++c) add(c, e + c);
-#pragma GCC unroll 8
-  for (int c = 0; c < CH; ++c)
-    if (e + c < e1) add(c, e + c);
-#pragma GCC unroll 8
-  for (int s = 1; s < CH; s *= 2)
-#pragma GCC unroll 8
-    for (int c = 0; c + s < CH; c += 2 * s)
-#pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) acc[c][p] += acc[c + s][p];
-#pragma GCC unroll 8
-  for (int p = 0; p < P; ++p) out[p] = acc[0][p];
+  sparse_accumulate<scalar_t, P, CH>(vals, e0, e1, [&](int64_t e) { return reinterpret_cast<const V*>(x + off[e]); },
+                                     out, step / Lane<scalar_t>::L);
 }
 
 template <typename scalar_t, int P>

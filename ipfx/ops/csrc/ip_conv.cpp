@@ -266,10 +266,11 @@ constexpr int chains() {
 }
 
 // out[0 .. NV) = sum_{e in [e0, e1)} vals[e] * row(e)[0 .. NV), row(e) a const V* (CH chains, above; a caller
-// whose tile width varies fixes CH, so that every position's sum is the same whatever the width).
+// whose tile width varies fixes CH, so that every position's sum is the same whatever the width); with `step`,
+// the NV vectors row(e)[0], row(e)[step], ... (the blocked layout's strided positions, blocked.h).
 template <typename scalar_t, int NV, int CH = chains<NV>(), typename RowOf>
 inline void sparse_accumulate(const scalar_t* __restrict__ vals, int64_t e0, int64_t e1, RowOf row_of,
-                              typename Lane<scalar_t>::V* out) {
+                              typename Lane<scalar_t>::V* out, int64_t step = 1) {
   using V = typename Lane<scalar_t>::V;
   V acc[CH][NV];
 #pragma GCC unroll 8
@@ -283,7 +284,7 @@ inline void sparse_accumulate(const scalar_t* __restrict__ vals, int64_t e0, int
       const scalar_t w = vals[e + c];
       const V* r = row_of(e + c);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[c][v] += w * r[v];
+      for (int v = 0; v < NV; ++v) acc[c][v] += w * r[v * step];
     }
   }
 #pragma GCC unroll 8
@@ -292,7 +293,7 @@ inline void sparse_accumulate(const scalar_t* __restrict__ vals, int64_t e0, int
       const scalar_t w = vals[e + c];
       const V* r = row_of(e + c);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[c][v] += w * r[v];
+      for (int v = 0; v < NV; ++v) acc[c][v] += w * r[v * step];
     }
   }
 #pragma GCC unroll 8
