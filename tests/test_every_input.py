@@ -234,6 +234,34 @@ def test_view_net_takes_any_batch_and_names_the_fixed_size():
         t(torch.randn(2, 3, 16, 16))
 
 
+class PairEncoder(nn.Module):
+    """Two frames through one encoder, as RAFT does: ``cat`` on the batch, then ``chunk``. Exported on two
+    samples, torch.export assumes the halves are not of size 1 and guards it, so the graph refuses the
+    one-sample example, and the export on the example fixes its batch of 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, y):
+        a, b = self.conv(torch.cat([x, y], 0)).chunk(2, 0)
+        return (a * b).sum(1)
+
+
+def test_a_batch_fixed_to_the_examples_one_is_said_at_transform():
+    model = PairEncoder().eval()
+    x, y = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"the batch is fixed to the example's 1.* give example inputs of the batch"):
+        t = ipfx.transform(model, example_inputs=(x, y))
+    assert_close(t(x, y), model(x, y), kind="pair encoder, the example")
+    with pytest.raises(AssertionError, match="ipfx shape guard"):
+        t(torch.cat([x, x]), torch.cat([y, y]))
+    t = quiet(ipfx.transform, model, example_inputs=(torch.cat([x, x]), torch.cat([y, y])))  # what the warning says
+    for batch in (2, 3):
+        xs, ys = torch.randn(batch, 3, 8, 8), torch.randn(batch, 3, 8, 8)
+        assert_close(t(xs, ys), model(xs, ys), kind="pair encoder, other batch")
+
+
 def test_guards_survive_pickling_lowering_and_program_saving(tmp_path):
     model = Viewed().eval()
     t = quiet(ipfx.transform, model, example_inputs=(torch.randn(4, 3, 8, 8),))

@@ -495,6 +495,9 @@ FIXED_SHAPE = {
              "on two samples (ipfx's way to free a one-sample batch), torch.export assumes the chunk is not of "
              "size 1 and guards batch != 1, which the one-sample example fails, so ipfx keeps the example's batch"
        for name in ("raft_small", "raft_large")},
+    "mvit_v2_s": "batch: exported on two samples, torch.export guards a size derived from the batch against 1 "
+                 "(`5376 * n * k // 448 != 5376 * k // 448`), which the one-sample example fails, so ipfx keeps "
+                 "the example's batch (and says so at transform)",
     "alexnet": "height and width: on the 64x64 example the last feature map is 1x1; torch's contiguity check "
                "guards that size being 1 and torch.export cannot solve the guard for the input size, so the "
                "dynamic export fails and the example's size is kept (a 96x96 example exports with free sizes)",

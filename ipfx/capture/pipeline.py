@@ -119,15 +119,23 @@ class Capture:
         (if they are), and the check that passed."""
         two = batch_of_two(self.args, self.kwargs) if self.dynamic_shapes is None else None
         attempts = ([two] if two is not None else []) + [(self.args, self.kwargs)]
+        refused = None  # why the graph exported on two samples failed
         for i, inputs in enumerate(attempts):
             try:
                 holder, fixed = export_modes(model, *inputs, self.dynamic_shapes)
                 check = CheckCapture(model, self.args, self.kwargs, export_inputs=inputs)
                 check.check(holder)
-                return holder, fixed, check
-            except TraceError:
+            except TraceError as exc:
                 if i == len(attempts) - 1:
                     raise
+                refused = first_line(exc)
+                continue
+            if refused is not None:  # exported on the one sample: torch.export fixes a size-1 batch
+                fixed = "; ".join(filter(None, (
+                    "the batch is fixed to the example's 1, as torch.export fixes a size of 1: the graph exported "
+                    f"on two samples failed on the one-sample example ({refused}); give example inputs of the "
+                    "batch size the model will run at", fixed)))
+            return holder, fixed, check
 
 
 @dataclasses.dataclass
