@@ -33,6 +33,7 @@ from .errors import IPFXTypeError, IPFXValueError, NotTransformedError, user_sta
 from .capture.export import graph_module_of
 from .inputs import as_args, as_kwargs
 from .capture.modes import ModeSwitch, keep_eval_graphs
+from .capture.source_attributes import FROZEN
 from .form.parametrize import is_parametrized
 from .capture.pipeline import FRONT_ENDS, capture as capture_graphs
 from .passes.fold_batch_norm import FoldBatchNorm
@@ -279,8 +280,8 @@ def lower(model: nn.Module, target: str = "dense", *, freeze: bool = False) -> n
     only, in eval mode, and folds what that makes constant: every eval-mode batch norm after a fused
     convolution into its coefficients and bias, then a following residual ``add`` and activation (relu,
     relu6, silu, gelu, hardswish) into the op's epilogue, applied while each output tile is in cache. It
-    keeps no train-mode graph (``.train()`` changes nothing a folded layer does): lower without ``freeze``
-    for a model that is still to be trained or calibrated. Nor does it keep a graph's fallback (the module's
+    keeps no train-mode graph, and its ``.train()`` raises (a train-mode call would compute eval mode): lower
+    without ``freeze`` for a model that is still to be trained or calibrated. Nor does it keep a graph's fallback (the module's
     own forward, with a dense copy of every weight, for calls of another pattern of optional arguments:
     :mod:`ipfx.passes.drop_fallbacks`): call it as it was captured; such a call raises.
     """
@@ -298,6 +299,10 @@ def lower(model: nn.Module, target: str = "dense", *, freeze: bool = False) -> n
         out = keep_eval_graphs(out)
     passes = lower_passes(target, _graphs_holding_weights(out), freeze)
     passes(out)
+    if freeze:  # .train() now raises rather than compute eval mode silently (CapturedGraphModule.train)
+        for module in out.modules():
+            if isinstance(module, fx.GraphModule):
+                module.meta[FROZEN] = True
     unchecked = passes.result(SettleFirstCallChecks.name).skipped
     if unchecked:
         warnings.warn(

@@ -314,6 +314,26 @@ def test_the_frozen_form_keeps_what_a_replaced_part_answered_for():
     assert copy.deepcopy(frozen).encoder.output_stride == 8
 
 
+@pytest.mark.parametrize("example", [True, False], ids=["export", "symbolic"])
+def test_the_frozen_form_refuses_train_mode(example):
+    """A frozen model computes the eval-mode function only: ``.train()`` raises (as a loaded program's does)
+    instead of leaving a model that computes eval mode while it says train, copies included; ``.eval()`` works."""
+    torch.manual_seed(0)
+    model, x = calibrated(Block("relu", True, False), 4, 6, 6, 6), torch.randn(2, 6, 6, 6)
+    frozen = quiet(ipfx.lower, transformed(model, x, example), "fused", freeze=True)
+    for result in (frozen, copy.deepcopy(frozen)):
+        assert result.eval() is result and not result.training
+        with pytest.raises(IPFXValueError, match="lowered with freeze=True.*lower without freeze"):
+            result.train()
+        assert not result.training
+        with torch.no_grad():
+            assert_close(result(x), model(x), kind="frozen, after a refused train()")
+    assert ipfx.lower(transformed(model, x, example), "fused").train().training  # not frozen: trains
+    t = quiet(ipfx.transform, ModalSegmenter().eval(), capture="symbolic")
+    with pytest.raises(IPFXValueError, match="freeze=True"):  # a frozen graph inside the user's own class
+        quiet(ipfx.lower, t, "fused", freeze=True).train()
+
+
 def test_freeze_checks_its_arguments():
     t = ipfx.transform(nn.Sequential(nn.Conv2d(1, 2, 3)), example_inputs=(torch.randn(1, 1, 5, 5),))
     with pytest.raises(IPFXValueError, match="use it with target='fused'"):

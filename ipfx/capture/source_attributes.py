@@ -20,6 +20,7 @@ import torch.nn as nn
 from . import first_call, guards
 
 _SOURCE = "_ipfx_source_class"
+FROZEN = "ipfx_frozen"  # GraphModule.meta key: the graph computes the eval-mode function only (CapturedGraphModule.train)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks, training, ...
 _PLAIN = (int, float, str, bool, tuple, list, dict, type(None))
 
@@ -47,6 +48,20 @@ class SourceAttributes:
 class CapturedGraphModule(SourceAttributes, fx.GraphModule):
     """The ``GraphModule`` every ipfx front end returns; calls are checked against the call pattern
     symbolic tracing specialised (:mod:`ipfx.capture.guards`), where there is one."""
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``, but a frozen graph (:data:`FROZEN`: ``ipfx.lower(..., freeze=True)``) refuses train
+        mode before anything changes: it computes the eval-mode function only (batch norms folded into its
+        convolutions, dropout gone), so a train-mode call would silently compute eval mode."""
+        if mode and self.__dict__.get("meta", {}).get(FROZEN):
+            from ..errors import IPFXValueError
+
+            raise IPFXValueError(
+                f"this {type(self).__name__} was lowered with freeze=True: it computes the model's eval-mode "
+                "function only (batch norms folded into its convolutions, no dropout), so it cannot run in train "
+                "mode; to train or calibrate, lower without freeze (ipfx.lower(model, 'fused')) or train the "
+                "transformed model")
+        return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
