@@ -191,6 +191,14 @@ def _as_loaded(module: nn.Module, mode: str, path: Path, example: str) -> None:
 
     module.__deepcopy__ = copy_.__get__(module)
 
+    def refuse_pickling(self, protocol=None):
+        raise IPFXValueError(
+            f"the program loaded from {path} cannot be pickled (torch.save, pickle, multiprocessing): torch's loaded "
+            "modules hold generated functions; keep the .pt2 file and load it again where it is needed, or write "
+            "it anew with ipfx.deploy.save_program(module, stem, example) (its state_dict() saves as any)")
+
+    module.__reduce_ex__ = refuse_pickling.__get__(module)
+
 
 def _keep_mode(module: nn.Module, mode: str, path: Path) -> None:
     """A loaded program computes the mode it was exported in, whatever ``module.training`` says (torch's

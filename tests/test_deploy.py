@@ -4,6 +4,7 @@ yet, a save that fails or is killed midway (the previous file stays whole), and 
 
 import contextlib
 import copy
+import io
 import os
 import signal
 import subprocess
@@ -153,6 +154,23 @@ def test_a_loaded_program_takes_eval_and_train_for_the_mode_it_was_saved_in(tmp_
     loaded = ipfx.deploy.load_module(tmp_path / "plain.pt2")
     with pytest.raises(IPFXValueError, match="does not record the mode"):
         loaded.eval()
+
+
+def test_a_loaded_program_refuses_pickling_saying_what_to_do_and_saves_again(tmp_path):
+    """torch's loaded modules hold generated functions that cannot be pickled: ``torch.save`` of a loaded
+    program (or of a model holding one) says so and what to do, instead of torch's AttributeError on a local
+    lambda; what it says works (its state dict saves; ``save_program`` writes it anew)."""
+    x = torch.randn(4, 3, 8, 8)
+    model = _net().eval()
+    frozen = ipfx.lower(ipfx.transform(model, example_inputs=(x,)), target="fused", freeze=True)
+    loaded = ipfx.deploy.load_module(ipfx.deploy.save_program(frozen, tmp_path / "net", x))
+    for value in (loaded, nn.Sequential(loaded), copy.deepcopy(loaded)):
+        with pytest.raises(IPFXValueError, match=r"net\.pt2 cannot be pickled.*save_program"):
+            torch.save(value, io.BytesIO())
+    torch.save(loaded.state_dict(), io.BytesIO())
+    again = ipfx.deploy.load_module(ipfx.deploy.save_program(loaded, tmp_path / "again", x))
+    with torch.no_grad():
+        assert torch.equal(again(x), loaded(x))
 
 
 def test_models_transformed_lowered_or_loaded_inside_inference_mode_run_there_and_see_in_place_edits(tmp_path):
