@@ -464,6 +464,39 @@ def test_a_pickled_model_keeps_the_first_call_checks_verdict():
     assert_close(y, model(x), kind="pickled before the first call")
 
 
+class Scaled(nn.Module):
+    """A batch norm (its ``num_batches_tracked`` counted by an in-place ``add_`` on the buffer alone, in the
+    exported train graph) and a buffer used through a computation on it alone (``scale.exp()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.register_buffer("scale", torch.zeros(4, 1, 1))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.scale.exp()
+
+
+def test_a_pickled_model_computes_on_its_buffers_as_before():
+    """torch.fx unpickles a graph by tracing its code with buffers as plain tensors: a call on buffers alone ran
+    once at load, the batch norm's counter then one ahead and never counted again, ``scale.exp()`` a constant
+    that a later ``load_state_dict`` did not reach. Unpickled, the model computes and trains as the original."""
+    torch.manual_seed(0)
+    model, x = Scaled(), torch.randn(4, 3, 6, 6)
+    t = quiet(ipfx.transform, model, example_inputs=(x,))
+    t.train()
+    t(x)
+    loaded = pickle.loads(pickle.dumps(t))
+    assert torch.equal(loaded.state_dict()["bn.num_batches_tracked"], torch.tensor(1))
+    for m in (t, loaded):
+        m(x)
+        m.load_state_dict({**m.state_dict(), "scale": torch.full((4, 1, 1), 0.5)})
+    assert {k: v for k, v in loaded.state_dict().items() if not torch.equal(v, t.state_dict()[k])} == {}
+    assert torch.equal(loaded.state_dict()["bn.num_batches_tracked"], torch.tensor(2))
+    assert torch.equal(loaded(x), t(x))  # exp(0.5), not the exp(0) of the pickle
+    assert not torch.equal(loaded.eval()(x), loaded.train()(x) * 0)
+
+
 class Conditioned(nn.Module):
     def __init__(self):
         super().__init__()

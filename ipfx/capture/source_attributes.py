@@ -96,9 +96,48 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
         something else where the first-call check had found the graph wrong (a branch tracing could not see).
         Loading such a pickle needs ipfx; any other graph pickles as torch's own (it loads without ipfx)."""
         rebuild, args = super().__reduce__()
-        if not any(key in self.meta for key in _BEHAVIOUR):
+        if computes_on_buffers_alone(self):  # (computes_on_buffers_alone: rebuilt by a tracer that proxies buffers)
+            args = ({**args[0], "_tracer_cls": BufferProxyTracer}, *args[1:])
+        elif not any(key in self.meta for key in _BEHAVIOUR):
             return rebuild, args
         return _unpickled, (rebuild, args, self.meta)
+
+
+class BufferProxyTracer(fx.Tracer):
+    """torch.fx's tracer, reading buffers as graph nodes (``get_attr``) as it reads parameters."""
+
+    proxy_buffer_attributes = True
+
+
+def computes_on_buffers_alone(gm: fx.GraphModule) -> bool:
+    """Whether a call in ``gm`` takes no input but buffers and constants (torch.export's ``add_`` on a batch
+    norm's ``num_batches_tracked``; a rotary embedding's ``inv_freq.float()``). torch.fx unpickles a graph by
+    tracing its generated code with the module's real tensors, parameters as graph nodes but buffers as
+    tensors, so such a call runs once at load, on the real buffer: an in-place update is applied then and
+    dropped from the graph (the counter one ahead, then never counted again), a result is kept as a constant
+    that no later ``load_state_dict`` or ``.to()`` reaches. Such graphs unpickle through
+    :class:`BufferProxyTracer` (:meth:`CapturedGraphModule.__reduce__`; loading them needs ipfx)."""
+    traced: set = set()  # nodes that are graph nodes while torch.fx traces the code
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "call_module"):
+            traced.add(node)
+        elif node.op == "get_attr":
+            if isinstance(_attribute(gm, node.target), nn.Parameter):
+                traced.add(node)
+        elif node.op in ("call_function", "call_method"):
+            inputs = node.all_input_nodes
+            if any(i in traced for i in inputs):
+                traced.add(node)
+            elif any(i.op == "get_attr" or i.op in ("call_function", "call_method") for i in inputs):
+                return True
+    return False
+
+
+def _attribute(gm: nn.Module, target: str):
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name, None)
+    return value
 
 
 #: meta keys that change what a call of the graph runs: kept through pickling (CapturedGraphModule.__reduce__)
