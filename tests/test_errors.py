@@ -171,3 +171,42 @@ def test_a_mask_that_is_not_zeros_and_ones_is_refused_on_load(value):
     missing = {k: v for k, v in state.items() if k != key}
     with pytest.raises(RuntimeError, match=f"Missing key\\(s\\) in state_dict: \"{key}\""):
         model.load_state_dict(missing)
+
+
+def _two_convs(seed: int = 0, **options) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3))
+    return ipfx.transform(model, example_inputs=(torch.randn(2, 3, 8, 8),), **options)
+
+
+def _trained_bases(model: nn.Module) -> dict:
+    """The state dict of ``model`` with each layer's basis moved off its start (as training moves it)."""
+    with torch.no_grad():
+        for i, key in enumerate(k for k in model.state_dict() if k.endswith("basis")):
+            model.get_submodule(key.rsplit(".", 1)[0]).basis.add_(0.01 * (i + 1))
+    return model.state_dict()
+
+
+def test_a_basis_that_would_load_and_be_ignored_or_overwritten_is_refused():
+    """An IP model's state dict loaded into the SP form (which computes without its basis) matched every key and
+    computed something else; into a model sharing one basis (share_basis=True), each layer's basis overwrote
+    the one tensor, the last winning. Both are load errors now, naming the key; state dicts of the same options
+    still load, and a shared basis loads where its layers agree."""
+    x = torch.randn(2, 3, 8, 8)
+    state = _trained_bases(_two_convs(0))
+    for options, match in (({"space": "sp"}, r"0\.basis: this weight is in SP form.*space='ip'"),
+                           ({"share_basis": True}, r"2\.basis: this model shares one basis.*than at 0\.basis")):
+        model = _two_convs(1, **options)
+        with pytest.raises(RuntimeError, match=match):
+            model.load_state_dict(state)
+    same = _two_convs(1)
+    same.load_state_dict(state)
+    shared = _two_convs(2, share_basis=True)
+    shared_state = _trained_bases(_two_convs(3, share_basis=True))
+    assert torch.equal(shared_state["0.basis"], shared_state["2.basis"])
+    for _ in range(2):  # and again (the first layer's key is read anew at each load)
+        shared.load_state_dict(shared_state)
+    assert all(torch.equal(v, shared_state[k]) for k, v in shared.state_dict().items())
+    assert torch.equal(same(x), same(x)) and not torch.equal(same(x), _two_convs(1)(x))  # the trained bases count
+    sp_state = _two_convs(4, space="sp").state_dict()
+    _two_convs(5, space="sp").load_state_dict(sp_state)

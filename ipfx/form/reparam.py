@@ -109,6 +109,7 @@ class BasisWeight(nn.Module):
         self.aliases: dict[str, ModuleSpec] = {}  # other standard modules tied to this weight, by path
         self.tied_names: tuple[str, ...] = ()  # other attribute paths of the graph that held the same parameter
         self.capture: str | None = None  # the front end whose graph reads it ("export", "symbolic", "parametrized")
+        self.shared_basis = False  # the basis is one tensor with other layers' (share_basis=True)
 
     def fold(self) -> torch.Tensor:
         """The composed weight as a plain tensor, in the original weight's memory format."""
@@ -120,18 +121,44 @@ class BasisWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """A loaded mask must hold 0s and 1s only: a 0.5 or a NaN would scale or poison the weight silently
-        (reported as a load error, as torch reports a shape mismatch)."""
+        """What would load silently into another function is reported as a load error (as torch reports a shape
+        mismatch): a mask of other values than 0 and 1 (a 0.5 or a NaN scales or poisons the weight); a basis
+        into the SP form other than its own ``I`` (SP never multiplies by its basis: an IP model's trained basis
+        would load and be ignored); into a basis shared by several layers (``share_basis=True``), layers'
+        values that differ (each would overwrite the one tensor, the last layer's winning)."""
+        problem = self._load_problem(state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(problem)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _load_problem(self, state_dict, prefix: str) -> str | None:
         mask = state_dict.get(prefix + "mask")
         if isinstance(mask, torch.Tensor) and mask.shape == self.mask.shape:
             binary = (mask == 0) | (mask == 1)
             if not bool(binary.all()):
                 value = mask[~binary].flatten()[0].item()
-                error_msgs.append(f"{prefix}mask: a mask holds only 0 (pruned) and 1 (kept), but the state dict's "
-                                  f"holds {value!r}; load a state dict saved from an ipfx model")
-                return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                return (f"{prefix}mask: a mask holds only 0 (pruned) and 1 (kept), but the state dict's holds "
+                        f"{value!r}; load a state dict saved from an ipfx model")
+        basis = state_dict.get(prefix + "basis")
+        if not isinstance(basis, torch.Tensor) or self.basis is None or basis.shape != self.basis.shape:
+            return None
+        if not self.multiplies_basis and not torch.equal(basis.to(self.basis), self.basis):
+            return (f"{prefix}basis: this weight is in SP form, which computes without a basis, but the state dict "
+                    "holds another basis than SP's own (saved from a model in IP form?); load it into a model "
+                    "transformed with space='ip' (the same options as the model it was saved from)")
+        if getattr(self, "shared_basis", False):
+            # torch hands each module only its own keys: the first layer to load this basis in a load leaves its
+            # key and value on the tensor (a basis is K x K numbers), and every other layer's must agree with them
+            first = getattr(self.basis, "_ipfx_loaded", None)
+            if first is None or first[0] == prefix + "basis" or first[1].shape != basis.shape:
+                self.basis._ipfx_loaded = (prefix + "basis", basis.detach().clone())
+            elif not torch.equal(basis, first[1]):
+                return (f"{prefix}basis: this model shares one basis across layers (share_basis=True), but the "
+                        f"state dict holds another basis here than at {first[0]} (saved from a model with a basis "
+                        "per layer?); load it into a model transformed with the options it was saved from")
+        return None
 
     # -- the algebra ------------------------------------------------------------------------
     def compose(self) -> torch.Tensor:

@@ -211,6 +211,7 @@ class CoefficientFactory:
             basis_name = settings.basis if isinstance(settings.basis, str) else "custom"
             module = BasisWeight(coeff, basis, space=settings.space, basis_init=basis_name,
                                  train_basis=settings.train_basis, **common)
+            module.shared_basis = bool(settings.share_basis)
         module.memory_format = _memory_format(param)
         return module
 
