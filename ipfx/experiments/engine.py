@@ -361,6 +361,12 @@ def _restore(saved, model, optimizer, schedule, generator, at: _Position, steps:
         raise ValueError(f"step {saved['step']!r} of {steps}, epoch {saved['epoch']!r}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
+    for group in optimizer.param_groups:  # torch loads any shape here, and fails at the first step, past the restart
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"the optimizer's {name} has shape {tuple(value.shape)} for a parameter of "
+                                     f"{tuple(param.shape)}")
     if (saved["schedule"] is None) != (schedule is None):
         raise ValueError("the checkpoint's pruning schedule does not match the run's")
     if schedule is not None:
