@@ -107,6 +107,8 @@ def _corrupt(state: dict, how: str) -> None:
         state["optimizer"] = {}
     elif how == "a data order cut short":
         state["data_order"] = state["data_order"][:3]
+    elif how == "another precision":  # written by a run in bf16: a resume in fp32 would record a mix as fp32
+        state["precision"] = "bf16"
     elif how == "momentum of another shape":  # torch's load takes it; the first step would crash, every rerun
         momenta = [s for s in state["optimizer"]["state"].values() if "momentum_buffer" in s]
         assert momenta  # the premise: the run's SGD keeps momentum
@@ -118,7 +120,8 @@ def _corrupt(state: dict, how: str) -> None:
 @pytest.mark.parametrize("how", ["no model", "no rng", "no schedule", "a coefficient of another shape", "a mask missing",
                                  "a step that is text", "a negative epoch", "a step past the run",
                                  "a random state of the wrong type", "an empty optimizer state",
-                                 "a data order cut short", "momentum of another shape"])
+                                 "a data order cut short", "momentum of another shape",
+                                 "another precision"])
 def test_a_checkpoint_that_does_not_fit_is_reported_and_the_run_starts_over(how, digits, tmp_path):
     """A checkpoint of this run's key whose contents do not fit (edited, or written by a broken program) is
     never a crash and never half-restored: the run warns, starts over, and ends as an uninterrupted run."""

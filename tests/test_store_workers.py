@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -235,3 +236,18 @@ def test_a_store_line_that_is_not_a_record_is_reported_skipped_and_redone(tmp_pa
     assert "[2/2]" in capsys.readouterr().out  # both runs trained again
     with pytest.warns(UserWarning, match="line 1: "):  # the bad line is still there, reported on every read
         assert len(ResultStore(out / "results.jsonl").records()) == 2
+
+
+def test_records_of_another_precision_taken_for_a_run_are_said(tmp_path, capsys):
+    """A run's key leaves its engine out, so a sweep in fp32 on a folder of bf16 records takes those records: it
+    says so, naming both precisions; the same precision again says nothing."""
+    args = ["compare", "--model", "cnn", "--width", "4", "--data", "digits", "--epochs", "1", "--batch-size", "64",
+            "--sparsities", "0.8", "--seeds", "0", "--methods", "random", "--spaces", "ip", "--no-progress",
+            "--threads", "1", "--out", str(tmp_path / "out")]
+    assert main([*args, "--precision", "bf16"]) in (None, 0)
+    with pytest.warns(UserWarning, match="computed in 'bf16' precision, not the 'fp32' asked for"):
+        assert main([*args, "--precision", "fp32"]) in (None, 0)
+    assert "resuming: 1 of 1 runs already" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same precision again: nothing to say
+        assert main([*args, "--precision", "bf16"]) in (None, 0)

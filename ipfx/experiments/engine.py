@@ -224,7 +224,7 @@ def run(
     saved = ckpt.load(path, spec.key()) if path is not None and resume else None
     if saved is not None:
         try:
-            _restore(saved, model, optimizer, schedule, generator, at, steps)
+            _restore(saved, model, optimizer, schedule, generator, at, steps, engine.precision)
         except Exception as exc:  # noqa: BLE001 - a checkpoint that does not fit this run: start over, never crash
             warnings.warn(f"checkpoint {path} does not fit this run ({first_line(exc, 200)}); the run starts over",
                           stacklevel=2)
@@ -267,7 +267,8 @@ def run(
             at.loss_sum = losses.read()
             if path is not None and at.step < steps and parallel.is_main():
                 at.seconds = saved_seconds(saved) + time.time() - started
-                ckpt.save(path, _snapshot(spec, model, optimizer, schedule, generator, device, at))
+                ckpt.save(path, _snapshot(spec, model, optimizer, schedule, generator, device, at,
+                                          engine.precision))
             if stop_after_epoch is not None and at.epoch >= stop_after_epoch:
                 if bar is not None:
                     bar.close()
@@ -333,7 +334,7 @@ def saved_seconds(saved: dict | None) -> float:
     return float(saved["seconds"]) if saved is not None else 0.0
 
 
-def _snapshot(spec, model, optimizer, schedule, generator, device, at: _Position) -> dict:
+def _snapshot(spec, model, optimizer, schedule, generator, device, at: _Position, precision: str) -> dict:
     """The state of a run at an epoch end, as tensors and plain values (``torch.load(weights_only=True)``)."""
     return {
         "key": list(spec.key()),
@@ -343,10 +344,11 @@ def _snapshot(spec, model, optimizer, schedule, generator, device, at: _Position
         "schedule": None if schedule is None else schedule.state_dict(),
         "data_order": generator.get_state(),
         "rng": ckpt.rng_state(device),
+        "precision": precision,  # the forward's (accel.Engine): a resume must compute as the first part did
     }
 
 
-def _restore(saved, model, optimizer, schedule, generator, at: _Position, steps: int) -> None:
+def _restore(saved, model, optimizer, schedule, generator, at: _Position, steps: int, precision: str) -> None:
     """Load a checkpoint into a run set up as from scratch.
 
     The setup (model, one-shot pruning, schedule) is redone first, so that every object exists, then
@@ -359,6 +361,8 @@ def _restore(saved, model, optimizer, schedule, generator, at: _Position, steps:
             raise ValueError(f"{field.name} is {value!r}")
     if not saved["step"] < steps or not isinstance(saved["step"], int) or not isinstance(saved["epoch"], int):
         raise ValueError(f"step {saved['step']!r} of {steps}, epoch {saved['epoch']!r}")
+    if saved.get("precision", precision) != precision:  # (a record names one precision: its whole run's)
+        raise ValueError(f"it was trained in {saved['precision']!r} precision, this run computes in {precision!r}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     for group in optimizer.param_groups:  # torch loads any shape here, and fails at the first step, past the restart

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from typing import Iterable, Sequence
 
 from . import checkpoint as ckpt
@@ -11,7 +12,7 @@ from .claims import Claims
 from .data import Dataset
 from . import parallel
 from .engine import RunSpec, for_data, run
-from .store import ResultStore
+from .store import ResultStore, _key_fields
 
 
 #: The folder, next to the store, of the runs' claims (:mod:`.claims`).
@@ -65,6 +66,7 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     todo = [s for s in specs if s.key() not in done]
     if len(todo) < len(specs):
         log(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already in {store.path}")
+        _warn_other_precision(store, {s.key() for s in specs} & done, engine)
         if not keep_checkpoints and main:  # a kill between storing a record and deleting the checkpoint leaves one behind
             for spec in specs:
                 if spec.key() in done:
@@ -139,3 +141,18 @@ def sweep(specs: Iterable[RunSpec], dataset: Dataset, store: ResultStore, *, dev
     return [r for r in store.records() if tuple(r.get(k) for k in RunSpec.__dataclass_fields__) in
             {s.key() for s in specs}]
 
+
+def _warn_other_precision(store: ResultStore, keys: set, engine) -> None:
+    """Say so where runs this sweep takes from the store were computed in another precision than it asks for
+    (a run's key leaves its engine out: :class:`~.accel.Engine`): their records stand for these runs."""
+    if engine is None or not keys:
+        return
+    fields = _key_fields()
+    other = [r for r in store.records()
+             if tuple(r.get(k) for k in fields) in keys and (r.get("engine") or {}).get("precision", engine.precision)
+             != engine.precision]
+    if other:
+        warnings.warn(f"{len(other)} of the runs already in {store.path} were computed in "
+                      f"{other[0]['engine']['precision']!r} precision, not the {engine.precision!r} asked for; their "
+                      "records stand for those runs (a run's precision is not part of its key): write to another "
+                      "folder to compute them again", stacklevel=2)
