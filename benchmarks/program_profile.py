@@ -53,8 +53,11 @@ def profile(path: str, shape: tuple, threads: int, calls: int) -> tuple[list, fl
     targets = {n.name: n for n in m.graph.nodes}
     rows = []
     for name, kind, seconds in zip(program.nodes, program.kinds, spent):
-        node = targets[name]
-        target = type(m.get_submodule(node.target)).__name__ if node.op == "call_module" else str(node.target)
+        node = targets.get(name)
+        if node is None:  # a layout conversion the program added ("x (to blocked)"), of the value it names
+            target = name[name.index("(") + 1:-1] if "(" in name else name
+        else:
+            target = type(m.get_submodule(node.target)).__name__ if node.op == "call_module" else str(node.target)
         rows.append((name, kind, target, seconds / calls))
     return rows, sorted(whole)[len(whole) // 2]
 

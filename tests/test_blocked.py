@@ -81,6 +81,28 @@ def test_the_blocked_conv_computes_the_direct_paths_numbers_bit_for_bit(case):
     assert torch.allclose(y, expected, rtol=1e-4, atol=1e-4 * (1 + expected.abs().max().item()))
 
 
+@pytest.mark.parametrize("activation,residual", [(1, True), (0, False), (2, True)])
+def test_an_output_past_the_cache_is_streamed_with_the_same_numbers(activation, residual):
+    """An output of more than 16 MiB (csrc/blocked.h: kStreamBytes) is written with streaming stores, past the
+    caches: every number is still the NCHW direct path's, every output written (a fresh output is not zeroed)."""
+    g = torch.Generator().manual_seed(activation)
+    x = torch.randn(16, 4, 48, 48, generator=g)
+    w = torch.randn(128, 4, 3, 3, generator=g) * (torch.rand(128, 4, 3, 3, generator=g) < 0.3)
+    b = torch.randn(128, generator=g)
+    res = torch.randn(16, 128, 48, 48, generator=g) if residual else None
+    assert 16 * 128 * 48 * 48 * 4 > 16 << 20  # the premise: past the threshold
+    crow, col, vals = csr(w, 1)
+    geometry = dict(c_in=4, c_out=128, K=9, kernel=[3, 3], stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1,
+                    transposed=False)
+    nchw = native.conv(x, crow, col, vals, None, b, torch.ones(36, dtype=torch.uint8), geometry, [48, 48], res,
+                       activation, direct=True)
+    for _ in range(2):  # the second time into recycled memory holding the first output
+        yb = ops.conv_blocked(ops.to_blocked(x), crow, col, vals, b, 128, [3, 3], [1, 1], [1, 1], [1, 1], 1, [48, 48],
+                              None if res is None else ops.to_blocked(res), activation)
+        assert torch.equal(ops.from_blocked(yb), nchw)
+        del yb
+
+
 @settings(max_examples=60, deadline=None)
 @given(kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), size=st.tuples(st.integers(1, 15), st.integers(1, 15)),

@@ -26,6 +26,9 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // streaming stores (blocked.h)
+#endif
 
 #include <algorithm>
 #include <atomic>
