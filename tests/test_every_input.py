@@ -477,13 +477,14 @@ class Scaled(nn.Module):
         return self.bn(self.conv(x)) * self.scale.exp()
 
 
-def test_a_pickled_model_computes_on_its_buffers_as_before():
+@pytest.mark.parametrize("front", ["export", "symbolic"])
+def test_a_pickled_model_computes_on_its_buffers_as_before(front):
     """torch.fx unpickles a graph by tracing its code with buffers as plain tensors: a call on buffers alone ran
     once at load, the batch norm's counter then one ahead and never counted again, ``scale.exp()`` a constant
     that a later ``load_state_dict`` did not reach. Unpickled, the model computes and trains as the original."""
     torch.manual_seed(0)
     model, x = Scaled(), torch.randn(4, 3, 6, 6)
-    t = quiet(ipfx.transform, model, example_inputs=(x,))
+    t = quiet(ipfx.transform, model, **({"example_inputs": (x,)} if front == "export" else {"capture": "symbolic"}))
     t.train()
     t(x)
     loaded = pickle.loads(pickle.dumps(t))
@@ -495,6 +496,45 @@ def test_a_pickled_model_computes_on_its_buffers_as_before():
     assert torch.equal(loaded.state_dict()["bn.num_batches_tracked"], torch.tensor(2))
     assert torch.equal(loaded(x), t(x))  # exp(0.5), not the exp(0) of the pickle
     assert not torch.equal(loaded.eval()(x), loaded.train()(x) * 0)
+
+
+class Normalised(nn.Module):
+    """Buffers the forward computes with: ``std.clamp`` (on the buffer alone), an in-place counter, and (with
+    ``gate``) a Python branch on a buffer's value."""
+
+    def __init__(self, gate: bool = False):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(3, 4, 3, padding=1), gate
+        self.register_buffer("std", torch.full((4, 1, 1), 2.0))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("on", torch.ones((), dtype=torch.bool))
+
+    def forward(self, x):
+        y = self.conv(x) / self.std.clamp(min=1e-3)
+        if self.gate:
+            return y if bool(self.on) else -y
+        self.calls += 1
+        return y
+
+
+def test_a_traced_computation_on_buffers_alone_stays_on_the_buffers():
+    """torch.fx hands a forward its buffers as plain tensors: ``std.clamp(min=eps)`` ran at trace time and became a
+    constant (``std`` gone from the state dict, a loaded ``std`` ignored), and ``calls += 1`` ran once, there.
+    Traced again with buffers as graph nodes, ``std`` is read by the graph; the in-place update, which torch.fx
+    cannot capture, and a branch on a buffer's value, which keeps the constants, are said."""
+    torch.manual_seed(0)
+    model, x = Normalised().eval(), torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match=r"updates buffer\(s\) calls in place.*example_inputs"):
+        t = ipfx.transform(model)
+    assert "std" in t.state_dict() and int(model.calls) == 0  # the model itself never ran
+    assert_close(t(x), model(x), kind="buffers, traced")
+    for m in (t, model):
+        m.load_state_dict({**m.state_dict(), "std": torch.full((4, 1, 1), 4.0)}, strict=False)
+    assert_close(t(x), model(x), kind="buffers, a std loaded")
+    assert_close(quiet(ipfx.transform, model, example_inputs=(x,))(x), model(x), kind="buffers, exported")
+    with pytest.warns(UserWarning, match=r"computing on buffer\(s\) std, on as constants.*example_inputs"):
+        gated = ipfx.transform(reference := Normalised(gate=True).eval())
+    assert_close(gated(x), reference(x), kind="buffers, a branch on one")  # the constants: today's values
 
 
 class Conditioned(nn.Module):

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import warnings
 from typing import Iterable, Sequence
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from .attention import attention_call, install_attention_kernels
 from ..config import DEFAULT_MODULE_TYPES, TransformConfig
-from ..errors import TraceError, first_line
+from ..errors import TraceError, first_line, user_stacklevel
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .snapshot import Snapshot
@@ -46,6 +48,15 @@ class WeightTracer(fx.Tracer):
         self.inlined: dict[str, nn.Module] = {}
         self.attention: list[str] = []  # nn.MultiheadAttention modules recorded with their weights as inputs
         self.failed_module: tuple[str, type] | None = None
+        # id -> (buffer, its version and value when first read): buffers_computed_at_trace
+        self.buffers_read: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """torch.fx's, recording each buffer the forward reads (:func:`buffers_computed_at_trace`)."""
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter) and \
+                id(attr_val) not in self.buffers_read and not isinstance(attr_val, fx.Proxy):
+            self.buffers_read[id(attr_val)] = (attr_val, attr_val._version, attr_val.detach().clone())
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -204,6 +215,27 @@ def trace(
         error = TraceError(_trace_failure_message(model, tracer, exc))
         error.module_path = tracer.failed_module[0] if tracer.failed_module else ""
         raise error from exc
+    updated, folded = buffers_computed_at_trace(tracer, graph)
+    if updated:  # run once at trace time, on the real buffer: back as it was, and said
+        with torch.no_grad():
+            for buffer, version, value in tracer.buffers_read.values():
+                if buffer._version != version:
+                    buffer.copy_(value)
+        warnings.warn(
+            f"{type(model).__name__}'s forward updates buffer(s) {', '.join(updated[:4])} in place, which torch.fx "
+            "cannot capture: the transformed model computes without those updates (their values stay as now); "
+            "transform with example_inputs=... (torch.export captures buffer updates)", stacklevel=user_stacklevel())
+    if folded:  # trace again with every buffer a graph node, as parameters are
+        again = WeightTracer(config, leaf_modules, name_prefix)
+        again.proxy_buffer_attributes = True
+        try:
+            graph, tracer = again.trace(model, concrete_args=concrete), again
+        except Exception as exc:  # noqa: BLE001 - Python control flow on a buffer's value: keep the first graph
+            warnings.warn(
+                f"torch.fx traced {type(model).__name__} computing on buffer(s) {', '.join(folded[:4])} as constants "
+                f"(their values now), and could not trace them as buffers ({first_line(exc, 160)}): the transformed "
+                "model leaves them out of its state dict and ignores later changes to them; transform with "
+                "example_inputs=... (torch.export reads buffers as inputs)", stacklevel=user_stacklevel())
     gm = CapturedGraphModule(tracer.root, graph, class_name=type(model).__name__)
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
@@ -214,6 +246,37 @@ def trace(
     if pattern is not None:
         gm.meta[PATTERN] = pattern.as_tuple()
     return gm, tracer.inlined
+
+
+def buffers_computed_at_trace(tracer: WeightTracer, graph: fx.Graph) -> tuple[list[str], list[str]]:
+    """The buffers of ``tracer.root`` that torch.fx computed with at trace time, read by the forward but not by the
+    graph: those changed while tracing (an in-place update, ``self.count += 1``, ran once on the real buffer and
+    is not in the graph), and those possibly folded into a constant of the graph (``self.std.clamp(min=eps)``:
+    torch.fx hands the forward a buffer as a plain tensor, so a computation on buffers alone runs at trace time
+    and its result becomes a ``_tensor_constant``, which neither ``load_state_dict`` nor later changes reach; the
+    buffer, which no node then reads, is gone from the state dict). A buffer read for its shape or dtype only
+    makes no constant and changes nothing, and a non-persistent one (a rotary embedding's ``inv_freq``) holds
+    no state: in neither list."""
+    if not tracer.buffers_read:
+        return [], []
+    read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    constants = any(str(target).startswith("_tensor_constant") for target in read)
+    names = {id(b): name for name, b in tracer.root.named_buffers(remove_duplicate=False)}
+    updated, folded = [], []
+    for key, (buffer, version, _) in tracer.buffers_read.items():
+        name = names.get(key)
+        if name is None or name in read:
+            continue
+        if buffer._version != version:
+            updated.append(name)
+        elif constants and _persistent(tracer.root, name):  # (a non-persistent one is no state: fine as a constant)
+            folded.append(name)
+    return updated, folded
+
+
+def _persistent(root: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr not in root.get_submodule(owner)._non_persistent_buffers_set
 
 
 def trace_modes(
