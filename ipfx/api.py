@@ -277,7 +277,7 @@ def lower(model: nn.Module, target: str = "dense", *, freeze: bool = False) -> n
     ``"dense"``. Outputs equal the transformed model's up to float rounding. ``model`` is not changed.
 
     ``freeze=True`` (deployment, ``target="fused"``): the result computes the model's *eval-mode* function
-    only, in eval mode, and folds what that makes constant: every eval-mode batch norm after a fused
+    only (whatever mode ``model`` is in), in eval mode, and folds what that makes constant: every eval-mode batch norm after a fused
     convolution into its coefficients and bias, then a following residual ``add`` and activation (relu,
     relu6, silu, gelu, hardswish) into the op's epilogue, applied while each output tile is in cache. It
     keeps no train-mode graph, and its ``.train()`` raises (a train-mode call would compute eval mode): lower

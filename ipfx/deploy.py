@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,16 +44,18 @@ MODE_FILE = "ipfx_mode"
 _MODES = {"train": True, "eval": False}
 
 
-def _file_path(stem: str | os.PathLike, suffix: str) -> Path:
-    """``<stem><suffix>`` (``stem`` as given where it already ends so), its folder made if missing."""
-    path = Path(stem) if str(stem).endswith(suffix) else Path(f"{stem}{suffix}")
+def _file_path(stem: str | os.PathLike, suffix: str, whole: tuple[str, ...] = ()) -> Path:
+    """``<stem><suffix>`` (``stem`` as given where it already ends so, or in one of ``whole``), its folder made if
+    missing."""
+    path = Path(stem) if str(stem).endswith((suffix, *whole)) else Path(f"{stem}{suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def save_state_dict(model: nn.Module, stem: str | os.PathLike) -> Path:
-    """Write ``model.state_dict()`` to ``<stem>.state_dict.pt`` (tensors only; ``stem`` may end so already)."""
-    path = _file_path(stem, STATE_DICT_SUFFIX)
+    """Write ``model.state_dict()`` to ``<stem>.state_dict.pt`` (tensors only); a ``stem`` ending in ``.pt`` or
+    ``.pth`` is the whole file name (``"net"`` writes ``net.state_dict.pt``, ``"net.pt"`` writes ``net.pt``)."""
+    path = _file_path(stem, STATE_DICT_SUFFIX, whole=(".pt", ".pth"))
     state = model.state_dict()
     write_atomically(path, lambda f: torch.save(state, f))
     return path
@@ -70,7 +73,19 @@ def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tenso
     args = as_args(example, "example")
     modes = {m.training for m in model.modules()}
     mode = "mixed" if len(modes) > 1 else "train" if model.training else "eval"
-    program = torch.export.export(model, args, dynamic_shapes=dynamic_spec(model.forward, args, {}), strict=False)
+    if any(isinstance(a, torch.Tensor) and a.dim() > 1 and a.shape[0] == 1 for a in args):
+        warnings.warn("save_program: the example's batch is 1, and torch.export fixes a size it sees as 1, so the "
+                      "program will take batches of 1 only; save it on an example of 2 samples or more for any "
+                      "batch", stacklevel=2)
+    try:
+        program = torch.export.export(model, args, dynamic_shapes=dynamic_spec(model.forward, args, {}),
+                                      strict=False)
+    except AssertionError as exc:  # the model's own size checks (ipfx.capture.shape_guards) refuse the example
+        if not str(exc).startswith("ipfx shape guard"):
+            raise
+        condition = str(exc).partition(": ")[2].split(" does not hold")[0]
+        raise IPFXValueError(f"save_program: the example does not fit {type(model).__name__} ({condition} does not "
+                             "hold for it); give an example of the sizes the model takes") from None
     path = _file_path(stem, PROGRAM_SUFFIX)
     write_atomically(path, lambda f: torch.export.save(program, f, extra_files={MODE_FILE: mode}))
     return path
@@ -163,7 +178,7 @@ def _explain_guards(module: nn.Module, path: Path, example: str) -> None:
                 exported = f" exported on an example of {example}" if example else ""
                 raise AssertionError(
                     f"{GUARD_PREFIX}: {path} refuses this call: torch.export's condition {condition} does not hold. "
-                    f"The program was{exported} and takes the sizes that left free, under the conditions torch.export "
+                    f"The program was{exported} and takes the sizes its example left free, under the conditions torch.export "
                     "derived (it assumes a size it saw above 1 is never 1: a ResNet saved on 64x64 images refuses "
                     "32x32 ones, whose last feature map is 1x1). Save it again on an example of the sizes you will "
                     "run: ipfx.deploy.save_program(model, stem, example)") from None

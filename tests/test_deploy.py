@@ -40,6 +40,21 @@ def test_a_stem_or_a_whole_file_name_and_a_new_folder(tmp_path):
     for stem in (tmp_path / "d" / "m", tmp_path / "d" / "m.state_dict.pt"):
         path = ipfx.deploy.save_state_dict(model, stem)
         assert path.name == "m.state_dict.pt" and path.is_file(), path
+    for name in ("model.pt", "model.pth"):  # a whole file name of its own (was model.pt.state_dict.pt)
+        path = ipfx.deploy.save_state_dict(model, tmp_path / "e" / name)
+        assert path.name == name and path.is_file(), path
+
+
+def test_an_example_of_one_sample_or_of_other_sizes_is_said_at_save(tmp_path):
+    """A one-sample example fixes the program's batch at 1 (torch.export fixes a size it sees as 1): a warning
+    says so at save, not an error at the first batch of 2; an example the model's own size checks refuse is
+    an error about the example (the graph's guard said to transform the model again)."""
+    x = torch.randn(2, 3, 8, 8)
+    model = ipfx.lower(ipfx.transform(_net().eval(), example_inputs=(x,)), "dense")
+    with pytest.warns(UserWarning, match="example's batch is 1.*2 samples or more"):
+        ipfx.deploy.save_program(model, tmp_path / "one", x[:1])
+    with pytest.raises(IPFXValueError, match=r"the example does not fit .*\(3 == \w+\.shape\[1\] does not hold"):
+        ipfx.deploy.save_program(model, tmp_path / "gray", torch.randn(2, 1, 8, 8))
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):

@@ -83,6 +83,8 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
         a second name (:func:`keep_aliases`): put every name back, on the same copied object. (Unpickling
         drops such a second name of a direct child too; it must stay torch's own, to load without ipfx.)"""
         result = super().__deepcopy__(memo)
+        if type(result) is not type(self) and type(result).__name__ == "GraphModule":
+            type(result).__name__ = type(self).__name__  # (torch.fx names a copy's own class GraphModule)
         for name, child in self._modules.items():
             if child is not None and name not in result._modules:
                 result._modules[name] = copy.deepcopy(child, memo)

@@ -471,4 +471,5 @@ def _progress(total: int, desc: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    # disable=None: bars on a terminal only (a log file got thousands of carriage-returned updates)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
