@@ -153,6 +153,28 @@ def _example_shapes(exported) -> str:
     return ", ".join("x".join(map(str, s)) or "a number" for s in shapes)
 
 
+def _check_arguments(module: nn.Module, path: Path) -> None:
+    """Refuse a call with other arguments than the program was saved with, saying so and what to do, before
+    torch's own check (a forward pre-hook), whose message is ``Ran into a kwarg keyword mismatch`` or a tree spec.
+    """
+    spec = getattr(module, "_in_spec", None)
+    try:  # (children(): torch 2.10 and later; children_specs before)
+        kids = list(spec.children()) if callable(getattr(spec, "children", None)) else spec.children_specs
+        count, keys = kids[0].num_children, list(kids[1].context or [])
+    except (AttributeError, IndexError, TypeError):  # not the (args, kwargs) spec torch.export writes: torch's check
+        return
+
+    def check(_, args, kwargs):
+        if len(args) != count or sorted(kwargs) != sorted(keys):
+            given = f"{len(args)} positional" + (f" and {', '.join(map(repr, kwargs))}" if kwargs else "")
+            wanted = f"{count} positional" + (f" and {', '.join(map(repr, keys))}" if keys else "")
+            raise IPFXValueError(f"{path} was saved for calls with {wanted} argument(s), and is called with {given}: "
+                                 "a program takes the arguments of the example it was saved with; save it again with "
+                                 "an example of this call: ipfx.deploy.save_program(model, stem, example)")
+
+    module.register_forward_pre_hook(check, with_kwargs=True, prepend=True)
+
+
 def _explain_guards(module: nn.Module, path: Path, example: str) -> None:
     """Give torch.export's input checks (its ``GuardsFn`` submodule, first in the graph) a message that says what
     refuses the call and what to do: its own is ``Guard failed: 1 + (-1 + x.size()[3]) // 32 != 1`` (a resnet
@@ -195,6 +217,7 @@ def _as_loaded(module: nn.Module, mode: str, path: Path, example: str) -> None:
     from .ops import program
 
     _explain_guards(module, path, example)
+    _check_arguments(module, path)
     program.install(module)
     _keep_mode(module, mode, path)
     deepcopy = type(module).__deepcopy__
