@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .atomic import write_atomically
 from .errors import IPFXValueError
@@ -47,7 +48,7 @@ _MODES = {"train": True, "eval": False}
 def _file_path(stem: str | os.PathLike, suffix: str, whole: tuple[str, ...] = ()) -> Path:
     """``<stem><suffix>`` (``stem`` as given where it already ends so, or in one of ``whole``), its folder made if
     missing."""
-    path = Path(stem) if str(stem).endswith((suffix, *whole)) else Path(f"{stem}{suffix}")
+    path = Path(stem) if str(stem).lower().endswith((suffix, *whole)) else Path(f"{stem}{suffix}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -73,7 +74,7 @@ def save_program(model: nn.Module, stem: str | os.PathLike, example: torch.Tenso
     args = as_args(example, "example")
     modes = {m.training for m in model.modules()}
     mode = "mixed" if len(modes) > 1 else "train" if model.training else "eval"
-    if any(isinstance(a, torch.Tensor) and a.dim() > 1 and a.shape[0] == 1 for a in args):
+    if any(isinstance(a, torch.Tensor) and a.dim() > 1 and a.shape[0] == 1 for a in pytree.tree_leaves(args)):
         warnings.warn("save_program: the example's batch is 1, and torch.export fixes a size it sees as 1, so the "
                       "program will take batches of 1 only; save it on an example of 2 samples or more for any "
                       "batch", stacklevel=2)

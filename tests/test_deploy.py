@@ -40,7 +40,7 @@ def test_a_stem_or_a_whole_file_name_and_a_new_folder(tmp_path):
     for stem in (tmp_path / "d" / "m", tmp_path / "d" / "m.state_dict.pt"):
         path = ipfx.deploy.save_state_dict(model, stem)
         assert path.name == "m.state_dict.pt" and path.is_file(), path
-    for name in ("model.pt", "model.pth"):  # a whole file name of its own (was model.pt.state_dict.pt)
+    for name in ("model.pt", "model.pth", "MODEL.PT"):  # a whole file name of its own (was model.pt.state_dict.pt)
         path = ipfx.deploy.save_state_dict(model, tmp_path / "e" / name)
         assert path.name == name and path.is_file(), path
 
@@ -53,6 +53,8 @@ def test_an_example_of_one_sample_or_of_other_sizes_is_said_at_save(tmp_path):
     model = ipfx.lower(ipfx.transform(_net().eval(), example_inputs=(x,)), "dense")
     with pytest.warns(UserWarning, match="example's batch is 1.*2 samples or more"):
         ipfx.deploy.save_program(model, tmp_path / "one", x[:1])
+    with pytest.warns(UserWarning, match="example's batch is 1"):  # inside a structure too
+        ipfx.deploy.save_program(_Pair().eval(), tmp_path / "pair", ((x[:1], x[:1]),))
     with pytest.raises(IPFXValueError, match=r"the example does not fit .*\(3 == \w+\.shape\[1\] does not hold"):
         ipfx.deploy.save_program(model, tmp_path / "gray", torch.randn(2, 1, 8, 8))
 
@@ -224,6 +226,15 @@ def test_models_transformed_lowered_or_loaded_inside_inference_mode_run_there_an
         assert torch.allclose(loaded_copy(x), expected, atol=1e-5) and torch.equal(loaded_copy(x), loaded_copy(x))
     assert not torch.allclose(edited, expected, atol=1e-3)
     assert torch.allclose(edited, type(loaded).forward.__wrapped__(loaded, x), atol=1e-6)
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, pair):
+        return self.conv(pair[0]) + self.conv(pair[1])
 
 
 class _Scaled(nn.Module):

@@ -498,6 +498,33 @@ def test_a_pickled_model_computes_on_its_buffers_as_before(front):
     assert not torch.equal(loaded.eval()(x), loaded.train()(x) * 0)
 
 
+class Knobbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.scale, self.use_relu = nn.Conv2d(3, 4, 3), 2.0, True
+
+    def forward(self, x):
+        y = self.conv(x) * self.scale
+        return y.relu() if self.use_relu else y
+
+
+@pytest.mark.parametrize("front", ["export", "symbolic"])
+def test_setting_a_plain_attribute_the_graph_fixed_warns(front):
+    """A graph fixes what the forward read of its module's plain attributes: ``t.scale = 3.0`` on the transformed
+    model changed nothing, silently. It warns now, naming both values; the same value, a new name, and the
+    training flag set by ``.train()`` say nothing."""
+    model, x = Knobbed().eval(), torch.randn(2, 3, 6, 6)
+    t = quiet(ipfx.transform, model, **({"example_inputs": (x,)} if front == "export" else {"capture": "symbolic"}))
+    with pytest.warns(UserWarning, match=r"Knobbed\.scale = 3\.0 changes nothing.*fixed scale = 2\.0 at capture"):
+        t.scale = 3.0
+    assert_close(t(x), model(x), kind="a knob set on the transformed model")  # the graph's value: 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t.scale, t.note = 2.0, "mine"
+        t.train()
+        t.eval()
+
+
 class Normalised(nn.Module):
     """Buffers the forward computes with: ``std.clamp`` (on the buffer alone), an in-place counter, and (with
     ``gate``) a Python branch on a buffer's value."""
@@ -524,7 +551,7 @@ def test_a_traced_computation_on_buffers_alone_stays_on_the_buffers():
     cannot capture, and a branch on a buffer's value, which keeps the constants, are said."""
     torch.manual_seed(0)
     model, x = Normalised().eval(), torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match=r"updates buffer\(s\) calls in place.*example_inputs"):
+    with pytest.warns(UserWarning, match=r"updates buffer\(s\) calls, which torch.fx cannot capture.*example_inputs"):
         t = ipfx.transform(model)
     assert "std" in t.state_dict() and int(model.calls) == 0  # the model itself never ran
     assert_close(t(x), model(x), kind="buffers, traced")
@@ -535,6 +562,55 @@ def test_a_traced_computation_on_buffers_alone_stays_on_the_buffers():
     with pytest.warns(UserWarning, match=r"computing on buffer\(s\) std, on as constants.*example_inputs"):
         gated = ipfx.transform(reference := Normalised(gate=True).eval())
     assert_close(gated(x), reference(x), kind="buffers, a branch on one")  # the constants: today's values
+
+
+class Updating(nn.Module):
+    """Buffer updates: a counter the output reads (``n += 1``), an average updated by in-place methods, or a
+    buffer read for its size only beside an unrelated constant."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.conv, self.kind = nn.Conv2d(3, 4, 3, padding=1), kind
+        for name, value in (("n", torch.zeros(())), ("ema", torch.ones(())), ("sizes", torch.zeros(3))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        y = self.conv(x) + torch.ones(1)
+        if self.kind == "counter":
+            self.n += 1
+            return y + self.n
+        if self.kind == "ema":
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(x.mean())
+            return y * self.ema
+        for _ in range(self.sizes.size(0)):
+            y = y * 1.0
+        return y
+
+
+@pytest.mark.parametrize("kind", ["counter", "ema", "sizes"])
+def test_buffer_updates_are_captured_or_said_and_never_applied_at_capture(kind):
+    """An update of a buffer in place ran once at trace time, even where the graph reads the buffer (the
+    transformed model's counter started at 2, off by 2 on every output), and went unsaid. Now every buffer the
+    trace changed is put back; updates by in-place methods (``ema.mul_(m).add_(...)``) are captured by tracing
+    with buffers as graph nodes; ``n += 1``, which torch.fx cannot capture, is said; a buffer read for its
+    size only is neither."""
+    torch.manual_seed(0)
+    model, x = Updating(kind).eval(), torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = ipfx.transform(model)
+    said = [str(w.message) for w in caught if "buffer" in str(w.message)]
+    state = t.state_dict()
+    assert state.get("n", torch.zeros(())).item() == 0 and state.get("ema", torch.ones(())).item() == 1  # untouched
+    if kind == "counter":
+        assert said and "updates buffer(s) n, which torch.fx cannot capture" in said[0]
+        return
+    assert not said, said
+    for _ in range(3):
+        assert_close(t(x), model(x), kind=f"buffer updates, {kind}")
+    if kind == "ema":
+        assert torch.equal(t.state_dict()["ema"], model.ema) and model.ema.item() != 1  # both updated, alike
 
 
 class Conditioned(nn.Module):

@@ -52,7 +52,7 @@ from .modes import ModeSwitch
 from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards
 from .shapes import dynamic_spec
 from .snapshot import Snapshot
-from .source_attributes import CapturedGraphModule, keep_aliases
+from .source_attributes import CapturedGraphModule, keep_aliases, record_fixed
 
 _GUARDS = "_guards_fn"
 
@@ -78,6 +78,7 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
             saved.restore()  # before the next export reads what this one cached (module docstring)
             fixed = reason or fixed
             graphs[mode] = graph_module_of(program, type(model).__name__)
+            record_fixed(graphs[mode], model)  # what the graph fixed of the model's plain attributes
             keep_aliases(graphs[mode], model, containers=False)  # a module registered twice: both names
     _copy_training_flags(model, graphs.values())
     pattern = ExampleCall.record(model.forward, args, kwargs)  # the call the graphs take (ipfx.capture.guards)

@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .guards import FALLBACK, signature_of
-from .source_attributes import SourceAttributes, hand_over_source
+from .source_attributes import FIXED_ATTRIBUTES, SourceAttributes, hand_over_source, warn_if_fixed
 
 _TREE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 _MODE = "ipfx_mode"  # node.meta key: True (train graph) / False (eval graph)
@@ -92,6 +92,13 @@ class ModeSwitch(SourceAttributes, nn.Module):
             share_tree(holder, train)
         self.__dict__["_graphs"] = {True: train, False: eval}  # plain attribute: not a child module
         self.training = training
+
+    def __setattr__(self, name: str, value) -> None:
+        graphs = self.__dict__.get("_graphs")
+        fixed = graphs[True].__dict__.get("meta", {}).get(FIXED_ATTRIBUTES) if graphs is not None else None
+        if fixed is not None:
+            warn_if_fixed(self, fixed, name, value)
+        super().__setattr__(name, value)
 
     def graph_module(self, training: bool) -> fx.GraphModule:
         """The ``GraphModule`` run in train (``True``) or eval (``False``) mode."""

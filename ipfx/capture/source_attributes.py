@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import torch.fx as fx
 import torch.nn as nn
 
 from . import first_call, guards
+from ..errors import user_stacklevel
 
 _SOURCE = "_ipfx_source_class"
 FROZEN = "ipfx_frozen"  # GraphModule.meta key: the graph computes the eval-mode function only (CapturedGraphModule.train)
+FIXED_ATTRIBUTES = "ipfx_fixed_attributes"  # GraphModule.meta key: the captured module's plain attributes (record_fixed)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks, training, ...
 _PLAIN = (int, float, str, bool, tuple, list, dict, type(None))
 
@@ -48,6 +51,12 @@ class SourceAttributes:
 class CapturedGraphModule(SourceAttributes, fx.GraphModule):
     """The ``GraphModule`` every ipfx front end returns; calls are checked against the call pattern
     symbolic tracing specialised (:mod:`ipfx.capture.guards`), where there is one."""
+
+    def __setattr__(self, name: str, value) -> None:
+        meta = self.__dict__.get("meta")
+        if meta is not None and FIXED_ATTRIBUTES in meta:
+            warn_if_fixed(self, meta[FIXED_ATTRIBUTES], name, value)
+        super().__setattr__(name, value)
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``, but a frozen graph (:data:`FROZEN`: ``ipfx.lower(..., freeze=True)``) refuses train
@@ -143,7 +152,7 @@ def _attribute(gm: nn.Module, target: str):
 
 
 #: meta keys that change what a call of the graph runs: kept through pickling (CapturedGraphModule.__reduce__)
-_BEHAVIOUR = (guards.FALLBACK, first_call.CHECK, first_call.USE_FORWARD)
+_BEHAVIOUR = (guards.FALLBACK, first_call.CHECK, first_call.USE_FORWARD, FROZEN)
 
 
 def _unpickled(rebuild, args: tuple, meta: dict) -> fx.GraphModule:
@@ -156,6 +165,31 @@ def _unpickled(rebuild, args: tuple, meta: dict) -> fx.GraphModule:
     gm.meta.update(meta)
     gm.recompile()
     return gm
+
+
+def record_fixed(gm: fx.GraphModule, module: nn.Module) -> None:
+    """Record on ``gm`` the public plain attributes (numbers, flags, strings, ...) of ``module``, which its graph
+    captured: what the forward read of them is fixed in the graph (:func:`warn_if_fixed`)."""
+    values = {k: v for k, v in vars(module).items()
+              if not k.startswith("_") and k not in _MODULE_INTERNALS and isinstance(v, _PLAIN)}
+    if values:
+        gm.meta[FIXED_ATTRIBUTES] = values
+
+
+def warn_if_fixed(holder: nn.Module, fixed: dict, name: str, value) -> None:
+    """Warn where ``name``, a plain attribute of the module ``holder``'s graph was captured from, is set to another
+    value on ``holder``: the graph computes with the value it had at capture (torch.export and symbolic tracing
+    both fix it), so the setting changes nothing the model computes."""
+    if name not in fixed:
+        return
+    try:
+        same = bool(fixed[name] == value) and type(fixed[name]) is type(value)
+    except Exception:  # noqa: BLE001 - a value without a plain ==: another value
+        same = False
+    if not same:
+        warnings.warn(f"{type(holder).__name__}.{name} = {value!r} changes nothing the transformed model computes: its "
+                      f"graph fixed {name} = {fixed[name]!r} at capture. Set it on the original model and transform "
+                      "that", stacklevel=user_stacklevel())
 
 
 def plain_attributes(old: nn.Module, new: nn.Module) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import re
 import warnings
 from typing import Iterable, Sequence
 
@@ -30,7 +31,7 @@ from ..errors import TraceError, first_line, user_stacklevel
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .snapshot import Snapshot
-from .source_attributes import CapturedGraphModule, keep_aliases
+from .source_attributes import CapturedGraphModule, keep_aliases, record_fixed
 
 STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
 
@@ -50,6 +51,11 @@ class WeightTracer(fx.Tracer):
         self.failed_module: tuple[str, type] | None = None
         # id -> (buffer, its version and value when first read): buffers_computed_at_trace
         self.buffers_read: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def trace(self, root, concrete_args=None):
+        # the buffers as the trace begins (buffers_computed_at_trace, _put_back)
+        self.originals = list(root.named_buffers(remove_duplicate=False)) if isinstance(root, nn.Module) else []
+        return super().trace(root, concrete_args)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """torch.fx's, recording each buffer the forward reads (:func:`buffers_computed_at_trace`)."""
@@ -216,27 +222,31 @@ def trace(
         error.module_path = tracer.failed_module[0] if tracer.failed_module else ""
         raise error from exc
     updated, folded = buffers_computed_at_trace(tracer, graph)
-    if updated:  # run once at trace time, on the real buffer: back as it was, and said
-        with torch.no_grad():
-            for buffer, version, value in tracer.buffers_read.values():
-                if buffer._version != version:
-                    buffer.copy_(value)
-        warnings.warn(
-            f"{type(model).__name__}'s forward updates buffer(s) {', '.join(updated[:4])} in place, which torch.fx "
-            "cannot capture: the transformed model computes without those updates (their values stay as now); "
-            "transform with example_inputs=... (torch.export captures buffer updates)", stacklevel=user_stacklevel())
-    if folded:  # trace again with every buffer a graph node, as parameters are
+    _put_back(tracer)  # what the trace's in-place updates and rebindings of buffers changed
+    if updated or folded:  # trace again with every buffer a graph node, as parameters are
         again = WeightTracer(config, leaf_modules, name_prefix)
         again.proxy_buffer_attributes = True
         try:
-            graph, tracer = again.trace(model, concrete_args=concrete), again
+            graph, tracer, failed = again.trace(model, concrete_args=concrete), again, None
+            updated, folded = [name for name in updated if not _updated_in(graph, name)], []
         except Exception as exc:  # noqa: BLE001 - Python control flow on a buffer's value: keep the first graph
+            failed = first_line(exc, 160)
+            folded = [name for name in folded[:8] if _folds(model, graph, name, lambda: WeightTracer(
+                config, leaf_modules, name_prefix).trace(model, concrete_args=concrete))] + folded[8:]
+        _put_back(again)
+        if updated:
+            warnings.warn(
+                f"{type(model).__name__}'s forward updates buffer(s) {', '.join(updated[:4])}, which torch.fx cannot "
+                "capture: the transformed model computes without those updates (their values stay as now); "
+                "transform with example_inputs=... (torch.export captures buffer updates)", stacklevel=user_stacklevel())
+        if folded:
             warnings.warn(
                 f"torch.fx traced {type(model).__name__} computing on buffer(s) {', '.join(folded[:4])} as constants "
-                f"(their values now), and could not trace them as buffers ({first_line(exc, 160)}): the transformed "
-                "model leaves them out of its state dict and ignores later changes to them; transform with "
-                "example_inputs=... (torch.export reads buffers as inputs)", stacklevel=user_stacklevel())
+                f"(their values now), and could not trace them as buffers ({failed}): the transformed model leaves "
+                "them out of its state dict and ignores later changes to them; transform with example_inputs=... "
+                "(torch.export reads buffers as inputs)", stacklevel=user_stacklevel())
     gm = CapturedGraphModule(tracer.root, graph, class_name=type(model).__name__)
+    record_fixed(gm, model)  # what the graph fixed of the model's plain attributes
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
     gm._tracer_cls = gm.graph._tracer_cls = None
@@ -249,29 +259,78 @@ def trace(
 
 
 def buffers_computed_at_trace(tracer: WeightTracer, graph: fx.Graph) -> tuple[list[str], list[str]]:
-    """The buffers of ``tracer.root`` that torch.fx computed with at trace time, read by the forward but not by the
-    graph: those changed while tracing (an in-place update, ``self.count += 1``, ran once on the real buffer and
-    is not in the graph), and those possibly folded into a constant of the graph (``self.std.clamp(min=eps)``:
+    """The buffers of ``tracer.root`` that torch.fx computed with at trace time. Updated: changed in place
+    while tracing (``self.count += 1``, ``self.ema.mul_(m)``) or rebound to another tensor (``self.n = self.n +
+    1``), whether or not the graph reads them: the update ran once, on the real buffer, and is not in the graph.
+    Folded: read by the forward, not by the graph, where the graph has constants (``self.std.clamp(min=eps)``:
     torch.fx hands the forward a buffer as a plain tensor, so a computation on buffers alone runs at trace time
     and its result becomes a ``_tensor_constant``, which neither ``load_state_dict`` nor later changes reach; the
     buffer, which no node then reads, is gone from the state dict). A buffer read for its shape or dtype only
     makes no constant and changes nothing, and a non-persistent one (a rotary embedding's ``inv_freq``) holds
-    no state: in neither list."""
+    no state: not folded."""
     if not tracer.buffers_read:
         return [], []
     read = {node.target for node in graph.nodes if node.op == "get_attr"}
     constants = any(str(target).startswith("_tensor_constant") for target in read)
-    names = {id(b): name for name, b in tracer.root.named_buffers(remove_duplicate=False)}
+    names = {id(b): name for name, b in tracer.originals}
     updated, folded = [], []
     for key, (buffer, version, _) in tracer.buffers_read.items():
         name = names.get(key)
-        if name is None or name in read:
+        if name is None:
             continue
-        if buffer._version != version:
+        if buffer._version != version or tracer.root.get_buffer(name) is not buffer:
             updated.append(name)
-        elif constants and _persistent(tracer.root, name):  # (a non-persistent one is no state: fine as a constant)
+        elif name not in read and constants and _persistent(tracer.root, name):
             folded.append(name)
     return updated, folded
+
+
+def _put_back(tracer: WeightTracer) -> None:
+    """Every buffer the trace read as it was before: its value (an in-place update) and its tensor (a rebinding)."""
+    with torch.no_grad():
+        for name, buffer in tracer.originals:
+            owner, _, attr = name.rpartition(".")
+            module = tracer.root.get_submodule(owner)
+            if module._buffers.get(attr) is not buffer:
+                module._buffers[attr] = buffer
+        for buffer, version, value in tracer.buffers_read.values():
+            if buffer._version != version:
+                buffer.copy_(value)
+
+
+def _folds(model: nn.Module, graph: fx.Graph, name: str, trace) -> bool:
+    """Whether ``graph`` (traced by ``trace()``) holds a constant made from buffer ``name``: traced again with the
+    buffer's value changed, the graph or one of its constants differs (a buffer read for its size does not)."""
+    buffer = model.get_buffer(name)
+    saved = buffer.detach().clone()
+    try:
+        with torch.no_grad():
+            buffer.copy_(buffer.logical_not() if buffer.dtype == torch.bool else buffer + 1)
+        other = trace()
+    except Exception:  # noqa: BLE001 - the other value takes another path: the graph depends on it
+        return True
+    finally:
+        with torch.no_grad():
+            buffer.copy_(saved)
+    code = lambda g: re.sub(r"_tensor_constant\d+", "_tensor_constant", g.python_code("self").src)  # noqa: E731
+    if code(other) != code(graph):
+        return True
+    constants = lambda g: [n.target for n in g.nodes if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")]  # noqa: E731
+    return any(not torch.equal(getattr(graph.owning_module or model, a, None), getattr(other.owning_module or model, b, None))
+               for a, b in zip(constants(graph), constants(other)))
+
+
+def _updated_in(graph: fx.Graph, name: str) -> bool:
+    """Whether ``graph`` updates buffer ``name`` in place (``add_``, ``mul_``, ``copy_``, ... on it, or on one of
+    those): then the update is captured."""
+    on_buffer = {node for node in graph.nodes if node.op == "get_attr" and node.target == name}
+    for node in graph.nodes:
+        target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op in ("call_method", "call_function") and str(target).endswith("_") and not str(target).endswith("__") \
+                and node.args and node.args[0] in on_buffer:
+            on_buffer.add(node)
+            return True
+    return False
 
 
 def _persistent(root: nn.Module, name: str) -> bool:

@@ -126,14 +126,14 @@ class BasisWeight(nn.Module):
         into the SP form other than its own ``I`` (SP never multiplies by its basis: an IP model's trained basis
         would load and be ignored); into a basis shared by several layers (``share_basis=True``), layers'
         values that differ (each would overwrite the one tensor, the last layer's winning)."""
-        problem = self._load_problem(state_dict, prefix)
+        problem = self._load_problem(state_dict, prefix, error_msgs)
         if problem is not None:
             error_msgs.append(problem)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _load_problem(self, state_dict, prefix: str) -> str | None:
+    def _load_problem(self, state_dict, prefix: str, load: list) -> str | None:
         mask = state_dict.get(prefix + "mask")
         if isinstance(mask, torch.Tensor) and mask.shape == self.mask.shape:
             binary = (mask == 0) | (mask == 1)
@@ -150,13 +150,15 @@ class BasisWeight(nn.Module):
                     "transformed with space='ip' (the same options as the model it was saved from)")
         if getattr(self, "shared_basis", False):
             # torch hands each module only its own keys: the first layer to load this basis in a load leaves its
-            # key and value on the tensor (a basis is K x K numbers), and every other layer's must agree with them
+            # key and value on the tensor (a basis is K x K numbers), and every other layer's must agree with them.
+            # A load is told by its list of error messages (`load`: one list for the whole call, held by the tag,
+            # so a later load's list is another object)
             first = getattr(self.basis, "_ipfx_loaded", None)
-            if first is None or first[0] == prefix + "basis" or first[1].shape != basis.shape:
-                self.basis._ipfx_loaded = (prefix + "basis", basis.detach().clone())
-            elif not torch.equal(basis, first[1]):
+            if first is None or first[0] is not load or first[2].shape != basis.shape:
+                self.basis._ipfx_loaded = (load, prefix + "basis", basis.detach().clone())
+            elif not torch.equal(basis, first[2]):
                 return (f"{prefix}basis: this model shares one basis across layers (share_basis=True), but the "
-                        f"state dict holds another basis here than at {first[0]} (saved from a model with a basis "
+                        f"state dict holds another basis here than at {first[1]} (saved from a model with a basis "
                         "per layer?); load it into a model transformed with the options it was saved from")
         return None
 
