@@ -232,7 +232,7 @@ def trace(
         except Exception as exc:  # noqa: BLE001 - Python control flow on a buffer's value: keep the first graph
             failed = first_line(exc, 160)
             folded = [name for name in folded[:8] if _folds(model, graph, name, lambda: WeightTracer(
-                config, leaf_modules, name_prefix).trace(model, concrete_args=concrete))] + folded[8:]
+                config, leaf_modules, name_prefix), concrete)] + folded[8:]
         _put_back(again)
         if updated:
             warnings.warn(
@@ -298,25 +298,29 @@ def _put_back(tracer: WeightTracer) -> None:
                 buffer.copy_(value)
 
 
-def _folds(model: nn.Module, graph: fx.Graph, name: str, trace) -> bool:
-    """Whether ``graph`` (traced by ``trace()``) holds a constant made from buffer ``name``: traced again with the
+def _folds(model: nn.Module, graph: fx.Graph, name: str, new_tracer, concrete) -> bool:
+    """Whether ``graph`` holds a constant made from buffer ``name``: traced again (by ``new_tracer()``) with the
     buffer's value changed, the graph or one of its constants differs (a buffer read for its size does not)."""
     buffer = model.get_buffer(name)
     saved = buffer.detach().clone()
+    tracer = new_tracer()
     try:
         with torch.no_grad():
             buffer.copy_(buffer.logical_not() if buffer.dtype == torch.bool else buffer + 1)
-        other = trace()
+        other = tracer.trace(model, concrete_args=concrete)
     except Exception:  # noqa: BLE001 - the other value takes another path: the graph depends on it
         return True
     finally:
+        if hasattr(tracer, "originals"):
+            _put_back(tracer)  # (what this trace updated)
         with torch.no_grad():
             buffer.copy_(saved)
     code = lambda g: re.sub(r"_tensor_constant\d+", "_tensor_constant", g.python_code("self").src)  # noqa: E731
     if code(other) != code(graph):
         return True
-    constants = lambda g: [n.target for n in g.nodes if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")]  # noqa: E731
-    return any(not torch.equal(getattr(graph.owning_module or model, a, None), getattr(other.owning_module or model, b, None))
+    constants = lambda g: [getattr(model, n.target) for n in g.nodes  # noqa: E731 - (torch.fx keeps them on the root)
+                           if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")]
+    return any(not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b))
                for a, b in zip(constants(graph), constants(other)))
 
 
