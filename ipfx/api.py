@@ -270,8 +270,9 @@ def lower(model: nn.Module, target: str = "dense", *, freeze: bool = False) -> n
     """Fold the coefficient subgraphs of a transformed model back for deployment.
 
     ``target="dense"``: every weight is folded once, ``W = reshape((mask * coeff) @ basis)``, and
-    standard conv/linear modules are restored; the result holds no ipfx module or function and runs
-    without ipfx. ``target="fused"``: each convolution whose weight feeds nothing but convolutions
+    standard conv/linear modules are restored; its graphs hold no ipfx module or function and run without
+    ipfx (a model with one graph per training mode is held by an :class:`ipfx.ModeSwitch`, ipfx's; its state
+    dict loads into the original class). ``target="fused"``: each convolution whose weight feeds nothing but convolutions
     becomes a sparse IP convolution storing only the kept coefficients and the basis
     (``torch.ops.ipfx.ip_conv``), linear layers a sparse linear; the others are folded as for
     ``"dense"``. Outputs equal the transformed model's up to float rounding. ``model`` is not changed.

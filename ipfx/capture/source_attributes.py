@@ -170,8 +170,8 @@ def _unpickled(rebuild, args: tuple, meta: dict) -> fx.GraphModule:
 def record_fixed(gm: fx.GraphModule, module: nn.Module) -> None:
     """Record on ``gm`` the public plain attributes (numbers, flags, strings, ...) of ``module``, which its graph
     captured: what the forward read of them is fixed in the graph (:func:`warn_if_fixed`)."""
-    values = {k: v for k, v in vars(module).items()
-              if not k.startswith("_") and k not in _MODULE_INTERNALS and isinstance(v, _PLAIN)}
+    values = {k: v for k, v in vars(module).items()  # (not a name the graph module has itself: meta, graph, ...)
+              if not k.startswith("_") and k not in _MODULE_INTERNALS and k not in vars(gm) and isinstance(v, _PLAIN)}
     if values:
         gm.meta[FIXED_ATTRIBUTES] = values
 
