@@ -104,8 +104,10 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
         """A graph with a fallback (a module whose own forward runs for some calls, :mod:`ipfx.capture.guards`,
         :mod:`ipfx.capture.first_call`) unpickles as this class with its meta (:func:`_unpickled`): torch.fx
         rebuilds a plain ``GraphModule`` without meta, which ran the graph for every call, silently computing
-        something else where the first-call check had found the graph wrong (a branch tracing could not see).
-        Loading such a pickle needs ipfx; any other graph pickles as torch's own (it loads without ipfx)."""
+        something else where the first-call check had found the graph wrong (a branch tracing could not see);
+        so does a frozen graph (its ``train()`` refusal) and one with a call on buffers alone, rebuilt by
+        :class:`BufferProxyTracer` (:func:`computes_on_buffers_alone`). Loading such a pickle needs ipfx; any other
+        graph pickles as torch's own (it loads without ipfx)."""
         rebuild, args = super().__reduce__()
         if computes_on_buffers_alone(self):  # (computes_on_buffers_alone: rebuilt by a tracer that proxies buffers)
             args = ({**args[0], "_tracer_cls": BufferProxyTracer}, *args[1:])
