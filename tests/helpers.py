@@ -142,3 +142,15 @@ def run_in_threads(work, count: int = 4) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+class OptionalScale(torch.nn.Module):
+    """A conv with an optional argument: ``forward(x, scale=None)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, scale=None):
+        y = self.conv(x)
+        return y if scale is None else y * scale

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import ipfx
-from helpers import assert_close, graph_modules, perturb_bases, quiet, randomize_masks
+from helpers import OptionalScale, assert_close, graph_modules, perturb_bases, quiet, randomize_masks
 from strategies import conv_configs, functional_conv_models, random_graph_models
 
 FRONT_ENDS = ("export", "symbolic")
@@ -706,27 +706,17 @@ def test_a_batch_norm_with_its_own_forward_keeps_its_counter(front):
     assert torch.allclose(fresh(x), dense(x), atol=1e-5)
 
 
-class _OptionalScale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-
-    def forward(self, x, scale=None):
-        y = self.conv(x)
-        return y if scale is None else y * scale
-
-
 def test_transform_traces_after_a_pickled_guarded_graph_was_loaded():
     """Loading a pickled graph that checks an argument traced as None leaves torch.fx a leaf-function
     registration no trace can honour (torch 2.14: every later trace raised KeyError); ipfx drops it first."""
     x = torch.randn(1, 3, 8, 8)
-    t = ipfx.transform(_OptionalScale())
+    t = ipfx.transform(OptionalScale())
     t(x)
     buffer = io.BytesIO()
     torch.save(ipfx.lower(t, "fused"), buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    model = _OptionalScale()
+    model = OptionalScale()
     again = ipfx.transform(model)
     assert isinstance(again, fx.GraphModule)  # traced, not kept as Python code
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import ipfx
 import ipfx.deploy
-from helpers import assert_close
+from helpers import OptionalScale, assert_close
 from ipfx.capture.shape_guards import is_guard_failure
 from ipfx.errors import IPFXValueError
 
@@ -237,26 +237,16 @@ class _Pair(nn.Module):
         return self.conv(pair[0]) + self.conv(pair[1])
 
 
-class _Scaled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-
-    def forward(self, x, scale=None):
-        y = self.conv(x)
-        return y if scale is None else y * scale
-
-
 def test_a_call_with_other_arguments_than_saved_is_refused_saying_what_to_do(tmp_path):
     """A program takes its example's arguments: a keyword or an extra positional argument raises saying so and
     how to save one that takes them (torch's own: "Ran into a kwarg keyword mismatch", a tree spec); copies too."""
     x = torch.randn(2, 3, 8, 8)
-    loaded = ipfx.deploy.load_module(ipfx.deploy.save_program(_Scaled().eval(), tmp_path / "scaled", x))
+    loaded = ipfx.deploy.load_module(ipfx.deploy.save_program(OptionalScale().eval(), tmp_path / "scaled", x))
     for program in (loaded, copy.deepcopy(loaded)):
         assert program(x[:1]).shape == (1, 4, 6, 6)  # the arguments it was saved with: any batch
         for args, kwargs, given in (((x,), {"scale": 2.0}, "1 positional and 'scale'"), ((x, x), {}, "2 positional")):
             with pytest.raises(IPFXValueError, match=rf"saved for calls with 1 positional argument\(s\), and is called "
                                                      rf"with {given}.*save_program\(model, stem, example\)"):
                 program(*args, **kwargs)
-    with_scale = ipfx.deploy.load_module(ipfx.deploy.save_program(_Scaled().eval(), tmp_path / "s2", (x, torch.tensor(2.0))))
+    with_scale = ipfx.deploy.load_module(ipfx.deploy.save_program(OptionalScale().eval(), tmp_path / "s2", (x, torch.tensor(2.0))))
     assert with_scale(x, torch.tensor(3.0)).shape == (2, 4, 6, 6)

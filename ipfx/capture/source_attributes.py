@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import warnings
 
 import torch.fx as fx
 import torch.nn as nn
 
 from . import first_call, guards
-from ..errors import user_stacklevel
+from ..errors import IPFXValueError, user_stacklevel
 
 _SOURCE = "_ipfx_source_class"
 FROZEN = "ipfx_frozen"  # GraphModule.meta key: the graph computes the eval-mode function only (CapturedGraphModule.train)
@@ -63,8 +64,6 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
         mode before anything changes: it computes the eval-mode function only (batch norms folded into its
         convolutions, dropout gone), so a train-mode call would silently compute eval mode."""
         if mode and self.__dict__.get("meta", {}).get(FROZEN):
-            from ..errors import IPFXValueError
-
             raise IPFXValueError(
                 f"this {type(self).__name__} was lowered with freeze=True: it computes the model's eval-mode "
                 "function only (batch norms folded into its convolutions, no dropout), so it cannot run in train "
@@ -135,8 +134,11 @@ def computes_on_buffers_alone(gm: fx.GraphModule) -> bool:
         if node.op in ("placeholder", "call_module"):
             traced.add(node)
         elif node.op == "get_attr":
-            if isinstance(_attribute(gm, node.target), nn.Parameter):
-                traced.add(node)
+            try:
+                if isinstance(operator.attrgetter(node.target)(gm), nn.Parameter):
+                    traced.add(node)
+            except AttributeError:  # (a graph whose attribute is gone: no parameter)
+                pass
         elif node.op in ("call_function", "call_method"):
             inputs = node.all_input_nodes
             if any(i in traced for i in inputs):
@@ -144,13 +146,6 @@ def computes_on_buffers_alone(gm: fx.GraphModule) -> bool:
             elif any(i.op == "get_attr" or i.op in ("call_function", "call_method") for i in inputs):
                 return True
     return False
-
-
-def _attribute(gm: nn.Module, target: str):
-    value = gm
-    for name in target.split("."):
-        value = getattr(value, name, None)
-    return value
 
 
 #: meta keys that change what a call of the graph runs: kept through pickling (CapturedGraphModule.__reduce__)

@@ -325,14 +325,13 @@ def _folds(model: nn.Module, graph: fx.Graph, name: str, new_tracer, concrete) -
 
 
 def _updated_in(graph: fx.Graph, name: str) -> bool:
-    """Whether ``graph`` updates buffer ``name`` in place (``add_``, ``mul_``, ``copy_``, ... on it, or on one of
-    those): then the update is captured."""
+    """Whether ``graph`` updates buffer ``name`` in place (``add_``, ``mul_``, ``copy_``, ... on it): then the
+    update is captured."""
     on_buffer = {node for node in graph.nodes if node.op == "get_attr" and node.target == name}
     for node in graph.nodes:
-        target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if node.op in ("call_method", "call_function") and str(target).endswith("_") and not str(target).endswith("__") \
+        target = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", ""))
+        if node.op in ("call_method", "call_function") and target.endswith("_") and not target.endswith("__") \
                 and node.args and node.args[0] in on_buffer:
-            on_buffer.add(node)
             return True
     return False
 
