@@ -20,8 +20,9 @@ channel (chosen at random):
   least the kept ones), so the tile's input stays in L1 across the output channels.
 
 Reached: (dense time / time) x density, as ``fused.py`` reports it (torch's dense time swings between runs on
-some layers, those @56 most: 3x3 64->64 @56 16.7 and 48.0 ms in one run). Per multiply-add: (blocked - nothing kept) over the vector multiply-adds
-(kept coefficients x output positions x batch / lanes), in nanoseconds of the whole machine (both threads).
+some layers, those @56 most: 3x3 64->64 @56 took 16.7 and 48.0 ms in one run). Per multiply-add: (blocked -
+nothing kept) over the vector multiply-adds (kept coefficients x output positions x batch / lanes), in
+nanoseconds of the whole machine (both threads).
 """
 
 from __future__ import annotations
