@@ -882,6 +882,43 @@ def test_a_module_reuses_its_last_plan_only_for_a_call_like_the_last(monkeypatch
     assert torch.equal(pickle.loads(pickle.dumps(lin))(xl), lin(xl))
 
 
+@pytest.mark.parametrize("order", [0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE])
+def test_a_tensor_swapped_through_data_is_seen_by_every_kept_plan(order):
+    """``t.data = other`` swaps a stored tensor's data and counts no in-place version: every kept plan, folded
+    kernel and matrix (keyed on the tensor's state: identity, version and data address) is built again, for
+    the values, the indices, the basis and the bias, on the module's own path and on a linear's; the numbers
+    are those of the module as it is now (kept on the version alone, they stayed the old ones)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 4, 3, 3, generator=gen) * (torch.rand(6, 4, 3, 3, generator=gen) < 0.5)
+    basis = torch.linalg.qr(torch.randn(9, 9, generator=gen))[0]
+    m = SparseIPConv.from_coefficients(w.reshape(6, 4, 9), weight_shape=w.shape, basis=basis,
+                                       bias=torch.randn(6, generator=gen), padding=1).eval()
+    x = torch.randn(2, 4, 7, 7, generator=gen)
+
+    def reference():
+        dense = torch.zeros(6 * 4 * 9).index_add_(0, m.indices.long(), m.values)
+        return F.conv2d(x, (dense.reshape(6, 4, 9) @ m.basis).reshape(w.shape), m.bias, padding=1)
+
+    with torch.no_grad():
+        before = m(x, order)
+        assert torch.allclose(before, reference(), atol=1e-5)
+        for name, swap in [("values", lambda t: t * -2), ("indices", lambda t: t.flip(0)),
+                           ("basis", lambda t: t.flip(1)), ("bias", lambda t: t + 1)]:
+            t = getattr(m, name)
+            t.data = swap(t.data)
+            y = m(x, order)
+            assert not torch.allclose(y, before), name  # (premise: the swap changes the numbers)
+            assert torch.allclose(y, reference(), atol=1e-5), name
+            before = y
+    lin = SparseLinear.from_weight(torch.randn(5, 8, generator=gen) * (torch.rand(5, 8, generator=gen) < 0.5))
+    v = torch.randn(3, 8, generator=gen)
+    with torch.no_grad():
+        y0 = lin(v)
+        lin.values.data = lin.values.data * 3
+        assert torch.allclose(lin(v), y0 * 3, atol=1e-5) and not torch.allclose(y0, y0 * 3)
+        assert torch.allclose(lin(v), v @ lin.to_dense_weight().T, atol=1e-5)
+
+
 def test_threads_calling_one_storage_with_more_input_kinds_than_it_keeps_plans_for_get_the_right_numbers():
     """Four threads call one conv (module and op alternately) with twelve input shapes, more than
     ``PLANS_PER_STORAGE``: plans are built, dropped and rebuilt under each other, and every result is the

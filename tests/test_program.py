@@ -133,9 +133,10 @@ def test_the_program_follows_every_change_of_the_model(saved):
         m(x)
         before = the_program(m, x)
 
-        def check(what):
+        def check(what, fresh=False):
             y = m(x)
-            assert torch.equal(y, generated(m, x)), what
+            # (fresh: against a copy, whose per-op plans are new: the model's own may have missed the change too)
+            assert torch.equal(y, generated(copy.deepcopy(m) if fresh else m, x)), what
             return y
 
         conv = m.get_submodule(convs[1])
@@ -144,6 +145,10 @@ def test_the_program_follows_every_change_of_the_model(saved):
         assert the_program(m, x) is not before
         conv.values = conv.values * -1.5
         check("values replaced")
+        conv.values.data = conv.values.data * 2  # (counts no in-place version: its data address is guarded)
+        check("values swapped through .data", fresh=True)
+        conv.indices.data = conv.indices.data.flip(0)
+        check("indices swapped through .data", fresh=True)
         conv.bias = nn.Parameter(conv.bias * 3, requires_grad=False)
         check("bias replaced")
         conv.activation = "hardswish" if conv.activation != "hardswish" else "relu"
@@ -195,6 +200,8 @@ def test_the_program_follows_every_change_of_the_model(saved):
         assert program_now.kinds[-1] == "op"  # (the head: its native op)
         linear.values.mul_(3)
         check("the linear's values edited in place")
+        linear.values.data = linear.values.data * -1
+        check("the linear's values swapped through .data", fresh=True)
         linear.bias = nn.Parameter(linear.bias + 1, requires_grad=False)
         check("the linear's bias replaced")
         handle = linear.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))

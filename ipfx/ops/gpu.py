@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .storage import _cached, _folded_csr, _storage_entry
+from .storage import _cached, _folded_csr, _storage_entry, tensor_state
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 128  # output positions per program
@@ -84,8 +84,7 @@ def folded_operands(g: dict, values: Tensor, indices: Tensor, flat, basis: Optio
         crow, col, val = _folded_csr(g, values, flat(), basis, torch.float32, like.device)
         return crow.to(torch.int32), col.to(torch.int32), val
 
-    key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
-           like.device)
+    key = (tensor_state(values), tensor_state(indices), tensor_state(basis), like.device)
     return _cached(_storage_entry(indices), "gpu", key, build)
 
 
@@ -100,7 +99,7 @@ def folded_density(g: dict, values: Tensor, indices: Tensor, flat, basis: Option
         kept = torch.unique(flat()).numel() if basis is None else torch.unique(flat() // K).numel() * K
         return kept / max(1, math.prod(g["weight_shape"]))
 
-    key = (id(values), values._version, indices._version, basis is None)
+    key = (tensor_state(values), tensor_state(indices), basis is None)
     return _cached(_storage_entry(indices), "gpu_density", key, build)
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..form.compose import compose_weight
 from .geometry import _identity_unfold_applies
-from .storage import _cached, _coupling, _densify, _folded_csr, _sparse_matrix, _storage_entry
+from .storage import _cached, _coupling, _densify, _folded_csr, _sparse_matrix, _storage_entry, tensor_state
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -168,8 +168,7 @@ def _dense_weight(g: dict, values: Tensor, indices: Tensor, flat, basis: Optiona
         b = None if basis is None else basis.to(dtype=like.dtype, device=like.device)
         return compose_weight(c, None, b, g["weight_shape"], b is not None).contiguous(memory_format=layout)
 
-    key = (id(values), values._version, indices._version, None if basis is None else (id(basis), basis._version),
-           like.dtype, like.device, layout)
+    key = (tensor_state(values), tensor_state(indices), tensor_state(basis), like.dtype, like.device, layout)
     which = "dense" if layout == torch.contiguous_format else f"dense {layout}"  # (one kept per layout)
     return _cached(_storage_entry(indices), which, key, build)
 
@@ -209,7 +208,7 @@ def _native_operands(g: dict, values: Tensor, indices: Tensor, flat, like: Tenso
 
     shape = (g["c_out"], g["c_in"] * K)
     csr = _sparse_matrix(values, indices, "a", shape, coords, like)
-    key = (shape, id(values), values._version, indices._version, like.dtype)
+    key = (shape, tensor_state(values), tensor_state(indices), like.dtype)
 
     def build():
         col = csr.col_indices()
@@ -250,7 +249,7 @@ def _native_conv_operands(g: dict, values: Tensor, indices: Tensor, flat, basis:
         used[col] = 1
         return crow, col, vals, used, None, True
 
-    key = (id(values), values._version, indices._version, id(basis), basis._version, like.dtype)
+    key = (tensor_state(values), tensor_state(indices), tensor_state(basis), like.dtype)
     return _cached(_storage_entry(indices), "native_folded", key, build)
 
 

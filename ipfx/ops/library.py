@@ -23,7 +23,7 @@ from . import epilogue, native
 from .geometry import _check_index_range, _check_linear, _conv_geometry, _output_spatial
 from .kernels import _CONV, _CONV_T, _dense_conv_partial, _dense_weight, _native_conv_operands, _spmm, conv_layout
 from .order import _RUNNERS, ORDER_DENSE, ORDER_GPU, ORDER_NATIVE, autotune_setting, resolve_order
-from .storage import _cached, _sparse_matrix, _storage_entry, built_without_autocast
+from .storage import _cached, _sparse_matrix, _storage_entry, built_without_autocast, tensor_state
 
 
 _INFERENCE_ONLY = (
@@ -150,8 +150,8 @@ PLANS_PER_STORAGE = 8
 
 
 def _planned(indices: Tensor, kind: tuple, state: tuple, build, keep: tuple):
-    """The plan ``build()`` made for inputs of ``kind`` and the stored tensors' ``state`` (identities and
-    in-place versions), kept beside the matrices of the storage of ``indices`` (:func:`ipfx.ops.storage.
+    """The plan ``build()`` made for inputs of ``kind`` and the stored tensors' ``state`` (each one's identity,
+    in-place version and data address: :func:`ipfx.ops.storage.tensor_state`), kept beside the matrices of the storage of ``indices`` (:func:`ipfx.ops.storage.
     _storage_entry`, dropped with that tensor). A new state drops the plans of the old one (a version never
     comes back). ``keep``: the tensors whose identity ``state`` names, held with the plan so that no other
     tensor takes their ``id`` while it lives."""
@@ -168,21 +168,17 @@ def _planned(indices: Tensor, kind: tuple, state: tuple, build, keep: tuple):
     return plan
 
 
-def _identity(t: Optional[Tensor]):
-    return None if t is None else (id(t), t._version)
-
-
 def conv_plan_key(x: Tensor, values: Tensor, indices: Tensor, basis: Optional[Tensor], bias: Optional[Tensor],
                   weight_shape, stride, padding, dilation, groups: int, transposed: bool, output_padding, order: int,
                   activation: str) -> tuple[tuple, tuple]:
     """What a conv plan (:func:`conv_plan`) is made for, as ``(kind, state)``: the kind of input, order,
     ``IPFX_AUTOTUNE``, activation and geometry (copied: a list changed in place later is not the same key),
-    and the stored tensors' identities and in-place versions. Kept per storage of ``indices``; a module that
+    and the stored tensors' states (:func:`ipfx.ops.storage.tensor_state`). Kept per storage of ``indices``; a module that
     keeps its last plan compares this with the storage's identity added (:class:`ipfx.ops.SparseIPConv`)."""
     kind = ("conv", x.shape, x.dtype, x.device, conv_layout(x), order, activation, autotune_setting(),
             tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups, transposed,
             tuple(output_padding))
-    return kind, (_identity(values), indices._version, _identity(basis), _identity(bias))
+    return kind, (tensor_state(values), tensor_state(indices), tensor_state(basis), tensor_state(bias))
 
 
 #: Float dtypes the CPU plans compute in float32, rounding once, at the output (the native kernel takes float32
@@ -351,7 +347,7 @@ def sparse_linear_plan_key(x: Tensor, values: Tensor, indices: Tensor, bias: Opt
     """What a linear plan (:func:`sparse_linear_plan`) is made for, as ``(kind, state)`` (as
     :func:`conv_plan_key`)."""
     kind = ("linear", x.shape, x.dtype, x.device, allow_native, tuple(weight_shape))
-    return kind, (_identity(values), indices._version, _identity(bias))
+    return kind, (tensor_state(values), tensor_state(indices), tensor_state(bias))
 
 
 def sparse_linear_plan(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], weight_shape,

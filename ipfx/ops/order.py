@@ -60,7 +60,7 @@ from ..errors import IPFXValueError
 from .geometry import _identity_unfold_applies
 from .kernels import _order_a, _order_b, _order_dense, _order_gpu, _order_native, folds_in_native
 from .native import direct_applies, tile_for
-from .storage import _MATRICES, _storage_entry
+from .storage import _MATRICES, _storage_entry, tensor_state
 
 #: ``order`` argument of :func:`ipfx.ops.ip_conv`.
 ORDER_TUNED = -1  # time the candidates once per storage and input shape (asked for explicitly)
@@ -334,7 +334,7 @@ def _measured_order(g: dict, x: Tensor, values, indices, flat, basis, out_spatia
     model decides.
     """
     entry = _storage_entry(indices)
-    key = (tuple(x.shape), x.dtype, x.device, id(values), values._version, indices._version, native, gpu)
+    key = (tuple(x.shape), x.dtype, x.device, tensor_state(values), tensor_state(indices), native, gpu)
     hit = entry.get("order")
     if hit is not None and hit[0] == key:
         return hit[1]

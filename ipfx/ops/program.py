@@ -28,7 +28,7 @@ products in the direct path's order). A program is made for one input *signature
 device, and ``IPFX_AUTOTUNE``), on the first call with it, by running the graph node by node in Python (that
 call's result), and kept (the last :data:`PROGRAMS_KEPT` signatures). Before its first step it checks
 its guards: everything a conv step was built from (the module's place in the module tree, its class, buffers,
-bias, activation and geometry, the in-place versions of its tensors, no hooks on it) and the place of every
+bias, activation and geometry, the in-place versions and data addresses of its tensors, no hooks on it) and the place of every
 other module it calls. A changed one (``load_state_dict``, ``.to()``, an in-place edit, a replaced or hooked
 submodule) makes the program return without running anything, and a new one is built from the model as it is.
 What a module run in Python reads is not guarded (another stride on such a module, say): where that changes
@@ -502,7 +502,7 @@ class _Guards:
     def module(self, root: nn.Module, target: str, attributes, tensors: list, buffers=None) -> None:
         """A module a step runs: its place in the tree, its class, the ``attributes`` of its ``__dict__`` and the
         ``buffers`` (default: those it has) the step was built from, its bias parameter, no hooks, and the
-        in-place versions of ``tensors``."""
+        in-place versions and data addresses of ``tensors``."""
         module = self.path(root, target)
         self.program.guard_type(module, type(module))
         for key in attributes:

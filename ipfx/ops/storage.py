@@ -99,6 +99,21 @@ def _coupling(g: dict, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 _MATRICES: dict[int, tuple["weakref.ref[Tensor]", dict]] = {}  # id(indices) -> (weak ref, matrices)
 
 
+def tensor_state(t: Optional[Tensor]):
+    """What is kept from ``t`` (a plan, a folded kernel, a CSR) depends on: the tensor, its in-place version and
+    the address of its data. The address catches ``t.data = other``, which swaps the data and counts no version
+    (kept on the version alone, a lowered model went on computing with the old numbers, silently). An edit in
+    place through ``t.data`` (``t.data.mul_(2)``) changes none of the three and is not followed: edit under
+    ``torch.no_grad()`` (``t.mul_(2)``) or with ``load_state_dict``."""
+    if t is None:
+        return None
+    try:
+        address = t.data_ptr()
+    except RuntimeError:  # no storage (fake or functional tensors)
+        address = None
+    return id(t), t._version, address
+
+
 def _storage_entry(indices: Tensor) -> dict:
     """The cache dict of one sparse storage (keyed weakly on its ``indices`` tensor)."""
     ref, entry = _MATRICES.get(id(indices), (None, None))
@@ -152,5 +167,5 @@ def _sparse_matrix(values: Tensor, indices: Tensor, which: str, shape: tuple[int
                 return coo.to_sparse_csr()
         return coo
 
-    key = (shape, id(values), values._version, indices._version, like.dtype, like.device)
+    key = (shape, tensor_state(values), tensor_state(indices), like.dtype, like.device)
     return _cached(_storage_entry(indices), which, key, build)

@@ -104,7 +104,8 @@ class Program {
   }
   void guard_type(py::object obj, py::object type) { types_.push_back({std::move(obj), std::move(type)}); }
   void guard_empty(py::dict dict) { empties_.push_back(std::move(dict)); }
-  void guard_version(const at::Tensor& t) { versions_.push_back({t, t._version()}); }
+  // t's in-place version and data address (storage.py's tensor_state: `t.data = other` counts no version)
+  void guard_version(const at::Tensor& t) { versions_.push_back({t, {t._version(), address(t)}}); }
 
   void add_conv(std::shared_ptr<BoundConv> conv, int64_t x, int64_t residual, int64_t activation, int64_t output,
                 bool blocked = false) {
@@ -172,8 +173,8 @@ class Program {
       if (PyDict_Size(d.ptr()) != 0) return false;
     for (const auto& [obj, type] : types_)
       if ((PyObject*)Py_TYPE(obj.ptr()) != type.ptr()) return false;
-    for (const auto& [t, version] : versions_)
-      if (t._version() != version) return false;
+    for (const auto& [t, state] : versions_)
+      if (t._version() != state.first || address(t) != state.second) return false;
     return true;
   }
 
@@ -296,7 +297,10 @@ class Program {
   std::vector<Item> items_;
   std::vector<std::pair<py::object, py::object>> types_;
   std::vector<py::dict> empties_;
-  std::vector<std::pair<at::Tensor, int64_t>> versions_;
+  std::vector<std::pair<at::Tensor, std::pair<int64_t, const void*>>> versions_;
+  static const void* address(const at::Tensor& t) {
+    return t.unsafeGetTensorImpl()->has_storage() ? t.const_data_ptr() : nullptr;
+  }
   std::vector<ProgramStep> steps_;
   std::vector<int64_t> outputs_;
   bool timing_ = false;
