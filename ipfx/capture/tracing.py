@@ -15,6 +15,7 @@ gives a different graph in each (:mod:`ipfx.capture.modes`).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import re
 import warnings
@@ -55,7 +56,10 @@ class WeightTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         # the buffers as the trace begins (buffers_computed_at_trace, _put_back)
         self.originals = list(root.named_buffers(remove_duplicate=False)) if isinstance(root, nn.Module) else []
-        return super().trace(root, concrete_args)
+        if not self.proxy_buffer_attributes:
+            return super().trace(root, concrete_args)
+        with _buffer_assignments_captured(self):
+            return super().trace(root, concrete_args)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """torch.fx's, recording each buffer the forward reads (:func:`buffers_computed_at_trace`)."""
@@ -129,6 +133,39 @@ class WeightTracer(fx.Tracer):
             if self.failed_module is None:  # innermost module that failed
                 self.failed_module = (self.path_of_module(m), type(m))
             raise
+
+
+@contextlib.contextmanager
+def _buffer_assignments_captured(tracer: WeightTracer):
+    """While ``tracer`` traces with buffers as graph nodes, a traced value assigned to a buffer (``self.n += 1``,
+    ``self.n = self.n + 1``: torch.fx's proxies have no in-place operators, and a module refuses a proxy as a
+    buffer, so the trace failed and the update was lost) is recorded as the in-place update of that buffer,
+    ``n.copy_(value)``, after checks that the value has the buffer's dtype and shape (a rebinding that changes
+    either, which ``copy_`` would cast or broadcast, fails when the model runs, naming the buffer): what later
+    reads, the next call and the state dict see, as eagerly."""
+    original = nn.Module.__setattr__
+
+    def assign(module, name, value):
+        buffers = module.__dict__.get("_buffers")
+        if isinstance(value, fx.Proxy) and value.tracer is tracer and buffers is not None \
+                and buffers.get(name) is not None:
+            buffer = getattr(module, name)  # (the buffer's graph node)
+            where = f"{type(module).__name__}.{name}"
+            torch._assert(value.dtype == buffer.dtype, f"ipfx: the forward assigns buffer {where} a tensor of another "
+                          "dtype, which symbolic capture cannot follow (it updates buffers in place): transform with "
+                          "example_inputs=...")
+            torch._assert(value.shape == buffer.shape, f"ipfx: the forward assigns buffer {where} a tensor of another "
+                          "shape, which symbolic capture cannot follow (it updates buffers in place): transform with "
+                          "example_inputs=...")
+            buffer.copy_(value)
+            return
+        original(module, name, value)
+
+    nn.Module.__setattr__ = assign
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = original
 
 
 def _keyword_mapping(cls: type) -> bool:
@@ -237,7 +274,8 @@ def trace(
         if updated:
             warnings.warn(
                 f"{type(model).__name__}'s forward updates buffer(s) {', '.join(updated[:4])}, which torch.fx cannot "
-                "capture: the transformed model computes without those updates (their values stay as now); "
+                f"capture{f' ({failed})' if failed else ''}: the transformed model computes without those updates "
+                "(their values stay as now); "
                 "transform with example_inputs=... (torch.export captures buffer updates)", stacklevel=user_stacklevel())
         if folded:
             warnings.warn(
