@@ -594,6 +594,14 @@ class Updating(nn.Module):
         if self.kind == "dtype":
             self.k = self.k + 0.5
             return y + self.k
+        if self.kind == "previous":  # the old tensor still held after the assignment
+            old = self.n
+            self.n = self.n + 1
+            self.ema = old * 2
+            return y + self.n + self.ema
+        if self.kind == "swap":
+            self.n, self.ema = self.ema, self.n
+            return y * self.ema + self.n
         if self.kind == "ema":
             with torch.no_grad():
                 self.ema.mul_(0.9).add_(x.mean())
@@ -603,7 +611,7 @@ class Updating(nn.Module):
         return y
 
 
-@pytest.mark.parametrize("kind", ["counter", "rebound", "dtype", "ema", "sizes"])
+@pytest.mark.parametrize("kind", ["counter", "rebound", "dtype", "previous", "swap", "ema", "sizes"])
 def test_buffer_updates_are_captured_or_said_and_never_applied_at_capture(kind):
     """An update of a buffer in place ran once at trace time, even where the graph reads the buffer (the
     transformed model's counter started at 2, off by 2 on every output), and went unsaid. Now every buffer the
@@ -611,7 +619,10 @@ def test_buffer_updates_are_captured_or_said_and_never_applied_at_capture(kind):
     1``, ``n = n + 1``: torch.fx has no in-place operators and a module refuses a proxy as a buffer, so these
     were said and lost) are captured by tracing with buffers as graph nodes, an assignment as an update in place;
     one to another dtype, which an update in place would cast, fails the graph's check on the first call, and
-    the module's own forward runs, said; a buffer read for its size only is neither."""
+    the module's own forward runs, said, its rebound buffer the transformed model's (state dict, loads); a buffer
+    read for its size only is neither. Buffers are written as the forward ends, so a value read before an
+    assignment keeps the old tensor (``old = n; n = n + 1; ema = old * 2``; a swap), as eagerly (written where
+    assigned, the old tensor changed under ``old``, silently)."""
     torch.manual_seed(0)
     model, x = Updating(kind).eval(), torch.randn(2, 3, 6, 6)
     with warnings.catch_warnings(record=True) as caught:
@@ -627,12 +638,21 @@ def test_buffer_updates_are_captured_or_said_and_never_applied_at_capture(kind):
             assert_close(t(x), model(x), kind=f"buffer updates, {kind}")
         said += [str(w.message) for w in caught]
     if kind == "dtype":
-        assert len(said) == 1 and "assigns buffer Updating.k a tensor of another dtype" in said[0], said
-        assert model.k.item() == 1.5  # (its own forward: 0.5 a call)
+        assert len(said) == 1 and "assigns buffer k a tensor of another dtype" in said[0], said
+        assert t.state_dict()["k"].item() == model.k.item() == 1.5  # (its own forward: 0.5 a call)
+        for m in (t, model):
+            m.load_state_dict({**m.state_dict(), "k": torch.tensor(10.0)})
+        assert_close(t(x), model(x), kind="buffer updates, a loaded k")
+        assert t.state_dict()["k"].item() == model.k.item() == 10.5
+        t.double(), model.double()  # (the module's own forward reads the converted buffers too)
+        assert_close(t(x.double()), model(x.double()), kind="buffer updates, float64", rtol=1e-5)  # (float32 weights)
+        assert t.state_dict()["k"].dtype == torch.float64 and t.state_dict()["k"].item() == 11.0
         return
     assert not said, said
-    if kind in ("counter", "rebound"):
+    if kind in ("counter", "rebound", "previous"):
         assert t.state_dict()["n"].item() == model.n.item() == 3  # both counted, alike
+    if kind in ("previous", "swap"):
+        assert torch.equal(t.state_dict()["ema"], model.ema) and torch.equal(t.state_dict()["n"], model.n)
     if kind == "ema":
         assert torch.equal(t.state_dict()["ema"], model.ema) and model.ema.item() != 1  # both updated, alike
 

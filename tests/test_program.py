@@ -149,6 +149,11 @@ def test_the_program_follows_every_change_of_the_model(saved):
         check("values swapped through .data", fresh=True)
         conv.indices.data = conv.indices.data.flip(0)
         check("indices swapped through .data", fresh=True)
+        for _ in range(5):  # the old data freed first (its block may come back: the guard holds it)
+            n = conv.values.numel()
+            conv.values.data = torch.empty(0)
+            conv.values.data = torch.randn(n) * 3
+            check("values freed, then new ones through .data", fresh=True)
         conv.bias = nn.Parameter(conv.bias * 3, requires_grad=False)
         check("bias replaced")
         conv.activation = "hardswish" if conv.activation != "hardswish" else "relu"

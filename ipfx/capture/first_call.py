@@ -64,6 +64,24 @@ def sync_training(fallback: nn.Module, gm: nn.Module) -> None:
         module.training = held.get(probe, gm.training)
 
 
+def share_rebound_buffers(fallback: nn.Module, gm: nn.Module, before: dict) -> None:
+    """After ``fallback`` (the module's own forward) ran: a buffer its forward rebound (``self.k = self.k + 0.5``;
+    ``before``: its buffers by path before the call) is the graph's buffer at that path from then on, as the
+    buffers were shared at capture: the state dict, ``load_state_dict`` and the next call reach the tensor the
+    forward uses (it kept its own, and the transformed model's state stayed at the capture's value)."""
+    for path, buffer in fallback.named_buffers(remove_duplicate=False):
+        if before.get(path) is buffer:
+            continue
+        owner, _, name = path.rpartition(".")
+        try:
+            holder = gm.get_submodule(owner)
+        except AttributeError:
+            continue
+        table = holder.__dict__.get("_buffers")
+        if table is not None and name in table:
+            table[name] = buffer
+
+
 def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The call of ``gm`` through ``graph_call`` or through ``forward`` (its module), checked on the first
     call of each kind (module docstring)."""
@@ -87,7 +105,11 @@ def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tu
     if USE_FORWARD in gm.meta:
         replaced.check_unchanged(gm)
         sync_training(forward, gm)
-        return forward(*args, **kwargs)
+        before = {path: b for path, b in forward.named_buffers(remove_duplicate=False)}
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            share_rebound_buffers(forward, gm, before)
     try:
         return graph_call()
     except Exception as exc:  # a module replaced since capture: say so

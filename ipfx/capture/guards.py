@@ -314,7 +314,9 @@ def sign(gm) -> None:
 
 def follow_forms(graphs) -> None:
     """After ``Module._apply`` (``.to()``, ``.cuda()``, ``.half()``): the fallbacks of ``graphs``, kept outside
-    the module tree, read the graphs' converted tensors again (:func:`ipfx.form.parametrize.follow_form`)."""
+    the module tree, read the graphs' converted tensors again (:func:`ipfx.form.parametrize.follow_form`), and
+    their buffers the graph's at the same paths (shared at capture: a fallback's batch-norm statistics or counter
+    stayed unconverted, and its updates no longer reached the transformed model's state)."""
     from ..form.parametrize import follow_form
 
     for gm in graphs:
@@ -322,6 +324,14 @@ def follow_forms(graphs) -> None:
         if fallback is not None:
             for module in fallback.modules():
                 follow_form(module)
+            for path, _ in list(fallback.named_buffers(remove_duplicate=False)):
+                owner, _, name = path.rpartition(".")
+                try:
+                    converted = gm.get_buffer(path)
+                    holder = fallback.get_submodule(owner)
+                except AttributeError:
+                    continue
+                holder._buffers[name] = converted
 
 
 def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import inspect
+import operator
 import re
 import warnings
 from typing import Iterable, Sequence
@@ -56,13 +57,19 @@ class WeightTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         # the buffers as the trace begins (buffers_computed_at_trace, _put_back)
         self.originals = list(root.named_buffers(remove_duplicate=False)) if isinstance(root, nn.Module) else []
+        self.assigned: dict[int, tuple[torch.Tensor, str, fx.Proxy]] = {}  # _buffer_assignments_captured
         if not self.proxy_buffer_attributes:
             return super().trace(root, concrete_args)
         with _buffer_assignments_captured(self):
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        _write_assigned_buffers(graph, self.assigned.values())
+        return graph
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        """torch.fx's, recording each buffer the forward reads (:func:`buffers_computed_at_trace`)."""
+        """torch.fx's, recording each buffer the forward reads (:func:`buffers_computed_at_trace`); a buffer the
+        forward assigned reads as the value assigned (:func:`_buffer_assignments_captured`)."""
+        if isinstance(attr_val, torch.Tensor) and id(attr_val) in self.__dict__.get("assigned", {}):
+            return self.assigned[id(attr_val)][2]
         if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter) and \
                 id(attr_val) not in self.buffers_read and not isinstance(attr_val, fx.Proxy):
             self.buffers_read[id(attr_val)] = (attr_val, attr_val._version, attr_val.detach().clone())
@@ -139,25 +146,20 @@ class WeightTracer(fx.Tracer):
 def _buffer_assignments_captured(tracer: WeightTracer):
     """While ``tracer`` traces with buffers as graph nodes, a traced value assigned to a buffer (``self.n += 1``,
     ``self.n = self.n + 1``: torch.fx's proxies have no in-place operators, and a module refuses a proxy as a
-    buffer, so the trace failed and the update was lost) is recorded as the in-place update of that buffer,
-    ``n.copy_(value)``, after checks that the value has the buffer's dtype and shape (a rebinding that changes
-    either, which ``copy_`` would cast or broadcast, fails when the model runs, naming the buffer): what later
-    reads, the next call and the state dict see, as eagerly."""
+    buffer, so the trace failed and the update was lost) is recorded in ``tracer.assigned``, and later reads of
+    the buffer in the forward read that value (as eagerly, where the attribute is the new tensor); the buffer
+    itself is written when the forward ends (:func:`_write_assigned_buffers`), so that what still holds its old
+    value (``old = self.n; self.n = self.n + 1; self.prev = old``, a swap ``self.a, self.b = self.b, self.a``)
+    keeps it, as eagerly."""
     original = nn.Module.__setattr__
 
     def assign(module, name, value):
         buffers = module.__dict__.get("_buffers")
         if isinstance(value, fx.Proxy) and value.tracer is tracer and buffers is not None \
                 and buffers.get(name) is not None:
-            buffer = getattr(module, name)  # (the buffer's graph node)
-            where = f"{type(module).__name__}.{name}"
-            torch._assert(value.dtype == buffer.dtype, f"ipfx: the forward assigns buffer {where} a tensor of another "
-                          "dtype, which symbolic capture cannot follow (it updates buffers in place): transform with "
-                          "example_inputs=...")
-            torch._assert(value.shape == buffer.shape, f"ipfx: the forward assigns buffer {where} a tensor of another "
-                          "shape, which symbolic capture cannot follow (it updates buffers in place): transform with "
-                          "example_inputs=...")
-            buffer.copy_(value)
+            buffer = buffers[name]
+            qualified = next(path for path, b in tracer.root.named_buffers(remove_duplicate=False) if b is buffer)
+            tracer.assigned[id(buffer)] = (buffer, qualified, value)
             return
         original(module, name, value)
 
@@ -166,6 +168,33 @@ def _buffer_assignments_captured(tracer: WeightTracer):
         yield
     finally:
         nn.Module.__setattr__ = original
+
+
+def _write_assigned_buffers(graph: fx.Graph, assigned) -> None:
+    """Before ``graph``'s output, each buffer the forward assigned (``assigned``: (buffer, path, value)) takes
+    its last value in place: every value copied first (a value may be another assigned buffer, or a view of one),
+    then each buffer written, ``buffer.copy_(value)``, after checks that the value has the buffer's dtype and
+    shape: an assignment that changes either (``k = k + 0.5``, ``k`` an integer), which ``copy_`` would cast or
+    broadcast, fails when the model runs, naming the buffer (on a first call: the module's own forward runs
+    instead, :mod:`ipfx.capture.first_call`). The buffer keeps its tensor and takes the new value: what the next
+    call and the state dict see."""
+    assigned = list(assigned)
+    if not assigned:
+        return
+    output = next(node for node in graph.nodes if node.op == "output")
+    with graph.inserting_before(output):
+        copies = []
+        for buffer, path, value in assigned:
+            node = graph.get_attr(path)
+            for what in ("dtype", "shape"):
+                same = graph.call_function(operator.eq, (graph.call_function(builtins.getattr, (value.node, what)),
+                                                         graph.call_function(builtins.getattr, (node, what))))
+                graph.call_function(torch._assert, (same, f"ipfx: the forward assigns buffer {path} a tensor of "
+                                                          f"another {what}, which symbolic capture cannot follow (it "
+                                                          "updates buffers in place): transform with example_inputs=..."))
+            copies.append((node, graph.call_method("clone", (value.node,))))
+        for node, copy in copies:
+            graph.call_method("copy_", (node, copy))
 
 
 def _keyword_mapping(cls: type) -> bool:

@@ -99,19 +99,38 @@ def _coupling(g: dict, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 _MATRICES: dict[int, tuple["weakref.ref[Tensor]", dict]] = {}  # id(indices) -> (weak ref, matrices)
 
 
+class _HeldData:
+    """Where a tensor's data lives, and that data held: equal to another where the address is. Kept in a cache
+    key, it keeps the data it names alive, so no later allocation takes its address while the key is kept (a
+    swap ``t.data = torch.empty(0)`` then ``t.data = new`` often got the freed block back: the key matched, the
+    old numbers were used)."""
+
+    __slots__ = ("address", "storage")
+
+    def __init__(self, t: Tensor):
+        self.address = t.data_ptr()
+        self.storage = t.untyped_storage()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _HeldData) and other.address == self.address
+
+    def __hash__(self) -> int:
+        return hash(self.address)
+
+
 def tensor_state(t: Optional[Tensor]):
     """What is kept from ``t`` (a plan, a folded kernel, a CSR) depends on: the tensor, its in-place version and
-    the address of its data. The address catches ``t.data = other``, which swaps the data and counts no version
+    its data (:class:`_HeldData`). The data catches ``t.data = other``, which swaps the data and counts no version
     (kept on the version alone, a lowered model went on computing with the old numbers, silently). An edit in
     place through ``t.data`` (``t.data.mul_(2)``) changes none of the three and is not followed: edit under
     ``torch.no_grad()`` (``t.mul_(2)``) or with ``load_state_dict``."""
     if t is None:
         return None
     try:
-        address = t.data_ptr()
-    except RuntimeError:  # no storage (fake or functional tensors)
-        address = None
-    return id(t), t._version, address
+        data = _HeldData(t)
+    except (RuntimeError, NotImplementedError):  # no storage (fake or functional tensors)
+        data = None
+    return id(t), t._version, data
 
 
 def _storage_entry(indices: Tensor) -> dict:

@@ -104,8 +104,11 @@ class Program {
   }
   void guard_type(py::object obj, py::object type) { types_.push_back({std::move(obj), std::move(type)}); }
   void guard_empty(py::dict dict) { empties_.push_back(std::move(dict)); }
-  // t's in-place version and data address (storage.py's tensor_state: `t.data = other` counts no version)
-  void guard_version(const at::Tensor& t) { versions_.push_back({t, {t._version(), address(t)}}); }
+  // t's in-place version and data (storage.py's tensor_state: `t.data = other` counts no version; the storage is
+  // held, so that no later allocation takes its address while the program lives)
+  void guard_version(const at::Tensor& t) {
+    versions_.push_back({t, t._version(), address(t), t.has_storage() ? t.storage() : c10::Storage()});
+  }
 
   void add_conv(std::shared_ptr<BoundConv> conv, int64_t x, int64_t residual, int64_t activation, int64_t output,
                 bool blocked = false) {
@@ -173,8 +176,8 @@ class Program {
       if (PyDict_Size(d.ptr()) != 0) return false;
     for (const auto& [obj, type] : types_)
       if ((PyObject*)Py_TYPE(obj.ptr()) != type.ptr()) return false;
-    for (const auto& [t, state] : versions_)
-      if (t._version() != state.first || address(t) != state.second) return false;
+    for (const auto& g : versions_)
+      if (g.t._version() != g.version || address(g.t) != g.address) return false;
     return true;
   }
 
@@ -297,7 +300,13 @@ class Program {
   std::vector<Item> items_;
   std::vector<std::pair<py::object, py::object>> types_;
   std::vector<py::dict> empties_;
-  std::vector<std::pair<at::Tensor, std::pair<int64_t, const void*>>> versions_;
+  struct VersionGuard {
+    at::Tensor t;
+    int64_t version;
+    const void* address;
+    c10::Storage held;
+  };
+  std::vector<VersionGuard> versions_;
   static const void* address(const at::Tensor& t) {
     return t.unsafeGetTensorImpl()->has_storage() ? t.const_data_ptr() : nullptr;
   }
