@@ -757,3 +757,51 @@ def test_an_output_object_without_equality_is_named_as_the_reason_not_printed_tw
     object cannot be compared and what to return instead."""
     with pytest.raises(ipfx.errors.TraceError, match=r"output 1: a _Cache, which has no == .*use_cache=False"):
         quiet(ipfx.transform, ReturnsCache().eval(), example_inputs=(torch.randn(2, 3, 8, 8),))
+
+
+class _Counted(nn.Module):
+    """A stack of convs and a counter the output reads (``n = n + 1``)."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3, 3, 3, padding=1) for _ in range(depth))
+        self.register_buffer("n", torch.ones(()))
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = conv(x)
+        self.n = self.n + 1
+        return x * self.n
+
+
+def test_threads_transforming_models_at_once_each_get_their_own_graph():
+    """torch.fx patches ``nn.Module.__call__`` and ``__getattr__`` for the whole process while it traces: three
+    threads transforming models at once ran into each other's patches (transforms failed, "module is not installed
+    as a submodule", and patches were left in place for every later model). ipfx's traces take turns: each model
+    computes what it computes, counter included, and nn.Module is as it was."""
+    import threading
+
+    before = {k: nn.Module.__dict__.get(k) for k in ("__setattr__", "__call__", "__getattr__")}
+    x = torch.randn(1, 3, 6, 6)
+    for trial in range(3):
+        models = [_Counted(4 + 3 * i).eval() for i in range(3)]
+        references = [copy.deepcopy(m) for m in models]
+        results: list = [None] * 3
+
+        def work(i):
+            try:
+                results[i] = quiet(ipfx.transform, models[i])
+            except Exception as exc:  # noqa: BLE001 - reported below
+                results[i] = exc
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert {k: nn.Module.__dict__.get(k) for k in before} == before, f"trial {trial}: nn.Module left patched"
+        for t, reference in zip(results, references):
+            assert not isinstance(t, Exception), f"trial {trial}: {t!r}"
+            for _ in range(2):
+                assert_close(t(x), reference(x), kind="transformed in threads at once")
+            assert t.state_dict()["n"].item() == reference.n.item() == 3

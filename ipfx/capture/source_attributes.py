@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import threading
 import warnings
 
 import torch.fx as fx
@@ -115,10 +116,21 @@ class CapturedGraphModule(SourceAttributes, fx.GraphModule):
         return _unpickled, (rebuild, args, self.meta)
 
 
+#: Held by every trace ipfx makes (:class:`BufferProxyTracer`, ``ipfx.capture.tracing.WeightTracer``): torch.fx
+#: patches ``nn.Module.__call__`` and ``__getattr__`` (and ipfx's capture ``__setattr__``) for the whole process
+#: while it traces, so two traces at once (threads transforming models) ran into each other's patches: transforms
+#: failed ("module is not installed as a submodule"), and the patches could be left in place for every later one.
+TRACING = threading.RLock()
+
+
 class BufferProxyTracer(fx.Tracer):
     """torch.fx's tracer, reading buffers as graph nodes (``get_attr``) as it reads parameters."""
 
     proxy_buffer_attributes = True
+
+    def trace(self, root, concrete_args=None):
+        with TRACING:
+            return super().trace(root, concrete_args)
 
 
 def computes_on_buffers_alone(gm: fx.GraphModule) -> bool:

@@ -33,7 +33,7 @@ from ..errors import TraceError, first_line, user_stacklevel
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .snapshot import Snapshot
-from .source_attributes import CapturedGraphModule, keep_aliases, record_fixed
+from .source_attributes import TRACING, CapturedGraphModule, keep_aliases, record_fixed
 
 STANDARD_TYPES = frozenset(DEFAULT_MODULE_TYPES)
 
@@ -58,10 +58,11 @@ class WeightTracer(fx.Tracer):
         # the buffers as the trace begins (buffers_computed_at_trace, _put_back)
         self.originals = list(root.named_buffers(remove_duplicate=False)) if isinstance(root, nn.Module) else []
         self.assigned: dict[int, tuple[torch.Tensor, str, fx.Proxy]] = {}  # _buffer_assignments_captured
-        if not self.proxy_buffer_attributes:
-            return super().trace(root, concrete_args)
-        with _buffer_assignments_captured(self):
-            graph = super().trace(root, concrete_args)
+        with TRACING:  # (one trace at a time in the process: source_attributes.TRACING)
+            if not self.proxy_buffer_attributes:
+                return super().trace(root, concrete_args)
+            with _buffer_assignments_captured(self):
+                graph = super().trace(root, concrete_args)
         _write_assigned_buffers(graph, self.assigned.values())
         return graph
 
