@@ -885,9 +885,10 @@ def test_a_module_reuses_its_last_plan_only_for_a_call_like_the_last(monkeypatch
 @pytest.mark.parametrize("order", [0, ORDER_BASIS_FIRST, ORDER_COEFF_FIRST, ORDER_DENSE])
 def test_a_tensor_swapped_through_data_is_seen_by_every_kept_plan(order):
     """``t.data = other`` swaps a stored tensor's data and counts no in-place version: every kept plan, folded
-    kernel and matrix (keyed on the tensor's state: identity, version and data address) is built again, for
-    the values, the indices, the basis and the bias, on the module's own path and on a linear's; the numbers
-    are those of the module as it is now (kept on the version alone, they stayed the old ones)."""
+    kernel and matrix (keyed on the tensor's state: identity, version and its data, held) is built again, for
+    the values, the indices, the basis and the bias, on the module's own path and on a linear's, also where the
+    old data was freed first; the numbers are those of the module as it is now (kept on the version alone, they
+    stayed the old ones; kept on the data's address alone, a freed block given back looked unchanged)."""
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(6, 4, 3, 3, generator=gen) * (torch.rand(6, 4, 3, 3, generator=gen) < 0.5)
     basis = torch.linalg.qr(torch.randn(9, 9, generator=gen))[0]
