@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ipfx.ops import blocked, native  # noqa: E402
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
+from fused import _blocked_conv, interleaved  # noqa: E402  (benchmarks/fused.py)
 from roofline import LAYERS  # noqa: E402  (benchmarks/roofline.py: the layers of issue 18's per-layer targets)
 
 TILE = 8  # output positions per tile (kBlockedTile in ipfx/ops/csrc/blocked.h)
@@ -58,35 +58,12 @@ def kept_weight(c_out: int, c_in: int, k: int, kept: int, gen: torch.Generator) 
 
 
 def blocked_call(w: torch.Tensor, x: torch.Tensor, padded_ahead: bool = False):
-    """conv_blocked of x (made blocked here, once) with w's CSR, padding k // 2 (or, where padded_ahead, on x
+    """``fused.py``'s blocked SP conv of ``w`` on ``x`` (padding k // 2; where ``padded_ahead``, none, on ``x``
     zero-padded here, once: the conv's own padded copy left out); a callable."""
-    c_out, k = w.shape[0], w.shape[-1]
-    out = x.shape[-1]
+    k = w.shape[-1]
     if padded_ahead:
-        x = F.pad(x, (k // 2,) * 4)
-    a = w.reshape(c_out, -1)
-    crow = torch.zeros(c_out + 1, dtype=torch.long)
-    crow[1:] = (a != 0).sum(1).cumsum(0)
-    rows, cols = a.nonzero(as_tuple=True)
-    vals = a[rows, cols].contiguous()
-    xb = torch.ops.ipfx_native.to_blocked(x)
-    pad = 0 if padded_ahead else k // 2
-    conv = torch.ops.ipfx_native.conv_blocked
-    return lambda: conv(xb, crow, cols.contiguous(), vals, None, c_out, [k, k], [1, 1], [pad, pad], [1, 1], 1,
-                        [out, out], None, 0)
-
-
-def interleaved(fns: dict, rounds: int, reps: int) -> dict:
-    """Median seconds per call of each callable, calls interleaved round by round."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / reps)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return _blocked_conv(w.flatten(2), k, 1, 0, 1, F.pad(x, (k // 2,) * 4))
+    return _blocked_conv(w.flatten(2), k, 1, k // 2, 1, x)
 
 
 @torch.no_grad()
@@ -109,7 +86,7 @@ def bench(batch: int, sparsity: float, rounds: int, l1: int) -> list[dict]:
             "padded ahead": blocked_call(w, x, padded_ahead=True),
             "input in L1": blocked_call(kept_weight(c_out, c_l1, k, kept, gen), x_l1),
         }
-        t = interleaved(fns, rounds, reps=3)
+        t = {name: seconds for name, seconds in interleaved(fns, rounds, base="dense").items() if name in fns}
         density = kept / (c_in * k * k)
         fmas = kept * c_out * size * size * batch / lanes
         row = dict(layer=name, sparsity=sparsity, batch=batch, kept_per_channel=kept, l1_channels=c_l1,

@@ -64,22 +64,26 @@ def sync_training(fallback: nn.Module, gm: nn.Module) -> None:
         module.training = held.get(probe, gm.training)
 
 
+def rebind_buffer(root: nn.Module, path: str, tensor) -> None:
+    """``root``'s buffer at ``path`` becomes ``tensor`` (nothing where ``root`` holds no buffer there)."""
+    owner, _, name = path.rpartition(".")
+    try:
+        holder = root.get_submodule(owner)
+    except AttributeError:
+        return
+    table = holder.__dict__.get("_buffers")
+    if table is not None and name in table:
+        table[name] = tensor
+
+
 def share_rebound_buffers(fallback: nn.Module, gm: nn.Module, before: dict) -> None:
     """After ``fallback`` (the module's own forward) ran: a buffer its forward rebound (``self.k = self.k + 0.5``;
     ``before``: its buffers by path before the call) is the graph's buffer at that path from then on, as the
     buffers were shared at capture: the state dict, ``load_state_dict`` and the next call reach the tensor the
     forward uses (it kept its own, and the transformed model's state stayed at the capture's value)."""
     for path, buffer in fallback.named_buffers(remove_duplicate=False):
-        if before.get(path) is buffer:
-            continue
-        owner, _, name = path.rpartition(".")
-        try:
-            holder = gm.get_submodule(owner)
-        except AttributeError:
-            continue
-        table = holder.__dict__.get("_buffers")
-        if table is not None and name in table:
-            table[name] = buffer
+        if before.get(path) is not buffer:
+            rebind_buffer(gm, path, buffer)
 
 
 def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tuple, kwargs: dict) -> Any:

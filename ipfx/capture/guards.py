@@ -325,13 +325,10 @@ def follow_forms(graphs) -> None:
             for module in fallback.modules():
                 follow_form(module)
             for path, _ in list(fallback.named_buffers(remove_duplicate=False)):
-                owner, _, name = path.rpartition(".")
                 try:
-                    converted = gm.get_buffer(path)
-                    holder = fallback.get_submodule(owner)
-                except AttributeError:
+                    first_call.rebind_buffer(fallback, path, gm.get_buffer(path))
+                except AttributeError:  # (the graph holds no buffer there)
                     continue
-                holder._buffers[name] = converted
 
 
 def guarded_call(gm, call, args: tuple, kwargs: dict) -> Any:

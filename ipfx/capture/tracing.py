@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 from .attention import attention_call, install_attention_kernels
 from ..config import DEFAULT_MODULE_TYPES, TransformConfig
 from ..errors import TraceError, first_line, user_stacklevel
+from .first_call import rebind_buffer
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .snapshot import Snapshot
@@ -53,11 +54,11 @@ class WeightTracer(fx.Tracer):
         self.failed_module: tuple[str, type] | None = None
         # id -> (buffer, its version and value when first read): buffers_computed_at_trace
         self.buffers_read: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self.assigned: dict[int, tuple[str, fx.Proxy]] = {}  # id(buffer) -> (path, value): _buffer_assignments_captured
 
     def trace(self, root, concrete_args=None):
         # the buffers as the trace begins (buffers_computed_at_trace, _put_back)
         self.originals = list(root.named_buffers(remove_duplicate=False)) if isinstance(root, nn.Module) else []
-        self.assigned: dict[int, tuple[torch.Tensor, str, fx.Proxy]] = {}  # _buffer_assignments_captured
         with TRACING:  # (one trace at a time in the process: source_attributes.TRACING)
             if not self.proxy_buffer_attributes:
                 return super().trace(root, concrete_args)
@@ -69,8 +70,8 @@ class WeightTracer(fx.Tracer):
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """torch.fx's, recording each buffer the forward reads (:func:`buffers_computed_at_trace`); a buffer the
         forward assigned reads as the value assigned (:func:`_buffer_assignments_captured`)."""
-        if isinstance(attr_val, torch.Tensor) and id(attr_val) in self.__dict__.get("assigned", {}):
-            return self.assigned[id(attr_val)][2]
+        if isinstance(attr_val, torch.Tensor) and id(attr_val) in self.assigned:
+            return self.assigned[id(attr_val)][1]
         if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter) and \
                 id(attr_val) not in self.buffers_read and not isinstance(attr_val, fx.Proxy):
             self.buffers_read[id(attr_val)] = (attr_val, attr_val._version, attr_val.detach().clone())
@@ -156,11 +157,10 @@ def _buffer_assignments_captured(tracer: WeightTracer):
 
     def assign(module, name, value):
         buffers = module.__dict__.get("_buffers")
-        if isinstance(value, fx.Proxy) and value.tracer is tracer and buffers is not None \
-                and buffers.get(name) is not None:
-            buffer = buffers[name]
-            qualified = next(path for path, b in tracer.root.named_buffers(remove_duplicate=False) if b is buffer)
-            tracer.assigned[id(buffer)] = (buffer, qualified, value)
+        buffer = buffers.get(name) if buffers is not None and isinstance(value, fx.Proxy) else None
+        path = next((p for p, b in tracer.originals if b is buffer), None) if buffer is not None else None
+        if path is not None and value.tracer is tracer:
+            tracer.assigned[id(buffer)] = (path, value)
             return
         original(module, name, value)
 
@@ -172,7 +172,7 @@ def _buffer_assignments_captured(tracer: WeightTracer):
 
 
 def _write_assigned_buffers(graph: fx.Graph, assigned) -> None:
-    """Before ``graph``'s output, each buffer the forward assigned (``assigned``: (buffer, path, value)) takes
+    """Before ``graph``'s output, each buffer the forward assigned (``assigned``: (path, value)) takes
     its last value in place: every value copied first (a value may be another assigned buffer, or a view of one),
     then each buffer written, ``buffer.copy_(value)``, after checks that the value has the buffer's dtype and
     shape: an assignment that changes either (``k = k + 0.5``, ``k`` an integer), which ``copy_`` would cast or
@@ -185,7 +185,7 @@ def _write_assigned_buffers(graph: fx.Graph, assigned) -> None:
     output = next(node for node in graph.nodes if node.op == "output")
     with graph.inserting_before(output):
         copies = []
-        for buffer, path, value in assigned:
+        for path, value in assigned:
             node = graph.get_attr(path)
             for what in ("dtype", "shape"):
                 same = graph.call_function(operator.eq, (graph.call_function(builtins.getattr, (value.node, what)),
@@ -357,10 +357,7 @@ def _put_back(tracer: WeightTracer) -> None:
     """Every buffer the trace read as it was before: its value (an in-place update) and its tensor (a rebinding)."""
     with torch.no_grad():
         for name, buffer in tracer.originals:
-            owner, _, attr = name.rpartition(".")
-            module = tracer.root.get_submodule(owner)
-            if module._buffers.get(attr) is not buffer:
-                module._buffers[attr] = buffer
+            rebind_buffer(tracer.root, name, buffer)
         for buffer, version, value in tracer.buffers_read.values():
             if buffer._version != version:
                 buffer.copy_(value)
