@@ -64,8 +64,9 @@ def sync_training(fallback: nn.Module, gm: nn.Module) -> None:
         module.training = held.get(probe, gm.training)
 
 
-def rebind_buffer(root: nn.Module, path: str, tensor) -> None:
-    """``root``'s buffer at ``path`` becomes ``tensor`` (nothing where ``root`` holds no buffer there)."""
+def rebind_buffer(root: nn.Module, path: str, tensor, register: bool = False, persistent: bool = True) -> None:
+    """``root``'s buffer at ``path`` becomes ``tensor`` (nothing where ``root`` holds no buffer there; with
+    ``register``, a buffer it does not hold is registered on the module at that path, where it has one)."""
     owner, _, name = path.rpartition(".")
     try:
         holder = root.get_submodule(owner)
@@ -74,16 +75,25 @@ def rebind_buffer(root: nn.Module, path: str, tensor) -> None:
     table = holder.__dict__.get("_buffers")
     if table is not None and name in table:
         table[name] = tensor
+    elif table is not None and register and tensor is not None and name not in vars(holder) and \
+            name not in holder._parameters and name not in holder._modules:
+        holder.register_buffer(name, tensor, persistent=persistent)
 
 
 def share_rebound_buffers(fallback: nn.Module, gm: nn.Module, before: dict) -> None:
     """After ``fallback`` (the module's own forward) ran: a buffer its forward rebound (``self.k = self.k + 0.5``;
-    ``before``: its buffers by path before the call) is the graph's buffer at that path from then on, as the
-    buffers were shared at capture: the state dict, ``load_state_dict`` and the next call reach the tensor the
-    forward uses (it kept its own, and the transformed model's state stayed at the capture's value)."""
-    for path, buffer in fallback.named_buffers(remove_duplicate=False):
-        if before.get(path) is not buffer:
-            rebind_buffer(gm, path, buffer)
+    ``before``: its buffers by path before the call, :func:`~.verify.buffer_slots`) or set where it was ``None``
+    or absent (``register_buffer("run", None)``, then ``self.run = ...``) is the graph's buffer at that path from
+    then on, as the buffers were shared at capture, and so is one the graph does not hold (a buffer its trace
+    turned into a constant): the state dict, ``load_state_dict`` and the next call reach the tensor the forward
+    uses (it kept its own, and the transformed model's state stayed at the capture's value, or had no such
+    buffer)."""
+    held = verify.buffer_slots(gm)
+    for path, buffer in verify.buffer_slots(fallback).items():
+        if before.get(path) is not buffer or (buffer is not None and path not in held):
+            owner, _, name = path.rpartition(".")
+            persistent = name not in fallback.get_submodule(owner)._non_persistent_buffers_set
+            rebind_buffer(gm, path, buffer, register=True, persistent=persistent)
 
 
 def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -103,13 +113,12 @@ def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tu
                 warnings.warn(
                     f"the graph torch.fx traced for {type(forward).__name__} without example inputs "
                     f"{problem} on its first {'train' if gm.training else 'eval'}-mode call of this kind: "
-                    "tracing took a path this input does not take. That part runs its module's own forward "
-                    "from now on (the same coefficients, pruned and trained alike). Pass example_inputs=... "
-                    "to ipfx.transform to capture it as a graph", stacklevel=user_stacklevel())
+                    f"{_why(problem)}. That part runs its module's own forward from now on (the same "
+                    f"coefficients, pruned and trained alike). {_remedy(problem)}", stacklevel=user_stacklevel())
     if USE_FORWARD in gm.meta:
         replaced.check_unchanged(gm)
         sync_training(forward, gm)
-        before = {path: b for path, b in forward.named_buffers(remove_duplicate=False)}
+        before = verify.buffer_slots(forward)
         try:
             return forward(*args, **kwargs)
         finally:
@@ -123,22 +132,46 @@ def checked_call(gm, graph_call: Callable[[], Any], forward: nn.Module, args: tu
         raise replaced.replaced_error(gm, problem) from exc
 
 
+def _why(problem: str) -> str:
+    if problem.startswith("leaves its buffers"):
+        return "the graph does not do to the module's buffers what its forward does"
+    return "tracing took a path this input does not take"
+
+
+def _remedy(problem: str) -> str:
+    if "left unset where" in problem or "set where the model" in problem:
+        return ("A buffer registered as None and set by the forward cannot be captured as a graph (neither by "
+                "torch.fx nor by torch.export): register it as a tensor (torch.zeros(...)) to capture it")
+    return "Pass example_inputs=... to ipfx.transform to capture it as a graph"
+
+
 def _compare(gm, graph_call, forward: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """What differs between the graph's call and the module's own forward from the same state: the outputs, or
+    the buffers each leaves (a graph that leaves out a buffer update computes the same output and loses the
+    state), or None. The two share their buffers from capture: an in-place update is in both, a rebinding or a
+    buffer set where it was None only in the one that made it, so after the graph's call its state is the
+    module's buffers but where the graph holds one at the path."""
     def own():
         sync_training(forward, gm)
-        return forward(*args, **kwargs)
+        return forward(*args, **kwargs), verify.buffer_state(forward)
+
+    def graph():
+        return graph_call(), verify.buffer_state(forward, over=gm)
 
     with _hooks_silenced(gm, forward):  # the user's hooks see the real call only
         try:
-            expected = verify.isolated(own, gm, forward)
+            expected, expected_state = verify.isolated(own, gm, forward)
         except Exception:  # noqa: BLE001 - the module refuses this input: so would the model; nothing to compare
             return None
         try:
-            actual = verify.isolated(graph_call, gm, forward)
+            actual, actual_state = verify.isolated(graph, gm, forward)
         except Exception as exc:  # noqa: BLE001 - the module ran, so the graph must
             return f"fails ({first_line(exc, 200)}) where the module runs"
     problem = verify.difference(actual, expected)
-    return None if problem is None else f"computes something else than the module ({problem})"
+    if problem is not None:
+        return f"computes something else than the module ({problem})"
+    problem = verify.state_difference(actual_state, expected_state)
+    return None if problem is None else f"leaves its buffers otherwise than the module ({problem})"
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

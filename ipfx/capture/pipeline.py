@@ -179,11 +179,11 @@ class CheckCapture:
             self._compare(captured, *train_inputs, True, "the example inputs" if failure is None else "two samples")
         for args, kwargs, what in self._other_shapes(captured):
             try:
-                expected = verify.run(self.reference, args, kwargs, False)
+                expected = verify.run(self.reference, args, kwargs, False, with_state=True)
             except Exception:  # noqa: BLE001 - the model itself refuses this shape
                 continue
             try:
-                actual = verify.run(captured, args, kwargs, False)
+                actual = verify.run(captured, args, kwargs, False, with_state=True)
             except Exception as exc:  # noqa: BLE001 - a guard refusing it is fine; anything else fails the check
                 if is_guard_failure(exc):
                     continue
@@ -203,9 +203,9 @@ class CheckCapture:
                 yield (*one_more, "one more sample")
 
     def _compare(self, captured: nn.Module, args: tuple, kwargs: dict, training: bool, what: str) -> None:
-        expected = verify.run(self.reference, args, kwargs, training)
+        expected = verify.run(self.reference, args, kwargs, training, with_state=True)
         try:
-            actual = verify.run(captured, args, kwargs, training)
+            actual = verify.run(captured, args, kwargs, training, with_state=True)
         except Exception as exc:  # noqa: BLE001 - the model ran on these inputs, so the graph must too
             raise self._failed(exc, training, what) from exc
         self._judge(captured, args, kwargs, training, what, actual, expected)
@@ -216,8 +216,21 @@ class CheckCapture:
                           "Capture it with the other front end (capture='symbolic' or 'export'), or report the model")
 
     def _judge(self, captured: nn.Module, args: tuple, kwargs: dict, training: bool, what: str, actual, expected) -> None:
+        """``actual``, ``expected``: (output, buffers before, buffers after) of the graph's and the model's call
+        (:func:`verify.run` ``with_state``): the outputs must agree, and so must every buffer either call set or
+        changed (a graph that leaves out an update loses the model's state)."""
         mode = "train" if training else "eval"
+        (actual, actual_before, actual_after), (expected, expected_before, expected_after) = actual, expected
         problem = verify.difference(actual, expected)
+        state = None if problem is not None else verify.state_difference(
+            actual_after, expected_after, actual_before, expected_before)
+        if state is not None:
+            raise TraceError(
+                f"the captured graph of {type(self.reference).__name__} does not leave the model's buffers as the "
+                f"model does in {mode} mode on {what} ({state})"
+                + ("; a buffer registered as None and set by the forward cannot be captured as a graph: register "
+                   "it as a tensor (torch.zeros(...))" if "unset" in state else "")
+                + ". Capture it with the other front end (capture='symbolic' or 'export'), or report the model")
         if problem is not None:
             where = verify.localise(self.reference, captured, args, kwargs, training)
             raise TraceError(

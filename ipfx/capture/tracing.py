@@ -31,6 +31,7 @@ from .attention import attention_call, install_attention_kernels
 from ..config import DEFAULT_MODULE_TYPES, TransformConfig
 from ..errors import TraceError, first_line, user_stacklevel
 from .first_call import rebind_buffer
+from .verify import buffer_slots
 from .guards import PATTERN, CallPattern
 from .modes import ModeSwitch
 from .snapshot import Snapshot
@@ -59,11 +60,15 @@ class WeightTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         # the buffers as the trace begins (buffers_computed_at_trace, _put_back)
         self.originals = list(root.named_buffers(remove_duplicate=False)) if isinstance(root, nn.Module) else []
+        # and every buffer slot, those registered as None included (a forward may set them: _put_back)
+        self.slots = buffer_slots(root) if isinstance(root, nn.Module) else {}
         with TRACING:  # (one trace at a time in the process: source_attributes.TRACING)
             if not self.proxy_buffer_attributes:
-                return super().trace(root, concrete_args)
-            with _buffer_assignments_captured(self):
                 graph = super().trace(root, concrete_args)
+            else:
+                with _buffer_assignments_captured(self):
+                    graph = super().trace(root, concrete_args)
+        _refuse_set_slots(self)
         _write_assigned_buffers(graph, self.assigned.values())
         return graph
 
@@ -169,6 +174,35 @@ def _buffer_assignments_captured(tracer: WeightTracer):
         yield
     finally:
         nn.Module.__setattr__ = original
+
+
+def _refuse_set_slots(tracer: WeightTracer) -> None:
+    """Raise where the forward set a buffer registered as None, or registered a new one (``register_buffer("run",
+    None)``, then ``self.run = ...``; ``if not hasattr(self, "cache"): self.register_buffer(...)``), after putting
+    those slots back: a graph cannot follow (it takes the path the unset buffer took while tracing at every call,
+    and holds no such buffer, so the state dict loses it); the module that holds it is then kept as Python code
+    (:mod:`ipfx.capture.partial`), its children captured."""
+    slots = buffer_slots(tracer.root)
+    set_now = [path for path, b in slots.items() if b is not None and tracer.slots.get(path, ...) is None] + \
+        sorted(slots.keys() - tracer.slots.keys())
+    if not set_now:
+        return
+    _restore_slots(tracer)
+    owner = set_now[0].rpartition(".")[0]
+    tracer.failed_module = (owner, type(tracer.root.get_submodule(owner)))
+    raise RuntimeError(f"the forward sets buffer {set_now[0]!r}, "
+                       f"{'registered as None' if set_now[0] in tracer.slots else 'registering it'}: a graph cannot "
+                       "capture that (it would take, at every call, the path the unset buffer took while tracing)")
+
+
+def _restore_slots(tracer: WeightTracer) -> None:
+    """The buffer slots as the trace began: one registered as None None again, one registered since gone."""
+    for path in buffer_slots(tracer.root).keys() - tracer.slots.keys():
+        owner, _, name = path.rpartition(".")
+        del tracer.root.get_submodule(owner)._buffers[name]
+    for path, buffer in tracer.slots.items():
+        if buffer is None:
+            rebind_buffer(tracer.root, path, None)
 
 
 def _write_assigned_buffers(graph: fx.Graph, assigned) -> None:
@@ -358,6 +392,7 @@ def _put_back(tracer: WeightTracer) -> None:
     with torch.no_grad():
         for name, buffer in tracer.originals:
             rebind_buffer(tracer.root, name, buffer)
+        _restore_slots(tracer)
         for buffer, version, value in tracer.buffers_read.values():
             if buffer._version != version:
                 buffer.copy_(value)

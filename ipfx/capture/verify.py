@@ -4,7 +4,9 @@ Each side runs from the same state: buffers that a train-mode forward updates (b
 statistics) are put back after every run, and the random generator is reseeded before each, so dropout
 draws the same masks on both sides. Outputs are compared leaf by leaf (``torch.utils._pytree`` flattens
 tuples, dicts and Hugging Face ``ModelOutput`` s): each floating tensor relative to its largest
-magnitude, everything else for equality.
+magnitude, everything else for equality. So are the buffers each side leaves (:func:`buffer_state`,
+:func:`state_difference`): a graph that computes the output but leaves out a buffer update (a buffer
+registered as ``None`` and set by the forward, ``self.last = y.mean()``) loses the model's state.
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ from .snapshot import Snapshot
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
-def run(module: nn.Module, args: tuple, kwargs: dict, training: bool, state_of: nn.Module | None = None) -> Any:
+def run(module: nn.Module, args: tuple, kwargs: dict, training: bool, state_of: nn.Module | None = None,
+        with_state: bool = False) -> Any:
     """``module(*args, **kwargs)`` in the given mode, leaving ``module`` (and ``state_of``, when the module
     runs another's graph) as it was: every buffer's values, and every module's attributes (a forward that
-    caches things on itself at its first call leaves nothing behind: :mod:`ipfx.capture.snapshot`)."""
+    caches things on itself at its first call leaves nothing behind: :mod:`ipfx.capture.snapshot`).
+    ``with_state``: returns ``(output, buffers before, buffers after)`` (:func:`buffer_state` of ``module``)."""
 
     def call():
         module.train(training)
-        return module(*args, **kwargs)
+        if not with_state:
+            return module(*args, **kwargs)
+        before = buffer_state(module)
+        output = module(*args, **kwargs)
+        return output, before, buffer_state(module)
 
     return isolated(call, module, state_of)
 
@@ -51,6 +59,51 @@ def isolated(call, *modules: nn.Module | None) -> Any:
             for key, b in buffers.items():
                 if b.shape == saved[key].shape:
                     b.copy_(saved[key])
+
+
+def buffer_slots(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Every buffer of ``module``'s tree by path, those registered as ``None`` included (``named_buffers``
+    leaves them out: a buffer a forward sets on its first call, ``register_buffer("run", None)``)."""
+    return {f"{path}.{name}" if path else name: b for path, m in module.named_modules(remove_duplicate=False)
+            for name, b in m._buffers.items()}
+
+
+def buffer_state(module: nn.Module, over: nn.Module | None = None) -> dict[str, torch.Tensor | None]:
+    """Copies of the buffers of ``module`` by path (:func:`buffer_slots`); with ``over``, its buffer where it
+    holds one at a path of ``module``'s (not its others: a graph's constants)."""
+    slots = buffer_slots(module)
+    if over is not None:
+        held = buffer_slots(over)
+        slots = {path: held[path] if path in held else b for path, b in slots.items()}
+    return {path: None if b is None else b.detach().clone() for path, b in slots.items()}
+
+
+def state_difference(actual: dict, expected: dict, actual_before: dict | None = None,
+                     expected_before: dict | None = None) -> str | None:
+    """What differs between the buffers two calls left (:func:`buffer_state`; ``expected``: the model's), or
+    None. With the states before each call, only the buffers that either call set or changed are compared (the
+    two sides may hold different buffers that neither call touches)."""
+    def changed(after: dict, before: dict | None, path: str) -> bool:
+        if before is None:
+            return True
+        a, b = after.get(path), before.get(path)
+        if a is None or b is None:
+            return (a is None) != (b is None)
+        return a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)
+
+    for path in sorted(actual.keys() | expected.keys()):
+        if not (changed(actual, actual_before, path) or changed(expected, expected_before, path)):
+            continue
+        a, e = actual.get(path), expected.get(path)
+        if a is None and e is None:
+            continue
+        if a is None or e is None:
+            return (f"buffer {path}: left unset where the model's forward sets it" if a is None else
+                    f"buffer {path}: set where the model's forward leaves it unset")
+        problem = difference(a, e)
+        if problem is not None:
+            return f"buffer {path}: {problem.split(': ', 1)[-1]}"
+    return None
 
 
 def shapes(args: tuple, kwargs: dict) -> str:
