@@ -727,6 +727,40 @@ def test_a_buffer_set_where_it_was_none_is_kept_and_follows_the_model(kind, exam
         assert_close(state[key], reference.state_dict()[key], kind=f"{kind}: the buffer, batch {n}")
 
 
+class AtOneSample(nn.Module):
+    """A model that computes otherwise at a batch of one: a branch on it, or a ``squeeze()`` that drops it."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.conv, self.kind = nn.Conv2d(3, 4, 3, padding=1), kind
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.kind == "branch":
+            return y * 2 if x.shape[0] == 1 else y
+        return y.mean((2, 3)).squeeze()
+
+
+@pytest.mark.parametrize("kind", ["branch", "squeeze"])
+def test_a_graph_exported_from_a_batch_computes_the_model_at_one_sample(kind):
+    """torch.export takes a free size for never 1 (its 0/1 specialisation), so a branch the model takes at one
+    sample only was left out of the graph without a guard, and the graph's guards admit 1 as torch does: a
+    model exported from a batch of 4 computed the other branch at batch 1 (twice the output), silently. Nor
+    may the graph keep the batch dimension a ``squeeze()`` drops (it does not: the graph squeezes at run
+    time). The capture check now also runs one sample, and a graph that differs there is refused (here:
+    captured by symbolic tracing instead, said)."""
+    torch.manual_seed(0)
+    model, example = AtOneSample(kind).eval(), (torch.randn(4, 3, 6, 6),)
+    if kind == "branch":
+        with pytest.warns(UserWarning, match="torch.export could not capture .* on one sample"):
+            t = ipfx.transform(model, example_inputs=example)
+    else:  # (the graph squeezes at run time: the same as the model's, nothing to refuse)
+        t = quiet(ipfx.transform, model, example_inputs=example)
+    for n in (1, 2, 4):
+        x = torch.randn(n, 3, 6, 6)
+        assert_close(quiet(t, x), model(x), kind=f"{kind}, batch {n}")
+
+
 class Conditioned(nn.Module):
     def __init__(self):
         super().__init__()

@@ -30,7 +30,7 @@ from .export import export_modes
 from .guards import record_patterns
 from .partial import Part, TraceReport, capture_tree
 from .shape_guards import is_guard_failure
-from .shapes import batch_of_two, one_more_sample, other_shapes
+from .shapes import batch_of_two, one_more_sample, one_sample, other_shapes
 from .source_attributes import keep_containers, set_submodule
 
 FRONT_ENDS = ("auto", "export", "symbolic")
@@ -146,8 +146,11 @@ class CheckCapture:
     Calls compared: the example in eval and train mode (train mode on two samples built from it where the
     model cannot run train mode on the example, a batch of one before a batch norm: a note says so); then
     the first inputs of another shape (:func:`ipfx.capture.shapes.other_shapes` for an exported graph, one more
-    sample for a traced one) that both the model and the graph's guards accept, in both modes. A graph
-    that raises where the model computes, or computes something else, fails the check.
+    sample for a traced one) that both the model and the graph's guards accept, in both modes; then one sample
+    (:func:`ipfx.capture.shapes.one_sample`), where the model and the guards accept it: torch.export assumes a
+    free size is never 1 and the guards admit 1 as torch does, so a branch the model takes at size 1 only (``if
+    x.shape[0] == 1``, a ``squeeze()``) was left out of the graph unseen. A graph that raises where the model
+    computes, computes something else, or leaves the buffers otherwise, fails the check.
     """
 
     reference: nn.Module
@@ -178,20 +181,29 @@ class CheckCapture:
         if train_inputs is not None:
             self._compare(captured, *train_inputs, True, "the example inputs" if failure is None else "two samples")
         for args, kwargs, what in self._other_shapes(captured):
-            try:
-                expected = verify.run(self.reference, args, kwargs, False, with_state=True)
-            except Exception:  # noqa: BLE001 - the model itself refuses this shape
-                continue
-            try:
-                actual = verify.run(captured, args, kwargs, False, with_state=True)
-            except Exception as exc:  # noqa: BLE001 - a guard refusing it is fine; anything else fails the check
-                if is_guard_failure(exc):
-                    continue
-                raise self._failed(exc, False, f"inputs of another shape ({what})") from exc
-            self._judge(captured, args, kwargs, False, f"inputs of another shape ({what})", actual, expected)
-            if _fails(self.reference, args, kwargs, True) is None:
-                self._compare(captured, args, kwargs, True, f"inputs of another shape ({what})")
-            break
+            if self._check_other(captured, args, kwargs, f"inputs of another shape ({what})"):
+                break
+        one = one_sample(self.args, self.kwargs)
+        if one is not None:
+            self._check_other(captured, *one, "one sample")
+
+    def _check_other(self, captured: nn.Module, args: tuple, kwargs: dict, what: str) -> bool:
+        """Compare on inputs of another shape, in eval mode and, where the model runs it there, in train mode;
+        False, comparing nothing, where the model or the graph's guards refuse them."""
+        try:
+            expected = verify.run(self.reference, args, kwargs, False, with_state=True)
+        except Exception:  # noqa: BLE001 - the model itself refuses this shape
+            return False
+        try:
+            actual = verify.run(captured, args, kwargs, False, with_state=True)
+        except Exception as exc:  # noqa: BLE001 - a guard refusing it is fine; anything else fails the check
+            if is_guard_failure(exc):
+                return False
+            raise self._failed(exc, False, what) from exc
+        self._judge(captured, args, kwargs, False, what, actual, expected)
+        if _fails(self.reference, args, kwargs, True) is None:
+            self._compare(captured, args, kwargs, True, what)
+        return True
 
     def _other_shapes(self, captured: nn.Module):
         graph = captured.graph_module(False) if hasattr(captured, "graph_module") else captured

@@ -11,7 +11,8 @@
   inputs with two samples: export specialises a size-1 dimension, and train-mode batch norm cannot run
   on one sample.
 * :func:`other_shapes`: for a graph exported with free dimensions, inputs of other sizes, each free size
-  changed together with every size torch.export found equal to it, for the capture check to run on.
+  changed together with every size torch.export found equal to it, for the capture check to run on;
+  :func:`one_sample`: the inputs with one sample, which torch.export's free sizes never are while it traces.
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def one_more_sample(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """The inputs with one more sample where every tensor input has the same leading size, else None
     (for a traced graph, which records no sizes: the batch is the one size nearly every model frees)."""
     return with_batch(args, kwargs, lambda n: n + 1)
+
+
+def one_sample(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with one sample where every tensor input has the same leading size, above 1; else None
+    (torch.export takes a free size for never 1: the capture check runs this call to find a branch the model
+    takes at a batch of one only)."""
+    size = _leading_size(args, kwargs)
+    return with_batch(args, kwargs, lambda n: 1) if size is not None and size > 1 else None
 
 
 def _leading_size(args: tuple, kwargs: dict) -> int | None:
