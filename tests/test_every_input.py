@@ -727,38 +727,174 @@ def test_a_buffer_set_where_it_was_none_is_kept_and_follows_the_model(kind, exam
         assert_close(state[key], reference.state_dict()[key], kind=f"{kind}: the buffer, batch {n}")
 
 
+class _Child(nn.Module):
+    def __init__(self, train_only: bool = False):
+        super().__init__()
+        self.conv, self.train_only = nn.Conv2d(3, 4, 3, padding=1), train_only
+        self.register_buffer("run", None)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.train_only and self.training:
+            self.run = y.detach().mean((0, 2, 3))
+        return y
+
+
+class StateAround(nn.Module):
+    """Buffer state in the places a review found lost or refused: a parent setting its child's buffer registered
+    as None (``parent``), Python code reading that slot (``reads``: a branch on a value keeps the root as
+    Python), a child setting one in train mode only (``train only``), a counter beside dropout (``counter``: the
+    two modes' graphs differ), one buffer held at two paths and updated in place (``tied``), a buffer the forward
+    clears to None (``clears``)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.c, self.head = kind, _Child(train_only=kind == "train only"), nn.Conv2d(4, 2, 1)
+        self.drop = nn.Dropout(0.1)
+        shared = torch.zeros(4)
+        self.register_buffer("n", shared if kind == "tied" else torch.zeros((), dtype=torch.long))
+        if kind == "tied":
+            self.c.register_buffer("shared", shared)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+
+    def forward(self, x):
+        y = self.c(x)
+        if self.kind == "parent":
+            self.c.run = y.detach().mean((0, 2, 3))
+        elif self.kind == "reads" and y.sum() > -1e9:
+            y = y + (0 if self.c.run is None else self.c.run.view(1, -1, 1, 1))
+        elif self.kind == "counter":
+            self.n += 1
+            y = self.drop(y)
+        elif self.kind == "tied":
+            self.n.add_(1)
+            y = y + self.c.shared.view(1, -1, 1, 1)
+        elif self.kind == "clears":
+            y = y * (self.scale.view(1, -1, 1, 1) if self.scale is not None else 1)
+            self.scale = None
+        return self.head(y)
+
+
+@pytest.mark.parametrize("kind", ["parent", "reads", "train only", "counter", "tied", "clears"])
+@pytest.mark.parametrize("capture", ["none", "auto", "symbolic"])
+def test_buffer_state_around_graphs_follows_the_model(kind, capture):
+    """What a review found, each either silent state loss or a refusal: the parent's ``self.c.run = ...`` on the
+    child's graph made a plain attribute (gone from the state dict) and ``self.c.run is None`` an AttributeError
+    (a graph holds only the buffers it reads; now it keeps those registered as None); a child setting its None
+    buffer in train mode only, handed over in eval mode with example inputs, raised (the other mode's refusal read
+    as 'one mode only'); a counter stopped counting in eval mode where the modes' graphs differ (its update, from
+    buffers alone, was shared as a computation on weights and kept by the train half only); one buffer at two
+    paths raised with a remedy for None buffers (the graph holds it at one path); clearing a buffer raised, or
+    was said, with that remedy. Each: outputs and every buffer of the state dict as the model's, over eval and
+    train calls of two batch sizes."""
+    torch.manual_seed(0)
+    model, x = StateAround(kind).eval(), torch.randn(2, 3, 6, 6)
+    reference = copy.deepcopy(model)
+    options = {} if capture == "none" else {"example_inputs": (x,), "capture": capture}
+    t = quiet(ipfx.transform, model, **options)
+    buffers = {name for name, _ in reference.named_buffers(remove_duplicate=False)} | {"c.run"}
+    for training, n in ((False, 2), (False, 3), (True, 2), (False, 2)):
+        t.train(training), reference.train(training)
+        xi = torch.randn(n, 3, 6, 6)
+        torch.manual_seed(1)
+        want = reference(xi)
+        torch.manual_seed(1)
+        assert_close(quiet(t, xi), want, kind=f"{kind}, {'train' if training else 'eval'}, batch {n}")
+        got, expected = t.state_dict(), reference.state_dict()
+        for name in sorted(buffers & set(expected)):
+            assert name in got, (name, sorted(got))
+            if name in got:
+                assert_close(got[name], expected[name], kind=f"{kind}: buffer {name}")
+
+
+class Unread(nn.Module):
+    """Buffers the forward never reads: a version number on the root, statistics on a traced-through child."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.body[1].register_buffer("seen", torch.arange(4.0))
+        self.register_buffer("version", torch.tensor(3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("capture", ["none", "auto"])
+def test_buffers_the_forward_never_reads_are_kept_and_the_dense_lowering_loads_into_the_model(capture):
+    """A symbolic graph holds only what it reads: a buffer the forward never read was gone from the transformed
+    model's state dict and from its dense lowering, which then refused to load into the untransformed model
+    (missing keys), silently losing the values. Now every buffer stays at its path."""
+    model, x = Unread().eval(), torch.randn(2, 3, 6, 6)
+    t = quiet(ipfx.transform, model, **({} if capture == "none" else {"example_inputs": (x,)}))
+    for m in (t, ipfx.lower(t, "dense")):
+        state = m.state_dict()
+        assert torch.equal(state["version"], model.version) and torch.equal(state["body.1.seen"], model.body[1].seen)
+    fresh = Unread()
+    fresh.load_state_dict(ipfx.lower(t, "dense").state_dict())  # strict: every key
+    assert_close(fresh.eval()(x), model(x), kind=f"{capture}: the dense lowering loaded into the model")
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_a_train_mode_norm_on_one_value_per_channel_raises_as_the_model_does(norm):
+    """torch's functional batch (instance) norm refuses one value per channel (spatial element) in training;
+    the aten op torch.export records does not check, so the exported graph computed a zero-count variance into
+    the running statistics (NaN), silently, where the model raised, and every later eval output was NaN. The
+    graph now makes the check."""
+    torch.manual_seed(0)
+    if norm == "batch":
+        model, example, one = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5)), torch.randn(4, 3), torch.randn(1, 3)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 5, 1), nn.InstanceNorm2d(5, track_running_stats=True))
+        example, one = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 1, 1)
+    t = quiet(ipfx.transform, model.eval(), example_inputs=(example,))
+    t.train(), model.train()
+    with pytest.raises(ValueError, match="Expected more than 1"):
+        model(one)
+    with pytest.raises(AssertionError, match="Expected more than 1"):
+        quiet(t, one)
+    assert torch.equal(t.state_dict()["1.running_var"], model[1].running_var)  # (ones: untouched)
+    t.eval(), model.eval()
+    assert_close(quiet(t, example), model(example), kind=f"{norm} norm, eval after the refused call")
+
+
 class AtOneSample(nn.Module):
-    """A model that computes otherwise at a batch of one: a branch on it, or a ``squeeze()`` that drops it."""
+    """A model that computes otherwise at a size of one: a branch on the batch, on the width, on the batch beside
+    an input of another leading size (``table``), or a ``squeeze()`` that drops the batch."""
 
     def __init__(self, kind: str):
         super().__init__()
         self.conv, self.kind = nn.Conv2d(3, 4, 3, padding=1), kind
 
-    def forward(self, x):
+    def forward(self, x, table=None):
         y = self.conv(x)
-        if self.kind == "branch":
-            return y * 2 if x.shape[0] == 1 else y
+        if self.kind in ("branch", "table"):
+            return y * 2 if x.shape[0] == 1 else y + (0 if table is None else table.sum())
+        if self.kind == "width":
+            return y * 2 if x.shape[-1] == 1 else y
         return y.mean((2, 3)).squeeze()
 
 
-@pytest.mark.parametrize("kind", ["branch", "squeeze"])
+@pytest.mark.parametrize("kind", ["branch", "width", "table", "squeeze"])
 def test_a_graph_exported_from_a_batch_computes_the_model_at_one_sample(kind):
     """torch.export takes a free size for never 1 (its 0/1 specialisation), so a branch the model takes at one
     sample only was left out of the graph without a guard, and the graph's guards admit 1 as torch does: a
     model exported from a batch of 4 computed the other branch at batch 1 (twice the output), silently. Nor
     may the graph keep the batch dimension a ``squeeze()`` drops (it does not: the graph squeezes at run
-    time). The capture check now also runs one sample, and a graph that differs there is refused (here:
-    captured by symbolic tracing instead, said)."""
+    time). The capture check now also runs each free size at 1 (the batch, the width; the batch beside an input
+    of another leading size), and a graph that differs there is refused (here: captured by symbolic tracing
+    instead, said)."""
     torch.manual_seed(0)
-    model, example = AtOneSample(kind).eval(), (torch.randn(4, 3, 6, 6),)
-    if kind == "branch":
-        with pytest.warns(UserWarning, match="torch.export could not capture .* on one sample"):
+    table = (torch.randn(7),) if kind == "table" else ()
+    model, example = AtOneSample(kind).eval(), (torch.randn(4, 3, 6, 6), *table)
+    if kind != "squeeze":
+        with pytest.warns(UserWarning, match="torch.export could not capture .* on a size of 1"):
             t = ipfx.transform(model, example_inputs=example)
     else:  # (the graph squeezes at run time: the same as the model's, nothing to refuse)
         t = quiet(ipfx.transform, model, example_inputs=example)
-    for n in (1, 2, 4):
-        x = torch.randn(n, 3, 6, 6)
-        assert_close(quiet(t, x), model(x), kind=f"{kind}, batch {n}")
+    for shape in ((1, 3, 6, 6), (2, 3, 6, 6), (4, 3, 6, 6), (2, 3, 6, 1), (1, 3, 5, 1)):
+        x = torch.randn(*shape)
+        assert_close(quiet(t, x, *table), model(x, *table), kind=f"{kind}, {shape}")
 
 
 class Conditioned(nn.Module):

@@ -49,7 +49,7 @@ import torch.nn as nn
 from ..errors import TraceError, first_line
 from .guards import PATTERN, ExampleCall
 from .modes import ModeSwitch
-from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards
+from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards, install_norm_checks
 from .shapes import dynamic_spec
 from .snapshot import Snapshot
 from .source_attributes import CapturedGraphModule, keep_aliases, record_fixed
@@ -190,6 +190,7 @@ def graph_module_of(program: torch.export.ExportedProgram, class_name: str = "Gr
             graph.erase_node(node)
     gm = CapturedGraphModule(exported, graph, class_name=class_name)
     gm._tracer_cls = gm.graph._tracer_cls = None
+    install_norm_checks(gm)
     try:
         install_guards(gm, _conditions(program, exported, gm))
     except UnsupportedGuard as exc:  # rare: capture="auto" then traces symbolically, and says why

@@ -139,7 +139,7 @@ def _why(problem: str) -> str:
 
 
 def _remedy(problem: str) -> str:
-    if "left unset where" in problem or "set where the model" in problem:
+    if verify.UNSET in problem:
         return ("A buffer registered as None and set by the forward cannot be captured as a graph (neither by "
                 "torch.fx nor by torch.export): register it as a tensor (torch.zeros(...)) to capture it")
     return "Pass example_inputs=... to ipfx.transform to capture it as a graph"
@@ -151,6 +151,8 @@ def _compare(gm, graph_call, forward: nn.Module, args: tuple, kwargs: dict) -> s
     state), or None. The two share their buffers from capture: an in-place update is in both, a rebinding or a
     buffer set where it was None only in the one that made it, so after the graph's call its state is the
     module's buffers but where the graph holds one at the path."""
+    before = verify.buffer_state(forward)  # (both sides start from it: verify.isolated puts it back)
+
     def own():
         sync_training(forward, gm)
         return forward(*args, **kwargs), verify.buffer_state(forward)
@@ -170,7 +172,7 @@ def _compare(gm, graph_call, forward: nn.Module, args: tuple, kwargs: dict) -> s
     problem = verify.difference(actual, expected)
     if problem is not None:
         return f"computes something else than the module ({problem})"
-    problem = verify.state_difference(actual_state, expected_state)
+    problem = verify.state_difference(actual_state, expected_state, before, before)
     return None if problem is None else f"leaves its buffers otherwise than the module ({problem})"
 
 

@@ -131,13 +131,14 @@ class ModeSwitch(SourceAttributes, nn.Module):
         outputs = []
         constants: dict[tuple, fx.Node] = {}  # computations on weights alone, shared by the two modes
         shared: set[fx.Node] = set()  # their nodes
+        updated = {target for mode in (True, False) for target in _updated_attributes(self.graph_module(mode).graph)}
         for mode in (True, False):
             env: dict[fx.Node, fx.Node] = {}
             for node in self.graph_module(mode).graph.nodes:
                 if node.op == "output":
                     outputs.append(fx.map_arg(node.args[0], env.__getitem__))
                     continue
-                key = _constant_key(node, env, shared)
+                key = None if node.op == "get_attr" and node.target in updated else _constant_key(node, env, shared)
                 if key is not None and key in constants:
                     env[node] = constants[key]
                     continue
@@ -214,6 +215,43 @@ def _constant_key(node: fx.Node, env: dict, shared: set) -> tuple | None:
     return key
 
 
+def _mutates(node: fx.Node) -> bool:
+    """Whether ``node`` changes its first argument in place (``copy_``, ``add_``, an aten op of a mutable schema)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _updated_attributes(graph: fx.Graph) -> set[str]:
+    """The attributes (buffers) ``graph`` updates in place: never shared between the modes by :meth:`ModeSwitch.
+    combine`, nor is anything computed from them. Shared, an update (``n.copy_(n + 1)``, from buffers alone, so
+    keyed as a computation on weights) was kept by the train-mode half only, and eval-mode calls lost it."""
+    updated = set()
+    for node in graph.nodes:
+        if _mutates(node) and node.args and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+            while source.op != "get_attr" and source.op in ("call_function", "call_method") and source.args \
+                    and isinstance(source.args[0], fx.Node) and _views(source):
+                source = source.args[0]
+            if source.op == "get_attr":
+                updated.add(source.target)
+    return updated
+
+
+def _views(node: fx.Node) -> bool:
+    """Whether ``node`` may return a view of its first argument (an update through it reaches the argument)."""
+    name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target))
+    return name.split(".")[0] in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "__getitem__", "getitem",
+                                  "select", "slice", "narrow", "expand", "permute", "transpose", "t", "as_strided",
+                                  "detach", "view_as", "alias", "unflatten")
+
+
 def _freeze(value):
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, *map(_freeze, value))
@@ -229,7 +267,9 @@ def _half(combined: fx.Graph, mode: bool, index: int, old: fx.Graph) -> fx.Graph
     output = next(n for n in reversed(combined.nodes) if n.op == "output")
     value = output.args[0][index]
     keep: set[fx.Node] = set()
-    stack = [n for n in combined.nodes if n.meta.get(_MODE) is mode]
+    # (not a read of an attribute that nothing uses: an exported graph reads every buffer, and a dead read of an
+    # updated one, which combine does not share, would keep its module in a frozen graph)
+    stack = [n for n in combined.nodes if n.meta.get(_MODE) is mode and (n.op != "get_attr" or n.users)]
     fx.map_arg(value, stack.append)
     while stack:
         node = stack.pop()

@@ -30,7 +30,7 @@ from .export import export_modes
 from .guards import record_patterns
 from .partial import Part, TraceReport, capture_tree
 from .shape_guards import is_guard_failure
-from .shapes import batch_of_two, one_more_sample, one_sample, other_shapes
+from .shapes import batch_of_two, one_more_sample, other_shapes, size_one_inputs
 from .source_attributes import keep_containers, set_submodule
 
 FRONT_ENDS = ("auto", "export", "symbolic")
@@ -146,10 +146,11 @@ class CheckCapture:
     Calls compared: the example in eval and train mode (train mode on two samples built from it where the
     model cannot run train mode on the example, a batch of one before a batch norm: a note says so); then
     the first inputs of another shape (:func:`ipfx.capture.shapes.other_shapes` for an exported graph, one more
-    sample for a traced one) that both the model and the graph's guards accept, in both modes; then one sample
-    (:func:`ipfx.capture.shapes.one_sample`), where the model and the guards accept it: torch.export assumes a
-    free size is never 1 and the guards admit 1 as torch does, so a branch the model takes at size 1 only (``if
-    x.shape[0] == 1``, a ``squeeze()``) was left out of the graph unseen. A graph that raises where the model
+    sample for a traced one) that both the model and the graph's guards accept, in both modes; then each free
+    size at 1 (:func:`ipfx.capture.shapes.size_one_inputs`; a traced graph: one sample), where the model and the
+    guards accept it: torch.export assumes a free size is never 1 and the guards admit 1 as torch does, so a
+    branch the model takes at size 1 only (``if x.shape[0] == 1``, ``if x.shape[-1] == 1``) was left out of the
+    graph unseen. A graph that raises where the model
     computes, computes something else, or leaves the buffers otherwise, fails the check.
     """
 
@@ -183,9 +184,11 @@ class CheckCapture:
         for args, kwargs, what in self._other_shapes(captured):
             if self._check_other(captured, args, kwargs, f"inputs of another shape ({what})"):
                 break
-        one = one_sample(self.args, self.kwargs)
-        if one is not None:
-            self._check_other(captured, *one, "one sample")
+        graph = captured.graph_module(False) if hasattr(captured, "graph_module") else captured
+        exported = self.export_inputs is not None and isinstance(graph, fx.GraphModule)
+        for args, kwargs, what in size_one_inputs(graph if exported else None, *(
+                self.export_inputs if exported else (self.args, self.kwargs))):
+            self._check_other(captured, args, kwargs, what)
 
     def _check_other(self, captured: nn.Module, args: tuple, kwargs: dict, what: str) -> bool:
         """Compare on inputs of another shape, in eval mode and, where the model runs it there, in train mode;
@@ -241,7 +244,7 @@ class CheckCapture:
                 f"the captured graph of {type(self.reference).__name__} does not leave the model's buffers as the "
                 f"model does in {mode} mode on {what} ({state})"
                 + ("; a buffer registered as None and set by the forward cannot be captured as a graph: register "
-                   "it as a tensor (torch.zeros(...))" if "unset" in state else "")
+                   "it as a tensor (torch.zeros(...))" if verify.UNSET in state else "")
                 + ". Capture it with the other front end (capture='symbolic' or 'export'), or report the model")
         if problem is not None:
             where = verify.localise(self.reference, captured, args, kwargs, training)

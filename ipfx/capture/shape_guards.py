@@ -212,6 +212,48 @@ def _readable(expression: str, names: list[tuple[str, str]]) -> str:
     return ast.unparse(Names().visit(tree))
 
 
+# Norms whose eager functional checks its input in training (torch.nn.functional: batch_norm's
+# _verify_batch_size, instance_norm's _verify_spatial_size) where the aten op torch.export records does not:
+# op -> (index of the training flag, whether the check leaves out the batch, eager's message)
+_NORMS = {
+    "batch_norm": (5, False, "Expected more than 1 value per channel when training"),
+    "_native_batch_norm_legit_functional": (5, False, "Expected more than 1 value per channel when training"),
+    "native_batch_norm": (5, False, "Expected more than 1 value per channel when training"),
+    "instance_norm": (5, True, "Expected more than 1 spatial element when training"),
+}
+
+
+def install_norm_checks(gm: fx.GraphModule) -> int:
+    """Before each train-mode batch (instance) norm of ``gm``'s graph, the check torch's functional makes in
+    eager mode and the exported aten op does not: one value per channel (one sample of a 1-d batch norm, a 1x1
+    map at batch 1) raised ``ValueError`` in the model, while the graph computed a zero-count variance, NaN,
+    into the running statistics, silently (every later eval output NaN). The graph raises ``AssertionError``
+    with eager's words instead. Returns how many checks it wrote."""
+    written = 0
+    for node in list(gm.graph.nodes):
+        name = getattr(node.target, "__name__", "").split(".")[0] if node.op == "call_function" else ""
+        if name not in _NORMS or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        flag, spatial_only, words = _NORMS[name]
+        training = node.args[flag] if len(node.args) > flag else node.kwargs.get("training", node.kwargs.get(
+            "use_input_stats"))
+        if training is not True:
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_before(node):
+            numel = gm.graph.call_method("numel", (x,))
+            per = gm.graph.call_function(operator.mul, (gm.graph.call_method("size", (x, 0)),
+                                                         gm.graph.call_method("size", (x, 1)))) if spatial_only \
+                else gm.graph.call_method("size", (x, 1))
+            gm.graph.call_function(torch._assert, (gm.graph.call_function(operator.ne, (numel, per)),
+                                                   f"{words} (as torch.nn.functional checks; ipfx keeps the check in "
+                                                   "the exported graph)"))
+        written += 1
+    if written:
+        gm.recompile()
+    return written
+
+
 class _Emitter:
     """Graph nodes for one condition: ``torch._assert(<expression>, message)``."""
 

@@ -12,7 +12,7 @@
   on one sample.
 * :func:`other_shapes`: for a graph exported with free dimensions, inputs of other sizes, each free size
   changed together with every size torch.export found equal to it, for the capture check to run on;
-  :func:`one_sample`: the inputs with one sample, which torch.export's free sizes never are while it traces.
+  :func:`size_one_inputs`: each free size at 1 (which torch.export's free sizes never are while it traces).
 """
 
 from __future__ import annotations
@@ -91,19 +91,14 @@ def _leading_size(args: tuple, kwargs: dict) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def other_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, str]]:
-    """Inputs of other sizes that ``gm`` (exported with free dimensions) admits, with what changed.
-
-    Each free size (a symbol of the placeholders' shapes) moves, together with every dimension that
-    shares it: first to half its example size (cheap), then one more (odd sizes), then double; sizes
-    computed from a symbol follow it. Whether the graph's guards and the model accept the inputs is for
-    the caller to find out by running them.
-    """
+def _free_sizes(gm: fx.GraphModule, args: tuple, kwargs: dict):
+    """``(dims, hints)`` of ``gm``'s placeholders: ``(leaf, dim, sympy expression)`` per symbolic dimension, and
+    each free symbol's size in the example; None where the graph and the example do not line up."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     leaves = pytree.tree_leaves((tuple(args), dict(kwargs)))
     if len(placeholders) != len(leaves):
-        return
-    dims: list[tuple[int, int, Any]] = []  # (leaf, dim, sympy expression)
+        return None
+    dims: list[tuple[int, int, Any]] = []
     hints: dict[Any, int] = {}
     for i, (node, leaf) in enumerate(zip(placeholders, leaves)):
         value = node.meta.get("val")
@@ -115,16 +110,55 @@ def other_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Iterator[tupl
                 dims.append((i, d, expr))
                 if expr.is_Symbol:
                     hints[expr] = int(leaf.shape[d])
-    if not hints:
+    return dims, hints
+
+
+def _with_sizes(args: tuple, kwargs: dict, dims: list, values: dict) -> tuple[tuple, dict] | None:
+    """The inputs with every symbolic dimension at its expression's value under ``values`` (None: a size below 1)."""
+    sizes = {}
+    for i, d, expr in dims:
+        if expr.free_symbols <= set(values):
+            size = int(expr.subs(values))
+            if size < 1:
+                return None
+            sizes[(i, d)] = size
+    return resized(args, kwargs, sizes) if sizes else None
+
+
+def other_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, str]]:
+    """Inputs of other sizes that ``gm`` (exported with free dimensions) admits, with what changed.
+
+    Each free size (a symbol of the placeholders' shapes) moves, together with every dimension that
+    shares it: first to half its example size (cheap), then one more (odd sizes), then double; sizes
+    computed from a symbol follow it. Whether the graph's guards and the model accept the inputs is for
+    the caller to find out by running them.
+    """
+    found = _free_sizes(gm, args, kwargs)
+    if found is None or not found[1]:
         return
+    dims, hints = found
     for name, move in (("half", lambda h: h // 2), ("plus one", lambda h: h + 1), ("double", lambda h: 2 * h)):
-        values = {s: move(h) if move(h) >= 2 else h + 1 for s, h in hints.items()}
-        sizes = {}
-        for i, d, expr in dims:
-            if expr.free_symbols <= set(values):
-                size = int(expr.subs(values))
-                if size >= 1:
-                    sizes[(i, d)] = size
-        if sizes:
-            new_args, new_kwargs = resized(args, kwargs, sizes)
-            yield new_args, new_kwargs, name
+        moved = _with_sizes(args, kwargs, dims, {s: move(h) if move(h) >= 2 else h + 1 for s, h in hints.items()})
+        if moved is not None:
+            yield *moved, name
+
+
+def size_one_inputs(gm: fx.GraphModule | None, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, str]]:
+    """Inputs with one free size at 1 and the others as in the example, one free size after another, for a graph
+    exported with free dimensions (torch.export takes a free size for never 1 while it traces: a branch the model
+    takes at size 1 only is not in the graph, and the guards admit 1 as torch does); for a traced graph, which
+    reads sizes at run time, one sample (:func:`one_sample`)."""
+    found = _free_sizes(gm, args, kwargs) if gm is not None else None
+    if found is None:
+        one = one_sample(args, kwargs)
+        if one is not None:
+            yield *one, "one sample"
+        return
+    dims, hints = found
+    for symbol, hint in hints.items():
+        if hint == 1:
+            continue
+        moved = _with_sizes(args, kwargs, dims, {**hints, symbol: 1})
+        if moved is not None:
+            where = [f"input {i} dim {d}" for i, d, expr in dims if expr == symbol]
+            yield *moved, f"a size of 1 ({', '.join(where)})"

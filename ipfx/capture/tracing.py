@@ -177,32 +177,39 @@ def _buffer_assignments_captured(tracer: WeightTracer):
 
 
 def _refuse_set_slots(tracer: WeightTracer) -> None:
-    """Raise where the forward set a buffer registered as None, or registered a new one (``register_buffer("run",
-    None)``, then ``self.run = ...``; ``if not hasattr(self, "cache"): self.register_buffer(...)``), after putting
-    those slots back: a graph cannot follow (it takes the path the unset buffer took while tracing at every call,
+    """Raise where the forward set a buffer registered as None, registered a new one (``register_buffer("run",
+    None)``, then ``self.run = ...``; ``if not hasattr(self, "cache"): self.register_buffer(...)``) or cleared one
+    (``self.cache = None``), after putting those slots back: a graph cannot follow (it takes the path the unset buffer took while tracing at every call,
     and holds no such buffer, so the state dict loses it); the module that holds it is then kept as Python code
     (:mod:`ipfx.capture.partial`), its children captured."""
     slots = buffer_slots(tracer.root)
-    set_now = [path for path, b in slots.items() if b is not None and tracer.slots.get(path, ...) is None] + \
+    set_now = [path for path, b in slots.items() if (b is None) != (tracer.slots.get(path, ...) is None)] + \
         sorted(slots.keys() - tracer.slots.keys())
     if not set_now:
         return
     _restore_slots(tracer)
-    owner = set_now[0].rpartition(".")[0]
+    path = set_now[0]
+    owner = path.rpartition(".")[0]
     tracer.failed_module = (owner, type(tracer.root.get_submodule(owner)))
-    raise RuntimeError(f"the forward sets buffer {set_now[0]!r}, "
-                       f"{'registered as None' if set_now[0] in tracer.slots else 'registering it'}: a graph cannot "
-                       "capture that (it would take, at every call, the path the unset buffer took while tracing)")
+    how = ("clears buffer {!r} (sets it to None)" if slots.get(path, ...) is None else
+           "sets buffer {!r}, registered as None" if path in tracer.slots else "registers buffer {!r}")
+    raise SetsBuffers(f"the forward {how.format(path)}: a graph cannot capture that (it would take, at every call, "
+                      "the path the buffer's state took while tracing)")
+
+
+class SetsBuffers(RuntimeError):
+    """A trace set, registered or cleared a buffer slot (:func:`_refuse_set_slots`): the module holding it is not
+    traceable in either mode (:func:`trace_modes`), whichever mode's trace found it."""
 
 
 def _restore_slots(tracer: WeightTracer) -> None:
-    """The buffer slots as the trace began: one registered as None None again, one registered since gone."""
+    """The buffer slots as the trace began: one registered as None None again, one registered since gone, one
+    cleared its tensor again."""
     for path in buffer_slots(tracer.root).keys() - tracer.slots.keys():
         owner, _, name = path.rpartition(".")
         del tracer.root.get_submodule(owner)._buffers[name]
     for path, buffer in tracer.slots.items():
-        if buffer is None:
-            rebind_buffer(tracer.root, path, None)
+        rebind_buffer(tracer.root, path, buffer)
 
 
 def _write_assigned_buffers(graph: fx.Graph, assigned) -> None:
@@ -348,6 +355,7 @@ def trace(
                 "them out of its state dict and ignores later changes to them; transform with example_inputs=... "
                 "(torch.export reads buffers as inputs)", stacklevel=user_stacklevel())
     gm = CapturedGraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _keep_every_buffer(gm, tracer)
     record_fixed(gm, model)  # what the graph fixed of the model's plain attributes
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
@@ -358,6 +366,36 @@ def trace(
     if pattern is not None:
         gm.meta[PATTERN] = pattern.as_tuple()
     return gm, tracer.inlined
+
+
+def _keep_every_buffer(gm: fx.GraphModule, tracer: WeightTracer) -> None:
+    """Give ``gm`` every buffer of the traced module at its own path, those registered as None included, where
+    the graph does not hold it (a graph holds only what it reads, and its module's tree only on the way): a buffer
+    the forward never reads (a version number, statistics kept for later) was gone from the transformed model's
+    state dict and from its dense lowering, which then no longer loaded into the model (missing keys); one
+    registered as None was missing for Python code around the graph to set (a parent kept as Python code, ``self.c.
+    run = ...``: a plain attribute, gone from the state dict) or read (``self.c.run is None``: an AttributeError).
+    A buffer held at two paths is held at both, as in the model's state dict. Owners the graph does not hold are
+    added as bare modules, as torch.fx adds them for the attributes it reads."""
+    held = buffer_slots(gm)
+    for path, buffer in tracer.slots.items():
+        if path in held:
+            continue
+        owner = gm
+        *parents, name = path.split(".")
+        for part in parents:
+            child = owner._modules.get(part)
+            if child is None:
+                if part in vars(owner) or part in owner._parameters or part in owner._buffers:
+                    break
+                child = nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        else:
+            if name in vars(owner) or name in owner._parameters or name in owner._modules:
+                continue
+            source = tracer.root.get_submodule(path.rpartition(".")[0])
+            owner.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
 
 
 def buffers_computed_at_trace(tracer: WeightTracer, graph: fx.Graph) -> tuple[list[str], list[str]]:
@@ -374,7 +412,9 @@ def buffers_computed_at_trace(tracer: WeightTracer, graph: fx.Graph) -> tuple[li
         return [], []
     read = {node.target for node in graph.nodes if node.op == "get_attr"}
     constants = any(str(target).startswith("_tensor_constant") for target in read)
-    names = {id(b): name for name, b in tracer.originals}
+    names: dict[int, str] = {}
+    for name, b in tracer.originals:  # a buffer held at two paths: its first, which the graph reads it by
+        names.setdefault(id(b), name)
     updated, folded = [], []
     for key, (buffer, version, _) in tracer.buffers_read.items():
         name = names.get(key)
@@ -461,7 +501,7 @@ def trace_modes(
         model.train(not model.training)  # what a user's .train()/.eval() does, overrides included
         other, other_inlined = trace(model, config, leaf_modules, name_prefix, pattern)
     except TraceError as exc:
-        if getattr(exc, "module_path", "") or "gm" not in locals():
+        if getattr(exc, "module_path", "") or "gm" not in locals() or isinstance(exc.__cause__, SetsBuffers):
             raise
         return gm, inlined, first_line(exc.__cause__ or exc, 200)
     finally:

@@ -70,36 +70,55 @@ def buffer_slots(module: nn.Module) -> dict[str, torch.Tensor | None]:
 
 def buffer_state(module: nn.Module, over: nn.Module | None = None) -> dict[str, torch.Tensor | None]:
     """Copies of the buffers of ``module`` by path (:func:`buffer_slots`); with ``over``, its buffer where it
-    holds one at a path of ``module``'s (not its others: a graph's constants)."""
+    holds one at a path of ``module``'s (not its others: a graph's constants). A tensor held at several paths
+    (one buffer registered on two modules) once, at its first path: a graph may hold it at one of them."""
     slots = buffer_slots(module)
     if over is not None:
         held = buffer_slots(over)
         slots = {path: held[path] if path in held else b for path, b in slots.items()}
-    return {path: None if b is None else b.detach().clone() for path, b in slots.items()}
+    seen: set[int] = set()
+    state = {}
+    for path, b in slots.items():
+        if b is not None and id(b) in seen:
+            continue
+        if b is not None:
+            seen.add(id(b))
+        state[path] = None if b is None else b.detach().clone()
+    return state
+
+
+UNSET = "registered as None"  # in state_difference's message where the model's forward set such a buffer
+_MISSING = object()
 
 
 def state_difference(actual: dict, expected: dict, actual_before: dict | None = None,
                      expected_before: dict | None = None) -> str | None:
     """What differs between the buffers two calls left (:func:`buffer_state`; ``expected``: the model's), or
     None. With the states before each call, only the buffers that either call set or changed are compared (the
-    two sides may hold different buffers that neither call touches)."""
+    two sides may hold different buffers that neither call touches). A buffer the model's forward set where it
+    was registered as None (or not registered) and the other call left unset says :data:`UNSET`."""
     def changed(after: dict, before: dict | None, path: str) -> bool:
         if before is None:
             return True
-        a, b = after.get(path), before.get(path)
-        if a is None or b is None:
-            return (a is None) != (b is None)
+        a, b = after.get(path, _MISSING), before.get(path, _MISSING)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            return a is not b
         return a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)
 
     for path in sorted(actual.keys() | expected.keys()):
         if not (changed(actual, actual_before, path) or changed(expected, expected_before, path)):
             continue
-        a, e = actual.get(path), expected.get(path)
-        if a is None and e is None:
+        a, e = actual.get(path, _MISSING), expected.get(path, _MISSING)
+        if not isinstance(a, torch.Tensor) and not isinstance(e, torch.Tensor):
             continue
-        if a is None or e is None:
-            return (f"buffer {path}: left unset where the model's forward sets it" if a is None else
-                    f"buffer {path}: set where the model's forward leaves it unset")
+        if not isinstance(e, torch.Tensor):
+            return (f"buffer {path}: a tensor where the model's forward sets it to None" if e is None else
+                    f"buffer {path}: set, where the model holds no such buffer")
+        if not isinstance(a, torch.Tensor):
+            if expected_before is not None and not isinstance(expected_before.get(path), torch.Tensor):
+                return f"buffer {path}, {UNSET} or not registered: left unset where the model's forward sets it"
+            return (f"buffer {path}: None where the model's forward leaves a tensor" if a is None else
+                    f"buffer {path}: not held by the graph, where the model's forward changes it")
         problem = difference(a, e)
         if problem is not None:
             return f"buffer {path}: {problem.split(': ', 1)[-1]}"
