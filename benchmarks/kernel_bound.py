@@ -163,7 +163,8 @@ def write(path: str, rows: list[dict], args, seconds: float) -> None:
     lines = [
         "# Where the blocked SP kernel's time goes (issue 18, point 3)", "",
         f"`python benchmarks/kernel_bound.py --threads {args.threads} --batch {args.batch} --sparsities "
-        f"{args.sparsities} --rounds {args.rounds} --l1 {args.l1}`: {cpu_name()}, {platform.system()}, torch "
+        f"{args.sparsities} --rounds {args.rounds} --l1 {args.l1} --nchw-batch {args.nchw_batch} --nchw-rounds "
+        f"{args.nchw_rounds}`: {cpu_name()}, {platform.system()}, torch "
         f"{torch.__version__}, {args.threads} threads, {seconds:.0f} s, load {load:.2f} at the end. Medians of "
         "interleaved rounds in one process.", "",
         "| layer | sparsity | kept per output channel | dense ms | blocked ms | nothing kept ms (padded ahead) | "
