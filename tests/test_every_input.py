@@ -808,13 +808,15 @@ def test_buffer_state_around_graphs_follows_the_model(kind, capture):
 
 
 class Unread(nn.Module):
-    """Buffers the forward never reads: a version number on the root, statistics on a traced-through child."""
+    """State the forward never reads: a version number on the root, statistics on a traced-through child, a head
+    never called (a linear layer and a batch norm: parameters and buffers)."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
         self.body[1].register_buffer("seen", torch.arange(4.0))
         self.register_buffer("version", torch.tensor(3))
+        self.unused = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
 
     def forward(self, x):
         return self.body(x)
@@ -824,15 +826,70 @@ class Unread(nn.Module):
 def test_buffers_the_forward_never_reads_are_kept_and_the_dense_lowering_loads_into_the_model(capture):
     """A symbolic graph holds only what it reads: a buffer the forward never read was gone from the transformed
     model's state dict and from its dense lowering, which then refused to load into the untransformed model
-    (missing keys), silently losing the values. Now every buffer stays at its path."""
+    (missing keys), silently losing the values; so were a never-called batch norm's weight and bias once its
+    buffers were kept in a bare module. Now every buffer stays at its path, and a module the graph holds nothing
+    of is held whole (its linear layer in coefficient form, like every weight no graph reads)."""
     model, x = Unread().eval(), torch.randn(2, 3, 6, 6)
     t = quiet(ipfx.transform, model, **({} if capture == "none" else {"example_inputs": (x,)}))
     for m in (t, ipfx.lower(t, "dense")):
         state = m.state_dict()
         assert torch.equal(state["version"], model.version) and torch.equal(state["body.1.seen"], model.body[1].seen)
+    assert "unused.0.weight" in {w.name for w in ipfx.rewritten_weights(t)}
+    assert {"unused.1.weight", "unused.1.running_var"} <= set(t.state_dict())
     fresh = Unread()
     fresh.load_state_dict(ipfx.lower(t, "dense").state_dict())  # strict: every key
     assert_close(fresh.eval()(x), model(x), kind=f"{capture}: the dense lowering loaded into the model")
+
+
+class FrozenNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.bn(self.conv(x)))
+
+
+def test_a_model_with_modules_in_another_mode_is_captured_as_it_is():
+    """Fine-tuning with a frozen batch norm (``model.train(); model.bn.eval()``): torch.export's graphs fix every
+    module's mode, and its train-mode graph (of ``model.train()``, which sets them all) computed with batch
+    statistics and dropout and updated the norm's statistics, silently (the check ran the reference in
+    ``.train()`` too). Such a model is captured symbolically, whose graphs call the modules in their own modes."""
+    torch.manual_seed(0)
+    model = FrozenNorm().train()
+    model.bn.eval(), model.drop.eval()
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="torch.export could not capture FrozenNorm .*modules in the other"):
+        t = ipfx.transform(model, example_inputs=(torch.randn(2, 3, 6, 6),))
+    for _ in range(2):
+        x = torch.randn(2, 3, 6, 6)
+        assert_close(quiet(t, x), reference(x), kind="frozen batch norm while training")
+    assert torch.equal(t.state_dict()["bn.running_mean"], reference.bn.running_mean)  # (zeros: not updated)
+
+
+class SetsAndCounts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("run", None)
+        self.register_buffer("hits", torch.zeros(()))
+
+    def forward(self, x):
+        self.hits += 1
+        y = self.conv(x)
+        self.run = y.detach().mean()
+        return y
+
+
+def test_a_trace_that_fails_puts_back_what_it_updated():
+    """A trace that fails (here: refused, for setting a buffer registered as None) had run ``self.hits += 1`` on
+    the buffer: the transformed model started at 2 (two traces), off by 2 for good. Now a failed trace puts its
+    buffers back, as a finished one does."""
+    model, x = SetsAndCounts().eval(), torch.randn(2, 3, 6, 6)
+    t = quiet(ipfx.transform, model)
+    assert t.state_dict()["hits"].item() == 0
+    quiet(t, x), model(x)
+    assert t.state_dict()["hits"].item() == model.hits.item() == 1
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])

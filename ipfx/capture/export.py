@@ -67,6 +67,13 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
     a private copy.
     """
     own = model.training
+    mixed = [path for path, m in model.named_modules() if path and m.training != own]
+    if mixed:  # (model.train(); model.bn.eval(): a frozen batch norm while fine-tuning)
+        raise TraceError(
+            f"{type(model).__name__} is in {'train' if own else 'eval'} mode with modules in the other "
+            f"({', '.join(mixed[:3])}{' ...' if len(mixed) > 3 else ''}): torch.export fixes every module's mode in "
+            "its graph, so a graph of either mode computes something else than the model as it is (a batch norm "
+            "updating its statistics, dropout on). Symbolic capture calls those modules in their own modes")
     graphs: dict[bool, fx.GraphModule] = {}
     fixed, level = None, 0
     with Snapshot(model) as saved, warnings.catch_warnings():

@@ -144,10 +144,10 @@ def other_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Iterator[tupl
 
 
 def size_one_inputs(gm: fx.GraphModule | None, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, str]]:
-    """Inputs with one free size at 1 and the others as in the example, one free size after another, for a graph
-    exported with free dimensions (torch.export takes a free size for never 1 while it traces: a branch the model
-    takes at size 1 only is not in the graph, and the guards admit 1 as torch does); for a traced graph, which
-    reads sizes at run time, one sample (:func:`one_sample`)."""
+    """Inputs with one free size at 1 (with those of its kind, below) and the others as in the example, one after
+    another, for a graph exported with free dimensions (torch.export takes a free size for never 1 while it
+    traces: a branch the model takes at size 1 only is not in the graph, and the guards admit 1 as torch does);
+    for a traced graph, which reads sizes at run time, one sample (:func:`one_sample`)."""
     found = _free_sizes(gm, args, kwargs) if gm is not None else None
     if found is None:
         one = one_sample(args, kwargs)
@@ -155,10 +155,16 @@ def size_one_inputs(gm: fx.GraphModule | None, args: tuple, kwargs: dict) -> Ite
             yield *one, "one sample"
         return
     dims, hints = found
+    # free sizes of one kind move together: the same dimension (index) of the same example size (a batch of
+    # input_ids and of its attention mask, which torch.export may leave unrelated: a mask of one sample beside
+    # ids of two is no input a caller gives)
+    kinds: dict[tuple[int, int], list] = {}
     for symbol, hint in hints.items():
-        if hint == 1:
-            continue
-        moved = _with_sizes(args, kwargs, dims, {**hints, symbol: 1})
+        if hint != 1:
+            index = min(d for _, d, expr in dims if expr == symbol)
+            kinds.setdefault((index, hint), []).append(symbol)
+    for symbols in kinds.values():
+        moved = _with_sizes(args, kwargs, dims, {**hints, **{symbol: 1 for symbol in symbols}})
         if moved is not None:
-            where = [f"input {i} dim {d}" for i, d, expr in dims if expr == symbol]
+            where = [f"input {i} dim {d}" for i, d, expr in dims if expr in symbols]
             yield *moved, f"a size of 1 ({', '.join(where)})"

@@ -326,6 +326,8 @@ def trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete)
     except Exception as exc:  # torch.fx raises many types; re-raise one, with the cause attached
+        if hasattr(tracer, "originals"):
+            _put_back(tracer)  # (what the failed trace updated in place: ``self.hits += 1`` ran on the buffer)
         error = TraceError(_trace_failure_message(model, tracer, exc))
         error.module_path = tracer.failed_module[0] if tracer.failed_module else ""
         raise error from exc
@@ -369,33 +371,36 @@ def trace(
 
 
 def _keep_every_buffer(gm: fx.GraphModule, tracer: WeightTracer) -> None:
-    """Give ``gm`` every buffer of the traced module at its own path, those registered as None included, where
-    the graph does not hold it (a graph holds only what it reads, and its module's tree only on the way): a buffer
-    the forward never reads (a version number, statistics kept for later) was gone from the transformed model's
-    state dict and from its dense lowering, which then no longer loaded into the model (missing keys); one
-    registered as None was missing for Python code around the graph to set (a parent kept as Python code, ``self.c.
-    run = ...``: a plain attribute, gone from the state dict) or read (``self.c.run is None``: an AttributeError).
-    A buffer held at two paths is held at both, as in the model's state dict. Owners the graph does not hold are
-    added as bare modules, as torch.fx adds them for the attributes it reads."""
-    held = buffer_slots(gm)
-    for path, buffer in tracer.slots.items():
-        if path in held:
+    """Give ``gm`` the traced module's whole state at its own paths (a graph holds only what it reads, and its
+    module's tree only on the way): a module the graph holds nothing of (never called, or read nothing from: a
+    head the forward skips, a ReLU with a buffer) is held itself, whole, where it holds parameters or buffers,
+    and a module the graph holds in part gets the buffers it lacks, those registered as None included. Without
+    that, a buffer the forward never read (a version number, statistics kept for later) and the parameters of a
+    module never called were gone from the transformed model's state dict and from its dense lowering, which no
+    longer loaded into the model (missing keys); a buffer registered as None was missing for Python code around
+    the graph to set (a parent kept as Python code, ``self.c.run = ...``: a plain attribute, gone from the state
+    dict) or read (``self.c.run is None``: an AttributeError). A module held whole is the model's own module, as
+    :func:`ipfx.capture.pipeline.hold_unreached` holds a convolution no graph reaches: its selected weights are
+    converted like every weight no graph reads. A buffer held at two paths is held at both."""
+    held = dict(gm.named_modules(remove_duplicate=False))
+    for path, module in tracer.root.named_modules():  # (a module's second name: keep_aliases, after)
+        target = held.get(path)
+        if target is None:
+            parent_path, _, name = path.rpartition(".")
+            parent = held.get(parent_path)
+            if parent is None or hasattr(parent, name):
+                continue  # (inside a module held whole, or the name taken: a GraphModule's own graph, code, meta)
+            if not any(m._parameters or m._buffers for m in module.modules()):
+                continue  # (nothing to keep: a ReLU)
+            parent.add_module(name, module)
+            held.update((f"{path}.{sub}" if sub else path, m) for sub, m in module.named_modules(remove_duplicate=False))
             continue
-        owner = gm
-        *parents, name = path.split(".")
-        for part in parents:
-            child = owner._modules.get(part)
-            if child is None:
-                if part in vars(owner) or part in owner._parameters or part in owner._buffers:
-                    break
-                child = nn.Module()
-                owner.add_module(part, child)
-            owner = child
-        else:
-            if name in vars(owner) or name in owner._parameters or name in owner._modules:
+        if target is module:
+            continue
+        for name, buffer in module._buffers.items():
+            if name in target._buffers or hasattr(target, name):
                 continue
-            source = tracer.root.get_submodule(path.rpartition(".")[0])
-            owner.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+            target.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
 
 
 def buffers_computed_at_trace(tracer: WeightTracer, graph: fx.Graph) -> tuple[list[str], list[str]]:
