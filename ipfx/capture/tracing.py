@@ -179,9 +179,9 @@ def _buffer_assignments_captured(tracer: WeightTracer):
 def _refuse_set_slots(tracer: WeightTracer) -> None:
     """Raise where the forward set a buffer registered as None, registered a new one (``register_buffer("run",
     None)``, then ``self.run = ...``; ``if not hasattr(self, "cache"): self.register_buffer(...)``) or cleared one
-    (``self.cache = None``), after putting those slots back: a graph cannot follow (it takes the path the unset buffer took while tracing at every call,
-    and holds no such buffer, so the state dict loses it); the module that holds it is then kept as Python code
-    (:mod:`ipfx.capture.partial`), its children captured."""
+    (``self.cache = None``), after putting those slots back: a graph cannot follow (at every call it takes the
+    path the buffer's state took while tracing, and holds no such buffer, so the state dict loses it); the module
+    that holds it is then kept as Python code (:mod:`ipfx.capture.partial`), its children captured."""
     slots = buffer_slots(tracer.root)
     set_now = [path for path, b in slots.items() if (b is None) != (tracer.slots.get(path, ...) is None)] + \
         sorted(slots.keys() - tracer.slots.keys())
@@ -357,7 +357,7 @@ def trace(
                 "them out of its state dict and ignores later changes to them; transform with example_inputs=... "
                 "(torch.export reads buffers as inputs)", stacklevel=user_stacklevel())
     gm = CapturedGraphModule(tracer.root, graph, class_name=type(model).__name__)
-    _keep_every_buffer(gm, tracer)
+    _keep_whole_state(gm, tracer)
     record_fixed(gm, model)  # what the graph fixed of the model's plain attributes
     # Pickling a GraphModule re-traces its generated code with the recorded tracer class; a plain
     # tracer does that just as well and keeps saved (and lowered) models loadable without ipfx.
@@ -370,7 +370,7 @@ def trace(
     return gm, tracer.inlined
 
 
-def _keep_every_buffer(gm: fx.GraphModule, tracer: WeightTracer) -> None:
+def _keep_whole_state(gm: fx.GraphModule, tracer: WeightTracer) -> None:
     """Give ``gm`` the traced module's whole state at its own paths (a graph holds only what it reads, and its
     module's tree only on the way): a module the graph holds nothing of (never called, or read nothing from: a
     head the forward skips, a ReLU with a buffer) is held itself, whole, where it holds parameters or buffers,
