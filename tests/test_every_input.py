@@ -817,6 +817,7 @@ class Unread(nn.Module):
         self.body[1].register_buffer("seen", torch.arange(4.0))
         self.register_buffer("version", torch.tensor(3))
         self.unused = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.unused_norm = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
 
     def forward(self, x):
         return self.body(x)
@@ -828,13 +829,15 @@ def test_buffers_the_forward_never_reads_are_kept_and_the_dense_lowering_loads_i
     model's state dict and from its dense lowering, which then refused to load into the untransformed model
     (missing keys), silently losing the values; so were a never-called batch norm's weight and bias once its
     buffers were kept in a bare module. Now every buffer stays at its path, and a module the graph holds nothing
-    of is held whole (its linear layer in coefficient form, like every weight no graph reads)."""
+    of is held whole (its linear layer in coefficient form, like every weight no graph reads; a weight-normed
+    one's direction too, which no capture converted: dense, silently)."""
     model, x = Unread().eval(), torch.randn(2, 3, 6, 6)
     t = quiet(ipfx.transform, model, **({} if capture == "none" else {"example_inputs": (x,)}))
     for m in (t, ipfx.lower(t, "dense")):
         state = m.state_dict()
         assert torch.equal(state["version"], model.version) and torch.equal(state["body.1.seen"], model.body[1].seen)
-    assert "unused.0.weight" in {w.name for w in ipfx.rewritten_weights(t)}
+    rewritten = {w.name for w in ipfx.rewritten_weights(t)}
+    assert {"unused.0.weight", "unused_norm.parametrizations.weight.original1"} <= rewritten, rewritten
     assert {"unused.1.weight", "unused.1.running_var"} <= set(t.state_dict())
     fresh = Unread()
     fresh.load_state_dict(ipfx.lower(t, "dense").state_dict())  # strict: every key

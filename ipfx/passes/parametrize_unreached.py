@@ -53,6 +53,10 @@ class ParametrizeUnreached(Pass):
                 attr, kind = "in_proj_weight", "linear"
             elif isinstance(original, self.config.module_types):
                 attr, kind = _old_weight_norm(original) or "weight", _kind(original)
+                direction = _parametrized_direction(original)
+                if direction is not None:  # (torch's weight_norm: its direction, in its ParametrizationList)
+                    path, original, attr = f"{path}.parametrizations.weight", direction, "original1"
+                    module = module.parametrizations.weight if hasattr(module, "parametrizations") else module
             else:
                 continue
             weight = module._parameters.get(attr)
@@ -89,6 +93,21 @@ class ParametrizeUnreached(Pass):
         left = [name for name, *_ in self.selected(captured)]
         if left:  # every selected weight is a parameter of some module, so this means a bug
             raise RuntimeError(f"ipfx.transform left selected weights dense: {left}")
+
+
+def _parametrized_direction(module: nn.Module):
+    """The ``ParametrizationList`` of a module under ``torch.nn.utils.parametrizations.weight_norm`` (its
+    ``original1``, the direction of the weight's shape, is what becomes coefficients, as when a graph traces
+    through it), or None."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist = module.parametrizations.weight
+    direction = plist._parameters.get("original1")
+    if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm" or not isinstance(direction, nn.Parameter):
+        return None
+    return plist
 
 
 def _old_weight_norm(module: nn.Module) -> str | None:
