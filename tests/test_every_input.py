@@ -918,6 +918,33 @@ def test_a_train_mode_norm_on_one_value_per_channel_raises_as_the_model_does(nor
     assert_close(quiet(t, example), model(example), kind=f"{norm} norm, eval after the refused call")
 
 
+class Renormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 4)
+        with torch.no_grad():
+            self.emb.weight.mul_(3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+@pytest.mark.parametrize("capture", ["none", "auto", "symbolic"])
+def test_capture_leaves_an_embedding_with_max_norm_as_it_was(capture):
+    """An embedding with ``max_norm`` renormalises the rows it reads, in place: the capture check's calls (and
+    torch.export's own run) renormalised the example's rows of the user's model and of the transformed one, for
+    good. Now they are put back; outputs and the rows follow the model's own calls."""
+    torch.manual_seed(0)
+    model, ids = Renormed().eval(), torch.tensor([[1, 2, 3]])
+    before = model.emb.weight.detach().clone()
+    options = {} if capture == "none" else {"example_inputs": (ids,), "capture": capture}
+    t = quiet(ipfx.transform, model, **options)
+    assert torch.equal(model.emb.weight, before) and torch.equal(t.state_dict()["emb.weight"], before)
+    for rows in ([[4, 5]], [[1, 6]]):
+        assert_close(quiet(t, torch.tensor(rows)), model(torch.tensor(rows)), kind=f"max_norm, {capture}")
+    assert torch.equal(t.state_dict()["emb.weight"], model.emb.weight)
+
+
 class AtOneSample(nn.Module):
     """A model that computes otherwise at a size of one: a branch on the batch, on the width, on the batch beside
     an input of another leading size (``table``), or a ``squeeze()`` that drops the batch."""

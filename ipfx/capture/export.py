@@ -52,6 +52,7 @@ from .modes import ModeSwitch
 from .shape_guards import UnsupportedGuard, guard_conditions, input_names, install_guards, install_norm_checks
 from .shapes import dynamic_spec
 from .snapshot import Snapshot
+from .verify import changing_parameters
 from .source_attributes import CapturedGraphModule, keep_aliases, record_fixed
 
 _GUARDS = "_guards_fn"
@@ -76,6 +77,7 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
             "updating its statistics, dropout on). Symbolic capture calls those modules in their own modes")
     graphs: dict[bool, fx.GraphModule] = {}
     fixed, level = None, 0
+    changing = [(p, p.detach().clone()) for p in changing_parameters(model)]  # (torch.export runs them on the real ones)
     with Snapshot(model) as saved, warnings.catch_warnings():
         # a forward that caches a tensor on itself makes torch warn; the snapshot puts the attribute back
         warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
@@ -83,6 +85,9 @@ def export_modes(model: nn.Module, args: tuple, kwargs: dict,
             model.train(mode)  # what a user's .train()/.eval() does, overrides included
             program, level, reason = _export(model, args, kwargs, dynamic_shapes, level)
             saved.restore()  # before the next export reads what this one cached (module docstring)
+            with torch.no_grad():
+                for parameter, value in changing:
+                    parameter.copy_(value)
             fixed = reason or fixed
             graphs[mode] = graph_module_of(program, type(model).__name__)
             record_fixed(graphs[mode], model)  # what the graph fixed of the model's plain attributes

@@ -198,7 +198,7 @@ class CheckCapture:
         except Exception:  # noqa: BLE001 - the model itself refuses this shape
             return False
         try:
-            actual = verify.run(captured, args, kwargs, False, with_state=True)
+            actual = self._run_captured(captured, args, kwargs, False)
         except Exception as exc:  # noqa: BLE001 - a guard refusing it is fine; anything else fails the check
             if is_guard_failure(exc):
                 return False
@@ -220,10 +220,17 @@ class CheckCapture:
     def _compare(self, captured: nn.Module, args: tuple, kwargs: dict, training: bool, what: str) -> None:
         expected = verify.run(self.reference, args, kwargs, training, with_state=True)
         try:
-            actual = verify.run(captured, args, kwargs, training, with_state=True)
+            actual = self._run_captured(captured, args, kwargs, training)
         except Exception as exc:  # noqa: BLE001 - the model ran on these inputs, so the graph must too
             raise self._failed(exc, training, what) from exc
         self._judge(captured, args, kwargs, training, what, actual, expected)
+
+    def _run_captured(self, captured: nn.Module, args: tuple, kwargs: dict, training: bool):
+        """The captured model's call, with its state (:func:`verify.run`); an exported graph shares the tensors
+        of the model it was exported from (``reference``), whose modules say which parameters a call changes in
+        place (an embedding with max_norm: the graph renormalised the shared rows, for good)."""
+        shares = self.reference if self.export_inputs is not None else None
+        return verify.run(captured, args, kwargs, training, state_of=shares, with_state=True)
 
     def _failed(self, exc: BaseException, training: bool, what: str) -> TraceError:
         return TraceError(f"the captured graph of {type(self.reference).__name__} fails in "

@@ -44,8 +44,11 @@ def run(module: nn.Module, args: tuple, kwargs: dict, training: bool, state_of: 
 def isolated(call, *modules: nn.Module | None) -> Any:
     """``call()`` without autograd, with the random generator seeded to 0 (dropout draws the same masks
     on both sides of a comparison) and put back after, leaving every buffer value and module attribute of
-    ``modules`` as it was."""
+    ``modules`` as it was (and the parameters a forward changes in place: :data:`_CHANGES_WEIGHT`)."""
     buffers = {id(b): b for m in modules if m is not None for b in m.buffers()}
+    # and the parameters a forward changes in place (a table: an embedding with max_norm renormalises the rows it
+    # reads; the check's calls changed the user's model and the transformed one)
+    buffers.update((id(p), p) for m in modules if m is not None for p in changing_parameters(m))
     saved = {key: b.detach().clone() for key, b in buffers.items()}
     snapshots = [Snapshot(m) for m in modules if m is not None]
     try:
@@ -123,6 +126,17 @@ def state_difference(actual: dict, expected: dict, actual_before: dict | None = 
         if problem is not None:
             return f"buffer {path}: {problem.split(': ', 1)[-1]}"
     return None
+
+
+#: modules whose forward changes their own parameters in place (where ``max_norm`` is set)
+_CHANGES_WEIGHT = (nn.Embedding, nn.EmbeddingBag)
+
+
+def changing_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module``'s tree its forward changes in place (:data:`_CHANGES_WEIGHT`): what a call
+    made for capture or a check must put back."""
+    return [p for sub in module.modules() if isinstance(sub, _CHANGES_WEIGHT) and getattr(sub, "max_norm", None)
+            is not None for p in sub.parameters(recurse=False)]
 
 
 def shapes(args: tuple, kwargs: dict) -> str:
