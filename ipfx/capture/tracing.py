@@ -435,9 +435,7 @@ def buffers_computed_at_trace(tracer: WeightTracer, graph: fx.Graph) -> tuple[li
 def _put_back(tracer: WeightTracer) -> None:
     """Every buffer the trace read as it was before: its value (an in-place update) and its tensor (a rebinding)."""
     with torch.no_grad():
-        for name, buffer in tracer.originals:
-            rebind_buffer(tracer.root, name, buffer)
-        _restore_slots(tracer)
+        _restore_slots(tracer)  # (every slot's tensor, so every rebinding too)
         for buffer, version, value in tracer.buffers_read.values():
             if buffer._version != version:
                 buffer.copy_(value)
